@@ -1,0 +1,152 @@
+"""Event models: the values carried by lum-stream's Kafka topics.
+
+Every model is strict (no type coercion, no unknown fields) and bounded: ids, string lengths, list and
+vector sizes and timestamps all have limits, so that one hostile or broken producer cannot blow up a
+consumer's memory or poison a model. Each model carries a ``SCHEMA_VERSION``; the codec (``schemas.codec``)
+writes it into every message header, and a reader refuses versions it does not know.
+
+Times are integer milliseconds since the Unix epoch (UTC), the unit Kafka uses for record timestamps.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Ids are arbitrary non-negative 64-bit values (signed range, so they fit int64 tensors and Kafka keys).
+MAX_ID = 2**63 - 1
+Id = Annotated[int, Field(ge=0, le=MAX_ID)]
+# 2000-01-01 .. 2100-01-01: anything outside is a unit mistake (seconds vs ms) or garbage.
+MIN_TIME_MS = 946_684_800_000
+MAX_TIME_MS = 4_102_444_800_000
+TimeMs = Annotated[int, Field(ge=MIN_TIME_MS, le=MAX_TIME_MS)]
+# Scenario names are short identifiers ("home", "search", "detail"); they become condition tokens.
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")]
+Query = Annotated[str, Field(min_length=1, max_length=256)]
+EventId = Annotated[str, Field(min_length=1, max_length=128)]
+MAX_VECTOR_DIM = 1024
+MAX_CONDITIONS = 64
+MAX_HISTORY = 256
+Vector = Annotated[list[float], Field(min_length=1, max_length=MAX_VECTOR_DIM)]
+
+Behavior = Literal["view", "click", "cart", "fav", "buy", "rate"]
+BEHAVIORS: tuple[str, ...] = Behavior.__args__  # type: ignore[attr-defined]
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+
+class BehaviorEvent(_Event):
+    """One user action on one item (topic ``behaviors``, key = user_id)."""
+
+    event_id: EventId  # unique per action; producer retries reuse it, so consumers deduplicate on it
+    user_id: Id
+    item_id: Id
+    category_id: Id  # the item's category (MovieLens: primary genre; Taobao: category_id)
+    behavior: Behavior
+    scenario: Name  # where it happened: home feed, search, item detail...
+    query: Query | None = None  # search term, when the scenario has one
+    rating: float | None = Field(default=None, ge=0, le=10)  # explicit feedback (MovieLens)
+    request_id: Annotated[str, Field(max_length=128)] | None = None  # links a click to its impression
+    event_time_ms: TimeMs
+
+
+class ImpressionEvent(_Event):
+    """One item shown to a user in one request (topic ``impressions``, key = user_id).
+
+    A request that shows N items produces N impression events with the same request_id and positions
+    0..N-1. A click on one of them is a ``BehaviorEvent`` with behavior="click" and that request_id.
+    """
+
+    request_id: Annotated[str, Field(min_length=1, max_length=128)]
+    user_id: Id
+    item_id: Id
+    category_id: Id
+    position: Annotated[int, Field(ge=0, le=1000)]
+    scenario: Name
+    query: Query | None = None
+    event_time_ms: TimeMs
+
+
+class ConditionOutput(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    condition: Annotated[str, Field(min_length=1, max_length=128)]  # e.g. "scenario=search"
+    vector: Vector
+
+
+class LumFeatures(_Event):
+    """A user's precomputed LUM outputs, one per query condition (compacted topic ``lum-features``)."""
+
+    user_id: Id
+    model_version: Annotated[str, Field(min_length=1, max_length=128)]
+    conditions: Annotated[list[ConditionOutput], Field(min_length=1, max_length=MAX_CONDITIONS)]
+    computed_at_ms: TimeMs
+
+    @model_validator(mode="after")
+    def _same_dims(self) -> LumFeatures:
+        dims = {len(c.vector) for c in self.conditions}
+        if len(dims) != 1:
+            raise ValueError(f"condition vectors differ in size: {sorted(dims)}")
+        return self
+
+
+class ItemEmbedding(_Event):
+    """An item's LUM item-token embedding, for interest matching (compacted topic ``item-embeddings``)."""
+
+    item_id: Id
+    category_id: Id
+    model_version: Annotated[str, Field(min_length=1, max_length=128)]
+    vector: Vector
+    computed_at_ms: TimeMs
+
+
+class TrainingExample(_Event):
+    """One impressed item with its label and point-in-time features (topic ``training-examples``).
+
+    Emitted by the joiner once the impression's attribution window has closed. ``history_*`` is the
+    user's behavior before the impression time only (no leakage). LUM fields are ``None`` when no LUM
+    features existed for the user or item at join time: absent, never silently zero.
+    """
+
+    example_id: Annotated[str, Field(min_length=1, max_length=256)]  # request_id/item_id: the dedup key
+    request_id: Annotated[str, Field(min_length=1, max_length=128)]
+    user_id: Id
+    item_id: Id
+    category_id: Id
+    position: Annotated[int, Field(ge=0, le=1000)]
+    scenario: Name
+    query: Query | None = None
+    event_time_ms: TimeMs
+    label: Literal[0, 1]
+    history_items: Annotated[list[Id], Field(max_length=MAX_HISTORY)] = []  # most recent last
+    history_categories: Annotated[list[Id], Field(max_length=MAX_HISTORY)] = []
+    lum_model_version: Annotated[str, Field(max_length=128)] | None = None
+    lum_conditions: Annotated[list[str], Field(max_length=MAX_CONDITIONS)] | None = None
+    lum_user: Annotated[list[Vector], Field(max_length=MAX_CONDITIONS)] | None = None  # per condition
+    lum_item: Vector | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainingExample:
+        if len(self.history_items) != len(self.history_categories):
+            raise ValueError("history_items and history_categories differ in length")
+        if (self.lum_user is None) != (self.lum_conditions is None):
+            raise ValueError("lum_user and lum_conditions must be both present or both absent")
+        if self.lum_user is not None and len(self.lum_user) != len(self.lum_conditions or []):
+            raise ValueError("lum_user needs one vector per lum_conditions entry")
+        return self
+
+
+class DeadLetter(_Event):
+    """A message a consumer could not process, with why and where it came from (topic ``dead-letters``)."""
+
+    source_topic: Annotated[str, Field(max_length=249)]
+    partition: Annotated[int, Field(ge=0)]
+    offset: Annotated[int, Field(ge=0)]
+    key_b64: str | None  # original bytes, base64, so they can be inspected and re-driven as they were
+    value_b64: str | None
+    error: Annotated[str, Field(max_length=4096)]
+    consumer: Annotated[str, Field(max_length=128)]
+    failed_at_ms: int

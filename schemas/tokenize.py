@@ -1,0 +1,161 @@
+"""(condition, item) tokenization: the one place that turns events into LUM tokens.
+
+The LUM paper (sec. 4.1.1) expands every behavior into two tokens, ``[c1, i1, c2, i2, ...]``: a *condition*
+token (the context the item was met in) followed by the *item* token. Both the streaming agents that build
+per-user sequences and the trainers that read them use this module, so they can never disagree.
+
+Condition token
+    One id per condition kind, in ``CONDITION_KINDS`` order: scenario, behavior type, item category,
+    search query. Each id is a stable 63-bit hash of (kind, value); 0 means "any / not given". A query
+    for knowledge (sec. 4.2) is a condition with only some kinds set, e.g. ``scenario=search`` or
+    ``category=17,behavior=buy``; unset kinds are 0, exactly as in training (the trainer drops kinds at
+    random so that partial conditions are in-distribution).
+
+Item token
+    ``(item_id, category_id)``, the raw ids. Models hash them into their own tables.
+
+Versioning
+    ``TOKENIZER_VERSION`` names this layout. Adding a condition kind appends it to ``CONDITION_KINDS`` and
+    bumps the version; sequences stored under an older version decode with the new kinds set to 0
+    ("any"), so stored sequences stay valid. Changing how an existing kind is hashed is a breaking change
+    (new version, re-tokenize from the ``behaviors`` topic with ``lum backfill sequences``).
+    ``tests/schemas/golden/tokenize_v1.json`` pins the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from functools import lru_cache
+from typing import NamedTuple
+
+from .events import BehaviorEvent
+
+TOKENIZER_VERSION = 1
+# Order matters: it is the layout of the condition tuple. Append only (see module docstring).
+CONDITION_KINDS: tuple[str, ...] = ("scenario", "behavior", "category", "query")
+# How many condition kinds each tokenizer version had, to decode old stored sequences.
+KINDS_BY_VERSION: dict[int, int] = {1: 4}
+ANY = 0
+
+_MASK63 = (1 << 63) - 1
+
+
+@lru_cache(maxsize=1 << 16)
+def condition_id(kind: str, value: str | int) -> int:
+    """Stable id of one condition value, in [1, 2**63): same on every machine, process and run."""
+    if kind not in CONDITION_KINDS:
+        raise ValueError(f"unknown condition kind {kind!r}; known: {', '.join(CONDITION_KINDS)}")
+    if kind == "query":
+        value = " ".join(str(value).lower().split())  # "Red  Shoes " and "red shoes" are one query
+    digest = hashlib.blake2b(f"{kind}\x00{value}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") & _MASK63) or 1
+
+
+def event_key(event_id: str) -> int:
+    """63-bit hash of an event id: what sequences store to deduplicate replayed events."""
+    digest = hashlib.blake2b(event_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & _MASK63
+
+
+class TokenPair(NamedTuple):
+    """One behavior as a (condition token, item token) pair, plus when it happened and its dedup key."""
+
+    event_time_ms: int
+    event_key: int
+    conditions: tuple[int, ...]  # one id per CONDITION_KINDS entry, ANY where not given
+    item_id: int
+    category_id: int
+
+
+def tokenize(event: BehaviorEvent) -> TokenPair:
+    """The (condition, item) pair of one behavior event."""
+    conditions = (
+        condition_id("scenario", event.scenario),
+        condition_id("behavior", event.behavior),
+        condition_id("category", event.category_id),
+        condition_id("query", event.query) if event.query else ANY,
+    )
+    return TokenPair(event.event_time_ms, event_key(event.event_id), conditions, event.item_id, event.category_id)
+
+
+def parse_condition(spec: str) -> tuple[int, ...]:
+    """A query condition from its name, e.g. ``"scenario=search"`` or ``"category=17,behavior=buy"``.
+
+    ``"any"`` is the condition with every kind unset. Kinds not named are ANY.
+    """
+    ids = [ANY] * len(CONDITION_KINDS)
+    if spec.strip() in ("", "any", "*"):
+        return tuple(ids)
+    for part in spec.split(","):
+        kind, sep, value = part.partition("=")
+        kind = kind.strip()
+        if not sep or not value.strip():
+            raise ValueError(f"condition {spec!r}: expected kind=value[,kind=value], got {part!r}")
+        ids[CONDITION_KINDS.index(kind) if kind in CONDITION_KINDS else _unknown(kind)] = condition_id(
+            kind, value.strip()
+        )
+    return tuple(ids)
+
+
+def _unknown(kind: str) -> int:
+    raise ValueError(f"unknown condition kind {kind!r}; known: {', '.join(CONDITION_KINDS)}")
+
+
+# --- Binary sequence codec ----------------------------------------------------------------------------
+# A user's sequence is stored and exported as bytes, not JSON: up to thousands of pairs per user, rewritten
+# on every update. Layout (little endian):
+#   header  "LSEQ" | codec u8 (=1) | tokenizer_version u8 | n_kinds u8 | pad u8 | user_id i64 |
+#           updated_at_ms i64 | n_pairs u32
+#   pairs   n_pairs x [event_time_ms i64, event_key i64, n_kinds x condition i64, item_id i64, category_id i64]
+# Readers with numpy can view the pairs as one int64 array of shape (n_pairs, 4 + n_kinds).
+_SEQ_MAGIC = b"LSEQ"
+_SEQ_CODEC = 1
+_SEQ_HEADER = struct.Struct("<4sBBBxqqI")
+SEQ_HEADER_SIZE = _SEQ_HEADER.size
+
+
+class UserSequence(NamedTuple):
+    """A user's rolling behavior sequence, oldest first (value of topic ``user-sequences``)."""
+
+    user_id: int
+    updated_at_ms: int
+    pairs: list[TokenPair]
+    tokenizer_version: int = TOKENIZER_VERSION
+
+
+@lru_cache(maxsize=16)
+def _pair_struct(n_kinds: int) -> struct.Struct:
+    return struct.Struct(f"<{4 + n_kinds}q")
+
+
+def encode_sequence(seq: UserSequence) -> bytes:
+    n_kinds = KINDS_BY_VERSION[seq.tokenizer_version]
+    ps = _pair_struct(n_kinds)
+    out = bytearray(_SEQ_HEADER.pack(_SEQ_MAGIC, _SEQ_CODEC, seq.tokenizer_version, n_kinds, seq.user_id,
+                                     seq.updated_at_ms, len(seq.pairs)))
+    for p in seq.pairs:
+        if len(p.conditions) != n_kinds:
+            raise ValueError(f"pair has {len(p.conditions)} condition ids, tokenizer v{seq.tokenizer_version} has {n_kinds}")
+        out += ps.pack(p.event_time_ms, p.event_key, *p.conditions, p.item_id, p.category_id)
+    return bytes(out)
+
+
+def decode_sequence(data: bytes) -> UserSequence:
+    """Decode a stored sequence; older tokenizer versions come back in the current layout (new kinds ANY)."""
+    if len(data) < SEQ_HEADER_SIZE:
+        raise ValueError(f"sequence record too short ({len(data)} bytes)")
+    magic, codec, version, n_kinds, user_id, updated, n = _SEQ_HEADER.unpack_from(data)
+    if magic != _SEQ_MAGIC or codec != _SEQ_CODEC:
+        raise ValueError(f"not a sequence record (magic {magic!r}, codec {codec})")
+    if version not in KINDS_BY_VERSION or version > TOKENIZER_VERSION:
+        raise ValueError(f"unknown tokenizer version {version} (this build knows up to {TOKENIZER_VERSION})")
+    ps = _pair_struct(n_kinds)
+    if len(data) != SEQ_HEADER_SIZE + n * ps.size:
+        raise ValueError(f"sequence record length {len(data)} does not match {n} pairs of {n_kinds} kinds")
+    pad = (ANY,) * (len(CONDITION_KINDS) - n_kinds)
+    pairs = [
+        TokenPair(f[0], f[1], tuple(f[2:2 + n_kinds]) + pad, f[2 + n_kinds], f[3 + n_kinds])
+        for f in ps.iter_unpack(memoryview(data)[SEQ_HEADER_SIZE:])
+    ]
+    return UserSequence(user_id, updated, pairs, TOKENIZER_VERSION)

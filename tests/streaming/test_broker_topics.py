@@ -1,0 +1,12 @@
+"""The embedded broker answers, and the topic registry applies idempotently."""
+
+from schemas.topics import ALL_TOPICS
+from streaming import admin
+
+
+def test_create_topics_is_idempotent(kafka):
+    again = admin.create_topics(kafka)
+    assert set(again.values()) == {"exists"}
+    listed = {name: parts for name, parts, known in admin.list_topics(kafka) if known}
+    assert set(listed) == {kafka.topic(t) for t in ALL_TOPICS}
+    assert all(listed[kafka.topic(t)] == t.partitions for t in ALL_TOPICS)
