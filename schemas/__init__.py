@@ -8,13 +8,12 @@ from .codec import DecodeError, decode, encode
 from .events import (BEHAVIORS as BEHAVIOR_TYPES, BehaviorEvent, ConditionOutput, DeadLetter, ImpressionEvent,
                      ItemEmbedding, LumFeatures, TrainingExample)
 from .settings import KafkaSettings, SettingsError, load
-from .tokenize import (CONDITION_KINDS, TOKENIZER_VERSION, TokenPair, UserSequence, condition_id,
-                       parse_condition, tokenize)
+from .tokenize import CONDITION_KINDS, TOKENIZER_VERSION, TokenPair, UserSequence, condition_id, parse_condition
 from .topics import ALL_TOPICS, BY_NAME, Topic, key_of
 
 __all__ = [
     "ALL_TOPICS", "BEHAVIOR_TYPES", "BY_NAME", "CONDITION_KINDS", "TOKENIZER_VERSION", "BehaviorEvent",
     "ConditionOutput", "DeadLetter", "DecodeError", "ImpressionEvent", "ItemEmbedding", "KafkaSettings",
     "LumFeatures", "SettingsError", "TokenPair", "Topic", "TrainingExample", "UserSequence", "condition_id",
-    "decode", "encode", "key_of", "load", "parse_condition", "tokenize",
+    "decode", "encode", "key_of", "load", "parse_condition",
 ]

@@ -17,8 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # Ids are arbitrary non-negative 64-bit values (signed range, so they fit int64 tensors and Kafka keys).
 MAX_ID = 2**63 - 1
 Id = Annotated[int, Field(ge=0, le=MAX_ID)]
-# 2000-01-01 .. 2100-01-01: anything outside is a unit mistake (seconds vs ms) or garbage.
-MIN_TIME_MS = 946_684_800_000
+# 1990-01-01 .. 2100-01-01 (MovieLens starts in 1995): outside is a unit mistake (seconds vs ms) or garbage.
+MIN_TIME_MS = 631_152_000_000
 MAX_TIME_MS = 4_102_444_800_000
 TimeMs = Annotated[int, Field(ge=MIN_TIME_MS, le=MAX_TIME_MS)]
 # Scenario names are short identifiers ("home", "search", "detail"); they become condition tokens.

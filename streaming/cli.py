@@ -40,6 +40,8 @@ def register(sub, common) -> None:
         s.add_argument("path", help="folder (MovieLens) or file/folder (Taobao)")
         s.add_argument("--speedup", type=float, default=0, help="event-time speed-up factor (0: as fast as possible)")
         s.add_argument("--limit", type=int, default=0, help="stop after N events (0: all)")
+        s.add_argument("--impressions", action="store_true",
+                       help="also derive impressions and clicks (positive: rating >= 4 / later cart, fav or buy)")
         s.set_defaults(handler=_produce)
 
 

@@ -70,3 +70,32 @@ def data_dir() -> Path:
     if not DATA_DIR.exists():
         pytest.skip(f"real data not found at {DATA_DIR} (set LUM_TEST_DATA to the shared/data folder)")
     return DATA_DIR
+
+
+@pytest.fixture
+def read_topic(kafka):
+    """read_topic(TOPIC, n=None) -> [(partition, offset, key, value_bytes)] from the start of a registry topic.
+
+    Stops once ``n`` records are read, or after 3 s without new records.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    def read(topic, n: int | None = None, idle: float = 3.0):
+        name = kafka.topic(topic)
+        consumer = Consumer(kafka.consumer_config(f"reader-{name}-{next(_counter)}"))
+        try:
+            parts = consumer.list_topics(name, timeout=10).topics[name].partitions
+            consumer.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in parts])
+            out, quiet = [], 0.0
+            while (n is None or len(out) < n) and quiet < idle:
+                msgs = consumer.consume(10_000, 0.5)
+                quiet = 0.0 if msgs else quiet + 0.5
+                for m in msgs:
+                    if m.error():
+                        raise RuntimeError(m.error())
+                    out.append((m.partition(), m.offset(), m.key(), m.value()))
+            return out
+        finally:
+            consumer.close()
+
+    return read

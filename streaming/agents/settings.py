@@ -1,0 +1,35 @@
+"""Settings of the streaming agents (``lum agents``, ``lum backfill sequences``), from the environment.
+
+Prefix ``LUM_AGENT_`` (``LUM_AGENT_MAX_PAIRS=512``); two settings also answer to the project-wide names
+``LUM_DATA_DIR`` (state directory) and ``LUM_JOIN_WINDOW_MS`` (attribution window). Build with
+``schemas.settings.load(AgentSettings)`` so a bad value stops start-up with the variable's name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class AgentSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LUM_AGENT_", extra="ignore", populate_by_name=True)
+
+    data_dir: Path = Field(Path("./state"), validation_alias=AliasChoices("LUM_DATA_DIR", "LUM_AGENT_DATA_DIR", "data_dir"),
+                           description="local state (one RocksDB per agent and partition); $LUM_DATA_DIR")
+    max_pairs: int = Field(1024, ge=1, le=100_000, description="sequence cap: the oldest pairs beyond it are dropped")
+    batch_size: int = Field(2000, ge=1, le=100_000, description="messages per batch: one RocksDB write per batch")
+    batch_wait_ms: int = Field(200, ge=1, le=60_000, description="longest wait to fill a batch (latency bound)")
+    sequences_group: str = Field("lum-sequences", min_length=1, description="consumer group of the sequence agent")
+    joiner_group: str = Field("lum-joiner", min_length=1, description="consumer group of the joiner")
+    join_window_ms: int = Field(30 * 60_000, ge=1, validation_alias=AliasChoices(
+        "LUM_JOIN_WINDOW_MS", "LUM_AGENT_JOIN_WINDOW_MS", "join_window_ms"),
+        description="attribution window after an impression (event time); $LUM_JOIN_WINDOW_MS")
+    allowed_lateness_ms: int = Field(60_000, ge=0, description="watermark = max event time seen minus this")
+    join_retention_ms: int = Field(24 * 3600_000, ge=0,
+                                   description="how long closed windows are remembered (duplicates, late clicks)")
+    history_len: int = Field(50, ge=0, le=256, description="items of point-in-time history per training example")
+    metrics_port: int = Field(0, ge=0, le=65535,
+                              description="Prometheus text endpoint of worker i on port+i (0: off)")
+    log_interval_s: float = Field(10.0, gt=0, description="seconds between throughput/lag log lines")

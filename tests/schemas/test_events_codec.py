@@ -1,0 +1,64 @@
+"""Event models are strict and bounded; the codec's header tells formats and versions apart."""
+
+import pytest
+
+from schemas import codec
+from schemas.codec import DecodeError
+from schemas.events import BehaviorEvent, LumFeatures, TrainingExample
+from schemas.topics import ALL_TOPICS, BEHAVIORS, BY_NAME
+
+GOOD = dict(event_id="e1", user_id=1, item_id=2, category_id=3, behavior="click", scenario="home",
+            event_time_ms=1_767_225_600_000)
+
+
+def test_roundtrip_every_json_topic():
+    e = BehaviorEvent(**GOOD, query="red shoes", request_id="r1")
+    assert BEHAVIORS.decode(BEHAVIORS.encode(e)) == e
+    assert {t.name for t in ALL_TOPICS} == set(BY_NAME)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"user_id": -1}, "user_id"),
+    ({"user_id": 2**63}, "user_id"),
+    ({"user_id": "1"}, "user_id"),  # strict: no coercion from strings
+    ({"event_id": "x" * 129}, "event_id"),
+    ({"scenario": "has space"}, "scenario"),
+    ({"behavior": "teleport"}, "behavior"),
+    ({"event_time_ms": 1_700_000_000}, "event_time_ms"),  # seconds instead of ms
+    ({"query": "q" * 257}, "query"),
+    ({"extra": 1}, "extra"),
+])
+def test_invalid_fields_are_refused_with_the_field_named(change, field):
+    data = codec.encode(BehaviorEvent(**GOOD))
+    import json
+    obj = json.loads(data[3:]) | change
+    with pytest.raises(DecodeError, match=field):
+        BEHAVIORS.decode(data[:3] + json.dumps(obj).encode())
+
+
+def test_header_errors_are_explicit():
+    data = BEHAVIORS.encode(BehaviorEvent(**GOOD))
+    with pytest.raises(DecodeError, match="unknown schema version 9"):
+        BEHAVIORS.decode(data[:2] + bytes([9]) + data[3:])
+    with pytest.raises(DecodeError, match="header"):
+        BEHAVIORS.decode(data[3:])
+    with pytest.raises(DecodeError, match="empty"):
+        BEHAVIORS.decode(b"")
+    with pytest.raises(DecodeError, match="invalid BehaviorEvent"):
+        BEHAVIORS.decode(data[:3] + b"{not json")
+
+
+def test_vectors_and_lists_are_bounded():
+    with pytest.raises(ValueError):
+        LumFeatures(user_id=1, model_version="v", computed_at_ms=GOOD["event_time_ms"],
+                    conditions=[{"condition": "any", "vector": [0.0] * 1025}])
+    with pytest.raises(ValueError, match="differ in size"):
+        LumFeatures(user_id=1, model_version="v", computed_at_ms=GOOD["event_time_ms"],
+                    conditions=[{"condition": "a", "vector": [0.0]}, {"condition": "b", "vector": [0.0, 1.0]}])
+    base = dict(example_id="r/2", request_id="r", user_id=1, item_id=2, category_id=3, position=0, scenario="home",
+                event_time_ms=GOOD["event_time_ms"], label=1)
+    with pytest.raises(ValueError, match="both present"):
+        TrainingExample(**base, lum_user=[[0.1]])
+    with pytest.raises(ValueError):
+        TrainingExample(**base, history_items=list(range(257)), history_categories=list(range(257)))
+    assert TrainingExample(**base, lum_conditions=["any"], lum_user=[[0.1]], lum_item=[0.2]).label == 1

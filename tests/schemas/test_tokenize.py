@@ -1,0 +1,57 @@
+"""The (condition, item) tokenization is pinned by a golden file and survives tokenizer upgrades."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import schemas.tokenize as tk
+from schemas import codec
+from schemas.events import BehaviorEvent
+
+GOLDEN = Path(__file__).parent / "golden" / "tokenize_v1.json"
+EVENTS = [
+    BehaviorEvent(event_id="a", user_id=1, item_id=10, category_id=5, behavior="view", scenario="home",
+                  event_time_ms=1_767_225_600_000),
+    BehaviorEvent(event_id="b", user_id=1, item_id=2**62, category_id=0, behavior="buy", scenario="search",
+                  query="Red  Shoes ", event_time_ms=1_767_225_601_000),
+    BehaviorEvent(event_id="ml-1-2-3", user_id=7, item_id=242, category_id=4, behavior="rate", scenario="movielens",
+                  rating=4.0, event_time_ms=881_250_949_000),
+]
+
+
+def test_golden_tokens():
+    got = [tk.tokenize(e)._asdict() for e in EVENTS]
+    got = json.loads(json.dumps({"version": tk.TOKENIZER_VERSION, "kinds": tk.CONDITION_KINDS, "pairs": got}))
+    if os.environ.get("LUM_REGEN_GOLDEN"):
+        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
+    assert got == json.loads(GOLDEN.read_text()), "tokenization changed: bump TOKENIZER_VERSION (see schemas/tokenize.py)"
+
+
+def test_query_conditions_match_training_tokens():
+    pair = tk.tokenize(EVENTS[1])
+    assert tk.parse_condition("scenario=search")[0] == pair.conditions[0]
+    assert tk.parse_condition("query=red shoes")[3] == pair.conditions[3]  # normalised like training
+    assert tk.parse_condition("any") == (tk.ANY,) * len(tk.CONDITION_KINDS)
+    full = tk.parse_condition("scenario=search,behavior=buy,category=0,query=red shoes")
+    assert full == pair.conditions
+    with pytest.raises(ValueError, match="unknown condition kind"):
+        tk.parse_condition("colour=red")
+    with pytest.raises(ValueError, match="kind=value"):
+        tk.parse_condition("scenario")
+
+
+def test_sequence_codec_roundtrip_and_old_versions(monkeypatch):
+    seq = tk.UserSequence(1, 1_767_225_700_000, [tk.tokenize(e) for e in EVENTS])
+    data = codec.encode_user_sequence(seq)
+    assert codec.decode_user_sequence(data) == seq
+    with pytest.raises(codec.DecodeError):
+        codec.decode_user_sequence(data[:-1])
+    # A future tokenizer adds a fifth kind: version-1 records decode with the new kind set to ANY.
+    monkeypatch.setattr(tk, "CONDITION_KINDS", tk.CONDITION_KINDS + ("device",))
+    monkeypatch.setattr(tk, "KINDS_BY_VERSION", {1: 4, 2: 5})
+    monkeypatch.setattr(tk, "TOKENIZER_VERSION", 2)
+    upgraded = tk.decode_sequence(data[3:])
+    assert upgraded.tokenizer_version == 2
+    assert [p.conditions for p in upgraded.pairs] == [p.conditions + (tk.ANY,) for p in seq.pairs]

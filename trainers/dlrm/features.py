@@ -1,0 +1,198 @@
+"""TrainingExamples -> DLRM inputs: a KeyedJaggedTensor of hashed ids and a dense float tensor.
+
+    from trainers.dlrm.features import Featurizer
+    fz = Featurizer(cfg)
+    batch = fz(examples)            # FeatureBatch(dense (B, F), sparse KJT, labels (B,), event_time_ms (B,))
+    fz.collision_report()           # per table: distinct ids seen, share of them sharing a row, expected share
+
+Ids are arbitrary 64-bit values and new ones keep arriving, so each table is indexed by a salted 64-bit mix
+(splitmix64) of the id modulo the table size: any id maps to a valid row, nothing is dropped. Distinct ids
+can share a row; ``CollisionStats`` measures how often, against the uniform-hashing expectation.
+
+LUM inputs are taken by condition *name*: vectors are reordered to the configured condition list, a
+condition the example lacks is absent (zeros, flag 0), one it has beyond the list is ignored, and a vector
+of the wrong size is treated as absent. Every such case is counted in ``lum_stats``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from schemas.events import TrainingExample
+from schemas.tokenize import condition_id
+
+from .model import FEATURE_TABLE, SPARSE_FEATURES, TABLES, DLRMConfig, dense_feature_names
+
+_U64 = np.uint64
+_SALT = {t: i + 1 for i, t in enumerate(TABLES)}  # per table, so one id lands on unrelated rows in each
+
+
+def hash_ids(ids: np.ndarray, rows: int, salt: int) -> np.ndarray:
+    """Row of each id in a table of ``rows`` rows: splitmix64(id ^ salt-mix) mod rows, as int64."""
+    with np.errstate(over="ignore"):  # uint64 arithmetic wraps on purpose
+        z = ids.astype(_U64) ^ _U64((salt * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF)
+        z = z + _U64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+        z = z ^ (z >> _U64(31))
+    return (z % _U64(rows)).astype(np.int64)
+
+
+class CollisionStats:
+    """Distinct ids seen per table and how many share their row with another distinct id.
+
+    Tracks at most ``max_tracked`` distinct ids per table (memory bound); the rate is measured over those.
+    """
+
+    def __init__(self, rows: int, max_tracked: int = 2_000_000):
+        self.rows, self.max_tracked = rows, max_tracked
+        self.seen: set[int] = set()
+        self.per_row = np.zeros(rows, dtype=np.int32)
+
+    def update(self, ids: np.ndarray, buckets: np.ndarray) -> None:
+        if len(self.seen) >= self.max_tracked or ids.size == 0:
+            return
+        uniq, idx = np.unique(ids, return_index=True)
+        new = [i for i, v in enumerate(uniq.tolist()) if v not in self.seen]
+        if new:
+            self.seen.update(uniq[new].tolist())
+            np.add.at(self.per_row, buckets[idx[new]], 1)
+
+    def report(self) -> dict[str, float | int]:
+        n = len(self.seen)
+        colliding = int(self.per_row[self.per_row > 1].sum())
+        expected = 1.0 - (1.0 - 1.0 / self.rows) ** max(n - 1, 0)  # P(another of n uniform ids shares my row)
+        return {"rows": self.rows, "distinct_ids": n, "collision_rate": colliding / n if n else 0.0,
+                "expected_rate": expected}
+
+
+@dataclass
+class FeatureBatch:
+    dense: torch.Tensor  # (B, F) float32
+    sparse: object  # KeyedJaggedTensor over SPARSE_FEATURES, B per key
+    labels: torch.Tensor  # (B,) float32
+    event_time_ms: np.ndarray  # (B,) int64
+    example_ids: list[str]
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+
+def resolve_lum_dims(cfg: DLRMConfig, examples: list[TrainingExample]) -> DLRMConfig:
+    """Fill ``lum_conditions``/``lum_dim`` from the first example carrying LUM features (if unset)."""
+    if cfg.lum_resolved:
+        return cfg
+    for ex in examples:
+        if ex.lum_user:
+            return cfg.model_copy(update={"lum_conditions": cfg.lum_conditions or list(ex.lum_conditions),
+                                          "lum_dim": cfg.lum_dim or len(ex.lum_user[0])})
+        if ex.lum_item and cfg.lum_dim is None and cfg.lum_conditions:
+            return cfg.model_copy(update={"lum_dim": len(ex.lum_item)})
+    return cfg
+
+
+class Featurizer:
+    def __init__(self, cfg: DLRMConfig, track_collisions: bool = True):
+        self.cfg = cfg
+        self.n_dense = len(dense_feature_names(cfg))
+        self.collisions = {t: CollisionStats(cfg.table_rows[t]) for t in TABLES} if track_collisions else None
+        self.lum_stats: Counter[str] = Counter()
+        if cfg.features == "lum":
+            self.cond_index = {c: k for k, c in enumerate(cfg.lum_conditions)}
+        self._scenario_ids: dict[str, int] = {}
+
+    def _scenario_id(self, s: str) -> int:
+        v = self._scenario_ids.get(s)
+        if v is None:
+            v = self._scenario_ids[s] = condition_id("scenario", s)  # the tokenizer's stable 63-bit hash
+        return v
+
+    def __call__(self, examples: list[TrainingExample]) -> FeatureBatch:
+        from torchrec import KeyedJaggedTensor
+
+        cfg, B, H = self.cfg, len(examples), self.cfg.history_len
+        hist_items = [ex.history_items[-H:] for ex in examples]
+        hist_cats = [ex.history_categories[-H:] for ex in examples]
+        hist_len = np.fromiter((len(h) for h in hist_items), dtype=np.int64, count=B)
+        raw = {
+            "user_id": np.fromiter((ex.user_id for ex in examples), dtype=np.int64, count=B),
+            "item_id": np.fromiter((ex.item_id for ex in examples), dtype=np.int64, count=B),
+            "category_id": np.fromiter((ex.category_id for ex in examples), dtype=np.int64, count=B),
+            "scenario": np.fromiter((self._scenario_id(ex.scenario) for ex in examples), dtype=np.int64, count=B),
+            "position": np.fromiter((ex.position for ex in examples), dtype=np.int64, count=B),
+            "history_items": np.fromiter((i for h in hist_items for i in h), dtype=np.int64, count=int(hist_len.sum())),
+            "history_categories": np.fromiter((c for h in hist_cats for c in h), dtype=np.int64,
+                                              count=int(hist_len.sum())),
+        }
+        values, lengths = [], []
+        for f in SPARSE_FEATURES:
+            table = FEATURE_TABLE[f]
+            if f == "position":  # small ints: clip into the table instead of hashing
+                rows = np.minimum(raw[f], cfg.table_rows[table] - 1)
+            else:
+                rows = hash_ids(raw[f], cfg.table_rows[table], _SALT[table])
+                if self.collisions is not None:
+                    self.collisions[table].update(raw[f], rows)
+            values.append(rows)
+            lengths.append(hist_len if f.startswith("history_") else np.ones(B, dtype=np.int64))
+        sparse = KeyedJaggedTensor.from_lengths_sync(
+            keys=list(SPARSE_FEATURES), values=torch.from_numpy(np.concatenate(values)),
+            lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)))
+
+        dense = np.zeros((B, self.n_dense), dtype=np.float32)
+        dense[:, 0] = np.log1p(raw["position"])
+        dense[:, 1] = np.log1p(hist_len)
+        dense[:, 2] = [ex.query is not None for ex in examples]
+        if cfg.features == "lum":
+            dense[:, 3:] = self._lum_dense(examples)
+        labels = torch.tensor([ex.label for ex in examples], dtype=torch.float32)
+        times = np.fromiter((ex.event_time_ms for ex in examples), dtype=np.int64, count=B)
+        return FeatureBatch(torch.from_numpy(dense), sparse, labels, times, [ex.example_id for ex in examples])
+
+    def _lum_dense(self, examples: list[TrainingExample]) -> np.ndarray:
+        """(B, K*D + K + D + 1 + 2K + 3): user vectors, flags, item vector, flag, similarities."""
+        K, D, B, st = len(self.cfg.lum_conditions), self.cfg.lum_dim, len(examples), self.lum_stats
+        U = np.zeros((B, K, D), dtype=np.float32)
+        u_ok = np.zeros((B, K), dtype=np.float32)
+        item = np.zeros((B, D), dtype=np.float32)
+        i_ok = np.zeros(B, dtype=np.float32)
+        own = np.full(B, -1, dtype=np.int64)  # index of the example's own scenario condition, -1 if not configured
+        for b, ex in enumerate(examples):
+            own[b] = self.cond_index.get(f"scenario={ex.scenario}", -1)
+            if ex.lum_user is None:
+                st["user_absent"] += 1
+            else:
+                seen = 0
+                for name, vec in zip(ex.lum_conditions, ex.lum_user):
+                    k = self.cond_index.get(name)
+                    if k is None:
+                        st["condition_not_configured"] += 1
+                    elif len(vec) != D:
+                        st["user_dim_mismatch"] += 1
+                    else:
+                        U[b, k], u_ok[b, k] = vec, 1.0
+                        seen += 1
+                st["condition_missing"] += K - seen
+            if ex.lum_item is None:
+                st["item_absent"] += 1
+            elif len(ex.lum_item) != D:
+                st["item_dim_mismatch"] += 1
+            else:
+                item[b], i_ok[b] = ex.lum_item, 1.0
+        both = u_ok * i_ok[:, None]  # (B, K): similarity defined only where both sides exist
+        dot = np.einsum("bkd,bd->bk", U, item) / np.sqrt(D)  # (B, K), scaled like attention logits
+        norms = np.linalg.norm(U, axis=2) * np.linalg.norm(item, axis=1)[:, None] + 1e-8
+        cos = np.einsum("bkd,bd->bk", U, item) / norms * both
+        dot = dot * both
+        has_own = (own >= 0).astype(np.float32) * np.take_along_axis(both, np.maximum(own, 0)[:, None], 1)[:, 0]
+        own_cos = np.take_along_axis(cos, np.maximum(own, 0)[:, None], 1)[:, 0] * has_own
+        own_dot = np.take_along_axis(dot, np.maximum(own, 0)[:, None], 1)[:, 0] * has_own
+        return np.concatenate([U.reshape(B, K * D), u_ok, item, i_ok[:, None], cos, dot,
+                               own_cos[:, None], own_dot[:, None], has_own[:, None]], axis=1)
+
+    def collision_report(self) -> dict[str, dict]:
+        return {t: s.report() for t, s in (self.collisions or {}).items() if t != "position"}

@@ -1,0 +1,124 @@
+"""The ranking model of step 3 (LUM paper sec. 4.3): TorchRec's DLRM, used as-is, fed named embedding bags
+and dense inputs that optionally carry precomputed LUM knowledge.
+
+    from trainers.dlrm.model import DLRMConfig, build_model
+    cfg = DLRMConfig.preset("debug", features="lum", lum_conditions=["scenario=home"], lum_dim=32)
+    model = build_model(cfg)        # unsharded; trainers.dlrm.train wraps it in DistributedModelParallel
+
+Sparse features (one pooled embedding each; history bags share the item/category tables):
+user_id, item_id, category_id, scenario, position, history_items, history_categories.
+Dense features (``dense_feature_names``): a few baseline scalars; with ``features="lum"`` also the LUM
+user vector of every configured condition (direct features), the target item's LUM embedding, the cosine
+and scaled dot similarity of each condition vector with the item vector and of the example's own scenario
+condition (interest matching), and explicit presence flags: an absent LUM input is zeros *and* a 0 flag.
+The LUM itself never runs here: its outputs arrive inside the examples, so cost does not grow with its size.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# ---------------------------------------------------------------------------------------------- config
+
+# Sparse feature -> embedding table. History bags share the tables of the target item and category, so a
+# clicked item's embedding is the same whether it is the target or in someone's history.
+FEATURE_TABLE: dict[str, str] = {
+    "user_id": "user", "item_id": "item", "category_id": "category", "scenario": "scenario",
+    "position": "position", "history_items": "item", "history_categories": "category",
+}
+SPARSE_FEATURES: tuple[str, ...] = tuple(FEATURE_TABLE)
+TABLES: tuple[str, ...] = ("user", "item", "category", "scenario", "position")
+BASELINE_DENSE: tuple[str, ...] = ("log1p_position", "log1p_history_len", "has_query")
+
+
+class DLRMConfig(BaseModel):
+    """Everything needed to rebuild the model; stored in every checkpoint."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    features: Literal["baseline", "lum"] = "baseline"  # baseline: no LUM inputs; lum: + LUM dense inputs
+    embedding_dim: int = Field(16, ge=2)  # one size for all tables: DLRM's dot interaction needs it
+    table_rows: dict[str, int] = Field(  # hash buckets per table (ids are arbitrary 64-bit values)
+        default_factory=lambda: {"user": 1 << 14, "item": 1 << 14, "category": 1 << 10, "scenario": 256,
+                                 "position": 64})
+    history_len: int = Field(50, ge=1)  # most recent history entries used (the bag is pooled)
+    dense_arch: list[int] = Field(default_factory=lambda: [64])  # hidden sizes before the projection to D
+    over_arch: list[int] = Field(default_factory=lambda: [64, 32])  # hidden sizes before the logit
+    lum_conditions: list[str] | None = None  # LUM query conditions, in order (None: from the first example)
+    lum_dim: int | None = Field(None, ge=1)  # LUM vector size (None: from the first example)
+    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"  # fused (CPU: no Adam)
+    sparse_lr: float = Field(0.05, gt=0)  # embedding learning rate (fused, applied during backward)
+    dense_lr: float = Field(1e-3, gt=0)  # torch Adam on the MLPs
+    sharding: Literal["table_wise", "column_wise"] = "table_wise"  # how DMP places tables across ranks
+    seed: int = 0  # MLP init
+
+    @model_validator(mode="after")
+    def _check(self) -> DLRMConfig:
+        missing = set(TABLES) - set(self.table_rows)
+        if missing:
+            raise ValueError(f"table_rows lacks {sorted(missing)}")
+        if self.lum_conditions is not None and len(set(self.lum_conditions)) != len(self.lum_conditions):
+            raise ValueError("lum_conditions has duplicates")
+        return self
+
+    @property
+    def lum_resolved(self) -> bool:
+        return self.features == "baseline" or (bool(self.lum_conditions) and self.lum_dim is not None)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> DLRMConfig:
+        """``debug``: seconds on a CPU (tests); ``base``: the stream-scale model."""
+        presets = {
+            "debug": {},
+            "base": {"embedding_dim": 64, "dense_arch": [256], "over_arch": [256, 128],
+                     "table_rows": {"user": 1 << 20, "item": 1 << 20, "category": 1 << 14, "scenario": 1024,
+                                    "position": 128}},
+        }
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(presets)}")
+        return cls(**(presets[name] | {k: v for k, v in overrides.items() if v is not None}))
+
+
+def dense_feature_names(cfg: DLRMConfig) -> list[str]:
+    """Column names of the dense input, in order (K conditions, D dims)."""
+    names = list(BASELINE_DENSE)
+    if cfg.features == "lum":
+        if not cfg.lum_resolved:
+            raise ValueError("lum_conditions and lum_dim must be known before the model is built")
+        conds, d = cfg.lum_conditions, cfg.lum_dim
+        names += [f"lum_user[{c}][{j}]" for c in conds for j in range(d)]  # direct features (K*D)
+        names += [f"lum_user_present[{c}]" for c in conds]
+        names += [f"lum_item[{j}]" for j in range(d)] + ["lum_item_present"]
+        names += [f"cos[{c}]" for c in conds] + [f"dot[{c}]" for c in conds]  # interest matching per condition
+        names += ["cos[scenario]", "dot[scenario]", "scenario_condition_present"]  # the example's own condition
+    return names
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+
+def table_configs(cfg: DLRMConfig):
+    from torchrec import EmbeddingBagConfig, PoolingType
+
+    return [EmbeddingBagConfig(name=f"t_{t}", embedding_dim=cfg.embedding_dim, num_embeddings=cfg.table_rows[t],
+                               feature_names=[f for f in SPARSE_FEATURES if FEATURE_TABLE[f] == t],
+                               pooling=PoolingType.MEAN if t in ("item", "category") else PoolingType.SUM)
+            for t in TABLES]
+
+
+def build_model(cfg: DLRMConfig, device: torch.device | str = "cpu"):
+    """TorchRec DLRM over the named tables; ``device="meta"`` leaves tables for DMP to materialize.
+
+    forward(dense_features (B, F_dense), sparse_features KJT[B]) -> logits (B, 1)
+    """
+    from torchrec import EmbeddingBagCollection
+    from torchrec.models.dlrm import DLRM
+
+    torch.manual_seed(cfg.seed)
+    ebc = EmbeddingBagCollection(tables=table_configs(cfg), device=torch.device(device))
+    return DLRM(embedding_bag_collection=ebc, dense_in_features=len(dense_feature_names(cfg)),
+                dense_arch_layer_sizes=[*cfg.dense_arch, cfg.embedding_dim],  # (B, F) -> (B, D)
+                over_arch_layer_sizes=[*cfg.over_arch, 1])  # (B, D + F_sparse*(F_sparse+1)/2) -> (B, 1)

@@ -1,0 +1,47 @@
+"""``lum pretrain`` and ``lum refresh`` (registered by ``deploy.cli``).
+
+    lum pretrain --preset debug --source movielens:../shared/data/ml-100k --out runs/lum --max-steps 300
+    lum pretrain --preset small --source kafka --out runs/lum
+    lum refresh --checkpoint runs/lum --once
+    lum refresh --checkpoint runs/lum --every 10
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("pretrain", parents=[common], help="pre-train the Large User Model (next-condition-item)")
+    p.add_argument("--preset", default="debug", help="model preset: debug, small, base, large")
+    p.add_argument("--source", required=True, help="kafka | movielens:PATH | taobao:PATH")
+    p.add_argument("--out", required=True, help="checkpoint directory")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (default $LUM_PRETRAIN_MAX_STEPS)")
+    p.add_argument("--exclude-seen", action="store_true", default=None,
+                   help="evaluation: rank only items the user has not had (data without repeats, e.g. ratings)")
+    p.set_defaults(handler=_pretrain)
+
+    p = sub.add_parser("refresh", parents=[common], help="publish LUM features of changed users and item embeddings")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (the newest checkpoint is used)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--once", action="store_true", help="one run, then exit (default)")
+    g.add_argument("--every", type=float, metavar="MINUTES", help="repeat every MINUTES")
+    p.set_defaults(handler=_refresh)
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from schemas.settings import load
+
+    from .pretrain import PretrainSettings, run
+
+    settings = load(PretrainSettings, exclude_seen=args.exclude_seen)
+    run(args.preset, args.source, args.out, args.max_steps, settings)
+    return 0
+
+
+def _refresh(args: argparse.Namespace) -> int:
+    from schemas.settings import KafkaSettings, load
+
+    from .refresh import RefreshSettings, run
+
+    return run(args.checkpoint, args.once, args.every, load(KafkaSettings), load(RefreshSettings))
