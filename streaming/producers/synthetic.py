@@ -105,7 +105,7 @@ class SyntheticStream:
         now = cfg.start_ms
         heap: list[tuple[int, int, BehaviorEvent | ImpressionEvent]] = []
         emitted = seq = req = 0
-        pool_size = min(cfg.items, 2000)  # a candidate pool per session keeps a draw O(pool), not O(items)
+        pool_size = min(cfg.items, 256)  # a candidate pool per session keeps a draw O(pool), not O(items)
 
         def push(event: BehaviorEvent | ImpressionEvent) -> None:
             nonlocal seq
@@ -151,10 +151,10 @@ class SyntheticStream:
             else:
                 n = max(1, int(rng.poisson(cfg.session_length)))
                 query = None
-                for j in range(n):
-                    a = self.affinity(u, s, pool)
-                    p = np.exp((a - a.max()) / cfg.temperature)
-                    choice = int(rng.choice(len(pool), p=p / p.sum()))
+                a = self.affinity(u, s, pool)  # once per session: the short-term boost is the session's start
+                p = np.exp((a - a.max()) / cfg.temperature)
+                choices = rng.choice(len(pool), size=n, p=p / p.sum())
+                for j, choice in enumerate(choices):
                     item = int(pool[choice])
                     if scen == "search" and query is None:
                         query = f"cat{int(self.item_cat[item])}"

@@ -1,0 +1,97 @@
+"""``lum train`` and ``lum report``: the DLRM trainer on the ``training-examples`` stream, and its comparison.
+
+    lum train --features baseline --checkpoint-dir ckpt/baseline --until-caught-up   # hourly job
+    lum train --features lum --checkpoint-dir ckpt/lum                              # runs continuously
+    lum report ckpt/baseline ckpt/lum --out report.png                             # table + AUC plot
+
+Settings (environment, prefix ``LUM_DLRM_``; flags override): see ``DLRMSettings``. The consumer group is
+``<group_prefix>-<features>``, so baseline and LUM trainers read the same stream independently.
+SIGTERM/SIGINT stop after the current batch with a final checkpoint and offset commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DLRMSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LUM_DLRM_", extra="ignore")
+
+    preset: Literal["debug", "base"] = Field("base", description="model size preset (trainers.dlrm.model)")
+    group_prefix: str = Field("lum-dlrm", description="consumer group prefix; the group is <prefix>-<features>")
+    batch_size: int = Field(512, ge=1, description="examples per mini-batch")
+    checkpoint_every_batches: int = Field(200, ge=1, description="checkpoint after this many batches")
+    checkpoint_every_s: float = Field(60.0, gt=0, description="... or after this many seconds")
+    window_minutes: int = Field(60, ge=1, description="event-time window of the progressive metrics")
+    max_wait_s: float = Field(1.0, gt=0, description="longest wait to fill a batch before training a partial one")
+    idle_timeout_s: float = Field(10.0, gt=0, description="--until-caught-up: stop after this long without data")
+    lum_conditions: list[str] | None = Field(None, description="LUM conditions (JSON list); default: first example's")
+    lum_dim: int | None = Field(None, ge=1, description="LUM vector size; default: first example's")
+    sharding: Literal["table_wise", "column_wise"] = Field("table_wise", description="embedding table sharding")
+    record_example_ids: bool = Field(False, description="log trained example ids per checkpoint (audits, tests)")
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("train", parents=[common], help="train the DLRM incrementally on training-examples")
+    p.add_argument("--features", required=True, choices=["baseline", "lum"], help="without or with LUM inputs")
+    p.add_argument("--checkpoint-dir", required=True, help="checkpoints and metrics.jsonl (resumes from it)")
+    p.add_argument("--until-caught-up", action="store_true", help="stop at the end of the topic as at start")
+    p.add_argument("--preset", choices=["debug", "base"], help="override LUM_DLRM_PRESET")
+    p.add_argument("--batch-size", type=int, help="override LUM_DLRM_BATCH_SIZE")
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("report", parents=[common], help="compare trainers' progressive metrics: table + PNG")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="checkpoint dirs (each holds metrics.jsonl)")
+    p.add_argument("--out", default="lum-report.png", help="PNG path (a .md table is written beside it)")
+    p.set_defaults(handler=_report)
+
+
+def _train(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from schemas.settings import KafkaSettings, load
+
+    from .kafka_source import KafkaExamples
+    from .model import DLRMConfig
+    from .train import Trainer
+
+    s = load(DLRMSettings, preset=args.preset, batch_size=args.batch_size)
+    kafka = load(KafkaSettings)
+    stopping = []
+
+    def _stop(signum, _frame):
+        logging.getLogger(__name__).info("signal %d: stopping after this batch", signum)
+        stopping.append(signum)
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    cfg = DLRMConfig.preset(s.preset, features=args.features, lum_conditions=s.lum_conditions, lum_dim=s.lum_dim,
+                            sharding=s.sharding)
+    trainer = Trainer(cfg, args.checkpoint_dir, window_ms=s.window_minutes * 60_000,
+                      every_batches=s.checkpoint_every_batches, every_s=s.checkpoint_every_s,
+                      record_example_ids=s.record_example_ids)
+    if trainer.world != 1:
+        raise SystemExit("lum train reads Kafka at world size 1; use trainers.dlrm.train under torchrun for DMP")
+    source = KafkaExamples(kafka, f"{s.group_prefix}-{args.features}", s.batch_size, start_offsets=trainer.offsets,
+                           until_caught_up=args.until_caught_up, max_wait_s=s.max_wait_s,
+                           idle_timeout_s=s.idle_timeout_s, stop=lambda: bool(stopping))
+    try:
+        overall = trainer.fit(source, on_durable=source.commit)
+    finally:
+        source.close()
+    print(json.dumps({"features": args.features, "step": trainer.step, "examples": trainer.examples,
+                      "dead_letters": source.dead.total, "overall": overall}))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    print(report(args.dirs, args.out))
+    return 0

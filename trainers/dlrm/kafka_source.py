@@ -1,0 +1,138 @@
+"""The Kafka adapter of the DLRM trainer: mini-batches of TrainingExamples from ``training-examples``.
+
+    src = KafkaExamples(settings, group_id="lum-dlrm-lum", batch_size=512, start_offsets=trainer.offsets,
+                        until_caught_up=True)
+    trainer.fit(src, on_durable=src.commit)      # offsets are committed only once a checkpoint covers them
+    src.close()
+
+Where to start: the checkpoint's offsets are the truth (the model state matches them); partitions the
+checkpoint does not know start at the group's committed offset, else at the earliest. Committed offsets
+therefore never run ahead of the durable model; they exist for lag monitoring and as a fallback.
+
+Undecodable or invalid messages go to dead-letters and are skipped; their offsets still advance with the
+batch they were found in. One trainer per consumer group: a rebalance that moves partitions to another
+trainer would split one model's stream, so the trainer refuses it (revocation stops the iteration).
+
+``until_caught_up``: the end of the topic "as it stood at start" is the high-water mark carried by the
+first fetched data of each partition (``get_watermark_offsets(cached=True)``; the embedded broker reports
+wrong latest offsets otherwise, shared/docs/embedded-broker.md). A partition with no new data never returns
+a fetch we can read that from, so ``idle_timeout_s`` without any message also ends the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, Producer, TopicPartition
+
+from schemas.deadletter import DeadLetters
+from schemas.settings import KafkaSettings
+from schemas.topics import TRAINING_EXAMPLES
+
+from .train import Batch
+
+log = logging.getLogger(__name__)
+
+
+class KafkaExamples:
+    def __init__(self, settings: KafkaSettings, group_id: str, batch_size: int = 512, *,
+                 start_offsets: dict[int, int] | None = None, until_caught_up: bool = False,
+                 max_wait_s: float = 1.0, idle_timeout_s: float = 10.0, stop=None):
+        self.settings, self.group_id, self.batch_size = settings, group_id, batch_size
+        self.start_offsets = dict(start_offsets or {})
+        self.until_caught_up, self.max_wait_s, self.idle_timeout_s = until_caught_up, max_wait_s, idle_timeout_s
+        self.stop = stop or (lambda: False)
+        self.topic = settings.topic(TRAINING_EXAMPLES)
+        self.consumer = Consumer(settings.consumer_config(group_id, **{"enable.partition.eof": False}))
+        self.producer = Producer(settings.producer_config())
+        self.dead = DeadLetters(self.producer, settings, consumer=f"dlrm-trainer:{group_id}")
+        self.assigned: set[int] = set()
+        self.positions: dict[int, int] = {}  # partition -> next offset to read
+        self.targets: dict[int, int] = {}  # partition -> high-water mark at first fetch (until_caught_up)
+        self._yielded: dict[int, int] = {}  # positions as of the last batch handed out
+        self.revoked = False
+        self.consumed = 0
+
+    # -------------------------------------------------------------------------------- group membership
+
+    def _on_assign(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        committed = {tp.partition: tp.offset for tp in consumer.committed(parts, timeout=30)}
+        for tp in parts:
+            if tp.partition in self.start_offsets:
+                tp.offset = self.start_offsets[tp.partition]
+            elif committed.get(tp.partition, OFFSET_INVALID) >= 0:
+                tp.offset = committed[tp.partition]
+            if tp.offset >= 0:
+                self.positions[tp.partition] = self._yielded[tp.partition] = tp.offset
+            self.assigned.add(tp.partition)
+        consumer.assign(parts)
+        log.info("assigned %s: starting at %s", sorted(self.assigned),
+                 {tp.partition: tp.offset for tp in parts})
+
+    def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
+        if parts:
+            log.error("partitions %s revoked: another trainer joined group %s; stopping (one trainer per group)",
+                      [tp.partition for tp in parts], self.group_id)
+            self.revoked = True
+
+    # -------------------------------------------------------------------------------- batches
+
+    def _caught_up(self) -> bool:
+        if not self.assigned:
+            return False
+        for p in self.assigned:
+            if p not in self.targets:
+                lo, hi = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)
+                if hi < 0:
+                    return False
+                self.targets[p] = hi
+                log.info("partition %d: end of topic at start = %d", p, hi)
+            if self.positions.get(p, 0) < self.targets[p]:
+                return False
+        return True
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        last_msg_t = time.monotonic()
+        examples, batch_t0 = [], time.monotonic()
+        while not self.stop() and not self.revoked:
+            msgs = self.consumer.consume(num_messages=self.batch_size - len(examples), timeout=0.2)
+            now = time.monotonic()
+            for msg in msgs:
+                if msg.error():
+                    if msg.error().code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error: %s", msg.error())
+                    continue
+                self.positions[msg.partition()] = msg.offset() + 1
+                self.consumed += 1
+                try:
+                    examples.append(TRAINING_EXAMPLES.decode(msg.value()))
+                except Exception as e:  # DecodeError, or anything else a broken message triggers
+                    self.dead.send_message(msg, e)
+                last_msg_t = now
+            caught_up = self.until_caught_up and bool(
+                self._caught_up() or (self.assigned and now - last_msg_t >= self.idle_timeout_s))
+            waited = now - batch_t0 >= self.max_wait_s
+            if len(examples) >= self.batch_size or ((waited or caught_up) and self.positions != self._yielded):
+                yield Batch(examples, dict(self.positions))  # may be empty: dead letters only, offsets move
+                self._yielded = dict(self.positions)
+                examples, batch_t0 = [], now
+            elif waited:
+                batch_t0 = now
+            if caught_up:
+                log.info("caught up with the topic as it stood at start: %s (%d messages, %d dead letters)",
+                         self.targets or "idle timeout", self.consumed, self.dead.total)
+                return
+
+    def commit(self, offsets: dict[int, int]) -> None:
+        """Commit what a durable checkpoint covers (dead letters are flushed first: at least once)."""
+        self.producer.flush(30)
+        parts = [TopicPartition(self.topic, p, o) for p, o in offsets.items() if p in self.assigned]
+        if parts:
+            self.consumer.commit(offsets=parts, asynchronous=False)
+
+    def close(self) -> None:
+        self.producer.flush(30)
+        self.consumer.close()
