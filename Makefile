@@ -13,7 +13,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	@rm -f $(VENV)/.installed-*
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -r requirements.lock
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $@
 
 test: $(STAMP)

@@ -20,6 +20,24 @@ import sys
 COMMAND_MODULES = ("streaming.cli", "streaming.ops_cli", "trainers.lum.cli", "trainers.dlrm.cli", "deploy.demo")
 
 
+# Every settings class, for ``lum config`` (module, class): what each process reads from the environment.
+SETTINGS_CLASSES = (("schemas.settings", "KafkaSettings"), ("streaming.agents.settings", "AgentSettings"),
+                    ("trainers.lum.pretrain", "PretrainSettings"), ("trainers.lum.refresh", "RefreshSettings"),
+                    ("trainers.dlrm.cli", "DLRMSettings"), ("deploy.demo", "DemoSettings"))
+
+
+def _config(args: argparse.Namespace) -> int:
+    """Print every setting: environment variable, default, meaning (Markdown, as in the README)."""
+    from schemas.settings import settings_help
+
+    for module, name in SETTINGS_CLASSES:
+        cls = getattr(importlib.import_module(module), name)
+        print(f"\n#### {name} ({module})\n\n| variable | default | meaning |\n|---|---|---|")
+        for env, default, doc in settings_help(cls):
+            print(f"| `{env}` | `{default}` | {doc} |")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--bootstrap", help="Kafka bootstrap servers (default: $LUM_KAFKA_BOOTSTRAP or 127.0.0.1:9092)")
@@ -28,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lum", description="lum-stream: streaming continuous training with a "
                                      "Large User Model on Kafka.", parents=[common])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub.add_parser("config", parents=[common], help="list every setting with its environment variable and default"
+                   ).set_defaults(handler=_config)
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)

@@ -108,12 +108,16 @@ def load(cls: type[S], **overrides: object) -> S:
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 
-def settings_help(cls: type[BaseSettings]) -> str:
-    """Every setting of a class with its environment variable and default (for READMEs and --help)."""
+def settings_help(cls: type[BaseSettings]) -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) for every setting of a class (README, ``lum config``)."""
     prefix = cls.model_config.get("env_prefix", "")
     rows = []
     for name, f in cls.model_fields.items():
+        env = f"{prefix}{name.upper()}"
+        alias = f.validation_alias
+        if alias is not None and hasattr(alias, "choices"):  # AliasChoices: the first is the documented name
+            env = str(alias.choices[0])
         default = f.get_default(call_default_factory=True)
-        rows.append(f"{prefix}{name.upper()}={json.dumps(default) if not isinstance(default, str) else default}"
-                    f"  # {f.description or ''}")
-    return "\n".join(rows)
+        shown = default if isinstance(default, str) else json.dumps(default, default=str)
+        rows.append((env, shown, f.description or ""))
+    return rows

@@ -2,7 +2,7 @@
 
     lum broker [--port 9092]
     lum topics create|list|describe
-    lum produce synthetic [--users U] [--items I] [--events N] [--rate R] [--seed S]
+    lum produce synthetic [--users U] [--items I] [--events N] [--rate R] [--seed S] [--skip N]
     lum produce movielens PATH [--speedup X]
     lum produce taobao PATH [--speedup X]
 """
@@ -33,6 +33,9 @@ def register(sub, common) -> None:
     s.add_argument("--events", type=int, default=100_000, help="behavior + impression events to produce")
     s.add_argument("--rate", type=float, default=0, help="events/s (0: as fast as possible)")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--skip", type=int, default=0,
+                   help="continue a stream: generate and drop its first N events (same seed, same world)")
+    s.add_argument("--duplicate-rate", type=float, default=0.0, help="share of behaviors sent twice (producer retries)")
     s.set_defaults(handler=_produce)
     for name, what in (("movielens", "MovieLens (100K u.data, 1M ratings.dat, 20M/25M/latest ratings.csv)"),
                        ("taobao", "Taobao UserBehavior.csv")):

@@ -12,6 +12,7 @@ real logs at a multiple of their event-time pace (0: as fast as possible). Progr
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -118,9 +119,9 @@ def with_impressions(events: Iterable[BehaviorEvent]) -> Iterator[BehaviorEvent 
 
 def main(args: argparse.Namespace, settings: KafkaSettings) -> int:
     if args.source == "synthetic":
-        cfg = SyntheticConfig(users=args.users, items=args.items, categories=args.categories, events=args.events,
-                              seed=args.seed)
-        stats = produce(settings, SyntheticStream(cfg), rate=args.rate)
+        cfg = SyntheticConfig(users=args.users, items=args.items, categories=args.categories,
+                              events=args.events + args.skip, seed=args.seed, duplicate_rate=args.duplicate_rate)
+        stats = produce(settings, itertools.islice(SyntheticStream(cfg), args.skip, None), rate=args.rate)
     else:
         reader = read_movielens if args.source == "movielens" else read_taobao
         events: Iterable = reader(args.path, limit=args.limit)

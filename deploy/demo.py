@@ -1,0 +1,262 @@
+"""``lum demo`` (``make demo``): the whole pipeline end to end on the embedded broker, in bounded time.
+
+    make demo                                   # fresh clone: builds .venv, then runs this
+    LUM_DEMO_MINUTES=20 LUM_DEMO_STREAM_EVENTS=400000 lum demo
+    LUM_KAFKA_BOOTSTRAP=kafka:9092 LUM_KAFKA_PROFILE=kafka lum demo   # against an external Kafka
+
+Phases (each a real ``lum`` process, as in production):
+  1. broker + topics      embedded Tansu (unless LUM_KAFKA_BOOTSTRAP points elsewhere), ``lum topics create``
+  2. agents               ``lum agents``: sequences, export, label join (runs to the end)
+  3. warm-up stream       ``lum produce synthetic`` (LUM_DEMO_WARMUP_EVENTS)
+  4. pre-train            ``lum pretrain --source kafka`` on the sequences seen so far
+  5. refresh              ``lum refresh`` publishes LUM features + item embeddings (repeated during 6)
+  6. live stream          more events; the joiner now attaches LUM features to the examples
+  7. trainers             ``lum train --features baseline`` and ``--features lum`` on the same examples
+  8. report               summary table + AUC-over-time PNG (``lum report``)
+Every process is stopped at the end, and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class DemoSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LUM_DEMO_")
+
+    minutes: float = Field(10.0, gt=0, description="hard bound on the whole demo (phases shrink to fit)")
+    users: int = Field(2000, ge=10, description="synthetic users")
+    items: int = Field(3000, ge=10, description="synthetic items")
+    categories: int = Field(40, ge=2, description="synthetic item categories")
+    warmup_events: int = Field(80_000, ge=1000, description="events streamed before the LUM is pre-trained")
+    stream_events: int = Field(160_000, ge=1000, description="events streamed after LUM features exist")
+    rate: float = Field(0, ge=0, description="producer events/s (0: as fast as possible)")
+    lum_preset: str = Field("debug", description="LUM preset to pre-train")
+    lum_steps: int = Field(300, ge=1, description="LUM pre-training steps")
+    refresh_every_s: float = Field(45, gt=0, description="seconds between LUM refreshes during the live stream")
+    seed: int = Field(0, description="synthetic stream seed")
+    out: Path = Field(Path("runs/demo"), description="where logs, checkpoints, metrics and the plot go")
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("demo", parents=[common], help="run the whole pipeline end to end (embedded broker by default)")
+    p.set_defaults(handler=_demo)
+
+
+class Processes:
+    """Starts ``lum`` subprocesses in their own process groups and stops every one of them, whatever happens."""
+
+    def __init__(self, logs: Path):
+        self.logs, self.procs = logs, {}
+        logs.mkdir(parents=True, exist_ok=True)
+
+    def start(self, name: str, *argv: str, env: dict | None = None) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "ab")
+        cmd = [sys.executable, "-m", "deploy.cli", *argv]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=os.environ | (env or {}) | {"PYTHONUNBUFFERED": "1"})
+        self.procs[name] = proc
+        return proc
+
+    def run(self, name: str, *argv: str, timeout: float) -> None:
+        """Run to completion (bounded); a failure shows the end of its log."""
+        proc = self.start(name, *argv)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop(name)
+            raise RuntimeError(f"{name} did not finish within {timeout:.0f}s (log: {self.logs / name}.log)")
+        if code != 0:
+            tail = (self.logs / f"{name}.log").read_text(errors="replace").splitlines()[-15:]
+            raise RuntimeError(f"{name} failed with exit code {code}:\n  " + "\n  ".join(tail))
+
+    def stop(self, name: str, grace: float = 15) -> None:
+        proc = self.procs.pop(name, None)
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            self.stop(name)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from schemas.settings import load
+
+    return Demo(load(DemoSettings)).run()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """A Prometheus text endpoint as {metric{labels}: value}; empty when it does not answer."""
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                pass
+    return out
+
+
+class Demo:
+    def __init__(self, cfg: DemoSettings):
+        self.cfg = cfg
+        self.out = cfg.out.resolve()
+        self.start = time.monotonic()
+        self.deadline = self.start + cfg.minutes * 60
+        self.procs = Processes(self.out / "logs")
+        self.timings: dict[str, float] = {}
+        self.broker = None
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def say(self, msg: str) -> None:
+        print(f"[{time.monotonic() - self.start:6.0f}s] {msg}", flush=True)
+
+    def run(self) -> int:
+        import shutil
+
+        shutil.rmtree(self.out, ignore_errors=True)
+        self.out.mkdir(parents=True)
+        previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        try:
+            self._run()
+            return 0
+        except KeyboardInterrupt:
+            self.say("interrupted: stopping every process")
+            return 130
+        finally:
+            self.procs.stop_all()
+            if self.broker:
+                self.broker.stop()
+            signal.signal(signal.SIGTERM, previous)
+
+    def _phase(self, name: str):
+        demo = self
+
+        class _Timer:
+            def __enter__(self):
+                demo.say(f"== {name}")
+                self.t = time.monotonic()
+
+            def __exit__(self, *exc):
+                demo.timings[name] = time.monotonic() - self.t
+
+        return _Timer()
+
+    def _run(self) -> None:
+        from schemas.settings import KafkaSettings, load
+        from streaming.admin import create_topics
+        from streaming.broker import EmbeddedBroker, free_port
+
+        cfg = self.cfg
+        with self._phase("broker + topics"):
+            if "LUM_KAFKA_BOOTSTRAP" not in os.environ:
+                self.broker = EmbeddedBroker(log_path=self.out / "logs" / "broker.log").start()
+                os.environ["LUM_KAFKA_BOOTSTRAP"] = self.broker.bootstrap
+                self.say(f"embedded broker at {self.broker.bootstrap} (memory storage)")
+            else:  # an external cluster: a fresh topic namespace per run, so runs never mix
+                os.environ.setdefault("LUM_KAFKA_TOPIC_PREFIX", f"demo{int(time.time())}-")
+            self.metrics_port = free_port()
+            os.environ |= {"LUM_DATA_DIR": str(self.out / "state"), "LUM_JOIN_WINDOW_MS": "120000",
+                           "LUM_AGENT_METRICS_PORT": str(self.metrics_port), "LUM_AGENT_LOG_INTERVAL_S": "10"}
+            kafka = load(KafkaSettings)
+            for name, state in create_topics(kafka).items():
+                self.say(f"  topic {name}: {state}")
+        with self._phase("agents"):
+            self.procs.start("agents", "agents", "--workers", "1")
+        produce = ["produce", "synthetic", "--users", str(cfg.users), "--items", str(cfg.items),
+                   "--categories", str(cfg.categories), "--seed", str(cfg.seed), "--rate", str(cfg.rate)]
+        with self._phase("warm-up stream"):
+            self.procs.run("produce-warmup", *produce, "--events", str(cfg.warmup_events), timeout=self.left() * 0.3)
+            self._wait_caught_up(self.left() * 0.15)
+        with self._phase("pre-train LUM"):
+            self.procs.run("pretrain", "pretrain", "--preset", cfg.lum_preset, "--source", "kafka", "--out",
+                           str(self.out / "lum"), "--max-steps", str(cfg.lum_steps), timeout=self.left() * 0.4)
+        with self._phase("refresh LUM features"):
+            self.procs.run("refresh-0", "refresh", "--checkpoint", str(self.out / "lum"), "--once",
+                           timeout=self.left() * 0.2)
+        with self._phase("live stream"):
+            live = self.procs.start("produce-live", *produce, "--events", str(cfg.stream_events),
+                                    "--skip", str(cfg.warmup_events))
+            n, last_refresh = 1, time.monotonic()
+            while live.poll() is None:
+                if self.left() < 120:
+                    self.say("time bound reached: stopping the producer early")
+                    self.procs.stop("produce-live")
+                    break
+                time.sleep(5)
+                self._status()
+                if time.monotonic() - last_refresh > cfg.refresh_every_s:
+                    self.procs.run(f"refresh-{n}", "refresh", "--checkpoint", str(self.out / "lum"), "--once",
+                                   timeout=max(30.0, self.left() * 0.2))
+                    n, last_refresh = n + 1, time.monotonic()
+            self._wait_caught_up(min(60.0, self.left() * 0.3))
+        with self._phase("DLRM trainers (baseline and LUM)"):
+            for features in ("baseline", "lum"):
+                self.procs.start(f"train-{features}", "train", "--features", features, "--checkpoint-dir",
+                                 str(self.out / f"dlrm-{features}"), "--until-caught-up")
+            for features in ("baseline", "lum"):
+                proc = self.procs.procs[f"train-{features}"]
+                try:
+                    code = proc.wait(max(30.0, self.left() - 20))
+                except subprocess.TimeoutExpired:
+                    self.procs.stop(f"train-{features}")
+                    code = "stopped at the time bound"
+                self.say(f"  trainer {features}: {code}")
+        with self._phase("report"):
+            self.procs.run("report", "report", str(self.out / "dlrm-baseline"), str(self.out / "dlrm-lum"),
+                           "--out", str(self.out / "auc.png"), timeout=60)
+        self.summary()
+
+    def _agent_metrics(self) -> dict[str, float]:
+        return scrape(self.metrics_port) | scrape(self.metrics_port + 1)
+
+    def _status(self) -> None:
+        m = self._agent_metrics()
+        lag = sum(v for k, v in m.items() if k.startswith("lum_agent_lag"))
+        self.say("  " + ", ".join(f"{k}={v:,.0f}" for k, v in sorted(m.items()) if "total" in k or "per_s" in k)
+                 + f", lag={lag:,.0f}")
+
+    def _wait_caught_up(self, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            m = self._agent_metrics()
+            lags = [v for k, v in m.items() if k.startswith("lum_agent_lag")]
+            if lags and sum(lags) == 0:
+                return
+            time.sleep(2)
+        self.say("  agents not fully caught up within the bound; going on")
+
+    def summary(self) -> None:
+        report = self.out / "auc.md"
+        print("\n== summary")
+        print(f"| phase | seconds |\n|---|---:|")
+        for name, sec in self.timings.items():
+            print(f"| {name} | {sec:.0f} |")
+        if report.exists():
+            print(report.read_text())
+        print(f"plot: {self.out / 'auc.png'}; logs: {self.out / 'logs'}; total {time.monotonic() - self.start:.0f}s")
