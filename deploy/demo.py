@@ -41,7 +41,7 @@ class DemoSettings(BaseSettings):
     stream_events: int = Field(160_000, ge=1000, description="events streamed after LUM features exist")
     rate: float = Field(0, ge=0, description="producer events/s (0: as fast as possible)")
     lum_preset: str = Field("debug", description="LUM preset to pre-train")
-    lum_steps: int = Field(300, ge=1, description="LUM pre-training steps")
+    lum_steps: int = Field(1000, ge=1, description="LUM pre-training steps")
     refresh_every_s: float = Field(45, gt=0, description="seconds between LUM refreshes during the live stream")
     seed: int = Field(0, description="synthetic stream seed")
     out: Path = Field(Path("runs/demo"), description="where logs, checkpoints, metrics and the plot go")
@@ -57,7 +57,6 @@ class Processes:
 
     def __init__(self, logs: Path):
         self.logs, self.procs = logs, {}
-        logs.mkdir(parents=True, exist_ok=True)
 
     def start(self, name: str, *argv: str, env: dict | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab")
@@ -140,7 +139,7 @@ class Demo:
         import shutil
 
         shutil.rmtree(self.out, ignore_errors=True)
-        self.out.mkdir(parents=True)
+        (self.out / "logs").mkdir(parents=True)
         previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
         try:
             self._run()
@@ -199,6 +198,12 @@ class Demo:
         with self._phase("refresh LUM features"):
             self.procs.run("refresh-0", "refresh", "--checkpoint", str(self.out / "lum"), "--once",
                            timeout=self.left() * 0.2)
+            # The LUM trainer sizes its inputs from the features' contract: conditions and vector size.
+            sample = self._first_lum_features(kafka)
+            os.environ |= {"LUM_DLRM_LUM_CONDITIONS": ";".join(c.condition for c in sample.conditions),
+                           "LUM_DLRM_LUM_DIM": str(len(sample.conditions[0].vector))}
+            self.say(f"  LUM features {sample.model_version}: {len(sample.conditions)} conditions "
+                     f"x {len(sample.conditions[0].vector)} dims")
         with self._phase("live stream"):
             live = self.procs.start("produce-live", *produce, "--events", str(cfg.stream_events),
                                     "--skip", str(cfg.warmup_events))
@@ -232,21 +237,53 @@ class Demo:
                            "--out", str(self.out / "auc.png"), timeout=60)
         self.summary()
 
-    def _agent_metrics(self) -> dict[str, float]:
-        return scrape(self.metrics_port) | scrape(self.metrics_port + 1)
+    def _first_lum_features(self, kafka):
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+        from schemas.topics import LUM_FEATURES
+
+        name = kafka.topic(LUM_FEATURES)
+        consumer = Consumer(kafka.consumer_config("lum-demo-probe"))
+        try:
+            parts = consumer.list_topics(name, timeout=10).topics[name].partitions
+            consumer.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in parts])
+            end = time.monotonic() + 30
+            while time.monotonic() < end:
+                msg = consumer.poll(1.0)
+                if msg is not None and not msg.error():
+                    return LUM_FEATURES.decode(msg.value())
+        finally:
+            consumer.close()
+        raise RuntimeError("the refresh job published no LUM features (see logs/refresh-0.log)")
+
+    def agent_metrics(self) -> dict[str, dict[str, float]]:
+        """{agent: {metric: value}} from the workers' Prometheus endpoints (sequences, joiner)."""
+        out: dict[str, dict[str, float]] = {}
+        for port in (self.metrics_port, self.metrics_port + 1):
+            for key, value in scrape(port).items():
+                if key.startswith("lum_agent_") and 'agent="' in key:
+                    agent = key.split('agent="')[1].split('"')[0]
+                    metric = key.split("{")[0].removeprefix("lum_agent_")
+                    per_agent = out.setdefault(agent, {})
+                    per_agent[metric] = per_agent.get(metric, 0) + value  # lag comes per topic: sum it
+        return out
 
     def _status(self) -> None:
-        m = self._agent_metrics()
-        lag = sum(v for k, v in m.items() if k.startswith("lum_agent_lag"))
-        self.say("  " + ", ".join(f"{k}={v:,.0f}" for k, v in sorted(m.items()) if "total" in k or "per_s" in k)
-                 + f", lag={lag:,.0f}")
+        m = self.agent_metrics()
+        seq, join = m.get("sequences", {}), m.get("joiner", {})
+        self.say(f"  sequences: {seq.get('events_total', 0):,.0f} events ({seq.get('events_per_second', 0):,.0f}/s)"
+                 f" | joiner: {join.get('events_total', 0):,.0f} events, {join.get('examples_total', 0):,.0f} examples"
+                 f" ({join.get('events_per_second', 0):,.0f} ev/s) | lag {self._lag(m):,.0f}")
+
+    @staticmethod
+    def _lag(m: dict[str, dict[str, float]]) -> float:
+        return sum(a.get("lag", 0) for a in m.values())
 
     def _wait_caught_up(self, timeout: float) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            m = self._agent_metrics()
-            lags = [v for k, v in m.items() if k.startswith("lum_agent_lag")]
-            if lags and sum(lags) == 0:
+            m = self.agent_metrics()
+            if {"sequences", "joiner"} <= set(m) and all("lag" in a for a in m.values()) and self._lag(m) == 0:
                 return
             time.sleep(2)
         self.say("  agents not fully caught up within the bound; going on")

@@ -84,6 +84,9 @@ class LumFeatures(_Event):
     model_version: Annotated[str, Field(min_length=1, max_length=128)]
     conditions: Annotated[list[ConditionOutput], Field(min_length=1, max_length=MAX_CONDITIONS)]
     computed_at_ms: TimeMs
+    # Event time of the newest behavior these outputs have seen. Consumers attach them only to events after
+    # it (point in time): an impression must never get features computed from its own click.
+    as_of_ms: TimeMs | None = None
 
     @model_validator(mode="after")
     def _same_dims(self) -> LumFeatures:

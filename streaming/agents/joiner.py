@@ -8,15 +8,20 @@ keyed by user id with the same partition count, so partition p of the three is o
 
 Rules (event time; ``W`` = ``LUM_JOIN_WINDOW_MS``, ``L`` = ``LUM_AGENT_ALLOWED_LATENESS_MS``)
     * example_id = ``request_id/item_id``; an impression seen again (retry, replay) is ignored.
-    * watermark(p) = max event time seen in partition p (impressions and behaviors) - L. An impression at t
-      closes when watermark >= t + W; it is then emitted with label 1 if a click with its request_id and
-      item_id and event time <= t + W was processed before, else 0. A click may arrive before its impression
-      (it waits, bounded by the retention below).
+    * watermark(p) = event time reached by partition p's streams - L, where "reached" is the max event time
+      of the slower of impressions/behaviors while both still have data to read (so a topic read ahead
+      cannot close windows whose clicks are unread), and the max of both once they are at their ends
+      (high-water mark of the fetch). It never decreases.
+    * An impression at t closes when watermark >= t + W; it is then emitted with label 1 if a click with its
+      request_id and item_id and event time <= t + W was processed before, else 0. A click may arrive before
+      its impression (it waits, bounded by the retention below).
     * A click processed after its example was emitted, or whose event time is past t + W, is late: counted
       (``late_clicks_total``) and copied to ``late-clicks``; the emitted label is never changed.
     * Point in time: ``history_*`` = the user's last ``LUM_AGENT_HISTORY_LEN`` behaviors with event time
       strictly before t (never the click being predicted, nothing after the impression). LUM fields are the
-      latest ``LumFeatures`` of the user and ``ItemEmbedding`` of the item at emission, ``None`` when absent.
+      newest ``LumFeatures`` of the user computed from events strictly before t (``as_of_ms`` < t; the last
+      ``FEATURE_VERSIONS`` are kept per user, so a refresh that has already seen the click does not leak it)
+      and the latest ``ItemEmbedding`` of the item (a function of the model only); ``None`` when absent.
     * Closed windows are freed at emission; their ids are remembered for ``LUM_AGENT_JOIN_RETENTION_MS``
       of event time (duplicates and late clicks are recognised that long), then forgotten.
 
@@ -46,7 +51,7 @@ from rocksdict import Rdict, WriteBatch
 
 from schemas.codec import DecodeError
 from schemas.deadletter import DeadLetters
-from schemas.events import ImpressionEvent, TrainingExample
+from schemas.events import ImpressionEvent, LumFeatures, TrainingExample
 from schemas.settings import KafkaSettings
 from schemas.tokenize import event_key
 from schemas.topics import (BEHAVIORS, IMPRESSIONS, ITEM_EMBEDDINGS, LATE_CLICKS, LUM_FEATURES, TRAINING_EXAMPLES,
@@ -58,12 +63,19 @@ from .settings import AgentSettings
 
 log = logging.getLogger(__name__)
 
-MAX_TIME_KEY = b"\x00max_time"
+MAX_TIME_KEY = b"\x00max_time:"  # + topic: max event time seen per input stream
 HISTORY_CAP = 2048  # hard bound per user, even if a burst falls inside one window
+
+
+FEATURE_VERSIONS = 4  # LUM feature versions kept per user, to find the newest one older than an impression
 
 
 def _i8(n: int) -> bytes:
     return n.to_bytes(8, "big", signed=True)
+
+
+def _feature_key(user: int, as_of: int) -> bytes:
+    return b"f" + user.to_bytes(8, "big") + _i8(as_of)
 
 
 class PartitionState:
@@ -71,14 +83,17 @@ class PartitionState:
 
     def __init__(self, db: Rdict):
         self.db = db
-        self.max_time = 0
+        self.max_time: dict[str, int] = {}  # input topic -> max event time seen in this partition
+        self.hold: tuple[str, ...] = ()  # streams not caught up: the watermark waits for them
+        self.next_offset: dict[str, int] = {}  # per input topic
+        self.wm = 0  # watermark (event time), never decreases
         self.pending: dict[str, tuple[ImpressionEvent, bytes, bool]] = {}  # id -> (impression, raw, clicked)
         self.closing: list[tuple[int, str]] = []  # heap of (deadline, example id)
         self.emitted: dict[str, int] = {}  # id -> deadline, for duplicates and late clicks
         self.forget: list[tuple[int, str, str]] = []  # heap of (time, kind, id): emitted ids / early clicks
         self.early: dict[str, int] = {}  # clicks seen before their impression: id -> click time
         self.history: dict[int, list[tuple[int, int, int, int]]] = {}  # user -> sorted (time, key, item, cat)
-        self.features: dict[int, tuple[bytes, object]] = {}  # user -> (raw, LumFeatures)
+        self.features: dict[int, list[tuple[int, LumFeatures]]] = {}  # user -> [(as_of, features)], by as_of
         self.outbox: list[bytes] = []
         self.dirty: dict[bytes, bytes | None] = {}
 
@@ -97,12 +112,28 @@ class PartitionState:
                 arr = np.frombuffer(value, dtype=">i8").reshape(-1, 4)
                 self.history[int.from_bytes(rest, "big")] = [tuple(int(x) for x in r) for r in arr]
             elif kind == b"f":
-                self.features[int.from_bytes(rest, "big")] = (value, LUM_FEATURES.decode(value))
-            elif key == MAX_TIME_KEY:
-                self.max_time = int.from_bytes(value, "big", signed=True)
+                self.add_features(LUM_FEATURES.decode(value), value)
+            elif key.startswith(MAX_TIME_KEY):
+                self.max_time[key[len(MAX_TIME_KEY):].decode()] = int.from_bytes(value, "big", signed=True)
 
     def put(self, key: bytes, value: bytes | None) -> None:
         self.dirty[key] = value
+
+    def add_features(self, f: LumFeatures, raw: bytes) -> None:
+        """Keep ``f`` among the user's newest FEATURE_VERSIONS (a republish with the same as_of replaces)."""
+        as_of = -1 if f.as_of_ms is None else f.as_of_ms  # unknown: usable for any impression
+        versions = self.features.setdefault(f.user_id, [])
+        i = bisect.bisect_left(versions, as_of, key=lambda v: v[0])
+        if i < len(versions) and versions[i][0] == as_of:
+            versions[i] = (as_of, f)
+        else:
+            versions.insert(i, (as_of, f))
+        self.put(_feature_key(f.user_id, as_of), raw)
+        while len(versions) > FEATURE_VERSIONS:
+            self.put(_feature_key(f.user_id, versions.pop(0)[0]), None)
+
+    def features_before(self, user: int, t: int) -> LumFeatures | None:
+        return next((f for as_of, f in reversed(self.features.get(user, ())) if as_of < t), None)
 
     def put_history(self, user: int) -> None:
         h = self.history[user]
@@ -122,7 +153,10 @@ class JoinerAgent:
         self.parts: dict[int, PartitionState] = {}
         self.items: dict[int, tuple[str, list[float]]] = {}  # item -> (model version, vector)
         self.counts = {"examples_total": 0, "positives_total": 0, "late_clicks_total": 0,
-                       "duplicate_impressions_total": 0, "orphan_clicks_total": 0}
+                       "duplicate_impressions_total": 0, "orphan_clicks_total": 0, "lum_features_too_new_total": 0}
+        # End of each input partition as the worker's consumer last saw it (set by the worker; -1: unknown,
+        # which holds the watermark back until a fetch has told).
+        self.high_water = lambda topic, partition: -1
         self._items_consumer = reader(kafka)
         self._start_items()
 
@@ -187,6 +221,7 @@ class JoinerAgent:
             resent += 1
         self.parts[partition] = st
         starts = {t: int.from_bytes(v, "big") if v is not None else (committed.get(t) or 0) for t, v in local.items()}
+        st.next_offset = dict(starts)
         log.info("joiner partition %d: %d open windows, %d remembered, resume at %s%s", partition, len(st.pending),
                  len(st.emitted), starts, f", re-sent {resent} examples" if resent else "")
         return starts
@@ -199,6 +234,16 @@ class JoinerAgent:
     # --- processing --------------------------------------------------------------------------------------
     def process(self, partition: int, msgs: list[Message]) -> None:
         st = self.parts[partition]
+        ends: dict[str, int] = {}
+        for m in msgs:
+            ends[m.topic()] = m.offset() + 1
+        # Watermark = min over the event streams that still have data to read (impressions, behaviors) of
+        # their max event time, minus the lateness: a stream read ahead of the other cannot close windows
+        # whose clicks are still unread. A stream at its end (high-water mark of the fetch) holds nothing.
+        st.hold = tuple(t for t in (self.t_imp, self.t_beh)
+                        if ends.get(t, st.next_offset.get(t, 0)) < self.high_water(t, partition))
+        st.next_offset |= ends
+        self._watermark(st)
         offsets: dict[str, int] = {}
         touched_history: set[int] = set()
         for m in msgs:
@@ -210,9 +255,7 @@ class JoinerAgent:
                 elif topic == self.t_beh:
                     self._behavior(st, m.value(), touched_history)
                 else:
-                    f = LUM_FEATURES.decode(m.value())
-                    st.features[f.user_id] = (m.value(), f)
-                    st.put(b"f" + f.user_id.to_bytes(8, "big"), m.value())
+                    st.add_features(LUM_FEATURES.decode(m.value()), m.value())
             except DecodeError as e:
                 self.dead.send_message(m, e)
                 continue
@@ -228,7 +271,8 @@ class JoinerAgent:
                 wb.put(key, value)
         for topic, off in offsets.items():
             wb.put(b"\x00off" + topic.encode(), off.to_bytes(8, "big"))
-        wb.put(MAX_TIME_KEY, _i8(st.max_time))
+        for topic, t in st.max_time.items():
+            wb.put(MAX_TIME_KEY + topic.encode(), _i8(t))
         st.db.write(wb)
         st.dirty.clear()
 
@@ -241,13 +285,21 @@ class JoinerAgent:
                 st.db.write(wb)
                 st.outbox.clear()
 
-    def _see(self, st: PartitionState, t: int) -> None:
-        if t > st.max_time:
-            st.max_time = t
+    def _see(self, st: PartitionState, topic: str, t: int) -> None:
+        if t > st.max_time.get(topic, 0):
+            st.max_time[topic] = t
+            self._watermark(st)
+
+    def _watermark(self, st: PartitionState) -> None:
+        if st.hold:
+            t = min(st.max_time.get(x, 0) for x in st.hold)
+        else:
+            t = max(st.max_time.values(), default=0)
+        st.wm = max(st.wm, t - self.cfg.allowed_lateness_ms)  # never moves back
 
     def _impression(self, st: PartitionState, raw: bytes) -> None:
         imp = IMPRESSIONS.decode(raw)
-        self._see(st, imp.event_time_ms)
+        self._see(st, self.t_imp, imp.event_time_ms)
         eid = f"{imp.request_id}/{imp.item_id}"
         if eid in st.pending or eid in st.emitted:
             self.counts["duplicate_impressions_total"] += 1
@@ -263,7 +315,7 @@ class JoinerAgent:
 
     def _behavior(self, st: PartitionState, raw: bytes, touched: set[int]) -> None:
         ev = BEHAVIORS.decode(raw)
-        self._see(st, ev.event_time_ms)
+        self._see(st, self.t_beh, ev.event_time_ms)
         h = st.history.setdefault(ev.user_id, [])
         row = (ev.event_time_ms, event_key(ev.event_id), ev.item_id, ev.category_id)
         i = bisect.bisect_left(h, row)
@@ -292,14 +344,14 @@ class JoinerAgent:
 
     def _trim_history(self, st: PartitionState, h: list) -> None:
         # Keep everything a still-open window may need (time >= watermark - W) plus history_len before it.
-        cutoff = st.max_time - self.cfg.allowed_lateness_ms - self.cfg.join_window_ms
+        cutoff = st.wm - self.cfg.join_window_ms
         i = bisect.bisect_left(h, (cutoff,))
         drop = max(i - self.cfg.history_len, len(h) - HISTORY_CAP, 0)
         if drop:
             del h[:drop]
 
     def _close_windows(self, st: PartitionState) -> None:
-        wm = st.max_time - self.cfg.allowed_lateness_ms
+        wm = st.wm
         while st.closing and st.closing[0][0] <= wm:
             deadline, eid = heapq.heappop(st.closing)
             if eid in st.pending:
@@ -318,9 +370,10 @@ class JoinerAgent:
         h = st.history.get(imp.user_id, [])
         before = h[max(0, bisect.bisect_left(h, (t,)) - self.cfg.history_len):bisect.bisect_left(h, (t,))]
         lum = dict(lum_model_version=None, lum_conditions=None, lum_user=None, lum_item=None)
-        feat = st.features.get(imp.user_id)
-        if feat is not None:
-            f = feat[1]
+        f = st.features_before(imp.user_id, t)
+        if f is None and imp.user_id in st.features:
+            self.counts["lum_features_too_new_total"] += 1  # only features that have seen the future
+        if f is not None:
             lum |= dict(lum_model_version=f.model_version, lum_conditions=[c.condition for c in f.conditions],
                         lum_user=[c.vector for c in f.conditions])
         item = self.items.get(imp.item_id)
@@ -342,6 +395,11 @@ class JoinerAgent:
         heapq.heappush(st.forget, (deadline + self.cfg.join_retention_ms, "e", eid))
         self.counts["examples_total"] += 1
         self.counts["positives_total"] += clicked
+
+    def shutdown(self) -> None:
+        for p in list(self.parts):
+            self.close(p)
+        self._items_consumer.close()
 
     def gauges(self) -> dict[str, float]:
         g: dict[str, float] = dict(self.counts)

@@ -96,10 +96,18 @@ def decode_rows(value: bytes) -> np.ndarray:
 def merge(cur: np.ndarray | None, new: np.ndarray, cap: int) -> np.ndarray | None:
     """The cap latest distinct (by event_key) rows of cur + new in (time, key) order; None if unchanged."""
     if cur is not None and len(cur):
-        new = new[~np.isin(new[:, 1], cur[:, 1])]
-        if not len(new):
-            return None
+        if len(new) == 1:  # the common case with many users: one event per user per batch
+            if (cur[:, 1] == new[0, 1]).any():
+                return None
+            if (new[0, 0], new[0, 1]) > (cur[-1, 0], cur[-1, 1]):  # in order: append, no sort
+                return np.concatenate((cur[len(cur) + 1 - cap:] if len(cur) >= cap else cur, new))
+        else:
+            new = new[~np.isin(new[:, 1], cur[:, 1])]
+            if not len(new):
+                return None
         rows = np.concatenate((cur, new))
+    elif len(new) == 1:
+        return new
     else:
         rows = new
     _, first = np.unique(rows[:, 1], return_index=True)  # duplicates within the batch: keep the first
@@ -215,6 +223,10 @@ class SequenceAgent:
 
     def poll_side_inputs(self) -> None:
         pass
+
+    def shutdown(self) -> None:
+        for p in list(self.dbs):
+            self.close(p)
 
     def gauges(self) -> dict[str, float]:
         return {"sequences_published_total": self.published, "sequences_rebuilt_users_total": self.rebuilt_users}

@@ -17,7 +17,7 @@ class AgentSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LUM_AGENT_", extra="ignore", populate_by_name=True)
 
     data_dir: Path = Field(Path("./state"), validation_alias=AliasChoices("LUM_DATA_DIR", "LUM_AGENT_DATA_DIR", "data_dir"),
-                           description="local state (one RocksDB per agent and partition); $LUM_DATA_DIR")
+                           description="local state (one RocksDB per agent and partition)")
     max_pairs: int = Field(1024, ge=1, le=100_000, description="sequence cap: the oldest pairs beyond it are dropped")
     batch_size: int = Field(2000, ge=1, le=100_000, description="messages per batch: one RocksDB write per batch")
     batch_wait_ms: int = Field(200, ge=1, le=60_000, description="longest wait to fill a batch (latency bound)")
@@ -26,7 +26,7 @@ class AgentSettings(BaseSettings):
     join_window_ms: int = Field(30 * 60_000, ge=1, validation_alias=AliasChoices(
         "LUM_JOIN_WINDOW_MS", "LUM_AGENT_JOIN_WINDOW_MS", "join_window_ms"),
         description="attribution window after an impression (event time); $LUM_JOIN_WINDOW_MS")
-    allowed_lateness_ms: int = Field(60_000, ge=0, description="watermark = max event time seen minus this")
+    allowed_lateness_ms: int = Field(60_000, ge=0, description="joiner watermark = event time reached by its inputs minus this")
     join_retention_ms: int = Field(24 * 3600_000, ge=0,
                                    description="how long closed windows are remembered (duplicates, late clicks)")
     history_len: int = Field(50, ge=0, le=256, description="items of point-in-time history per training example")

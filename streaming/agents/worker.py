@@ -30,7 +30,7 @@ import threading
 import time
 from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Protocol
+from typing import Callable, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
 
@@ -79,6 +79,7 @@ class Agent(Protocol):
     name: str
     group: str
     topics: tuple[Topic, ...]
+    high_water: Callable[[str, int], int]  # set by the worker: end of an input partition per the last fetch
 
     def open(self, partition: int, committed: dict[str, int | None]) -> dict[str, int]: ...
     def process(self, partition: int, msgs: list[Message]) -> None: ...
@@ -86,6 +87,7 @@ class Agent(Protocol):
     def close(self, partition: int) -> None: ...
     def poll_side_inputs(self) -> None: ...
     def gauges(self) -> dict[str, float]: ...
+    def shutdown(self) -> None: ...
 
 
 class Worker:
@@ -100,6 +102,7 @@ class Worker:
         self.dead = DeadLetters(self.out, kafka, f"{agent_name}-{index}")
         cls = {"sequences": SequenceAgent, "joiner": JoinerAgent}[agent_name]
         self.agent: Agent = cls(kafka, cfg, self.out, self.dead)
+        self.agent.high_water = self.high_water
         self.consumer = Consumer(kafka.consumer_config(kafka.topic_prefix + self.agent.group, **{
             "partition.assignment.strategy": "range",  # co-partitioned inputs: partition p of each topic together
             "fetch.wait.max.ms": 50}))
@@ -107,9 +110,13 @@ class Worker:
         self.positions: dict[tuple[str, int], int] = {}  # next offset to commit, per (topic, partition)
         self.assigned: list[int] = []
         self.consumed = 0
+        self.first_event_at = self.last_event_at = 0.0  # wall clock of the first/last processed batch
+        self.cpu_first = self.cpu_last = 0.0  # process CPU time at those batches (all threads)
         self.started = time.monotonic()
         self._last_report = (self.started, 0)
         self.rate = 0.0
+        self.lag_cache: dict[str, int] = {}  # refreshed by the consuming thread; read by the metrics thread
+        self._lag_at = 0.0
         self.stop_event = threading.Event()
 
     # --- rebalance -------------------------------------------------------------------------------------
@@ -173,23 +180,40 @@ class Worker:
             self.agent.flushed()
             self._commit()
             self.consumed += n
+            self.last_event_at, self.cpu_last = time.time(), time.process_time()
+            if not self.first_event_at:
+                self.first_event_at, self.cpu_first = self.last_event_at, self.cpu_last
         else:
             self.out.producer.poll(0)
         self._report()
         return n
 
-    def run(self) -> None:
+    def start(self) -> None:
         self.consumer.subscribe(self.topic_names, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)
         log.info("%s-%d started (group %s, topics %s)", self.agent.name, self.index,
                  self.kafka.topic_prefix + self.agent.group, self.topic_names)
+
+    def close(self) -> None:
+        self.consumer.close()  # revokes (commit + close stores) and leaves the group
+        self.agent.shutdown()
+        self.out.flush()
+        log.info("%s-%d stopped after %d events", self.agent.name, self.index, self.consumed)
+
+    def run(self) -> None:
+        self.start()
         try:
             while not self.stop_event.is_set():
                 self.step()
         finally:
-            self.consumer.close()  # revokes (commit + close stores) and leaves the group
-            self.out.flush()
-            log.info("%s-%d stopped after %d events", self.agent.name, self.index, self.consumed)
+            self.close()
+
+    def high_water(self, topic: str, partition: int) -> int:
+        """The partition's end as carried by the last fetch (-1 while unknown)."""
+        try:
+            return self.consumer.get_watermark_offsets(TopicPartition(topic, partition), cached=True)[1]
+        except Exception:
+            return -1
 
     # --- observability ----------------------------------------------------------------------------------
     def lag(self) -> dict[str, int]:
@@ -205,6 +229,9 @@ class Worker:
 
     def _report(self) -> None:
         now = time.monotonic()
+        if now - self._lag_at >= 1.0:
+            # Only this thread touches the consumer: calls from the metrics thread block behind consume().
+            self.lag_cache, self._lag_at = self.lag(), now
         t0, n0 = self._last_report
         if now - t0 < self.cfg.log_interval_s:
             return
@@ -212,15 +239,19 @@ class Worker:
         self._last_report = (now, self.consumed)
         gauges = " ".join(f"{k}={v:g}" for k, v in self.agent.gauges().items())
         log.info("%s-%d: %d events, %.0f events/s, lag %s, partitions %s, dead letters %d %s", self.agent.name,
-                 self.index, self.consumed, self.rate, self.lag(), self.assigned, self.dead.total, gauges)
+                 self.index, self.consumed, self.rate, self.lag_cache, self.assigned, self.dead.total, gauges)
 
     def metrics_text(self) -> str:
         labels = f'agent="{self.agent.name}",worker="{self.index}"'
         lines = [f"lum_agent_events_total{{{labels}}} {self.consumed}",
                  f"lum_agent_events_per_second{{{labels}}} {self.rate:.1f}",
                  f"lum_agent_assigned_partitions{{{labels}}} {len(self.assigned)}",
-                 f"lum_agent_dead_letters_total{{{labels}}} {self.dead.total}"]
-        lines += [f'lum_agent_lag{{{labels},topic="{t}"}} {v}' for t, v in self.lag().items()]
+                 f"lum_agent_dead_letters_total{{{labels}}} {self.dead.total}",
+                 f"lum_agent_first_batch_timestamp_seconds{{{labels}}} {self.first_event_at:.3f}",
+                 f"lum_agent_last_batch_timestamp_seconds{{{labels}}} {self.last_event_at:.3f}",
+                 f"lum_agent_cpu_seconds_between_batches{{{labels}}} {self.cpu_last - self.cpu_first:.3f}",
+                 f"process_cpu_seconds_total{{{labels}}} {time.process_time():.3f}"]
+        lines += [f'lum_agent_lag{{{labels},topic="{t}"}} {v}' for t, v in self.lag_cache.items()]
         lines += [f"lum_agent_{k}{{{labels}}} {v:g}" for k, v in self.agent.gauges().items()]
         return "\n".join(lines) + "\n"
 
@@ -230,10 +261,13 @@ class Worker:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's name)
                 body = worker.metrics_text().encode()
-                self.send_response(200 if self.path.startswith("/metrics") else 404)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.end_headers()
-                self.wfile.write(body)
+                try:
+                    self.send_response(200 if self.path.startswith("/metrics") else 404)
+                    self.send_header("Content-Type", "text/plain; version=0.0.4")
+                    self.end_headers()
+                    self.wfile.write(body)
+                except OSError:  # the scraper went away
+                    pass
 
             def log_message(self, *args):  # scrapes are not worth a log line each
                 pass

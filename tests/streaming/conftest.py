@@ -117,4 +117,4 @@ def kit():
     import types
 
     return types.SimpleNamespace(behavior=behavior, impression=impression, produce=produce, wait_for=wait_for,
-                                 ThreadWorker=ThreadWorker, ProcWorker=ProcWorker, T0=T0)
+                                 ThreadWorker=ThreadWorker, ProcWorker=ProcWorker, T0=T0, ROOT=ROOT)

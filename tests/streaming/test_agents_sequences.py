@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
+import re
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from schemas.codec import decode
@@ -14,19 +16,13 @@ from schemas.events import DeadLetter
 from schemas.settings import load
 from schemas.topics import BEHAVIORS, DEAD_LETTERS, USER_SEQUENCES
 from streaming.agents.reading import read_to_end, reader
-from streaming.agents.sequences import OFFSET_KEY, encode_rows, expected_sequences, open_db, snapshot
+from streaming.agents.sequences import (OFFSET_KEY, encode_rows, expected_sequences, merge, open_db, pair_rows,
+                                        snapshot)
 from streaming.agents.settings import AgentSettings
 
 
 
-@pytest.fixture(autouse=True)
-def _kit(kit):
-    global ProcWorker, ThreadWorker, behavior, produce, wait_for
-    ProcWorker, ThreadWorker, behavior, produce, wait_for = (kit.ProcWorker, kit.ThreadWorker, kit.behavior,
-                                                             kit.produce, kit.wait_for)
-
-
-def make_events(n_users: int, per_user: int, seed: int, dup_rate: float = 0.1):
+def make_events(kit, n_users: int, per_user: int, seed: int, dup_rate: float = 0.1):
     """Interleaved users, out-of-order event times within a user, and retried (duplicate) events."""
     rng = random.Random(seed)
     events = []
@@ -34,8 +30,9 @@ def make_events(n_users: int, per_user: int, seed: int, dup_rate: float = 0.1):
         user = 10_000 + u * 7919
         times = rng.sample(range(per_user * 10), per_user)  # unsorted: arrival order != event-time order
         for j, t in enumerate(times):
-            events.append(behavior(len(events), user, t, item=rng.randrange(500), scenario=rng.choice(["home", "search"]),
-                                   behavior=rng.choice(["view", "click", "buy"])))
+            events.append(kit.behavior(len(events), user, t, item=rng.randrange(500),
+                                       scenario=rng.choice(["home", "search"]),
+                                       behavior=rng.choice(["view", "click", "buy"])))
     rng.shuffle(events)
     dups = [e for e in events if rng.random() < dup_rate]
     for d in dups:  # a retry arrives later, after other events
@@ -56,19 +53,19 @@ def as_bytes(seqs) -> dict[int, bytes]:
     return {u: USER_SEQUENCES.encode(s) for u, s in seqs.items()}
 
 
-def test_sequences_equal_direct_computation_and_bad_messages_go_to_dead_letters(kafka, tmp_path):
-    events = make_events(n_users=12, per_user=40, seed=1)
+def test_sequences_equal_direct_computation_and_bad_messages_go_to_dead_letters(kafka, kit, tmp_path):
+    events = make_events(kit, n_users=12, per_user=40, seed=1)
     half = len(events) // 2
     bad = [(BEHAVIORS, b"1", b"not an event", None),
            (BEHAVIORS, b"2", BEHAVIORS.encode(events[0])[:-5] + b"oops}", None)]
-    produce(kafka, events[:half], raw=bad)
-    produce(kafka, events[half:])
+    kit.produce(kafka, events[:half], raw=bad)
+    kit.produce(kafka, events[half:])
     cap = 16  # smaller than per-user counts: the oldest pairs must fall off, late ones land in place
     expected = expected_sequences(events, cap=cap)
     assert any(len(s.pairs) == cap for s in expected.values())
     cfg = load(AgentSettings, data_dir=tmp_path, max_pairs=cap, batch_size=97, log_interval_s=1)
-    with ThreadWorker("sequences", kafka, cfg) as w:
-        wait_for(lambda: snapshot(kafka)[0] == expected, timeout=60, what="snapshot == expected")
+    with kit.ThreadWorker("sequences", kafka, cfg) as w:
+        kit.wait_for(lambda: snapshot(kafka)[0] == expected, timeout=60, what="snapshot == expected")
         assert w.dead.total == 2
     # the RocksDB state equals the export, byte for byte
     assert local_state(tmp_path / "sequences" / (kafka.topic_prefix + cfg.sequences_group)) == as_bytes(expected)
@@ -79,19 +76,35 @@ def test_sequences_equal_direct_computation_and_bad_messages_go_to_dead_letters(
     assert all(x.error for x in letters)
 
 
-def test_encoded_rows_decode_with_schemas_codec():
-    ev = [behavior(i, 5, t=i) for i in range(3)]
+@pytest.mark.parametrize("cap", [1, 2, 7, 1000])
+def test_merge_in_any_batching_equals_the_set_definition(kit, cap):
+    """merge() is idempotent and order-free: any batching of any arrival order gives top-cap of the set."""
+    rng = random.Random(cap)
+    base = [kit.behavior(i, 1, t=rng.randrange(500)) for i in range(200)]  # tied times included
+    arrivals = [rng.choice(base) for _ in range(400)]  # duplicates, out of order
+    rows = None
+    i = 0
+    while i < len(arrivals):
+        k = rng.choice([1, 1, 2, 5])
+        merged = merge(rows, np.array([pair_rows(e) for e in arrivals[i:i + k]], dtype=np.int64), cap)
+        rows = merged if merged is not None else rows
+        i += k
+    assert USER_SEQUENCES.decode(encode_rows(1, rows)) == expected_sequences(arrivals, cap=cap)[1]
+
+
+def test_encoded_rows_decode_with_schemas_codec(kit):
+    ev = [kit.behavior(i, 5, t=i) for i in range(3)]
     seq = expected_sequences(ev)[5]
     assert [p.item_id for p in seq.pairs] == [e.item_id for e in ev]
     assert seq.updated_at_ms == ev[-1].event_time_ms
-    assert USER_SEQUENCES.decode(encode_rows(5, __import__("numpy").zeros((0, 8), dtype="int64"))).pairs == []
+    assert USER_SEQUENCES.decode(encode_rows(5, np.zeros((0, 8), dtype="int64"))).pairs == []
 
 
-def _produce_paced(kafka, events, seconds: float) -> threading.Thread:
+def _produce_paced(kit, kafka, events, seconds: float) -> threading.Thread:
     def run():
         chunks = 20
         for i in range(chunks):
-            produce(kafka, events[i * len(events) // chunks:(i + 1) * len(events) // chunks])
+            kit.produce(kafka, events[i * len(events) // chunks:(i + 1) * len(events) // chunks])
             time.sleep(seconds / chunks)
 
     t = threading.Thread(target=run, daemon=True)
@@ -99,42 +112,46 @@ def _produce_paced(kafka, events, seconds: float) -> threading.Thread:
     return t
 
 
-def test_kill_9_mid_stream_then_restart_equals_uninterrupted_run(kafka, tmp_path, procs):
-    events = make_events(n_users=300, per_user=20, seed=2)
+def test_kill_9_mid_stream_then_restart_equals_uninterrupted_run(kafka, kit, tmp_path, procs):
+    events = make_events(kit, n_users=300, per_user=20, seed=2)
     expected = expected_sequences(events, cap=8)
     env = {"LUM_DATA_DIR": str(tmp_path), "LUM_AGENT_MAX_PAIRS": "8", "LUM_AGENT_BATCH_SIZE": "50",
            "LUM_AGENT_LOG_INTERVAL_S": "1"}
-    procs.append(w := ProcWorker("sequences", tmp_path / "w1.log", env))
-    wait_for(lambda: "assigned partitions [0, 1, 2, 3]" in w.text(), timeout=60, what="assignment")
-    feeder = _produce_paced(kafka, events, seconds=4)
+    procs.append(w := kit.ProcWorker("sequences", tmp_path / "w1.log", env))
+    kit.wait_for(lambda: "assigned partitions [0, 1, 2, 3]" in w.text(), timeout=60, what="assignment")
+    feeder = _produce_paced(kit, kafka, events, seconds=4)
     time.sleep(1.5)
     assert w.stop("kill") == -9
     mid = snapshot(kafka)[0]
     assert 0 < len(mid) and mid != expected  # killed mid-stream
-    procs.append(w2 := ProcWorker("sequences", tmp_path / "w2.log", env))
+    procs.append(w2 := kit.ProcWorker("sequences", tmp_path / "w2.log", env))
     feeder.join()
-    wait_for(lambda: snapshot(kafka)[0] == expected, timeout=60, what="snapshot == expected after restart")
+    kit.wait_for(lambda: snapshot(kafka)[0] == expected, timeout=60, what="snapshot == expected after restart")
     assert w2.stop() == 0
     assert "local state at offset" in w2.text()  # resumed from its RocksDB, not rebuilt
     assert local_state(tmp_path / "sequences" / (kafka.topic_prefix + "lum-sequences")) == as_bytes(expected)
 
 
-def test_two_workers_split_partitions_and_a_rebalance_loses_nothing(kafka, tmp_path, procs):
-    events = make_events(n_users=200, per_user=10, seed=3)
+@pytest.mark.parametrize("hosts", ["one host", "two hosts"])
+def test_two_workers_split_partitions_and_a_rebalance_loses_nothing(kafka, kit, tmp_path, procs, hosts):
+    events = make_events(kit, n_users=200, per_user=10, seed=3)
     expected = expected_sequences(events)
     base = {"LUM_AGENT_BATCH_SIZE": "100", "LUM_AGENT_LOG_INTERVAL_S": "1"}
-    # Separate state dirs, as on two hosts: partitions moved to the other worker are rebuilt from the topic.
-    procs.append(a := ProcWorker("sequences", tmp_path / "a.log", base | {"LUM_DATA_DIR": str(tmp_path / "a")}, 0))
-    procs.append(b := ProcWorker("sequences", tmp_path / "b.log", base | {"LUM_DATA_DIR": str(tmp_path / "b")}, 1))
-    wait_for(lambda: {"assigned partitions [0, 1]" in x.text() or "assigned partitions [2, 3]" in x.text()
+    # One host: a shared state dir, moved partitions reuse the local RocksDB. Two hosts: separate dirs,
+    # partitions moved to the other worker are rebuilt from the user-sequences topic.
+    dirs = [tmp_path / "s", tmp_path / "s"] if hosts == "one host" else [tmp_path / "a", tmp_path / "b"]
+    procs.append(a := kit.ProcWorker("sequences", tmp_path / "a.log", base | {"LUM_DATA_DIR": str(dirs[0])}, 0))
+    procs.append(b := kit.ProcWorker("sequences", tmp_path / "b.log", base | {"LUM_DATA_DIR": str(dirs[1])}, 1))
+    kit.wait_for(lambda: {"assigned partitions [0, 1]" in x.text() or "assigned partitions [2, 3]" in x.text()
                       for x in (a, b)} == {True} and "[0, 1, 2, 3]" not in a.text() + b.text(), timeout=60,
              what="two workers with two partitions each")
-    produce(kafka, events[:len(events) // 2])
+    kit.produce(kafka, events[:len(events) // 2])
     first = expected_sequences(events[:len(events) // 2])
-    wait_for(lambda: snapshot(kafka)[0] == first, timeout=60, what="first half processed")
+    kit.wait_for(lambda: snapshot(kafka)[0] == first, timeout=60, what="first half processed")
     assert a.stop() == 0  # one stops: the other takes over its partitions
-    produce(kafka, events[len(events) // 2:])
-    wait_for(lambda: snapshot(kafka)[0] == expected, timeout=90, what="all events after the rebalance")
+    kit.produce(kafka, events[len(events) // 2:])
+    kit.wait_for(lambda: snapshot(kafka)[0] == expected, timeout=90, what="all events after the rebalance")
     assert "assigned partitions [0, 1, 2, 3]" in b.text()
-    assert "rebuilt" in b.text()
+    rebuilt = [int(n) for n in re.findall(r"rebuilt (\d+) users", b.text())]  # 0 users: a fresh partition
+    assert (max(rebuilt) > 0) == (hosts == "two hosts")
     assert b.stop() == 0

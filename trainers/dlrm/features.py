@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -70,6 +71,30 @@ class CollisionStats:
                 "expected_rate": expected}
 
 
+class LumArrays(NamedTuple):
+    user: np.ndarray  # (B, K, D) condition vectors, zeros where absent
+    user_ok: np.ndarray  # (B, K) 1.0 where that condition's vector is present
+    item: np.ndarray  # (B, D) target item's LUM embedding, zeros where absent
+    item_ok: np.ndarray  # (B,) 1.0 where present
+    own: np.ndarray  # (B,) index of the row's own "scenario=<s>" condition, -1 if not configured
+
+
+def lum_dense(U: np.ndarray, u_ok: np.ndarray, item: np.ndarray, i_ok: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """(B, K*D + K + D + 1 + 2K + 3): direct features, flags, interest-matching similarities (paper 4.3)."""
+    B, K, D = U.shape
+    both = u_ok * i_ok[:, None]  # (B, K): a similarity exists only where both sides do
+    raw_dot = np.einsum("bkd,bd->bk", U, item)  # (B, K)
+    norms = np.linalg.norm(U, axis=2) * np.linalg.norm(item, axis=1)[:, None] + 1e-8
+    cos = raw_dot / norms * both
+    dot = raw_dot / np.sqrt(D) * both  # scaled like attention logits
+    at = np.maximum(own, 0)[:, None]
+    has_own = (own >= 0).astype(np.float32) * np.take_along_axis(both, at, 1)[:, 0]
+    own_cos = np.take_along_axis(cos, at, 1)[:, 0] * has_own
+    own_dot = np.take_along_axis(dot, at, 1)[:, 0] * has_own
+    return np.concatenate([U.reshape(B, K * D), u_ok, item, i_ok[:, None], cos, dot,
+                           own_cos[:, None], own_dot[:, None], has_own[:, None]], axis=1)
+
+
 @dataclass
 class FeatureBatch:
     dense: torch.Tensor  # (B, F) float32
@@ -101,20 +126,19 @@ class Featurizer:
         self.n_dense = len(dense_feature_names(cfg))
         self.collisions = {t: CollisionStats(cfg.table_rows[t]) for t in TABLES} if track_collisions else None
         self.lum_stats: Counter[str] = Counter()
+        self.lum_versions: Counter[str] = Counter()  # examples per LUM model version: shows refreshes arriving
         if cfg.features == "lum":
             self.cond_index = {c: k for k, c in enumerate(cfg.lum_conditions)}
         self._scenario_ids: dict[str, int] = {}
 
-    def _scenario_id(self, s: str) -> int:
+    def scenario_id(self, s: str) -> int:
         v = self._scenario_ids.get(s)
         if v is None:
             v = self._scenario_ids[s] = condition_id("scenario", s)  # the tokenizer's stable 63-bit hash
         return v
 
     def __call__(self, examples: list[TrainingExample]) -> FeatureBatch:
-        from torchrec import KeyedJaggedTensor
-
-        cfg, B, H = self.cfg, len(examples), self.cfg.history_len
+        B, H = len(examples), self.cfg.history_len
         hist_items = [ex.history_items[-H:] for ex in examples]
         hist_cats = [ex.history_categories[-H:] for ex in examples]
         hist_len = np.fromiter((len(h) for h in hist_items), dtype=np.int64, count=B)
@@ -122,12 +146,25 @@ class Featurizer:
             "user_id": np.fromiter((ex.user_id for ex in examples), dtype=np.int64, count=B),
             "item_id": np.fromiter((ex.item_id for ex in examples), dtype=np.int64, count=B),
             "category_id": np.fromiter((ex.category_id for ex in examples), dtype=np.int64, count=B),
-            "scenario": np.fromiter((self._scenario_id(ex.scenario) for ex in examples), dtype=np.int64, count=B),
+            "scenario": np.fromiter((self.scenario_id(ex.scenario) for ex in examples), dtype=np.int64, count=B),
             "position": np.fromiter((ex.position for ex in examples), dtype=np.int64, count=B),
             "history_items": np.fromiter((i for h in hist_items for i in h), dtype=np.int64, count=int(hist_len.sum())),
             "history_categories": np.fromiter((c for h in hist_cats for c in h), dtype=np.int64,
                                               count=int(hist_len.sum())),
         }
+        has_query = np.fromiter((ex.query is not None for ex in examples), dtype=np.float32, count=B)
+        lum = self.lum_arrays(examples) if self.cfg.features == "lum" else None
+        dense, sparse = self.encode(raw, hist_len, has_query, lum)
+        labels = torch.tensor([ex.label for ex in examples], dtype=torch.float32)
+        times = np.fromiter((ex.event_time_ms for ex in examples), dtype=np.int64, count=B)
+        return FeatureBatch(dense, sparse, labels, times, [ex.example_id for ex in examples])
+
+    def encode(self, raw: dict[str, np.ndarray], hist_len: np.ndarray, has_query: np.ndarray,
+               lum: LumArrays | None) -> tuple[torch.Tensor, object]:
+        """Raw id columns (history flattened, ``hist_len`` per row) -> (dense (B, F), KJT). Shared with serving."""
+        from torchrec import KeyedJaggedTensor
+
+        cfg, B = self.cfg, len(hist_len)
         values, lengths = [], []
         for f in SPARSE_FEATURES:
             table = FEATURE_TABLE[f]
@@ -142,19 +179,16 @@ class Featurizer:
         sparse = KeyedJaggedTensor.from_lengths_sync(
             keys=list(SPARSE_FEATURES), values=torch.from_numpy(np.concatenate(values)),
             lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)))
-
         dense = np.zeros((B, self.n_dense), dtype=np.float32)
         dense[:, 0] = np.log1p(raw["position"])
         dense[:, 1] = np.log1p(hist_len)
-        dense[:, 2] = [ex.query is not None for ex in examples]
+        dense[:, 2] = has_query
         if cfg.features == "lum":
-            dense[:, 3:] = self._lum_dense(examples)
-        labels = torch.tensor([ex.label for ex in examples], dtype=torch.float32)
-        times = np.fromiter((ex.event_time_ms for ex in examples), dtype=np.int64, count=B)
-        return FeatureBatch(torch.from_numpy(dense), sparse, labels, times, [ex.example_id for ex in examples])
+            dense[:, 3:] = lum_dense(*lum)
+        return torch.from_numpy(dense), sparse
 
-    def _lum_dense(self, examples: list[TrainingExample]) -> np.ndarray:
-        """(B, K*D + K + D + 1 + 2K + 3): user vectors, flags, item vector, flag, similarities."""
+    def lum_arrays(self, examples: list[TrainingExample]) -> LumArrays:
+        """Examples' LUM fields as arrays in the configured condition order; odd cases counted, never fatal."""
         K, D, B, st = len(self.cfg.lum_conditions), self.cfg.lum_dim, len(examples), self.lum_stats
         U = np.zeros((B, K, D), dtype=np.float32)
         u_ok = np.zeros((B, K), dtype=np.float32)
@@ -163,6 +197,8 @@ class Featurizer:
         own = np.full(B, -1, dtype=np.int64)  # index of the example's own scenario condition, -1 if not configured
         for b, ex in enumerate(examples):
             own[b] = self.cond_index.get(f"scenario={ex.scenario}", -1)
+            if ex.lum_model_version is not None:
+                self.lum_versions[ex.lum_model_version] += 1
             if ex.lum_user is None:
                 st["user_absent"] += 1
             else:
@@ -183,16 +219,7 @@ class Featurizer:
                 st["item_dim_mismatch"] += 1
             else:
                 item[b], i_ok[b] = ex.lum_item, 1.0
-        both = u_ok * i_ok[:, None]  # (B, K): similarity defined only where both sides exist
-        dot = np.einsum("bkd,bd->bk", U, item) / np.sqrt(D)  # (B, K), scaled like attention logits
-        norms = np.linalg.norm(U, axis=2) * np.linalg.norm(item, axis=1)[:, None] + 1e-8
-        cos = np.einsum("bkd,bd->bk", U, item) / norms * both
-        dot = dot * both
-        has_own = (own >= 0).astype(np.float32) * np.take_along_axis(both, np.maximum(own, 0)[:, None], 1)[:, 0]
-        own_cos = np.take_along_axis(cos, np.maximum(own, 0)[:, None], 1)[:, 0] * has_own
-        own_dot = np.take_along_axis(dot, np.maximum(own, 0)[:, None], 1)[:, 0] * has_own
-        return np.concatenate([U.reshape(B, K * D), u_ok, item, i_ok[:, None], cos, dot,
-                               own_cos[:, None], own_dot[:, None], has_own[:, None]], axis=1)
+        return LumArrays(U, u_ok, item, i_ok, own)
 
     def collision_report(self) -> dict[str, dict]:
         return {t: s.report() for t, s in (self.collisions or {}).items() if t != "position"}

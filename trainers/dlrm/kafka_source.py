@@ -51,8 +51,7 @@ class KafkaExamples:
         self.assigned: set[int] = set()
         self.positions: dict[int, int] = {}  # partition -> next offset to read
         self.targets: dict[int, int] = {}  # partition -> high-water mark at first fetch (until_caught_up)
-        self._yielded: dict[int, int] = {}  # positions as of the last batch handed out
-        self.revoked = False
+        self.revoked = self.closing = False
         self.consumed = 0
 
     # -------------------------------------------------------------------------------- group membership
@@ -65,14 +64,14 @@ class KafkaExamples:
             elif committed.get(tp.partition, OFFSET_INVALID) >= 0:
                 tp.offset = committed[tp.partition]
             if tp.offset >= 0:
-                self.positions[tp.partition] = self._yielded[tp.partition] = tp.offset
+                self.positions[tp.partition] = tp.offset
             self.assigned.add(tp.partition)
         consumer.assign(parts)
         log.info("assigned %s: starting at %s", sorted(self.assigned),
                  {tp.partition: tp.offset for tp in parts})
 
     def _on_revoke(self, consumer: Consumer, parts: list[TopicPartition]) -> None:
-        if parts:
+        if parts and not self.closing:
             log.error("partitions %s revoked: another trainer joined group %s; stopping (one trainer per group)",
                       [tp.partition for tp in parts], self.group_id)
             self.revoked = True
@@ -82,16 +81,13 @@ class KafkaExamples:
     def _caught_up(self) -> bool:
         if not self.assigned:
             return False
-        for p in self.assigned:
-            if p not in self.targets:
-                lo, hi = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)
-                if hi < 0:
-                    return False
+        for p in self.assigned - set(self.targets):  # record each partition's end as soon as a fetch shows it
+            lo, hi = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)
+            if hi >= 0:
                 self.targets[p] = hi
+                self.positions.setdefault(p, max(lo, 0))  # nothing read yet: we stand at the log start
                 log.info("partition %d: end of topic at start = %d", p, hi)
-            if self.positions.get(p, 0) < self.targets[p]:
-                return False
-        return True
+        return all(p in self.targets and self.positions[p] >= self.targets[p] for p in self.assigned)
 
     def __iter__(self) -> Iterator[Batch]:
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -114,13 +110,10 @@ class KafkaExamples:
                 last_msg_t = now
             caught_up = self.until_caught_up and bool(
                 self._caught_up() or (self.assigned and now - last_msg_t >= self.idle_timeout_s))
-            waited = now - batch_t0 >= self.max_wait_s
-            if len(examples) >= self.batch_size or ((waited or caught_up) and self.positions != self._yielded):
-                yield Batch(examples, dict(self.positions))  # may be empty: dead letters only, offsets move
-                self._yielded = dict(self.positions)
+            if len(examples) >= self.batch_size or caught_up or now - batch_t0 >= self.max_wait_s:
+                # A partial or empty batch too: the trainer's time-based checkpoint must not wait for data.
+                yield Batch(examples, dict(self.positions))
                 examples, batch_t0 = [], now
-            elif waited:
-                batch_t0 = now
             if caught_up:
                 log.info("caught up with the topic as it stood at start: %s (%d messages, %d dead letters)",
                          self.targets or "idle timeout", self.consumed, self.dead.total)
@@ -134,5 +127,6 @@ class KafkaExamples:
             self.consumer.commit(offsets=parts, asynchronous=False)
 
     def close(self) -> None:
+        self.closing = True
         self.producer.flush(30)
         self.consumer.close()

@@ -5,7 +5,7 @@
     m.overall()                                 # {"n", "positives", "auc", "logloss", "mean_pred", "ctr", "calibration"}
     m.records(step=..., features=...)           # JSONL-ready rows: updated windows + overall
 
-AUC is computed from per-window histograms of the predicted logit (fine bins over [-12, 12], ties inside a
+AUC is computed from per-window histograms of the predicted logit (0.001-wide bins over [-10, 10], ties inside a
 bin counted as half), so memory is bounded and the state fits in a checkpoint; its error is bounded by the
 pairs that share a bin. Windows older than ``lateness`` windows behind the newest are closed and dropped
 from the state (a straggler for a closed window still counts in ``overall``; it is counted as ``late``).
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-BINS = 2400
-LO, HI = -12.0, 12.0
+BINS = 20_000  # 0.001 logit wide: an early model's predictions can span only ~0.01 logit
+LO, HI = -10.0, 10.0
 
 
 def _bin(probs: np.ndarray) -> np.ndarray:

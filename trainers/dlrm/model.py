@@ -51,7 +51,7 @@ class DLRMConfig(BaseModel):
     lum_dim: int | None = Field(None, ge=1)  # LUM vector size (None: from the first example)
     embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"  # fused (CPU: no Adam)
     sparse_lr: float = Field(0.05, gt=0)  # embedding learning rate (fused, applied during backward)
-    dense_lr: float = Field(1e-3, gt=0)  # torch Adam on the MLPs
+    dense_lr: float = Field(3e-3, gt=0)  # torch Adam on the MLPs (one pass over a stream: not too timid)
     sharding: Literal["table_wise", "column_wise"] = "table_wise"  # how DMP places tables across ranks
     seed: int = 0  # MLP init
 

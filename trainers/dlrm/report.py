@@ -39,7 +39,9 @@ def _f(x, spec=".4f") -> str:
 
 
 def report(dirs: list[str], out: str | Path = "lum-report.png") -> str:
-    runs = [(str(d), *load_metrics(d)) for d in dirs]
+    short = [Path(d).name for d in dirs]
+    names = short if len(set(short)) == len(short) else [str(d) for d in dirs]  # dir names, unless ambiguous
+    runs = [(n, *load_metrics(d)) for n, d in zip(names, dirs)]
     base_auc = runs[0][1]["auc"] if runs[0][1] else None
     lines = ["| run | features | examples | AUC | dAUC vs first | log loss | calibration | windows |",
              "|---|---|---|---|---|---|---|---|"]

@@ -22,6 +22,10 @@ On start, ``LATEST`` (if any) is loaded: training resumes from its state and off
 are trained again exactly once and none before it are. With ``record_example_ids`` each rank appends the
 ids it trained to ``DIR/trained_ids-rank<r>.log``; the checkpoint records the log's length and a restart
 truncates it there, so the log always lists exactly the examples inside the durable model state.
+
+World size > 1 (torchrun): every rank trains its own share of each step (equal batch sizes: the sharded
+embedding all-to-all needs them), checkpoints on the batch cadence only (ranks must agree), and the metrics
+log holds rank 0's share. ``lum train`` reads Kafka at world size 1.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -105,7 +108,7 @@ class Trainer:
         self.offsets: dict[int, int] = {}
         self.metrics = StreamingMetrics(window_ms)
         self._pending_ids: list[str] = []
-        self._since_ckpt, self._last_ckpt_t = 0, time.monotonic()
+        self._since_ckpt, self._last_ckpt_t, self._unsaved = 0, time.monotonic(), False
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
             if latest_checkpoint(self.dir):
@@ -149,7 +152,7 @@ class Trainer:
         log.info("DLRM built: features=%s, %d dense inputs, tables %s, sharding %s over %d rank(s)", cfg.features,
                  self.featurizer.n_dense, cfg.table_rows, cfg.sharding, self.world)
 
-    def _ensure_model(self, examples: list[TrainingExample]) -> None:
+    def ensure_model(self, examples: list[TrainingExample]) -> None:
         if self.model is not None:
             return
         self.cfg = resolve_lum_dims(self.cfg, examples)
@@ -159,7 +162,7 @@ class Trainer:
             self.cfg = DLRMConfig(**box[0])
         if not self.cfg.lum_resolved:
             raise SystemExit("features=lum but the first batch carries no LUM features to size the inputs from: "
-                             "set LUM_DLRM_LUM_CONDITIONS (JSON list) and LUM_DLRM_LUM_DIM")
+                             "set LUM_DLRM_LUM_CONDITIONS ('scenario=home;scenario=search') and LUM_DLRM_LUM_DIM")
         self._build()
 
     # ------------------------------------------------------------------------------------ training
@@ -168,10 +171,12 @@ class Trainer:
         """One progressive-validation + training step; returns the loss (None for an empty batch)."""
         if not isinstance(batch, Batch):
             batch = Batch(list(batch))
-        self.offsets.update(batch.offsets)
+        if any(self.offsets.get(p) != o for p, o in batch.offsets.items()):
+            self.offsets.update(batch.offsets)
+            self._unsaved = True
         if not batch.examples:  # e.g. every message was dead-lettered: only the offsets move
             return None
-        self._ensure_model(batch.examples)
+        self.ensure_model(batch.examples)
         fb = self.featurizer(batch.examples)
         self.model.train()
         logits = self.model(fb.dense, fb.sparse).squeeze(-1)  # (B,): scored before this batch's update
@@ -183,15 +188,16 @@ class Trainer:
         self.step += 1
         self.examples += len(fb)
         self._since_ckpt += 1
+        self._unsaved = True
         if self.record_ids:
             self._pending_ids.extend(fb.example_ids)
-        return float(loss)
+        return float(loss.detach())
 
     def checkpoint_due(self) -> bool:
         if self._since_ckpt >= self.every_batches:
             return True
         # Time-based cadence only at world size 1: ranks could disagree on the clock and deadlock in save.
-        return self.world == 1 and self._since_ckpt > 0 and time.monotonic() - self._last_ckpt_t >= self.every_s
+        return self.world == 1 and self._unsaved and time.monotonic() - self._last_ckpt_t >= self.every_s
 
     def checkpoint(self, on_durable: Callable[[dict[int, int]], None] | None = None) -> Path | None:
         """Steps 1-4 of the module docstring; collective over all ranks."""
@@ -199,18 +205,19 @@ class Trainer:
 
         if self.dir is None or self.model is None:
             return None
-        name = f"ckpt-{self.step:09d}"
+        box = [f"ckpt-{self.step:09d}-{time.time_ns() // 1000:016d}"]  # unique: never overwrite the durable one
+        dist.broadcast_object_list(box, src=0)  # one name for all ranks
+        name = box[0]
         path = self.dir / name
         rows = self.metrics.records(step=self.step, examples=self.examples, features=self.cfg.features)
         if self.rank == 0:
             rows[-1]["collisions"] = self.featurizer.collision_report()
             rows[-1]["lum_inputs"] = dict(self.featurizer.lum_stats)
+            rows[-1]["lum_versions"] = dict(self.featurizer.lum_versions)
             with open(self.dir / "metrics.jsonl", "a") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in rows))
                 f.flush()
                 os.fsync(f.fileno())
-            if path.exists():  # a half-written one from before a crash (LATEST never pointed to it)
-                shutil.rmtree(path)
         dist.barrier()
         dcp.save({"model": self.model.state_dict(), "optim": self.opt.state_dict()}, checkpoint_id=str(path))
         ids_bytes = 0
@@ -232,7 +239,7 @@ class Trainer:
             _fsync_write(self.dir / "LATEST", name)  # the checkpoint is durable from here on
             self._prune(keep=name)
         dist.barrier()
-        self._since_ckpt, self._last_ckpt_t = 0, time.monotonic()
+        self._since_ckpt, self._last_ckpt_t, self._unsaved = 0, time.monotonic(), False
         if on_durable is not None and self.offsets:
             on_durable(dict(self.offsets))
         log.info("checkpoint %s durable: step %d, %d examples, offsets %s", name, self.step, self.examples,
@@ -240,13 +247,15 @@ class Trainer:
         return path
 
     def _prune(self, keep: str) -> None:
+        """Keep the newest ``self.keep`` checkpoints up to ``keep`` (LATEST); later names are crash leftovers."""
         ckpts = sorted(p for p in self.dir.glob("ckpt-*") if p.is_dir())
-        old = [p for p in ckpts if p.name != keep][: max(0, len(ckpts) - self.keep)]
-        for p in old:
+        i = [p.name for p in ckpts].index(keep)
+        for p in ckpts[:max(0, i + 1 - self.keep)] + ckpts[i + 1:]:
             shutil.rmtree(p, ignore_errors=True)
 
     def _restore(self) -> None:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
         path = latest_checkpoint(self.dir)
         meta = json.loads((path / "meta.json").read_text())
@@ -261,12 +270,16 @@ class Trainer:
         state = {"model": self.model.state_dict()}
         dcp.load(state, checkpoint_id=str(path))
         self.model.load_state_dict(state["model"])
-        try:  # some resharding moves cannot carry optimizer state (torch-cpu.md): keep the weights then
-            ostate = {"optim": self.opt.state_dict()}
-            dcp.load(ostate, checkpoint_id=str(path))
-            self.opt.load_state_dict(ostate["optim"])
-        except Exception as e:  # noqa: BLE001 - any failure here leaves weights valid
-            log.warning("optimizer state not restored under the new sharding (%s); weights are", e)
+        # Optimizer state, the dense (Adam) part and the fused embedding part separately: some resharding
+        # moves cannot carry the latter (row-wise Adagrad state of column shards; shared/docs/torch-cpu.md).
+        for part, opt in (("dense", self.dense_opt), ("embedding", self.model.fused_optimizer)):
+            try:
+                ostate = {"optim": opt.state_dict()}
+                dcp.load(ostate, checkpoint_id=str(path))
+                opt.load_state_dict(ostate["optim"])
+            except (Exception, CheckpointException) as e:  # the weights are loaded and valid either way
+                log.warning("%s optimizer state not restored under the new sharding; it restarts: %s", part,
+                            str(e).strip().splitlines()[-1][:300])
         self.step, self.examples = meta["step"], meta["examples"]
         self.offsets = {int(p): o for p, o in meta["offsets"].items()}
         self.metrics = StreamingMetrics.from_state(meta["metrics"])
@@ -298,7 +311,7 @@ class Trainer:
                 last = now
             if stop is not None and stop():
                 break
-        if self._since_ckpt or (on_durable and self.offsets):
+        if self._unsaved:
             self.checkpoint(on_durable)
         return self.metrics.overall()
 

@@ -2,6 +2,7 @@
 
     lum pretrain --preset debug --source movielens:../shared/data/ml-100k --out runs/lum --max-steps 300
     lum pretrain --preset small --source kafka --out runs/lum
+    lum pretrain --source kafka --out runs/lum --resume --max-steps 2000
     lum refresh --checkpoint runs/lum --once
     lum refresh --checkpoint runs/lum --every 10
 """
@@ -19,6 +20,8 @@ def register(sub, common) -> None:
     p.add_argument("--max-steps", type=int, help="optimizer steps (default $LUM_PRETRAIN_MAX_STEPS)")
     p.add_argument("--exclude-seen", action="store_true", default=None,
                    help="evaluation: rank only items the user has not had (data without repeats, e.g. ratings)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in --out (its config, optimizer and step)")
     p.set_defaults(handler=_pretrain)
 
     p = sub.add_parser("refresh", parents=[common], help="publish LUM features of changed users and item embeddings")
@@ -35,7 +38,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from .pretrain import PretrainSettings, run
 
     settings = load(PretrainSettings, exclude_seen=args.exclude_seen)
-    run(args.preset, args.source, args.out, args.max_steps, settings)
+    run(args.preset, args.source, args.out, args.max_steps, settings, resume=args.resume)
     return 0
 
 

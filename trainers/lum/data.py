@@ -47,14 +47,15 @@ def sequences_from_events(events: Iterable[BehaviorEvent]) -> list[Seq]:
 
 
 def read_user_sequences(settings: KafkaSettings, start: dict[int, int] | None = None, idle_timeout_s: float = 5.0,
-                        group: str = "lum-trainer", dead_letters=None) -> tuple[dict[int, UserSequence], dict[int, int]]:
+                        group: str = "lum-trainer",
+                        dead_letters=None) -> tuple[dict[int, UserSequence], dict[int, int]]:
     """Latest sequence per user in ``user-sequences`` after offsets ``start`` (default: the beginning).
 
     Returns the sequences and the next offset per partition (what a later call passes as ``start``).
     Undecodable records go to ``dead_letters`` (a ``schemas.deadletter.DeadLetters``) when given, else are
     logged and skipped.
     """
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
     topic = settings.topic(USER_SEQUENCES)
     consumer = Consumer(settings.consumer_config(group, **{"enable.partition.eof": True}))
@@ -72,7 +73,7 @@ def read_user_sequences(settings: KafkaSettings, start: dict[int, int] | None = 
             for msg in consumer.consume(2000, timeout=0.2):
                 err = msg.error()
                 if err is not None:
-                    if err.code() == err._PARTITION_EOF:
+                    if err.code() == KafkaError._PARTITION_EOF:
                         pending.discard(msg.partition())
                     else:
                         log.warning("user-sequences consume error: %s", err)
@@ -96,7 +97,8 @@ def read_user_sequences(settings: KafkaSettings, start: dict[int, int] | None = 
                 if high >= 0 and nxt[p] >= high:
                     pending.discard(p)
         if pending:
-            log.info("user-sequences: idle for %.1fs, treating partitions %s as caught up", idle_timeout_s, sorted(pending))
+            log.info("user-sequences: idle for %.1fs, treating partitions %s as caught up", idle_timeout_s,
+                     sorted(pending))
         log.info("read %d user-sequence records (%d bad) -> %d users", n, bad, len(latest))
         return latest, nxt
     finally:

@@ -56,16 +56,18 @@ def _hr_ndcg(ranks: torch.Tensor, k: int) -> tuple[float, float]:
 
 @torch.no_grad()
 def evaluate(model: LumModel, eval_seqs: list[Seq], train_seqs: list[Seq], k: int = 10,
-             exclude_seen: bool = False, users_per_batch: int = 128, device: str = "cpu") -> dict[str, float]:
+             exclude_seen: bool = False, users_per_batch: int = 128, device: str = "cpu",
+             catalog: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
     """Next-item HR@k/NDCG@k, next-condition-item Recall@k and the most-popular baseline (full ranking).
 
-    ``train_seqs`` gives the popularity counts; the catalog is every item in ``train_seqs`` and ``eval_seqs``.
+    ``train_seqs`` gives the popularity counts; ``catalog`` (item ids, category ids) is what is ranked
+    (default: every item in ``train_seqs`` and ``eval_seqs``).
     ``exclude_seen`` removes a user's earlier items from the ranking (for data without repeats, e.g. ratings).
     """
     cfg = model.cfg
     was_training = model.training
     model.eval()
-    items, cats = catalog_of(train_seqs + eval_seqs)
+    items, cats = catalog or catalog_of(train_seqs + eval_seqs)
     index = {int(i): n for n, i in enumerate(items)}
     item_vecs = model.item_vectors(torch.as_tensor(items, device=device), torch.as_tensor(cats, device=device))
     pop = np.zeros(len(items))

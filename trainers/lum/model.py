@@ -50,7 +50,7 @@ class LumConfig(BaseModel):
     # --- loss
     temperature: float = Field(0.07, gt=0, description="InfoNCE temperature on cosine similarity")
     logq: bool = Field(False, description="subtract log in-batch item frequency (popularity correction)")
-    cond_drop: float = Field(0.3, ge=0, le=1, description="chance each condition kind is set to 'any' in training")
+    cond_drop: float = Field(0.5, ge=0, le=1, description="chance each condition kind is set to 'any' in training")
     # --- training
     row_len: int = Field(128, ge=4, description="tokens per packed row")
     rows_per_batch: int = Field(16, ge=1, description="packed rows per batch")
@@ -80,7 +80,7 @@ PRESETS: dict[str, LumConfig] = {
     "base": LumConfig(name="base", d_model=256, n_layers=4, n_heads=4, max_pairs=256, item_buckets=1_000_003,
                       d_item=128, d_cat=32, d_cond=32, row_len=1024, rows_per_batch=32, lr=1e-3),
     "large": LumConfig(name="large", d_model=768, n_layers=12, n_heads=12, max_pairs=1024,
-                       item_buckets=10_000_019, d_item=256, d_cat=64, d_cond=64, row_len=4096,
+                       item_buckets=2_000_003, d_item=256, d_cat=64, d_cond=64, row_len=4096,
                        rows_per_batch=16, lr=3e-4, warmup_steps=2000),
 }
 
@@ -167,10 +167,11 @@ class LumModel(nn.Module):
 
     def embed(self, batch) -> torch.Tensor:
         """Token embeddings of a batch: (B, T, D)."""
-        x = self.tokens.items(batch.item, batch.cat)  # (B, T, D), used at item tokens
-        is_cond = (batch.kind == COND) | (batch.kind == QUERY)
-        if is_cond.any():
-            x = torch.where(is_cond[..., None], self.tokens.conditions(batch.cond), x)
+        is_cond = (batch.kind == COND) | (batch.kind == QUERY)  # (B, T); the rest use the item encoder
+        items = self.tokens.items(batch.item[~is_cond], batch.cat[~is_cond])  # (N_items, D)
+        x = items.new_zeros(*batch.kind.shape, self.cfg.d_model)  # (B, T, D)
+        x[~is_cond] = items
+        x[is_cond] = self.tokens.conditions(batch.cond[is_cond]).to(x.dtype)
         if int(batch.pos.max()) >= self.cfg.max_positions:
             raise ValueError(f"position {int(batch.pos.max())} >= max_positions {self.cfg.max_positions}")
         return x + self.pos(batch.pos)

@@ -70,7 +70,8 @@ def to_tokens(seq: Seq, use_conditions: bool = True, drop: float = 0.0,
     kind = np.tile(np.array([COND, ITEM], np.int8), n)
     cond = np.zeros((2 * n, N_KINDS), np.int64)
     cond[0::2] = conds
-    item, cat = np.repeat(seq.items, 2), np.repeat(seq.cats, 2)  # harmless at condition tokens (not read)
+    item, cat = np.zeros(2 * n, np.int64), np.zeros(2 * n, np.int64)  # 0 at condition tokens: nothing to leak
+    item[1::2], cat[1::2] = seq.items, seq.cats
     return Tokens(kind, cond, item, cat)
 
 
@@ -122,7 +123,8 @@ def make_batch(runs: list[Tokens], rows: list[list[int]], row_len: int, packed: 
             run, L = runs[i], len(runs[i])
             if t + L > row_len:
                 raise ValueError(f"row {r} overflows: {t} + {L} > {row_len}")
-            kind[r, t:t + L], cond[r, t:t + L], item[r, t:t + L], cat[r, t:t + L] = run.kind, run.cond, run.item, run.cat
+            span = slice(t, t + L)
+            kind[r, span], cond[r, span], item[r, span], cat[r, span] = run.kind, run.cond, run.item, run.cat
             pos[r, t:t + L] = np.arange(L)
             # Query tokens share the position right after the prefix: each is "the next condition".
             q = run.kind == QUERY

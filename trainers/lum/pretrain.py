@@ -2,6 +2,7 @@
 
     lum pretrain --preset debug --source movielens:../shared/data/ml-100k --out runs/lum --max-steps 200
     lum pretrain --preset small --source kafka --out runs/lum       # reads the user-sequences topic
+    lum pretrain --source kafka --out runs/lum --resume --max-steps 2000   # continue the newest checkpoint
 
 ``train(cfg, batches, ...)`` takes any iterable of packed batches (the Kafka reader is only one source).
 Each checkpoint is a directory ``DIR/step-NNNNNNNN`` holding ``model.pt`` (model + optimizer state) and
@@ -159,12 +160,16 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[LumModel, to
 
 # --- The job ----------------------------------------------------------------------------------------
 def run(preset: str, source: str, out: str, max_steps: int | None = None, settings: PretrainSettings | None = None,
-        cfg: LumConfig | None = None) -> dict[str, float]:
-    """Load sequences, train with periodic evaluation and checkpoints; returns the final evaluation."""
+        cfg: LumConfig | None = None, resume: bool = False) -> dict[str, float]:
+    """Load sequences, train with periodic evaluation and checkpoints; returns the final evaluation.
+
+    ``resume``: continue from the newest checkpoint in ``out`` (its config, weights, optimizer and step) up to
+    ``max_steps`` in total, on the sequences the source holds now.
+    """
     from schemas.settings import KafkaSettings, load
 
     from .data import leave_last_out, load_source, train_batches
-    from .evaluate import evaluate, format_metrics
+    from .evaluate import catalog_of, evaluate, format_metrics
     from .model import PRESETS
 
     s = settings or load(PretrainSettings)
@@ -172,29 +177,40 @@ def run(preset: str, source: str, out: str, max_steps: int | None = None, settin
         if preset not in PRESETS:
             raise SystemExit(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         cfg = PRESETS[preset]
+    if source != "kafka" and source.partition(":")[0] not in ("movielens", "taobao"):
+        raise SystemExit(f"--source {source!r}: expected kafka, movielens:PATH or taobao:PATH")
     steps = max_steps or s.max_steps
     device = pick_device(s.device)
     kafka = load(KafkaSettings) if source == "kafka" else None
     t0 = time.perf_counter()
     seqs, offsets = load_source(source, kafka, s.kafka_idle_timeout_s)
     train_seqs, eval_seqs = leave_last_out(seqs)
+    catalog = catalog_of(seqs)
     if s.eval_users:
         eval_seqs = eval_seqs[:s.eval_users]
     n_pairs = sum(len(x) for x in seqs)
     log.info("%s: %d users, %d pairs, loaded in %.1fs", source, len(seqs), n_pairs, time.perf_counter() - t0)
     torch.manual_seed(s.seed)
-    model = LumModel(cfg)
+    model, opt, start = LumModel(cfg), None, 0
+    if resume and any(Path(out).glob("step-*")):
+        model, opt, meta = load_checkpoint(out, device)
+        cfg, start = model.cfg, meta["step"]
+        log.info("resuming %s from step %d (%s)", meta["path"], start, meta["model_version"])
     log.info("%s on %s", describe(model), device)
+
+    def evaluation(model: LumModel) -> dict[str, float]:
+        return evaluate(model, eval_seqs, train_seqs, exclude_seen=s.exclude_seen, device=device, catalog=catalog)
 
     def on_step(step: int, model: LumModel, opt: torch.optim.Optimizer) -> None:
         if s.eval_every and step % s.eval_every == 0 and step < steps:
-            log.info("eval @%d: %s", step, format_metrics(evaluate(model, eval_seqs, train_seqs, exclude_seen=s.exclude_seen, device=device)))
+            log.info("eval @%d: %s", step, format_metrics(evaluation(model)))
         if s.checkpoint_every and step % s.checkpoint_every == 0 and step < steps:
             save_checkpoint(out, model, opt, step, offsets, s.keep_checkpoints)
 
-    model, opt, step, losses = train(cfg, train_batches(train_seqs, cfg, s.seed), steps, model=model, device=device,
-                                     log_every=s.log_every, on_step=on_step, seed=s.seed)
-    metrics = evaluate(model, eval_seqs, train_seqs, exclude_seen=s.exclude_seen, device=device)
+    model, opt, step, losses = train(cfg, train_batches(train_seqs, cfg, s.seed + start), steps, model=model,
+                                     optimizer=opt, step=start, device=device, log_every=s.log_every,
+                                     on_step=on_step, seed=s.seed)
+    metrics = evaluation(model)
     save_checkpoint(out, model, opt, step, offsets, s.keep_checkpoints, extra={"eval": metrics, "source": source})
     print(f"final eval @{step} ({cfg.name}, {source}): {format_metrics(metrics)}")
     return metrics

@@ -1,7 +1,8 @@
 """LUM refresh (Step 2): publish condition outputs of users whose sequences changed, and item embeddings.
 
     lum refresh --checkpoint runs/lum --once
-    LUM_REFRESH_CONDITIONS="scenario=home;scenario=search;category=17,behavior=buy" lum refresh --checkpoint runs/lum --every 10
+    LUM_REFRESH_CONDITIONS="scenario=home;scenario=search;category=17,behavior=buy" \
+        lum refresh --checkpoint runs/lum --every 10
 
 One run: load the newest checkpoint under ``--checkpoint``; read ``user-sequences`` from the offsets the
 previous run stored in its state file (``refresh-state.json`` next to the checkpoints), or from the
@@ -42,7 +43,8 @@ class RefreshSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LUM_REFRESH_", extra="ignore")
 
     conditions: str = Field("scenario=home;scenario=search;scenario=detail",
-                            description="query conditions, ';'-separated (e.g. 'scenario=search;category=17,behavior=buy')")
+                            description="query conditions, ';'-separated "
+                                        "(e.g. 'scenario=search;category=17,behavior=buy')")
     users_per_batch: int = Field(256, ge=1, description="users per group-query forward pass")
     idle_timeout_s: float = Field(5.0, gt=0, description="stop reading user-sequences after this idle time")
     state_file: str | None = Field(None, description="offsets of the last run (default: CHECKPOINT/refresh-state.json)")
@@ -140,6 +142,7 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     seqs, offsets = read_user_sequences(kafka, start, settings.idle_timeout_s, settings.group,
                                         DeadLetters(publisher, kafka, "lum-refresh"))
     users = [Seq.from_user_sequence(s) for s in seqs.values() if s.pairs]
+    as_of = {s.user_id: max(p.event_time_ms for p in s.pairs) for s in seqs.values() if s.pairs}
     log.info("refresh %s: %d changed users (%s)", version, len(users), "incremental" if same else "full: new model")
 
     now = int(time.time() * 1000)
@@ -150,11 +153,13 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
         vecs = condition_outputs(model, chunk, conds, settings.users_per_batch, device).tolist()  # (u, K, D)
         for seq, v in zip(chunk, vecs):
             msg = LumFeatures(user_id=seq.user_id, model_version=version, computed_at_ms=now,
+                              as_of_ms=as_of[seq.user_id],
                               conditions=[ConditionOutput(condition=n, vector=x) for n, x in zip(names, v)])
             publisher.produce(feat_topic, LUM_FEATURES.encode(msg), key_of(seq.user_id))
         if time.perf_counter() - last_log > 10:
             last_log = time.perf_counter()
-            log.info("refresh: %d/%d users, %.0f users/s", b + len(chunk), len(users), (b + len(chunk)) / (last_log - t0))
+            done = b + len(chunk)
+            log.info("refresh: %d/%d users, %.0f users/s", done, len(users), done / (last_log - t0))
 
     items: dict[int, int] = {}
     for s in users:
@@ -172,8 +177,8 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
 
     spath.parent.mkdir(parents=True, exist_ok=True)
     tmp = spath.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model_version": version, "topic": topic, "offsets": {str(p): o for p, o in offsets.items()},
-                               "updated_at_ms": now}))
+    tmp.write_text(json.dumps({"model_version": version, "topic": topic, "updated_at_ms": now,
+                               "offsets": {str(p): o for p, o in offsets.items()}}))
     tmp.replace(spath)
     dt = time.perf_counter() - t0
     log.info("refresh done: %d users, %d items, %d conditions in %.1fs (%.0f users/s)", len(users), len(ids),
@@ -184,9 +189,13 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
 
 def run(checkpoint: str, once: bool, every_minutes: float | None, kafka: KafkaSettings,
         settings: RefreshSettings) -> int:
-    while True:
+    if once or not every_minutes:
         refresh_once(checkpoint, kafka, settings)
-        if once or not every_minutes:
-            return 0
+        return 0
+    while True:
+        try:
+            refresh_once(checkpoint, kafka, settings)
+        except Exception:  # a periodic job outlives one failed run (broker away, checkpoint being written)
+            log.exception("refresh failed; retrying at the next period")
         log.info("next refresh in %.1f min", every_minutes)
         time.sleep(every_minutes * 60)

@@ -65,6 +65,7 @@ def test_sigkill_restart_trains_each_example_exactly_once(kafka, tmp_path):
         while time.monotonic() < deadline and first.poll() is None:
             meta = read_meta(ckpt) if (ckpt / "LATEST").exists() else None
             if meta and meta["step"] >= 40:
+                time.sleep(0.1)  # a few more batches: trained, not yet checkpointed when the kill lands
                 break
             time.sleep(0.05)
         assert first.poll() is None, log.read_text()[-3000:]

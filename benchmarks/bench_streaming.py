@@ -1,0 +1,356 @@
+"""Streaming throughput on the embedded broker: plain consumer, Faust no-op agent, sequence agent, joiner.
+
+    .venv/bin/python benchmarks/bench_streaming.py            # 200,000 behaviors over >= 100,000 users
+    .venv/bin/python benchmarks/bench_streaming.py --quick    # 20,000 events, seconds
+
+One run, one broker, the same pre-produced ``behaviors`` events for every consumer (each in a fresh consumer
+group; the agent runs get identical copies under their own topic prefix, so that each starts with an empty
+``user-sequences`` topic): a plain confluent-kafka consumer (the client's ceiling), a no-op Faust agent (Faust's ceiling), the
+sequence agent with 1 worker (in this process) and 2 workers (processes), and the joiner over a synthetic
+impressions + behaviors stream. Then a cProfile of the sequence agent says what bounds it. Rates are
+measured from the first batch to the last event. The machine is shared (2 cores, other jobs running): read
+the figures as +-20%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from schemas.events import BehaviorEvent  # noqa: E402
+from schemas.settings import KafkaSettings  # noqa: E402
+from schemas.topics import ALL_TOPICS, BEHAVIORS  # noqa: E402
+
+
+# --- Faust no-op agent (child process) ----------------------------------------------------------------
+def faust_noop_child(bootstrap: str, topic: str, n: int) -> None:
+    import faust
+
+    app = faust.App(f"bench-faust-{uuid.uuid4().hex[:6]}", broker=f"kafka://{bootstrap}", store="memory://",
+                    broker_session_timeout=6.0, consumer_auto_offset_reset="earliest", web_enabled=False)
+    src = app.topic(topic, key_serializer="raw", value_serializer="raw")
+    state = {"n": 0, "t0": 0.0, "first": 0}
+
+    @app.agent(src)
+    async def noop(stream):
+        async for _value in stream:
+            state["n"] += 1
+            if not state["t0"]:
+                state["t0"], state["first"] = time.perf_counter(), state["n"]
+            if state["n"] >= n:
+                dt = time.perf_counter() - state["t0"]
+                print(json.dumps({"events": n, "rate": (n - state["first"]) / dt}), flush=True)
+                os._exit(0)
+
+    sys.argv = [sys.argv[0], "worker", "--without-web", "-l", "warn"]
+    app.main()
+
+
+def faust_sequences_child(bootstrap: str, prefix: str, n: int, data_dir: str) -> None:
+    """The sequence agent's batch code hosted in a Faust agent (``take_events``), for comparison only:
+    no rebalance handling, so not a deployable agent."""
+    from collections import defaultdict
+
+    import faust
+
+    from schemas.deadletter import DeadLetters
+    from streaming.agents.sequences import SequenceAgent
+    from streaming.agents.settings import AgentSettings
+    from streaming.agents.worker import Output
+
+    kafka = KafkaSettings(bootstrap=bootstrap, topic_prefix=prefix)
+    out = Output(kafka)
+    agent = SequenceAgent(kafka, AgentSettings(data_dir=data_dir), out, DeadLetters(out, kafka, "faust-bench"))
+    app = faust.App(f"bench-faust-seq-{uuid.uuid4().hex[:6]}", broker=f"kafka://{bootstrap}", store="memory://",
+                    broker_session_timeout=6.0, consumer_auto_offset_reset="earliest", web_enabled=False)
+    src = app.topic(kafka.topic(BEHAVIORS), key_serializer="raw", value_serializer="raw")
+    state = {"n": 0, "t0": 0.0, "first": 0}
+
+    class Msg:  # confluent-kafka's Message interface over a Faust message
+        __slots__ = ("m",)
+
+        def __init__(self, m):
+            self.m = m
+
+        def value(self):
+            return self.m.value
+
+        def key(self):
+            return self.m.key
+
+        def offset(self):
+            return self.m.offset
+
+        def partition(self):
+            return self.m.partition
+
+        def topic(self):
+            return self.m.topic
+
+    @app.agent(src)
+    async def sequences(stream):
+        async for events in stream.take_events(2000, within=0.2):
+            parts = defaultdict(list)
+            for e in events:
+                parts[e.message.partition].append(Msg(e.message))
+            for p, msgs in parts.items():
+                if p not in agent.dbs:
+                    agent.open(p, {})
+                agent.process(p, msgs)
+            out.flush()  # blocks the event loop briefly: acceptable for a measurement
+            state["n"] += len(events)
+            if not state["t0"]:
+                state["t0"], state["first"] = time.perf_counter(), state["n"]
+            if state["n"] >= n:
+                dt = time.perf_counter() - state["t0"]
+                print(json.dumps({"events": n, "rate": (n - state["first"]) / dt}), flush=True)
+                os._exit(0)
+
+    sys.argv = [sys.argv[0], "worker", "--without-web", "-l", "warn"]
+    app.main()
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+def produce_behaviors(kafka: KafkaSettings, n: int, users: int, seed: int = 0) -> int:
+    from confluent_kafka import Producer
+
+    from schemas.topics import key_of
+
+    rng = np.random.default_rng(seed)
+    uid = rng.integers(0, users, n)
+    items = rng.zipf(1.3, n) % 100_000
+    scen = rng.integers(0, 3, n)
+    # No compression: aiokafka (Faust) needs the lz4 package for lz4 batches, and it is not installed here.
+    p = Producer(kafka.producer_config(**{"compression.type": "none"}))
+    t0 = 1_767_225_600_000
+    for i in range(n):
+        e = BehaviorEvent(event_id=f"b{i}", user_id=int(uid[i]), item_id=int(items[i]), category_id=int(items[i]) % 500,
+                          behavior="view" if i % 5 else "click", scenario=("home", "search", "detail")[scen[i]],
+                          query="shoes" if scen[i] == 1 else None, event_time_ms=t0 + i * 10)
+        while True:
+            try:
+                p.produce(kafka.topic(BEHAVIORS), value=BEHAVIORS.encode(e), key=key_of(e.user_id),
+                          timestamp=e.event_time_ms)
+                break
+            except BufferError:
+                p.poll(0.05)
+    p.flush(60)
+    return len(np.unique(uid))
+
+
+def plain_consumer_rate(kafka: KafkaSettings, topic: str, n: int) -> float:
+    from confluent_kafka import Consumer
+
+    c = Consumer(kafka.consumer_config(f"bench-plain-{uuid.uuid4().hex[:6]}"))
+    c.subscribe([topic])
+    got, t0, first = 0, 0.0, 0
+    while got < n:
+        msgs = [m for m in c.consume(10000, 0.5) if m.error() is None]
+        got += len(msgs)
+        if msgs and not t0:
+            t0, first = time.perf_counter(), got
+    rate = (got - first) / (time.perf_counter() - t0)
+    c.close()
+    return rate
+
+
+def agent_rate(kafka: KafkaSettings, agent: str, n: int, data_dir: Path, profile: bool = False):
+    from streaming.agents.settings import AgentSettings
+    from streaming.agents.worker import Worker
+
+    cfg = AgentSettings(data_dir=data_dir, log_interval_s=1e9, join_window_ms=60_000, sequences_group=f"bench-seq-{uuid.uuid4().hex[:6]}",
+                        joiner_group=f"bench-join-{uuid.uuid4().hex[:6]}")
+    w = Worker(agent, kafka, cfg)
+    w.start()
+    while w.consumed == 0:
+        w.step()
+    t0, first, cpu0 = time.perf_counter(), w.consumed, time.process_time()
+    prof = cProfile.Profile() if profile else None
+    if prof:
+        prof.enable()
+    while w.consumed < n:
+        w.step()
+    if prof:
+        prof.disable()
+    rate = (w.consumed - first) / (time.perf_counter() - t0)
+    gauges = w.agent.gauges() | {"events_per_cpu_s": (w.consumed - first) / (time.process_time() - cpu0)}
+    w.close()
+    return rate, gauges, prof
+
+
+def metrics(port: int) -> dict[str, float]:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    except OSError:
+        return {}
+    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if "{" in line}
+
+
+def two_workers_rate(kafka: KafkaSettings, n: int, data_dir: Path):
+    from streaming.broker import free_port
+
+    port = free_port()
+    env = os.environ | {"LUM_KAFKA_BOOTSTRAP": kafka.bootstrap, "LUM_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
+                        "LUM_DATA_DIR": str(data_dir), "LUM_AGENT_METRICS_PORT": str(port),
+                        "LUM_AGENT_SEQUENCES_GROUP": f"bench-seq2-{uuid.uuid4().hex[:6]}"}
+    # Port+0 and port+1: the second may collide with another process; free_port() is a best effort.
+    procs = [subprocess.Popen([sys.executable, "-m", "streaming.agents.worker", "sequences", "--index", str(i),
+                               "--log-level", "WARNING"], cwd=ROOT, env=env) for i in range(2)]
+    try:
+        # Both start together and join the same generation (Tansu waits ~3 s for members), so the
+        # partitions are split from the first fetch. Each worker reports the wall-clock time of its first
+        # and last batch: the rate runs from the first batch of either to the last batch of both.
+        while True:
+            ms = [metrics(port + i) for i in range(2)]
+            done = [int(m.get("lum_agent_events_total", 0)) for m in ms]
+            if sum(done) >= n:
+                first = min(m["lum_agent_first_batch_timestamp_seconds"] for m in ms)
+                last = max(m["lum_agent_last_batch_timestamp_seconds"] for m in ms)
+                parts = [int(m.get("lum_agent_assigned_partitions", 0)) for m in ms]
+                cpu = [round(d / m["lum_agent_cpu_seconds_between_batches"]) for d, m in zip(done, ms)]
+                return n / (last - first), done, parts, cpu
+            if any(p.poll() is not None for p in procs):
+                raise RuntimeError("a worker exited")
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(30)
+
+
+def faust_rate(*child_args: str) -> float:
+    out = subprocess.run([sys.executable, __file__, *child_args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900)
+    for line in (out.stdout + out.stderr).splitlines():  # Faust redirects stdout into its log
+        if '{"events"' in line:
+            return json.loads(line[line.index('{"events"'):])["rate"]
+    raise RuntimeError(f"faust agent failed: {out.stderr[-2000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="20,000 events over 10,000 users")
+    ap.add_argument("--events", type=int)
+    ap.add_argument("--users", type=int)
+    ap.add_argument("--faust-child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--faust-seq-child", nargs=4, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.faust_child:
+        faust_noop_child(args.faust_child[0], args.faust_child[1], int(args.faust_child[2]))
+        return
+    if args.faust_seq_child:
+        a = args.faust_seq_child
+        faust_sequences_child(a[0], a[1], int(a[2]), a[3])
+        return
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    from streaming.admin import create_topics
+    from streaming.broker import EmbeddedBroker
+    from streaming.producers import produce
+    from streaming.producers.synthetic import SyntheticConfig, SyntheticStream
+
+    n = args.events or (20_000 if args.quick else 200_000)
+    users = args.users or (10_000 if args.quick else 150_000)
+    rows = []
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        runs = iter(range(100))
+
+        def fresh() -> tuple[KafkaSettings, int]:
+            """Its own copy of the same events (same seed): each agent run starts with an empty
+            user-sequences topic, else it would rebuild the previous run's output and find nothing to do."""
+            kafka = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix=f"bench{next(runs)}-")
+            create_topics(kafka, ALL_TOPICS)
+            return kafka, produce_behaviors(kafka, n, users)
+
+        t = time.perf_counter()
+        kafka, distinct = fresh()
+        print(f"produced {n} behaviors, {distinct} distinct users, in {time.perf_counter() - t:.1f}s", flush=True)
+        topic = kafka.topic(BEHAVIORS)
+
+        rows.append(("plain confluent-kafka consumer", plain_consumer_rate(kafka, topic, n), ""))
+        print(rows[-1], flush=True)
+        rows.append(("Faust no-op agent (per-event iteration)", faust_rate("--faust-child", broker.bootstrap, topic,
+                                                                            str(n)), ""))
+        print(rows[-1], flush=True)
+        faust = rows[-1][1]
+        r = faust_rate("--faust-seq-child", broker.bootstrap, kafka.topic_prefix, str(n), str(Path(tmp) / "fs"))
+        rows.append(("sequence agent code in a Faust agent", r, f"{r / faust:.0%} of Faust no-op (take_events, "
+                     "comparison only)"))
+        print(rows[-1], flush=True)
+        rate, g, _ = agent_rate(fresh()[0], "sequences", n, Path(tmp) / "s1")
+        rows.append(("sequence agent, 1 worker", rate, f"{rate / faust:.0%} of Faust no-op; "
+                     f"{g['events_per_cpu_s']:,.0f} events per CPU-second; "
+                     f"{int(g['sequences_published_total'])} sequences published"))
+        print(rows[-1], flush=True)
+        rate2, per, parts, cpu = two_workers_rate(fresh()[0], n, Path(tmp) / "s2")
+        rows.append(("sequence agent, 2 workers (total)", rate2, f"{rate2 / 2:,.0f}/s per worker, {rate2 / rate:.2f}x "
+                     f"of 1 worker; events per CPU-second per worker {cpu}; events {per}, partitions {parts}"))
+        print(rows[-1], flush=True)
+
+        jkafka = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix="bench-join-")
+        create_topics(jkafka, ALL_TOPICS)
+        cfg = SyntheticConfig(users=max(users // 10, 1000), items=20_000, events=n // 2, seed=1)
+        stats = produce(jkafka, SyntheticStream(cfg), progress_every=1e9)
+        jn = int(stats["events"])
+        rate, g, _ = agent_rate(jkafka, "joiner", jn, Path(tmp) / "j")
+        rows.append(("joiner (impressions + behaviors)", rate, f"{g['events_per_cpu_s']:,.0f} events per CPU-second; "
+                     f"{jn} events, {int(g['examples_total'])} examples, "
+                     f"{int(g['positives_total'])} positives, {int(g['late_clicks_total'])} late clicks"))
+        print(rows[-1], flush=True)
+
+        _, _, prof = agent_rate(fresh()[0], "sequences", n, Path(tmp) / "prof", profile=True)
+
+    print(f"\n{n} events ({distinct} users), 4 partitions, embedded broker, {os.cpu_count()} cores shared with the "
+          f"broker and other jobs (load average {os.getloadavg()[0]:.1f})\n")
+    print(f"| {'consumer':42s} | {'events/s':>9s} | notes |")
+    print(f"|{'-' * 44}|{'-' * 11}|-------|")
+    for name, r, note in rows:
+        print(f"| {name:42s} | {r:9,.0f} | {note} |")
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
+    print("\nsequence agent, 1 worker, cProfile (tottime; profiling slows it ~2x):")
+    print("\n".join(line for line in s.getvalue().splitlines()[4:] if line.strip()))
+    print("\nwhere the sequence agent's time goes (cumulative, share of the profiled loop):")
+    for what, share in profile_shares(prof):
+        print(f"  {share:5.1%}  {what}")
+
+
+def profile_shares(prof: cProfile.Profile) -> list[tuple[str, float]]:
+    stats = pstats.Stats(prof).stats  # (file, line, function) -> (cc, nc, tottime, cumtime, callers)
+    groups = {"decode + validate JSON (pydantic)": ("codec.py", "decode"),
+              "tokenize (blake2b event key, cached condition ids)": ("tokenize.py", "tokenize"),
+              "merge sequences (numpy)": ("sequences.py", "merge"),
+              "encode sequence bytes": ("sequences.py", "encode_rows"),
+              "produce to user-sequences": ("worker.py", "produce"),
+              "RocksDB multi-get + WriteBatch": ("~", "<method 'get' of 'builtins.Rdict' objects>|"
+                                                      "<method 'write' of 'builtins.Rdict' objects>"),
+              "producer flush (wait for the broker)": ("~", "<method 'flush' of 'cimpl.Producer' objects>"),
+              "consume (librdkafka)": ("~", "<method 'consume' of 'cimpl.Consumer' objects>")}
+    total = sum(v[2] for v in stats.values())
+    out = []
+    for what, (file, funcs) in groups.items():
+        ct = sum(v[3] for (f, _, fn), v in stats.items() if f.endswith(file) and fn in funcs.split("|"))
+        out.append((what, ct / total))
+    return out + [("other (batching by user, worker loop, ...)", 1 - sum(x for _, x in out))]
+
+
+if __name__ == "__main__":
+    main()

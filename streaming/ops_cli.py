@@ -1,0 +1,115 @@
+"""Operator commands for the agents: ``lum agents``, ``lum replay``, ``lum backfill sequences``.
+
+    lum agents [--workers N] [--only sequences|joiner]      # Ctrl-C / SIGTERM stops every worker cleanly
+    lum replay TOPIC --from TIME --to TIME --into TOPIC|PATH.jsonl|PATH.parquet [--max-disorder-ms D]
+    lum backfill sequences [--from TIME]
+
+Settings: ``LUM_KAFKA_*`` (broker), ``LUM_AGENT_*`` and ``LUM_DATA_DIR`` / ``LUM_JOIN_WINDOW_MS``
+(``streaming.agents.settings``). Worker i of ``lum agents`` serves Prometheus text on
+``LUM_AGENT_METRICS_PORT + i`` when that is set (sequence workers first, then joiner workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+
+log = logging.getLogger(__name__)
+AGENTS = ("sequences", "joiner")
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("agents", parents=[common], help="run the sequence agent and the joiner (N workers each)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes per agent (partitions spread over them)")
+    p.add_argument("--only", choices=AGENTS, help="run one agent only")
+    p.set_defaults(handler=_agents)
+
+    p = sub.add_parser("replay", parents=[common], help="copy a time range of a topic into a topic or a file")
+    p.add_argument("topic", help="source topic (registry name, e.g. behaviors)")
+    p.add_argument("--from", dest="from_", required=True, metavar="TIME", help="start (inclusive): ISO-8601 or epoch ms")
+    p.add_argument("--to", required=True, metavar="TIME", help="end (exclusive): ISO-8601 or epoch ms")
+    p.add_argument("--into", required=True, help="target topic, or a .jsonl / .parquet path")
+    p.add_argument("--max-disorder-ms", type=int, help="stop a partition at the first record this far past --to")
+    p.set_defaults(handler=_replay)
+
+    p = sub.add_parser("backfill", parents=[common], help="rebuild derived state from the source topics")
+    what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    s = what.add_parser("sequences", parents=[common], help="rebuild the sequence state and export from behaviors")
+    s.add_argument("--from", dest="from_", metavar="TIME", help="only events at or after TIME (default: all)")
+    s.set_defaults(handler=_backfill)
+
+
+def _kafka():
+    from schemas.settings import KafkaSettings, load
+
+    return load(KafkaSettings)
+
+
+def _agents(args: argparse.Namespace) -> int:
+    from schemas.settings import load
+
+    from .agents.settings import AgentSettings
+
+    load(AgentSettings)  # fail here, naming the variable, rather than in every worker
+    _kafka()
+    if args.workers < 1:
+        raise SystemExit("--workers must be >= 1")
+    names = [args.only] if args.only else list(AGENTS)
+    procs = []
+    for a, agent in enumerate(names):
+        for i in range(args.workers):
+            index = a * args.workers + i
+            cmd = [sys.executable, "-m", "streaming.agents.worker", agent, "--index", str(index),
+                   "--log-level", args.log_level]
+            procs.append((agent, index, subprocess.Popen(cmd, env=os.environ.copy())))
+            log.info("started %s worker %d (pid %d)", agent, index, procs[-1][2].pid)
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    try:
+        while not stopping and all(p.poll() is None for _, _, p in procs):
+            time.sleep(0.5)
+    finally:
+        for agent, index, p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for agent, index, p in procs:
+            try:
+                rc = p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                rc = p.wait()
+            if rc and not stopping:
+                log.error("%s worker %d exited with code %s", agent, index, rc)
+                code = 1
+    return code
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from .replay import parse_time, replay
+
+    n = replay(_kafka(), args.topic, parse_time(args.from_), parse_time(args.to), args.into, args.max_disorder_ms)
+    print(f"replayed {n} records into {args.into}")
+    return 0
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    from schemas.settings import load
+
+    from .agents.settings import AgentSettings
+    from .replay import backfill_sequences, parse_time
+
+    stats = backfill_sequences(_kafka(), load(AgentSettings), parse_time(args.from_) if args.from_ else None)
+    print(" ".join(f"{k}={v}" for k, v in stats.items()))
+    return 0

@@ -1,0 +1,142 @@
+"""The refresh job on a real embedded broker: exactly the changed users are republished; a new model, everyone.
+
+Also ``lum pretrain --source kafka`` reads the same topic (latest value per key) and records its offsets,
+and ``lum refresh --once`` publishes from what it trained.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from deploy.cli import main as lum
+from schemas.codec import decode
+from schemas.events import DeadLetter, ItemEmbedding, LumFeatures
+from schemas.settings import SettingsError, load
+from schemas.tokenize import CONDITION_KINDS, TokenPair, UserSequence
+from schemas.topics import DEAD_LETTERS, ITEM_EMBEDDINGS, LUM_FEATURES, USER_SEQUENCES, key_of
+from trainers.lum.model import PRESETS, LumModel
+from trainers.lum.pretrain import load_checkpoint, save_checkpoint
+from trainers.lum.refresh import RefreshSettings, refresh_once
+
+CONDITIONS = "scenario=home;scenario=search;category=7,behavior=buy"
+T0 = 1_767_225_600_000
+
+
+def user_sequence(user: int, n: int, salt: int = 0) -> UserSequence:
+    rng = np.random.default_rng(user * 1000 + salt)
+    pairs = [TokenPair(T0 + i, int(rng.integers(1, 2**62)),
+                       tuple(int(x) for x in rng.integers(1, 2**62, len(CONDITION_KINDS))),
+                       int(rng.integers(0, 500)), int(rng.integers(0, 20))) for i in range(n)]
+    return UserSequence(user, T0 + n, pairs)
+
+
+def produce_sequences(kafka, seqs: list[UserSequence], raw: list[bytes] = ()) -> None:
+    p = Producer(kafka.producer_config())
+    topic = kafka.topic(USER_SEQUENCES)
+    for s in seqs:
+        p.produce(topic, USER_SEQUENCES.encode(s), key_of(s.user_id))
+    for value in raw:
+        p.produce(topic, value, b"666")
+    assert p.flush(30) == 0
+
+
+def read_all(kafka, topic_def, start: dict[int, int] | None = None, idle_s: float = 5.0):
+    """Every record of a topic after ``start`` offsets (decoded) up to the end, and the next offsets."""
+    topic = kafka.topic(topic_def)
+    c = Consumer(kafka.consumer_config("test-reader", **{"enable.partition.eof": True}))
+    parts = sorted(c.list_topics(topic, timeout=10).topics[topic].partitions)
+    c.assign([TopicPartition(topic, p, (start or {}).get(p, 0)) for p in parts])
+    out, nxt, eof, last = [], dict(start or {p: 0 for p in parts}), set(), time.monotonic()
+    while len(eof) < len(parts) and time.monotonic() - last < idle_s:
+        for m in c.consume(500, timeout=0.2):
+            if m.error():
+                eof.add(m.partition())
+                continue
+            out.append(decode(topic_def.value, m.value()))
+            nxt[m.partition()] = m.offset() + 1
+            last = time.monotonic()
+    c.close()
+    return out, nxt
+
+
+def test_refresh_publishes_changed_users_only_and_new_versions_everyone(kafka, tmp_path, monkeypatch):
+    monkeypatch.setenv("LUM_REFRESH_CONDITIONS", CONDITIONS)
+    monkeypatch.setenv("LUM_REFRESH_IDLE_TIMEOUT_S", "3")
+    settings = load(RefreshSettings)
+    torch.manual_seed(0)
+    model = LumModel(PRESETS["debug"])
+    save_checkpoint(tmp_path, model, None, step=1)
+    version1 = load_checkpoint(tmp_path)[2]["model_version"]
+
+    users = {u: user_sequence(u, 5 + u % 7) for u in range(1, 21)}
+    produce_sequences(kafka, list(users.values()), raw=[b"not a sequence"])
+    first = refresh_once(tmp_path, kafka, settings)
+    assert first["full"] and sorted(first["users"]) == list(users)
+    feats, feat_off = read_all(kafka, LUM_FEATURES)
+    assert sorted(f.user_id for f in feats) == list(users)
+    f = feats[0]
+    assert f.model_version == version1
+    assert [c.condition for c in f.conditions] == CONDITIONS.split(";")
+    assert {len(c.vector) for c in f.conditions} == {PRESETS["debug"].d_model}
+    # Point in time: each user's features say up to which event time they have seen.
+    assert {f.user_id: f.as_of_ms for f in feats} == {u: s.pairs[-1].event_time_ms for u, s in users.items()}
+    items, item_off = read_all(kafka, ITEM_EMBEDDINGS)
+    expected_items = {p.item_id for s in users.values() for p in s.pairs}
+    assert {e.item_id for e in items} == expected_items and len(items) == len(expected_items)
+    letters, _ = read_all(kafka, DEAD_LETTERS)
+    assert len(letters) == 1 and isinstance(letters[0], DeadLetter) and letters[0].consumer == "lum-refresh"
+
+    # Nothing changed: nothing published.
+    assert refresh_once(tmp_path, kafka, settings)["users"] == []
+
+    # Five users change (one twice: the latest value counts); only they are republished.
+    changed = [3, 8, 11, 15, 20]
+    produce_sequences(kafka, [user_sequence(u, 9, salt=1) for u in changed] + [user_sequence(8, 12, salt=2)])
+    second = refresh_once(tmp_path, kafka, settings)
+    assert not second["full"] and sorted(second["users"]) == changed
+    new_feats, feat_off = read_all(kafka, LUM_FEATURES, feat_off)
+    assert sorted(f.user_id for f in new_feats) == changed
+    new_items, item_off = read_all(kafka, ITEM_EMBEDDINGS, item_off)
+    assert {e.item_id for e in new_items} == {p.item_id for u in changed
+                                              for p in user_sequence(u, 12 if u == 8 else 9, 2 if u == 8 else 1).pairs}
+    # The vector of a changed user is the model's output for the new sequence, not a stale copy.
+    old8 = next(f for f in feats if f.user_id == 8).conditions[0].vector
+    assert next(f for f in new_feats if f.user_id == 8).conditions[0].vector != old8
+
+    # A new model version republishes everyone.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)
+    save_checkpoint(tmp_path, model, None, step=2)
+    third = refresh_once(tmp_path, kafka, settings)
+    assert third["full"] and sorted(third["users"]) == list(users) and third["model_version"] != version1
+    all_feats, _ = read_all(kafka, LUM_FEATURES, feat_off)
+    assert sorted(f.user_id for f in all_feats) == list(users)
+    assert {f.model_version for f in all_feats} == {third["model_version"]}
+    assert all(isinstance(e, ItemEmbedding) for e in read_all(kafka, ITEM_EMBEDDINGS, item_off)[0])
+
+
+def test_pretrain_from_kafka_then_refresh_command(kafka, tmp_path, capsys):
+    seqs = [user_sequence(u, 6) for u in range(1, 31)] + [user_sequence(5, 10, salt=3)]
+    produce_sequences(kafka, seqs)
+    rc = lum(["pretrain", "--preset", "debug", "--source", "kafka", "--out", str(tmp_path), "--max-steps", "3"])
+    assert rc == 0
+    assert "users=30" in capsys.readouterr().out  # 30 users evaluated, user 5 once (its latest sequence)
+    meta = load_checkpoint(tmp_path)[2]
+    assert sum(meta["kafka_offsets"].values()) == len(seqs)
+    # ...and the refresh command publishes the trained model's features for every user.
+    assert lum(["refresh", "--checkpoint", str(tmp_path), "--once"]) == 0
+    feats, _ = read_all(kafka, LUM_FEATURES)
+    assert sorted(f.user_id for f in feats) == list(range(1, 31))
+    assert {f.model_version for f in feats} == {meta["model_version"]}
+
+
+def test_bad_condition_setting_names_the_variable(monkeypatch):
+    monkeypatch.setenv("LUM_REFRESH_CONDITIONS", "scenario=home;colour=red")
+    with pytest.raises(SettingsError, match="LUM_REFRESH_CONDITIONS"):
+        load(RefreshSettings)
