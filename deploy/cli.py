@@ -49,13 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("config", parents=[common], help="list every setting with its environment variable and default"
                    ).set_defaults(handler=_config)
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:  # TODO(integration): remove once every module exists
-            if e.name != name:
-                raise
-            continue
-        module.register(sub, common)
+        importlib.import_module(name).register(sub, common)
     return parser
 
 

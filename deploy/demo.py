@@ -10,8 +10,10 @@ Phases (each a real ``lum`` process, as in production):
   3. warm-up stream       ``lum produce synthetic`` (LUM_DEMO_WARMUP_EVENTS)
   4. pre-train            ``lum pretrain --source kafka`` on the sequences seen so far
   5. refresh              ``lum refresh`` publishes LUM features + item embeddings (repeated during 6)
-  6. live stream          more events; the joiner now attaches LUM features to the examples
-  7. trainers             ``lum train --features baseline`` and ``--features lum`` on the same examples
+  6. live stream          more events, paced; the joiner now attaches LUM features (point in time) to the
+                          examples; refreshes and incremental trainer rounds run while it streams
+  7. trainers             ``lum train --features baseline`` and ``--features lum --until-caught-up``, in
+                          separate consumer groups on the same examples: a round per interval, a last one at the end
   8. report               summary table + AUC-over-time PNG (``lum report``)
 Every process is stopped at the end, and on Ctrl-C.
 """
@@ -39,10 +41,12 @@ class DemoSettings(BaseSettings):
     categories: int = Field(40, ge=2, description="synthetic item categories")
     warmup_events: int = Field(80_000, ge=1000, description="events streamed before the LUM is pre-trained")
     stream_events: int = Field(160_000, ge=1000, description="events streamed after LUM features exist")
-    rate: float = Field(0, ge=0, description="producer events/s (0: as fast as possible)")
+    warmup_rate: float = Field(0, ge=0, description="warm-up producer events/s (0: as fast as possible)")
+    rate: float = Field(2500, ge=0, description="live producer events/s (0: as fast as possible)")
     lum_preset: str = Field("debug", description="LUM preset to pre-train")
     lum_steps: int = Field(1000, ge=1, description="LUM pre-training steps")
-    refresh_every_s: float = Field(45, gt=0, description="seconds between LUM refreshes during the live stream")
+    refresh_every_s: float = Field(30, gt=0, description="seconds between LUM refreshes during the live stream")
+    train_every_s: float = Field(40, gt=0, description="seconds between incremental trainer rounds (--until-caught-up)")
     seed: int = Field(0, description="synthetic stream seed")
     out: Path = Field(Path("runs/demo"), description="where logs, checkpoints, metrics and the plot go")
 
@@ -128,6 +132,9 @@ class Demo:
         self.procs = Processes(self.out / "logs")
         self.timings: dict[str, float] = {}
         self.broker = None
+        self.refreshes = self.train_rounds = 0
+        self.final_agents: dict[str, dict[str, float]] = {}
+        self.peak: dict[str, float] = {}
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -181,23 +188,25 @@ class Demo:
                 os.environ.setdefault("LUM_KAFKA_TOPIC_PREFIX", f"demo{int(time.time())}-")
             self.metrics_port = free_port()
             os.environ |= {"LUM_DATA_DIR": str(self.out / "state"), "LUM_JOIN_WINDOW_MS": "120000",
-                           "LUM_AGENT_METRICS_PORT": str(self.metrics_port), "LUM_AGENT_LOG_INTERVAL_S": "10"}
+                           "LUM_AGENT_METRICS_PORT": str(self.metrics_port), "LUM_AGENT_LOG_INTERVAL_S": "10",
+                           # Several processes share 2 cores: one torch thread each avoids spin-wait stalls.
+                           "LUM_PRETRAIN_THREADS": "1", "LUM_REFRESH_THREADS": "1", "LUM_DLRM_THREADS": "1"}
             kafka = load(KafkaSettings)
             for name, state in create_topics(kafka).items():
                 self.say(f"  topic {name}: {state}")
         with self._phase("agents"):
             self.procs.start("agents", "agents", "--workers", "1")
         produce = ["produce", "synthetic", "--users", str(cfg.users), "--items", str(cfg.items),
-                   "--categories", str(cfg.categories), "--seed", str(cfg.seed), "--rate", str(cfg.rate)]
+                   "--categories", str(cfg.categories), "--seed", str(cfg.seed)]
         with self._phase("warm-up stream"):
-            self.procs.run("produce-warmup", *produce, "--events", str(cfg.warmup_events), timeout=self.left() * 0.3)
+            self.procs.run("produce-warmup", *produce, "--events", str(cfg.warmup_events), "--rate",
+                           str(cfg.warmup_rate), timeout=self.left() * 0.3)
             self._wait_caught_up(self.left() * 0.15)
         with self._phase("pre-train LUM"):
             self.procs.run("pretrain", "pretrain", "--preset", cfg.lum_preset, "--source", "kafka", "--out",
                            str(self.out / "lum"), "--max-steps", str(cfg.lum_steps), timeout=self.left() * 0.4)
         with self._phase("refresh LUM features"):
-            self.procs.run("refresh-0", "refresh", "--checkpoint", str(self.out / "lum"), "--once",
-                           timeout=self.left() * 0.2)
+            self._refresh()
             # The LUM trainer sizes its inputs from the features' contract: conditions and vector size.
             sample = self._first_lum_features(kafka)
             os.environ |= {"LUM_DLRM_LUM_CONDITIONS": ";".join(c.condition for c in sample.conditions),
@@ -205,37 +214,58 @@ class Demo:
             self.say(f"  LUM features {sample.model_version}: {len(sample.conditions)} conditions "
                      f"x {len(sample.conditions[0].vector)} dims")
         with self._phase("live stream"):
-            live = self.procs.start("produce-live", *produce, "--events", str(cfg.stream_events),
-                                    "--skip", str(cfg.warmup_events))
-            n, last_refresh = 1, time.monotonic()
+            live = self.procs.start("produce-live", *produce, "--events", str(cfg.stream_events), "--rate",
+                                    str(cfg.rate), "--skip", str(cfg.warmup_events))
+            next_refresh = time.monotonic() + cfg.refresh_every_s
+            next_train = time.monotonic() + cfg.train_every_s
             while live.poll() is None:
-                if self.left() < 120:
+                if self.left() < 150:
                     self.say("time bound reached: stopping the producer early")
                     self.procs.stop("produce-live")
                     break
                 time.sleep(5)
                 self._status()
-                if time.monotonic() - last_refresh > cfg.refresh_every_s:
-                    self.procs.run(f"refresh-{n}", "refresh", "--checkpoint", str(self.out / "lum"), "--once",
-                                   timeout=max(30.0, self.left() * 0.2))
-                    n, last_refresh = n + 1, time.monotonic()
+                if time.monotonic() >= next_refresh:
+                    self._refresh()
+                    next_refresh = time.monotonic() + cfg.refresh_every_s
+                if time.monotonic() >= next_train:
+                    self._train_round()
+                    next_train = time.monotonic() + cfg.train_every_s
             self._wait_caught_up(min(60.0, self.left() * 0.3))
-        with self._phase("DLRM trainers (baseline and LUM)"):
-            for features in ("baseline", "lum"):
-                self.procs.start(f"train-{features}", "train", "--features", features, "--checkpoint-dir",
-                                 str(self.out / f"dlrm-{features}"), "--until-caught-up")
-            for features in ("baseline", "lum"):
-                proc = self.procs.procs[f"train-{features}"]
-                try:
-                    code = proc.wait(max(30.0, self.left() - 20))
-                except subprocess.TimeoutExpired:
-                    self.procs.stop(f"train-{features}")
-                    code = "stopped at the time bound"
-                self.say(f"  trainer {features}: {code}")
+            self._status()
+            self.final_agents = self.agent_metrics()
+        with self._phase("DLRM trainers, last round"):
+            self._train_round(final=True)
         with self._phase("report"):
             self.procs.run("report", "report", str(self.out / "dlrm-baseline"), str(self.out / "dlrm-lum"),
                            "--out", str(self.out / "auc.png"), timeout=60)
         self.summary()
+
+    def _refresh(self) -> None:
+        self.refreshes += 1
+        self.procs.run(f"refresh-{self.refreshes}", "refresh", "--checkpoint", str(self.out / "lum"), "--once",
+                       timeout=max(30.0, self.left() * 0.2))
+        self.say(f"  refresh {self.refreshes}: " + _last_match(self.out / "logs" / f"refresh-{self.refreshes}.log",
+                                                              "refresh done: ").partition("refresh done: ")[2])
+
+    def _train_round(self, final: bool = False) -> None:
+        """Both trainers consume what the joiner has emitted so far and stop (as an hourly job would)."""
+        self.train_rounds += 1
+        for features in ("baseline", "lum"):
+            self.procs.start(f"train-{features}", "train", "--features", features, "--checkpoint-dir",
+                             str(self.out / f"dlrm-{features}"), "--until-caught-up")
+        for features in ("baseline", "lum"):
+            try:
+                code = self.procs.procs[f"train-{features}"].wait(max(30.0, self.left() - (20 if final else 140)))
+            except subprocess.TimeoutExpired:
+                self.procs.stop(f"train-{features}")  # SIGTERM: it checkpoints what it has trained
+                code = "stopped at the time bound"
+            if code not in (0, "stopped at the time bound"):
+                raise RuntimeError(f"trainer {features} failed ({code}); see logs/train-{features}.log")
+        rows = {f: _trainer_result(self.out / "logs" / f"train-{f}.log") for f in ("baseline", "lum")}
+        self.say(f"  trainer round {self.train_rounds}: " + ", ".join(
+            f"{f} {r.get('examples', 0):,} examples AUC {r.get('overall', {}).get('auc') or float('nan'):.4f}"
+            for f, r in rows.items()))
 
     def _first_lum_features(self, kafka):
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
@@ -254,7 +284,7 @@ class Demo:
                     return LUM_FEATURES.decode(msg.value())
         finally:
             consumer.close()
-        raise RuntimeError("the refresh job published no LUM features (see logs/refresh-0.log)")
+        raise RuntimeError("the refresh job published no LUM features (see logs/refresh-1.log)")
 
     def agent_metrics(self) -> dict[str, dict[str, float]]:
         """{agent: {metric: value}} from the workers' Prometheus endpoints (sequences, joiner)."""
@@ -271,6 +301,8 @@ class Demo:
     def _status(self) -> None:
         m = self.agent_metrics()
         seq, join = m.get("sequences", {}), m.get("joiner", {})
+        for agent, values in m.items():
+            self.peak[agent] = max(self.peak.get(agent, 0), values.get("events_per_second", 0))
         self.say(f"  sequences: {seq.get('events_total', 0):,.0f} events ({seq.get('events_per_second', 0):,.0f}/s)"
                  f" | joiner: {join.get('events_total', 0):,.0f} events, {join.get('examples_total', 0):,.0f} examples"
                  f" ({join.get('events_per_second', 0):,.0f} ev/s) | lag {self._lag(m):,.0f}")
@@ -289,11 +321,64 @@ class Demo:
         self.say("  agents not fully caught up within the bound; going on")
 
     def summary(self) -> None:
-        report = self.out / "auc.md"
-        print("\n== summary")
-        print(f"| phase | seconds |\n|---|---:|")
+        logs = self.out / "logs"
+        seq, join = self.final_agents.get("sequences", {}), self.final_agents.get("joiner", {})
+        produced = [_kv(_last_match(logs / f"produce-{p}.log", "events=")) for p in ("warmup", "live")]
+        trainers = {f: _trainer_result(logs / f"train-{f}.log") for f in ("baseline", "lum")}
+        rates = {f: _last_match(logs / f"train-{f}.log", " ex/s").partition("examples, ")[2].partition(",")[0]
+                 for f in trainers}
+        pretrain = _last_match(logs / "pretrain.log", "final eval").partition("): ")[2]
+        print("\n== summary\n")
+        print("| stage | what | figures |\n|---|---|---|")
+        print(f"| producer | events produced | {sum(int(p.get('events', 0)) for p in produced):,} "
+              f"(warm-up {float(produced[0].get('events_per_s', 0)):,.0f}/s, live "
+              f"{float(produced[1].get('events_per_s', 0)):,.0f}/s paced) |")
+        print(f"| sequence agent | events consumed, users' sequences published | {seq.get('events_total', 0):,.0f}, "
+              f"{seq.get('sequences_published_total', 0):,.0f}; peak {self.peak.get('sequences', 0):,.0f} events/s |")
+        print(f"| joiner | events consumed, examples joined (positives) | {join.get('events_total', 0):,.0f}, "
+              f"{join.get('examples_total', 0):,.0f} ({join.get('positives_total', 0):,.0f}); peak "
+              f"{self.peak.get('joiner', 0):,.0f} events/s; late clicks {join.get('late_clicks_total', 0):,.0f}; "
+              f"LUM features skipped as too new {join.get('lum_features_too_new_total', 0):,.0f} |")
+        print(f"| agents | consumer lag at the end, dead letters | {self._lag(self.final_agents):,.0f}, "
+              f"{seq.get('dead_letters_total', 0) + join.get('dead_letters_total', 0):,.0f} |")
+        print(f"| LUM pre-training | {self.cfg.lum_preset}, {self.cfg.lum_steps} steps | "
+              f"{_last_match(logs / 'pretrain.log', 'tokens/s').rpartition(') ')[2]}; {pretrain} |")
+        print(f"| LUM refresh | {self.refreshes} runs | last: "
+              f"{_last_match(logs / f'refresh-{self.refreshes}.log', 'refresh done: ').partition('refresh done: ')[2]} |")
+        for f, r in trainers.items():
+            o = r.get("overall", {})
+            print(f"| DLRM {f} | {self.train_rounds} rounds, examples trained | {r.get('examples', 0):,}; "
+                  f"last round {rates[f]}; AUC {o.get('auc') or float('nan'):.4f}, log loss "
+                  f"{o.get('logloss') or float('nan'):.4f}, calibration {o.get('calibration') or float('nan'):.3f} |")
+        print("\n| phase | seconds |\n|---|---:|")
         for name, sec in self.timings.items():
             print(f"| {name} | {sec:.0f} |")
+        report = self.out / "auc.md"
         if report.exists():
-            print(report.read_text())
-        print(f"plot: {self.out / 'auc.png'}; logs: {self.out / 'logs'}; total {time.monotonic() - self.start:.0f}s")
+            print("\n" + report.read_text())
+        print(f"plot: {self.out / 'auc.png'}; logs: {logs}; total {time.monotonic() - self.start:.0f}s "
+              f"(bound {self.cfg.minutes:.0f} min)")
+
+
+def _last_match(path: Path, needle: str) -> str:
+    """The last line of a log that contains ``needle`` ('' when none)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if needle in line), "")
+
+
+def _kv(line: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in line.split() if "=" in part)
+
+
+def _trainer_result(path: Path) -> dict:
+    """The JSON summary ``lum train`` prints when it stops."""
+    import json
+
+    line = _last_match(path, '"features"')
+    try:
+        return json.loads(line[line.index("{"):]) if line else {}
+    except ValueError:
+        return {}

@@ -21,6 +21,16 @@ DATA_DIR = Path(os.environ.get("LUM_TEST_DATA", Path(__file__).resolve().parents
 _counter = itertools.count()
 
 
+def pytest_configure(config):
+    # Tests share 2 cores with the broker and worker subprocesses: contended torch threads stall badly.
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
 def _cuda() -> bool:
     try:
         import torch

@@ -50,6 +50,7 @@ class RefreshSettings(BaseSettings):
     state_file: str | None = Field(None, description="offsets of the last run (default: CHECKPOINT/refresh-state.json)")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda'")
     group: str = Field("lum-refresh", description="consumer group id (offsets live in the state file)")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default); 1 on shared small hosts")
 
     @field_validator("conditions")
     @classmethod
@@ -128,6 +129,8 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
 
     t0 = time.perf_counter()
     device = pick_device(settings.device)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     model, _, meta = load_checkpoint(checkpoint, device)
     version = meta["model_version"]
     names = settings.condition_list()
