@@ -147,7 +147,8 @@ class Demo:
 
         shutil.rmtree(self.out, ignore_errors=True)
         (self.out / "logs").mkdir(parents=True)
-        previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+        # Ctrl-C and SIGTERM both stop everything (SIGINT explicitly: a shell's background job ignores it).
+        previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             self._run()
             return 0
@@ -158,7 +159,8 @@ class Demo:
             self.procs.stop_all()
             if self.broker:
                 self.broker.stop()
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _phase(self, name: str):
         demo = self

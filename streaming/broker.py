@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -91,21 +92,16 @@ class EmbeddedBroker:
         self.stop()
 
 
-def run(port: int) -> None:
-    """``lum broker``: run until Ctrl-C or SIGTERM."""
+def run(port: int) -> int:
+    """``lum broker``: run until Ctrl-C or SIGTERM (a clean stop, exit 0); non-zero if the broker dies."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # from the start: a stop never races the start-up
+        signal.signal(sig, lambda *_: stop.set())
     with EmbeddedBroker(port) as broker:
         print(f"embedded broker ready: LUM_KAFKA_BOOTSTRAP={broker.bootstrap} (memory storage: data is lost on stop)",
               flush=True)
-        stop = False
-
-        def _stop(*_):
-            nonlocal stop
-            stop = True
-
-        signal.signal(signal.SIGTERM, _stop)
-        try:
-            while not stop and broker.proc and broker.proc.poll() is None:
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
-        print("stopping embedded broker", flush=True)
+        while not stop.is_set() and broker.proc and broker.proc.poll() is None:
+            stop.wait(0.5)
+        died = broker.proc is None or broker.proc.poll() is not None
+        print("embedded broker exited on its own" if died else "stopping embedded broker", flush=True)
+    return 1 if died else 0

@@ -57,8 +57,7 @@ def _settings():
 def _broker(args: argparse.Namespace) -> int:
     from .broker import run
 
-    run(args.port)
-    return 0
+    return run(args.port)
 
 
 def _topics(args: argparse.Namespace) -> int:
