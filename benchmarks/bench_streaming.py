@@ -38,7 +38,19 @@ from schemas.settings import KafkaSettings  # noqa: E402
 from schemas.topics import ALL_TOPICS, BEHAVIORS  # noqa: E402
 
 
+def _count(state: dict, added: int, n: int) -> None:
+    """Count events in a Faust worker; print the rate (from the first event on) and exit after ``n``."""
+    state["n"] += added
+    if not state["t0"]:
+        state["t0"], state["first"] = time.perf_counter(), state["n"]
+    if state["n"] >= n:
+        dt = time.perf_counter() - state["t0"]
+        print(json.dumps({"events": n, "rate": (n - state["first"]) / dt}), flush=True)
+        os._exit(0)
+
+
 # --- Faust no-op agent (child process) ----------------------------------------------------------------
+
 def faust_noop_child(bootstrap: str, topic: str, n: int) -> None:
     import faust
 
@@ -50,13 +62,7 @@ def faust_noop_child(bootstrap: str, topic: str, n: int) -> None:
     @app.agent(src)
     async def noop(stream):
         async for _value in stream:
-            state["n"] += 1
-            if not state["t0"]:
-                state["t0"], state["first"] = time.perf_counter(), state["n"]
-            if state["n"] >= n:
-                dt = time.perf_counter() - state["t0"]
-                print(json.dumps({"events": n, "rate": (n - state["first"]) / dt}), flush=True)
-                os._exit(0)
+            _count(state, 1, n)
 
     sys.argv = [sys.argv[0], "worker", "--without-web", "-l", "warn"]
     app.main()
@@ -114,13 +120,7 @@ def faust_sequences_child(bootstrap: str, prefix: str, n: int, data_dir: str) ->
                     agent.open(p, {})
                 agent.process(p, msgs)
             out.flush()  # blocks the event loop briefly: acceptable for a measurement
-            state["n"] += len(events)
-            if not state["t0"]:
-                state["t0"], state["first"] = time.perf_counter(), state["n"]
-            if state["n"] >= n:
-                dt = time.perf_counter() - state["t0"]
-                print(json.dumps({"events": n, "rate": (n - state["first"]) / dt}), flush=True)
-                os._exit(0)
+            _count(state, len(events), n)
 
     sys.argv = [sys.argv[0], "worker", "--without-web", "-l", "warn"]
     app.main()
