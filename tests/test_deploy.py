@@ -28,3 +28,15 @@ def test_compose_file_is_valid_for_compose_v2():
     if not Path(tool).exists():
         pytest.skip("no docker-compose binary here (make check-compose installs one)")
     subprocess.run([tool, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"], check=True)
+
+
+def test_readme_documents_every_setting():
+    import importlib
+
+    from deploy.cli import SETTINGS_CLASSES
+    from schemas.settings import settings_help
+
+    readme = (ROOT / "README.md").read_text()
+    for module, name in SETTINGS_CLASSES:
+        for env, _default, _doc in settings_help(getattr(importlib.import_module(module), name)):
+            assert f"`{env}`" in readme, f"README lacks {env} (regenerate the table with `lum config`)"
