@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -94,14 +93,15 @@ class EmbeddedBroker:
 
 def run(port: int) -> int:
     """``lum broker``: run until Ctrl-C or SIGTERM (a clean stop, exit 0); non-zero if the broker dies."""
-    stop = threading.Event()
+    # A plain flag, not a threading.Event: a handler that takes a lock the main thread may hold deadlocks.
+    stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # from the start: a stop never races the start-up
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: stop.append(True))
     with EmbeddedBroker(port) as broker:
         print(f"embedded broker ready: LUM_KAFKA_BOOTSTRAP={broker.bootstrap} (memory storage: data is lost on stop)",
               flush=True)
-        while not stop.is_set() and broker.proc and broker.proc.poll() is None:
-            stop.wait(0.5)
+        while not stop and broker.proc and broker.proc.poll() is None:
+            time.sleep(0.2)
         died = broker.proc is None or broker.proc.poll() is not None
         print("embedded broker exited on its own" if died else "stopping embedded broker", flush=True)
     return 1 if died else 0
