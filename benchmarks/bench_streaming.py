@@ -78,7 +78,7 @@ def faust_sequences_child(bootstrap: str, prefix: str, n: int, data_dir: str) ->
     from schemas.deadletter import DeadLetters
     from streaming.agents.sequences import SequenceAgent
     from streaming.agents.settings import AgentSettings
-    from streaming.agents.worker import Output
+    from streaming.output import Output
 
     kafka = KafkaSettings(bootstrap=bootstrap, topic_prefix=prefix)
     out = Output(kafka)

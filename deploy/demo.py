@@ -21,6 +21,7 @@ Every process is stopped at the end, and on Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -162,18 +163,14 @@ class Demo:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    @contextlib.contextmanager
     def _phase(self, name: str):
-        demo = self
-
-        class _Timer:
-            def __enter__(self):
-                demo.say(f"== {name}")
-                self.t = time.monotonic()
-
-            def __exit__(self, *exc):
-                demo.timings[name] = time.monotonic() - self.t
-
-        return _Timer()
+        self.say(f"== {name}")
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[name] = time.monotonic() - t
 
     def _run(self) -> None:
         from schemas.settings import KafkaSettings, load
@@ -270,19 +267,13 @@ class Demo:
             for f, r in rows.items()))
 
     def _first_lum_features(self, kafka):
-        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
         from schemas.topics import LUM_FEATURES
+        from streaming.agents.reading import read_to_end, reader
 
-        name = kafka.topic(LUM_FEATURES)
-        consumer = Consumer(kafka.consumer_config("lum-demo-probe"))
+        consumer = reader(kafka)
         try:
-            parts = consumer.list_topics(name, timeout=10).topics[name].partitions
-            consumer.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in parts])
-            end = time.monotonic() + 30
-            while time.monotonic() < end:
-                msg = consumer.poll(1.0)
-                if msg is not None and not msg.error():
+            with contextlib.closing(read_to_end(consumer, kafka.topic(LUM_FEATURES), idle_timeout_s=30)) as msgs:
+                for msg in msgs:
                     return LUM_FEATURES.decode(msg.value())
         finally:
             consumer.close()

@@ -205,7 +205,7 @@ def backfill_sequences(settings: KafkaSettings, cfg, from_ms: int | None = None)
     from schemas.deadletter import DeadLetters
 
     from .agents.sequences import OFFSET_KEY, SequenceAgent, open_db, user_key
-    from .agents.worker import Output
+    from .output import Output
 
     out = Output(settings)
     agent = SequenceAgent(settings, cfg, out, DeadLetters(out, settings, "backfill-sequences"))

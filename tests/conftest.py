@@ -6,6 +6,7 @@ prefix, so tests share one broker without seeing each other's data.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from pathlib import Path
@@ -84,26 +85,19 @@ def data_dir() -> Path:
 
 @pytest.fixture
 def read_topic(kafka):
-    """read_topic(TOPIC, n=None) -> [(partition, offset, key, value_bytes)] from the start of a registry topic.
+    """read_topic(TOPIC, n=None) -> [(partition, offset, key, value_bytes)]: a registry topic from its start to
+    its end (high-water mark of the fetched data), or its first ``n`` records."""
+    from streaming.agents.reading import read_to_end, reader
 
-    Stops once ``n`` records are read, or after 3 s without new records.
-    """
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-
-    def read(topic, n: int | None = None, idle: float = 3.0):
-        name = kafka.topic(topic)
-        consumer = Consumer(kafka.consumer_config(f"reader-{name}-{next(_counter)}"))
+    def read(topic, n: int | None = None):
+        consumer = reader(kafka)
+        out = []
         try:
-            parts = consumer.list_topics(name, timeout=10).topics[name].partitions
-            consumer.assign([TopicPartition(name, p, OFFSET_BEGINNING) for p in parts])
-            out, quiet = [], 0.0
-            while (n is None or len(out) < n) and quiet < idle:
-                msgs = consumer.consume(10_000, 0.5)
-                quiet = 0.0 if msgs else quiet + 0.5
+            with contextlib.closing(read_to_end(consumer, kafka.topic(topic), idle_timeout_s=30)) as msgs:
                 for m in msgs:
-                    if m.error():
-                        raise RuntimeError(m.error())
                     out.append((m.partition(), m.offset(), m.key(), m.value()))
+                    if n is not None and len(out) >= n:
+                        break
             return out
         finally:
             consumer.close()

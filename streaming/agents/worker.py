@@ -32,45 +32,16 @@ from collections import defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Protocol
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from schemas.deadletter import DeadLetters
 from schemas.settings import KafkaSettings, load
 from schemas.topics import Topic
 
+from ..output import Output
 from .settings import AgentSettings
 
 log = logging.getLogger(__name__)
-
-
-class Output:
-    """The agents' producer: counts delivery failures so a batch is never committed after a lost write."""
-
-    def __init__(self, settings: KafkaSettings):
-        # Small linger: outputs are flushed once per batch anyway.
-        self.producer = Producer(settings.producer_config(**{"linger.ms": 5}))
-        self.failed = 0
-        self.errors: list[str] = []
-
-    def _delivered(self, err, _msg) -> None:
-        if err is not None:
-            self.failed += 1
-            self.errors = (self.errors + [str(err)])[-5:]
-
-    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None,
-                partition: int | None = None) -> None:
-        kw = {} if partition is None else {"partition": partition}
-        while True:
-            try:
-                self.producer.produce(topic, value=value, key=key, on_delivery=self._delivered, **kw)
-                return
-            except BufferError:  # local queue full: let librdkafka drain it
-                self.producer.poll(0.05)
-
-    def flush(self, timeout: float = 60) -> None:
-        left = self.producer.flush(timeout)
-        if left or self.failed:
-            raise RuntimeError(f"output delivery failed ({self.failed} errors, {left} unsent): {self.errors}")
 
 
 class Agent(Protocol):

@@ -17,52 +17,36 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 
-from confluent_kafka import Producer
-
 from schemas.datasets import is_positive, read_movielens, read_taobao
 from schemas.events import BehaviorEvent, ImpressionEvent
 from schemas.settings import KafkaSettings
 from schemas.topics import BEHAVIORS, IMPRESSIONS, key_of
 
+from ..output import Output
 from .synthetic import SyntheticConfig, SyntheticStream
 
 log = logging.getLogger(__name__)
 
 
 class EventProducer:
-    """Sends events to their topic by type; counts what was sent and what failed delivery."""
+    """Sends events to their topic by type, keyed by user id and stamped with their event time."""
 
-    def __init__(self, settings: KafkaSettings, **overrides: object):
-        self.producer = Producer(settings.producer_config(**overrides))
+    def __init__(self, settings: KafkaSettings):
+        # A long stream, not batches: the usual 20 ms linger for throughput.
+        self.out = Output(settings, **{"linger.ms": 20})
         self.topics = {BehaviorEvent: (settings.topic(BEHAVIORS), BEHAVIORS),
                        ImpressionEvent: (settings.topic(IMPRESSIONS), IMPRESSIONS)}
-        self.sent = self.failed = 0
-        self.errors: list[str] = []
-
-    def _on_delivery(self, err, _msg) -> None:
-        if err is not None:
-            self.failed += 1
-            if len(self.errors) < 10:
-                self.errors.append(str(err))
+        self.sent = 0
 
     def send(self, event: BehaviorEvent | ImpressionEvent) -> None:
         name, topic = self.topics[type(event)]
-        value = topic.encode(event)
-        while True:
-            try:
-                self.producer.produce(name, value=value, key=key_of(event.user_id), on_delivery=self._on_delivery,
-                                      timestamp=event.event_time_ms)
-                break
-            except BufferError:  # local queue full: let librdkafka drain it
-                self.producer.poll(0.05)
+        self.out.produce(name, topic.encode(event), key_of(event.user_id), timestamp=event.event_time_ms)
         self.sent += 1
         if self.sent % 1000 == 0:
-            self.producer.poll(0)
+            self.out.producer.poll(0)  # serve delivery callbacks as we go
 
     def flush(self, timeout: float = 60) -> None:
-        left = self.producer.flush(timeout)
-        if left or self.failed:
-            raise RuntimeError(f"{self.failed} events failed delivery, {left} still queued: {self.errors[:3]}")
+        self.out.flush(timeout)
 
 
 def produce(settings: KafkaSettings, events: Iterable[BehaviorEvent | ImpressionEvent], rate: float = 0,
