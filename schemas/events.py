@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 # Ids are arbitrary non-negative 64-bit values (signed range, so they fit int64 tensors and Kafka keys).
 MAX_ID = 2**63 - 1
@@ -29,6 +29,9 @@ MAX_VECTOR_DIM = 1024
 MAX_CONDITIONS = 64
 MAX_HISTORY = 256
 Vector = Annotated[list[float], Field(min_length=1, max_length=MAX_VECTOR_DIM)]
+# Training inputs must be finite: one NaN/Infinity (or 1e400, which parses as inf) poisons the model.
+FiniteVector = Annotated[list[Annotated[float, Field(allow_inf_nan=False)]],
+                         Field(min_length=1, max_length=MAX_VECTOR_DIM)]
 
 Behavior = Literal["view", "click", "cart", "fav", "buy", "rate"]
 BEHAVIORS: tuple[str, ...] = Behavior.__args__  # type: ignore[attr-defined]
@@ -111,8 +114,13 @@ class TrainingExample(_Event):
 
     Emitted by the joiner once the impression's attribution window has closed. ``history_*`` is the
     user's behavior before the impression time only (no leakage). LUM fields are ``None`` when no LUM
-    features existed for the user or item at join time: absent, never silently zero.
+    features existed for the user or item at join time: absent, never silently zero; vectors are finite.
+
+    Version 2: the codec writes it in a compact binary layout (scalars as JSON, vectors as float32), see
+    ``schemas.codec``; version-1 JSON messages still decode.
     """
+
+    SCHEMA_VERSION: ClassVar[int] = 2
 
     example_id: Annotated[str, Field(min_length=1, max_length=256)]  # request_id/item_id: the dedup key
     request_id: Annotated[str, Field(min_length=1, max_length=128)]
@@ -128,8 +136,11 @@ class TrainingExample(_Event):
     history_categories: Annotated[list[Id], Field(max_length=MAX_HISTORY)] = []
     lum_model_version: Annotated[str, Field(max_length=128)] | None = None
     lum_conditions: Annotated[list[str], Field(max_length=MAX_CONDITIONS)] | None = None
-    lum_user: Annotated[list[Vector], Field(max_length=MAX_CONDITIONS)] | None = None  # per condition
-    lum_item: Vector | None = None
+    lum_user: Annotated[list[FiniteVector], Field(max_length=MAX_CONDITIONS)] | None = None  # per condition
+    lum_item: FiniteVector | None = None
+    # Set by the binary decoder: the LUM vectors as float32 little-endian bytes (user vectors in order, then
+    # the item vector), so that a trainer can stack a batch with one np.frombuffer instead of list walks.
+    _lum_f32: bytes | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingExample:
