@@ -130,7 +130,8 @@ class Featurizer:
     def __init__(self, cfg: DLRMConfig, track_collisions: bool = True):
         self.cfg = cfg
         self.n_dense = len(dense_feature_names(cfg))
-        self.collisions = {t: CollisionStats(cfg.table_rows[t]) for t in TABLES} if track_collisions else None
+        track = track_collisions and cfg.ids == "hash"  # with "mch" the model owns the id -> row map
+        self.collisions = {t: CollisionStats(cfg.table_rows[t]) for t in TABLES} if track else None
         self.lum_stats: Counter[str] = Counter()
         self.lum_versions: Counter[str] = Counter()  # examples per LUM model version: shows refreshes arriving
         if cfg.features == "lum":
@@ -177,6 +178,8 @@ class Featurizer:
             table = FEATURE_TABLE[f]
             if f == "position":  # small ints: clip into the table instead of hashing
                 rows = np.minimum(raw[f], cfg.table_rows[table] - 1)
+            elif cfg.ids == "mch":  # raw ids: the model's managed-collision modules assign rows
+                rows = raw[f]
             else:
                 rows = hash_ids(raw[f], cfg.table_rows[table], _SALT[table])
                 if self.collisions is not None:

@@ -65,7 +65,7 @@ from ..checkpoint import Refuse, atomic_write, candidates, load_newest_good
 from ..checkpoint import latest as latest_checkpoint
 from .features import Featurizer, resolve_lum_dims
 from .metrics import StreamingMetrics
-from .model import TABLES, DLRMConfig, build_model
+from .model import TABLES, DLRMConfig, build_model, mch_sharder, reset_evicted_rows_on_cpu
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
@@ -194,12 +194,19 @@ class Trainer:
                                     {"lr": cfg.sparse_lr})  # fused into the embedding kernels by DMP
         # Column-wise only splits with min_partition below the table's dim (shared/docs/torch-cpu.md).
         extra = {"min_partition": max(1, cfg.embedding_dim // 2)} if cfg.sharding == "column_wise" else {}
-        constraints = {f"t_{t}": ParameterConstraints(sharding_types=[cfg.sharding], **extra) for t in TABLES}
-        sharders = [EmbeddingBagCollectionSharder()]
+        if cfg.ids == "mch":  # managed collisions shard row-wise only (the fused kernel on CPU)
+            constraints = {f"t_{t}": ParameterConstraints(sharding_types=["row_wise"], compute_kernels=["fused"])
+                           for t in TABLES}
+            sharders = [mch_sharder()]
+        else:
+            constraints = {f"t_{t}": ParameterConstraints(sharding_types=[cfg.sharding], **extra) for t in TABLES}
+            sharders = [EmbeddingBagCollectionSharder()]
         planner = EmbeddingShardingPlanner(topology=Topology(world_size=self.world, compute_device="cpu"),
                                            constraints=constraints)
         plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
         self.model = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
+        if cfg.ids == "mch":
+            reset_evicted_rows_on_cpu(self.model)
         dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(self.model.named_parameters())),
                                       lambda params: torch.optim.Adam(params, lr=cfg.dense_lr))
         dense.init_state()  # Adam's state exists before a restore loads into it (a zero-grad step is a no-op)
@@ -239,11 +246,10 @@ class Trainer:
             keys.append(k)
         dropped = len(batch.examples) - len(keep)
         if dropped:
-            self.duplicates += dropped
-            log.info("dropped %d re-delivered example(s) (%d so far)", dropped, self.duplicates)
+            log.info("dropping %d re-delivered example(s)", dropped)
             batch = Batch([batch.examples[i] for i in keep], batch.offsets,
                           [batch.sources[i] for i in keep] if batch.sources else None)
-        batch._keys = keys  # added to ``seen`` once trained (a skipped batch's examples are not "trained")
+        batch._keys, batch._dups = keys, dropped  # counted once trained (a checkpoint may come in between)
         return batch
 
     def train_batch(self, batch: Batch | list[TrainingExample], *, admitted: bool = False) -> float | None:
@@ -255,6 +261,7 @@ class Trainer:
             batch = Batch(list(batch))
         if not admitted and self.world == 1:
             batch = self.admit(batch)
+        self.duplicates += getattr(batch, "_dups", 0)
         if any(self.offsets.get(p) != o for p, o in batch.offsets.items()):
             self.offsets.update(batch.offsets)
             self._unsaved = True
@@ -287,7 +294,7 @@ class Trainer:
         for k in getattr(batch, "_keys", ()):
             self.seen.add(k)
         self.step += 1
-        self.examples += int(real.sum())
+        self.examples += getattr(batch, "n_global", int(real.sum()))  # all ranks count the global batch
         self._since_ckpt += 1
         self._unsaved = True
         if self.record_ids:
@@ -464,7 +471,7 @@ class Trainer:
                     self.checkpoint(on_durable)
                 if share is not None:
                     if self.rank == 0:
-                        share._keys, share._global = batch._keys, batch
+                        share._keys, share._dups, share._global = batch._keys, batch._dups, batch
                     self.train_batch(share, admitted=True)
                 due = False
             if due:
@@ -490,6 +497,7 @@ class Trainer:
             mine = exs[r * size:(r + 1) * size]
             pad = size - len(mine)
             share = Batch(mine + [exs[0]] * pad if exs else [], batch.offsets, None, [1.0] * len(mine) + [0.0] * pad)
+            share.n_global = len(exs)
             out.append((share, ending, due))
         return out
 
@@ -577,8 +585,8 @@ def _demo(argv: list[str] | None = None) -> int:
 
     rank, world = ensure_process_group()
     exs = synthetic_examples(args.batches * args.batch_size * world, seed=1)
-    mine = exs[rank::world]  # a disjoint share per rank, equal batch sizes
-    batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
+    step = args.batch_size * world  # rank 0 reads global batches; fit scatters equal shares to every rank
+    batches = [exs[i:i + step] for i in range(0, len(exs), step)] if rank == 0 else None
     cfg = DLRMConfig.preset("debug", features=args.features, sharding=args.sharding)
     trainer = train(cfg, batches, args.demo, every_batches=max(1, args.batches // 2))
     if rank == 0:
