@@ -11,9 +11,11 @@ so from schema version 2 it is written as ``b"L" b"v" 2`` + u32 length + the JSO
 LUM ones + the LUM part (little-endian)::
 
     u16 K (0xFFFF: no user vectors), K x (u16 n + n UTF-8 bytes of the condition name), K x u16 dim,
-    u16 item dim (0xFFFF: no item vector), then float32 values: the K user vectors, then the item vector
+    u16 item dim (0xFFFF: no item vector), then float64 values: the K user vectors, then the item vector
 
-Vectors are float32 on the wire (what the trainer uses) and must be finite. Version-1 JSON still decodes.
+Vectors are float64 on the wire (values round-trip exactly, as in JSON; 8 bytes against ~19 characters) and
+must be finite. The decoded example keeps those bytes so that a trainer can stack a batch's vectors with one
+``np.frombuffer``. Version-1 JSON still decodes.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ from .tokenize import UserSequence, decode_sequence, encode_sequence
 MAGIC = 0x4C  # "L"
 FORMAT_JSON = 0x6A  # "j"
 FORMAT_SEQUENCE = 0x73  # "s"
-FORMAT_VECTORS = 0x76  # "v": JSON scalars + float32 vectors (TrainingExample v2)
+FORMAT_VECTORS = 0x76  # "v": JSON scalars + float64 vectors (TrainingExample v2)
 _NONE = 0xFFFF
-assert sys.byteorder == "little" and array("f").itemsize == 4  # the vector layout is native float32 LE
+assert sys.byteorder == "little" and array("d").itemsize == 8  # the vector layout is native float64 LE
 _LUM_FIELDS = {"lum_conditions", "lum_user", "lum_item"}
 
 M = TypeVar("M", bound=BaseModel)
@@ -92,11 +94,7 @@ def _encode_vectors(value: BaseModel, version: int) -> bytes:
     parts.append(struct.pack("<H", _NONE if item is None else len(item)))
     vecs = [*(user or ()), *([item] if item is not None else ())]
     if vecs:
-        packed = array("f", [x for v in vecs for x in v])
-        total = sum(packed)
-        if total != total or total in (math.inf, -math.inf):  # float64 beyond float32's range becomes inf
-            raise ValueError("a LUM vector value is outside float32's range")
-        parts.append(packed.tobytes())
+        parts.append(array("d", [x for v in vecs for x in v]).tobytes())
     return b"".join(parts)
 
 
@@ -129,12 +127,11 @@ def _decode_vectors(model: type[M], data: bytes) -> M:
     if any(not 1 <= d <= MAX_VECTOR_DIM for d in all_dims):
         raise DecodeError(f"invalid {name}: vector size outside 1..{MAX_VECTOR_DIM}: {all_dims}")
     total = sum(all_dims)
-    if len(data) - at != 4 * total:
-        raise DecodeError(f"invalid {name}: {len(data) - at} vector bytes, expected {4 * total}")
+    if len(data) - at != 8 * total:
+        raise DecodeError(f"invalid {name}: {len(data) - at} vector bytes, expected {8 * total}")
     raw = bytes(data[at:])
-    values = array("f", raw).tolist()  # float32 little-endian (checked at import) -> Python floats
-    total_sum = sum(values)  # float32 inputs cannot overflow a float64 sum: NaN/inf here means one was there
-    if total_sum != total_sum or total_sum in (math.inf, -math.inf):
+    values = array("d", raw).tolist()  # float64 little-endian (checked at import) -> Python floats
+    if not all(map(math.isfinite, values)):
         raise DecodeError(f"invalid {name}: non-finite value in a LUM vector")
     try:
         ex = model.model_validate_json(head)

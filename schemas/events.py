@@ -116,7 +116,7 @@ class TrainingExample(_Event):
     user's behavior before the impression time only (no leakage). LUM fields are ``None`` when no LUM
     features existed for the user or item at join time: absent, never silently zero; vectors are finite.
 
-    Version 2: the codec writes it in a compact binary layout (scalars as JSON, vectors as float32), see
+    Version 2: the codec writes it in a compact binary layout (scalars as JSON, vectors as float64), see
     ``schemas.codec``; version-1 JSON messages still decode.
     """
 
@@ -138,9 +138,16 @@ class TrainingExample(_Event):
     lum_conditions: Annotated[list[str], Field(max_length=MAX_CONDITIONS)] | None = None
     lum_user: Annotated[list[FiniteVector], Field(max_length=MAX_CONDITIONS)] | None = None  # per condition
     lum_item: FiniteVector | None = None
-    # Set by the binary decoder: the LUM vectors as float32 little-endian bytes (user vectors in order, then
+    # Set by the binary decoder: the LUM vectors as float64 little-endian bytes (user vectors in order, then
     # the item vector), so that a trainer can stack a batch with one np.frombuffer instead of list walks.
     _lum_f32: bytes | None = PrivateAttr(default=None)
+
+    def __eq__(self, other: object) -> bool:  # the fields only: a cache of the wire bytes is not a difference
+        if not isinstance(other, TrainingExample):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = _Event.__hash__
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingExample:

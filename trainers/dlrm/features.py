@@ -201,7 +201,7 @@ class Featurizer:
         """Examples' LUM fields as arrays in the configured condition order; odd cases counted, never fatal.
 
         Fast path: examples decoded from the binary format whose conditions are exactly the configured list,
-        with every vector of size D, are stacked with one ``np.frombuffer`` over their float32 bytes.
+        with every vector of size D, are stacked with one ``np.frombuffer`` over their float64 bytes.
         """
         K, D, B = len(self.cfg.lum_conditions), self.cfg.lum_dim, len(examples)
         U = np.zeros((B, K, D), dtype=np.float32)
@@ -216,13 +216,13 @@ class Featurizer:
             if ex.lum_model_version is not None:
                 self.lum_versions[ex.lum_model_version] += 1
             raw = ex.__pydantic_private__.get("_lum_f32") if ex.__pydantic_private__ else None
-            if raw is not None and len(raw) == 4 * full and ex.lum_conditions == conds:
+            if raw is not None and len(raw) == 8 * full and ex.lum_conditions == conds:
                 fast.append(b)
                 raws.append(raw)
                 continue
             self._lum_slow(ex, b, U, u_ok, item, i_ok)
         if fast:
-            flat = np.frombuffer(b"".join(raws), dtype="<f4").reshape(len(fast), full)
+            flat = np.frombuffer(b"".join(raws), dtype="<f8").reshape(len(fast), full)
             U[fast] = flat[:, :K * D].reshape(-1, K, D)
             item[fast] = flat[:, K * D:]
             u_ok[fast] = 1.0
