@@ -152,8 +152,9 @@ class Trainer:
     def __init__(self, cfg: DLRMConfig, checkpoint_dir: str | Path | None = None, *, window_ms: int = 3_600_000,
                  every_batches: int = 50, every_s: float = 60.0, record_example_ids: bool = False, keep: int = 2,
                  dedup_horizon: int = 1_000_000,
-                 on_bad_batch: Callable[[Batch, str], None] | None = None):
+                 on_bad_batch: Callable[[Batch, str], None] | None = None, device: str | torch.device = "cpu"):
         self.rank, self.world = ensure_process_group()
+        self.device = torch.device(device)  # "cuda": tables and MLPs on the GPU (benchmarks/gpu_check.py)
         self.seen = RecentIds(dedup_horizon)
         self.duplicates = self.skipped_batches = 0
         self.on_bad_batch = on_bad_batch
@@ -201,11 +202,11 @@ class Trainer:
         else:
             constraints = {f"t_{t}": ParameterConstraints(sharding_types=[cfg.sharding], **extra) for t in TABLES}
             sharders = [EmbeddingBagCollectionSharder()]
-        planner = EmbeddingShardingPlanner(topology=Topology(world_size=self.world, compute_device="cpu"),
+        planner = EmbeddingShardingPlanner(topology=Topology(world_size=self.world, compute_device=self.device.type),
                                            constraints=constraints)
         plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-        self.model = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
-        if cfg.ids == "mch":
+        self.model = DistributedModelParallel(model, device=self.device, plan=plan, sharders=sharders)
+        if cfg.ids == "mch" and self.device.type == "cpu":
             reset_evicted_rows_on_cpu(self.model)
         dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(self.model.named_parameters())),
                                       lambda params: torch.optim.Adam(params, lr=cfg.dense_lr))
@@ -270,9 +271,14 @@ class Trainer:
         self.ensure_model(batch.examples)
         fb = self.featurizer(batch.examples)
         self.model.train()
-        logits = self.model(fb.dense, fb.sparse).squeeze(-1)  # (B,): scored before this batch's update
-        per = torch.nn.functional.binary_cross_entropy_with_logits(logits, fb.labels, reduction="none")
-        w = torch.ones_like(per) if batch.weights is None else torch.tensor(batch.weights, dtype=per.dtype)
+        dev = self.device
+        dense, sparse, labels = ((fb.dense, fb.sparse, fb.labels) if dev.type == "cpu" else
+                                 (fb.dense.to(dev, non_blocking=True), fb.sparse.to(dev, non_blocking=True),
+                                  fb.labels.to(dev, non_blocking=True)))
+        logits = self.model(dense, sparse).squeeze(-1)  # (B,): scored before this batch's update
+        per = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        w = (torch.ones_like(per) if batch.weights is None
+             else torch.tensor(batch.weights, dtype=per.dtype, device=per.device))
         loss = (per * w).sum() / w.sum().clamp(min=1.0)
         finite = torch.tensor([1.0 if math.isfinite(float(loss.detach())) else 0.0])
         if self.world > 1:  # every rank must take the same branch: backward runs the embedding all-to-all
@@ -289,7 +295,7 @@ class Trainer:
         loss.backward()  # the fused embedding optimizer updates the tables here
         self.opt.step()
         real = np.ones(len(fb), dtype=bool) if batch.weights is None else np.asarray(batch.weights) > 0
-        probs = torch.sigmoid(logits.detach()).numpy()
+        probs = torch.sigmoid(logits.detach()).cpu().numpy()
         self.metrics.update(probs[real], fb.labels.numpy()[real], fb.event_time_ms[real])
         for k in getattr(batch, "_keys", ()):
             self.seen.add(k)
