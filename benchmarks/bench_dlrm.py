@@ -70,7 +70,7 @@ def bench_step(preset: str, n: int, batch: int, lum_dim: int, ids: str = "hash")
             "with_featurize": with_feat}
 
 
-def bench_kafka(n: int, batch: int) -> dict:
+def bench_kafka(n: int, batch: int, prefetch: int = 4) -> dict:
     from confluent_kafka import Producer
 
     from schemas.settings import KafkaSettings
@@ -100,7 +100,7 @@ def bench_kafka(n: int, batch: int) -> dict:
                 if b.examples and "t" not in first:
                     first["t"], first["n"] = time.perf_counter(), len(b.examples)
                 yield b
-        trainer.fit(batches(), on_durable=src.commit)
+        trainer.fit(batches(), on_durable=src.commit, prefetch=prefetch)
         end = time.perf_counter()
         src.close()
         assert trainer.examples == n, (trainer.examples, n)

@@ -519,8 +519,10 @@ class _Prefetch:
     def __init__(self, it: Iterator, depth: int):
         self.it, self.q = it, queue.Queue(maxsize=max(1, depth))
         self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="dlrm-prefetch", daemon=True)
-        self.thread.start()
+        self.thread = None
+        if depth > 0:  # 0: no thread, the caller's thread reads
+            self.thread = threading.Thread(target=self._run, name="dlrm-prefetch", daemon=True)
+            self.thread.start()
 
     def _run(self) -> None:
         try:
@@ -545,6 +547,8 @@ class _Prefetch:
         return self
 
     def __next__(self):
+        if self.thread is None:
+            return next(self.it)
         x = self.q.get()
         if x is self._DONE:
             self.q.put(x)
@@ -555,6 +559,11 @@ class _Prefetch:
 
     def close(self) -> None:
         self.stopping.set()
+        if self.thread is None:
+            close = getattr(self.it, "close", None)
+            if close is not None:
+                close()
+            return
         while self.thread.is_alive():  # drain, so a blocked put returns and the thread sees the flag
             try:
                 self.q.get(timeout=0.1)
