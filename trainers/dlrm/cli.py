@@ -41,6 +41,11 @@ class DLRMSettings(BaseSettings):
     record_example_ids: bool = Field(False, description="log trained example ids per checkpoint (audits, tests)")
     dedup_horizon: int = Field(1_000_000, ge=1, description="re-delivered examples are dropped if their first "
                                "copy is among this many last trained examples (8 bytes each, in the checkpoint)")
+    ids: Literal["hash", "mch"] = Field("hash", description="id -> embedding row: 'hash' (rows shared) or 'mch' "
+                                        "(TorchRec managed collisions: an admitted id owns its row)")
+    mch_eviction: Literal["lru", "lfu"] = Field("lru", description="mch: which id gives its row up when a table is full")
+    mch_eviction_interval: int = Field(10, ge=1, description="mch: steps between admissions of new ids (they share "
+                                       "one residual row until then)")
     prefetch: int = Field(4, ge=0, description="batches read and decoded ahead of the step in a thread (0: none)")
     threads: int = Field(1, ge=1, description="torch intra-op threads; 1 avoids OpenMP spin-wait stalls on shared cores")
 
@@ -95,7 +100,8 @@ def _train(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     cfg = DLRMConfig.preset(s.preset, features=args.features, lum_conditions=s.lum_conditions, lum_dim=s.lum_dim,
-                            sharding=s.sharding)
+                            sharding=s.sharding, ids=s.ids, mch_eviction=s.mch_eviction,
+                            mch_eviction_interval=s.mch_eviction_interval)
     trainer = Trainer(cfg, args.checkpoint_dir, window_ms=s.window_minutes * 60_000,
                       every_batches=s.checkpoint_every_batches, every_s=s.checkpoint_every_s,
                       record_example_ids=s.record_example_ids, dedup_horizon=s.dedup_horizon)
