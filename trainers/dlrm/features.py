@@ -7,7 +7,9 @@
 
 Ids are arbitrary 64-bit values and new ones keep arriving, so each table is indexed by a salted 64-bit mix
 (splitmix64) of the id modulo the table size: any id maps to a valid row, nothing is dropped. Distinct ids
-can share a row; ``CollisionStats`` measures how often, against the uniform-hashing expectation.
+can share a row; ``CollisionStats`` measures how often, against the uniform-hashing expectation. With
+``cfg.ids == "mch"`` the raw ids go to the model, whose TorchRec managed-collision modules own the id -> row map
+(``trainers.dlrm.model.ManagedIds``).
 
 LUM inputs are taken by condition *name*: vectors are reordered to the configured condition list, a
 condition the example lacks is absent (zeros, flag 0), one it has beyond the list is ignored, and a vector

@@ -49,6 +49,8 @@ class KafkaExamples:
         self.until_caught_up, self.max_wait_s, self.idle_timeout_s = until_caught_up, max_wait_s, idle_timeout_s
         self.stop = stop or (lambda: False)
         self.topic = settings.topic(TRAINING_EXAMPLES)
+        # The only two Kafka client constructions of the trainer: they become streaming.kafka's consumer and
+        # its checked producer (flush raises on undelivered) when that layer lands; nothing else changes.
         self.consumer = Consumer(settings.consumer_config(group_id, **{"enable.partition.eof": False}))
         self.producer = Producer(settings.producer_config())
         self.dead = DeadLetters(self.producer, settings, consumer=f"dlrm-trainer:{group_id}")

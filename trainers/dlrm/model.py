@@ -11,6 +11,8 @@ Dense features (``dense_feature_names``): a few baseline scalars; with ``feature
 user vector of every configured condition (direct features), the target item's LUM embedding, the cosine
 and scaled dot similarity of each condition vector with the item vector and of the example's own scenario
 condition (interest matching), and explicit presence flags: an absent LUM input is zeros *and* a 0 flag.
+Ids -> rows: salted hashing (``ids="hash"``, rows shared by distinct ids) or TorchRec's managed collisions
+(``ids="mch"``: ``ManagedIds``, one row per admitted id, LRU/LFU eviction, tables sharded row-wise).
 The LUM itself never runs here: its outputs arrive inside the examples, so cost does not grow with its size.
 """
 

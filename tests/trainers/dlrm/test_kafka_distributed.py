@@ -59,6 +59,7 @@ def _rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_two_ranks_kill_one_restart_trains_each_example_once(kafka, tmp_path, read_topic):
     examples = synthetic_examples(N, seed=4)
