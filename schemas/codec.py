@@ -151,7 +151,7 @@ def _decode_vectors(model: type[M], data: bytes) -> M:
     # hundred floats per message (and a copy).
     ex.__dict__.update(lum_conditions=conds, lum_user=user, lum_item=item)
     ex.__pydantic_fields_set__.update(_LUM_FIELDS)
-    ex.__pydantic_private__["_lum_f32"] = raw
+    object.__setattr__(ex, "__pydantic_private__", {"_lum_f64": raw})  # see TrainingExample
     return ex
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # Ids are arbitrary non-negative 64-bit values (signed range, so they fit int64 tensors and Kafka keys).
 MAX_ID = 2**63 - 1
@@ -138,9 +138,9 @@ class TrainingExample(_Event):
     lum_conditions: Annotated[list[str], Field(max_length=MAX_CONDITIONS)] | None = None
     lum_user: Annotated[list[FiniteVector], Field(max_length=MAX_CONDITIONS)] | None = None  # per condition
     lum_item: FiniteVector | None = None
-    # Set by the binary decoder: the LUM vectors as float64 little-endian bytes (user vectors in order, then
-    # the item vector), so that a trainer can stack a batch with one np.frombuffer instead of list walks.
-    _lum_f32: bytes | None = PrivateAttr(default=None)
+    # The binary decoder also leaves the LUM vectors' wire bytes (float64 little-endian, user vectors in order,
+    # then the item vector) in ``__pydantic_private__["_lum_f64"]``, so that a trainer can stack a batch with
+    # one np.frombuffer. Not a declared PrivateAttr: declaring one costs every validation an init call.
 
     def __eq__(self, other: object) -> bool:  # the fields only: a cache of the wire bytes is not a difference
         if not isinstance(other, TrainingExample):

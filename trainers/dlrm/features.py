@@ -217,7 +217,7 @@ class Featurizer:
         for b, ex in enumerate(examples):
             if ex.lum_model_version is not None:
                 self.lum_versions[ex.lum_model_version] += 1
-            raw = ex.__pydantic_private__.get("_lum_f32") if ex.__pydantic_private__ else None
+            raw = ex.__pydantic_private__.get("_lum_f64") if ex.__pydantic_private__ else None
             if raw is not None and len(raw) == 8 * full and ex.lum_conditions == conds:
                 fast.append(b)
                 raws.append(raw)

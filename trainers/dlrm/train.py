@@ -594,6 +594,7 @@ def _demo(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--features", default="lum", choices=["baseline", "lum"])
     p.add_argument("--sharding", default="table_wise", choices=["table_wise", "column_wise"])
+    p.add_argument("--ids", default="hash", choices=["hash", "mch"])
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .synthetic import synthetic_examples
@@ -602,7 +603,9 @@ def _demo(argv: list[str] | None = None) -> int:
     exs = synthetic_examples(args.batches * args.batch_size * world, seed=1)
     step = args.batch_size * world  # rank 0 reads global batches; fit scatters equal shares to every rank
     batches = [exs[i:i + step] for i in range(0, len(exs), step)] if rank == 0 else None
-    cfg = DLRMConfig.preset("debug", features=args.features, sharding=args.sharding)
+    small = {"user": 256, "item": 512, "category": 64, "scenario": 16, "position": 64}  # mch: evictions happen
+    cfg = DLRMConfig.preset("debug", features=args.features, sharding=args.sharding, ids=args.ids,
+                            **({"mch_eviction_interval": 2, "table_rows": small} if args.ids == "mch" else {}))
     trainer = train(cfg, batches, args.demo, every_batches=max(1, args.batches // 2))
     if rank == 0:
         print(json.dumps({"world_size": world, "step": trainer.step, "examples": trainer.examples,
