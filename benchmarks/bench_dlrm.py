@@ -188,7 +188,7 @@ def bench_auc(n: int, seeds: int, batch: int = 256) -> dict:
     for ids in ("hash", "mch"):
         aucs, rates = [], []
         for seed in range(seeds):
-            exs = _wire(synthetic_examples(n, seed=seed, users=4000, items=20_000))
+            exs = _wire(synthetic_examples(n, seed=seed, users=2000, items=5000))
             trainer = Trainer(DLRMConfig.preset("debug", features="baseline", ids=ids, seed=seed))
             bs = _batches(exs, batch)
             trainer.train_batch(bs[0])
@@ -238,9 +238,9 @@ def main() -> int:
               f"{m['ids_per_s']:,.0f} |")
         key = "1m" if n == 1_000_000 else "100k"
         res[f"shared_rows_{key}"], res[f"shared_rows_{key}_hash"] = m["collision_rate"], h["collision_rate"]
-    print("\n## hashing vs managed collisions on the synthetic stream (debug, baseline features, 20k items, "
-          "batch 256; mean ± std over seeds)")
-    a = bench_auc(6000 if q else 20_000, 2 if q else 3)
+    print("\n## hashing vs managed collisions on the synthetic stream (debug tables, baseline features, 2k users, "
+          "5k items, batch 256; mean ± std over seeds)")
+    a = bench_auc(10_000 if q else 30_000, 3)
     res["auc"] = a
     print("| ids | progressive AUC | featurize + step ex/s |\n|---|---|---|")
     for ids, v in a.items():

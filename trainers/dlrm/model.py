@@ -128,7 +128,7 @@ class ManagedIds(torch.nn.Module):
     so it lives in the model's state_dict and thus in the checkpoint.
     """
 
-    def __init__(self, cfg: DLRMConfig, device: torch.device):
+    def __init__(self, cfg: DLRMConfig, device: torch.device, buckets: int = 1):
         super().__init__()
         from torchrec import EmbeddingBagCollection
         from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
@@ -139,7 +139,8 @@ class ManagedIds(torch.nn.Module):
         policy = {"lru": LRU_EvictionPolicy, "lfu": LFU_EvictionPolicy}[cfg.mch_eviction]
         mcms = {t.name: MCHManagedCollisionModule(zch_size=t.num_embeddings, device=device, eviction_policy=policy(),
                                                   eviction_interval=cfg.mch_eviction_interval,
-                                                  input_hash_size=(1 << 63) - 1, name=t.name) for t in tables}
+                                                  input_hash_size=(1 << 63) - 1, name=t.name, buckets=buckets)
+                for t in tables}  # buckets: one per rank (row-wise shards), as TorchRec's planner requires
         self.mc_ebc = ManagedCollisionEmbeddingBagCollection(
             EmbeddingBagCollection(tables=tables, device=device), ManagedCollisionCollection(mcms, tables),
             return_remapped_features=False)
@@ -202,7 +203,7 @@ def reset_evicted_rows_on_cpu(model: torch.nn.Module) -> int:
     return len(tbes)
 
 
-def build_model(cfg: DLRMConfig, device: torch.device | str = "cpu"):
+def build_model(cfg: DLRMConfig, device: torch.device | str = "cpu", world_size: int = 1):
     """TorchRec DLRM over the named tables; ``device="meta"`` leaves tables for DMP to materialize.
 
     forward(dense_features (B, F_dense), sparse_features KJT[B]) -> logits (B, 1)
@@ -212,7 +213,7 @@ def build_model(cfg: DLRMConfig, device: torch.device | str = "cpu"):
 
     torch.manual_seed(cfg.seed)
     if cfg.ids == "mch":
-        ebc = ManagedIds(cfg, torch.device(device))
+        ebc = ManagedIds(cfg, torch.device(device), buckets=world_size)
     else:
         ebc = EmbeddingBagCollection(tables=table_configs(cfg), device=torch.device(device))
     return DLRM(embedding_bag_collection=ebc, dense_in_features=len(dense_feature_names(cfg)),

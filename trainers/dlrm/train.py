@@ -189,7 +189,7 @@ class Trainer:
         from torchrec.optim.optimizers import in_backward_optimizer_filter
 
         cfg = self.cfg
-        model = build_model(cfg, device="meta")  # tables materialize sharded inside DMP
+        model = build_model(cfg, device="meta", world_size=self.world)  # tables materialize sharded inside DMP
         emb_opt = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
         apply_optimizer_in_backward(emb_opt[cfg.embedding_optimizer], model.sparse_arch.parameters(),
                                     {"lr": cfg.sparse_lr})  # fused into the embedding kernels by DMP
