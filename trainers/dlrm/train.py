@@ -406,6 +406,9 @@ class Trainer:
         if diffs:
             raise Refuse(f"{self.dir} holds a different model than requested; refusing to resume ("
                          + "; ".join(diffs) + "). Use another --checkpoint-dir, or request the saved config.")
+        if saved.ids == "mch" and meta["world_size"] != self.world:
+            raise Refuse(f"{path.name}: managed-collision tables are bucketed per rank ({meta['world_size']} "
+                         f"rank(s)); resume it at world size {meta['world_size']}, not {self.world}")
         if saved.sharding != self.cfg.sharding or meta["world_size"] != self.world:
             log.info("resharding checkpoint: %s x%d -> %s x%d", saved.sharding, meta["world_size"],
                      self.cfg.sharding, self.world)
