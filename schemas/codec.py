@@ -7,11 +7,10 @@ consumers send such messages to the dead-letter topic instead of crashing.
 
 JSON goes through pydantic-core (Rust), fast enough for the events (``benchmarks/bench_foundation.py``
 measures it). A ``TrainingExample`` carries K+1 LUM vectors, whose JSON dominates its size and decode time,
-so from schema version 2 it is written as ``b"L" b"v" 2`` + u32 length + the JSON of every field except the
-LUM ones + the LUM part (little-endian)::
-
-    u16 K (0xFFFF: no user vectors), K x (u16 n + n UTF-8 bytes of the condition name), K x u16 dim,
-    u16 item dim (0xFFFF: no item vector), then float64 values: the K user vectors, then the item vector
+so from schema version 2 it is written as ``b"L" b"v" 2`` + u32 length + JSON + vectors (little-endian): the JSON
+is the whole model with each LUM vector replaced by the placeholder ``[0.0]`` (so pydantic validates every other
+field and the vector counts as usual), followed by one u16 size per vector (the user vectors in order, then the
+item vector) and their float64 values.
 
 Vectors are float64 on the wire (values round-trip exactly, as in JSON; 8 bytes against ~19 characters) and
 must be finite. The decoded example keeps those bytes so that a trainer can stack a batch's vectors with one
@@ -28,7 +27,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .events import MAX_CONDITIONS, MAX_VECTOR_DIM
+from .events import MAX_VECTOR_DIM
 from .tokenize import UserSequence, decode_sequence, encode_sequence
 
 MAGIC = 0x4C  # "L"
@@ -37,7 +36,7 @@ FORMAT_SEQUENCE = 0x73  # "s"
 FORMAT_VECTORS = 0x76  # "v": JSON scalars + float64 vectors (TrainingExample v2)
 _NONE = 0xFFFF
 assert sys.byteorder == "little" and array("d").itemsize == 8  # the vector layout is native float64 LE
-_LUM_FIELDS = {"lum_conditions", "lum_user", "lum_item"}
+_VECTOR_FIELDS = {"lum_user", "lum_item"}
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -80,79 +79,116 @@ def decode(model: type[M], data: bytes | None) -> M:
 
 
 def _encode_vectors(value: BaseModel, version: int) -> bytes:
-    head = value.__pydantic_serializer__.to_json(value, exclude=_LUM_FIELDS)
-    conds, user, item = value.lum_conditions, value.lum_user, value.lum_item  # type: ignore[attr-defined]
-    parts = [bytes((MAGIC, FORMAT_VECTORS, version)), struct.pack("<I", len(head)), head]
-    if conds is None:
-        parts.append(struct.pack("<H", _NONE))
-    else:
-        parts.append(struct.pack("<H", len(conds)))
-        for c in conds:
-            b = c.encode()
-            parts += [struct.pack("<H", len(b)), b]
-        parts.append(struct.pack(f"<{len(user)}H", *(len(v) for v in user)))
-    parts.append(struct.pack("<H", _NONE if item is None else len(item)))
+    user, item = value.lum_user, value.lum_item  # type: ignore[attr-defined]
+    head = value.__pydantic_serializer__.to_json(value, exclude=_VECTOR_FIELDS)
+    extra = b""
+    if user is not None:  # placeholders keep the JSON a valid model on its own: one [0.0] per vector
+        extra += b',"lum_user":[' + b",".join([b"[0.0]"] * len(user)) + b"]"
+    if item is not None:
+        extra += b',"lum_item":[0.0]'
+    head = head[:-1] + extra + b"}"
     vecs = [*(user or ()), *([item] if item is not None else ())]
-    if vecs:
-        parts.append(array("d", [x for v in vecs for x in v]).tobytes())
-    return b"".join(parts)
+    return b"".join([bytes((MAGIC, FORMAT_VECTORS, version)), struct.pack("<I", len(head)), head,
+                     struct.pack(f"<{len(vecs)}H", *map(len, vecs)), array("d", [x for v in vecs for x in v]).tobytes()])
 
 
-def _decode_vectors(model: type[M], data: bytes) -> M:
-    name = model.__name__
+def _split(name: str, data: bytes) -> tuple[bytes, int]:
+    """(JSON head, offset of the vector part) of a binary-vectors message."""
+    if len(data) < 7:
+        raise DecodeError(f"truncated {name} (binary vectors)")
+    (n,) = struct.unpack_from("<I", data, 3)
+    if 7 + n > len(data):
+        raise DecodeError(f"truncated {name}: JSON part")
+    return data[7:7 + n], 7 + n
+
+
+def _attach_vectors(ex, data: bytes, at: int):
+    """Read the vector part into ``ex`` (validated from its head, with placeholder vectors)."""
+    name = type(ex).__name__
+    user, item = ex.lum_user, ex.lum_item
+    nv = (len(user) if user is not None else 0) + (item is not None)
+    if nv == 0:
+        if len(data) != at:
+            raise DecodeError(f"invalid {name}: {len(data) - at} vector bytes, expected 0")
+        return ex
     try:
-        (n,) = struct.unpack_from("<I", data, 3)
-        at = 7 + n
-        head = data[7:at]
-        if len(head) != n:
-            raise DecodeError(f"truncated {name}: JSON part")
-        (k,) = struct.unpack_from("<H", data, at)
-        at += 2
-        conds = dims = None
-        if k != _NONE:
-            if k > MAX_CONDITIONS:
-                raise DecodeError(f"invalid {name}: lum_conditions: {k} conditions > {MAX_CONDITIONS}")
-            conds = []
-            for _ in range(k):
-                (m,) = struct.unpack_from("<H", data, at)
-                conds.append(bytes(data[at + 2:at + 2 + m]).decode())
-                at += 2 + m
-            dims = list(struct.unpack_from(f"<{k}H", data, at))
-            at += 2 * k
-        (d_item,) = struct.unpack_from("<H", data, at)
-        at += 2
-    except (struct.error, UnicodeDecodeError) as e:
-        raise DecodeError(f"truncated or corrupt {name} (binary vectors): {e}") from None
-    all_dims = [*(dims or ()), *([d_item] if d_item != _NONE else ())]
-    if any(not 1 <= d <= MAX_VECTOR_DIM for d in all_dims):
-        raise DecodeError(f"invalid {name}: vector size outside 1..{MAX_VECTOR_DIM}: {all_dims}")
-    total = sum(all_dims)
+        dims = struct.unpack_from(f"<{nv}H", data, at)
+    except struct.error:
+        raise DecodeError(f"truncated {name}: vector sizes") from None
+    at += 2 * nv
+    if not all(1 <= d <= MAX_VECTOR_DIM for d in dims):
+        raise DecodeError(f"invalid {name}: vector size outside 1..{MAX_VECTOR_DIM}: {list(dims)}")
+    total = sum(dims)
     if len(data) - at != 8 * total:
         raise DecodeError(f"invalid {name}: {len(data) - at} vector bytes, expected {8 * total}")
     raw = bytes(data[at:])
     values = array("d", raw).tolist()  # float64 little-endian (checked at import) -> Python floats
     if not all(map(math.isfinite, values)):
         raise DecodeError(f"invalid {name}: non-finite value in a LUM vector")
+    vecs, i = [], 0
+    for d in dims:
+        vecs.append(values[i:i + d])
+        i += d
+    # Sizes and finiteness are checked above as the model declares them; the count of user vectors is the
+    # validated placeholders' count. Setting them on the fresh, unshared instance skips re-validating a few
+    # hundred floats per message (and a copy).
+    if user is not None:
+        ex.__dict__["lum_user"] = vecs[:len(user)]
+    if item is not None:
+        ex.__dict__["lum_item"] = vecs[-1]
+    object.__setattr__(ex, "__pydantic_private__", {"_lum_f64": raw})  # see TrainingExample
+    return ex
+
+
+def _decode_vectors(model: type[M], data: bytes) -> M:
+    head, at = _split(model.__name__, data)
     try:
         ex = model.model_validate_json(head)
     except ValidationError as e:
         raise DecodeError(_short(e, model)) from None
-    if conds is None and d_item == _NONE:
-        return ex
-    user, i = None, 0
-    if conds is not None:
-        user = []
-        for d in dims:
-            user.append(values[i:i + d])
-            i += d
-    item = values[i:] if d_item != _NONE else None
-    # The LUM fields are checked above exactly as the model declares them (sizes, finiteness, one vector per
-    # condition by construction); setting them on the fresh, unshared instance skips re-validating a few
-    # hundred floats per message (and a copy).
-    ex.__dict__.update(lum_conditions=conds, lum_user=user, lum_item=item)
-    ex.__pydantic_fields_set__.update(_LUM_FIELDS)
-    object.__setattr__(ex, "__pydantic_private__", {"_lum_f64": raw})  # see TrainingExample
-    return ex
+    return _attach_vectors(ex, data, at)
+
+
+def decode_many(model: type[M], datas: list[bytes | None]) -> list[M | DecodeError]:
+    """``decode`` of many messages: each result is the model or the ``DecodeError`` of that message.
+
+    For binary-vector messages the JSON heads are validated in one pydantic call (per-call overhead is most of
+    a small message's cost); any failure in that call falls back to one message at a time.
+    """
+    version = getattr(model, "SCHEMA_VERSION", None)
+    if _binary_vectors(model) and datas and all(
+            d and len(d) >= 7 and d[0] == MAGIC and d[1] == FORMAT_VECTORS and d[2] == version for d in datas):
+        try:
+            parts = [_split(model.__name__, d) for d in datas]
+            heads = _list_adapter(model).validate_json(b"[" + b",".join(h for h, _ in parts) + b"]")
+        except (DecodeError, ValidationError):
+            pass
+        else:
+            out: list = []
+            for ex, d, (_, at) in zip(heads, datas, parts):
+                try:
+                    out.append(_attach_vectors(ex, d, at))
+                except DecodeError as e:
+                    out.append(e)
+            return out
+    out = []
+    for d in datas:
+        try:
+            out.append(decode(model, d))
+        except DecodeError as e:
+            out.append(e)
+    return out
+
+
+_adapters: dict = {}
+
+
+def _list_adapter(model):
+    from pydantic import TypeAdapter
+
+    if model not in _adapters:
+        _adapters[model] = TypeAdapter(list[model])
+    return _adapters[model]
 
 
 def encode_user_sequence(seq: UserSequence) -> bytes:

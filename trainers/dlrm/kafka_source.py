@@ -31,7 +31,9 @@ from collections.abc import Iterator
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, Producer, TopicPartition
 
+from schemas.codec import decode_many
 from schemas.deadletter import DeadLetters
+from schemas.events import TrainingExample
 from schemas.settings import KafkaSettings
 from schemas.topics import TRAINING_EXAMPLES, key_of
 
@@ -102,18 +104,23 @@ class KafkaExamples:
         while not self.stop() and not self.revoked:
             msgs = self.consumer.consume(num_messages=self.batch_size - len(examples), timeout=0.2)
             now = time.monotonic()
+            good = []
             for msg in msgs:
                 if msg.error():
                     if msg.error().code() != KafkaError._PARTITION_EOF:
                         log.warning("consumer error: %s", msg.error())
                     continue
+                good.append(msg)
+            # One decode call for the fetched messages (their JSON heads validate together); a bad one yields
+            # its own DecodeError and goes to dead-letters.
+            for msg, ex in zip(good, decode_many(TrainingExample, [m.value() for m in good])):
                 self.positions[msg.partition()] = msg.offset() + 1
                 self.consumed += 1
-                try:
-                    examples.append(TRAINING_EXAMPLES.decode(msg.value()))
+                if isinstance(ex, Exception):
+                    self.dead.send_message(msg, ex)
+                else:
+                    examples.append(ex)
                     sources.append((msg.partition(), msg.offset()))
-                except Exception as e:  # DecodeError, or anything else a broken message triggers
-                    self.dead.send_message(msg, e)
                 last_msg_t = now
             caught_up = self.until_caught_up and bool(
                 self._caught_up() or (self.assigned and now - last_msg_t >= self.idle_timeout_s))
