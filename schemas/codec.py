@@ -168,16 +168,20 @@ def decode_many(model: type[M], datas: list[bytes | None]) -> list[M | DecodeErr
             for ex, d, (_, at) in zip(heads, datas, parts):
                 try:
                     out.append(_attach_vectors(ex, d, at))
-                except DecodeError as e:
-                    out.append(e)
+                except Exception as e:  # noqa: BLE001  (one broken message never stops the others)
+                    out.append(_as_decode_error(e))
             return out
     out = []
     for d in datas:
         try:
             out.append(decode(model, d))
-        except DecodeError as e:
-            out.append(e)
+        except Exception as e:  # noqa: BLE001
+            out.append(_as_decode_error(e))
     return out
+
+
+def _as_decode_error(e: Exception) -> DecodeError:
+    return e if isinstance(e, DecodeError) else DecodeError(f"undecodable: {type(e).__name__}: {e}"[:500])
 
 
 _adapters: dict = {}

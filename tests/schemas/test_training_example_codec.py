@@ -65,3 +65,15 @@ def test_non_finite_binary_vectors_and_corrupt_layouts_are_refused():
     other[2] = 3  # a future version: told apart, refused with the reason
     with pytest.raises(codec.DecodeError, match="version 3"):
         TRAINING_EXAMPLES.decode(bytes(other))
+
+
+def test_decode_many_isolates_a_bad_message():
+    good = [TrainingExample(**BASE | LUM | {"example_id": f"r/{i}"}) for i in range(5)]
+    datas = [TRAINING_EXAMPLES.encode(e) for e in good]
+    nan = bytearray(datas[2])
+    nan[-8:] = struct.pack("<d", math.nan)
+    out = codec.decode_many(TrainingExample, [datas[0], datas[1], bytes(nan), datas[3], b"garbage", _v1(good[4])])
+    assert out[0] == good[0] and out[1] == good[1] and out[3] == good[3] and out[5] == good[4]
+    assert isinstance(out[2], codec.DecodeError) and "non-finite" in str(out[2])
+    assert isinstance(out[4], codec.DecodeError)
+    assert codec.decode_many(TrainingExample, datas) == good  # the one-call path
