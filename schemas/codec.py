@@ -8,9 +8,10 @@ consumers send such messages to the dead-letter topic instead of crashing.
 JSON goes through pydantic-core (Rust), fast enough for the events (``benchmarks/bench_foundation.py``
 measures it). A ``TrainingExample`` carries K+1 LUM vectors, whose JSON dominates its size and decode time,
 so from schema version 2 it is written as ``b"L" b"v" 2`` + u32 length + JSON + vectors (little-endian): the JSON
-is the whole model with each LUM vector replaced by the placeholder ``[0.0]`` (so pydantic validates every other
-field and the vector counts as usual), followed by one u16 size per vector (the user vectors in order, then the
-item vector) and their float64 values.
+is the whole model without the history lists and with each LUM vector replaced by the placeholder ``[0.0]`` (so
+pydantic validates every other field and the vector counts as usual), then u16 history length H, H int64 item ids,
+H int64 category ids, one u16 size per vector (the user vectors in order, then the item vector) and their float64
+values. Sizes, bounds and finiteness of the binary parts are checked as the model declares them.
 
 Vectors are float64 on the wire (values round-trip exactly, as in JSON; 8 bytes against ~19 characters) and
 must be finite. The decoded example keeps those bytes so that a trainer can stack a batch's vectors with one
@@ -27,7 +28,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .events import MAX_VECTOR_DIM
+from .events import MAX_HISTORY, MAX_VECTOR_DIM
 from .tokenize import UserSequence, decode_sequence, encode_sequence
 
 MAGIC = 0x4C  # "L"
@@ -36,7 +37,7 @@ FORMAT_SEQUENCE = 0x73  # "s"
 FORMAT_VECTORS = 0x76  # "v": JSON scalars + float64 vectors (TrainingExample v2)
 _NONE = 0xFFFF
 assert sys.byteorder == "little" and array("d").itemsize == 8  # the vector layout is native float64 LE
-_VECTOR_FIELDS = {"lum_user", "lum_item"}
+_BINARY_FIELDS = {"lum_user", "lum_item", "history_items", "history_categories"}
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -80,7 +81,7 @@ def decode(model: type[M], data: bytes | None) -> M:
 
 def _encode_vectors(value: BaseModel, version: int) -> bytes:
     user, item = value.lum_user, value.lum_item  # type: ignore[attr-defined]
-    head = value.__pydantic_serializer__.to_json(value, exclude=_VECTOR_FIELDS)
+    head = value.__pydantic_serializer__.to_json(value, exclude=_BINARY_FIELDS)
     extra = b""
     if user is not None:  # placeholders keep the JSON a valid model on its own: one [0.0] per vector
         extra += b',"lum_user":[' + b",".join([b"[0.0]"] * len(user)) + b"]"
@@ -88,7 +89,9 @@ def _encode_vectors(value: BaseModel, version: int) -> bytes:
         extra += b',"lum_item":[0.0]'
     head = head[:-1] + extra + b"}"
     vecs = [*(user or ()), *([item] if item is not None else ())]
+    hist_i, hist_c = value.history_items, value.history_categories  # type: ignore[attr-defined]
     return b"".join([bytes((MAGIC, FORMAT_VECTORS, version)), struct.pack("<I", len(head)), head,
+                     struct.pack("<H", len(hist_i)), array("q", hist_i).tobytes(), array("q", hist_c).tobytes(),
                      struct.pack(f"<{len(vecs)}H", *map(len, vecs)), array("d", [x for v in vecs for x in v]).tobytes()])
 
 
@@ -105,6 +108,19 @@ def _split(name: str, data: bytes) -> tuple[bytes, int]:
 def _attach_vectors(ex, data: bytes, at: int):
     """Read the vector part into ``ex`` (validated from its head, with placeholder vectors)."""
     name = type(ex).__name__
+    try:
+        (nh,) = struct.unpack_from("<H", data, at)
+    except struct.error:
+        raise DecodeError(f"truncated {name}: history size") from None
+    at += 2
+    if nh > MAX_HISTORY or len(data) < at + 16 * nh:
+        raise DecodeError(f"invalid {name}: history of {nh} entries (at most {MAX_HISTORY}) or truncated")
+    if nh:
+        items, cats = array("q", data[at:at + 8 * nh]), array("q", data[at + 8 * nh:at + 16 * nh])
+        if min(items) < 0 or min(cats) < 0:  # int64: never above MAX_ID
+            raise DecodeError(f"invalid {name}: negative id in history")
+        ex.__dict__["history_items"], ex.__dict__["history_categories"] = items.tolist(), cats.tolist()
+    at += 16 * nh
     user, item = ex.lum_user, ex.lum_item
     nv = (len(user) if user is not None else 0) + (item is not None)
     if nv == 0:

@@ -132,8 +132,9 @@ class TrainingExample(_Event):
     query: Query | None = None
     event_time_ms: TimeMs
     label: Literal[0, 1]
-    history_items: Annotated[list[Id], Field(max_length=MAX_HISTORY)] = []  # most recent last
-    history_categories: Annotated[list[Id], Field(max_length=MAX_HISTORY)] = []
+    # default_factory, not "= []": pydantic deep-copies a mutable default on every validation
+    history_items: Annotated[list[Id], Field(default_factory=list, max_length=MAX_HISTORY)]  # most recent last
+    history_categories: Annotated[list[Id], Field(default_factory=list, max_length=MAX_HISTORY)]
     lum_model_version: Annotated[str, Field(max_length=128)] | None = None
     lum_conditions: Annotated[list[str], Field(max_length=MAX_CONDITIONS)] | None = None
     lum_user: Annotated[list[FiniteVector], Field(max_length=MAX_CONDITIONS)] | None = None  # per condition
