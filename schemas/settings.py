@@ -17,7 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .topics import Topic
 
-# Tansu 0.6 differs from Apache Kafka (shared/docs/embedded-broker.md): group joins wait half the session
+# Tansu 0.6 differs from Apache Kafka (README, Limits): group joins wait half the session
 # timeout, and waiting fetches are not woken by new data. These values are also valid on Apache Kafka.
 EMBEDDED_PROFILE: dict[str, object] = {"session.timeout.ms": 6000, "fetch.wait.max.ms": 50}
 
@@ -62,7 +62,10 @@ class KafkaSettings(BaseSettings):
 
     def client_config(self) -> dict[str, object]:
         """librdkafka options common to producers, consumers and admin clients."""
-        cfg: dict[str, object] = {"bootstrap.servers": self.bootstrap, "security.protocol": self.security_protocol}
+        from .logs import kafka_logger  # librdkafka's log through Python logging, not raw to stderr
+
+        cfg: dict[str, object] = {"bootstrap.servers": self.bootstrap, "security.protocol": self.security_protocol,
+                                  "logger": kafka_logger()}
         for key, value in (("sasl.mechanism", self.sasl_mechanism), ("sasl.username", self.sasl_username),
                            ("sasl.password", self.sasl_password), ("ssl.ca.location", self.ssl_ca_location),
                            ("ssl.certificate.location", self.ssl_certificate_location),

@@ -2,7 +2,7 @@
 
 ``create`` is idempotent: existing topics are left alone (and reported), missing ones are created with the
 registry's partitions, cleanup policy and retention. The embedded broker accepts but ignores compaction and
-retention (shared/docs/embedded-broker.md); Apache Kafka enforces them.
+retention (README, Limits); Apache Kafka enforces them.
 """
 
 from __future__ import annotations

@@ -76,6 +76,9 @@ class EmbeddedBroker:
                 raise RuntimeError(f"embedded broker exited with code {self.proc.returncode} "
                                    f"(port {self.port} in use? see {self.log_path or 'its output'})")
             try:
+                # A plain TCP connect first: a Kafka client started before the port listens logs librdkafka's
+                # "FAIL ... Connection refused" to stderr, the first line a user would see.
+                socket.create_connection((self.host, self.port), timeout=1).close()
                 AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2)
                 return
             except Exception:  # not up yet

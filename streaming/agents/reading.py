@@ -1,7 +1,7 @@
 """Read topic partitions from given offsets up to their end, with assign() (no consumer group).
 
 "End" is the high-water mark carried by fetched data: librdkafka's partition-EOF event fires when a fetch
-reaches it. The embedded broker's ListOffsets answer is wrong (shared/docs/embedded-broker.md), its fetch
+reaches it. The embedded broker's ListOffsets answer is wrong (README, Limits), its fetch
 high-water mark is right, and this is also correct on Apache Kafka. Used by the sequence agent's rebuild,
 ``lum replay``, ``lum backfill sequences`` and the tests' snapshot readers.
 """

@@ -5,7 +5,7 @@
 
 Why not Faust: on this broker Faust's per-event machinery caps a worker near 4,500 events/s, its table writes
 cost ~0.6 ms each (~1,100-1,700 events/s with one write per event) and its exactly_once mode does not work
-(shared/docs/embedded-broker.md). Faust at-least-once also commits offsets separately from table state. This
+(README, Limits). Faust at-least-once also commits offsets separately from table state. This
 worker gets "exactly-once effect on state" from a simpler rule: every batch of ``LUM_AGENT_BATCH_SIZE``
 messages is applied to the partition's RocksDB in ONE WriteBatch that also records the consumed offsets; the
 batch's outputs are flushed to Kafka before the group offsets are committed. Delivery stays at-least-once

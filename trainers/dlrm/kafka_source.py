@@ -15,7 +15,7 @@ trainer would split one model's stream, so the trainer refuses it (revocation st
 
 ``until_caught_up``: the end of the topic "as it stood at start" is the high-water mark carried by the
 first fetched data of each partition (``get_watermark_offsets(cached=True)``; the embedded broker reports
-wrong latest offsets otherwise, shared/docs/embedded-broker.md). A partition with no new data never returns
+wrong latest offsets otherwise, README, Limits). A partition with no new data never returns
 a fetch we can read that from, so ``idle_timeout_s`` without any message also ends the run.
 """
 
