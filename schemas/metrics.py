@@ -56,6 +56,10 @@ SEQUENCES = Counter("lum_sequences_published", "user sequences published to user
 EXAMPLES = Counter("lum_examples_emitted", "training examples emitted by the joiner", _W)
 LATE = Counter("lum_examples_late", "clicks that arrived after their window closed (routed to late-clicks)", _W)
 PRODUCED = Counter("lum_events_produced", "events produced to a topic", ("job", "worker", "topic"))
+FIRST_BATCH = Gauge("lum_first_batch_timestamp_seconds", "when the first batch was processed (Unix time)", _W)
+LAST_BATCH = Gauge("lum_last_batch_timestamp_seconds", "when the last batch was processed (Unix time)", _W)
+AGENT_STATE = Gauge("lum_agent_state", "an agent's own figures (open windows, held-back features, ...)",
+                    ("job", "worker", "name"))
 
 # LUM refresh.
 REFRESH_USERS = Counter("lum_refresh_users", "users whose LUM features were republished", _W)
@@ -90,7 +94,8 @@ def _series_names(metric) -> set[str]:
 
 # Every series name a scrape can show (the dashboard test checks its queries against these).
 NAMES: frozenset[str] = frozenset().union(*(_series_names(m) for m in (
-    EVENTS, LAG, DEAD_LETTERS, BATCH_SECONDS, SEQUENCES, EXAMPLES, LATE, PRODUCED, REFRESH_USERS, REFRESH_ITEMS,
+    EVENTS, LAG, DEAD_LETTERS, BATCH_SECONDS, SEQUENCES, EXAMPLES, LATE, PRODUCED, FIRST_BATCH, LAST_BATCH,
+    AGENT_STATE, REFRESH_USERS, REFRESH_ITEMS,
     REFRESH_SECONDS, REFRESH_LAST, REFRESH_AGE, MODEL_INFO, MODEL_SAVED, MODEL_AGE, TRAINER_EXAMPLES, WINDOW_AUC,
     WINDOW_NE, WINDOW_LOGLOSS, CHECKPOINT_LAST, CHECKPOINT_AGE)))
 
@@ -110,6 +115,7 @@ class Recorder:
         self.job, self.worker = job, str(worker)
         self._w = {"job": self.job, "worker": self.worker}
         self._model: str | None = None
+        self._first: float | None = None
 
     # -- stream processing
     def consumed(self, topic: str, partition: int, n: int = 1) -> None:
@@ -123,8 +129,19 @@ class Recorder:
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[None]:
+        """Times one batch (``lum_batch_seconds``) and stamps the first/last batch times (throughput windows)."""
         with BATCH_SECONDS.labels(**self._w).time():
             yield
+        now = time.time()
+        if self._first is None:
+            self._first = now
+            FIRST_BATCH.labels(**self._w).set(now)
+        LAST_BATCH.labels(**self._w).set(now)
+
+    def state(self, **figures: float) -> None:
+        """An agent's own gauges (``Agent.gauges()``), one ``name`` label each."""
+        for name, value in figures.items():
+            AGENT_STATE.labels(name=name, **self._w).set(value)
 
     def sequences(self, n: int) -> None:
         SEQUENCES.labels(**self._w).inc(n)
@@ -203,10 +220,10 @@ def parse(text: str) -> dict[tuple[str, tuple], float]:
             for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-def total(samples: dict[tuple[str, tuple], float], name: str, **labels: str) -> float:
-    """Sum of the samples named ``name`` whose labels include ``labels`` (0.0 when none)."""
+def total(samples: dict[tuple[str, tuple], float], metric: str, /, **labels: str) -> float:
+    """Sum of the samples named ``metric`` whose labels include ``labels`` (0.0 when none)."""
     want = set(labels.items())
-    return sum(v for (n, lab), v in samples.items() if n == name and want <= set(lab))
+    return sum(v for (n, lab), v in samples.items() if n == metric and want <= set(lab))
 
 
 __all__ = ["MetricsSettings", "Recorder", "serve", "scrape", "parse", "total", "reason_of", "NAMES", "REGISTRY"]

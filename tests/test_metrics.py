@@ -29,6 +29,7 @@ def test_recorded_figures_are_scraped(monkeypatch):
     with rec.batch():
         time.sleep(0.01)
     rec.examples(emitted=9, late=2)
+    rec.state(open_windows=17)
     rec.trained(512)
     rec.window(auc=0.71, ne=0.93, logloss=0.39)
     rec.checkpointed(time.time() - 30)
@@ -42,6 +43,9 @@ def test_recorded_figures_are_scraped(monkeypatch):
     assert metrics.total(s, "lum_batch_seconds_count", **job) == 1
     assert metrics.total(s, "lum_batch_seconds_sum", **job) >= 0.01
     assert metrics.total(s, "lum_examples_emitted_total", **job) == 9
+    assert metrics.total(s, "lum_agent_state", name="open_windows", **job) == 17
+    assert 0 < metrics.total(s, "lum_first_batch_timestamp_seconds", **job) <= metrics.total(
+        s, "lum_last_batch_timestamp_seconds", **job) <= time.time()
     assert metrics.total(s, "lum_examples_late_total", **job) == 2
     assert metrics.total(s, "lum_trainer_examples_total", **job) == 512
     assert metrics.total(s, "lum_trainer_window_ne", **job) == pytest.approx(0.93)
