@@ -116,6 +116,7 @@ class Recorder:
         self._w = {"job": self.job, "worker": self.worker}
         self._model: str | None = None
         self._first: float | None = None
+        self._seen: dict[str, float] = {}
 
     # -- stream processing
     def consumed(self, topic: str, partition: int, n: int = 1) -> None:
@@ -137,6 +138,19 @@ class Recorder:
             self._first = now
             FIRST_BATCH.labels(**self._w).set(now)
         LAST_BATCH.labels(**self._w).set(now)
+
+    def agent_figures(self, figures: dict[str, float]) -> None:
+        """An agent's ``gauges()`` as they are today (cumulative ``*_total`` counts and levels): the counts with
+        a metric of their own advance it by their increase since the last call, the rest become ``lum_agent_state``."""
+        for name, value in figures.items():
+            counter = _AGENT_COUNTERS.get(name)
+            if counter is None:
+                AGENT_STATE.labels(name=name, **self._w).set(value)
+                continue
+            delta = value - self._seen.get(name, 0)
+            self._seen[name] = value
+            if delta > 0:
+                counter.labels(**self._w).inc(delta)
 
     def state(self, **figures: float) -> None:
         """An agent's own gauges (``Agent.gauges()``), one ``name`` label each."""
@@ -181,6 +195,10 @@ class Recorder:
 
     def checkpointed(self, at: float | None = None) -> None:
         _stamp(CHECKPOINT_LAST, CHECKPOINT_AGE, self._w, time.time() if at is None else at)
+
+
+# The agents' cumulative counts that have a metric of their own (streaming.agents: Agent.gauges()).
+_AGENT_COUNTERS = {"sequences_published_total": SEQUENCES, "examples_total": EXAMPLES, "late_clicks_total": LATE}
 
 
 def _stamp(last: Gauge, age: Gauge, labels: dict, ts: float) -> None:

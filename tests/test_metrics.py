@@ -85,3 +85,15 @@ def test_dead_letter_reasons_stay_low_cardinality():
 
 def test_scrape_of_a_closed_port_is_empty():
     assert metrics.scrape(free_port()) == {}
+
+
+def test_agent_figures_turn_cumulative_counts_into_counters():
+    port = free_port()
+    metrics.serve(port=port)
+    rec = Recorder("test-agent")
+    rec.agent_figures({"examples_total": 5, "late_clicks_total": 1, "open_windows": 30})
+    rec.agent_figures({"examples_total": 12, "late_clicks_total": 1, "open_windows": 4})
+    s = metrics.scrape(port)
+    assert metrics.total(s, "lum_examples_emitted_total", job="test-agent") == 12
+    assert metrics.total(s, "lum_examples_late_total", job="test-agent") == 1
+    assert metrics.total(s, "lum_agent_state", job="test-agent", name="open_windows") == 4
