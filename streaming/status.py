@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -37,9 +38,16 @@ def register(sub, common) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from confluent_kafka import KafkaException
+
     from schemas.settings import load
 
-    report = status(load(KafkaSettings), args.dirs, timeout=args.timeout)
+    kafka = load(KafkaSettings)
+    try:
+        report = status(kafka, args.dirs, timeout=args.timeout)
+    except KafkaException as e:
+        print(f"lum status: cannot reach the cluster at {kafka.bootstrap} (LUM_KAFKA_BOOTSTRAP): {e}", file=sys.stderr)
+        return 1
     print(json.dumps(report, indent=2) if args.json else render(report))
     return 0
 

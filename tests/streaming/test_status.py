@@ -4,6 +4,7 @@ features, dead letters from bad input, and trainer / LUM checkpoint directories.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -88,3 +89,14 @@ def test_status_of_a_running_deployment(kafka, kit, tmp_path):
     table = subprocess.run([sys.executable, "-m", "deploy.cli", "status", str(dlrm)], cwd=kit.ROOT,
                            capture_output=True, text=True, timeout=120).stdout
     assert "debug-500-abcd" in table and "0.7100" in table and "0.9500" in table and group in table
+
+
+def test_status_without_a_cluster_says_so(kit):
+    from streaming.broker import free_port
+
+    done = subprocess.run([sys.executable, "-m", "deploy.cli", "status", "--timeout", "2"], cwd=kit.ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "LUM_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"})
+    assert done.returncode == 1
+    assert "cannot reach the cluster" in done.stderr and "LUM_KAFKA_BOOTSTRAP" in done.stderr
+    assert "Traceback" not in done.stderr and "%3|" not in done.stderr
