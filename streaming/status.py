@@ -176,25 +176,28 @@ def _short(kafka: KafkaSettings, topic: str) -> str:
 
 # --- Checkpoint directories -------------------------------------------------------------------------------
 def checkpoint(directory: str | Path, now: float) -> dict:
+    """The newest durable checkpoint of a directory: ``LATEST`` names it (DLRM trainers), else the newest
+    ``step-*`` (LUM pre-training); a DLRM directory also has ``metrics.jsonl`` with its windows."""
     d = Path(directory)
     row: dict = {"dir": str(d)}
     latest = d / "LATEST"
     steps = sorted(p for p in d.glob("step-*") if (p / "meta.json").exists())
-    if latest.exists():  # a DLRM trainer
-        row["kind"] = "dlrm"
-        name = latest.read_text().strip()
-        meta = _json(d / name / "meta.json") or {}
-        saved = meta.get("saved_at_ms", latest.stat().st_mtime * 1000) / 1000
-        row |= {"checkpoint": name, "step": meta.get("step"), "examples": meta.get("examples"),
-                "saved_at": saved, "age_s": round(now - saved, 1)}
-        row |= _last_window(d / "metrics.jsonl")
-    elif steps:  # a LUM pre-training directory
-        meta = _json(steps[-1] / "meta.json") or {}
-        saved = meta.get("saved_at", (steps[-1] / "meta.json").stat().st_mtime)
-        row |= {"kind": "lum", "checkpoint": steps[-1].name, "step": meta.get("step"),
-                "model_version": meta.get("model_version"), "saved_at": saved, "age_s": round(now - saved, 1)}
-    else:
+    path = d / latest.read_text().strip() if latest.exists() else (steps[-1] if steps else None)
+    if path is None:
         row["error"] = "no checkpoint (neither LATEST nor step-*/meta.json)"
+        return row
+    meta = _json(path / "meta.json") or {}
+    stamp = path / "meta.json" if (path / "meta.json").exists() else (latest if latest.exists() else path)
+    saved = meta["saved_at_ms"] / 1000 if "saved_at_ms" in meta else meta.get("saved_at", stamp.stat().st_mtime)
+    metrics = d / "metrics.jsonl"
+    row |= {"kind": "dlrm" if metrics.exists() else "lum" if "model_version" in meta else "checkpoint",
+            "checkpoint": path.name, "step": meta.get("step"), "saved_at": saved, "age_s": round(now - saved, 1)}
+    if "examples" in meta:
+        row["examples"] = meta["examples"]
+    if "model_version" in meta:
+        row["model_version"] = meta["model_version"]
+    if metrics.exists():
+        row |= _last_window(metrics)
     return row
 
 

@@ -70,7 +70,7 @@ def test_status_of_a_running_deployment(kafka, kit, tmp_path):
     kit.produce(kafka, [kit.behavior(100 + i, i % 5, t=100 + i) for i in range(10)])  # arrives while it is stopped
 
     dlrm, lum = _checkpoint_dirs(tmp_path)
-    report = _lum_status(kit, str(dlrm), str(lum))
+    report = _lum_status(kit, str(dlrm), str(lum), str(tmp_path / "empty"))
 
     topics = {t["topic"]: t for t in report["topics"]}
     assert topics["behaviors"]["partitions"] == 4 and topics["behaviors"]["messages"] == 51
@@ -81,7 +81,8 @@ def test_status_of_a_running_deployment(kafka, kit, tmp_path):
     assert 0 <= report["lum_features"]["age_s"] < 120
     assert report["dead_letters"]["last_hour"] == 1
     assert list(report["dead_letters"]["by_consumer"].values()) == [1]
-    d, m = report["checkpoints"]
+    d, m, empty = report["checkpoints"]
+    assert "no checkpoint" in empty["error"]
     assert (d["kind"], d["step"], d["auc"], d["ne"], d["logloss"]) == ("dlrm", 40, 0.71, 0.95, 0.41)
     assert 110 <= d["age_s"] < 300
     assert (m["kind"], m["model_version"]) == ("lum", "debug-500-abcd")
