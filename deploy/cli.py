@@ -45,7 +45,8 @@ def _config(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--bootstrap", help="Kafka bootstrap servers (default: $LUM_KAFKA_BOOTSTRAP or 127.0.0.1:9092)")
-    common.add_argument("--log-level", default=None,
+    # SUPPRESS: a subcommand's copy of the option must not reset `lum --log-level X COMMAND` to its default.
+    common.add_argument("--log-level", default=argparse.SUPPRESS,
                         help="logging level (default: $LUM_LOG_LEVEL or INFO)")
     parser = argparse.ArgumentParser(prog="lum", description="lum-stream: streaming continuous training with a "
                                      "Large User Model on Kafka.", parents=[common])
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.bootstrap:
         os.environ["LUM_KAFKA_BOOTSTRAP"] = args.bootstrap  # every settings class reads it from here
-    args.log_level = logging.getLevelName(setup_logging(args.log_level))  # a name again, for child commands
+    args.log_level = logging.getLevelName(setup_logging(getattr(args, "log_level", None)))  # a name again, for child commands
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

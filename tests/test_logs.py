@@ -64,3 +64,13 @@ def test_embedded_broker_start_prints_nothing(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "ready" in done.stdout
     assert "Connection refused" not in done.stderr and "FAIL" not in done.stderr, done.stderr
+
+
+def test_log_level_is_checked_before_or_after_the_command():
+    for argv in (["--log-level", "nope", "config"], ["config", "--log-level", "nope"]):
+        done = subprocess.run([sys.executable, "-m", "deploy.cli", *argv], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode != 0 and "LUM_LOG_LEVEL" in done.stderr, argv
+    done = subprocess.run([sys.executable, "-m", "deploy.cli", "config"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60, env=os.environ | {"LUM_LOG_LEVEL": "loud"})
+    assert done.returncode != 0 and "LUM_LOG_LEVEL" in done.stderr
