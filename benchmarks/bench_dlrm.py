@@ -62,7 +62,7 @@ def bench_kafka(n: int, batch: int) -> dict:
 
     from schemas.settings import KafkaSettings
     from schemas.topics import ALL_TOPICS, TRAINING_EXAMPLES, key_of
-    from streaming.admin import create_topics
+    from streaming.kafka import create_topics
     from streaming.broker import EmbeddedBroker
     from trainers.dlrm.kafka_source import KafkaExamples
 

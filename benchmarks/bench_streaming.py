@@ -75,10 +75,10 @@ def faust_sequences_child(bootstrap: str, prefix: str, n: int, data_dir: str) ->
 
     import faust
 
-    from schemas.deadletter import DeadLetters
+    from streaming.kafka import DeadLetters
     from streaming.agents.sequences import SequenceAgent
     from streaming.agents.settings import AgentSettings
-    from streaming.output import Output
+    from streaming.kafka import Output
 
     kafka = KafkaSettings(bootstrap=bootstrap, topic_prefix=prefix)
     out = Output(kafka)
@@ -262,7 +262,7 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from streaming.admin import create_topics
+    from streaming.kafka import create_topics
     from streaming.broker import EmbeddedBroker
     from streaming.producers import produce
     from streaming.producers.synthetic import SyntheticConfig, SyntheticStream

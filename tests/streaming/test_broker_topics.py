@@ -1,7 +1,7 @@
 """The embedded broker answers, and the topic registry applies idempotently."""
 
 from schemas.topics import ALL_TOPICS
-from streaming import admin
+from streaming.kafka import admin
 
 
 def test_create_topics_is_idempotent(kafka):

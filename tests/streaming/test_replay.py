@@ -12,7 +12,7 @@ import pytest
 from deploy.cli import main as lum
 from schemas.settings import load
 from schemas.topics import BEHAVIORS
-from streaming.agents.reading import read_to_end, reader
+from streaming.kafka import read_to_end, reader
 from streaming.agents.sequences import expected_sequences, snapshot
 from streaming.agents.settings import AgentSettings
 from streaming.replay import parse_time
