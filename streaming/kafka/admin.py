@@ -132,7 +132,8 @@ def group_members(settings: KafkaSettings, group: str, timeout: float = 30) -> l
     A group in an active state (stable, rebalancing) whose broker lists no members (the embedded broker
     never does) counts as having one unnamed member: the safe answer for a caller that must not race it.
     """
-    desc = _admin(settings).describe_consumer_groups([group], request_timeout=timeout)[group].result(timeout)
+    admin = _admin(settings)  # held while the future runs: a destroyed client never completes it
+    desc = admin.describe_consumer_groups([group], request_timeout=timeout)[group].result(timeout)
     members = [f"{m.client_id}@{m.host} ({m.member_id})" for m in desc.members]
     state = getattr(desc.state, "name", str(desc.state)).upper()
     if not members and state not in _IDLE_STATES:
