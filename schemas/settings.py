@@ -20,7 +20,7 @@ from .deadletter import DEFAULT_MAX_BYTES, MAX_MAX_BYTES
 
 from .topics import Topic
 
-# Tansu 0.6 differs from Apache Kafka (shared/docs/embedded-broker.md): group joins wait half the session
+# Tansu 0.6 differs from Apache Kafka (measured): group joins wait half the session
 # timeout, and waiting fetches are not woken by new data. These values are also valid on Apache Kafka.
 EMBEDDED_PROFILE: dict[str, object] = {"session.timeout.ms": 6000, "fetch.wait.max.ms": 50}
 

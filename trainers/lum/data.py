@@ -52,7 +52,7 @@ def read_user_sequences(settings: KafkaSettings, start: dict[int, int] | None = 
     """Latest sequence per user in ``user-sequences`` after offsets ``start`` (default: the beginning).
 
     Returns the sequences and the next offset per partition (what a later call passes as ``start``).
-    Undecodable records go to ``dead_letters`` (a ``schemas.deadletter.DeadLetters``) when given, else are
+    Undecodable records go to ``dead_letters`` (a ``streaming.kafka.DeadLetters``) when given, else are
     logged and skipped.
     """
     from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
