@@ -53,7 +53,8 @@ class DemoSettings(BaseSettings):
     refresh_every_s: float = Field(30, gt=0, description="seconds between LUM refreshes during the live stream")
     train_every_s: float = Field(40, gt=0, description="seconds between incremental trainer rounds (--until-caught-up)")
     seed: int = Field(0, description="synthetic stream seed")
-    out: Path = Field(Path("runs/demo"), description="where logs, checkpoints, metrics and the plot go")
+    out: Path = Field(Path("runs/demo"), description="run folder for logs, checkpoints, metrics and the plot "
+                      "(the demo deletes it on a rerun only if it created it; a folder holding other files is refused)")
 
 
 MARKER = ".lum-demo-run"

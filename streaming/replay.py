@@ -50,7 +50,7 @@ from schemas.topics import BEHAVIORS, BY_NAME, USER_SEQUENCES, Topic
 from schemas.tokenize import UserSequence
 
 from .kafka import DeadLetters, Output, group_consumer, group_members, partitions_of, read_to_end, reader
-from .kafka.admin import ensure_topic
+from .kafka.admin import ensure_topic, partition_count
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,9 @@ def replay(settings: KafkaSettings, source: str, from_ms: int | None, to_ms: int
         dst_name, _ = _resolve(settings, into)
         if dst_name == src_name:
             raise ValueError("--into must differ from the source topic")
-        n_src = len(partitions_of_topic(settings, src_name))
+        n_src = partition_count(settings, src_name)
+        if n_src is None:
+            raise ValueError(f"source topic {src_name} does not exist")
         n_dst = ensure_topic(settings, dst_name, n_src, src_topic.kafka_config() if src_topic else {})
         written = 0
         for m, _ in records:
@@ -214,14 +216,6 @@ def replay(settings: KafkaSettings, source: str, from_ms: int | None, to_ms: int
     progress.tick(force=True)
     log.info("replay done: %d records into %s", written, into)
     return written
-
-
-def partitions_of_topic(settings: KafkaSettings, topic: str) -> list[int]:
-    consumer = reader(settings)
-    try:
-        return partitions_of(consumer, topic)
-    finally:
-        consumer.close()
 
 
 def check_group_idle(settings: KafkaSettings, group: str) -> None:

@@ -9,8 +9,8 @@
 * ``admin``: topics from the registry, ``cluster_id``, ``group_members``.
 * ``deadletters``: ``DeadLetters``, the bounded dead-letter sender.
 
-``trainers/`` may import this package (and nothing else of ``streaming/``). Delivery guarantees: see
-``docs/notes/kafka.md`` / the README.
+``trainers/`` may import this package (and nothing else of ``streaming/``). What is delivered how often
+(producer, consumers, dead letters, timestamps) is stated in the README's "Delivery guarantees".
 """
 
 from .admin import cluster_id, create_topics, group_members
