@@ -68,7 +68,7 @@ def codec_table() -> list[tuple]:
 
 
 def producer_table(bootstrap: str, events: int) -> list[tuple]:
-    from streaming.admin import create_topics
+    from streaming.kafka import create_topics
     from streaming.producers import produce
     from streaming.producers.synthetic import SyntheticConfig, SyntheticStream
 

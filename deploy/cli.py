@@ -64,11 +64,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.bootstrap:
         os.environ["LUM_KAFKA_BOOTSTRAP"] = args.bootstrap  # every settings class reads it from here
     args.log_level = logging.getLevelName(setup_logging(getattr(args, "log_level", None)))  # a name again, for child commands
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError as SourceError
+
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except (ValidationError, SourceError) as e:
+        # Settings built without schemas.settings.load: still one readable line, never a traceback. The
+        # error's title says which settings class; inputs are not echoed (they may hold secrets).
+        title = getattr(e, "title", type(e).__name__)
+        if isinstance(e, ValidationError) and not title.endswith("Settings"):
+            raise  # a bug's validation error, not configuration
+        fields = ", ".join(".".join(str(p) for p in err["loc"]) for err in e.errors(include_url=False)) \
+            if isinstance(e, ValidationError) else str(e)
+        print(f"lum: invalid configuration ({title}): {fields}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def end_offsets(kafka: KafkaSettings, topics: dict[str, int], timeout: float = 1
     """{topic: {partition: end offset}} for {topic: partition count}, from the fetched high-water mark."""
     from confluent_kafka import OFFSET_END, KafkaError, TopicPartition
 
-    from .agents.reading import reader
+    from .kafka.reader import reader
 
     tps = [TopicPartition(t, p, OFFSET_END) for t, n in topics.items() for p in range(n)]
     ends: dict[str, dict[int, int]] = {t: {} for t in topics}
@@ -87,7 +87,7 @@ def _tail(kafka: KafkaSettings, topic: str, ends: dict[int, int], last: int, sin
     """The records of ``topic`` from ``last`` before each partition's end (or from ``since_ms``) to the end."""
     from confluent_kafka import TopicPartition
 
-    from .agents.reading import read_to_end, reader
+    from .kafka.reader import read_to_end, reader
 
     starts = {p: max(0, e - last) for p, e in ends.items() if e}
     if since_ms is not None and starts:
@@ -109,7 +109,7 @@ def _tail(kafka: KafkaSettings, topic: str, ends: dict[int, int], last: int, sin
 def group_lag(kafka: KafkaSettings, ends: dict[str, dict[int, int]], timeout: float = 15.0) -> list[dict]:
     from confluent_kafka import ConsumerGroupTopicPartitions
 
-    from .admin import _admin
+    from .kafka.admin import _admin
 
     admin = _admin(kafka)
     listed = admin.list_consumer_groups(request_timeout=timeout).result(timeout)
@@ -232,7 +232,7 @@ def _last_window(path: Path) -> dict:
 def status(kafka: KafkaSettings, dirs: list[str] | tuple[str, ...] = (), timeout: float = 15.0) -> dict:
     from schemas.topics import DEAD_LETTERS, LUM_FEATURES
 
-    from .admin import _admin
+    from .kafka.admin import _admin
 
     now = time.time()
     now_ms = int(now * 1000)

@@ -13,7 +13,7 @@ from schemas.events import ConditionOutput, LumFeatures
 from schemas.settings import load
 from schemas.topics import BEHAVIORS, LUM_FEATURES, key_of
 from streaming.agents.settings import AgentSettings
-from streaming.output import Output
+from streaming.kafka import Output
 from streaming.status import status
 
 
