@@ -5,9 +5,10 @@ binary sequence codec of ``schemas.tokenize``, ``b"v"`` JSON scalars + binary ve
 (u8), followed by the payload. A reader refuses what it does not know with a ``DecodeError`` that says why;
 consumers send such messages to the dead-letter topic instead of crashing.
 
-JSON goes through pydantic-core (Rust), fast enough for the events (``benchmarks/bench_foundation.py``
-measures it). A ``TrainingExample`` carries K+1 LUM vectors, whose JSON dominates its size and decode time,
-so from schema version 2 it is written as ``b"L" b"v" 2`` + u32 length + JSON + vectors (little-endian): the JSON
+JSON goes through pydantic-core (Rust): ~440k encodes/s and ~190k strict decodes/s for a ``BehaviorEvent``
+on one idle core (``benchmarks/bench_foundation.py``), several times what an agent worker processes (~30k
+events/s), so the human-readable format costs the agents little. A ``TrainingExample`` carries K+1 LUM vectors
+and two history lists, whose JSON dominates its size and decode time, so from schema version 2 it is written as ``b"L" b"v" 2`` + u32 length + JSON + vectors (little-endian): the JSON
 is the whole model without the history lists and with each LUM vector replaced by the placeholder ``[0.0]`` (so
 pydantic validates every other field and the vector counts as usual), then u16 history length H, H int64 item ids,
 H int64 category ids, one u16 size per vector (the user vectors in order, then the item vector) and their float64

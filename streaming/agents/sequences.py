@@ -51,12 +51,11 @@ from confluent_kafka import Message
 from rocksdict import Options, Rdict, WriteBatch
 
 from schemas.codec import DecodeError
-from schemas.deadletter import DeadLetters
 from schemas.settings import KafkaSettings
 from schemas.tokenize import CONDITION_KINDS, SEQ_HEADER_SIZE, TOKENIZER_VERSION, UserSequence, tokenize
 from schemas.topics import BEHAVIORS, USER_SEQUENCES, key_of
 
-from .reading import read_to_end, reader
+from ..kafka import DeadLetters, read_to_end, reader
 from .settings import AgentSettings
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@
 
 Why not Faust: on this broker Faust's per-event machinery caps a worker near 4,500 events/s, its table writes
 cost ~0.6 ms each (~1,100-1,700 events/s with one write per event) and its exactly_once mode does not work
-(shared/docs/embedded-broker.md). Faust at-least-once also commits offsets separately from table state. This
+(README, Limits). Faust at-least-once also commits offsets separately from table state. This
 worker gets "exactly-once effect on state" from a simpler rule: every batch of ``LUM_AGENT_BATCH_SIZE``
 messages is applied to the partition's RocksDB in ONE WriteBatch that also records the consumed offsets; the
 batch's outputs are flushed to Kafka before the group offsets are committed. Delivery stays at-least-once
@@ -34,11 +34,10 @@ from typing import Callable, Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
-from schemas.deadletter import DeadLetters
 from schemas.settings import KafkaSettings, load
 from schemas.topics import Topic
 
-from ..output import Output
+from ..kafka import DeadLetters, Output, group_consumer
 from .settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -74,9 +73,9 @@ class Worker:
         cls = {"sequences": SequenceAgent, "joiner": JoinerAgent}[agent_name]
         self.agent: Agent = cls(kafka, cfg, self.out, self.dead)
         self.agent.high_water = self.high_water
-        self.consumer = Consumer(kafka.consumer_config(kafka.topic_prefix + self.agent.group, **{
+        self.consumer = group_consumer(kafka, kafka.topic_prefix + self.agent.group, **{
             "partition.assignment.strategy": "range",  # co-partitioned inputs: partition p of each topic together
-            "fetch.wait.max.ms": 50}))
+            "fetch.wait.max.ms": 50})
         self.topic_names = [kafka.topic(t) for t in self.agent.topics]
         self.positions: dict[tuple[str, int], int] = {}  # next offset to commit, per (topic, partition)
         self.assigned: list[int] = []

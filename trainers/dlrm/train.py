@@ -193,7 +193,7 @@ class Trainer:
         emb_opt = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
         apply_optimizer_in_backward(emb_opt[cfg.embedding_optimizer], model.sparse_arch.parameters(),
                                     {"lr": cfg.sparse_lr})  # fused into the embedding kernels by DMP
-        # Column-wise only splits with min_partition below the table's dim (shared/docs/torch-cpu.md).
+        # Column-wise only splits with min_partition below the table's dim.
         extra = {"min_partition": max(1, cfg.embedding_dim // 2)} if cfg.sharding == "column_wise" else {}
         if cfg.ids == "mch":  # managed collisions shard row-wise only (the fused kernel on CPU)
             constraints = {f"t_{t}": ParameterConstraints(sharding_types=["row_wise"], compute_kernels=["fused"])
