@@ -3,9 +3,9 @@ checkpoints that hold everything needed to resume (config, model, optimizers, st
 
     from trainers.dlrm.train import train, Batch
     train(cfg, batches, checkpoint_dir="ckpt/lum")      # batches: iterable of Batch or list[TrainingExample]
-    torchrun --nproc-per-node 2 -m trainers.dlrm.train --demo DIR   # DMP over 2 CPU processes (gloo)
+    torchrun --nproc-per-node 2 -m trainers.dlrm.train --demo DIR [--ids mch]   # DMP over 2 CPU processes (gloo)
 
-The Kafka adapter (``kafka_source``) is one source of batches; ``lum train`` wires the two together.
+Batches are read ``prefetch`` ahead in a thread (fetch + decode overlap the step). The Kafka adapter (``kafka_source``) is one source of batches; ``lum train`` wires the two together.
 
 Progressive validation: each batch is scored by the model *before* it trains on that batch. The training
 forward pass already does exactly that (the fused embedding optimizer and Adam update only after the
@@ -15,10 +15,11 @@ Checkpoint protocol (``DIR``):
   1. append the metrics rows since the last checkpoint to ``DIR/metrics.jsonl`` (readers keep the last row
      per window, so rows rewritten after a rollback supersede the lost ones);
   2. save model + optimizers with torch.distributed.checkpoint into ``DIR/ckpt-<step>/``, then
-     ``meta.json`` (config, step, examples, offsets, metrics state, trained-id log length);
+     ``dedup.npy`` (recent example ids) and ``meta.json`` (config, step, examples, offsets, metrics state,
+     trained-id log length, duplicate and skipped counts);
   3. atomically replace ``DIR/LATEST`` (write, fsync, rename, fsync dir): only now is the checkpoint durable;
   4. call ``on_durable(offsets)``: the Kafka adapter commits the offsets the checkpoint covers.
-On start, ``LATEST`` (if any) is loaded: training resumes from its state and offsets, so examples after it
+On start, ``LATEST`` (or, if it is unusable, the newest older checkpoint that loads) is loaded: training resumes from its state and offsets, so examples after it
 are trained again exactly once and none before it are. With ``record_example_ids`` each rank appends the
 ids it trained to ``DIR/trained_ids-rank<r>.log``; the checkpoint records the log's length and a restart
 truncates it there, so the log always lists exactly the examples inside the durable model state.
