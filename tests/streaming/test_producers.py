@@ -25,7 +25,8 @@ def test_100k_synthetic_events_round_trip(kafka, read_topic, caplog):
     stats = produce(kafka, expected, total=len(expected))
     assert stats["events"] == 100_000
     # Progress (not a terminal: log lines), ending with the count out of the expected total.
-    assert "produce: 100,000/100,000 events (100.0%)" in [r for r in caplog.records if r.name == "lum.progress"][-1].getMessage()
+    last = [r.getMessage() for r in caplog.records if r.name == "lum.progress"][-1]
+    assert "produce: 100,000/100,000 events (100.0%)" in last, caplog.text
     got = _decoded(read_topic(BEHAVIORS, stats["behaviors"]), BEHAVIORS) + \
         _decoded(read_topic(IMPRESSIONS, stats["impressions"]), IMPRESSIONS)
     assert len(got) == 100_000
