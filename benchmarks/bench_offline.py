@@ -37,7 +37,6 @@ import torch  # noqa: E402
 from schemas.datasets import is_positive, read_movielens, read_taobao  # noqa: E402
 from schemas.events import BehaviorEvent, TrainingExample  # noqa: E402
 from schemas.tokenize import parse_condition  # noqa: E402
-from schemas.logs import setup_logging  # noqa: E402
 from trainers.dlrm.model import DLRMConfig  # noqa: E402
 from trainers.dlrm.train import Trainer  # noqa: E402
 from trainers.lum.data import leave_last_out, sequences_from_events, train_batches  # noqa: E402
@@ -424,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="diagnostic, MovieLens: past ratings enter the LUM as liked/disliked conditions")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "offline.md"))
     args = ap.parse_args(argv)
-    setup_logging("INFO")  # our INFO lines; fbgemm/torchrec per-table dumps dropped
+    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("trainers.dlrm.train").setLevel(logging.WARNING)  # one "DLRM built" line per model
 
     s = Settings()

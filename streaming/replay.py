@@ -39,6 +39,7 @@ import contextlib
 import json
 import logging
 import shutil
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -52,7 +53,6 @@ from schemas.tokenize import UserSequence
 
 from .kafka import DeadLetters, Output, group_consumer, group_members, partitions_of, read_to_end, reader
 from .kafka.admin import ensure_topic, partition_count
-from .status import end_offsets
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,24 @@ def start_offsets(consumer: Consumer, topic: str, from_ms: int | None,
     return {tp.partition: max(tp.offset, 0) for tp in found if tp.offset != -1}
 
 
+class Progress:
+    def __init__(self, what: str, every_s: float = 5.0):
+        self.what, self.every, self.t0 = what, every_s, time.monotonic()
+        self.last = self.t0
+        self.scanned = self.kept = 0
+
+    def tick(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self.last >= self.every:
+            self.last = now
+            log.info("%s: scanned %d records, kept %d (%.0f records/s)", self.what, self.scanned, self.kept,
+                     self.scanned / max(now - self.t0, 1e-9))
+
+
 def records_after(settings: KafkaSettings, topic: str, starts: dict[int, int]) -> int | None:
     """How many records lie between ``starts`` and the partitions' current ends (a progress bar's total)."""
+    from .status import end_offsets
+
     if not starts:
         return 0
     ends = end_offsets(settings, {topic: max(starts) + 1})[topic]
@@ -254,27 +270,26 @@ def backfill_sequences(settings: KafkaSettings, cfg, from_ms: int | None = None,
         shutil.rmtree(path, ignore_errors=True)
         agent.dbs[p] = open_db(path)
         agent.republish_below[p] = 0
+    progress = Progress("backfill sequences")
     batch: dict[int, list] = {p: [] for p in parts}
     consumer = reader(settings)
-    kept = 0
-    with track("backfill sequences", records_after(settings, src, starts), "records") as bar:
-        for m in read_to_end(consumer, src, starts):
-            ends[m.partition()] = m.offset() + 1  # where the agents resume: everything read, kept or not
-            bar.update(1)
-            if from_ms is not None:
-                try:
-                    if BEHAVIORS.decode(m.value()).event_time_ms < from_ms:  # payload (event) time selects
-                        continue
-                except DecodeError:
-                    pass  # the agent's own code dead-letters it below
-            kept += 1
-            bar.note(kept=kept)
-            b = batch[m.partition()]
-            b.append(m)
-            if len(b) >= cfg.batch_size:
-                agent.process(m.partition(), b)
-                b.clear()
-                out.flush()
+    for m in read_to_end(consumer, src, starts):
+        ends[m.partition()] = m.offset() + 1  # where the agents resume: everything read, kept or not
+        progress.scanned += 1
+        progress.tick()
+        if from_ms is not None:
+            try:
+                if BEHAVIORS.decode(m.value()).event_time_ms < from_ms:  # payload (event) time selects
+                    continue
+            except DecodeError:
+                pass  # the agent's own code dead-letters it below
+        progress.kept += 1
+        b = batch[m.partition()]
+        b.append(m)
+        if len(b) >= cfg.batch_size:
+            agent.process(m.partition(), b)
+            b.clear()
+            out.flush()
     consumer.close()
     for p, b in batch.items():
         if b:
@@ -292,5 +307,6 @@ def backfill_sequences(settings: KafkaSettings, cfg, from_ms: int | None = None,
     committer.close()
     users = sum(1 for p in parts for k in agent.dbs[p].keys() if k != OFFSET_KEY)
     agent.shutdown()
+    progress.tick(force=True)
     log.info("backfill: %d users rebuilt, %d tombstones, offsets %s", users, tombstones, ends)
-    return {"users": users, "tombstones": tombstones, "events": kept}
+    return {"users": users, "tombstones": tombstones, "events": progress.kept}
