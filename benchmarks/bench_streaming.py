@@ -253,9 +253,9 @@ def main() -> None:
         a = args.faust_seq_child
         faust_sequences_child(a[0], a[1], int(a[2]), a[3])
         return
-    from schemas.logs import setup_logging
+    import logging
 
-    setup_logging("WARNING")
+    logging.basicConfig(level=logging.WARNING)
     from streaming.kafka import create_topics
     from streaming.broker import EmbeddedBroker
     from streaming.producers import produce
