@@ -33,7 +33,7 @@ from schemas.tokenize import parse_condition
 from schemas.topics import ITEM_EMBEDDINGS, LUM_FEATURES, USER_SEQUENCES, key_of
 
 from .model import LumModel
-from .packing import Seq, group_query_batch, to_tokens, truncate_prefix
+from .packing import Seq, group_query_batch, inference_prefix, to_tokens
 
 log = logging.getLogger(__name__)
 STATE_FILE = "refresh-state.json"
@@ -77,7 +77,7 @@ def condition_outputs(model: LumModel, seqs: list[Seq], conditions: np.ndarray, 
     row_len = max(cfg.row_len, 2 * cfg.max_pairs + len(conditions))
     out = []
     for b in range(0, len(seqs), users_per_batch):
-        runs = [to_tokens(truncate_prefix(s, cfg.max_pairs)) for s in seqs[b:b + users_per_batch]]
+        runs = [to_tokens(inference_prefix(s, cfg)) for s in seqs[b:b + users_per_batch]]
         batch, where = group_query_batch(runs, conditions, row_len)
         h = model(batch.to(device))  # (B, T, D)
         out.append(model.user_vectors(h[where[..., 0], where[..., 1]]).float().cpu())  # (u, K, D)
