@@ -232,7 +232,7 @@ def training_outputs(model: LumModel, batch) -> tuple[torch.Tensor, torch.Tensor
 
 
 def info_nce(model: LumModel, user: torch.Tensor, pos_items: torch.Tensor, cand_items: torch.Tensor,
-             cand_cats: torch.Tensor, temperature: float, cand_logq: torch.Tensor | None = None) -> torch.Tensor:
+             cand_cats: torch.Tensor, cand_logq: torch.Tensor | None, temperature: float) -> torch.Tensor:
     """Sampled-softmax InfoNCE of user vectors (N, D) against distinct candidate items (C,), in fp32.
 
     ``cand_items`` must be sorted and distinct and hold every positive (a positive's duplicates are never

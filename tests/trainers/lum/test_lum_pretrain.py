@@ -37,7 +37,7 @@ def test_loss_falls_and_beats_most_popular(synthetic):
     m = evaluate(model, te, tr, k=10)
     assert m["users"] == len(te) == 150
     assert m["hr@10"] > m["pop_hr@10"] + 0.05, m
-    assert m["cond_recall@10"] >= m["hr@10"] - 0.02, m  # knowing the category never hurts much
+    assert m["cond_hr@10"] >= m["hr@10"] - 0.02, m  # knowing the category never hurts much
 
 
 def test_checkpoint_rebuilds_model_optimizer_and_offsets(synthetic, tmp_path):
