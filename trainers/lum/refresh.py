@@ -39,7 +39,7 @@ from schemas.tokenize import parse_condition
 from schemas.topics import ITEM_EMBEDDINGS, LUM_FEATURES, USER_SEQUENCES, key_of
 
 from .model import LumModel
-from .packing import Seq, group_query_batch, inference_prefix, to_tokens
+from .packing import Seq, group_query_batch, inference_prefix, make_batch, pack_rows, to_tokens
 
 log = logging.getLogger(__name__)
 STATE_FILE = "refresh-state.json"
@@ -75,19 +75,60 @@ class RefreshSettings(BaseSettings):
 @torch.no_grad()
 def condition_outputs(model: LumModel, seqs: list[Seq], conditions: np.ndarray, users_per_batch: int = 256,
                       device: str = "cpu") -> torch.Tensor:
-    """Group query: (U, K, D) unit vectors, the output of each user's prefix under each of K conditions."""
+    """Group query: (U, K, D) unit vectors, the output of each user's prefix under each of K conditions.
+
+    ``conditions``: (K, n_kinds) for every user, or (U, K, n_kinds) per user (e.g. each user's candidate
+    categories: ``category_conditions``). An items-only (SASRec-style) model answers with its output at the
+    last item, the same for every condition.
+    """
     cfg = model.cfg
-    if not cfg.use_conditions:
-        raise ValueError("an items-only model cannot answer condition queries")
+    conditions = np.asarray(conditions, dtype=np.int64)
+    K = conditions.shape[-2]
     model.eval()
-    row_len = max(cfg.row_len, 2 * cfg.max_pairs + len(conditions))
+    row_len = max(cfg.row_len, 2 * cfg.max_pairs + K)
     out = []
     for b in range(0, len(seqs), users_per_batch):
-        runs = [to_tokens(inference_prefix(s, cfg)) for s in seqs[b:b + users_per_batch]]
-        batch, where = group_query_batch(runs, conditions, row_len)
+        part = seqs[b:b + users_per_batch]
+        runs = [to_tokens(inference_prefix(s, cfg), cfg.use_conditions) for s in part]
+        if cfg.use_conditions:
+            conds = conditions if conditions.ndim == 2 else conditions[b:b + users_per_batch]
+            batch, where = group_query_batch(runs, conds, row_len)
+        else:  # the output at each user's last item
+            rows = pack_rows([len(r) for r in runs], row_len)
+            batch = make_batch(runs, rows, row_len)
+            where = torch.zeros(len(runs), K, 2, dtype=torch.long)
+            for r, members in enumerate(rows):
+                t = 0
+                for i in members:
+                    t += len(runs[i])
+                    where[i, :, 0], where[i, :, 1] = r, t - 1
         h = model(batch.to(device))  # (B, T, D)
         out.append(model.user_vectors(h[where[..., 0], where[..., 1]]).float().cpu())  # (u, K, D)
-    return torch.cat(out) if out else torch.zeros(0, len(conditions), cfg.d_model)
+    return torch.cat(out) if out else torch.zeros(0, K, cfg.d_model)
+
+
+def category_conditions(base: str, categories: list[list[int]]) -> tuple[np.ndarray, list[dict[int, int]]]:
+    """Per-user query conditions for interest matching with each candidate's own category (paper 4.3).
+
+    ``base`` (e.g. ``"behavior=liked"``) plus ``category=c`` for every category c of a user's candidates
+    (the candidate categories of a batch); returns (U, K, n_kinds) conditions, padded by repeating the first,
+    and per user {category: column}. Feed the conditions to ``condition_outputs`` and give each candidate
+    the vector of its own category's column: cos(that vector, item vector) is the interest match.
+    """
+    from schemas.tokenize import CONDITION_KINDS, condition_id
+
+    b = np.array(parse_condition(base), dtype=np.int64)
+    c = CONDITION_KINDS.index("category")
+    K = max(1, max((len(set(x)) for x in categories), default=1))
+    out = np.tile(b, (len(categories), K, 1))
+    cols: list[dict[int, int]] = []
+    for u, cats in enumerate(categories):
+        distinct = list(dict.fromkeys(int(x) for x in cats))
+        cols.append({cat: k for k, cat in enumerate(distinct)})
+        for k, cat in enumerate(distinct or [0]):
+            out[u, k, c] = condition_id("category", cat)
+        out[u, len(distinct):, c] = out[u, 0, c]
+    return out, cols
 
 
 class _Publisher:
