@@ -76,6 +76,7 @@ class Settings:
     val_share: float = 0.25  # each user's last quarter of segment 2 validates the epoch choice
     dlrm_batch: int = 256
     seeds: tuple[int, ...] = (0, 1, 2)  # one paired run per seed: transformers' and DLRMs' init
+    pretrain_once: bool = False  # True: transformers trained once (first seed), reused by every DLRM seed
     cuts: tuple[float, float] = (0.5, 0.8)  # per-user share of events before the DLRM-train / DLRM-test segments
     max_users: int = 0  # 0: all users (smoke tests take a few)
     retrieval: bool = True
@@ -365,9 +366,9 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
     ret: dict[str, list] = {"lum": [], "sasrec": []}
     epochs: dict[str, int] = {}
     runs_info = []
+    models: dict = {}
     for seed in s.seeds:
-        models = {}
-        for arm, cfg in (("lum", lum_cfg), ("sasrec", sas_cfg)):
+        for arm, cfg in (("lum", lum_cfg), ("sasrec", sas_cfg)) if not (s.pretrain_once and models) else ():
             models[arm], facts = pretrain(cfg, tr, va, catalog, exclude_seen, s, seed, f"{name} {arm}")
             m = evaluate(models[arm], te, tr, exclude_seen=exclude_seen, catalog=catalog) if s.retrieval else {}
             ret[arm].append(m)
@@ -501,6 +502,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--patience", type=int, default=None)
     ap.add_argument("--seeds", default=None, help="paired seeds, comma list (default 0,1,2)")
     ap.add_argument("--max-epochs", type=int, default=None, help="most DLRM epochs the validation may choose (4)")
+    ap.add_argument("--pretrain-once", action="store_true",
+                    help="train the transformers once (first seed) and vary only the DLRM seed (faster, weaker)")
     ap.add_argument("--max-users", type=int, default=0, help="first N users only (0: all)")
     ap.add_argument("--no-retrieval", action="store_true", help="skip the retrieval evaluation")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "offline.md"))
@@ -515,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     s = replace(s, lum_preset=args.preset or s.lum_preset, max_steps=args.max_steps or s.max_steps,
                 eval_every=args.eval_every or s.eval_every, patience=args.patience or s.patience,
                 retrieval=not args.no_retrieval, max_epochs=args.max_epochs or s.max_epochs,
-                max_users=args.max_users,
+                max_users=args.max_users, pretrain_once=args.pretrain_once,
                 seeds=tuple(int(x) for x in args.seeds.split(",")) if args.seeds else s.seeds)
     if s.lum_preset not in PRESETS:
         ap.error(f"unknown preset {s.lum_preset!r}; known: {', '.join(PRESETS)}")

@@ -85,3 +85,11 @@ def test_taobao_ties_keep_log_order(tmp_path):
     # pv then buy of the same item in one second: the log's order, not (item, behavior) order.
     _write(tmp_path / "UserBehavior.csv", ["1,50,3,pv,1511544070", "1,20,3,pv,1511544070", "1,50,3,buy,1511544070"])
     assert [(e.item_id, e.behavior) for e in read_taobao(tmp_path)] == [(50, "view"), (20, "view"), (50, "buy")]
+
+
+def test_lum_produce_amazon(kafka, tmp_path, capsys):
+    from deploy.cli import main as lum
+
+    path = _write(tmp_path / "reviews.csv.gz", LAYOUTS["csv"]())
+    assert lum(["produce", "amazon", str(path)]) == 0
+    assert "events=3" in capsys.readouterr().out
