@@ -83,6 +83,21 @@ def test_exact_auc_and_logloss(bench):
     assert bench.logloss(np.full(4, 0.5), y) == pytest.approx(np.log(2))
 
 
+def test_items_never_pretrained_on_are_absent_not_present(bench):
+    # Defect 7: item vectors of items the LUM never saw (hashed rows shared with others) were flagged present.
+    import torch
+
+    from trainers.lum.model import PRESETS, LumModel
+
+    torch.manual_seed(0)
+    model = LumModel(PRESETS["debug"]).eval()
+    users = {1: [ev(n, 10 + n, "rate", rating=4.0) for n in range(4)]}
+    cands = {1: [(10, 1), (11, 2), (99, 0)]}
+    view = bench.make_view(model, users, ["any"], cands, "behavior=liked", trained_items=np.array([10, 11]))
+    assert set(view.items) == {10, 11}  # 99 was never trained on: absent
+    assert set(view.target) == {(1, 1), (1, 2), (1, 0)} and len(view.users[1]) == 1
+
+
 def test_paired_t_test(bench):
     r = bench.paired_t([0.71, 0.72, 0.73, 0.70], [0.70, 0.70, 0.71, 0.69])
     assert r["mean"] == pytest.approx(0.015) and r["n"] == 4
