@@ -317,7 +317,14 @@ def run(preset: str | None, source: str, out: str, max_steps: int | None = None,
     kafka = load(KafkaSettings) if source == "kafka" else None
     t0 = time.perf_counter()
     span: dict = {}
-    seqs, offsets = load_source(source, kafka, s.kafka_idle_timeout_s, span)
+    shared: list = [None]
+    if rank == 0:  # one reader: every rank trains on exactly the same sequences (a topic may grow meanwhile)
+        shared = [(*load_source(source, kafka, s.kafka_idle_timeout_s, span), span)]
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(shared, 0)
+    seqs, offsets, span = shared[0]
     train_seqs, val_seqs, test_seqs = split_users(seqs)
     catalog = catalog_of(seqs)
     if s.eval_users:
