@@ -47,7 +47,8 @@ class PretrainSettings(BaseSettings):
     eval_every: int = Field(100, ge=0, description="validate every N steps (0: only at the end, no early stopping)")
     patience: int = Field(5, ge=1, description="stop after N validations without a better NDCG@10")
     log_every: int = Field(50, ge=1, description="progress line every N steps")
-    checkpoint_every: int = Field(1000, ge=0, description="checkpoint every N steps (0: only at the end)")
+    checkpoint_best: bool = Field(True, description="checkpoint every new best validation (resumable); false: only "
+                                                    "the final checkpoint")
     keep_checkpoints: int = Field(3, ge=1, description="checkpoint directories kept")
     seed: int = Field(0, description="model init and batch order")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda'")
@@ -359,7 +360,7 @@ def run(preset: str | None, source: str, out: str, max_steps: int | None = None,
         cfg, train_seqs, val_seqs, max_steps=steps, eval_every=s.eval_every, patience=s.patience,
         exclude_seen=exclude_seen, catalog=catalog, seed=s.seed, device=device, log_every=s.log_every,
         model=model, optimizer=opt, start=start, rank=rank, world=world,
-        on_improve=on_improve if s.checkpoint_every else None)
+        on_improve=on_improve if s.checkpoint_best else None)
     metrics: dict[str, float] = {}
     if rank == 0:
         metrics = evaluate(model, test_seqs, train_seqs, exclude_seen=exclude_seen, device=device, catalog=catalog)
