@@ -19,7 +19,13 @@ Versioning
     bumps the version; sequences stored under an older version decode with the new kinds set to 0
     ("any"), so stored sequences stay valid. Changing how an existing kind is hashed is a breaking change
     (new version, re-tokenize from the ``behaviors`` topic with ``lum backfill sequences``).
-    ``tests/schemas/golden/tokenize_v1.json`` pins the output.
+    ``tests/schemas/golden/tokenize_vN.json`` pins the output of each version (``tokenize(e, version=N)``).
+
+    v1: behavior kind = the event's behavior ("rate" for every rating).
+    v2: behavior kind = the *feedback level* (``feedback``): ratings become "liked" (>= 4 of 5), "neutral"
+        (>= 3) or "disliked", so "behavior=liked" is a query aligned with a rating label; implicit feedback
+        keeps its behavior (view/click/cart/fav/buy: already levels). Same kinds and byte layout as v1, so
+        v1 sequences still decode (their "rate" tokens stay as they were).
 """
 
 from __future__ import annotations
@@ -31,11 +37,12 @@ from typing import NamedTuple
 
 from .events import BehaviorEvent
 
-TOKENIZER_VERSION = 1
+TOKENIZER_VERSION = 2
 # Order matters: it is the layout of the condition tuple. Append only (see module docstring).
 CONDITION_KINDS: tuple[str, ...] = ("scenario", "behavior", "category", "query")
 # How many condition kinds each tokenizer version had, to decode old stored sequences.
-KINDS_BY_VERSION: dict[int, int] = {1: 4}
+KINDS_BY_VERSION: dict[int, int] = {1: 4, 2: 4}
+LIKED_AT, NEUTRAL_AT = 4.0, 3.0  # rating thresholds (5-point scales: MovieLens, Amazon)
 ANY = 0
 
 _MASK63 = (1 << 63) - 1
@@ -68,11 +75,20 @@ class TokenPair(NamedTuple):
     category_id: int
 
 
-def tokenize(event: BehaviorEvent) -> TokenPair:
-    """The (condition, item) pair of one behavior event."""
+def feedback(event: BehaviorEvent) -> str:
+    """The behavior condition value (v2): a rating's level, else the behavior itself."""
+    if event.behavior == "rate" and event.rating is not None:
+        return "liked" if event.rating >= LIKED_AT else "neutral" if event.rating >= NEUTRAL_AT else "disliked"
+    return event.behavior
+
+
+def tokenize(event: BehaviorEvent, version: int = TOKENIZER_VERSION) -> TokenPair:
+    """The (condition, item) pair of one behavior event (``version``: an older layout, for golden tests)."""
+    if version not in KINDS_BY_VERSION:
+        raise ValueError(f"unknown tokenizer version {version}")
     conditions = (
         condition_id("scenario", event.scenario),
-        condition_id("behavior", event.behavior),
+        condition_id("behavior", feedback(event) if version >= 2 else event.behavior),
         condition_id("category", event.category_id),
         condition_id("query", event.query) if event.query else ANY,
     )

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 
-from schemas.datasets import is_positive, read_movielens, read_taobao
+from schemas.datasets import is_positive, read_amazon, read_movielens, read_taobao
 from schemas.events import BehaviorEvent, ImpressionEvent
 from schemas.settings import KafkaSettings
 from schemas.topics import BEHAVIORS, IMPRESSIONS, key_of
@@ -109,7 +109,7 @@ def main(args: argparse.Namespace, settings: KafkaSettings) -> int:
                               events=args.events + args.skip, seed=args.seed, duplicate_rate=args.duplicate_rate)
         stats = produce(settings, itertools.islice(SyntheticStream(cfg), args.skip, None), rate=args.rate)
     else:
-        reader = read_movielens if args.source == "movielens" else read_taobao
+        reader = {"movielens": read_movielens, "taobao": read_taobao, "amazon": read_amazon}[args.source]
         events: Iterable = reader(args.path, limit=args.limit)
         if args.impressions:
             events = with_impressions(events)
