@@ -97,7 +97,7 @@ class Worker:
                 logic = JoinerLogic(kafka, cfg, self.out, self.dead)
             else:
                 logic = make_logic(agent_name, cfg)
-        self.logic = logic
+        self.logic = self.agent = logic  # ``agent``: the name older callers use
         if hasattr(logic, "high_water"):
             logic.high_water = self.high_water
         self.group = kafka.topic_prefix + {"sequences": cfg.sequences_group, "joiner": cfg.joiner_group}[agent_name]
@@ -246,7 +246,7 @@ class Worker:
         for store in self.stores.values():
             store.discard()
         log.critical("%s-%d STOPPED: batch failed (%s: %s); its offsets were NOT committed, a restart redoes it",
-                     self.name, self.index, type(error).__name__, error)
+                     self.name, self.index, type(error).__name__, error, exc_info=error)
 
     def close(self) -> None:
         self.consumer.close()  # revokes (commits completed batches unless failed, closes stores), leaves the group
@@ -351,8 +351,9 @@ def _topic_ids(kafka: KafkaSettings, topics: list[str]) -> dict[str, str]:
 
     from ..admin import _admin
 
+    admin = _admin(kafka)  # kept referenced until the answers are in
     try:
-        futures = _admin(kafka).describe_topics(TopicCollection(topics))
+        futures = admin.describe_topics(TopicCollection(topics))
         return {t: str(f.result(30).topic_id) for t, f in futures.items()}
     except Exception as e:  # an older broker: cluster id, names and partition still identify the state
         log.warning("topic ids unavailable (%s): state identity without them", e)
