@@ -10,20 +10,20 @@ import threading
 import time
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import TopicPartition
 
 from schemas.codec import decode
 from schemas.events import DeadLetter
 from schemas.settings import KafkaSettings, load
 from schemas.topics import ALL_TOPICS, BEHAVIORS, DEAD_LETTERS, key_of
-from streaming.agents.reading import read_to_end, reader
+from streaming.kafka import Output, group_consumer, read_to_end, reader
 from streaming.agents.runtime import CRASH_POINTS
 from streaming.agents.sequences import SequenceLogic, expected_sequences, snapshot
 from streaming.agents.settings import AgentSettings
 
 
 def committed(kafka: KafkaSettings, group: str = "lum-sequences") -> dict[int, int | None]:
-    c = Consumer(kafka.consumer_config(kafka.topic_prefix + group))
+    c = group_consumer(kafka, kafka.topic_prefix + group)
     try:
         tps = c.committed([TopicPartition(kafka.topic(BEHAVIORS), p) for p in range(BEHAVIORS.partitions)], timeout=30)
         return {tp.partition: (tp.offset if tp.offset >= 0 else None) for tp in tps}
@@ -121,7 +121,7 @@ def test_an_exception_in_a_batch_stops_the_worker_and_commits_nothing_of_that_ba
 
 
 def test_sink_stopped_past_the_flush_timeout_moves_no_offset_and_a_restart_loses_nothing(kit, tmp_path):
-    from streaming.admin import create_topics
+    from streaming.kafka import create_topics
     from streaming.broker import EmbeddedBroker
     from streaming.agents.worker import Worker
 
@@ -165,10 +165,10 @@ def test_issue_9_scenario_valid_oversized_and_malformed_on_one_partition(kafka, 
         stream.append(BEHAVIORS.encode(e))
         if i % 5 == 2:
             stream.append(bad[i // 5])
-    p = Producer(kafka.producer_config(**{"message.max.bytes": 5_000_000}))
+    out = Output(kafka, **{"message.max.bytes": 5_000_000})
     for v in stream:
-        p.produce(kafka.topic(BEHAVIORS), value=v, key=key_of(42), partition=0)
-    assert p.flush(30) == 0
+        out.produce(kafka.topic(BEHAVIORS), value=v, key=key_of(42), partition=0)
+    out.flush(30)
     bad_offsets = {i for i, v in enumerate(stream) if v in bad}
     half = len(stream) // 2
     env = {"LUM_DATA_DIR": str(tmp_path), "LUM_AGENT_BATCH_SIZE": str(half)}  # two batches: restart between
