@@ -30,7 +30,7 @@ in ``docs/notes/agents.md``).
 
 Observability: a log line every ``LUM_AGENT_LOG_INTERVAL_S`` with events/s and consumer lag (high-water
 mark carried by fetched data minus position), and the same figures as Prometheus text on
-``LUM_AGENT_METRICS_HOST:LUM_AGENT_METRICS_PORT + index`` (``/metrics``) when that port is not 0.
+``LUM_METRICS_HOST:LUM_AGENT_METRICS_PORT + index`` (``/metrics``) when that port is not 0.
 Crash injection for tests: ``LUM_AGENT_CRASH_AT`` (``streaming.agents.runtime``).
 """
 
@@ -336,9 +336,12 @@ class Worker:
             def log_message(self, *args):  # scrapes are not worth a log line each
                 pass
 
-        server = ThreadingHTTPServer((self.cfg.metrics_host, port), Handler)
+        from schemas.metrics import MetricsSettings
+
+        host = load(MetricsSettings).host  # LUM_METRICS_HOST: 127.0.0.1 unless set
+        server = ThreadingHTTPServer((host, port), Handler)
         threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
-        log.info("metrics on http://%s:%d/metrics", self.cfg.metrics_host, port)
+        log.info("metrics on http://%s:%d/metrics", host, port)
         return server
 
 
