@@ -57,15 +57,12 @@ class JoinConfig:
     changelog: bool = True  # write the joiner-changelog topic and rebuild from it (LUM_AGENT_JOINER_CHANGELOG)
 
     @classmethod
-    def from_settings(cls, cfg: object) -> JoinConfig:
-        """From an ``AgentSettings`` (fields this branch's settings lack keep their defaults)."""
-        d = cls()
+    def from_settings(cls, cfg) -> JoinConfig:
+        """From ``streaming.agents.settings.AgentSettings``."""
         return cls(window_ms=cfg.join_window_ms, lateness_ms=cfg.allowed_lateness_ms,
                    retention_ms=cfg.join_retention_ms, history_len=cfg.history_len,
-                   max_future_skew_ms=getattr(cfg, "max_future_skew_ms", d.max_future_skew_ms),
-                   max_watermark_step_ms=getattr(cfg, "max_watermark_step_ms", d.max_watermark_step_ms),
-                   state_horizon_ms=getattr(cfg, "join_state_horizon_ms", d.state_horizon_ms),
-                   changelog=getattr(cfg, "joiner_changelog", d.changelog))
+                   max_future_skew_ms=cfg.max_future_skew_ms, max_watermark_step_ms=cfg.max_watermark_step_ms,
+                   state_horizon_ms=cfg.join_state_horizon_ms, changelog=cfg.joiner_changelog)
 
 
 # --- key scheme --------------------------------------------------------------------------------------------
@@ -270,6 +267,7 @@ class JoinLogic:
         self.high_water: Callable[[str, int], int | None] = lambda topic, partition: None
         self.items = ItemVectors()
         self.parts: dict[int, _Part] = {}
+        self._last_emit: Emit | None = None  # of the last batch (``delivered`` writes outbox tombstones through it)
         self.counts = dict.fromkeys(
             ("examples_total", "positives_total", "late_clicks_total", "duplicate_impressions_total",
              "duplicate_clicks_total", "orphan_clicks_total", "lum_features_too_new_total",
@@ -341,9 +339,22 @@ class JoinLogic:
     def revoke(self, partition: int) -> None:
         self.parts.pop(partition, None)
 
+    def delivered(self) -> None:
+        """The runtime says the last batch's outputs were delivered: its outbox is no longer needed (runtimes
+        that do not say so leave it to the next batch's commit)."""
+        for st in self.parts.values():
+            if st.outbox:
+                for key in st.outbox:
+                    st.store.delete(key)
+                    if self.cfg.changelog and self._last_emit is not None:
+                        self._last_emit.send(JOINER_CHANGELOG, None, key=key, partition=st.partition)
+                st.store.commit({})
+                st.outbox = []
+
     # --- processing ---------------------------------------------------------------------------------------
     def process(self, partition: int, records: Sequence[Record], emit: Emit) -> None:
         st = self.parts[partition]
+        self._last_emit = emit
         st.changes = {}
         for key in st.outbox:  # the previous batch was committed and delivered before this one was called
             st.delete(key)

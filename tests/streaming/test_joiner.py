@@ -64,7 +64,7 @@ def test_joiner_labels_history_features_late_clicks_and_restart(kafka, kit, tmp_
         n = advance(kafka, kit, 100_000)
         kit.wait_for(lambda: w.consumed >= len(stage1) + 3 + n, what="watermark events consumed")
         assert w.dead.total == 1
-        gauges = w.agent.gauges()
+        gauges = w.logic.gauges()
         assert gauges["open_windows"] == 0 and gauges["examples_total"] == 5  # closed windows freed
         assert gauges["duplicate_impressions_total"] == 1
 
@@ -89,7 +89,7 @@ def test_joiner_labels_history_features_late_clicks_and_restart(kafka, kit, tmp_
     with kit.ThreadWorker("joiner", kafka, cfg) as w2:
         n2 = advance(kafka, kit, 200_000)
         kit.wait_for(lambda: w2.consumed >= len(stage2) + n2, what="stage 2 consumed")
-        g = w2.agent.gauges()
+        g = w2.logic.gauges()
         assert g["late_clicks_total"] == 2 and g["duplicate_impressions_total"] == 1 and g["examples_total"] == 0
     after = read_all(kafka, TRAINING_EXAMPLES, TrainingExample)
     assert sorted(x.example_id for x in after) == sorted(examples)  # still exactly one each, labels unchanged
@@ -106,6 +106,6 @@ def test_impression_after_its_window_closed_is_emitted_at_once_with_known_clicks
     with kit.ThreadWorker("joiner", kafka, cfg) as w:
         kit.wait_for(lambda: w.consumed >= 2, what="behaviors consumed")
         kit.produce(kafka, [imp("r3", 3, 7, 400), imp("r3", 3, 6, 400)])
-        kit.wait_for(lambda: w.agent.gauges()["examples_total"] == 2, what="late impressions emitted")
+        kit.wait_for(lambda: w.logic.gauges()["examples_total"] == 2, what="late impressions emitted")
     labels = {x.example_id: x.label for x in read_all(kafka, TRAINING_EXAMPLES, TrainingExample)}
     assert labels == {"r3/7": 1, "r3/6": 0}
