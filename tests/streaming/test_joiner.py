@@ -109,3 +109,70 @@ def test_impression_after_its_window_closed_is_emitted_at_once_with_known_clicks
         kit.wait_for(lambda: w.logic.gauges()["examples_total"] == 2, what="late impressions emitted")
     labels = {x.example_id: x.label for x in read_all(kafka, TRAINING_EXAMPLES, TrainingExample)}
     assert labels == {"r3/7": 1, "r3/6": 0}
+
+
+def _join_stream(kit, requests=400, slate=4, seed=7):
+    """Impressions, views and clicks in event-time order (as a live producer sends them), and the labels an
+    uninterrupted join must give: 1 when a click on the item came within the window."""
+    import random
+
+    rnd = random.Random(seed)
+    events, truth = [], {}
+    for r in range(requests):
+        user, t = rnd.randrange(60), 1000 + r * 150
+        events.append(kit.behavior(10 * r, user, t - 10))
+        for pos in range(slate):
+            item = 100 + rnd.randrange(50) * slate + pos
+            events.append(kit.impression(f"q{r}", user, item, t, pos))
+            truth[f"q{r}/{item}"] = 0
+            x = rnd.random()
+            if x < 0.3:  # a click inside the window, or (x < 0.05) just after it: late
+                late = x < 0.05
+                delay = W + 500 if late else rnd.randrange(W)
+                events.append(kit.behavior(10 * r + 1 + pos, user, t + delay, item=item, behavior="click",
+                                           request_id=f"q{r}"))
+                truth[f"q{r}/{item}"] = 0 if late else 1
+    events.sort(key=lambda e: e.event_time_ms)
+    return events, truth
+
+
+def _examples(kafka):
+    return {(x.example_id, x.label) for x in read_all(kafka, TRAINING_EXAMPLES, TrainingExample)}
+
+
+def test_kill_9_then_restart_on_a_fresh_data_dir_gives_the_examples_of_an_uninterrupted_run(
+        kafka, broker, kit, tmp_path, procs):
+    """Relocation (issue 9 item 6): the partition's state is rebuilt from the joiner changelog on a worker
+    without the data directory; the distinct (example_id, label) set is that of an uninterrupted run."""
+    from schemas.settings import KafkaSettings
+    from schemas.topics import ALL_TOPICS
+    from streaming.admin import create_topics
+
+    events, truth = _join_stream(kit)
+    env = {"LUM_JOIN_WINDOW_MS": str(W), "LUM_AGENT_ALLOWED_LATENESS_MS": "1000", "LUM_AGENT_BATCH_SIZE": "20",
+           "LUM_AGENT_LOG_INTERVAL_S": "1"}
+    t_end = events[-1].event_time_ms - kit.T0 + 3 * W
+    # The uninterrupted run, on its own topics.
+    other = KafkaSettings(bootstrap=broker, topic_prefix=kafka.topic_prefix + "u-")
+    create_topics(other, ALL_TOPICS)
+    kit.produce(other, events)
+    advance(other, kit, t_end)
+    cfg = load(AgentSettings, data_dir=tmp_path / "u", join_window_ms=W, allowed_lateness_ms=1000, batch_size=500)
+    with kit.ThreadWorker("joiner", other, cfg) as w:
+        kit.wait_for(lambda: w.logic.gauges()["examples_total"] >= len(truth), timeout=120, what="uninterrupted run")
+    uninterrupted = _examples(other)
+    assert uninterrupted == set(truth.items())
+
+    kit.produce(kafka, events)
+    advance(kafka, kit, t_end)
+    procs.append(w1 := kit.ProcWorker("joiner", tmp_path / "w1.log", env | {"LUM_DATA_DIR": str(tmp_path / "a")}))
+    kit.wait_for(lambda: len(_examples(kafka)) >= len(truth) // 5, timeout=120, what="a fifth of the examples")
+    assert w1.stop("kill") == -9
+    mid = _examples(kafka)
+    assert len({eid for eid, _ in mid}) < len(truth)  # killed mid-stream
+    procs.append(w2 := kit.ProcWorker("joiner", tmp_path / "w2.log", env | {"LUM_DATA_DIR": str(tmp_path / "b")}))
+    kit.wait_for(lambda: len({eid for eid, _ in _examples(kafka)}) >= len(truth), timeout=120,
+                 what="every example after the restart")
+    assert w2.stop() == 0
+    assert "rebuilding from joiner-changelog" in w2.text()
+    assert _examples(kafka) == uninterrupted  # no example lost, none with two labels
