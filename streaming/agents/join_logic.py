@@ -22,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
+from typing import NamedTuple
 
 import numpy as np
 
@@ -83,7 +84,8 @@ class JoinKeys:
     ``c<id>``                  click seen before its impression: click time (8) + the click's encoded bytes
     ``o<id>``                  outbox: the encoded example of the last batch (re-sent by ``assign``)
     ``h<user>``                history: int64 rows (event time, event key, item, category), sorted
-    ``f<user><as_of>``         one LUM features version (as_of 0: unknown), encoded
+    ``f<user>``                the user's LUM feature versions (up to 4, by as_of; 0: unknown), each as
+                               as_of (8), trained_until (8; 0: unknown), activity time (8), length (4), encoded
     ``w<deadline><id>``        index: windows to close, by deadline
     ``r<expiry><kind><id>``    index: emitted ids (kind e) and early clicks (kind c) to forget, by expiry
     ``x<bucket><user>``        index: users by last activity bucket, for eviction
@@ -115,9 +117,8 @@ class JoinKeys:
         return b"h" + _u8(user)
 
     @staticmethod
-    def features(user: int, as_of: int | None = None) -> bytes:
-        """One version's key; without ``as_of`` the prefix of all the user's versions."""
-        return b"f" + _u8(user) + (b"" if as_of is None else _u8(max(as_of, 0)))
+    def features(user: int) -> bytes:
+        return b"f" + _u8(user)
 
     @staticmethod
     def closing(deadline: int, eid: str) -> bytes:
@@ -148,9 +149,6 @@ class JoinKeys:
     def parse_activity(key: bytes) -> tuple[int, int]:
         return _n(key[1:9]), _n(key[9:17])
 
-    @staticmethod
-    def parse_features(key: bytes) -> tuple[int, int]:
-        return _n(key[1:9]), _n(key[9:17])
 
 
 K = JoinKeys
@@ -238,6 +236,28 @@ class _Part:
         self.put(K.meta("open"), _u8(self.open))
         for stream, t in self.reached.items():
             self.put(K.meta("reached:" + stream), _u8(t))
+
+
+class _Version(NamedTuple):
+    as_of: int  # 0: unknown (usable for any impression)
+    trained_until: int  # 0: unknown
+    active: int  # event time of the user's activity it stands for (eviction)
+    raw: bytes  # the encoded LumFeatures
+
+
+def _pack_versions(versions: list[_Version]) -> bytes:
+    return b"".join(_u8(v.as_of) + _u8(v.trained_until) + _u8(v.active) + len(v.raw).to_bytes(4, "big") + v.raw
+                    for v in versions)
+
+
+def _unpack_versions(value: bytes | None) -> list[_Version]:
+    out, i = [], 0
+    while value and i < len(value):
+        n = _n(value[i + 24:i + 28])
+        out.append(_Version(_n(value[i:i + 8]), _n(value[i + 8:i + 16]), _n(value[i + 16:i + 24]),
+                            value[i + 28:i + 28 + n]))
+        i += 28 + n
+    return out
 
 
 def _history_rows(value: bytes | None) -> list[tuple[int, int, int, int]]:
@@ -476,25 +496,13 @@ class JoinLogic:
 
     def _features(self, st: _Part, f: LumFeatures, raw: bytes) -> None:
         """Keep ``f`` among the user's newest FEATURE_VERSIONS (a republish with the same as_of replaces)."""
-        prefix = K.features(f.user_id)
-        versions = {k: v for k, v in st.store.scan(prefix)}
-        versions.update({k: v for k, v in st.changes.items() if k.startswith(prefix)})
-        key = K.features(f.user_id, f.as_of_ms or 0)
-        versions[key] = raw
-        st.put(key, raw)
-        live = sorted(k for k, v in versions.items() if v is not None)
-        for old in live[:-FEATURE_VERSIONS]:
-            st.delete(old)
+        key = K.features(f.user_id)
+        as_of = f.as_of_ms or 0
+        versions = [v for v in _unpack_versions(st.store.get(key)) if v.as_of != as_of]
+        versions.append(_Version(as_of, getattr(f, "trained_until_ms", None) or 0, f.as_of_ms or f.computed_at_ms, raw))
+        versions.sort()
+        st.put(key, _pack_versions(versions[-FEATURE_VERSIONS:]))
         self._touch(st, f.user_id, f.as_of_ms or f.computed_at_ms)
-
-    def _features_of(self, st: _Part, user: int, cache: dict) -> list[LumFeatures]:
-        """The user's stored feature versions (with this batch's writes), oldest as_of first."""
-        if user not in cache:
-            prefix = K.features(user)
-            versions = dict(st.store.scan(prefix))
-            versions.update({k: v for k, v in st.changes.items() if k.startswith(prefix)})
-            cache[user] = [LUM_FEATURES.decode(v) for k, v in sorted(versions.items()) if v is not None]
-        return cache[user]
 
     def _trim_history(self, st: _Part, h: list) -> None:
         # Keep everything a still-open window may need (time >= watermark - W) plus history_len before it.
@@ -545,29 +553,34 @@ class JoinLogic:
         imps = {eid: IMPRESSIONS.decode(v[1:]) for _, eid, v in emitting}
         users = list(dict.fromkeys(i.user_id for i in imps.values()))
         hist = dict(zip(users, map(_history_rows, st.store.get_many([K.history(u) for u in users]))))
-        feature_cache: dict[int, list[LumFeatures]] = {}
+        versions = dict(zip(users, map(_unpack_versions, st.store.get_many([K.features(u) for u in users]))))
+        decoded: dict[bytes, LumFeatures] = {}
         for deadline, eid in due:
             st.delete(K.closing(deadline, eid))
         for deadline, eid, value in emitting:
-            self._emit(st, eid, deadline, imps[eid], value[:1] == b"\x01", hist[imps[eid].user_id],
-                       feature_cache, emit)
+            user = imps[eid].user_id
+            self._emit(st, eid, deadline, imps[eid], value[:1] == b"\x01", hist[user], versions[user], decoded,
+                       emit)
 
     def _emit(self, st: _Part, eid: str, deadline: int, imp: ImpressionEvent, clicked: bool, h: list,
-              feature_cache: dict, emit: Emit) -> None:
+              versions: list[_Version], decoded: dict[bytes, LumFeatures], emit: Emit) -> None:
         t = imp.event_time_ms
         end = bisect.bisect_left(h, (t,))
         before = h[max(0, end - self.cfg.history_len):end]
         lum = dict(lum_model_version=None, lum_conditions=None, lum_user=None, lum_item=None)
-        versions = self._features_of(st, imp.user_id, feature_cache)
-        f = next((f for f in reversed(versions) if _usable(f, t)), None)
-        if f is None and versions:
+        # Point in time: the newest version computed from events before t by a model trained before t.
+        v = next((v for v in reversed(versions) if v.as_of < t and v.trained_until < t), None)
+        if v is None and versions:
             self.counts["lum_features_too_new_total"] += 1  # only features that have seen the future
-        if f is not None:
+        f = None
+        if v is not None:
+            f = decoded.get(v.raw) or decoded.setdefault(v.raw, LUM_FEATURES.decode(v.raw))
             lum |= dict(lum_model_version=f.model_version, lum_conditions=[c.condition for c in f.conditions],
                         lum_user=[c.vector for c in f.conditions], lum_item=self.items.get(imp.item_id, f.model_version))
             if lum["lum_item"] is None and any(self.items.get(imp.item_id, v) is not None for v in self.items.by_version):
                 self.counts["item_vector_other_version_total"] += 1  # dropped rather than mixed
-        ex = TrainingExample(example_id=eid, request_id=imp.request_id, user_id=imp.user_id, item_id=imp.item_id,
+        # Built from validated inputs: constructed without a second validation (the hot path).
+        ex = TrainingExample.model_construct(example_id=eid, request_id=imp.request_id, user_id=imp.user_id, item_id=imp.item_id,
                              category_id=imp.category_id, position=imp.position, scenario=imp.scenario,
                              query=imp.query, event_time_ms=t, label=1 if clicked else 0,
                              history_items=[r[2] for r in before], history_categories=[r[3] for r in before], **lum)
@@ -602,19 +615,19 @@ class JoinLogic:
             return
         last_bucket = cutoff // self._bucket_ms  # buckets before this one are entirely older than cutoff
         entries = list(islice(_until(st.store.scan(K.ACTIVITY), K.activity(last_bucket, 0)), EVICT_PER_BATCH))
-        cache: dict[int, list[LumFeatures]] = {}
+        users = list(dict.fromkeys(K.parse_activity(key)[1] for key, _ in entries))
         for key, _ in entries:
             st.delete(key)
-            _, user = K.parse_activity(key)
-            h = _history_rows(st.store.get(K.history(user)))
-            feats = self._features_of(st, user, cache)
-            newest = max(([h[-1][0]] if h else []) + [f.as_of_ms or f.computed_at_ms for f in feats], default=None)
+        values = st.store.get_many([k for u in users for k in (K.history(u), K.features(u))])
+        for i, user in enumerate(users):
+            h, feats = _history_rows(values[2 * i]), _unpack_versions(values[2 * i + 1])
+            newest = max(([h[-1][0]] if h else []) + [v.active for v in feats], default=None)
             if newest is None or newest >= cutoff:
                 continue  # active since: a newer activity entry exists
             if h:
                 st.delete(K.history(user))
-            for f in feats:
-                st.delete(K.features(user, f.as_of_ms or 0))
+            if feats:
+                st.delete(K.features(user))
             self.counts["evicted_users_total"] += 1
 
     def _changelog(self, st: _Part, emit: Emit) -> None:
@@ -632,12 +645,6 @@ class JoinLogic:
         g["open_windows"] = sum(s.open for s in self.parts.values())
         g["item_embeddings"] = len(self.items)
         return g
-
-
-def _usable(f: LumFeatures, t: int) -> bool:
-    """Point in time: the features saw only events before t, and so did the model that computed them."""
-    trained_until = getattr(f, "trained_until_ms", None)
-    return (f.as_of_ms is None or f.as_of_ms < t) and (trained_until is None or trained_until < t)
 
 
 def _until(items: Iterator[tuple[bytes, bytes]], end: bytes) -> Iterator[tuple[bytes, bytes]]:
