@@ -60,8 +60,8 @@ from pydantic_core import SchemaValidator
 
 from schemas.codec import DecodeError
 from schemas.events import BehaviorEvent
-from schemas.tokenize import (COL_KEY, COL_TIME, ROW_WIDTH, UserSequence, decode_rows, encode_rows, tokenize,
-                              tokenize_rows)
+from schemas.tokenize import (COL_KEY, COL_TIME, ROW_WIDTH, UserSequence, decode_rows, decode_rows_many, encode_rows,
+                              encode_rows_many, tokenize, tokenize_rows)
 from schemas.topics import BEHAVIORS, USER_SEQUENCES, key_of
 
 from .store import Emit, Reader, Record, Store
@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 
 ROW = ROW_WIDTH  # int64 columns of one pair (schemas.tokenize owns the layout)
 REBUILD_CHUNK = 10_000  # users per store commit while rebuilding (bounded memory)
+VECTOR_ROWS = 1_000_000  # stored rows per batch up to which all users are merged in one array operation
 _BEHAVIORS_HEADER = BEHAVIORS.encode(BehaviorEvent(event_id="x", user_id=0, item_id=0, category_id=0, behavior="view",
                                                    scenario="x", event_time_ms=1_000_000_000_000))[:3]
 _SEQ_PREFIX = USER_SEQUENCES.encode(UserSequence(0, 0, []))[:3]  # the codec's format header of the export
@@ -182,6 +183,11 @@ class SequenceLogic:
                 log.warning("skipping %s record with key %r", USER_SEQUENCES.name, r.key)
                 continue
             if r.value:
+                try:
+                    decode_value(r.value)  # header and length: the batch path trusts stored values
+                except ValueError as e:
+                    log.warning("skipping %s record at offset %d: %s", USER_SEQUENCES.name, r.offset, e)
+                    continue
                 store.put(key, r.value)
                 users.add(key)
             else:  # a tombstone (backfill) deletes the user
@@ -209,7 +215,7 @@ class SequenceLogic:
             fields = None
             if validate is not None and v is not None and v[:3] == _BEHAVIORS_HEADER:
                 try:
-                    fields = validate(memoryview(v)[3:])[0]
+                    fields = validate(v[3:])[0]
                 except ValidationError:
                     pass
             if fields is None:  # the codec says why (and accepts exactly what the shortcut accepts)
@@ -243,56 +249,75 @@ class SequenceLogic:
         forced = set(users[np.asarray(offsets) < republish_below].tolist()) if offsets[0] < republish_below else ()
         # Group by user: rows of one user contiguous, in arrival order within the user.
         order = np.argsort(users, kind="stable")
-        users_s, rows_s = users[order], rows[order]
-        uniq, starts = np.unique(users_s, return_index=True)
-        ends = np.append(starts[1:], len(users_s))
+        rows = rows[order]
+        uniq, starts = np.unique(users[order], return_index=True)
+        lens = np.diff(np.append(starts, len(rows)))
         uniq_l = uniq.tolist()
         olds = store.get_many([user_key(u) for u in uniq_l])
-        have_old = np.fromiter((o is not None for o in olds), dtype=bool, count=len(olds))
+        have = [i for i, o in enumerate(olds) if o is not None]
+        for i in have:
+            if olds[i][:3] != _SEQ_PREFIX:
+                raise ValueError(f"stored value of user {uniq_l[i]} is not a user-sequence value")
+        old_rows, old_lens = decode_rows_many([olds[i] for i in have], skip=3)
+        if len(old_rows) <= VECTOR_ROWS:
+            changed, values = self._merge_all(uniq_l, have, old_rows, old_lens, rows, lens)
+        else:  # long stored sequences: merge user by user (each already costs a copy of its sequence)
+            stored: list[np.ndarray | None] = [None] * len(uniq_l)
+            for i, a, b in zip(have, np.cumsum([0] + old_lens[:-1]).tolist(), np.cumsum(old_lens).tolist()):
+                stored[i] = old_rows[a:b]
+            changed, values, i = [], [], 0
+            for user, cur, n in zip(uniq_l, stored, lens.tolist()):
+                merged = merge(cur, rows[i:i + n], self.cap)
+                i += n
+                changed.append(merged is not None)
+                values.append(None if merged is None else encode_value(user, merged))
         publish: list[tuple[int, bytes]] = []
-        if (~have_old).any():
-            publish += self._fresh_users(uniq[~have_old], starts[~have_old], ends[~have_old], rows_s)
-        for i in np.flatnonzero(have_old).tolist():
-            old = olds[i]
-            user = uniq_l[i]
-            merged = merge(decode_value(old), rows_s[starts[i]:ends[i]], self.cap)
-            if merged is not None:
-                publish.append((user, encode_value(user, merged)))
-            elif user in forced:
+        for user, ok, value, old in zip(uniq_l, changed, values, olds):
+            if ok:
+                publish.append((user, value))
+            elif user in forced and old is not None:
                 publish.append((user, old))
+        put, send = store.put, emit.send
         for user, value in publish:
-            store.put(user_key(user), value)
-            emit.send(USER_SEQUENCES, value, key=key_of(user), partition=partition)
+            put(user.to_bytes(8, "big"), value)
+            send(USER_SEQUENCES, value, key_of(user), partition)
         self.counts["sequences_published_total"] += len(publish)
 
-    def _fresh_users(self, users: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-                     rows: np.ndarray) -> list[tuple[int, bytes]]:
-        """Sequences of users with no stored state, all at once: dedup by event key (first kept), sort by
-        (time, key), keep each user's last ``cap`` rows; Python work is one slice per user."""
-        lens = ends - starts
-        idx = np.repeat(starts, lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
-        owner = np.repeat(np.arange(len(users)), lens)
-        sub = rows[idx]
-        if (lens > 1).any():
-            # Dedup within the batch: sort by (owner, key, arrival), keep the first of each (owner, key).
-            o = np.lexsort((np.arange(len(sub)), sub[:, COL_KEY], owner))
-            keep = np.ones(len(o), dtype=bool)
-            keep[1:] = (owner[o][1:] != owner[o][:-1]) | (sub[o, COL_KEY][1:] != sub[o, COL_KEY][:-1])
-            kept = o[keep]
-            sub, owner = sub[kept], owner[kept]
-            o = np.lexsort((sub[:, COL_KEY], sub[:, COL_TIME], owner))
-            sub, owner = sub[o], owner[o]
-            counts = np.bincount(owner, minlength=len(users))
-            g_end = np.cumsum(counts)
-            g_start = np.maximum(g_end - counts, g_end - self.cap)
+    def _merge_all(self, users: list[int], have: list[int], old_rows: np.ndarray, old_lens: list[int],
+                   new: np.ndarray, lens: np.ndarray) -> tuple[list[bool], list[bytes | None]]:
+        """Every touched user's new sequence at once: stored rows (users ``have``; first, so they win
+        duplicates) + the batch's rows grouped by user; dedup by (user, event key), sort by (user, time,
+        key), keep each user's last ``cap``. A user changed iff one of its new rows is kept or the cap cut
+        its stored rows. Python work is one header and slice per changed user."""
+        n_users = len(users)
+        new_owner = np.repeat(np.arange(n_users), lens)
+        stored_len = np.zeros(n_users, dtype=np.int64)
+        if len(old_rows):
+            stored_len[have] = old_lens
+            owner = np.concatenate((np.repeat(np.asarray(have), old_lens), new_owner))
+            rows = np.concatenate((old_rows, new))
+            is_new = np.concatenate((np.zeros(len(old_rows), bool), np.ones(len(new), bool)))
         else:
-            g_start, g_end = np.arange(len(users)), np.arange(1, len(users) + 1)
-        data = np.ascontiguousarray(sub, dtype="<i8").tobytes()
-        width = ROW * 8
-        out = []
-        for user, s, e in zip(users.tolist(), g_start.tolist(), g_end.tolist()):
-            out.append((user, encode_value(user, np.frombuffer(data, "<i8", (e - s) * ROW, s * width).reshape(-1, ROW))))
-        return out
+            owner, rows, is_new = new_owner, new, np.ones(len(new), bool)
+        if len(rows) > n_users:  # some user has more than one row: dedup and sort
+            o = np.lexsort((np.arange(len(rows)), rows[:, COL_KEY], owner))
+            keep = np.ones(len(o), dtype=bool)
+            keep[1:] = (owner[o[1:]] != owner[o[:-1]]) | (rows[o[1:], COL_KEY] != rows[o[:-1], COL_KEY])
+            o = o[keep]
+            o = o[np.lexsort((rows[o, COL_KEY], rows[o, COL_TIME], owner[o]))]
+            rows, owner, is_new = rows[o], owner[o], is_new[o]
+        counts = np.bincount(owner, minlength=n_users)
+        g_end = np.cumsum(counts)
+        g_start = np.maximum(g_end - counts, g_end - self.cap)
+        kept_new = is_new & (np.arange(len(rows)) >= g_start[owner])
+        changed = (np.bincount(owner[kept_new], minlength=n_users) > 0) | (g_end - g_start < stored_len)
+        idx = np.flatnonzero(changed)
+        values: list[bytes | None] = [None] * n_users
+        encoded = encode_rows_many([users[i] for i in idx.tolist()], rows, g_start[idx].tolist(),
+                                   g_end[idx].tolist(), prefix=_SEQ_PREFIX)
+        for i, v in zip(idx.tolist(), encoded):
+            values[i] = v
+        return changed.tolist(), values
 
     def gauges(self) -> dict[str, float]:
         return dict(self.counts)
