@@ -39,7 +39,7 @@ import numpy as np
 
 from . import codec
 from .codec import FORMAT_SEQUENCE, MAGIC, DecodeError
-from .tokenize import CONDITION_KINDS, KINDS_BY_VERSION, TOKENIZER_VERSION, UserSequence
+from .tokenize import CONDITION_KINDS, KINDS_BY_VERSION, SEQ_HEADER_SIZE, TOKENIZER_VERSION, UserSequence
 
 ROW = 4 + len(CONDITION_KINDS)  # int64 columns of a pair: time, key, conditions..., item, category
 FORMAT_DELTA = 0x64  # "d"
@@ -48,6 +48,7 @@ SNAPSHOT_VERSION = 2  # user-sequences codec version written now (1: fixed int64
 DELTA_VERSION = 1
 MARKER_VERSION = 1
 MARKER_PREFIX = b"#deltas-p"
+_V1_PAYLOAD = 3 + SEQ_HEADER_SIZE  # codec header + today's fixed sequence header
 
 
 def marker_key(partition: int) -> bytes:
@@ -227,6 +228,12 @@ def decode(data: bytes | None):
     fmt, version = data[1], data[2]
     try:
         if fmt == FORMAT_SEQUENCE and version == 1:
+            if len(data) >= _V1_PAYLOAD and data[8] == TOKENIZER_VERSION and data[9] == len(CONDITION_KINDS) \
+                    and (len(data) - _V1_PAYLOAD) % (8 * ROW) == 0 and data[3:7] == b"LSEQ":
+                user = int.from_bytes(data[11:19], "little", signed=True)
+                n = int.from_bytes(data[_V1_PAYLOAD - 4:_V1_PAYLOAD], "little")
+                if n * 8 * ROW == len(data) - _V1_PAYLOAD:  # the current tokenizer: a plain int64 view
+                    return user, np.frombuffer(data, dtype="<i8", offset=_V1_PAYLOAD).reshape(-1, ROW)
             seq = codec.decode_user_sequence(data)
             return seq.user_id, rows_of(seq)
         if fmt == FORMAT_SEQUENCE and version == SNAPSHOT_VERSION:
@@ -309,3 +316,121 @@ def decode_delta(data: bytes | None) -> Delta:
     if not isinstance(rec, Delta):
         raise DecodeError(f"not a sequence-delta record ({type(rec).__name__})")
     return rec
+
+
+# --- catching a fold up with the topics (pure: the caller supplies the records) -------------------------
+SNAPSHOT_TOPIC, DELTA_TOPIC = "user-sequences", "sequence-deltas"  # logical names, as in schemas.topics
+
+
+@dataclass
+class FoldState:
+    """Where a fold stands: next offset per partition of both topics, and the last marker seen per partition.
+    Flattened for checkpoints and state files as ``{"user-sequences/0": 12, "sequence-deltas/0": 40, ...}``."""
+
+    snapshot: dict[int, int]
+    deltas: dict[int, int]
+    markers: dict[int, int]
+
+    @classmethod
+    def empty(cls) -> FoldState:
+        return cls({}, {}, {})
+
+    def flat(self) -> dict[str, int]:
+        return ({f"{SNAPSHOT_TOPIC}/{p}": o for p, o in self.snapshot.items()}
+                | {f"{DELTA_TOPIC}/{p}": o for p, o in self.deltas.items()}
+                | {f"marker/{p}": o for p, o in self.markers.items()})
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, int] | None) -> FoldState:
+        s = cls.empty()
+        for k, o in (flat or {}).items():
+            name, _, p = k.rpartition("/")
+            {SNAPSHOT_TOPIC: s.snapshot, DELTA_TOPIC: s.deltas, "marker": s.markers}[name][int(p)] = int(o)
+        return s
+
+
+def catch_up(state: FoldState, partitions: list[int], read, get_rows, since: FoldState | None = None
+             ) -> tuple[dict[int, np.ndarray | None], set[int], FoldState, list]:
+    """Bring a fold (``state`` + rows behind ``get_rows(users) -> {user: rows}``) up to the topics' ends.
+
+    ``read(topic, {partition: start})`` yields ``(partition, offset, key, value)`` to each partition's end, in
+    offset order per partition. Returns (new rows per user, None = deleted; users changed since ``since``;
+    the new state; bad records as ``(topic, partition, offset, key, value, DecodeError)``).
+
+    Rules: a snapshot record newer than the fold REPLACES the user's rows, folded with the user's deltas from
+    the first marker after it (else the last marker known; lower is harmless); other users fold the deltas
+    after ``state.deltas``. ``since`` (default: ``state``) only widens the reads so that changes between
+    ``since`` and ``state`` are reported too."""
+    since = since or state
+    bad: list = []
+    base: dict[int, tuple[int, int, np.ndarray | None]] = {}  # user -> (partition, offset, rows) newer than state
+    markers: dict[int, list[tuple[int, int]]] = {p: [] for p in partitions}
+    changed: set[int] = set()
+    snap_ends = {p: state.snapshot.get(p, 0) for p in partitions}
+    snap_from = {p: min(snap_ends[p], since.snapshot.get(p, 0)) for p in partitions}
+    for p, off, key, value in read(SNAPSHOT_TOPIC, snap_from):
+        snap_ends[p] = off + 1
+        key = key or b""
+        fresh = off >= state.snapshot.get(p, 0)
+        if key.startswith(MARKER_PREFIX):
+            try:
+                rec = decode(value)
+                if not isinstance(rec, Marker):
+                    raise DecodeError("marker key without a marker record")
+            except DecodeError as e:
+                bad.append((SNAPSHOT_TOPIC, p, off, key, value, e))
+                continue
+            if fresh:
+                markers[p].append((off, rec.delta_offset))
+            continue
+        try:
+            user = int(key)
+        except ValueError:
+            bad.append((SNAPSHOT_TOPIC, p, off, key, value, DecodeError(f"key {key[:40]!r} is not a user id")))
+            continue
+        if fresh:
+            try:
+                rec = decode(value)
+                if rec is not None and not isinstance(rec, tuple):
+                    raise DecodeError(f"{type(rec).__name__} record under a user key")
+            except DecodeError as e:
+                bad.append((SNAPSHOT_TOPIC, p, off, key, value, e))
+                continue
+            base[user] = (p, off, None if rec is None else rec[1])
+        elif off >= since.snapshot.get(p, 0):
+            changed.add(user)  # applied by an earlier read after ``since``: report it again
+    # The marker that vouches for each replaced user's record (first marker after it).
+    start_of: dict[int, int] = {}
+    for user, (p, off, _) in base.items():
+        later = [m for o, m in markers[p] if o > off]
+        start_of[user] = later[0] if later else state.markers.get(p, 0)
+    delta_from = {p: min(state.deltas.get(p, 0), since.deltas.get(p, 0)) for p in partitions}
+    for user, (p, _, _) in base.items():
+        delta_from[p] = min(delta_from[p], start_of[user])
+    deltas: dict[int, list[Delta]] = {}
+    delta_ends = {p: state.deltas.get(p, 0) for p in partitions}
+    for p, off, key, value in read(DELTA_TOPIC, delta_from):
+        delta_ends[p] = off + 1
+        try:
+            d = decode_delta(value)
+        except DecodeError as e:
+            bad.append((DELTA_TOPIC, p, off, key, value, e))
+            continue
+        if off >= since.deltas.get(p, 0):
+            changed.add(d.user_id)
+        if off >= (start_of[d.user_id] if d.user_id in base else state.deltas.get(p, 0)):
+            deltas.setdefault(d.user_id, []).append(d)
+    old = get_rows(list(set(base) | set(deltas)))
+    rows: dict[int, np.ndarray | None] = {}
+    for user in set(base) | set(deltas):
+        first = base[user][2] if user in base else old.get(user)
+        r = fold(first, deltas.get(user, []))
+        rows[user] = r if len(r) else None
+        if user in base and user not in changed:
+            # A rewritten snapshot record (the snapshot job) is a change only if the sequence differs.
+            prev = old.get(user)
+            if (prev is None) != (rows[user] is None) or (prev is not None and not np.array_equal(prev, r)):
+                changed.add(user)
+    new = FoldState(snap_ends, delta_ends,
+                    {p: (markers[p][-1][1] if markers[p] else state.markers.get(p, 0)) for p in partitions})
+    return rows, changed, new, bad
