@@ -345,7 +345,9 @@ class FoldState:
         s = cls.empty()
         for k, o in (flat or {}).items():
             name, _, p = k.rpartition("/")
-            {SNAPSHOT_TOPIC: s.snapshot, DELTA_TOPIC: s.deltas, "marker": s.markers}[name][int(p)] = int(o)
+            part = {SNAPSHOT_TOPIC: s.snapshot, DELTA_TOPIC: s.deltas, "marker": s.markers}.get(name)
+            if part is not None:  # anything else (an older state file's offsets) reads as "from the start"
+                part[int(p)] = int(o)
         return s
 
 
@@ -434,3 +436,15 @@ def catch_up(state: FoldState, partitions: list[int], read, get_rows, since: Fol
     new = FoldState(snap_ends, delta_ends,
                     {p: (markers[p][-1][1] if markers[p] else state.markers.get(p, 0)) for p in partitions})
     return rows, changed, new, bad
+
+
+def fold_partition_records(read, partition: int) -> tuple[dict[int, np.ndarray], list]:
+    """Every user's rows of one partition from ``read(topic_name)``, which yields that partition's records
+    (anything with ``offset``, ``key``, ``value``) from the beginning: the agents' rebuild of a moved partition."""
+    def records(topic: str, starts: dict[int, int]):
+        for r in read(topic):
+            if r.offset >= starts.get(partition, 0):
+                yield partition, r.offset, r.key, r.value
+
+    rows, _, _, bad = catch_up(FoldState.empty(), [partition], records, lambda users: {})
+    return {u: r for u, r in rows.items() if r is not None}, bad

@@ -28,23 +28,19 @@ deduplicated, sorted and capped for the whole batch in a few array operations; u
 one by one (a numpy merge on an (n, ROW_WIDTH) int64 view of the stored bytes, no per-pair Python work).
 One multi-get per batch; writes are staged in the store, which commits them once per batch.
 
-Export: the ``user-sequences`` topic (compacted, binary ``UserSequence``; the trainers' contract)
-    * key = user id as decimal text; value = the user's FULL current sequence (never a delta), decoded with
-      ``schemas.topics.USER_SEQUENCES.decode`` (no Faust, no RocksDB needed); partition = the user's
-      ``behaviors`` partition (so partition p holds exactly the users of behaviors partition p).
-    * One message per changed user per batch, delivered before the batch's offsets are committed.
-    * Full snapshot: read every partition from the beginning to its end (high-water mark of the fetch),
-      keep the last value per key. Apache Kafka's compaction keeps this cheap; the embedded broker never
-      compacts, so the read grows with history (``snapshot()`` below does exactly this).
-    * Incremental: remember the end offset of each partition after a read; later, read from there: the keys
-      seen are the users changed since, their values are their complete new sequences.
+Export (``schemas.seqexport`` is the contract, ``streaming.kafka.sequences`` the one reader): per batch, ONE
+``sequence-deltas`` record per changed user carrying that batch's pairs of the user and the cap (key = user id,
+partition = the user's ``behaviors`` partition), delivered before the batch's offsets are committed; bytes per
+event do not grow with the history. Full sequences live in the compacted ``user-sequences`` topic, written by
+the snapshot job (``python -m streaming.kafka.sequences snapshot``) and ``lum backfill``; a reader folds the
+snapshot with the deltas after its marker, which equals this agent's state exactly (a delta re-sent after a
+crash changes nothing).
 
-Recovery. The export topic doubles as the changelog. On assignment of partition p the agent resumes from
-the group's committed offset C. If the store covers at least C it is used as is (events in [C, store
-position) were applied but maybe not published: they are re-applied, change nothing, and their users are
-republished). If it is missing or behind (the partition was processed elsewhere, or the store's identity
-did not match), it is rebuilt from partition p of ``user-sequences`` (latest value per key, streamed into
-the store in chunks), which holds everything up to C because outputs are delivered before commits.
+Recovery. On assignment of partition p the agent resumes from the group's committed offset C. If the store
+covers at least C it is used as is (events in [C, store position) were applied but maybe not published: they
+are re-applied, change nothing, and their users' deltas are re-sent). If it is missing or behind (the
+partition was processed elsewhere, or the store's identity did not match), it is rebuilt from partition p of
+the export (snapshot + deltas), which holds everything up to C because outputs are delivered before commits.
 """
 
 from __future__ import annotations
@@ -62,7 +58,8 @@ from schemas.codec import DecodeError
 from schemas.events import BehaviorEvent
 from schemas.tokenize import (COL_KEY, COL_TIME, ROW_WIDTH, UserSequence, decode_rows, encode_rows, tokenize,
                               tokenize_rows)
-from schemas.topics import BEHAVIORS, USER_SEQUENCES, key_of
+from schemas.seqexport import encode_delta, fold_partition_records
+from schemas.topics import BEHAVIORS, SEQUENCE_DELTAS, USER_SEQUENCES, key_of
 
 from .store import Emit, Reader, Record, Store
 
@@ -70,6 +67,7 @@ log = logging.getLogger(__name__)
 
 ROW = ROW_WIDTH  # int64 columns of one pair (schemas.tokenize owns the layout)
 REBUILD_CHUNK = 10_000  # users per store commit while rebuilding (bounded memory)
+EXPORT = {USER_SEQUENCES.name: USER_SEQUENCES, SEQUENCE_DELTAS.name: SEQUENCE_DELTAS}
 _BEHAVIORS_HEADER = BEHAVIORS.encode(BehaviorEvent(event_id="x", user_id=0, item_id=0, category_id=0, behavior="view",
                                                    scenario="x", event_time_ms=1_000_000_000_000))[:3]
 _SEQ_PREFIX = USER_SEQUENCES.encode(UserSequence(0, 0, []))[:3]  # the codec's format header of the export
@@ -160,7 +158,7 @@ class SequenceLogic:
         start = committed.get(BEHAVIORS.name) or 0
         local = store.positions().get(BEHAVIORS.name)
         if local is None or local < start:
-            n = self.rebuild(store, read(USER_SEQUENCES, partition), start)
+            n = self.rebuild(store, lambda name: read(EXPORT[name], partition), partition, start)
             log.info("partition %d: local state %s, rebuilt %d users from %s (resume at %d)", partition,
                      "missing" if local is None else f"behind ({local} < {start})", n, USER_SEQUENCES.name, start)
             local = start
@@ -170,28 +168,20 @@ class SequenceLogic:
         self.republish_below[partition] = local
         return {BEHAVIORS.name: start}
 
-    def rebuild(self, store: Store, records, start: int) -> int:
-        """Refill ``store`` from a partition of user-sequences (latest value per key wins, a tombstone
-        deletes), streamed in chunks; the position is written last, so a crash mid-way rebuilds again."""
+    def rebuild(self, store: Store, read, partition: int, start: int) -> int:
+        """Refill ``store`` from the export (snapshot + deltas since its marker, ``schemas.seqexport``),
+        committed in chunks; the position is written last, so a crash mid-way rebuilds again."""
         store.reset()
-        users: set[bytes] = set()
-        for r in records:
-            try:
-                key = user_key(int(r.key))
-            except (TypeError, ValueError, OverflowError):
-                log.warning("skipping %s record with key %r", USER_SEQUENCES.name, r.key)
-                continue
-            if r.value:
-                store.put(key, r.value)
-                users.add(key)
-            else:  # a tombstone (backfill) deletes the user
-                store.delete(key)
-                users.discard(key)
+        rows, bad = fold_partition_records(read, partition)
+        for topic, _p, off, key, _v, err in bad:
+            log.warning("rebuild: skipping %s record %d (key %r): %s", topic, off, key, err)
+        for user, r in rows.items():
+            store.put(user_key(user), encode_value(user, r))
             if store.staged >= REBUILD_CHUNK:
                 store.commit({})
         store.commit({BEHAVIORS.name: start})
-        self.counts["sequences_rebuilt_users_total"] += len(users)
-        return len(users)
+        self.counts["sequences_rebuilt_users_total"] += len(rows)
+        return len(rows)
 
     def revoke(self, partition: int) -> None:
         self.stores.pop(partition, None)
@@ -250,20 +240,22 @@ class SequenceLogic:
         olds = store.get_many([user_key(u) for u in uniq_l])
         have_old = np.fromiter((o is not None for o in olds), dtype=bool, count=len(olds))
         publish: list[tuple[int, bytes]] = []
-        if (~have_old).any():
+        changed = np.flatnonzero(~have_old).tolist()  # export: one delta per changed user (its batch rows)
+        if changed:
             publish += self._fresh_users(uniq[~have_old], starts[~have_old], ends[~have_old], rows_s)
         for i in np.flatnonzero(have_old).tolist():
-            old = olds[i]
             user = uniq_l[i]
-            merged = merge(decode_value(old), rows_s[starts[i]:ends[i]], self.cap)
+            merged = merge(decode_value(olds[i]), rows_s[starts[i]:ends[i]], self.cap)
             if merged is not None:
                 publish.append((user, encode_value(user, merged)))
-            elif user in forced:
-                publish.append((user, old))
+            if merged is not None or user in forced:
+                changed.append(i)
         for user, value in publish:
             store.put(user_key(user), value)
-            emit.send(USER_SEQUENCES, value, key=key_of(user), partition=partition)
-        self.counts["sequences_published_total"] += len(publish)
+        for i in changed:
+            emit.send(SEQUENCE_DELTAS, encode_delta(uniq_l[i], rows_s[starts[i]:ends[i]], self.cap),
+                      key=key_of(uniq_l[i]), partition=partition)
+        self.counts["sequences_published_total"] += len(changed)
 
     def _fresh_users(self, users: np.ndarray, starts: np.ndarray, ends: np.ndarray,
                      rows: np.ndarray) -> list[tuple[int, bytes]]:
@@ -311,22 +303,8 @@ def expected_sequences(events, cap: int = 1024) -> dict[int, UserSequence]:
     return out
 
 
-def snapshot(kafka, starts: dict[int, int] | None = None) -> tuple[dict[int, UserSequence], dict[int, int]]:
-    """Latest sequence per user in ``user-sequences`` (from ``starts``, default the beginning) and the end
-    offsets reached: the full-snapshot and incremental reads of the export contract (a Kafka read, for
-    tools and tests; the logic above never reads Kafka)."""
-    from .reading import read_to_end, reader
+def snapshot(kafka) -> tuple[dict[int, UserSequence], dict[str, int]]:
+    """Every user's sequence as the export says (``streaming.kafka.sequences.snapshot``), for tools and tests."""
+    from ..kafka.sequences import snapshot as read_export
 
-    topic = kafka.topic(USER_SEQUENCES)
-    latest: dict[bytes, bytes | None] = {}
-    ends: dict[int, int] = dict(starts or {})
-    consumer = reader(kafka)
-    t0 = time.monotonic()
-    try:
-        for m in read_to_end(consumer, topic, starts):
-            latest[m.key()] = m.value()
-            ends[m.partition()] = m.offset() + 1
-    finally:
-        consumer.close()
-    log.debug("snapshot of %s: %d users in %.1fs", topic, len(latest), time.monotonic() - t0)
-    return {int(k): USER_SEQUENCES.decode(v) for k, v in latest.items() if v}, ends
+    return read_export(kafka)

@@ -13,6 +13,8 @@ Contract (layouts and fold: ``schemas.seqexport``):
       the deltas since the view's offsets, never a re-read of the snapshot. ``offsets=None`` returns everyone.
       Used by ``lum refresh``.
     * ``fold_partition(kafka, p)``: one partition's users, for the sequence agent's rebuild of a moved partition.
+    * ``export_users`` / ``publish_reset``: what ``lum backfill sequences`` replaces, and the new base it
+      writes (full sequences, tombstones, then markers past every older delta).
     * ``write_snapshot(kafka)``: the periodic compaction: per partition, fold the deltas since the marker into
       the changed users' snapshot records, flush, then move the marker. A crash in between leaves a marker
       that is too low, which the fold tolerates (re-applying a delta changes nothing). Run it more often than
@@ -217,6 +219,37 @@ def write_snapshot(kafka: KafkaSettings, out=None) -> dict[str, int]:
         out.flush()
         log.info("snapshot partition %d: %d users rewritten, deltas covered up to %d", p, len(dirty), end)
     return {"users": users, "bytes": nbytes}
+
+
+def export_users(kafka: KafkaSettings) -> tuple[dict[int, int], dict[int, int]]:
+    """{user: partition} of every user with a sequence in the export now, and the ``sequence-deltas`` end
+    offsets read (what ``publish_reset`` puts in its markers)."""
+    users: dict[int, int] = {}
+    ends: dict[int, int] = {}
+    for p in _partitions(kafka):
+        view = MemoryView()
+        _catch_up(kafka, view, None, [p], None)
+        users |= {u: p for u in view.rows}
+        ends[p] = view.state.deltas.get(p, 0)
+    return users, ends
+
+
+def publish_reset(kafka: KafkaSettings, out, partition: int, rows, gone, delta_end: int) -> int:
+    """A new base for one partition (``lum backfill``): every user's full sequence (``rows``: (user, rows)),
+    tombstones for ``gone`` users, then the marker ``delta_end`` (deltas before it are superseded). Returns
+    the number of records written."""
+    topic = kafka.topic(USER_SEQUENCES)
+    n = 0
+    for u, r in rows:
+        out.produce(topic, value=sx.encode_snapshot(u, r), key=key_of(u), partition=partition)
+        n += 1
+    for u in gone:
+        out.produce(topic, value=None, key=key_of(u), partition=partition)
+        n += 1
+    out.flush()
+    out.produce(topic, value=sx.encode_marker(partition, delta_end), key=sx.marker_key(partition), partition=partition)
+    out.flush()
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:

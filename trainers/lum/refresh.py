@@ -4,10 +4,11 @@
     LUM_REFRESH_CONDITIONS="scenario=home;scenario=search;category=17,behavior=buy" \
         lum refresh --checkpoint runs/lum --every 10
 
-One run: load the newest checkpoint under ``--checkpoint``; read ``user-sequences`` from the offsets the
-previous run stored in its state file (``refresh-state.json`` next to the checkpoints), or from the
-beginning when the model version changed (a new model republishes everyone); keep the latest sequence per
-user; answer the configured conditions for those users with one group-query pass per batch of users;
+One run: load the newest checkpoint under ``--checkpoint``; read the users whose sequences changed since
+the offsets the previous run stored in its state file (``refresh-state.json`` next to the checkpoints), or
+every user when the model version changed (a new model republishes everyone), with their full sequences,
+through the export's one reader (``streaming.kafka.sequences.changed_since``, which keeps a local fold in
+``sequence-view/`` next to the state file, so a run reads only what changed); answer the configured conditions for those users with one group-query pass per batch of users;
 publish ``LumFeatures`` to ``lum-features`` (key = user id) and the ``ItemEmbedding`` of every item in the
 sequences read to ``item-embeddings``; flush; then store the new offsets. A crash before the state is
 written repeats the run (at-least-once; the topics are compacted, so repeats are harmless).
@@ -37,6 +38,7 @@ from .packing import Seq, group_query_batch, to_tokens, truncate_prefix
 
 log = logging.getLogger(__name__)
 STATE_FILE = "refresh-state.json"
+VIEW_DIR = "sequence-view"
 
 
 class RefreshSettings(BaseSettings):
@@ -124,7 +126,7 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     """One refresh; returns what it did: model_version, full (everyone republished), users, items, seconds."""
     from schemas.deadletter import DeadLetters
 
-    from .data import read_user_sequences
+    from streaming.kafka.sequences import changed_since
     from .pretrain import load_checkpoint, pick_device
 
     t0 = time.perf_counter()
@@ -140,10 +142,10 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     state = json.loads(spath.read_text()) if spath.exists() else {}
     topic = kafka.topic(USER_SEQUENCES)
     same = state.get("model_version") == version and state.get("topic") == topic
-    start = {int(p): o for p, o in state.get("offsets", {}).items()} if same else None
+    start = state.get("offsets") if same else None
     publisher = _Publisher(kafka)
-    seqs, offsets = read_user_sequences(kafka, start, settings.idle_timeout_s, settings.group,
-                                        DeadLetters(publisher, kafka, "lum-refresh"))
+    # The export's one reader; a local fold next to the state file makes incremental reads cost the deltas only.
+    seqs, offsets = changed_since(kafka, start, spath.parent / VIEW_DIR, DeadLetters(publisher, kafka, "lum-refresh"))
     users = [Seq.from_user_sequence(s) for s in seqs.values() if s.pairs]
     as_of = {s.user_id: max(p.event_time_ms for p in s.pairs) for s in seqs.values() if s.pairs}
     log.info("refresh %s: %d changed users (%s)", version, len(users), "incremental" if same else "full: new model")
@@ -181,7 +183,7 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     spath.parent.mkdir(parents=True, exist_ok=True)
     tmp = spath.with_suffix(".tmp")
     tmp.write_text(json.dumps({"model_version": version, "topic": topic, "updated_at_ms": now,
-                               "offsets": {str(p): o for p, o in offsets.items()}}))
+                               "offsets": offsets}))
     tmp.replace(spath)
     dt = time.perf_counter() - t0
     log.info("refresh done: %d users, %d items, %d conditions in %.1fs (%.0f users/s)", len(users), len(ids),
