@@ -168,3 +168,18 @@ def test_markers_tombstones_and_bad_records():
             sx.decode(bad)
     with pytest.raises(DecodeError):
         USER_SEQUENCES.decode(sx.encode_marker(0, 1))
+
+
+def test_small_record_encoder_writes_the_same_bytes_as_the_vector_one(monkeypatch):
+    rng = np.random.default_rng(5)
+    big = np.iinfo(np.int64)
+    for n in range(1, sx._SMALL):
+        rows = rng.integers(big.min, big.max, (n, sx.ROW), dtype=np.int64)
+        rows[:, 2] = rng.integers(0, 3, n)  # repeated condition ids
+        fast = sx.encode_delta(9, rows, 7)
+        monkeypatch.setattr(sx, "_SMALL", 0)
+        assert sx.encode_delta(9, rows, 7) == fast
+        slow = sx.decode(fast).rows  # the vector decoder
+        monkeypatch.setattr(sx, "_SMALL", 8)
+        np.testing.assert_array_equal(sx.decode(fast).rows, rows[np.lexsort((rows[:, 1], rows[:, 0]))])
+        np.testing.assert_array_equal(slow, sx.decode(fast).rows)
