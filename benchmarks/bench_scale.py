@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_scale.py --json runs/bench_scale.json          # three sizes, ~5 min
     .venv/bin/python benchmarks/bench_scale.py --quick                               # 3,000 events a size
     .venv/bin/python benchmarks/bench_scale.py --sizes 1e6x1024 --events 20000       # one size
+    .venv/bin/python benchmarks/bench_scale.py --refresh ...      # + LUM refresh FLOPs per user (large preset)
 
 Sizes (users x mature history in pairs): 1e3x50, 1e5x500, 1e6x1024. State is pre-seeded directly in the
 agents' stores (never streamed through Kafka), then ``--events`` new events (default 20,000) for users drawn
@@ -18,6 +19,8 @@ Printed per size and agent:
                           for the sequence agent also what the previous full-sequence export would have written
     state B/user          the agent's RocksDB on disk per seeded user (and the logical value bytes)
     RSS                   peak resident memory of the process
+    reader                the refresh side: a local view of the same mature histories folding the run's deltas
+                          (deltas and changed users per CPU-second)
 The sequence agent's export is ``schemas.seqexport`` (deltas); the joiner keeps at most
 ``LUM_AGENT_HISTORY_LEN`` (50) history pairs a user whatever the LUM history, so its seeded history is that.
 Goals (issue 14): out/in <= 2 at every size; events/s per worker within 30% across sizes.
@@ -196,14 +199,37 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
         grown[d.user_id] = min(grown.get(d.user_id, hist) + len(d.rows), cfg.max_pairs)
         full += len(m.key()) + 31 + 64 * grown[d.user_id]
     c.close()
+    reader = reader_cost(kafka, Path(data_dir) / "view", touched, hist, rng)
     cur, peak = rss_mb()
-    return {"agent": "sequences", "users": users, "history": hist, "events": events, "seeded_users": int(len(touched)),
+    return {"agent": "sequences", "reader_deltas_per_cpu_s": reader["deltas_per_cpu_s"],
+            "reader_users_per_cpu_s": reader["users_per_cpu_s"], "users": users, "history": hist, "events": events, "seeded_users": int(len(touched)),
             "events_per_s": res["events_per_s"], "events_per_cpu_s": res["events_per_cpu_s"],
             "bytes_in": bytes_in, "bytes_out": bytes_out + dead, "out_records": n_out,
             "out_per_in": (bytes_out + dead) / bytes_in, "full_export_out_per_in": full / bytes_in,
             "state_disk_bytes_per_user": disk / len(touched), "state_value_bytes_per_user": logical / len(touched),
             "snapshot_v2_bytes_per_user": v2 / len(touched), "rss_mb": cur, "peak_rss_mb": peak,
             "seed_s": seed_s}
+
+
+def reader_cost(kafka, view_dir: Path, users: np.ndarray, hist: int, rng) -> dict:
+    """The refresh side of the export: a reader's local view holding the same mature histories folds the
+    run's deltas (``streaming.kafka.sequences``: read, decode, fold, re-encode, one RocksDB write)."""
+    from schemas import seqexport as sx
+    from schemas.tokenize import ROW_WIDTH
+    from streaming.kafka.sequences import View, _catch_up
+
+    view = View(view_dir)
+    for i in range(0, len(users), 500):
+        chunk = users[i:i + 500]
+        view.write(dict(zip(chunk.tolist(), history_rows(rng, len(chunk), hist, ROW_WIDTH))), sx.FoldState.empty())
+    t = time.process_time()
+    changed = _catch_up(kafka, view, None, None, None)
+    cpu = time.process_time() - t
+    n_deltas = sum(view.state.deltas.values())
+    view.close()
+    print(f"    reader: folded {n_deltas:,} deltas into {len(changed):,} users' {hist}-pair views in {cpu:.1f} CPU-s",
+          flush=True)
+    return {"deltas_per_cpu_s": n_deltas / cpu, "users_per_cpu_s": len(changed) / cpu}
 
 
 # --- joiner -------------------------------------------------------------------------------------------
@@ -285,6 +311,42 @@ def child_joiner(bootstrap: str, prefix: str, data_dir: str, users: int, hist: i
             "rss_mb": cur, "peak_rss_mb": peak, "seed_s": seed_s}
 
 
+def refresh_flops(pairs: int = 1024, conditions: int = 3) -> dict:
+    """FLOPs of one user's refresh (group query over ``pairs`` pairs, K conditions) with the ``large`` preset,
+    counted by torch's FlopCounterMode on the real ``condition_outputs`` path. Layers are identical, so it
+    runs 1 and 2 layers (small vocabularies: lookups are not FLOPs) and extrapolates to the preset's depth."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from schemas.tokenize import parse_condition
+    from trainers.lum.model import PRESETS, LumModel
+    from trainers.lum.packing import Seq
+    from trainers.lum.refresh import condition_outputs
+
+    torch.set_num_threads(1)
+    conds = np.array([parse_condition(f"category={c}") for c in range(conditions)])
+    rng = np.random.default_rng(0)
+    user = [Seq(1, rng.integers(1, 1000, (pairs, 4)), rng.integers(0, 10**5, pairs), rng.integers(0, 40, pairs))]
+    large = PRESETS["large"]
+    flops, secs = {}, {}
+    for layers in (1, 2):
+        cfg = large.model_copy(update={"item_buckets": 1009, "cat_buckets": 101, "cond_buckets": 101,
+                                       "n_layers": layers})
+        counter = FlopCounterMode(display=False)
+        t = time.perf_counter()
+        with counter:
+            condition_outputs(LumModel(cfg), user, conds, 1, "cpu")
+        flops[layers], secs[layers] = counter.get_total_flops(), time.perf_counter() - t
+    per_layer = flops[2] - flops[1]
+    total = flops[1] - per_layer + large.n_layers * per_layer
+    row_len = max(large.row_len, 2 * large.max_pairs + conditions)
+    print(f"refresh, large preset, {pairs} pairs, K={conditions}: {total / 1e9:,.0f} GFLOP per user "
+          f"(row of {row_len} tokens for {2 * pairs + conditions} real ones); 1-layer CPU pass "
+          f"{flops[1] / secs[1] / 1e9:.1f} GFLOP/s here", flush=True)
+    return {"gflop_per_user": total / 1e9, "row_len": row_len, "tokens": 2 * pairs + conditions,
+            "cpu_gflop_per_s": flops[1] / secs[1] / 1e9}
+
+
 # --- driver -------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -293,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--agents", default="sequences,joiner")
     ap.add_argument("--events", type=int, default=0, help="events per size (default 20,000; --quick 3,000)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--refresh", action="store_true",
+                    help="also count the LUM refresh FLOPs per user at 1,024 pairs (large preset; minutes on CPU)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-args", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -339,15 +403,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['agent']} | {r['users']:,} x {r['history']} | {r['events_per_s']:,.0f} ({r['events_per_cpu_s']:,.0f}) "
               f"| {r['out_per_in']:.2f} | {full} | {r['state_disk_bytes_per_user']:,.0f} / "
               f"{r['state_value_bytes_per_user']:,.0f} | {r['peak_rss_mb']:,.0f} |")
+    for r in results:
+        if "reader_deltas_per_cpu_s" in r:
+            print(f"reader (refresh view) @ {r['size']}: {r['reader_deltas_per_cpu_s']:,.0f} deltas/CPU-s, "
+                  f"{r['reader_users_per_cpu_s']:,.0f} changed {r['history']}-pair users/CPU-s")
     for agent in {r["agent"] for r in results}:
         rates = [r["events_per_cpu_s"] for r in results if r["agent"] == agent]
         worst = max(r["out_per_in"] for r in results if r["agent"] == agent)
         spread = (max(rates) - min(rates)) / max(rates) if rates else 0
         print(f"{agent}: events/CPU-s spread across sizes {spread:.0%} (goal <= 30%), "
               f"worst out/in {worst:.2f} (goal <= 2)")
+    refresh = refresh_flops() if args.refresh else None
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"events_per_size": events, "results": results}, indent=1))
+        args.json.write_text(json.dumps({"events_per_size": events, "results": results, "refresh": refresh}, indent=1))
         print(f"wrote {args.json}")
     return 0
 
