@@ -214,14 +214,13 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
 def reader_cost(kafka, view_dir: Path, users: np.ndarray, hist: int, rng) -> dict:
     """The refresh side of the export: a reader's local view holding the same mature histories folds the
     run's deltas (``streaming.kafka.sequences``: read, decode, fold, re-encode, one RocksDB write)."""
-    from schemas import seqexport as sx
     from schemas.tokenize import ROW_WIDTH
     from streaming.kafka.sequences import View, _catch_up
 
     view = View(view_dir)
     for i in range(0, len(users), 500):
         chunk = users[i:i + 500]
-        view.write(dict(zip(chunk.tolist(), history_rows(rng, len(chunk), hist, ROW_WIDTH))), sx.FoldState.empty())
+        view.put(dict(zip(chunk.tolist(), history_rows(rng, len(chunk), hist, ROW_WIDTH))))
     t = time.process_time()
     changed = _catch_up(kafka, view, None, None, None)
     cpu = time.process_time() - t

@@ -443,23 +443,37 @@ class FoldState:
         return s
 
 
-def catch_up(state: FoldState, partitions: list[int], read, get_rows, since: FoldState | None = None
-             ) -> tuple[dict[int, np.ndarray | None], set[int], FoldState, list]:
-    """Bring a fold (``state`` + rows behind ``get_rows(users) -> {user: rows}``) up to the topics' ends.
+def catch_up(state: FoldState, partitions: list[int], read, get_rows, put_rows, since: FoldState | None = None,
+             chunk: int = 10_000) -> tuple[set[int], FoldState, list]:
+    """Bring a fold (``state`` + the rows behind ``get_rows(users) -> {user: rows}``) up to the topics' ends,
+    writing with ``put_rows({user: rows or None (delete)})`` in chunks of ``chunk`` users or deltas, so that
+    memory stays bounded whatever the partition's size.
 
     ``read(topic, {partition: start})`` yields ``(partition, offset, key, value)`` to each partition's end, in
-    offset order per partition. Returns (new rows per user, None = deleted; users changed since ``since``;
-    the new state; bad records as ``(topic, partition, offset, key, value, DecodeError)``).
+    offset order per partition. Returns (users changed since ``since``; the new state, which the caller
+    stores after the last ``put_rows``; bad records as ``(topic, partition, offset, key, value, DecodeError)``).
 
-    Rules: a snapshot record newer than the fold REPLACES the user's rows, folded with the user's deltas from
-    the first marker after it (else the last marker known; lower is harmless); other users fold the deltas
-    after ``state.deltas``. ``since`` (default: ``state``) only widens the reads so that changes between
-    ``since`` and ``state`` are reported too."""
+    Rules: a snapshot record newer than the fold REPLACES the user's rows and is then folded with the user's
+    deltas from the first marker after it (else the last marker known; lower is harmless); other users fold
+    the deltas after ``state.deltas``. ``since`` (default: ``state``) only widens the reads so that changes
+    between ``since`` and ``state`` are reported too. Interrupted half-way (no new state stored), a rerun from
+    the old state gives the same result: records replace again and deltas re-apply idempotently."""
     since = since or state
     bad: list = []
-    base: dict[int, tuple[int, int, np.ndarray | None]] = {}  # user -> (partition, offset, rows) newer than state
+    rec_at: dict[int, tuple[int, int]] = {}  # user -> (partition, offset) of its newest fresh snapshot record
     markers: dict[int, list[tuple[int, int]]] = {p: [] for p in partitions}
     changed: set[int] = set()
+    pending: dict[int, np.ndarray | None] = {}
+
+    def flush_records() -> None:
+        prev = get_rows(list(pending))
+        for user, rows in pending.items():
+            old = prev.get(user)
+            if (old is None) != (rows is None) or (old is not None and not np.array_equal(old, rows)):
+                changed.add(user)  # a rewritten record (the snapshot job) is a change only if it differs
+        put_rows(dict(pending))
+        pending.clear()
+
     snap_ends = {p: state.snapshot.get(p, 0) for p in partitions}
     snap_from = {p: min(snap_ends[p], since.snapshot.get(p, 0)) for p in partitions}
     for p, off, key, value in read(SNAPSHOT_TOPIC, snap_from):
@@ -490,18 +504,34 @@ def catch_up(state: FoldState, partitions: list[int], read, get_rows, since: Fol
             except DecodeError as e:
                 bad.append((SNAPSHOT_TOPIC, p, off, key, value, e))
                 continue
-            base[user] = (p, off, None if rec is None else rec[1])
+            rec_at[user] = (p, off)
+            pending[user] = None if rec is None or not len(rec[1]) else rec[1]
+            if len(pending) >= chunk:
+                flush_records()
         elif off >= since.snapshot.get(p, 0):
             changed.add(user)  # applied by an earlier read after ``since``: report it again
+    if pending:
+        flush_records()
     # The marker that vouches for each replaced user's record (first marker after it).
     start_of: dict[int, int] = {}
-    for user, (p, off, _) in base.items():
+    for user, (p, off) in rec_at.items():
         later = [m for o, m in markers[p] if o > off]
         start_of[user] = later[0] if later else state.markers.get(p, 0)
     delta_from = {p: min(state.deltas.get(p, 0), since.deltas.get(p, 0)) for p in partitions}
-    for user, (p, _, _) in base.items():
+    for user, (p, _) in rec_at.items():
         delta_from[p] = min(delta_from[p], start_of[user])
     deltas: dict[int, list[Delta]] = {}
+    n_pending = 0
+
+    def flush_deltas() -> None:
+        cur = get_rows(list(deltas))
+        out = {}
+        for user, ds in deltas.items():
+            r = fold(cur.get(user), ds)
+            out[user] = r if len(r) else None
+        put_rows(out)
+        deltas.clear()
+
     delta_ends = {p: state.deltas.get(p, 0) for p in partitions}
     for p, off, key, value in read(DELTA_TOPIC, delta_from):
         delta_ends[p] = off + 1
@@ -512,31 +542,26 @@ def catch_up(state: FoldState, partitions: list[int], read, get_rows, since: Fol
             continue
         if off >= since.deltas.get(p, 0):
             changed.add(d.user_id)
-        if off >= (start_of[d.user_id] if d.user_id in base else state.deltas.get(p, 0)):
+        if off >= (start_of[d.user_id] if d.user_id in start_of else state.deltas.get(p, 0)):
             deltas.setdefault(d.user_id, []).append(d)
-    old = get_rows(list(set(base) | set(deltas)))
-    rows: dict[int, np.ndarray | None] = {}
-    for user in set(base) | set(deltas):
-        first = base[user][2] if user in base else old.get(user)
-        r = fold(first, deltas.get(user, []))
-        rows[user] = r if len(r) else None
-        if user in base and user not in changed:
-            # A rewritten snapshot record (the snapshot job) is a change only if the sequence differs.
-            prev = old.get(user)
-            if (prev is None) != (rows[user] is None) or (prev is not None and not np.array_equal(prev, r)):
-                changed.add(user)
+            n_pending += 1
+            if n_pending >= chunk:  # runs of one user's deltas stay in offset order across chunks
+                flush_deltas()
+                n_pending = 0
+    if deltas:
+        flush_deltas()
     new = FoldState(snap_ends, delta_ends,
                     {p: (markers[p][-1][1] if markers[p] else state.markers.get(p, 0)) for p in partitions})
-    return rows, changed, new, bad
+    return changed, new, bad
 
 
-def fold_partition_records(read, partition: int) -> tuple[dict[int, np.ndarray], list]:
-    """Every user's rows of one partition from ``read(topic_name)``, which yields that partition's records
-    (anything with ``offset``, ``key``, ``value``) from the beginning: the agents' rebuild of a moved partition."""
+def fold_partition_records(read, partition: int, get_rows, put_rows) -> list:
+    """Rebuild one partition's fold from ``read(topic_name)``, which yields that partition's records (anything
+    with ``offset``, ``key``, ``value``) from the beginning, into an empty store behind ``get_rows`` /
+    ``put_rows`` (as in ``catch_up``): the agents' rebuild of a moved partition. Returns the bad records."""
     def records(topic: str, starts: dict[int, int]):
         for r in read(topic):
             if r.offset >= starts.get(partition, 0):
                 yield partition, r.offset, r.key, r.value
 
-    rows, _, _, bad = catch_up(FoldState.empty(), [partition], records, lambda users: {})
-    return {u: r for u, r in rows.items() if r is not None}, bad
+    return catch_up(FoldState.empty(), [partition], records, get_rows, put_rows)[2]

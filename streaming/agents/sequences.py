@@ -172,16 +172,27 @@ class SequenceLogic:
         """Refill ``store`` from the export (snapshot + deltas since its marker, ``schemas.seqexport``),
         committed in chunks; the position is written last, so a crash mid-way rebuilds again."""
         store.reset()
-        rows, bad = fold_partition_records(read, partition)
-        for topic, _p, off, key, _v, err in bad:
+        users: set[int] = set()
+
+        def get_rows(us: list[int]) -> dict[int, np.ndarray]:
+            return {u: decode_value(v) for u, v in zip(us, store.get_many([user_key(u) for u in us])) if v}
+
+        def put_rows(rows: dict[int, np.ndarray | None]) -> None:
+            for user, r in rows.items():
+                if r is None:
+                    store.delete(user_key(user))
+                    users.discard(user)
+                else:
+                    store.put(user_key(user), encode_value(user, r))
+                    users.add(user)
+                if store.staged >= REBUILD_CHUNK:
+                    store.commit({})
+
+        for topic, _p, off, key, _v, err in fold_partition_records(read, partition, get_rows, put_rows):
             log.warning("rebuild: skipping %s record %d (key %r): %s", topic, off, key, err)
-        for user, r in rows.items():
-            store.put(user_key(user), encode_value(user, r))
-            if store.staged >= REBUILD_CHUNK:
-                store.commit({})
         store.commit({BEHAVIORS.name: start})
-        self.counts["sequences_rebuilt_users_total"] += len(rows)
-        return len(rows)
+        self.counts["sequences_rebuilt_users_total"] += len(users)
+        return len(users)
 
     def revoke(self, partition: int) -> None:
         self.stores.pop(partition, None)

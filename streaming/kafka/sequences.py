@@ -86,12 +86,14 @@ class MemoryView:
     def get(self, users) -> dict[int, np.ndarray]:
         return {u: self.rows[u] for u in users if u in self.rows}
 
-    def write(self, rows: dict[int, np.ndarray | None], state: sx.FoldState) -> None:
+    def put(self, rows: dict[int, np.ndarray | None]) -> None:
         for u, r in rows.items():
             if r is None:
                 self.rows.pop(u, None)
             else:
                 self.rows[u] = r
+
+    def set_state(self, state: sx.FoldState) -> None:
         self.state = state
 
     def users(self):
@@ -124,7 +126,7 @@ class View:
         vals = self.db.get([self._k(u) for u in users]) if users else []
         return {u: sx.decode(v)[1] for u, v in zip(users, vals) if v is not None}
 
-    def write(self, rows: dict[int, np.ndarray | None], state: sx.FoldState) -> None:
+    def put(self, rows: dict[int, np.ndarray | None]) -> None:
         from rocksdict import WriteBatch
 
         wb = WriteBatch(raw_mode=True)
@@ -133,8 +135,11 @@ class View:
                 wb.delete(self._k(u))
             else:
                 wb.put(self._k(u), sx.encode_snapshot(u, r))
-        wb.put(STATE_KEY, json.dumps(state.flat()).encode())
-        self.db.write(wb)  # sequences and the offsets they cover, atomically
+        self.db.write(wb)
+
+    def set_state(self, state: sx.FoldState) -> None:
+        # Written after every chunk of rows: a run interrupted before this repeats from the old state.
+        self.db.put(STATE_KEY, json.dumps(state.flat()).encode())
         self.state = state
 
     def users(self):
@@ -149,8 +154,8 @@ class View:
 def _catch_up(kafka: KafkaSettings, view, since: sx.FoldState | None, partitions: list[int] | None, dead_letters
               ) -> set[int]:
     parts = partitions if partitions is not None else _partitions(kafka)
-    rows, changed, state, bad = sx.catch_up(view.state, parts, _reader_fn(kafka), view.get, since)
-    view.write(rows, state)
+    changed, state, bad = sx.catch_up(view.state, parts, _reader_fn(kafka), view.get, view.put, since)
+    view.set_state(state)
     _report_bad(kafka, bad, dead_letters)
     return changed
 

@@ -183,3 +183,32 @@ def test_small_record_encoder_writes_the_same_bytes_as_the_vector_one(monkeypatc
         monkeypatch.setattr(sx, "_SMALL", 8)
         np.testing.assert_array_equal(sx.decode(fast).rows, rows[np.lexsort((rows[:, 1], rows[:, 0]))])
         np.testing.assert_array_equal(slow, sx.decode(fast).rows)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 10_000])
+def test_catch_up_in_chunks_equals_the_definition(chunk):
+    """The streaming catch-up (records and deltas applied chunk by chunk into a store) is exact, and a
+    snapshot record followed by its marker supersedes the deltas before the marker."""
+    events = messy_stream(seed=11)
+    want = reference(events, 16)
+    _, deltas, snap = run_agent(events, 16, snapshot_after=9)
+    cut = next(i for i, (b, _) in enumerate(deltas) if b > 9)  # deltas after the snapshot start here
+    topics = {
+        sx.SNAPSHOT_TOPIC: [(0, i, str(u).encode(), sx.encode_snapshot(u, r)) for i, (u, r) in enumerate(snap.items())]
+        + [(0, len(snap), sx.marker_key(0), sx.encode_marker(0, cut))],
+        sx.DELTA_TOPIC: [(0, i, str(d.user_id).encode(), sx.encode_delta(d.user_id, d.rows, d.cap))
+                         for i, (_, d) in enumerate(deltas)],
+    }
+    store: dict[int, np.ndarray] = {}
+
+    def read(topic, starts):
+        return (r for r in topics[topic] if r[1] >= starts.get(r[0], 0))
+
+    def put(rows):
+        for u, r in rows.items():
+            store.pop(u, None) if r is None else store.__setitem__(u, r)
+
+    changed, state, bad = sx.catch_up(sx.FoldState.empty(), [0], read, lambda us: {u: store[u] for u in us if u in store},
+                                      put, chunk=chunk)
+    assert not bad and changed == set(want) and state.deltas == {0: len(deltas)} and state.markers == {0: cut}
+    assert_equal(store, want)
