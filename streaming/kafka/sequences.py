@@ -1,18 +1,20 @@
 """The one reader (and snapshot writer) of the sequence export: ``user-sequences`` snapshots + ``sequence-deltas``.
 
     python -m streaming.kafka.sequences snapshot         # fold new deltas into the compacted snapshot (cron job)
-    python -m streaming.kafka.sequences stats            # users, records and bytes of both topics
+    python -m streaming.kafka.sequences stats            # users, pairs and offsets of the folded export
 
-Contract (layouts and fold: ``schemas.seqexport``):
-    * ``snapshot(kafka)``: every user's full sequence, and the ``sequence-deltas`` end offsets it covers (what a
-      later incremental read passes). Reads the compacted snapshot topic, then the deltas from each partition's
-      marker offset, and folds. Used by ``lum pretrain --source kafka`` and ``lum backfill sequences``.
-    * ``changed_since(kafka, offsets, view_dir)``: the users whose sequences changed since ``offsets`` (deltas
-      topic), with their FULL sequences. Full sequences need a base, so the caller keeps a local view (one
-      RocksDB of folded sequences + the offsets it covers, compact layout): an incremental read then costs only
-      the deltas since the view's offsets, never a re-read of the snapshot. ``offsets=None`` returns everyone.
-      Used by ``lum refresh``.
-    * ``fold_partition(kafka, p)``: one partition's users, for the sequence agent's rebuild of a moved partition.
+Contract (layouts and fold: ``schemas.seqexport``; offsets are ``FoldState.flat()``: the next offset per
+partition of both topics and the markers seen, e.g. ``{"user-sequences/0": 12, "sequence-deltas/0": 40}``):
+    * ``snapshot(kafka)``: every user's full sequence, and the offsets it covers (what a later incremental
+      read passes). Reads the compacted snapshot topic, then the deltas from each partition's marker offset,
+      and folds. Used by ``lum pretrain --source kafka`` (its checkpoint records the offsets).
+    * ``changed_since(kafka, offsets, view_dir)``: the users whose sequences changed since ``offsets``, with
+      their FULL sequences. Full sequences need a base, so the caller keeps a local view (one RocksDB of
+      folded sequences in the compact layout + the offsets it covers): an incremental read then costs only
+      what was written since the view's offsets, never a re-read of the snapshot. ``offsets=None`` returns
+      everyone. Used by ``lum refresh`` (view in ``sequence-view/`` next to its state file).
+    * ``fold_partition(kafka, p)``: one partition's users (tools; the agent rebuilds a moved partition with
+      ``schemas.seqexport.fold_partition_records`` over its runtime's reader, into its store, in chunks).
     * ``export_users`` / ``publish_reset``: what ``lum backfill sequences`` replaces, and the new base it
       writes (full sequences, tombstones, then markers past every older delta).
     * ``write_snapshot(kafka)``: the periodic compaction: per partition, fold the deltas since the marker into
@@ -44,14 +46,15 @@ log = logging.getLogger(__name__)
 STATE_KEY = b"\x00fold-state"
 
 
-def _reader_fn(kafka: KafkaSettings):
-    """``read(logical topic, {partition: start})`` over Kafka, as ``schemas.seqexport.catch_up`` wants it."""
+def _reader_fn(kafka: KafkaSettings, idle_timeout_s: float = 30.0):
+    """``read(logical topic, {partition: start})`` over Kafka, as ``schemas.seqexport.catch_up`` wants it;
+    a partition that neither yields data nor reaches its end for ``idle_timeout_s`` raises TimeoutError."""
     names = {USER_SEQUENCES.name: USER_SEQUENCES, SEQUENCE_DELTAS.name: SEQUENCE_DELTAS}
 
     def read(topic: str, starts: dict[int, int]):
         consumer = reader(kafka)
         try:
-            for m in read_to_end(consumer, kafka.topic(names[topic]), dict(starts)):
+            for m in read_to_end(consumer, kafka.topic(names[topic]), dict(starts), idle_timeout_s=idle_timeout_s):
                 yield m.partition(), m.offset(), m.key(), m.value()
         finally:
             consumer.close()
@@ -151,20 +154,21 @@ class View:
         self.db.close()
 
 
-def _catch_up(kafka: KafkaSettings, view, since: sx.FoldState | None, partitions: list[int] | None, dead_letters
-              ) -> set[int]:
+def _catch_up(kafka: KafkaSettings, view, since: sx.FoldState | None, partitions: list[int] | None, dead_letters,
+              idle_timeout_s: float = 30.0) -> set[int]:
     parts = partitions if partitions is not None else _partitions(kafka)
-    changed, state, bad = sx.catch_up(view.state, parts, _reader_fn(kafka), view.get, view.put, since)
+    changed, state, bad = sx.catch_up(view.state, parts, _reader_fn(kafka, idle_timeout_s), view.get, view.put, since)
     view.set_state(state)
     _report_bad(kafka, bad, dead_letters)
     return changed
 
 
-def snapshot(kafka: KafkaSettings, dead_letters=None) -> tuple[dict[int, UserSequence], dict[str, int]]:
+def snapshot(kafka: KafkaSettings, dead_letters=None, idle_timeout_s: float = 30.0
+             ) -> tuple[dict[int, UserSequence], dict[str, int]]:
     """Every user's full sequence, and the offsets covered (pass them to ``changed_since`` later)."""
     t0 = time.monotonic()
     view = MemoryView()
-    _catch_up(kafka, view, None, None, dead_letters)
+    _catch_up(kafka, view, None, None, dead_letters, idle_timeout_s)
     log.info("sequence export: %d users in %.1fs", len(view.rows), time.monotonic() - t0)
     return {u: sx.to_sequence(u, r) for u, r in view.rows.items()}, view.state.flat()
 
@@ -176,15 +180,15 @@ def fold_partition(kafka: KafkaSettings, partition: int, dead_letters=None) -> d
     return view.rows
 
 
-def changed_since(kafka: KafkaSettings, offsets: dict[str, int] | None, view_dir: str | Path, dead_letters=None
-                  ) -> tuple[dict[int, UserSequence], dict[str, int]]:
+def changed_since(kafka: KafkaSettings, offsets: dict[str, int] | None, view_dir: str | Path, dead_letters=None,
+                  idle_timeout_s: float = 30.0) -> tuple[dict[int, UserSequence], dict[str, int]]:
     """Users whose sequences changed since ``offsets`` (as returned by an earlier call or ``snapshot``; None:
     every user), with their full sequences, and the offsets to pass next time. ``view_dir`` holds the
     caller's local fold (built on first use from the whole export)."""
     view = View(view_dir)
     try:
         since = None if offsets is None else sx.FoldState.from_flat(offsets)
-        changed = _catch_up(kafka, view, since, None, dead_letters)
+        changed = _catch_up(kafka, view, since, None, dead_letters, idle_timeout_s)
         users = changed if offsets is not None else list(view.users())
         got = view.get(users)
         log.info("sequence export: %d users changed since the given offsets", len(got))

@@ -50,7 +50,7 @@ def load_source(source: str, settings: KafkaSettings | None = None,
     if kind == "kafka":
         from streaming.kafka.sequences import snapshot  # the export's one reader (snapshot + deltas, folded)
 
-        seqs, offsets = snapshot(settings or KafkaSettings())
+        seqs, offsets = snapshot(settings or KafkaSettings(), idle_timeout_s=idle_timeout_s)
         return [Seq.from_user_sequence(s) for s in seqs.values() if s.pairs], offsets
     from schemas import datasets
 

@@ -145,7 +145,8 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     start = state.get("offsets") if same else None
     publisher = _Publisher(kafka)
     # The export's one reader; a local fold next to the state file makes incremental reads cost the deltas only.
-    seqs, offsets = changed_since(kafka, start, spath.parent / VIEW_DIR, DeadLetters(publisher, kafka, "lum-refresh"))
+    seqs, offsets = changed_since(kafka, start, spath.parent / VIEW_DIR, DeadLetters(publisher, kafka, "lum-refresh"),
+                                  settings.idle_timeout_s)
     users = [Seq.from_user_sequence(s) for s in seqs.values() if s.pairs]
     as_of = {s.user_id: max(p.event_time_ms for p in s.pairs) for s in seqs.values() if s.pairs}
     log.info("refresh %s: %d changed users (%s)", version, len(users), "incremental" if same else "full: new model")
