@@ -18,7 +18,9 @@ part) united with the other, and union is idempotent, so ``fold(snapshot, deltas
 for any interleaving, duplicates, late events landing mid-history, and for deltas applied twice (a delta
 already inside the snapshot changes nothing). A reader therefore needs only: the latest snapshot, and every
 delta from the marker offset on (a marker that is too LOW is harmless). Runs of deltas with the same cap are
-merged in one sort (``fold``); a cap change applies in order, exactly like the agent.
+merged in one sort (``fold``); a cap change applies in order, exactly like the agent. ``catch_up`` applies
+these rules to record streams (snapshot records replace, markers say where each record's deltas start),
+chunk by chunk into the caller's store: the Kafka reader, the refresh view and the agents' rebuild use it.
 
 Compact pair layout (snapshot codec version 2 and deltas). Columnar, little endian, numpy-vectorised:
     header  tokenizer_version u8 | n_kinds u8 | varint user_id | varint updated_at_ms (snapshots) or cap
@@ -27,7 +29,8 @@ Compact pair layout (snapshot codec version 2 and deltas). Columnar, little endi
             each condition kind dictionary-coded (varint n_distinct, distinct ids i64, then the index column),
             item_id, category_id.
     A numeric column is "frame of reference": varint(zigzag(min)) | width u8 in {0,1,2,4,8} | n x (v - min)
-    as unsigned ``width``-byte integers. About 17-22 B per pair against 64 (``benchmarks/bench_scale.py``).
+    as unsigned ``width``-byte integers. About 26 B per pair against 64 at 1,024 pairs (``benchmarks/bench_scale.py``).
+    Records under 8 pairs (most deltas) take a plain-Python path that writes and reads the same bytes.
 """
 
 from __future__ import annotations
