@@ -185,6 +185,7 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
         bytes_in += len(v) + len(k)
     out.flush()
     res = run_worker("sequences", kafka, cfg, events)
+    cur, peak = rss_mb()  # the agent's, before the reader measurement below
     n_out, bytes_out = topic_bytes(kafka, SEQUENCE_DELTAS)
     _, dead = topic_bytes(kafka, __import__("schemas.topics", fromlist=["DEAD_LETTERS"]).DEAD_LETTERS)
     # What the previous export (each changed user's whole sequence, fixed 64 B pairs) would have written:
@@ -200,7 +201,6 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
         full += len(m.key()) + 31 + 64 * grown[d.user_id]
     c.close()
     reader = reader_cost(kafka, Path(data_dir) / "view", touched, hist, rng)
-    cur, peak = rss_mb()
     return {"agent": "sequences", "reader_deltas_per_cpu_s": reader["deltas_per_cpu_s"],
             "reader_users_per_cpu_s": reader["users_per_cpu_s"], "users": users, "history": hist, "events": events, "seeded_users": int(len(touched)),
             "events_per_s": res["events_per_s"], "events_per_cpu_s": res["events_per_cpu_s"],
