@@ -58,11 +58,9 @@ def bench_step(preset: str, n: int, batch: int, lum_dim: int) -> dict:
 
 
 def bench_kafka(n: int, batch: int) -> dict:
-    from confluent_kafka import Producer
-
     from schemas.settings import KafkaSettings
     from schemas.topics import ALL_TOPICS, TRAINING_EXAMPLES, key_of
-    from streaming.admin import create_topics
+    from streaming.kafka import Output, create_topics
     from streaming.broker import EmbeddedBroker
     from trainers.dlrm.kafka_source import KafkaExamples
 
@@ -70,11 +68,10 @@ def bench_kafka(n: int, batch: int) -> dict:
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as d:
         kafka = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix="bench-")
         create_topics(kafka, ALL_TOPICS)
-        p = Producer(kafka.producer_config())
+        p = Output(kafka, **{"linger.ms": 20})
         topic = kafka.topic(TRAINING_EXAMPLES)
         for ex in exs:
             p.produce(topic, key=key_of(ex.user_id), value=TRAINING_EXAMPLES.encode(ex))
-            p.poll(0)
         p.flush(60)
         trainer = Trainer(DLRMConfig.preset("debug", features="lum"), d, every_batches=50, every_s=30)
         trainer.ensure_model(exs[:1])  # imports torchrec and builds DMP outside the timed part

@@ -5,9 +5,9 @@ binary sequence codec of ``schemas.tokenize``) and the schema version (u8), foll
 refuses what it does not know with a ``DecodeError`` that says why; consumers send such messages to the
 dead-letter topic instead of crashing.
 
-JSON goes through pydantic-core (Rust): ~60k encodes/s and ~170k strict decodes/s for a ``BehaviorEvent``
-on one core here (``benchmarks/bench_schemas.py``), far above what a Faust worker processes (~4.5k
-events/s), so the human-readable format costs the agents nothing.
+JSON goes through pydantic-core (Rust): ~440k encodes/s and ~190k strict decodes/s for a ``BehaviorEvent``
+on one idle core (``benchmarks/bench_foundation.py``), several times what an agent worker processes (~30k
+events/s), so the human-readable format costs the agents little.
 """
 
 from __future__ import annotations

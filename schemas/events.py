@@ -142,14 +142,5 @@ class TrainingExample(_Event):
         return self
 
 
-class DeadLetter(_Event):
-    """A message a consumer could not process, with why and where it came from (topic ``dead-letters``)."""
-
-    source_topic: Annotated[str, Field(max_length=249)]
-    partition: Annotated[int, Field(ge=0)]
-    offset: Annotated[int, Field(ge=0)]
-    key_b64: str | None  # original bytes, base64, so they can be inspected and re-driven as they were
-    value_b64: str | None
-    error: Annotated[str, Field(max_length=4096)]
-    consumer: Annotated[str, Field(max_length=128)]
-    failed_at_ms: int
+# The dead-letter contract lives in schemas.deadletter (bounded size); re-exported here for old imports.
+from .deadletter import DeadLetter  # noqa: E402,F401

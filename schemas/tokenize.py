@@ -234,3 +234,33 @@ def tokenize_rows(events) -> _np.ndarray:
     out[:, COL_ITEM] = [e["item_id"] for e in evs]
     out[:, COL_CATEGORY] = [e["category_id"] for e in evs]
     return out
+
+
+def encode_rows_many(user_ids: list[int], rows: _np.ndarray, starts: list[int], ends: list[int],
+                     prefix: bytes = b"") -> list[bytes]:
+    """``prefix + encode_rows(user_ids[i], rows[starts[i]:ends[i]])`` for every i, from one copy of ``rows``
+    (the per-sequence work is a header and a slice)."""
+    data = _np.ascontiguousarray(rows, dtype="<i8").tobytes()
+    width = ROW_WIDTH * 8
+    times = rows[:, COL_TIME].tolist() if len(rows) else []
+    head, n_kinds, magic = _SEQ_HEADER.pack, len(CONDITION_KINDS), _SEQ_MAGIC
+    return [prefix + head(magic, _SEQ_CODEC, TOKENIZER_VERSION, n_kinds, u, times[b - 1] if b > a else 0, b - a)
+            + data[a * width:b * width] for u, a, b in zip(user_ids, starts, ends)]
+
+
+def decode_rows_many(records: list[bytes], skip: int = 0) -> tuple[_np.ndarray, list[int]]:
+    """The rows of many binary sequence records (each after ``skip`` leading bytes), concatenated in the
+    current layout, and the number of rows of each: one copy, no per-pair work."""
+    parts, lens = [], []
+    unpack, size = _SEQ_HEADER.unpack_from, SEQ_HEADER_SIZE
+    current = (_SEQ_MAGIC, _SEQ_CODEC, TOKENIZER_VERSION, len(CONDITION_KINDS))
+    for data in records:
+        magic, codec, version, n_kinds, _user, _updated, n = unpack(data, skip)
+        if (magic, codec, version, n_kinds) == current and len(data) == skip + size + n * ROW_WIDTH * 8:
+            parts.append(memoryview(data)[skip + size:])
+        else:  # another version (or a bad record: decode_rows says why)
+            rows = decode_rows(memoryview(data)[skip:])[2]
+            parts.append(_np.ascontiguousarray(rows, dtype="<i8").tobytes())
+        lens.append(n)
+    rows = _np.frombuffer(b"".join(parts), dtype="<i8").reshape(-1, ROW_WIDTH)
+    return rows, lens

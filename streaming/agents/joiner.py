@@ -50,14 +50,13 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, Message, TopicPartitio
 from rocksdict import Rdict, WriteBatch
 
 from schemas.codec import DecodeError
-from schemas.deadletter import DeadLetters
 from schemas.events import ImpressionEvent, LumFeatures, TrainingExample
 from schemas.settings import KafkaSettings
 from schemas.tokenize import event_key
 from schemas.topics import (BEHAVIORS, IMPRESSIONS, ITEM_EMBEDDINGS, LATE_CLICKS, LUM_FEATURES, TRAINING_EXAMPLES,
                             key_of)
 
-from .reading import partitions_of, reader
+from ..kafka import DeadLetters, partitions_of, reader
 from .settings import AgentSettings
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ Pure logic (``SequenceLogic``) over the runtime-neutral contract of ``streaming.
 client or RocksDB type appears here; the runtime (``streaming.agents.worker``) hosts it.
 
 State. Per ``behaviors`` partition: key = user id (8 bytes big endian), value = the user's sequence in the
-exact bytes of the export topic (``USER_SEQUENCES.encode``: a codec header and the binary sequence record
+fixed layout of ``USER_SEQUENCES.encode`` (codec version 1: a codec header and the binary sequence record
 of ``schemas.tokenize``, pairs ``[event_time, event_key, condition ids..., item_id, category_id]``). The
 store's committed position of ``behaviors`` says which offsets the state covers.
 
@@ -56,8 +56,8 @@ from pydantic_core import SchemaValidator
 
 from schemas.codec import DecodeError
 from schemas.events import BehaviorEvent
-from schemas.tokenize import (COL_KEY, COL_TIME, ROW_WIDTH, UserSequence, decode_rows, encode_rows, tokenize,
-                              tokenize_rows)
+from schemas.tokenize import (COL_KEY, COL_TIME, ROW_WIDTH, UserSequence, decode_rows, decode_rows_many, encode_rows,
+                              encode_rows_many, tokenize, tokenize_rows)
 from schemas.seqexport import encode_delta, fold_partition_records
 from schemas.topics import BEHAVIORS, SEQUENCE_DELTAS, USER_SEQUENCES, key_of
 
@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 ROW = ROW_WIDTH  # int64 columns of one pair (schemas.tokenize owns the layout)
 REBUILD_CHUNK = 10_000  # users per store commit while rebuilding (bounded memory)
 EXPORT = {USER_SEQUENCES.name: USER_SEQUENCES, SEQUENCE_DELTAS.name: SEQUENCE_DELTAS}
+VECTOR_ROWS = 1_000_000  # stored rows per batch up to which all users are merged in one array operation
 _BEHAVIORS_HEADER = BEHAVIORS.encode(BehaviorEvent(event_id="x", user_id=0, item_id=0, category_id=0, behavior="view",
                                                    scenario="x", event_time_ms=1_000_000_000_000))[:3]
 _SEQ_PREFIX = USER_SEQUENCES.encode(UserSequence(0, 0, []))[:3]  # the codec's format header of the export
@@ -210,7 +211,7 @@ class SequenceLogic:
             fields = None
             if validate is not None and v is not None and v[:3] == _BEHAVIORS_HEADER:
                 try:
-                    fields = validate(memoryview(v)[3:])[0]
+                    fields = validate(v[3:])[0]
                 except ValidationError:
                     pass
             if fields is None:  # the codec says why (and accepts exactly what the shortcut accepts)
@@ -244,58 +245,73 @@ class SequenceLogic:
         forced = set(users[np.asarray(offsets) < republish_below].tolist()) if offsets[0] < republish_below else ()
         # Group by user: rows of one user contiguous, in arrival order within the user.
         order = np.argsort(users, kind="stable")
-        users_s, rows_s = users[order], rows[order]
-        uniq, starts = np.unique(users_s, return_index=True)
-        ends = np.append(starts[1:], len(users_s))
+        rows = rows[order]
+        uniq, starts = np.unique(users[order], return_index=True)
+        lens = np.diff(np.append(starts, len(rows)))
         uniq_l = uniq.tolist()
         olds = store.get_many([user_key(u) for u in uniq_l])
-        have_old = np.fromiter((o is not None for o in olds), dtype=bool, count=len(olds))
-        publish: list[tuple[int, bytes]] = []
-        changed = np.flatnonzero(~have_old).tolist()  # export: one delta per changed user (its batch rows)
-        if changed:
-            publish += self._fresh_users(uniq[~have_old], starts[~have_old], ends[~have_old], rows_s)
-        for i in np.flatnonzero(have_old).tolist():
-            user = uniq_l[i]
-            merged = merge(decode_value(olds[i]), rows_s[starts[i]:ends[i]], self.cap)
-            if merged is not None:
-                publish.append((user, encode_value(user, merged)))
-            if merged is not None or user in forced:
-                changed.append(i)
-        for user, value in publish:
-            store.put(user_key(user), value)
-        for i in changed:
-            emit.send(SEQUENCE_DELTAS, encode_delta(uniq_l[i], rows_s[starts[i]:ends[i]], self.cap),
-                      key=key_of(uniq_l[i]), partition=partition)
-        self.counts["sequences_published_total"] += len(changed)
+        have = [i for i, o in enumerate(olds) if o is not None]
+        for i in have:
+            if olds[i][:3] != _SEQ_PREFIX:
+                raise ValueError(f"stored value of user {uniq_l[i]} is not a user-sequence value")
+        old_rows, old_lens = decode_rows_many([olds[i] for i in have], skip=3)
+        if len(old_rows) <= VECTOR_ROWS:
+            changed, values = self._merge_all(uniq_l, have, old_rows, old_lens, rows, lens)
+        else:  # long stored sequences: merge user by user (each already costs a copy of its sequence)
+            stored: list[np.ndarray | None] = [None] * len(uniq_l)
+            for i, a, b in zip(have, np.cumsum([0] + old_lens[:-1]).tolist(), np.cumsum(old_lens).tolist()):
+                stored[i] = old_rows[a:b]
+            changed, values, i = [], [], 0
+            for user, cur, n in zip(uniq_l, stored, lens.tolist()):
+                merged = merge(cur, rows[i:i + n], self.cap)
+                i += n
+                changed.append(merged is not None)
+                values.append(None if merged is None else encode_value(user, merged))
+        put, send, sent = store.put, emit.send, 0
+        for i, (user, ok, value) in enumerate(zip(uniq_l, changed, values)):
+            if ok:
+                put(user.to_bytes(8, "big"), value)
+            if ok or user in forced:  # export: one delta per changed user, its pairs of this batch
+                a = int(starts[i])
+                send(SEQUENCE_DELTAS, encode_delta(user, rows[a:a + int(lens[i])], self.cap), key_of(user), partition)
+                sent += 1
+        self.counts["sequences_published_total"] += sent
 
-    def _fresh_users(self, users: np.ndarray, starts: np.ndarray, ends: np.ndarray,
-                     rows: np.ndarray) -> list[tuple[int, bytes]]:
-        """Sequences of users with no stored state, all at once: dedup by event key (first kept), sort by
-        (time, key), keep each user's last ``cap`` rows; Python work is one slice per user."""
-        lens = ends - starts
-        idx = np.repeat(starts, lens) + (np.arange(lens.sum()) - np.repeat(np.cumsum(lens) - lens, lens))
-        owner = np.repeat(np.arange(len(users)), lens)
-        sub = rows[idx]
-        if (lens > 1).any():
-            # Dedup within the batch: sort by (owner, key, arrival), keep the first of each (owner, key).
-            o = np.lexsort((np.arange(len(sub)), sub[:, COL_KEY], owner))
-            keep = np.ones(len(o), dtype=bool)
-            keep[1:] = (owner[o][1:] != owner[o][:-1]) | (sub[o, COL_KEY][1:] != sub[o, COL_KEY][:-1])
-            kept = o[keep]
-            sub, owner = sub[kept], owner[kept]
-            o = np.lexsort((sub[:, COL_KEY], sub[:, COL_TIME], owner))
-            sub, owner = sub[o], owner[o]
-            counts = np.bincount(owner, minlength=len(users))
-            g_end = np.cumsum(counts)
-            g_start = np.maximum(g_end - counts, g_end - self.cap)
+    def _merge_all(self, users: list[int], have: list[int], old_rows: np.ndarray, old_lens: list[int],
+                   new: np.ndarray, lens: np.ndarray) -> tuple[list[bool], list[bytes | None]]:
+        """Every touched user's new sequence at once: stored rows (users ``have``; first, so they win
+        duplicates) + the batch's rows grouped by user; dedup by (user, event key), sort by (user, time,
+        key), keep each user's last ``cap``. A user changed iff one of its new rows is kept or the cap cut
+        its stored rows. Python work is one header and slice per changed user."""
+        n_users = len(users)
+        new_owner = np.repeat(np.arange(n_users), lens)
+        stored_len = np.zeros(n_users, dtype=np.int64)
+        if len(old_rows):
+            stored_len[have] = old_lens
+            owner = np.concatenate((np.repeat(np.asarray(have), old_lens), new_owner))
+            rows = np.concatenate((old_rows, new))
+            is_new = np.concatenate((np.zeros(len(old_rows), bool), np.ones(len(new), bool)))
         else:
-            g_start, g_end = np.arange(len(users)), np.arange(1, len(users) + 1)
-        data = np.ascontiguousarray(sub, dtype="<i8").tobytes()
-        width = ROW * 8
-        out = []
-        for user, s, e in zip(users.tolist(), g_start.tolist(), g_end.tolist()):
-            out.append((user, encode_value(user, np.frombuffer(data, "<i8", (e - s) * ROW, s * width).reshape(-1, ROW))))
-        return out
+            owner, rows, is_new = new_owner, new, np.ones(len(new), bool)
+        if len(rows) > n_users:  # some user has more than one row: dedup and sort
+            o = np.lexsort((np.arange(len(rows)), rows[:, COL_KEY], owner))
+            keep = np.ones(len(o), dtype=bool)
+            keep[1:] = (owner[o[1:]] != owner[o[:-1]]) | (rows[o[1:], COL_KEY] != rows[o[:-1], COL_KEY])
+            o = o[keep]
+            o = o[np.lexsort((rows[o, COL_KEY], rows[o, COL_TIME], owner[o]))]
+            rows, owner, is_new = rows[o], owner[o], is_new[o]
+        counts = np.bincount(owner, minlength=n_users)
+        g_end = np.cumsum(counts)
+        g_start = np.maximum(g_end - counts, g_end - self.cap)
+        kept_new = is_new & (np.arange(len(rows)) >= g_start[owner])
+        changed = (np.bincount(owner[kept_new], minlength=n_users) > 0) | (g_end - g_start < stored_len)
+        idx = np.flatnonzero(changed)
+        values: list[bytes | None] = [None] * n_users
+        encoded = encode_rows_many([users[i] for i in idx.tolist()], rows, g_start[idx].tolist(),
+                                   g_end[idx].tolist(), prefix=_SEQ_PREFIX)
+        for i, v in zip(idx.tolist(), encoded):
+            values[i] = v
+        return changed.tolist(), values
 
     def gauges(self) -> dict[str, float]:
         return dict(self.counts)

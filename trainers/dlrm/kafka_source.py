@@ -15,7 +15,7 @@ trainer would split one model's stream, so the trainer refuses it (revocation st
 
 ``until_caught_up``: the end of the topic "as it stood at start" is the high-water mark carried by the
 first fetched data of each partition (``get_watermark_offsets(cached=True)``; the embedded broker reports
-wrong latest offsets otherwise, shared/docs/embedded-broker.md). A partition with no new data never returns
+wrong latest offsets otherwise, README, Limits). A partition with no new data never returns
 a fetch we can read that from, so ``idle_timeout_s`` without any message also ends the run.
 """
 
@@ -25,9 +25,9 @@ import logging
 import time
 from collections.abc import Iterator
 
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, TopicPartition
 
-from schemas.deadletter import DeadLetters
+from streaming.kafka import DeadLetters, Output, group_consumer
 from schemas.settings import KafkaSettings
 from schemas.topics import TRAINING_EXAMPLES
 
@@ -45,8 +45,8 @@ class KafkaExamples:
         self.until_caught_up, self.max_wait_s, self.idle_timeout_s = until_caught_up, max_wait_s, idle_timeout_s
         self.stop = stop or (lambda: False)
         self.topic = settings.topic(TRAINING_EXAMPLES)
-        self.consumer = Consumer(settings.consumer_config(group_id, **{"enable.partition.eof": False}))
-        self.producer = Producer(settings.producer_config())
+        self.consumer = group_consumer(settings, group_id, **{"enable.partition.eof": False})
+        self.producer = Output(settings)  # dead letters; its flush raises if one was not delivered
         self.dead = DeadLetters(self.producer, settings, consumer=f"dlrm-trainer:{group_id}")
         self.assigned: set[int] = set()
         self.positions: dict[int, int] = {}  # partition -> next offset to read

@@ -135,7 +135,7 @@ class Trainer:
         emb_opt = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
         apply_optimizer_in_backward(emb_opt[cfg.embedding_optimizer], model.sparse_arch.parameters(),
                                     {"lr": cfg.sparse_lr})  # fused into the embedding kernels by DMP
-        # Column-wise only splits with min_partition below the table's dim (shared/docs/torch-cpu.md).
+        # Column-wise only splits with min_partition below the table's dim.
         extra = {"min_partition": max(1, cfg.embedding_dim // 2)} if cfg.sharding == "column_wise" else {}
         constraints = {f"t_{t}": ParameterConstraints(sharding_types=[cfg.sharding], **extra) for t in TABLES}
         sharders = [EmbeddingBagCollectionSharder()]
@@ -271,7 +271,7 @@ class Trainer:
         dcp.load(state, checkpoint_id=str(path))
         self.model.load_state_dict(state["model"])
         # Optimizer state, the dense (Adam) part and the fused embedding part separately: some resharding
-        # moves cannot carry the latter (row-wise Adagrad state of column shards; shared/docs/torch-cpu.md).
+        # moves cannot carry the latter (row-wise Adagrad state of column shards).
         for part, opt in (("dense", self.dense_opt), ("embedding", self.model.fused_optimizer)):
             try:
                 ostate = {"optim": opt.state_dict()}

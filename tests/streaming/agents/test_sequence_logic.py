@@ -68,8 +68,13 @@ def split(items, rng, most: int = 7):
     return out
 
 
+@pytest.mark.parametrize("path", ["one array operation", "user by user"])
 @pytest.mark.parametrize("seed", range(6))
-def test_any_arrival_order_duplicates_and_batching_give_the_direct_computation(seed):
+def test_any_arrival_order_duplicates_and_batching_give_the_direct_computation(seed, path, monkeypatch):
+    import streaming.agents.sequences as seqmod
+
+    if path == "user by user":
+        monkeypatch.setattr(seqmod, "VECTOR_ROWS", 0)
     rng = random.Random(seed)
     events = [ev(i, rng.randrange(6), t=rng.randrange(50) * 1000, item=rng.randrange(30)) for i in range(150)]
     arrivals = events + [rng.choice(events) for _ in range(60)]  # producer retries and replays
@@ -135,10 +140,14 @@ def test_bad_input_of_any_size_is_dead_lettered_with_a_reason_and_good_input_app
         assert rec.value == value and reason, name
 
 
-def test_fast_decode_accepts_exactly_what_the_codec_accepts():
+def test_fast_decode_accepts_exactly_what_the_codec_accepts(monkeypatch):
+    import schemas.codec
     from schemas.codec import DecodeError
 
     logic = SequenceLogic(clock=lambda: NOW_S)
+    with monkeypatch.context() as m:  # good records never need the (slower) codec path
+        m.setattr(schemas.codec, "decode", lambda *a: pytest.fail("codec.decode called for a good record"))
+        assert len(logic.decode(records([ev(1, 2, 3), ev(2, 2, 4, query="q", rating=4.5)]), MemoryEmit())[0]) == 2
     for name, v in BAD.items() | {"ok": BEHAVIORS.encode(ev(1, 2, 3, query="q", scenario="search"))}.items():
         emit = MemoryEmit()
         good, _ = logic.decode(records([v]), emit)
@@ -192,7 +201,8 @@ def test_missing_or_behind_state_is_rebuilt_streaming_from_the_changelog(monkeyp
     want = expected_sequences(e)
     log = [Record("user-sequences", 0, i, 0, key_of(u), USER_SEQUENCES.encode(s)) for i, (u, s) in
            enumerate(sorted(want.items()))]
-    log += [Record("user-sequences", 0, 99, 0, key_of(4), None), Record("user-sequences", 0, 100, 0, b"junk", b"x")]
+    log += [Record("user-sequences", 0, 99, 0, key_of(4), None), Record("user-sequences", 0, 100, 0, b"junk", b"x"),
+            Record("user-sequences", 0, 101, 0, key_of(88), b"Ls\x01not a sequence")]
     store = MemoryStore()
     store.put(user_key(77), b"stale")
     store.commit({"behaviors": 3})  # behind the group's offset: rebuilt
@@ -217,3 +227,15 @@ def test_rows_round_trip_and_vector_tokenize_equals_tokenize():
     assert (user, updated) == (9, int(rows[-1, 0])) and (back == rows).all()
     with pytest.raises(ValueError):
         tk.decode_rows(data[:-1])
+
+
+@pytest.mark.parametrize("path", ["one array operation", "user by user"])
+def test_a_lowered_cap_trims_a_stored_sequence_at_its_next_event(path, monkeypatch):
+    import streaming.agents.sequences as seqmod
+
+    if path == "user by user":
+        monkeypatch.setattr(seqmod, "VECTOR_ROWS", 0)
+    five = [ev(i, 1, 1000 * (i + 1)) for i in range(5)]
+    _, store, _ = run([five], cap=5)
+    _, store, emit = run([[ev(9, 1, 0)]], cap=3, store=store)  # older than all: only the cap changes it
+    assert state(store) == expected_sequences(five, cap=3) and len(emit.sent) == 1
