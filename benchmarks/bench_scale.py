@@ -67,7 +67,7 @@ def dir_bytes(path: Path) -> int:
 
 def topic_bytes(kafka, topic) -> tuple[int, int]:
     """(records, key + value bytes) of a registry topic, from its start to its end."""
-    from streaming.agents.reading import read_to_end, reader
+    from streaming.kafka import read_to_end, reader
 
     c = reader(kafka)
     n = b = 0
@@ -127,14 +127,12 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
     from schemas.settings import KafkaSettings
     from schemas.seqexport import encode_snapshot
     from schemas.tokenize import ROW_WIDTH
-    from schemas.topics import ALL_TOPICS, BEHAVIORS, SEQUENCE_DELTAS, key_of
-    from streaming.admin import create_topics
-    from streaming.agents.reading import reader
+    from schemas.topics import ALL_TOPICS, BEHAVIORS, DEAD_LETTERS, SEQUENCE_DELTAS, key_of
     from streaming.agents.sequences import encode_value, user_key
     from streaming.agents.settings import AgentSettings
     from streaming.agents.store import RocksStore
     from streaming.agents.worker import state_identity
-    from streaming.output import Output
+    from streaming.kafka import Output, create_topics, read_to_end, reader
 
     kafka = KafkaSettings(bootstrap=bootstrap, topic_prefix=prefix)
     create_topics(kafka, ALL_TOPICS)
@@ -187,16 +185,14 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
     res = run_worker("sequences", kafka, cfg, events)
     cur, peak = rss_mb()  # the agent's, before the reader measurement below
     n_out, bytes_out = topic_bytes(kafka, SEQUENCE_DELTAS)
-    _, dead = topic_bytes(kafka, __import__("schemas.topics", fromlist=["DEAD_LETTERS"]).DEAD_LETTERS)
+    _, dead = topic_bytes(kafka, DEAD_LETTERS)
     # What the previous export (each changed user's whole sequence, fixed 64 B pairs) would have written:
     # one record per delta, of the user's sequence length after that batch.
     grown: dict[int, int] = {}
     full = 0
-    from schemas.topics import SEQUENCE_DELTAS as SD
-    from streaming.agents.reading import read_to_end
     c = reader(kafka)
-    for m in read_to_end(c, kafka.topic(SD)):
-        d = SD.decode(m.value())
+    for m in read_to_end(c, kafka.topic(SEQUENCE_DELTAS)):
+        d = SEQUENCE_DELTAS.decode(m.value())
         grown[d.user_id] = min(grown.get(d.user_id, hist) + len(d.rows), cfg.max_pairs)
         full += len(m.key()) + 31 + 64 * grown[d.user_id]
     c.close()
@@ -237,10 +233,9 @@ def child_joiner(bootstrap: str, prefix: str, data_dir: str, users: int, hist: i
     from schemas.settings import KafkaSettings
     from schemas.topics import (ALL_TOPICS, BEHAVIORS, DEAD_LETTERS, IMPRESSIONS, LATE_CLICKS, TRAINING_EXAMPLES,
                                 key_of)
-    from streaming.admin import create_topics
     from streaming.agents.joiner import open_db
     from streaming.agents.settings import AgentSettings
-    from streaming.output import Output
+    from streaming.kafka import Output, create_topics
 
     kafka = KafkaSettings(bootstrap=bootstrap, topic_prefix=prefix)
     create_topics(kafka, ALL_TOPICS)

@@ -39,7 +39,7 @@ from schemas.settings import KafkaSettings, load
 from schemas.tokenize import UserSequence
 from schemas.topics import SEQUENCE_DELTAS, USER_SEQUENCES, key_of
 
-from ..agents.reading import partitions_of, read_to_end, reader
+from .reader import partitions_of, read_to_end, reader
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +199,7 @@ def changed_since(kafka: KafkaSettings, offsets: dict[str, int] | None, view_dir
 
 def write_snapshot(kafka: KafkaSettings, out=None) -> dict[str, int]:
     """Fold every partition's deltas since its marker into ``user-sequences`` (see module docstring)."""
-    from ..output import Output
+    from .producer import Output
 
     out = out or Output(kafka)
     topic = kafka.topic(USER_SEQUENCES)

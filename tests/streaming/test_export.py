@@ -9,11 +9,10 @@ from confluent_kafka import Producer
 
 from schemas import seqexport as sx
 from schemas.codec import decode
-from schemas.deadletter import DeadLetters
 from schemas.events import DeadLetter
 from schemas.topics import DEAD_LETTERS, SEQUENCE_DELTAS, USER_SEQUENCES, key_of
 from streaming.kafka.sequences import changed_since, fold_partition, snapshot, write_snapshot
-from streaming.output import Output
+from streaming.kafka import DeadLetters, Output
 
 CAP = 16
 PARTS = 4

@@ -181,6 +181,7 @@ def test_issue_9_scenario_valid_oversized_and_malformed_on_one_partition(kafka, 
                      "the 2 MB dead letter fails with MSG_SIZE_TOO_LARGE and the worker stops without committing")
     assert w.stop() == 0, w.text()[-3000:]  # the restart between the two batches
     procs.append(w2 := kit.ProcWorker("sequences", tmp_path / "w2.log", env))
+    kit.wait_for(lambda: "started" in w2.text(), timeout=60, what="w2 up (its SIGTERM handler installed)")
     kit.wait_for(lambda: snapshot(kafka)[0] == expected_sequences(valid), timeout=60, what="30/30 applied")
     kit.wait_for(lambda: committed(kafka)[0] == len(stream), what="all committed")
     assert w2.stop() == 0
