@@ -4,8 +4,9 @@
 
 Refuses while the agents' consumer group has live members, then runs the sequence agent's own logic
 (``SequenceLogic``) over every ``behaviors`` partition, keeping events whose payload (event) time is at
-or after TIME (default: all) into fresh state stores where the agents keep theirs, republishes every rebuilt
-user to ``user-sequences``, publishes a tombstone for users that had a sequence but no event since TIME,
+or after TIME (default: all) into fresh state stores where the agents keep theirs, writes a new export base
+(``streaming.kafka.sequences.publish_reset``: every rebuilt user's full sequence to ``user-sequences``, a
+tombstone for users that had a sequence but no event since TIME, and markers past every older delta),
 and sets the agent group's offsets to the end of what it read, so that ``lum agents`` continues from there.
 """
 
@@ -19,11 +20,12 @@ from confluent_kafka import TopicPartition
 from schemas.codec import DecodeError
 
 from schemas.settings import KafkaSettings
-from schemas.topics import BEHAVIORS, USER_SEQUENCES
+from schemas.topics import BEHAVIORS
 
 from ..kafka import DeadLetters, Output, group_consumer, partitions_of, read_to_end, reader
 from .runtime import Crash
-from .sequences import SequenceLogic, user_key
+from ..kafka.sequences import export_users, publish_reset
+from .sequences import SequenceLogic, decode_value, user_key
 from .settings import AgentSettings
 from .store import Record, RocksStore
 from .worker import KafkaEmit, state_identity
@@ -40,15 +42,10 @@ def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int
     out = Output(settings)
     emit = KafkaEmit(out, settings, DeadLetters(out, settings, "backfill-sequences"), Crash())
     logic = SequenceLogic.from_settings(cfg)
-    src, dst = settings.topic(BEHAVIORS), settings.topic(USER_SEQUENCES)
+    src = settings.topic(BEHAVIORS)
     root = Path(cfg.data_dir) / "sequences" / (settings.topic_prefix + cfg.sequences_group)
+    old_users, delta_ends = export_users(settings)  # user -> partition of users with a sequence now
     consumer = reader(settings)
-    old_users: dict[bytes, int] = {}  # key -> partition of users with a sequence now
-    for m in read_to_end(consumer, dst):
-        if m.value():
-            old_users[m.key()] = m.partition()
-        else:
-            old_users.pop(m.key(), None)
     starts = start_offsets(consumer, src, from_ms, MAX_FUTURE_MS if max_future_ms is None else max_future_ms)
     parts = partitions_of(consumer, src)
     identity = state_identity(settings, consumer, [src])
@@ -88,12 +85,13 @@ def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int
     for p in parts:
         if batch[p]:
             apply(p)
-    tombstones = 0
-    for key, p in old_users.items():  # users without events since from_ms: delete them from the export
-        if p in stores and stores[p].get(user_key(int(key))) is None:
-            out.produce(dst, value=None, key=key, partition=p)
-            tombstones += 1
     out.flush()
+    tombstones = 0
+    for p in parts:  # the new base: every rebuilt user, tombstones for users without events since from_ms
+        gone = [u for u, q in old_users.items() if q == p and stores[p].get(user_key(u)) is None]
+        rows = ((int.from_bytes(k, "big"), decode_value(v)) for k, v in stores[p].scan())
+        publish_reset(settings, out, p, rows, gone, delta_ends.get(p, 0))
+        tombstones += len(gone)
     for p in parts:
         stores[p].commit({BEHAVIORS.name: ends[p]})
     committer = group_consumer(settings, group)

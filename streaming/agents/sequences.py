@@ -7,7 +7,7 @@ Pure logic (``SequenceLogic``) over the runtime-neutral contract of ``streaming.
 client or RocksDB type appears here; the runtime (``streaming.agents.worker``) hosts it.
 
 State. Per ``behaviors`` partition: key = user id (8 bytes big endian), value = the user's sequence in the
-exact bytes of the export topic (``USER_SEQUENCES.encode``: a codec header and the binary sequence record
+fixed layout of ``USER_SEQUENCES.encode`` (codec version 1: a codec header and the binary sequence record
 of ``schemas.tokenize``, pairs ``[event_time, event_key, condition ids..., item_id, category_id]``). The
 store's committed position of ``behaviors`` says which offsets the state covers.
 
@@ -28,23 +28,19 @@ deduplicated, sorted and capped for the whole batch in a few array operations; u
 one by one (a numpy merge on an (n, ROW_WIDTH) int64 view of the stored bytes, no per-pair Python work).
 One multi-get per batch; writes are staged in the store, which commits them once per batch.
 
-Export: the ``user-sequences`` topic (compacted, binary ``UserSequence``; the trainers' contract)
-    * key = user id as decimal text; value = the user's FULL current sequence (never a delta), decoded with
-      ``schemas.topics.USER_SEQUENCES.decode`` (no Faust, no RocksDB needed); partition = the user's
-      ``behaviors`` partition (so partition p holds exactly the users of behaviors partition p).
-    * One message per changed user per batch, delivered before the batch's offsets are committed.
-    * Full snapshot: read every partition from the beginning to its end (high-water mark of the fetch),
-      keep the last value per key. Apache Kafka's compaction keeps this cheap; the embedded broker never
-      compacts, so the read grows with history (``snapshot()`` below does exactly this).
-    * Incremental: remember the end offset of each partition after a read; later, read from there: the keys
-      seen are the users changed since, their values are their complete new sequences.
+Export (``schemas.seqexport`` is the contract, ``streaming.kafka.sequences`` the one reader): per batch, ONE
+``sequence-deltas`` record per changed user carrying that batch's pairs of the user and the cap (key = user id,
+partition = the user's ``behaviors`` partition), delivered before the batch's offsets are committed; bytes per
+event do not grow with the history. Full sequences live in the compacted ``user-sequences`` topic, written by
+the snapshot job (``python -m streaming.kafka.sequences snapshot``) and ``lum backfill``; a reader folds the
+snapshot with the deltas after its marker, which equals this agent's state exactly (a delta re-sent after a
+crash changes nothing).
 
-Recovery. The export topic doubles as the changelog. On assignment of partition p the agent resumes from
-the group's committed offset C. If the store covers at least C it is used as is (events in [C, store
-position) were applied but maybe not published: they are re-applied, change nothing, and their users are
-republished). If it is missing or behind (the partition was processed elsewhere, or the store's identity
-did not match), it is rebuilt from partition p of ``user-sequences`` (latest value per key, streamed into
-the store in chunks), which holds everything up to C because outputs are delivered before commits.
+Recovery. On assignment of partition p the agent resumes from the group's committed offset C. If the store
+covers at least C it is used as is (events in [C, store position) were applied but maybe not published: they
+are re-applied, change nothing, and their users' deltas are re-sent). If it is missing or behind (the
+partition was processed elsewhere, or the store's identity did not match), it is rebuilt from partition p of
+the export (snapshot + deltas), which holds everything up to C because outputs are delivered before commits.
 """
 
 from __future__ import annotations
@@ -62,7 +58,8 @@ from schemas.codec import DecodeError
 from schemas.events import BehaviorEvent
 from schemas.tokenize import (COL_KEY, COL_TIME, ROW_WIDTH, UserSequence, decode_rows, decode_rows_many, encode_rows,
                               encode_rows_many, tokenize, tokenize_rows)
-from schemas.topics import BEHAVIORS, USER_SEQUENCES, key_of
+from schemas.seqexport import encode_delta, fold_partition_records
+from schemas.topics import BEHAVIORS, SEQUENCE_DELTAS, USER_SEQUENCES, key_of
 
 from .store import Emit, Reader, Record, Store
 
@@ -70,6 +67,7 @@ log = logging.getLogger(__name__)
 
 ROW = ROW_WIDTH  # int64 columns of one pair (schemas.tokenize owns the layout)
 REBUILD_CHUNK = 10_000  # users per store commit while rebuilding (bounded memory)
+EXPORT = {USER_SEQUENCES.name: USER_SEQUENCES, SEQUENCE_DELTAS.name: SEQUENCE_DELTAS}
 VECTOR_ROWS = 1_000_000  # stored rows per batch up to which all users are merged in one array operation
 _BEHAVIORS_HEADER = BEHAVIORS.encode(BehaviorEvent(event_id="x", user_id=0, item_id=0, category_id=0, behavior="view",
                                                    scenario="x", event_time_ms=1_000_000_000_000))[:3]
@@ -161,7 +159,7 @@ class SequenceLogic:
         start = committed.get(BEHAVIORS.name) or 0
         local = store.positions().get(BEHAVIORS.name)
         if local is None or local < start:
-            n = self.rebuild(store, read(USER_SEQUENCES, partition), start)
+            n = self.rebuild(store, lambda name: read(EXPORT[name], partition), partition, start)
             log.info("partition %d: local state %s, rebuilt %d users from %s (resume at %d)", partition,
                      "missing" if local is None else f"behind ({local} < {start})", n, USER_SEQUENCES.name, start)
             local = start
@@ -171,30 +169,28 @@ class SequenceLogic:
         self.republish_below[partition] = local
         return {BEHAVIORS.name: start}
 
-    def rebuild(self, store: Store, records, start: int) -> int:
-        """Refill ``store`` from a partition of user-sequences (latest value per key wins, a tombstone
-        deletes), streamed in chunks; the position is written last, so a crash mid-way rebuilds again."""
+    def rebuild(self, store: Store, read, partition: int, start: int) -> int:
+        """Refill ``store`` from the export (snapshot + deltas since its marker, ``schemas.seqexport``),
+        committed in chunks; the position is written last, so a crash mid-way rebuilds again."""
         store.reset()
-        users: set[bytes] = set()
-        for r in records:
-            try:
-                key = user_key(int(r.key))
-            except (TypeError, ValueError, OverflowError):
-                log.warning("skipping %s record with key %r", USER_SEQUENCES.name, r.key)
-                continue
-            if r.value:
-                try:
-                    decode_value(r.value)  # header and length: the batch path trusts stored values
-                except ValueError as e:
-                    log.warning("skipping %s record at offset %d: %s", USER_SEQUENCES.name, r.offset, e)
-                    continue
-                store.put(key, r.value)
-                users.add(key)
-            else:  # a tombstone (backfill) deletes the user
-                store.delete(key)
-                users.discard(key)
-            if store.staged >= REBUILD_CHUNK:
-                store.commit({})
+        users: set[int] = set()
+
+        def get_rows(us: list[int]) -> dict[int, np.ndarray]:
+            return {u: decode_value(v) for u, v in zip(us, store.get_many([user_key(u) for u in us])) if v}
+
+        def put_rows(rows: dict[int, np.ndarray | None]) -> None:
+            for user, r in rows.items():
+                if r is None:
+                    store.delete(user_key(user))
+                    users.discard(user)
+                else:
+                    store.put(user_key(user), encode_value(user, r))
+                    users.add(user)
+                if store.staged >= REBUILD_CHUNK:
+                    store.commit({})
+
+        for topic, _p, off, key, _v, err in fold_partition_records(read, partition, get_rows, put_rows):
+            log.warning("rebuild: skipping %s record %d (key %r): %s", topic, off, key, err)
         store.commit({BEHAVIORS.name: start})
         self.counts["sequences_rebuilt_users_total"] += len(users)
         return len(users)
@@ -271,17 +267,15 @@ class SequenceLogic:
                 i += n
                 changed.append(merged is not None)
                 values.append(None if merged is None else encode_value(user, merged))
-        publish: list[tuple[int, bytes]] = []
-        for user, ok, value, old in zip(uniq_l, changed, values, olds):
+        put, send, sent = store.put, emit.send, 0
+        for i, (user, ok, value) in enumerate(zip(uniq_l, changed, values)):
             if ok:
-                publish.append((user, value))
-            elif user in forced and old is not None:
-                publish.append((user, old))
-        put, send = store.put, emit.send
-        for user, value in publish:
-            put(user.to_bytes(8, "big"), value)
-            send(USER_SEQUENCES, value, key_of(user), partition)
-        self.counts["sequences_published_total"] += len(publish)
+                put(user.to_bytes(8, "big"), value)
+            if ok or user in forced:  # export: one delta per changed user, its pairs of this batch
+                a = int(starts[i])
+                send(SEQUENCE_DELTAS, encode_delta(user, rows[a:a + int(lens[i])], self.cap), key_of(user), partition)
+                sent += 1
+        self.counts["sequences_published_total"] += sent
 
     def _merge_all(self, users: list[int], have: list[int], old_rows: np.ndarray, old_lens: list[int],
                    new: np.ndarray, lens: np.ndarray) -> tuple[list[bool], list[bytes | None]]:
@@ -336,22 +330,8 @@ def expected_sequences(events, cap: int = 1024) -> dict[int, UserSequence]:
     return out
 
 
-def snapshot(kafka, starts: dict[int, int] | None = None) -> tuple[dict[int, UserSequence], dict[int, int]]:
-    """Latest sequence per user in ``user-sequences`` (from ``starts``, default the beginning) and the end
-    offsets reached: the full-snapshot and incremental reads of the export contract (a Kafka read, for
-    tools and tests; the logic above never reads Kafka)."""
-    from ..kafka import read_to_end, reader
+def snapshot(kafka) -> tuple[dict[int, UserSequence], dict[str, int]]:
+    """Every user's sequence as the export says (``streaming.kafka.sequences.snapshot``), for tools and tests."""
+    from ..kafka.sequences import snapshot as read_export
 
-    topic = kafka.topic(USER_SEQUENCES)
-    latest: dict[bytes, bytes | None] = {}
-    ends: dict[int, int] = dict(starts or {})
-    consumer = reader(kafka)
-    t0 = time.monotonic()
-    try:
-        for m in read_to_end(consumer, topic, starts):
-            latest[m.key()] = m.value()
-            ends[m.partition()] = m.offset() + 1
-    finally:
-        consumer.close()
-    log.debug("snapshot of %s: %d users in %.1fs", topic, len(latest), time.monotonic() - t0)
-    return {int(k): USER_SEQUENCES.decode(v) for k, v in latest.items() if v}, ends
+    return read_export(kafka)

@@ -1,9 +1,8 @@
 """Where LUM's sequences come from, and how they become training batches.
 
 Sources: behavior events (``schemas.datasets.read_movielens/read_taobao`` or any iterable of BehaviorEvent,
-tokenized with ``schemas.tokenize.tokenize``), or the compacted ``user-sequences`` topic (latest value per
-key; read with ``read_user_sequences``, which stops at the high-water mark carried by fetched data, or after
-an idle timeout, because Tansu reports a wrong latest offset). ``train_batches`` shuffles, chunks and packs
+tokenized with ``schemas.tokenize.tokenize``), or the sequence export on Kafka (every user's full sequence,
+read with its one reader ``streaming.kafka.sequences.snapshot``). ``train_batches`` shuffles, chunks and packs
 them into ``Batch``es forever (an iterable for ``pretrain.train``).
 
     seqs = sequences_from_events(read_movielens("ml-100k"))
@@ -13,7 +12,6 @@ them into ``Batch``es forever (an iterable for ``pretrain.train``).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -21,8 +19,7 @@ import torch
 
 from schemas.events import BehaviorEvent
 from schemas.settings import KafkaSettings
-from schemas.tokenize import UserSequence, tokenize
-from schemas.topics import USER_SEQUENCES
+from schemas.tokenize import tokenize
 
 from .model import LumConfig
 from .model import ITEM
@@ -55,77 +52,18 @@ def sequences_from_events(events: Iterable[BehaviorEvent], span: dict | None = N
     return out
 
 
-def read_user_sequences(settings: KafkaSettings, start: dict[int, int] | None = None, idle_timeout_s: float = 5.0,
-                        group: str = "lum-trainer",
-                        dead_letters=None) -> tuple[dict[int, UserSequence], dict[int, int]]:
-    """Latest sequence per user in ``user-sequences`` after offsets ``start`` (default: the beginning).
-
-    Returns the sequences and the next offset per partition (what a later call passes as ``start``).
-    Undecodable records go to ``dead_letters`` (a ``streaming.kafka.DeadLetters``) when given, else are
-    logged and skipped.
-    """
-    from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
-
-    from streaming.kafka import group_consumer
-
-    topic = settings.topic(USER_SEQUENCES)
-    consumer = group_consumer(settings, group, **{"enable.partition.eof": True})
-    try:
-        md = consumer.list_topics(topic, timeout=30).topics[topic]
-        if md.error is not None:
-            raise RuntimeError(f"topic {topic}: {md.error}")
-        parts = sorted(md.partitions)
-        start = dict(start or {})
-        nxt = {p: start.get(p, 0) for p in parts}
-        consumer.assign([TopicPartition(topic, p, start[p] if p in start else OFFSET_BEGINNING) for p in parts])
-        latest: dict[int, UserSequence] = {}
-        pending, last_data, n, bad = set(parts), time.monotonic(), 0, 0
-        while pending and time.monotonic() - last_data < idle_timeout_s:
-            for msg in consumer.consume(2000, timeout=0.2):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(msg.partition())
-                    else:
-                        log.warning("user-sequences consume error: %s", err)
-                    continue
-                last_data = time.monotonic()
-                nxt[msg.partition()] = msg.offset() + 1
-                n += 1
-                try:
-                    seq = USER_SEQUENCES.decode(msg.value())
-                except ValueError as e:
-                    bad += 1
-                    if dead_letters is not None:
-                        dead_letters.send_message(msg, e)
-                    else:
-                        log.warning("skipping bad user-sequence record at %d@%d: %s", msg.partition(), msg.offset(), e)
-                    continue
-                latest[seq.user_id] = seq
-            # The high-water mark carried by fetched data is right on Tansu too (the listed latest is not).
-            for p in list(pending):
-                _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
-                if high >= 0 and nxt[p] >= high:
-                    pending.discard(p)
-        if pending:
-            log.info("user-sequences: idle for %.1fs, treating partitions %s as caught up", idle_timeout_s,
-                     sorted(pending))
-        log.info("read %d user-sequence records (%d bad) -> %d users", n, bad, len(latest))
-        return latest, nxt
-    finally:
-        consumer.close()
-
-
 SOURCES = ("kafka", "movielens", "taobao", "amazon")
 
 
 def load_source(source: str, settings: KafkaSettings | None = None, idle_timeout_s: float = 5.0,
-                span: dict | None = None) -> tuple[list[Seq], dict[int, int] | None]:
+                span: dict | None = None) -> tuple[list[Seq], dict[str, int] | None]:
     """``kafka`` | ``movielens:PATH`` | ``taobao:PATH`` | ``amazon:PATH`` -> (sequences, Kafka offsets covered
     or None). ``span`` (optional) receives the event-time range read: ``trained_from_ms``/``trained_until_ms``."""
     kind, _, path = source.partition(":")
     if kind == "kafka":
-        seqs, offsets = read_user_sequences(settings or KafkaSettings(), idle_timeout_s=idle_timeout_s)
+        from streaming.kafka.sequences import snapshot  # the export's one reader (snapshot + deltas, folded)
+
+        seqs, offsets = snapshot(settings or KafkaSettings(), idle_timeout_s=idle_timeout_s)
         times = [p.event_time_ms for s in seqs.values() for p in s.pairs]
         if span is not None:
             span.update(trained_from_ms=min(times, default=None), trained_until_ms=max(times, default=None))

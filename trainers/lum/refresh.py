@@ -4,10 +4,12 @@
     LUM_REFRESH_CONDITIONS="scenario=home;scenario=search;category=17,behavior=buy" \
         lum refresh --checkpoint runs/lum --every 10
 
-One run: load the newest checkpoint under ``--checkpoint``; read ``user-sequences`` from the offsets the
-previous run stored in its state file (``refresh-state.json`` next to the checkpoints), or from the
-beginning when the model version changed (a new model republishes everyone); keep the latest sequence per
-user; answer the configured conditions for those users with one group-query pass per batch of users;
+One run: load the newest checkpoint under ``--checkpoint``; read the users whose sequences changed since
+the offsets the previous run stored in its state file (``refresh-state.json`` next to the checkpoints), or
+every user when the model version changed (a new model republishes everyone), with their full sequences,
+through the export's one reader (``streaming.kafka.sequences.changed_since``, which keeps a local fold in
+``sequence-view/`` next to the state file, so a run reads only what changed); answer the configured
+conditions for those users with one group-query pass per batch of users;
 publish ``LumFeatures`` to ``lum-features`` (key = user id; ``trained_until_ms`` = the newest event time the
 model was trained on, from the checkpoint) and, when the model version is new to this state file, the
 ``ItemEmbedding`` of every item the model was trained on (the checkpoint's ``items.npz``; items it never saw
@@ -43,6 +45,7 @@ from .packing import Seq, group_query_batch, inference_prefix, make_batch, pack_
 
 log = logging.getLogger(__name__)
 STATE_FILE = "refresh-state.json"
+VIEW_DIR = "sequence-view"
 
 
 class RefreshSettings(BaseSettings):
@@ -146,7 +149,8 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     from streaming.kafka import DeadLetters, Output
     from trainers import launch
 
-    from .data import read_user_sequences
+    from streaming.kafka.sequences import changed_since
+
     from .pretrain import load_checkpoint, load_items, pick_device
 
     t0 = time.perf_counter()
@@ -166,9 +170,10 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     if rank == 0:
         state = json.loads(spath.read_text()) if spath.exists() else {}
         same = state.get("model_version") == version and state.get("topic") == topic
-        start = {int(p): o for p, o in state.get("offsets", {}).items()} if same else None
-        seqs, offsets = read_user_sequences(kafka, start, settings.idle_timeout_s, settings.group,
-                                            DeadLetters(publisher, kafka, "lum-refresh"))
+        start = state.get("offsets") if same else None
+        # The export's one reader; a local fold next to the state file makes incremental reads cost the deltas only.
+        seqs, offsets = changed_since(kafka, start, spath.parent / VIEW_DIR,
+                                      DeadLetters(publisher, kafka, "lum-refresh"), settings.idle_timeout_s)
         users = sorted((Seq.from_user_sequence(s) for s in seqs.values() if s.pairs), key=lambda s: s.user_id)
         as_of = {s.user_id: max(p.event_time_ms for p in s.pairs) for s in seqs.values() if s.pairs}
         shared = [(same, offsets, users, as_of)]
@@ -230,7 +235,7 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
         spath.parent.mkdir(parents=True, exist_ok=True)
         tmp = spath.with_suffix(".tmp")
         tmp.write_text(json.dumps({"model_version": version, "topic": topic, "updated_at_ms": now,
-                                   "offsets": {str(p): o for p, o in offsets.items()}}))
+                                   "offsets": offsets}))
         tmp.replace(spath)
     launch.barrier()
     dt = time.perf_counter() - t0

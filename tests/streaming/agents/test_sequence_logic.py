@@ -10,7 +10,8 @@ import pytest
 
 import schemas.tokenize as tk
 from schemas.events import BehaviorEvent
-from schemas.topics import BEHAVIORS, USER_SEQUENCES, key_of
+from schemas import seqexport as sx
+from schemas.topics import BEHAVIORS, SEQUENCE_DELTAS, USER_SEQUENCES, key_of
 from streaming.agents.sequences import SequenceLogic, encode_value, expected_sequences, user_key
 from streaming.agents.store import MemoryEmit, MemoryStore, Record
 
@@ -48,11 +49,14 @@ def state(store) -> dict:
 
 
 def published(emit) -> dict:
-    out = {}
+    """The export the logic sent: its deltas folded (``schemas.seqexport``), per user."""
+    deltas: dict = {}
     for topic, key, value, part in emit.sent:
-        assert topic == USER_SEQUENCES.name and part == 0
-        out[int(key)] = USER_SEQUENCES.decode(value)
-    return out
+        assert topic == SEQUENCE_DELTAS.name and part == 0
+        d = SEQUENCE_DELTAS.decode(value)
+        assert int(key) == d.user_id
+        deltas.setdefault(d.user_id, []).append(d)
+    return {u: sx.to_sequence(u, sx.fold(None, ds)) for u, ds in deltas.items()}
 
 
 def split(items, rng, most: int = 7):
@@ -79,7 +83,7 @@ def test_any_arrival_order_duplicates_and_batching_give_the_direct_computation(s
     _, store, emit = run(split(arrivals, rng, most=rng.choice([1, 5, 40])), cap=cap)
     want = expected_sequences(events, cap=cap)
     assert state(store) == want
-    assert published(emit) == want  # the last value published per user is the state
+    assert published(emit) == want  # the deltas folded equal the state
 
 
 def test_out_of_order_event_lands_in_its_place_and_cap_drops_the_oldest():
@@ -174,7 +178,7 @@ def test_tokenizer_upgrade_of_stored_state(monkeypatch):
     assert seq.tokenizer_version == tk.TOKENIZER_VERSION
     assert seq.pairs[0].conditions == t.conditions[:n_old] + (tk.ANY,)
     assert seq.pairs[1] == tk.tokenize(new)
-    assert published(emit) == {5: seq}
+    assert published(emit)[5].pairs == [tk.tokenize(new)]  # the delta: only the new pair
 
 
 def test_replayed_records_below_the_store_position_republish_their_users():
@@ -186,7 +190,7 @@ def test_replayed_records_below_the_store_position_republish_their_users():
     logic, store, emit = SequenceLogic(clock=lambda: NOW_S), store, MemoryEmit()
     assert logic.assign(0, store, {"behaviors": 2}, emit, lambda *_: []) == {"behaviors": 2}
     logic.process(0, records(e[2:], start=2), emit)
-    assert published(emit) == expected_sequences(e)
+    assert published(emit) == expected_sequences(e[2:])  # their deltas again (those of e[:2] were delivered)
 
 
 def test_missing_or_behind_state_is_rebuilt_streaming_from_the_changelog(monkeypatch):
@@ -203,7 +207,8 @@ def test_missing_or_behind_state_is_rebuilt_streaming_from_the_changelog(monkeyp
     store.put(user_key(77), b"stale")
     store.commit({"behaviors": 3})  # behind the group's offset: rebuilt
     logic, emit = SequenceLogic(clock=lambda: NOW_S), MemoryEmit()
-    assert logic.assign(0, store, {"behaviors": 10}, emit, lambda topic, p: iter(log)) == {"behaviors": 10}
+    read = lambda topic, p: iter(log if topic is USER_SEQUENCES else [])  # noqa: E731
+    assert logic.assign(0, store, {"behaviors": 10}, emit, read) == {"behaviors": 10}
     assert state(store) == {u: s for u, s in want.items() if u != 4}
     assert store.positions() == {"behaviors": 10} and store.commits > 3
 
