@@ -59,7 +59,7 @@ def main() -> None:
     print("\n| model | params | train (s) | final loss | HR@10 | NDCG@10 | cond Recall@10 |\n"
           "|---|---|---|---|---|---|---|")
     for name, n, s, loss, m in rows:
-        cond = f"{m['cond_recall@10']:.4f}" if "cond_recall@10" in m else "-"
+        cond = f"{m['cond_hr@10']:.4f}" if "cond_hr@10" in m else "-"
         print(f"| {name} | {n / 1e6:.2f}M | {s:.0f} | {loss:.3f} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {cond} |")
     print(f"| most popular | - | - | - | {pop['pop_hr@10']:.4f} | {pop['pop_ndcg@10']:.4f} | - |")
     print(f"({int(pop['users'])} users evaluated, full ranking over {int(pop['items'])} items)")

@@ -1,29 +1,36 @@
-"""Offline benchmark on real logs: DLRM alone vs DLRM + LUM (AUC, log loss), and LUM vs SASRec-style retrieval.
+"""Offline benchmark on real logs: DLRM, DLRM + SASRec user vector, DLRM + LUM (AUC, log loss), and LUM vs
+SASRec-style vs most-popular retrieval (unconditional and category-conditional).
 
-    .venv/bin/python benchmarks/bench_offline.py [--datasets ml-100k,taobao] [--ml1m PATH] [--data ../shared/data]
-                                                 [--quick] [--out benchmarks/results/offline.md]
+    .venv/bin/python benchmarks/bench_offline.py [--dataset NAME=SOURCE ...] [--seeds 0,1,2] [--json OUT]
+        SOURCE: movielens:PATH | taobao:PATH | amazon:PATH   (default: ml-100k and the Taobao sample in ../shared/data)
+    .venv/bin/python benchmarks/bench_offline.py --dataset ml-1m=movielens:~/data/ml-1m --json ml1m.json
 
-The protocol (per-user chronological split, labels, point-in-time LUM features, metrics) is written out in
-benchmarks/README.md; in short, for each user, oldest first:
-    first 50% of events -> LUM pre-training (Step 1)
-    next 30%            -> DLRM training examples; LUM features = group query over the events before them
-    last 20%            -> DLRM test examples (never trained on); LUM features = query over events before them
-and, separately, leave-last-out next-item retrieval with full ranking for LUM vs a SASRec-style model of the
-same width and depth. Seeds are fixed; the table, sizes, seeds and run time go to stdout and ``--out``.
+The protocol is written out in benchmarks/README.md; in short, for each user, oldest first:
+    first 50% of events -> transformer pre-training (Step 1): LUM and a SASRec-style model of the same size on
+                           the same item tokens (id + category), each trained to convergence with the same early
+                           stopping (validation = each user's second-to-last event of this segment, NDCG@10);
+                           retrieval is measured on each user's last event of this segment (full ranking)
+    next 30%            -> DLRM training examples; user vectors = query over the events before them
+    last 20%            -> DLRM test examples (never trained on); user vectors = query over the events before them
+Arms on the same examples and budget, one paired run per seed (seed = transformer init and DLRM init):
+DLRM alone; DLRM + SASRec user vector (the control: "any pre-trained user vector"); DLRM + LUM (label-aligned
+conditions, e.g. behavior=liked / behavior=buy, and the candidate's own category by group query). A data
+set whose segments have no examples or a single label class is reported as skipped, with the reason.
 Timings are wall-clock on a shared machine (other processes may use the cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import platform
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 # One intra-op thread: on 2 shared cores, 2 OpenMP threads spin-wait and steps get slower (bench_dlrm.py).
@@ -34,47 +41,52 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from schemas.datasets import is_positive, read_movielens, read_taobao  # noqa: E402
+from schemas.datasets import is_positive, read_amazon, read_movielens, read_taobao  # noqa: E402
 from schemas.events import BehaviorEvent, TrainingExample  # noqa: E402
 from schemas.tokenize import parse_condition  # noqa: E402
 from trainers.dlrm.model import DLRMConfig  # noqa: E402
 from trainers.dlrm.train import Trainer  # noqa: E402
-from trainers.lum.data import leave_last_out, sequences_from_events, train_batches  # noqa: E402
+from trainers.lum.data import repeat_share, sequences_from_events, split_users  # noqa: E402
 from trainers.lum.evaluate import catalog_of, evaluate  # noqa: E402
 from trainers.lum.model import PRESETS, LumModel  # noqa: E402
-from trainers.lum.pretrain import model_version  # noqa: E402
-from trainers.lum.pretrain import train as lum_train  # noqa: E402
-from trainers.lum.refresh import condition_outputs  # noqa: E402
+from trainers.lum.pretrain import fit, model_version, vocabulary  # noqa: E402
+from trainers.lum.refresh import category_conditions, condition_outputs  # noqa: E402
 
 log = logging.getLogger("bench_offline")
 HISTORY = 50  # most recent previous behaviors kept in an example's history
 POSITIVE_BEHAVIORS = ("cart", "fav", "buy")  # Taobao: what turns an earlier page view into a positive
+TARGET_CATEGORY = "target_category"  # the condition slot holding the candidate's own-category query
+READERS = {"movielens": read_movielens, "taobao": read_taobao, "amazon": read_amazon}
+
+
+class Skip(Exception):
+    """A data set the protocol cannot score (no examples, one label class): reported, never a crash."""
 
 
 @dataclass
 class Settings:
-    """Everything a run depends on; printed with the results."""
+    """Everything a run depends on; printed with the results and written to the JSON."""
 
-    lum_preset: str = "small"  # LUM width/depth (the SASRec-style baseline uses the same)
-    lum_steps: int = 400  # optimizer steps of each transformer (LUM for features, LUM and SASRec for retrieval)
+    lum_preset: str = "small"  # transformer width/depth (the SASRec-style model uses the same)
+    max_steps: int = 2000  # most optimizer steps per transformer (early stopping ends sooner)
+    eval_every: int = 50  # validate every N steps
+    patience: int = 4  # stop after N validations without a better NDCG@10
     dlrm_preset: str = "debug"
     max_epochs: int = 4  # DLRM passes over segment 2: 1..max_epochs, chosen on a validation tail of segment 2
     val_share: float = 0.25  # each user's last quarter of segment 2 validates the epoch choice
     dlrm_batch: int = 256
-    dlrm_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)  # DLRM init seeds; each is trained with and without LUM
-    seed: int = 0  # LUM init and batch order
+    seeds: tuple[int, ...] = (0, 1, 2)  # one paired run per seed: transformers' and DLRMs' init
+    pretrain_once: bool = False  # True: transformers trained once (first seed), reused by every DLRM seed
     cuts: tuple[float, float] = (0.5, 0.8)  # per-user share of events before the DLRM-train / DLRM-test segments
     max_users: int = 0  # 0: all users (smoke tests take a few)
     retrieval: bool = True
-    rating_condition: bool = False  # diagnostic (MovieLens): past ratings enter the LUM as liked/disliked conditions
 
 
 # ------------------------------------------------------------------------------------------------ data
 
 
-def load(dataset: str, path: Path) -> list[BehaviorEvent]:
-    reader = read_taobao if dataset == "taobao" else read_movielens
-    return list(reader(path))
+def load(kind: str, path: Path) -> list[BehaviorEvent]:
+    return list(READERS[kind](path))
 
 
 def by_user(events: list[BehaviorEvent], max_users: int = 0) -> dict[int, list[BehaviorEvent]]:
@@ -118,70 +130,95 @@ def labels_for(events: list[BehaviorEvent], dataset: str, horizon: int) -> list[
             for e in events]
 
 
+def label_condition(dataset_kind: str) -> str:
+    """The query condition aligned with the label: "liked" for ratings, "buy" for Taobao (paper: conditions
+    are prompts; this one asks for the items the user would respond to positively)."""
+    return "behavior=buy" if dataset_kind == "taobao" else "behavior=liked"
+
+
+def conditions_for(dataset_kind: str) -> list[str]:
+    """Fixed query conditions of Step 2 (plus the per-candidate ``TARGET_CATEGORY`` slot)."""
+    if dataset_kind == "taobao":
+        return ["any", "behavior=buy", "behavior=cart"]
+    return ["any", "behavior=liked"]
+
+
 @dataclass
-class LumView:
-    """What the refresh job would have published at one moment: per-user condition vectors + item vectors."""
+class View:
+    """What the refresh job would have published at one moment: per-user vectors and item vectors."""
 
     version: str
     conditions: list[str]
-    users: dict[int, list[list[float]]]  # user -> K vectors (users without any prior event are absent)
-    items: dict[int, list[float]] = field(default_factory=dict)
+    users: dict[int, list[list[float]]]  # user -> one vector per condition (users without any prior event absent)
+    target: dict[tuple[int, int], list[float]]  # (user, category) -> own-category query vector
+    items: dict[int, list[float]]  # only items the model was trained on: others are absent, never "present"
 
 
-def lum_view(model: LumModel, version: str, prefixes: dict[int, list[BehaviorEvent]], conditions: list[str],
-             targets: set[tuple[int, int]]) -> LumView:
-    """Group query over each user's prefix (Step 2) and the item-token embedding of every target item."""
-    seqs = sequences_from_events(e for p in prefixes.values() for e in p)  # per user, prefix order kept
+def make_view(model: LumModel, prefixes: dict[int, list[BehaviorEvent]], conditions: list[str],
+              candidates: dict[int, list[tuple[int, int]]], base: str, trained_items: np.ndarray) -> View:
+    """Group query over each user's prefix: fixed conditions, then ``base`` + each candidate's own category."""
+    version = model_version(model, 0)
+    seqs = sequences_from_events(e for p in prefixes.values() for e in p)
     conds = np.array([parse_condition(c) for c in conditions], dtype=np.int64)
-    vecs = condition_outputs(model, seqs, conds) if seqs else torch.zeros(0)
-    users = {s.user_id: v for s, v in zip(seqs, vecs.tolist())}
-    pairs = sorted(targets)
-    ids = torch.tensor([i for i, _ in pairs], dtype=torch.long)
-    cats = torch.tensor([c for _, c in pairs], dtype=torch.long)
+    vecs = condition_outputs(model, seqs, conds).tolist() if seqs else []
+    users = {s.user_id: v for s, v in zip(seqs, vecs)}
+    target: dict[tuple[int, int], list[float]] = {}
+    if seqs and model.cfg.use_conditions:  # an items-only model answers every condition alike
+        per_user = [[c for _, c in candidates.get(s.user_id, [])] for s in seqs]
+        qc, cols = category_conditions(f"{base}", per_user)
+        tv = condition_outputs(model, seqs, qc).tolist()
+        for s, col, v in zip(seqs, cols, tv):
+            for cat, k in col.items():
+                target[(s.user_id, cat)] = v[k]
+    pairs = sorted({p for c in candidates.values() for p in c})
+    known = set(trained_items.tolist())
+    pairs = [(i, c) for i, c in pairs if i in known]
     with torch.no_grad():
-        ivecs = model.item_vectors(ids, cats).tolist() if pairs else []
-    return LumView(version, conditions, users, {i: v for (i, _), v in zip(pairs, ivecs)})
+        iv = model.item_vectors(torch.tensor([i for i, _ in pairs], dtype=torch.long),
+                                torch.tensor([c for _, c in pairs], dtype=torch.long)).tolist() if pairs else []
+    return View(version, conditions, users, target, {i: v for (i, _), v in zip(pairs, iv)})
 
 
-def examples(users: dict[int, list[BehaviorEvent]], dataset: str, bounds: Callable[[int], tuple[int, int]],
-             view: LumView) -> list[TrainingExample]:
+def examples(users: dict[int, list[BehaviorEvent]], kind: str, bounds: Callable[[int], tuple[int, int]],
+             view: View | None) -> list[TrainingExample]:
     """TrainingExamples of the events [lo, hi) = ``bounds(n)`` of each user, sorted by event time as a stream is.
 
     Labels look ahead at most to ``hi``: a label is what was known when its segment ended."""
     out = []
     for u, evs in users.items():
         lo, hi = bounds(len(evs))
-        labels = labels_for(evs, dataset, hi)
-        user_vecs = view.users.get(u)
+        labels = labels_for(evs, kind, hi)
+        uv = view.users.get(u) if view else None
         for j in range(lo, hi):
             if labels[j] is None:
                 continue
             e, past = evs[j], evs[max(0, j - HISTORY):j]  # strictly earlier behaviors of this user
+            names = vecs = None
+            if uv is not None:
+                names, vecs = list(view.conditions), list(uv)
+                tv = view.target.get((u, e.category_id))
+                if tv is not None:
+                    names.append(TARGET_CATEGORY)
+                    vecs.append(tv)
             out.append(TrainingExample(
                 example_id=e.event_id, request_id=e.event_id, user_id=u, item_id=e.item_id,
                 category_id=e.category_id, position=0, scenario=e.scenario, event_time_ms=e.event_time_ms,
                 label=labels[j], history_items=[p.item_id for p in past],
-                history_categories=[p.category_id for p in past], lum_model_version=view.version,
-                lum_conditions=list(view.conditions) if user_vecs else None, lum_user=user_vecs,
-                lum_item=view.items.get(e.item_id)))
+                history_categories=[p.category_id for p in past],
+                lum_model_version=view.version if view else None, lum_conditions=names, lum_user=vecs,
+                lum_item=view.items.get(e.item_id) if view else None))
     out.sort(key=lambda x: (x.event_time_ms, x.user_id))
     return out
 
 
-def with_rating_condition(e: BehaviorEvent) -> BehaviorEvent:
-    """Diagnostic: a past rating as a condition the LUM can be queried with (query "liked" / "disliked").
-
-    Only the LUM's sequences (pre-training and the refresh prefixes, all strictly before the examples they
-    serve) carry it; the DLRM examples themselves never do, so no example sees its own rating."""
-    return e.model_copy(update={"query": "liked" if is_positive(e) else "disliked"}) if e.behavior == "rate" else e
-
-
-def conditions_for(dataset: str, pretrain: list[BehaviorEvent]) -> list[str]:
-    """The query conditions of Step 2: general ones plus, for MovieLens, the 3 most rated genres (pre-train part)."""
-    if dataset == "taobao":
-        return ["any", "scenario=taobao", "behavior=view", "behavior=cart", "behavior=buy"]
-    top = [c for c, _ in Counter(e.category_id for e in pretrain).most_common(3)]
-    return ["any", "scenario=movielens", *[f"category={c}" for c in top]]
+def candidates_of(users: dict[int, list[BehaviorEvent]], kind: str, bounds) -> dict[int, list[tuple[int, int]]]:
+    """(item, category) of every example a user has in the segment ``bounds`` selects."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    for u, evs in users.items():
+        lo, hi = bounds(len(evs))
+        labels = labels_for(evs, kind, hi)
+        out[u] = [(evs[j].item_id, evs[j].category_id) for j in range(lo, hi) if labels[j] is not None]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -199,36 +236,52 @@ def auc(scores: np.ndarray, labels: np.ndarray) -> float:
     return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def raw_lum_auc(exs: list[TrainingExample], conditions: list[str]) -> dict[str, float]:
-    """AUC of each condition's raw cosine(user vector, item vector) on its own, no model: does LUM knowledge carry
-    label signal at all? (Examples without LUM vectors score 0.)"""
-    y = np.array([x.label for x in exs])
-    out = {}
-    for k, c in enumerate(conditions):
-        cos = np.array([float(np.dot(x.lum_user[k], x.lum_item)) if x.lum_user and x.lum_item else 0.0
-                        for x in exs])  # both are unit vectors
-        out[c] = auc(cos, y)
-    return out
-
-
 def logloss(p: np.ndarray, labels: np.ndarray) -> float:
     p = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
     return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log1p(-p)))
 
 
+def paired_t(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    """Paired t-test of a - b over seeds: mean, std, t and two-sided p (t distribution, n-1 d.o.f.)."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    n = len(d)
+    if n < 2 or not np.isfinite(d).all():
+        return {"mean": float(np.mean(d)) if n else float("nan"), "std": float("nan"), "t": float("nan"),
+                "p": float("nan"), "n": n}
+    sd = float(d.std(ddof=1))
+    t = float(d.mean() / (sd / math.sqrt(n))) if sd > 0 else math.copysign(math.inf, d.mean() or 1.0)
+    return {"mean": float(d.mean()), "std": sd, "t": t, "p": _t_two_sided_p(t, n - 1), "n": n}
+
+
+def _t_two_sided_p(t: float, df: int) -> float:
+    """P(|T| > |t|) for Student's t with ``df`` degrees of freedom (numerical integration; no scipy here)."""
+    if not math.isfinite(t):
+        return 0.0
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    lo, hi, n = math.atan(abs(t)), math.pi / 2, 2000  # x = tan(theta): a finite, smooth integrand
+
+    def f(th: float) -> float:
+        x = math.tan(th)
+        return c * (1 + x * x / df) ** (-(df + 1) / 2) / math.cos(th) ** 2 if th < hi else 0.0
+
+    h = (hi - lo) / n
+    s = f(lo) + f(hi) + sum((4 if k % 2 else 2) * f(lo + k * h) for k in range(1, n))
+    return float(min(1.0, 2 * s * h / 3))
+
+
 # ------------------------------------------------------------------------------------------------ steps
 
 
-def pretrain_lum(seqs, cfg, steps: int, seed: int, what: str) -> tuple[LumModel, float, float]:
-    """(model, seconds, mean loss of the last 50 steps)."""
-    torch.manual_seed(seed)
+def pretrain(cfg, tr, va, catalog, exclude_seen: bool, s: Settings, seed: int, what: str) -> tuple[LumModel, dict]:
+    """A transformer trained to convergence (early stopping on validation NDCG@10); (model, run facts)."""
     t = time.perf_counter()
-    model, _, step, losses = lum_train(cfg, train_batches(seqs, cfg, seed=seed), steps, model=LumModel(cfg),
-                                       log_every=max(1, steps // 4), seed=seed)
-    secs = time.perf_counter() - t
-    tail = losses[-50:]
-    log.info("%s: %d steps in %.0fs, final loss %.3f", what, step, secs, sum(tail) / len(tail))
-    return model.eval(), secs, sum(tail) / len(tail)
+    torch.manual_seed(seed)
+    model, _, last, best, history = fit(cfg, tr, va, max_steps=s.max_steps, eval_every=s.eval_every,
+                                        patience=s.patience, exclude_seen=exclude_seen, catalog=catalog,
+                                        seed=seed, log_every=max(1, s.eval_every))
+    facts = {"steps": last, "best_step": best, "seconds": time.perf_counter() - t, "history": history}
+    log.info("%s seed %d: %d steps (best %d) in %.0fs", what, seed, last, best, facts["seconds"])
+    return model.eval(), facts
 
 
 def dlrm_run(features: str, train: list[TrainingExample], evals: dict[str, list[TrainingExample]], s: Settings,
@@ -262,84 +315,112 @@ def dlrm_run(features: str, train: list[TrainingExample], evals: dict[str, list[
     return out
 
 
-def run_dataset(dataset: str, events: list[BehaviorEvent], s: Settings) -> dict:
-    """The whole protocol on one data set; returns every figure the tables need."""
+def run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings) -> dict:
+    """The whole protocol on one data set; a data set it cannot score comes back with ``skipped`` = reason."""
+    try:
+        return _run_dataset(name, kind, events, s)
+    except Skip as e:
+        log.warning("%s: skipped: %s", name, e)
+        return {"dataset": name, "skipped": str(e)}
+
+
+def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings) -> dict:
     t0 = time.perf_counter()
     users = by_user(events, s.max_users)
     events = [e for evs in users.values() for e in evs]
-    res: dict = {"dataset": dataset, "users": len(users), "events": len(events),
-                 "items": len({e.item_id for e in events})}
+    if not events:
+        raise Skip("no events")
+    res: dict = {"dataset": name, "source_kind": kind, "users": len(users), "events": len(events),
+                 "items": len({e.item_id for e in events}), "skipped": None}
     lum_cfg = PRESETS[s.lum_preset]
+    sas_cfg = lum_cfg.model_copy(update={"name": f"{lum_cfg.name}-sasrec", "use_conditions": False,
+                                         "row_len": lum_cfg.row_len // 2})  # same pairs per row
+    prefix1 = {u: evs[:cut_points(len(evs), s.cuts)[0]] for u, evs in users.items()}
+    prefix2 = {u: evs[:cut_points(len(evs), s.cuts)[1]] for u, evs in users.items()}
+    pre_seqs = sequences_from_events(sorted((e for p in prefix1.values() for e in p), key=lambda e: e.event_time_ms))
+    tr, va, te = split_users(pre_seqs)
+    if not te or not va:
+        raise Skip("segment 1 has no user with 3 or more events: nothing to validate or test retrieval on")
+    catalog = catalog_of(pre_seqs)
+    exclude_seen = repeat_share(pre_seqs) < 0.01
+    trained_items = vocabulary(tr)[0]
+    res.update(pretrain_pairs=sum(len(x) for x in pre_seqs), exclude_seen=exclude_seen)
 
-    # Step 1: LUM pre-trained on each user's first segment only.
-    lum_users = {u: [with_rating_condition(e) for e in evs] for u, evs in users.items()} if s.rating_condition \
-        else users
-    prefix1 = {u: evs[:cut_points(len(evs), s.cuts)[0]] for u, evs in lum_users.items()}
-    prefix2 = {u: evs[:cut_points(len(evs), s.cuts)[1]] for u, evs in lum_users.items()}
-    pre_events = sorted((e for p in prefix1.values() for e in p), key=lambda e: e.event_time_ms)
-    pre_seqs = sequences_from_events(pre_events)
-    res["pretrain_pairs"] = len(pre_events)
-    log.info("%s: %d users, %d events, %d items; LUM pre-training on %d events (first %.0f%% per user)", dataset,
-             len(users), len(events), res["items"], len(pre_events), 100 * s.cuts[0])
-    lum, res["lum_train_s"], res["lum_loss"] = pretrain_lum(pre_seqs, lum_cfg, s.lum_steps, s.seed,
-                                                            f"{dataset} LUM (features)")
-    version = model_version(lum, s.lum_steps)
+    # Examples (labels and candidates) do not depend on the models: check they can be scored first.
+    train_b, test_b = segment_bounds("train", s.cuts), segment_bounds("test", s.cuts)
+    fit_b, val_b = segment_bounds("fit", s.cuts, s.val_share), segment_bounds("val", s.cuts, s.val_share)
+    for part, b in (("DLRM training", train_b), ("DLRM test", test_b), ("DLRM validation", val_b)):
+        labels = [x.label for x in examples(users, kind, b, None)]
+        if not labels:
+            raise Skip(f"the {part} segment has no examples")
+        if len(set(labels)) < 2:
+            raise Skip(f"the {part} segment has only label {labels[0]} ({len(labels)} examples): AUC undefined")
+    cands = {p: candidates_of(users, kind, b) for p, b in (("train", train_b), ("test", test_b), ("fit", fit_b),
+                                                          ("val", val_b))}
+    conditions = conditions_for(kind)
+    base = label_condition(kind)
+    res["conditions"] = conditions + [f"{TARGET_CATEGORY} ({base},category=<candidate's>)"]
 
-    # Step 2: two refreshes, at the start of the DLRM-train and of the DLRM-test segment of each user.
-    conditions = conditions_for(dataset, pre_events)
-    if s.rating_condition:
-        # Category left open, as at request time; scenario and behavior set, the way training most often saw it.
-        conditions += [f"scenario=movielens,behavior=rate,query={q}" for q in ("liked", "disliked")]
-    targets = {(e.item_id, e.category_id) for e in events}
-    t = time.perf_counter()
-    view1 = lum_view(lum, version, prefix1, conditions, targets)
-    view2 = lum_view(lum, version, prefix2, conditions, targets)
-    train = examples(users, dataset, segment_bounds("train", s.cuts), view1)
-    test = examples(users, dataset, segment_bounds("test", s.cuts), view2)
-    res.update(conditions=conditions, lum_version=version, refresh_and_examples_s=time.perf_counter() - t,
-               train_n=len(train), test_n=len(test),
-               train_pos=float(np.mean([x.label for x in train])) if train else float("nan"),
-               test_pos=float(np.mean([x.label for x in test])) if test else float("nan"),
-               train_lum_users=sum(x.lum_user is not None for x in train) / max(1, len(train)))
-    log.info("%s: %d train examples (positive rate %.3f), %d test examples (positive rate %.3f), LUM conditions %s, "
-             "built in %.0fs", dataset, len(train), res["train_pos"], len(test), res["test_pos"], conditions,
-             res["refresh_and_examples_s"])
-
-    # Step 3: DLRM alone vs DLRM + LUM, same examples, same seeds, same preset. The number of epochs of each is
-    # chosen on a validation tail of segment 2 (first seed), never on the test segment.
-    fit = examples(users, dataset, segment_bounds("fit", s.cuts, s.val_share), view1)
-    val = examples(users, dataset, segment_bounds("val", s.cuts, s.val_share), view1)
-    for features in ("baseline", "lum"):
-        sel = dlrm_run(features, fit, {"val": val}, s, s.dlrm_seeds[0], s.max_epochs, each_epoch=True)
-        epochs = 1 + int(np.nanargmax([m["auc"] for m in sel["val"]]))
-        log.info("%s DLRM %s: %d epoch(s) chosen on validation (%d fit / %d validation examples)", dataset,
-                 features, epochs, len(fit), len(val))
-        runs = [dlrm_run(features, train, {"test": test}, s, seed, epochs) for seed in s.dlrm_seeds]
-        res[features] = {"epochs": epochs, "val_auc": [m["auc"] for m in sel["val"]],
-                         "auc": [r["test"][-1]["auc"] for r in runs],
-                         "logloss": [r["test"][-1]["logloss"] for r in runs],
-                         "train_s": [r["train_s"] for r in runs],
-                         "progressive_auc": [r["progressive_auc"] for r in runs], "lum_inputs": runs[-1]["lum_inputs"]}
-    res["raw_lum_auc"] = raw_lum_auc(test, conditions)
-    log.info("%s: test AUC of the raw LUM cosine per condition: %s", dataset,
-             ", ".join(f"{c} {a:.4f}" for c, a in res["raw_lum_auc"].items()))
-    # Base-rate reference: predicting the training positive rate for every test example.
-    res["base_rate_logloss"] = logloss(np.full(len(test), res["train_pos"]), np.array([x.label for x in test]))
-
-    # Retrieval: LUM vs SASRec-style, leave-last-out over each user's whole sequence, full ranking.
+    arms = {"dlrm": [], "dlrm_sasrec": [], "dlrm_lum": []}
+    ll = {k: [] for k in arms}
+    ret: dict[str, list] = {"lum": [], "sasrec": []}
+    epochs: dict[str, int] = {}
+    runs_info = []
+    models: dict = {}
+    for seed in s.seeds:
+        for arm, cfg in (("lum", lum_cfg), ("sasrec", sas_cfg)) if not (s.pretrain_once and models) else ():
+            models[arm], facts = pretrain(cfg, tr, va, catalog, exclude_seen, s, seed, f"{name} {arm}")
+            m = evaluate(models[arm], te, tr, exclude_seen=exclude_seen, catalog=catalog) if s.retrieval else {}
+            ret[arm].append(m)
+            runs_info.append({"seed": seed, "model": arm, **{k: v for k, v in facts.items()}} | {"test": m})
+            if m:
+                log.info("%s %s seed %d retrieval: HR@10 %.4f NDCG@10 %.4f cond HR@10 %.4f (pop %.4f / %.4f)", name,
+                         arm, seed, m["hr@10"], m["ndcg@10"], m["cond_hr@10"], m["pop_hr@10"], m["pop_cond_hr@10"])
+        views = {}
+        for arm in ("lum", "sasrec"):
+            conds = conditions if arm == "lum" else ["any"]
+            views[arm] = {
+                "1": make_view(models[arm], prefix1, conds, {u: cands["train"][u] + cands["fit"][u] + cands["val"][u]
+                                                              for u in users}, base, trained_items),
+                "2": make_view(models[arm], prefix2, conds, cands["test"], base, trained_items)}
+        for arm, feats, view in (("dlrm", "baseline", None), ("dlrm_sasrec", "lum", "sasrec"),
+                                 ("dlrm_lum", "lum", "lum")):
+            v1 = views[view]["1"] if view else None
+            v2 = views[view]["2"] if view else None
+            train, test = examples(users, kind, train_b, v1), examples(users, kind, test_b, v2)
+            if arm not in epochs:  # epochs chosen once per arm on segment 2's validation tail, first seed
+                sel = dlrm_run(feats, examples(users, kind, fit_b, v1), {"val": examples(users, kind, val_b, v1)},
+                               s, seed, s.max_epochs, each_epoch=True)
+                val_auc = [m["auc"] for m in sel["val"]]
+                if not np.isfinite(val_auc).any():
+                    raise Skip(f"DLRM validation AUC undefined for {arm} (a label class missing)")
+                epochs[arm] = 1 + int(np.nanargmax(val_auc))
+            r = dlrm_run(feats, train, {"test": test}, s, seed, epochs[arm])
+            arms[arm].append(r["test"][-1]["auc"])
+            ll[arm].append(r["test"][-1]["logloss"])
+            if seed == s.seeds[0]:
+                res.setdefault("lum_inputs", {})[arm] = r["lum_inputs"]
+                res.setdefault("sizes", {}).update(train_n=len(train), test_n=len(test),
+                                                   train_pos=float(np.mean([x.label for x in train])),
+                                                   test_pos=float(np.mean([x.label for x in test])))
+    test_labels = np.array([x.label for x in examples(users, kind, test_b, None)])
+    res["base_rate_logloss"] = logloss(np.full(len(test_labels), res["sizes"]["train_pos"]), test_labels)
+    res.update({f"{a}_auc": v for a, v in arms.items()} | {f"{a}_logloss": v for a, v in ll.items()})
+    res["dlrm_epochs"] = epochs
+    res["paired"] = {"lum_vs_dlrm": paired_t(arms["dlrm_lum"], arms["dlrm"]),
+                     "lum_vs_sasrec": paired_t(arms["dlrm_lum"], arms["dlrm_sasrec"]),
+                     "sasrec_vs_dlrm": paired_t(arms["dlrm_sasrec"], arms["dlrm"])}
     if s.retrieval:
-        seqs = sequences_from_events(events)
-        tr, te = leave_last_out(seqs)
-        catalog = catalog_of(seqs)
-        sas_cfg = lum_cfg.model_copy(update={"name": f"{lum_cfg.name}-sasrec", "use_conditions": False,
-                                             "row_len": lum_cfg.row_len // 2})  # same pairs per row
-        exclude_seen = dataset != "taobao"  # ratings never repeat; Taobao users re-view items
-        for name, cfg in (("lum", lum_cfg), ("sasrec", sas_cfg)):
-            model, secs, _ = pretrain_lum(tr, cfg, s.lum_steps, s.seed, f"{dataset} {name} (retrieval)")
-            m = evaluate(model, te, tr, k=10, exclude_seen=exclude_seen, catalog=catalog)
-            res[f"ret_{name}"] = m | {"train_s": secs}
-            log.info("%s %s: HR@10 %.4f NDCG@10 %.4f (most popular HR@10 %.4f) over %d users, %d items", dataset,
-                     name, m["hr@10"], m["ndcg@10"], m["pop_hr@10"], int(m["users"]), int(m["items"]))
+        mean = lambda arm, k: float(np.mean([m[k] for m in ret[arm]]))  # noqa: E731
+        res.update(lum_hr10=mean("lum", "hr@10"), sasrec_hr10=mean("sasrec", "hr@10"),
+                   pop_hr10=mean("lum", "pop_hr@10"), lum_cond_hr10=mean("lum", "cond_hr@10"),
+                   sasrec_cond_hr10=mean("sasrec", "cond_hr@10"), pop_cond_hr10=mean("lum", "pop_cond_hr@10"),
+                   lum_hr10_seeds=[m["hr@10"] for m in ret["lum"]],
+                   sasrec_hr10_seeds=[m["hr@10"] for m in ret["sasrec"]],
+                   lum_cond_hr10_seeds=[m["cond_hr@10"] for m in ret["lum"]],
+                   sasrec_cond_hr10_seeds=[m["cond_hr@10"] for m in ret["sasrec"]],
+                   retrieval_users=int(ret["lum"][0]["users"]), retrieval_items=int(ret["lum"][0]["items"]))
+    res["runs"] = runs_info
     res["seconds"] = time.perf_counter() - t0
     return res
 
@@ -353,112 +434,126 @@ def _ms(xs: Sequence[float]) -> str:
 
 
 def report(results: list[dict], s: Settings, total_s: float) -> str:
-    n = len(s.dlrm_seeds)
-    lines = ["# Offline benchmark: DLRM vs DLRM + LUM, LUM vs SASRec-style", "",
+    n = len(s.seeds)
+    lines = ["# Offline benchmark: DLRM vs DLRM + SASRec vector vs DLRM + LUM; LUM vs SASRec-style retrieval", "",
              f"Protocol: benchmarks/README.md. Per-user chronological split {s.cuts[0]:.0%} / "
-             f"{s.cuts[1] - s.cuts[0]:.0%} / {1 - s.cuts[1]:.0%} (LUM pre-training / DLRM train / DLRM test).", "",
-             f"## Ranking (paper Tables 2 and 4 style): test AUC and log loss, mean ± std over {n} DLRM seed(s)", "",
-             "| dataset | train / test examples | positive rate train / test | DLRM AUC | DLRM+LUM AUC | Δ AUC "
-             "| DLRM logloss | DLRM+LUM logloss | Δ logloss | base-rate logloss |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"{s.cuts[1] - s.cuts[0]:.0%} / {1 - s.cuts[1]:.0%} (pre-training / DLRM train / DLRM test); "
+             f"{n} paired seed(s) {list(s.seeds)}.", "",
+             "## Ranking: test AUC and log loss (mean ± std over seeds), paired differences", "",
+             "| dataset | train / test | pos. rate | DLRM AUC | +SASRec AUC | +LUM AUC | LUM−DLRM (p) | LUM−SASRec (p) "
+             "| DLRM logloss | +LUM logloss | base-rate logloss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        b, lm = r["baseline"], r["lum"]
-        d_auc = np.asarray(lm["auc"]) - np.asarray(b["auc"])  # paired by seed
-        d_ll = np.asarray(lm["logloss"]) - np.asarray(b["logloss"])
-        lines.append(f"| {r['dataset']} | {r['train_n']:,} / {r['test_n']:,} | {r['train_pos']:.3f} / "
-                     f"{r['test_pos']:.3f} | {_ms(b['auc'])} | {_ms(lm['auc'])} | {d_auc.mean():+.4f} | "
-                     f"{_ms(b['logloss'])} | {_ms(lm['logloss'])} | {d_ll.mean():+.4f} | "
+        if r.get("skipped"):
+            lines.append(f"| {r['dataset']} | skipped: {r['skipped']} |||||||||")
+            continue
+        z, p1, p2 = r["sizes"], r["paired"]["lum_vs_dlrm"], r["paired"]["lum_vs_sasrec"]
+        lines.append(f"| {r['dataset']} | {z['train_n']:,} / {z['test_n']:,} | {z['train_pos']:.3f} / "
+                     f"{z['test_pos']:.3f} | {_ms(r['dlrm_auc'])} | {_ms(r['dlrm_sasrec_auc'])} | "
+                     f"{_ms(r['dlrm_lum_auc'])} | {p1['mean']:+.4f} ({p1['p']:.3f}) | {p2['mean']:+.4f} "
+                     f"({p2['p']:.3f}) | {_ms(r['dlrm_logloss'])} | {_ms(r['dlrm_lum_logloss'])} | "
                      f"{r['base_rate_logloss']:.4f} |")
-    if any(r.get("ret_lum") for r in results):
-        lines += ["", "## Retrieval (leave-last-out, full ranking over every item of the data set)", "",
-                  "| dataset | users | items ranked | SASRec-style HR@10 | LUM HR@10 | SASRec-style NDCG@10 "
-                  "| LUM NDCG@10 | LUM cond. Recall@10 | most popular HR@10 |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+    if s.retrieval:
+        lines += ["", "## Retrieval (last event of each user's pre-training segment, full ranking; conditional = "
+                  "candidates of the held-out item's category, LUM also told the category)", "",
+                  "| dataset | users | items | most popular | SASRec-style | LUM | cond.: most popular | "
+                  "cond.: SASRec | cond.: LUM |", "|---|---|---|---|---|---|---|---|---|"]
         for r in results:
-            if not r.get("ret_lum"):
+            if r.get("skipped"):
                 continue
-            lo, sa = r["ret_lum"], r["ret_sasrec"]
-            lines.append(f"| {r['dataset']} | {int(lo['users']):,} | {int(lo['items']):,} | {sa['hr@10']:.4f} | "
-                         f"{lo['hr@10']:.4f} | {sa['ndcg@10']:.4f} | {lo['ndcg@10']:.4f} | "
-                         f"{lo['cond_recall@10']:.4f} | {lo['pop_hr@10']:.4f} |")
-    lines += ["", "## Sizes, settings, time", ""]
+            lines.append(f"| {r['dataset']} | {r['retrieval_users']:,} | {r['retrieval_items']:,} | "
+                         f"{r['pop_hr10']:.4f} | {_ms(r['sasrec_hr10_seeds'])} | {_ms(r['lum_hr10_seeds'])} | "
+                         f"{r['pop_cond_hr10']:.4f} | {_ms(r['sasrec_cond_hr10_seeds'])} | "
+                         f"{_ms(r['lum_cond_hr10_seeds'])} |")
+    lines += ["", "## Settings", "", f"- {json.dumps(asdict(s))}",
+              f"- Total run time {total_s / 60:.1f} min on {platform.machine()} CPU, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} intra-op thread(s), {os.cpu_count()} cores shared with other processes "
+              "(timings are noisy)."]
     for r in results:
-        raw = ", ".join(f"`{c}` {a:.4f}" for c, a in r["raw_lum_auc"].items())
-        lines.append(f"- {r['dataset']}: {r['users']:,} users, {r['events']:,} events, {r['items']:,} items; LUM "
-                     f"pre-trained on {r['pretrain_pairs']:,} events in {r['lum_train_s']:.0f}s (final loss "
-                     f"{r['lum_loss']:.3f}), version {r['lum_version']}; conditions {r['conditions']}; "
-                     f"{r['train_lum_users']:.1%} of training examples have LUM user vectors; DLRM training "
-                     f"{np.mean(r['baseline']['train_s']):.0f}s (alone) / {np.mean(r['lum']['train_s']):.0f}s (+LUM) "
-                     f"per seed; test AUC of the raw LUM cosine(user, item) alone, no model: {raw}; first-pass "
-                     f"progressive train AUC {_ms(r['baseline']['progressive_auc'])} (alone) / "
-                     f"{_ms(r['lum']['progressive_auc'])} (+LUM); data set total {r['seconds']:.0f}s.")
-    diag = "; MovieLens past ratings enter the LUM as liked/disliked conditions (diagnostic)" if s.rating_condition \
-        else ""
-    lines.append(f"- LUM preset `{s.lum_preset}` ({PRESETS[s.lum_preset].d_model} wide, "
-                 f"{PRESETS[s.lum_preset].n_layers} layers, last {PRESETS[s.lum_preset].max_pairs} pairs), "
-                 f"{s.lum_steps} steps per transformer, seed {s.seed}; SASRec-style: the same transformer, items "
-                 f"only{diag}. DLRM preset `{s.dlrm_preset}`, batch {s.dlrm_batch}, seeds {list(s.dlrm_seeds)}; epochs "
-                 f"(1..{s.max_epochs}) chosen on the last {s.val_share:.0%} of each user's segment 2 with seed "
-                 f"{s.dlrm_seeds[0]}: " + "; ".join(f"{r['dataset']} {r['baseline']['epochs']} (alone) / "
-                                                    f"{r['lum']['epochs']} (+LUM)" for r in results) + ".")
-    lines.append(f"- Total run time {total_s / 60:.1f} min on {platform.machine()} CPU, torch {torch.__version__}, "
-                 f"{torch.get_num_threads()} intra-op thread(s), {os.cpu_count()} cores shared with other "
-                 f"processes (timings are noisy).")
+        if not r.get("skipped"):
+            steps = ", ".join(f"{x['model']}/{x['seed']}: {x['best_step']}/{x['steps']}" for x in r["runs"])
+            lines.append(f"- {r['dataset']}: {r['users']:,} users, {r['events']:,} events, {r['items']:,} items; "
+                         f"conditions {r['conditions']}; exclude_seen {r['exclude_seen']}; best/last steps {steps}; "
+                         f"DLRM epochs {r['dlrm_epochs']}; {r['seconds']:.0f}s.")
     return "\n".join(lines) + "\n"
+
+
+def parse_dataset(spec: str) -> tuple[str, str, Path]:
+    """``NAME=KIND:PATH`` -> (name, kind, path)."""
+    name, eq, source = spec.partition("=")
+    kind, colon, path = source.partition(":")
+    if not eq or not colon or kind not in READERS or not path or not name:
+        raise ValueError(f"--dataset {spec!r}: expected NAME=SOURCE with SOURCE movielens:PATH, taobao:PATH or "
+                         "amazon:PATH")
+    return name, kind, Path(path).expanduser()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--datasets", default="ml-100k,taobao", help="comma list of ml-100k, taobao")
-    ap.add_argument("--ml1m", default=None, help="folder of MovieLens-1M (ratings.dat, movies.dat): adds ml-1m")
+    ap.add_argument("--dataset", action="append", default=None, metavar="NAME=SOURCE",
+                    help="repeatable; SOURCE = movielens:PATH | taobao:PATH | amazon:PATH "
+                         "(default: ml-100k and taobao from --data)")
     ap.add_argument("--data", default=str(ROOT.parent / "shared" / "data"),
-                    help="folder holding ml-100k/, taobao-userbehavior/")
-    ap.add_argument("--quick", action="store_true",
-                    help="60 LUM steps, 1 DLRM seed, 2 epochs at most: a smoke run, not a result")
-    ap.add_argument("--lum-steps", type=int, default=None)
-    ap.add_argument("--seeds", default=None, help="DLRM seeds, comma list (default 0,1,2,3,4)")
+                    help="folder holding ml-100k/, taobao-userbehavior/ (the default data sets)")
+    ap.add_argument("--quick", action="store_true", help="debug preset, <= 60 steps, 1 seed: a smoke run, not a result")
+    ap.add_argument("--preset", default=None, help="transformer preset (default small)")
+    ap.add_argument("--max-steps", type=int, default=None, help="most steps per transformer (early stopping)")
+    ap.add_argument("--eval-every", type=int, default=None)
+    ap.add_argument("--patience", type=int, default=None)
+    ap.add_argument("--seeds", default=None, help="paired seeds, comma list (default 0,1,2)")
     ap.add_argument("--max-epochs", type=int, default=None, help="most DLRM epochs the validation may choose (4)")
-    ap.add_argument("--no-retrieval", action="store_true", help="skip LUM vs SASRec-style retrieval")
-    ap.add_argument("--rating-condition", action="store_true",
-                    help="diagnostic, MovieLens: past ratings enter the LUM as liked/disliked conditions")
+    ap.add_argument("--pretrain-once", action="store_true",
+                    help="train the transformers once (first seed) and vary only the DLRM seed (faster, weaker)")
+    ap.add_argument("--max-users", type=int, default=0, help="first N users only (0: all)")
+    ap.add_argument("--no-retrieval", action="store_true", help="skip the retrieval evaluation")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "offline.md"))
+    ap.add_argument("--json", default=None, metavar="OUT", help="write every figure as JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("trainers.dlrm.train").setLevel(logging.WARNING)  # one "DLRM built" line per model
 
     s = Settings()
     if args.quick:
-        s = replace(s, lum_steps=60, dlrm_seeds=(0,), max_epochs=2)
-    s = replace(s, lum_steps=args.lum_steps or s.lum_steps, retrieval=not args.no_retrieval,
-                rating_condition=args.rating_condition,
-                max_epochs=args.max_epochs or s.max_epochs,
-                dlrm_seeds=tuple(int(x) for x in args.seeds.split(",")) if args.seeds else s.dlrm_seeds)
-    paths = {"ml-100k": Path(args.data) / "ml-100k", "taobao": Path(args.data) / "taobao-userbehavior"}
-    wanted = [d.strip() for d in args.datasets.split(",") if d.strip()]
-    for d in wanted:
-        if d not in paths:
-            ap.error(f"unknown data set {d!r}; known: {', '.join(paths)} (and ml-1m via --ml1m)")
-    if args.ml1m:
-        paths["ml-1m"] = Path(args.ml1m)
-        wanted.append("ml-1m")
-    missing = [d for d in wanted if not paths[d].exists()]
+        s = replace(s, lum_preset="debug", max_steps=60, eval_every=20, seeds=(0,), max_epochs=2)
+    s = replace(s, lum_preset=args.preset or s.lum_preset, max_steps=args.max_steps or s.max_steps,
+                eval_every=args.eval_every or s.eval_every, patience=args.patience or s.patience,
+                retrieval=not args.no_retrieval, max_epochs=args.max_epochs or s.max_epochs,
+                max_users=args.max_users, pretrain_once=args.pretrain_once,
+                seeds=tuple(int(x) for x in args.seeds.split(",")) if args.seeds else s.seeds)
+    if s.lum_preset not in PRESETS:
+        ap.error(f"unknown preset {s.lum_preset!r}; known: {', '.join(PRESETS)}")
+    try:
+        wanted = [parse_dataset(d) for d in args.dataset] if args.dataset else [
+            ("ml-100k", "movielens", Path(args.data) / "ml-100k"),
+            ("taobao", "taobao", Path(args.data) / "taobao-userbehavior")]
+    except ValueError as e:
+        ap.error(str(e))
+    missing = [str(p) for _, _, p in wanted if not p.exists()]
     if missing:
-        print(f"data not found: {', '.join(str(paths[d]) for d in missing)} (see --data / --ml1m)", file=sys.stderr)
-        return 0 if args.data == ap.get_default("data") and not args.ml1m else 2  # `make bench` without data
+        print(f"data not found: {', '.join(missing)} (see --data / --dataset)", file=sys.stderr)
+        return 0 if not args.dataset and args.data == ap.get_default("data") else 2  # `make bench` without data
 
-    torch.manual_seed(s.seed)
     t0 = time.perf_counter()
     results = []
-    for d in wanted:
+    for name, kind, path in wanted:
         t = time.perf_counter()
-        events = load("taobao" if d == "taobao" else "movielens", paths[d])
-        log.info("%s: read %d events in %.1fs", d, len(events), time.perf_counter() - t)
-        results.append(run_dataset(d, events, s))
+        try:
+            events = list(READERS[kind](path))
+        except (ValueError, FileNotFoundError) as e:
+            results.append({"dataset": name, "skipped": f"cannot read {path}: {e}"})
+            continue
+        log.info("%s: read %d events in %.1fs", name, len(events), time.perf_counter() - t)
+        results.append(run_dataset(name, kind, events, s))
     text = report(results, s, time.perf_counter() - t0)
     print("\n" + text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"settings": asdict(s), "datasets": {r["dataset"]: r for r in results},
+                                               "seconds": time.perf_counter() - t0}, indent=1, default=float))
+        log.info("wrote %s", args.json)
     log.info("wrote %s", out)
     return 0
 

@@ -90,6 +90,9 @@ class LumFeatures(_Event):
     # Event time of the newest behavior these outputs have seen. Consumers attach them only to events after
     # it (point in time): an impression must never get features computed from its own click.
     as_of_ms: TimeMs | None = None
+    # Event time of the newest behavior the *model* (``model_version``) was trained on. The weights carry
+    # those events too: consumers attach these features only to impressions after it.
+    trained_until_ms: TimeMs | None = None
 
     @model_validator(mode="after")
     def _same_dims(self) -> LumFeatures:

@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 
-from . import codec
+from . import codec, seqexport
 from .events import BehaviorEvent, DeadLetter, ImpressionEvent, ItemEmbedding, LumFeatures, TrainingExample
+from .seqexport import Delta
 from .tokenize import UserSequence
 
 DAY_MS = 24 * 3600 * 1000
@@ -22,7 +23,7 @@ DAY_MS = 24 * 3600 * 1000
 class Topic:
     name: str
     key: str  # what the key is (always UTF-8 decimal text of the id, so tools can read it)
-    value: type[BaseModel] | type[UserSequence]
+    value: type[BaseModel] | type[UserSequence] | type[Delta]
     partitions: int
     compacted: bool
     retention_ms: int | None  # None: keep forever (compacted topics keep the latest value per key)
@@ -35,11 +36,16 @@ class Topic:
         return cfg | self.config
 
     def encode(self, value) -> bytes:
+        if self.value is Delta:
+            return seqexport.encode_delta(value.user_id, value.rows, value.cap)
         return codec.encode_user_sequence(value) if self.value is UserSequence else codec.encode(value)
 
     def decode(self, data: bytes | None):
         """The value model, or ``codec.DecodeError`` with the reason (for the dead-letter topic)."""
-        return codec.decode_user_sequence(data) if self.value is UserSequence else codec.decode(self.value, data)
+        if self.value is Delta:
+            return seqexport.decode_delta(data)
+        # Both snapshot layouts (v1 fixed int64, v2 compact): see schemas.seqexport.
+        return seqexport.decode_user_sequence(data) if self.value is UserSequence else codec.decode(self.value, data)
 
 
 def key_of(entity_id: int) -> bytes:
@@ -54,15 +60,19 @@ TRAINING_EXAMPLES = Topic("training-examples", "user_id", TrainingExample, 4, Fa
                           "labelled impressions with point-in-time features, written by the joiner")
 USER_SEQUENCES = Topic("user-sequences", "user_id", UserSequence, 4, True, None,
                        "each user's latest rolling (condition, item) sequence, written by the sequence agent")
+SEQUENCE_DELTAS = Topic("sequence-deltas", "user_id", Delta, 4, False, 7 * DAY_MS,
+                        "the pairs each sequence-agent batch added per user (schemas.seqexport), folded by readers")
 LUM_FEATURES = Topic("lum-features", "user_id", LumFeatures, 4, True, None,
                      "each user's latest LUM condition outputs, written by the refresh job")
 ITEM_EMBEDDINGS = Topic("item-embeddings", "item_id", ItemEmbedding, 4, True, None,
                         "each item's latest LUM item-token embedding, written by the refresh job")
 LATE_CLICKS = Topic("late-clicks", "user_id", BehaviorEvent, 1, False, 7 * DAY_MS,
                     "clicks that arrived after their impression's attribution window closed")
+JOINER_CHANGELOG = Topic("joiner-changelog", "joiner state key (bytes)", bytes, 4, True, None,  # type: ignore[arg-type]
+                         "the label joiner's state changes per input partition (raw store values), to rebuild it")
 DEAD_LETTERS = Topic("dead-letters", "source key", DeadLetter, 1, False, 30 * DAY_MS,
                      "messages a consumer could not decode or validate, with the reason and source offset")
 
-ALL_TOPICS: tuple[Topic, ...] = (BEHAVIORS, IMPRESSIONS, TRAINING_EXAMPLES, USER_SEQUENCES, LUM_FEATURES,
-                                 ITEM_EMBEDDINGS, LATE_CLICKS, DEAD_LETTERS)
+ALL_TOPICS: tuple[Topic, ...] = (BEHAVIORS, IMPRESSIONS, TRAINING_EXAMPLES, USER_SEQUENCES, SEQUENCE_DELTAS,
+                                 LUM_FEATURES, ITEM_EMBEDDINGS, LATE_CLICKS, JOINER_CHANGELOG, DEAD_LETTERS)
 BY_NAME: dict[str, Topic] = {t.name: t for t in ALL_TOPICS}

@@ -5,6 +5,7 @@
     lum produce synthetic [--users U] [--items I] [--events N] [--rate R] [--seed S] [--skip N]
     lum produce movielens PATH [--speedup X]
     lum produce taobao PATH [--speedup X]
+    lum produce amazon PATH [--speedup X]
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def register(sub, common) -> None:
     s.add_argument("--duplicate-rate", type=float, default=0.0, help="share of behaviors sent twice (producer retries)")
     s.set_defaults(handler=_produce)
     for name, what in (("movielens", "MovieLens (100K u.data, 1M ratings.dat, 20M/25M/latest ratings.csv)"),
-                       ("taobao", "Taobao UserBehavior.csv")):
+                       ("taobao", "Taobao UserBehavior.csv"),
+                       ("amazon", "Amazon reviews (2014/2018/2023 JSON lines or ratings CSV; a folder may add meta_*)")):
         s = src.add_parser(name, parents=[common], help=f"replay {what} in event-time order")
         s.add_argument("path", help="folder (MovieLens) or file/folder (Taobao)")
         s.add_argument("--speedup", type=float, default=0, help="event-time speed-up factor (0: as fast as possible)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def test_movielens_label_is_rating_at_least_4(bench):
 
 def test_examples_are_point_in_time(bench):
     users = {u: [ev(n, 100 * u + n, "rate", user=u, rating=float(1 + n % 5)) for n in range(10)] for u in (1, 2)}
-    view = bench.LumView("v1", ["any"], users={1: [[1.0, 0.0]]}, items={101: [0.5, 0.5]})
+    view = bench.View("v1", ["any"], users={1: [[1.0, 0.0]]}, target={(1, 105 % 3): [0.0, 1.0]},
+                      items={101: [0.5, 0.5]})
     train = bench.examples(users, "movielens", bench.segment_bounds("train", (0.5, 0.8)), view)
     test = bench.examples(users, "movielens", bench.segment_bounds("test", (0.5, 0.8)), view)
     assert sorted(x.event_time_ms for x in train) == [x.event_time_ms for x in train]  # stream order
@@ -59,6 +61,10 @@ def test_examples_are_point_in_time(bench):
     # User 2 has no LUM vector in this view: absent, not zeros; user 1 has it.
     assert all((x.lum_user is None) == (x.user_id == 2) for x in train)
     assert train[0].lum_model_version == "v1"
+    # The candidate's own-category vector rides in its own slot, only where it exists.
+    own = [x for x in train if x.user_id == 1 and x.category_id == 105 % 3]
+    assert own and all(x.lum_conditions == ["any", bench.TARGET_CATEGORY] for x in own)
+    assert all(x.lum_conditions == ["any"] for x in train if x.user_id == 1 and x not in own)
 
 
 def test_segments_partition_each_user(bench):
@@ -77,19 +83,60 @@ def test_exact_auc_and_logloss(bench):
     assert bench.logloss(np.full(4, 0.5), y) == pytest.approx(np.log(2))
 
 
+def test_items_never_pretrained_on_are_absent_not_present(bench):
+    # Defect 7: item vectors of items the LUM never saw (hashed rows shared with others) were flagged present.
+    import torch
+
+    from trainers.lum.model import PRESETS, LumModel
+
+    torch.manual_seed(0)
+    model = LumModel(PRESETS["debug"]).eval()
+    users = {1: [ev(n, 10 + n, "rate", rating=4.0) for n in range(4)]}
+    cands = {1: [(10, 1), (11, 2), (99, 0)]}
+    view = bench.make_view(model, users, ["any"], cands, "behavior=liked", trained_items=np.array([10, 11]))
+    assert set(view.items) == {10, 11}  # 99 was never trained on: absent
+    assert set(view.target) == {(1, 1), (1, 2), (1, 0)} and len(view.users[1]) == 1
+
+
+def test_paired_t_test(bench):
+    r = bench.paired_t([0.71, 0.72, 0.73, 0.70], [0.70, 0.70, 0.71, 0.69])
+    assert r["mean"] == pytest.approx(0.015) and r["n"] == 4
+    assert r["t"] == pytest.approx(0.015 / (np.std([0.01, 0.02, 0.02, 0.01], ddof=1) / 2))
+    assert 0.0 < r["p"] < 0.05
+    assert bench._t_two_sided_p(2.776, 4) == pytest.approx(0.05, abs=2e-3)  # the t table
+    assert bench._t_two_sided_p(12.706, 1) == pytest.approx(0.05, abs=2e-3)
+    assert bench.paired_t([0.5], [0.4])["p"] != bench.paired_t([0.5], [0.4])["p"]  # one seed: undefined (NaN)
+
+
+def test_segment_without_positives_is_skipped_not_a_crash(bench):
+    # A short Taobao slice in which nobody carts, favs or buys: every label 0 -> reported as skipped.
+    users = {u: [ev(n, 10 * u + n, user=u) for n in range(12)] for u in range(1, 6)}
+    events = [e for evs in users.values() for e in evs]
+    r = bench.run_dataset("tb-slice", "taobao", events, bench.Settings(lum_preset="debug", max_steps=2, seeds=(0,)))
+    assert r["skipped"] and "only label 0" in r["skipped"]
+    assert bench.run_dataset("empty", "taobao", [], bench.Settings())["skipped"] == "no events"
+
+
+def test_dataset_option_parsing(bench):
+    assert bench.parse_dataset("ml=movielens:/x/ml") == ("ml", "movielens", Path("/x/ml"))
+    with pytest.raises(ValueError, match="NAME=SOURCE"):
+        bench.parse_dataset("ml=imdb:/x")
+
+
+@pytest.mark.slow
 def test_tiny_end_to_end_run(bench, data_dir, tmp_path):
-    """The whole protocol on 40 MovieLens users with a debug LUM: every figure present and in range."""
-    events = bench.load("movielens", data_dir / "ml-100k")
-    s = bench.Settings(lum_preset="debug", lum_steps=5, dlrm_seeds=(0,), max_users=40,
-                       max_epochs=2)
-    r = bench.run_dataset("ml-100k", events, s)
-    assert r["users"] == 40 and r["train_n"] > 0 and r["test_n"] > 0
-    assert r["train_lum_users"] == 1.0  # every MovieLens user has a pre-training prefix
-    for feats in ("baseline", "lum"):
-        assert r[feats]["epochs"] in (1, 2) and len(r[feats]["val_auc"]) == 2
-        assert 0.0 <= r[feats]["auc"][0] <= 1.0 and r[feats]["logloss"][0] > 0
-    assert r["lum"]["lum_inputs"].get("user_absent", 0) == 0  # the LUM inputs reached the DLRM
-    assert set(r["raw_lum_auc"]) == set(r["conditions"]) and all(0 <= v <= 1 for v in r["raw_lum_auc"].values())
-    assert 0.0 <= r["ret_lum"]["hr@10"] <= 1.0 and 0.0 <= r["ret_sasrec"]["ndcg@10"] <= 1.0
-    text = bench.report([r], s, 1.0)
-    assert "| ml-100k |" in text and "DLRM+LUM AUC" in text and "LUM HR@10" in text
+    """The whole protocol on 60 MovieLens users with a debug LUM: every figure present and in range, JSON keys."""
+    out = tmp_path / "r.json"
+    rc = bench.main(["--dataset", f"ml={data_dir / 'ml-100k'}".replace("ml=", "ml=movielens:"), "--preset", "debug",
+                     "--max-steps", "6", "--eval-every", "3", "--seeds", "0,1", "--max-epochs", "1",
+                     "--max-users", "60", "--json", str(out), "--out", str(tmp_path / "r.md")])
+    assert rc == 0
+    r = json.loads(out.read_text())["datasets"]["ml"]
+    assert r["skipped"] is None and r["users"] == 60
+    for key in ("dlrm_auc", "dlrm_sasrec_auc", "dlrm_lum_auc"):
+        assert len(r[key]) == 2 and all(0 <= a <= 1 for a in r[key])
+    for key in ("lum_hr10", "sasrec_hr10", "pop_hr10", "lum_cond_hr10", "sasrec_cond_hr10"):
+        assert 0 <= r[key] <= 1
+    assert r["lum_inputs"]["dlrm_lum"].get("user_absent", 0) == 0  # the LUM inputs reached the DLRM
+    text = (tmp_path / "r.md").read_text()
+    assert "| ml |" in text and "+LUM AUC" in text

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 
-from schemas.datasets import is_positive, read_movielens, read_taobao
+from schemas.datasets import is_positive, read_amazon, read_movielens, read_taobao
 from schemas.events import BehaviorEvent, ImpressionEvent
 from schemas.progress import progress
 from schemas.settings import KafkaSettings
@@ -111,7 +111,7 @@ def main(args: argparse.Namespace, settings: KafkaSettings) -> int:
         stats = produce(settings, itertools.islice(SyntheticStream(cfg), args.skip, None), rate=args.rate,
                         total=args.events)
     else:
-        reader = read_movielens if args.source == "movielens" else read_taobao
+        reader = {"movielens": read_movielens, "taobao": read_taobao, "amazon": read_amazon}[args.source]
         events: Iterable = reader(args.path, limit=args.limit)
         if args.impressions:
             events = with_impressions(events)

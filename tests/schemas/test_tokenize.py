@@ -10,7 +10,7 @@ import schemas.tokenize as tk
 from schemas import codec
 from schemas.events import BehaviorEvent
 
-GOLDEN = Path(__file__).parent / "golden" / "tokenize_v1.json"
+GOLDEN_DIR = Path(__file__).parent / "golden"
 EVENTS = [
     BehaviorEvent(event_id="a", user_id=1, item_id=10, category_id=5, behavior="view", scenario="home",
                   event_time_ms=1_767_225_600_000),
@@ -21,12 +21,29 @@ EVENTS = [
 ]
 
 
-def test_golden_tokens():
-    got = [tk.tokenize(e)._asdict() for e in EVENTS]
-    got = json.loads(json.dumps({"version": tk.TOKENIZER_VERSION, "kinds": tk.CONDITION_KINDS, "pairs": got}))
-    if os.environ.get("LUM_REGEN_GOLDEN"):
-        GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
-    assert got == json.loads(GOLDEN.read_text()), "tokenization changed: bump TOKENIZER_VERSION (see schemas/tokenize.py)"
+@pytest.mark.parametrize("version", sorted(tk.KINDS_BY_VERSION))
+def test_golden_tokens(version):
+    golden = GOLDEN_DIR / f"tokenize_v{version}.json"
+    got = [tk.tokenize(e, version)._asdict() for e in EVENTS]
+    got = json.loads(json.dumps({"version": version, "kinds": tk.CONDITION_KINDS, "pairs": got}))
+    if os.environ.get("LUM_REGEN_GOLDEN") and version == tk.TOKENIZER_VERSION:
+        golden.write_text(json.dumps(got, indent=1) + "\n")
+    assert got == json.loads(golden.read_text()), "tokenization changed: bump TOKENIZER_VERSION (see schemas/tokenize.py)"
+
+
+def test_v2_behavior_is_the_feedback_level():
+    rate = EVENTS[2]
+    assert tk.tokenize(rate, 1).conditions[1] == tk.condition_id("behavior", "rate")
+    assert tk.tokenize(rate).conditions[1] == tk.parse_condition("behavior=liked")[1]  # rating 4.0
+    low = rate.model_copy(update={"rating": 2.0})
+    mid = rate.model_copy(update={"rating": 3.0})
+    assert tk.tokenize(low).conditions[1] == tk.parse_condition("behavior=disliked")[1]
+    assert tk.tokenize(mid).conditions[1] == tk.parse_condition("behavior=neutral")[1]
+    assert tk.tokenize(EVENTS[1]).conditions == tk.tokenize(EVENTS[1], 1).conditions  # implicit feedback unchanged
+    # A stored v1 sequence still decodes under v2, tokens untouched.
+    v1 = tk.UserSequence(7, 1, [tk.tokenize(rate, 1)], tokenizer_version=1)
+    back = tk.decode_sequence(tk.encode_sequence(v1))
+    assert back.pairs[0].conditions == tk.tokenize(rate, 1).conditions and back.tokenizer_version == 2
 
 
 def test_query_conditions_match_training_tokens():

@@ -1,9 +1,8 @@
 """Where LUM's sequences come from, and how they become training batches.
 
 Sources: behavior events (``schemas.datasets.read_movielens/read_taobao`` or any iterable of BehaviorEvent,
-tokenized with ``schemas.tokenize.tokenize``), or the compacted ``user-sequences`` topic (latest value per
-key; read with ``read_user_sequences``, which stops at the high-water mark carried by fetched data, or after
-an idle timeout, because Tansu reports a wrong latest offset). ``train_batches`` shuffles, chunks and packs
+tokenized with ``schemas.tokenize.tokenize``), or the sequence export on Kafka (every user's full sequence,
+read with its one reader ``streaming.kafka.sequences.snapshot``). ``train_batches`` shuffles, chunks and packs
 them into ``Batch``es forever (an iterable for ``pretrain.train``).
 
     seqs = sequences_from_events(read_movielens("ml-100k"))
@@ -13,32 +12,39 @@ them into ``Batch``es forever (an iterable for ``pretrain.train``).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterable, Iterator
 
 import numpy as np
+import torch
 
 from schemas.events import BehaviorEvent
 from schemas.settings import KafkaSettings
-from schemas.tokenize import UserSequence, tokenize
-from schemas.topics import USER_SEQUENCES
+from schemas.tokenize import tokenize
 
 from .model import LumConfig
+from .model import ITEM
 from .packing import Batch, Seq, chunk, make_batch, pack_rows, to_tokens
 
 log = logging.getLogger(__name__)
 
 
-def sequences_from_events(events: Iterable[BehaviorEvent]) -> list[Seq]:
-    """Per-user sequences in event-time order (events must come time-ordered); replayed events counted once."""
+def sequences_from_events(events: Iterable[BehaviorEvent], span: dict | None = None) -> list[Seq]:
+    """Per-user sequences in event-time order (events must come time-ordered); replayed events counted once.
+
+    ``span``: when given, filled with the event-time range read (``trained_from_ms``/``trained_until_ms``)."""
     seen: set[int] = set()
     rows: dict[int, list[tuple]] = {}
+    lo, hi = None, None
     for e in events:
         p = tokenize(e)
         if p.event_key in seen:
             continue
         seen.add(p.event_key)
         rows.setdefault(e.user_id, []).append((*p.conditions, p.item_id, p.category_id))
+        lo = e.event_time_ms if lo is None else min(lo, e.event_time_ms)
+        hi = e.event_time_ms if hi is None else max(hi, e.event_time_ms)
+    if span is not None:
+        span.update(trained_from_ms=lo, trained_until_ms=hi)
     out = []
     for user, r in rows.items():
         a = np.asarray(r, dtype=np.int64)
@@ -46,80 +52,28 @@ def sequences_from_events(events: Iterable[BehaviorEvent]) -> list[Seq]:
     return out
 
 
-def read_user_sequences(settings: KafkaSettings, start: dict[int, int] | None = None, idle_timeout_s: float = 5.0,
-                        group: str = "lum-trainer",
-                        dead_letters=None) -> tuple[dict[int, UserSequence], dict[int, int]]:
-    """Latest sequence per user in ``user-sequences`` after offsets ``start`` (default: the beginning).
-
-    Returns the sequences and the next offset per partition (what a later call passes as ``start``).
-    Undecodable records go to ``dead_letters`` (a ``streaming.kafka.DeadLetters``) when given, else are
-    logged and skipped.
-    """
-    from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
-
-    from streaming.kafka import group_consumer
-
-    topic = settings.topic(USER_SEQUENCES)
-    consumer = group_consumer(settings, group, **{"enable.partition.eof": True})
-    try:
-        md = consumer.list_topics(topic, timeout=30).topics[topic]
-        if md.error is not None:
-            raise RuntimeError(f"topic {topic}: {md.error}")
-        parts = sorted(md.partitions)
-        start = dict(start or {})
-        nxt = {p: start.get(p, 0) for p in parts}
-        consumer.assign([TopicPartition(topic, p, start[p] if p in start else OFFSET_BEGINNING) for p in parts])
-        latest: dict[int, UserSequence] = {}
-        pending, last_data, n, bad = set(parts), time.monotonic(), 0, 0
-        while pending and time.monotonic() - last_data < idle_timeout_s:
-            for msg in consumer.consume(2000, timeout=0.2):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        pending.discard(msg.partition())
-                    else:
-                        log.warning("user-sequences consume error: %s", err)
-                    continue
-                last_data = time.monotonic()
-                nxt[msg.partition()] = msg.offset() + 1
-                n += 1
-                try:
-                    seq = USER_SEQUENCES.decode(msg.value())
-                except ValueError as e:
-                    bad += 1
-                    if dead_letters is not None:
-                        dead_letters.send_message(msg, e)
-                    else:
-                        log.warning("skipping bad user-sequence record at %d@%d: %s", msg.partition(), msg.offset(), e)
-                    continue
-                latest[seq.user_id] = seq
-            # The high-water mark carried by fetched data is right on Tansu too (the listed latest is not).
-            for p in list(pending):
-                _, high = consumer.get_watermark_offsets(TopicPartition(topic, p), cached=True)
-                if high >= 0 and nxt[p] >= high:
-                    pending.discard(p)
-        if pending:
-            log.info("user-sequences: idle for %.1fs, treating partitions %s as caught up", idle_timeout_s,
-                     sorted(pending))
-        log.info("read %d user-sequence records (%d bad) -> %d users", n, bad, len(latest))
-        return latest, nxt
-    finally:
-        consumer.close()
+SOURCES = ("kafka", "movielens", "taobao", "amazon")
 
 
-def load_source(source: str, settings: KafkaSettings | None = None,
-                idle_timeout_s: float = 5.0) -> tuple[list[Seq], dict[int, int] | None]:
-    """``kafka`` | ``movielens:PATH`` | ``taobao:PATH`` -> (sequences, Kafka offsets covered or None)."""
+def load_source(source: str, settings: KafkaSettings | None = None, idle_timeout_s: float = 5.0,
+                span: dict | None = None) -> tuple[list[Seq], dict[str, int] | None]:
+    """``kafka`` | ``movielens:PATH`` | ``taobao:PATH`` | ``amazon:PATH`` -> (sequences, Kafka offsets covered
+    or None). ``span`` (optional) receives the event-time range read: ``trained_from_ms``/``trained_until_ms``."""
     kind, _, path = source.partition(":")
     if kind == "kafka":
-        seqs, offsets = read_user_sequences(settings or KafkaSettings(), idle_timeout_s=idle_timeout_s)
+        from streaming.kafka.sequences import snapshot  # the export's one reader (snapshot + deltas, folded)
+
+        seqs, offsets = snapshot(settings or KafkaSettings(), idle_timeout_s=idle_timeout_s)
+        times = [p.event_time_ms for s in seqs.values() for p in s.pairs]
+        if span is not None:
+            span.update(trained_from_ms=min(times, default=None), trained_until_ms=max(times, default=None))
         return [Seq.from_user_sequence(s) for s in seqs.values() if s.pairs], offsets
     from schemas import datasets
 
-    readers = {"movielens": datasets.read_movielens, "taobao": datasets.read_taobao}
+    readers = {"movielens": datasets.read_movielens, "taobao": datasets.read_taobao, "amazon": datasets.read_amazon}
     if kind not in readers or not path:
-        raise ValueError(f"--source {source!r}: expected kafka, movielens:PATH or taobao:PATH")
-    return sequences_from_events(readers[kind](path)), None
+        raise ValueError(f"--source {source!r}: expected kafka, movielens:PATH, taobao:PATH or amazon:PATH")
+    return sequences_from_events(readers[kind](path), span), None
 
 
 def leave_last_out(seqs: list[Seq]) -> tuple[list[Seq], list[Seq]]:
@@ -128,14 +82,66 @@ def leave_last_out(seqs: list[Seq]) -> tuple[list[Seq], list[Seq]]:
     return train, [s for s in seqs if len(s) >= 2]
 
 
-def train_batches(seqs: list[Seq], cfg: LumConfig, seed: int = 0, pool_rows: int = 64) -> Iterator[Batch]:
-    """Endless packed batches: each epoch shuffles, re-drops conditions, chunks and packs pools of sequences."""
+def split_users(seqs: list[Seq]) -> tuple[list[Seq], list[Seq], list[Seq]]:
+    """(train, validation, test) by position in each user's history (the SASRec protocol).
+
+    Validation asks for each user's second-to-last pair (users with >= 3 pairs), test for the last (>= 2 pairs);
+    training sees neither: users with >= 3 pairs lose their last two, users with 2 lose their last one.
+    The final model for serving may be retrained on everything; these splits only choose when to stop.
+    """
+    train = [s[:-2] if len(s) >= 3 else s[:-1] if len(s) == 2 else s for s in seqs]
+    val = [s[:-1] for s in seqs if len(s) >= 3]
+    test = [s for s in seqs if len(s) >= 2]
+    return train, val, test
+
+
+def repeat_share(seqs: list[Seq]) -> float:
+    """Share of pairs whose item the user already had: ~0 for ratings (no repeats), large for click logs."""
+    n = sum(len(s) for s in seqs)
+    rep = sum(len(s) - len(np.unique(s.items)) for s in seqs)
+    return rep / n if n else 0.0
+
+
+class Sampler:
+    """Loss candidates of a batch: its distinct item tokens plus ``n`` items drawn uniformly from the catalog.
+
+    The chance that item i is a candidate is q_i = 1 - (1 - p_i)^M (1 - 1/N)^n, where p_i is i's share of
+    the item tokens the batches are cut from, M the batch's item tokens and N the catalog size; the loss
+    subtracts log q_i (logQ correction, Yi et al. 2019 "mixed negative sampling").
+    """
+
+    def __init__(self, seqs: list[Seq], n: int, rng: np.random.Generator):
+        items = np.concatenate([s.items for s in seqs]) if seqs else np.zeros(0, np.int64)
+        cats = np.concatenate([s.cats for s in seqs]) if seqs else np.zeros(0, np.int64)
+        self.ids, first, counts = np.unique(items, return_index=True, return_counts=True)
+        self.cats = cats[first]
+        self.p = counts / max(1, counts.sum())
+        self.n, self.rng = n, rng
+
+    def candidates(self, batch: Batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        m = int((batch.kind == ITEM).sum())
+        in_batch = np.unique(batch.item[batch.kind == ITEM].numpy())
+        drawn = self.rng.integers(0, len(self.ids), self.n) if self.n else np.zeros(0, np.int64)
+        idx = np.union1d(np.searchsorted(self.ids, in_batch), drawn)
+        log_miss = m * np.log1p(-np.minimum(self.p[idx], 1 - 1e-12)) + self.n * np.log1p(-1.0 / len(self.ids))
+        logq = np.log(np.maximum(-np.expm1(log_miss), 1e-30))
+        return self.ids[idx], self.cats[idx], logq.astype(np.float32)
+
+
+def train_batches(seqs: list[Seq], cfg: LumConfig, seed: int = 0, pool_rows: int = 64,
+                  rank: int = 0, world: int = 1) -> Iterator[Batch]:
+    """Endless packed batches: each epoch shuffles, re-drops conditions, chunks and packs pools of sequences.
+
+    Each batch carries its loss candidates (in-batch items + ``cfg.neg_samples`` uniform ones, with log Q).
+    ``rank``/``world``: data parallel; every rank draws the same global batches and keeps rows
+    rank, rank + world, ... of each, so the global batch is ``cfg.rows_per_batch`` whatever the world size.
+    """
     rng = np.random.default_rng(seed)
-    pairs_per_row = cfg.row_len // (2 if cfg.use_conditions else 1)
-    windows = [w for s in seqs for w in chunk(s, min(cfg.max_pairs, pairs_per_row))]
+    windows = [w for s in seqs for w in chunk(s, cfg.window_pairs)]
     windows = [w for w in windows if len(w) >= (1 if cfg.use_conditions else 2)]  # at least one target
     if not windows:
         raise ValueError("no sequences to train on")
+    sampler = Sampler(windows, cfg.neg_samples, np.random.default_rng(seed + 7919))
     while True:
         order = rng.permutation(len(windows))
         runs = [to_tokens(windows[i], cfg.use_conditions, cfg.cond_drop, rng) for i in order]
@@ -151,5 +157,12 @@ def train_batches(seqs: list[Seq], cfg: LumConfig, seed: int = 0, pool_rows: int
             rows = pack_rows([len(r) for r in pool], cfg.row_len)
             rng.shuffle(rows)
             for b in range(0, len(rows), cfg.rows_per_batch):
-                yield make_batch(pool, rows[b:b + cfg.rows_per_batch], cfg.row_len)
+                glob = rows[b:b + cfg.rows_per_batch]
+                full = make_batch(pool, glob, cfg.row_len)
+                ids, cats, logq = sampler.candidates(full)
+                mine = glob[rank::world] or glob[:1]  # a rank never gets an empty batch (a tiny last batch)
+                batch = full if world == 1 else make_batch(pool, mine, cfg.row_len)
+                batch.cand_item, batch.cand_cat = torch.from_numpy(ids), torch.from_numpy(cats)
+                batch.cand_logq = torch.from_numpy(logq)
+                yield batch
             start = end

@@ -1,12 +1,15 @@
 """Leave-last-out evaluation with full ranking (no sampled negatives), and the most-popular baseline.
 
-For each user with >= 2 pairs, the model sees every pair but the last and ranks ALL catalog items for the
-held-out one. LUM is asked with two query conditions in one group-query pass:
-- the *request* condition: the held-out pair's condition with its category unset (what a recommender knows
-  at request time: scenario, behavior, search query) -> next-item HR@K / NDCG@K;
-- the *full* condition, category included -> Recall@K of next-condition-item queries (one held-out item, so
-  Recall@K is the share of users whose item is in the top K given the full condition).
-The items-only baseline (``use_conditions=False``) scores with its output at the last item.
+For each evaluated user the model reads the history before the held-out pair (its newest
+``cfg.context_pairs``, as in training) and ranks ALL catalog items for the held-out one:
+- next-item (unconditional): LUM is asked with the *request* condition, what is known before the user
+  acts: scenario and search query. The held-out pair's category and behavior are unset (a query carrying
+  the held-out behavior, e.g. "buy", would hint at the answer; the items-only baseline gets no such hint).
+  The items-only baseline (``use_conditions=False``) scores with its output at the last item.
+- conditional ("next item given a known category"): candidates are restricted to the held-out item's
+  category for every model (and most-popular); LUM is also told the category in its query (group query:
+  one pass answers both queries). SASRec restricted to the same category is the fair baseline.
+``exclude_seen`` removes every item of the user's whole earlier history (not only the truncated prefix).
 Ties count half (so a constant scorer is not credited with every tie).
 
     from trainers.lum.evaluate import evaluate
@@ -23,9 +26,21 @@ import torch
 from schemas.tokenize import CONDITION_KINDS
 
 from .model import LumModel
-from .packing import Seq, group_query_batch, make_batch, pack_rows, to_tokens, truncate_prefix
+from .packing import Seq, group_query_batch, inference_prefix, make_batch, pack_rows, to_tokens
 
-REQUEST_UNKNOWN = CONDITION_KINDS.index("category")  # not known before the item is chosen
+# Not known before the user acts: which item (so its category) and what the user will do with it.
+REQUEST_UNKNOWN = [CONDITION_KINDS.index("category"), CONDITION_KINDS.index("behavior")]
+CATEGORY = CONDITION_KINDS.index("category")
+
+
+def request_conditions(held_out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(request, conditional) queries from the held-out pairs' conditions (U, n_kinds): request = what a
+    recommender knows before the user acts; conditional = request + the held-out item's category."""
+    request = held_out.copy()
+    request[:, REQUEST_UNKNOWN] = 0
+    conditional = request.copy()
+    conditional[:, CATEGORY] = held_out[:, CATEGORY]
+    return request, conditional
 
 
 def catalog_of(seqs: list[Seq]) -> tuple[np.ndarray, np.ndarray]:
@@ -36,13 +51,17 @@ def catalog_of(seqs: list[Seq]) -> tuple[np.ndarray, np.ndarray]:
     return uniq, cats[::-1][idx]
 
 
-def _ranks(scores: torch.Tensor, target: torch.Tensor, seen: list[np.ndarray] | None) -> torch.Tensor:
-    """Rank (0 = best) of each row's target among all columns; ties count half; ``seen`` columns excluded."""
+def _ranks(scores: torch.Tensor, target: torch.Tensor, seen: list[np.ndarray] | None,
+           allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Rank (0 = best) of each row's target among all columns; ties count half; ``seen`` columns excluded;
+    ``allowed`` (U, N) bool: only those columns compete (the target always does)."""
     t = scores.gather(1, target[:, None])  # (U, 1)
+    scores = scores.clone()
     if seen is not None:
-        scores = scores.clone()
         for u, cols in enumerate(seen):
             scores[u, torch.as_tensor(cols[cols != int(target[u])], dtype=torch.long)] = -math.inf
+    if allowed is not None:
+        scores[~allowed] = -math.inf
     greater = (scores > t).sum(1).float()
     ties = (scores == t).sum(1).float() - 1
     return greater + ties / 2
@@ -58,13 +77,15 @@ def _hr_ndcg(ranks: torch.Tensor, k: int) -> tuple[float, float]:
 def evaluate(model: LumModel, eval_seqs: list[Seq], train_seqs: list[Seq], k: int = 10,
              exclude_seen: bool = False, users_per_batch: int = 128, device: str = "cpu",
              catalog: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, float]:
-    """Next-item HR@k/NDCG@k, next-condition-item Recall@k and the most-popular baseline (full ranking).
+    """Next-item HR@k/NDCG@k, category-conditional HR@k (``cond_hr@k``) and most-popular (full ranking).
 
-    ``train_seqs`` gives the popularity counts; ``catalog`` (item ids, category ids) is what is ranked
-    (default: every item in ``train_seqs`` and ``eval_seqs``).
+    ``eval_seqs``: each user's history ending with the held-out pair. ``train_seqs`` gives the popularity
+    counts; ``catalog`` (item ids, category ids) is what is ranked (default: every item in both).
     ``exclude_seen`` removes a user's earlier items from the ranking (for data without repeats, e.g. ratings).
     """
     cfg = model.cfg
+    if not eval_seqs:
+        raise ValueError("no users to evaluate (every user has fewer than 2 pairs)")
     was_training = model.training
     model.eval()
     items, cats = catalog or catalog_of(train_seqs + eval_seqs)
@@ -74,20 +95,20 @@ def evaluate(model: LumModel, eval_seqs: list[Seq], train_seqs: list[Seq], k: in
     for s in train_seqs:
         np.add.at(pop, [index[int(i)] for i in s.items], 1)
     pop_scores = torch.as_tensor(pop, dtype=torch.float32)
+    cat_col = torch.as_tensor(cats)
 
-    ranks, cond_ranks, pop_ranks = [], [], []
+    ranks, cond_ranks, pop_ranks, pop_cond_ranks = [], [], [], []
     for b in range(0, len(eval_seqs), users_per_batch):
         chunk = eval_seqs[b:b + users_per_batch]
-        ctx = [truncate_prefix(s[:-1], cfg.max_pairs) for s in chunk]
+        ctx = [inference_prefix(s[:-1], cfg) for s in chunk]
         target = torch.tensor([index[int(s.items[-1])] for s in chunk])
-        seen = [np.array([index[int(i)] for i in c.items]) for c in ctx] if exclude_seen else None
+        seen = [np.array([index[int(i)] for i in s.items[:-1]]) for s in chunk] if exclude_seen else None
+        same_cat = cat_col[None, :] == torch.as_tensor(np.array([s.cats[-1] for s in chunk]))[:, None]  # (U, N)
         runs = [to_tokens(c, cfg.use_conditions) for c in ctx]
         row_len = max(cfg.row_len, 2 * cfg.max_pairs + 2)
         if cfg.use_conditions:
-            full = np.stack([s.conds[-1] for s in chunk])  # (U, n_kinds)
-            request = full.copy()
-            request[:, REQUEST_UNKNOWN] = 0
-            batch, where = group_query_batch(runs, np.stack([request, full], 1), row_len)
+            request, conditional = request_conditions(np.stack([s.conds[-1] for s in chunk]))
+            batch, where = group_query_batch(runs, np.stack([request, conditional], 1), row_len)
         else:
             rows = pack_rows([len(r) for r in runs], row_len)
             batch = make_batch(runs, rows, row_len)
@@ -101,16 +122,17 @@ def evaluate(model: LumModel, eval_seqs: list[Seq], train_seqs: list[Seq], k: in
         user = model.user_vectors(h[where[..., 0], where[..., 1]])  # (U, K, D)
         scores = (user @ item_vecs.T).float().cpu()  # (U, K, N): full ranking
         ranks.append(_ranks(scores[:, 0], target, seen))
-        if cfg.use_conditions:
-            cond_ranks.append(_ranks(scores[:, 1], target, seen))
-        pop_ranks.append(_ranks(pop_scores.expand(len(chunk), -1), target, seen))
+        cond_ranks.append(_ranks(scores[:, -1], target, seen, same_cat))
+        pops = pop_scores.expand(len(chunk), -1)
+        pop_ranks.append(_ranks(pops, target, seen))
+        pop_cond_ranks.append(_ranks(pops, target, seen, same_cat))
     model.train(was_training)
 
     out: dict[str, float] = {"users": float(len(eval_seqs)), "items": float(len(items))}
     out[f"hr@{k}"], out[f"ndcg@{k}"] = _hr_ndcg(torch.cat(ranks), k)
-    if cond_ranks:
-        out[f"cond_recall@{k}"], _ = _hr_ndcg(torch.cat(cond_ranks), k)
+    out[f"cond_hr@{k}"], out[f"cond_ndcg@{k}"] = _hr_ndcg(torch.cat(cond_ranks), k)
     out[f"pop_hr@{k}"], out[f"pop_ndcg@{k}"] = _hr_ndcg(torch.cat(pop_ranks), k)
+    out[f"pop_cond_hr@{k}"], _ = _hr_ndcg(torch.cat(pop_cond_ranks), k)
     return out
 
 

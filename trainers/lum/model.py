@@ -49,7 +49,8 @@ class LumConfig(BaseModel):
     use_conditions: bool = Field(True, description="False: SASRec-style baseline, items only, next-item loss")
     # --- loss
     temperature: float = Field(0.07, gt=0, description="InfoNCE temperature on cosine similarity")
-    logq: bool = Field(False, description="subtract log in-batch item frequency (popularity correction)")
+    logq: bool = Field(True, description="subtract log Q(candidate) from logits: the sampled-softmax correction")
+    neg_samples: int = Field(256, ge=0, description="uniformly sampled negatives per batch, added to in-batch ones")
     cond_drop: float = Field(0.5, ge=0, le=1, description="chance each condition kind is set to 'any' in training")
     # --- training
     row_len: int = Field(128, ge=4, description="tokens per packed row")
@@ -65,6 +66,18 @@ class LumConfig(BaseModel):
     @property
     def max_positions(self) -> int:  # a sequence plus one group-query position
         return 2 * self.max_pairs + 1
+
+    @property
+    def window_pairs(self) -> int:
+        """Pairs per training window: at most ``max_pairs``, and a window fits one packed row."""
+        return min(self.max_pairs, self.row_len // (2 if self.use_conditions else 1))
+
+    @property
+    def context_pairs(self) -> int:
+        """Pairs of history inference reads: one less than a training window, so that the group-query token
+        (or, items-only, the last item) sits at a position training actually used (a trained window of W pairs
+        has condition tokens at 0, 2, ..., 2W-2; a query after W-1 pairs sits at 2W-2)."""
+        return max(1, self.window_pairs - 1)
 
 
 PRESETS: dict[str, LumConfig] = {
@@ -185,12 +198,14 @@ class LumModel(nn.Module):
         return self.ln_f(x)
 
     def user_vectors(self, h: torch.Tensor) -> torch.Tensor:
-        """Outputs at condition tokens -> unit vectors comparable with ``item_vectors`` (..., D)."""
-        return F.normalize(self.head(h), dim=-1)
+        """Outputs at condition tokens -> unit vectors comparable with ``item_vectors`` (..., D), in fp32."""
+        with torch.autocast(h.device.type, enabled=False):  # logits need fp32: bf16 cosines are off by ~1e-2
+            return F.normalize(self.head(h.float()), dim=-1)
 
     def item_vectors(self, item_ids: torch.Tensor, cat_ids: torch.Tensor) -> torch.Tensor:
-        """The item-token embedding e_i as a unit vector (..., D): what the loss and interest matching use."""
-        return F.normalize(self.tokens.items(item_ids, cat_ids), dim=-1)
+        """The item-token embedding e_i as a unit vector (..., D), fp32: what the loss and interest matching use."""
+        with torch.autocast(item_ids.device.type, enabled=False):
+            return F.normalize(self.tokens.items(item_ids, cat_ids).float(), dim=-1)
 
 
 def visibility(seg: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
@@ -216,26 +231,43 @@ def training_outputs(model: LumModel, batch) -> tuple[torch.Tensor, torch.Tensor
     return model.user_vectors(h[:, :-1][at]), batch.item[:, 1:][at]
 
 
-def info_nce(model: LumModel, user: torch.Tensor, pos_items: torch.Tensor, item_ids: torch.Tensor,
-             cat_ids: torch.Tensor, temperature: float, logq: bool = False) -> torch.Tensor:
-    """InfoNCE of user vectors (N, D) against the distinct items of the batch (in-batch negatives).
+def info_nce(model: LumModel, user: torch.Tensor, pos_items: torch.Tensor, cand_items: torch.Tensor,
+             cand_cats: torch.Tensor, cand_logq: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """Sampled-softmax InfoNCE of user vectors (N, D) against distinct candidate items (C,), in fp32.
 
-    Each item appears once among the candidates, so a positive's duplicates are never its negatives.
-    ``item_ids``/``cat_ids``: every item token of the batch (M,), duplicates included (for logQ counts).
+    ``cand_items`` must be sorted and distinct and hold every positive (a positive's duplicates are never
+    its negatives). ``cand_logq``: log of each candidate's chance to be among the candidates of a batch;
+    subtracting it makes the sampled softmax a consistent estimate of the full softmax (logQ correction).
     """
-    uniq, inverse, counts = torch.unique(item_ids, return_inverse=True, return_counts=True)
-    cats = torch.zeros_like(uniq).scatter_(0, inverse, cat_ids)
-    logits = user @ model.item_vectors(uniq, cats).T / temperature  # (N, U)
-    if logq:
-        logits = logits - torch.log(counts.float() / counts.sum())
-    target = torch.searchsorted(uniq, pos_items)  # uniq is sorted
-    return F.cross_entropy(logits.float(), target)
+    with torch.autocast(user.device.type, enabled=False):
+        logits = user.float() @ model.item_vectors(cand_items, cand_cats).T / temperature  # (N, C) fp32
+        if cand_logq is not None:
+            logits = logits - cand_logq.float()
+        target = torch.searchsorted(cand_items, pos_items)
+        return F.cross_entropy(logits, target)
+
+
+def in_batch_candidates(batch, logq: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Candidates of a batch without a sampler: its distinct item tokens; logQ estimated from the batch itself
+    (an item with share p of the M item tokens is a candidate with chance 1 - (1 - p)^M)."""
+    items = batch.kind == ITEM
+    ids, cats = batch.item[items], batch.cat[items]
+    uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+    ucats = torch.zeros_like(uniq).scatter_(0, inverse, cats)
+    if not logq:
+        return uniq, ucats, None
+    m = float(counts.sum())
+    q = -torch.expm1(m * torch.log1p(-counts.double() / m).clamp(min=-1e30))
+    return uniq, ucats, torch.log(q.clamp(min=1e-30)).float()
 
 
 def lum_loss(model: LumModel, batch) -> torch.Tensor:
     user, pos = training_outputs(model, batch)
-    items = batch.kind == ITEM
-    return info_nce(model, user, pos, batch.item[items], batch.cat[items], model.cfg.temperature, model.cfg.logq)
+    if getattr(batch, "cand_item", None) is not None:
+        cand = (batch.cand_item, batch.cand_cat, batch.cand_logq if model.cfg.logq else None)
+    else:
+        cand = in_batch_candidates(batch, model.cfg.logq)
+    return info_nce(model, user, pos, *cand, model.cfg.temperature)
 
 
 def describe(model: LumModel) -> str:

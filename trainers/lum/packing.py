@@ -98,10 +98,15 @@ class Batch:
     seg: torch.Tensor  # (B, T) int64, -1 = pad
     target: torch.Tensor  # (B, T) bool: the next token is an item of the same user (trained positions)
     packed: bool = True  # False: one user per row, right-padded: plain causal attention suffices
+    # Loss candidates set by the training sampler (``trainers.lum.data``): distinct sorted ids, their categories
+    # and log Q (chance to be a candidate). None: the loss uses the batch's own item tokens.
+    cand_item: torch.Tensor | None = None
+    cand_cat: torch.Tensor | None = None
+    cand_logq: torch.Tensor | None = None
 
     def to(self, device) -> Batch:
-        return Batch(*(getattr(self, f.name).to(device) for f in fields(self) if f.name != "packed"),
-                     packed=self.packed)
+        return Batch(**{f.name: (v.to(device) if isinstance(v, torch.Tensor) else v)
+                        for f in fields(self) for v in [getattr(self, f.name)]})
 
     @property
     def real_tokens(self) -> int:
@@ -191,3 +196,9 @@ def group_query_batch(prefixes: list[Tokens], conditions: np.ndarray, row_len: i
 
 def truncate_prefix(seq: Seq, max_pairs: int) -> Seq:
     return seq[max(0, len(seq) - max_pairs):]
+
+
+def inference_prefix(seq: Seq, cfg) -> Seq:
+    """The history evaluation and refresh feed the model: the newest ``cfg.context_pairs`` pairs, so the query
+    (or the last item) lands on a position training used."""
+    return truncate_prefix(seq, cfg.context_pairs)

@@ -1,13 +1,22 @@
 """LUM pre-training (Step 1): next-condition-item prediction on packed user sequences, with checkpoints.
 
-    lum pretrain --preset debug --source movielens:../shared/data/ml-100k --out runs/lum --max-steps 200
+    lum pretrain --source movielens:../shared/data/ml-100k --out runs/lum        # preset sized to the data
     lum pretrain --preset small --source kafka --out runs/lum       # reads the user-sequences topic
     lum pretrain --source kafka --out runs/lum --resume --max-steps 2000   # continue the newest checkpoint
+    lum pretrain --nproc 2 --source movielens:PATH --out runs/lum  # = torchrun --standalone --nproc-per-node 2 ...
 
 ``train(cfg, batches, ...)`` takes any iterable of packed batches (the Kafka reader is only one source).
-Each checkpoint is a directory ``DIR/step-NNNNNNNN`` holding ``model.pt`` (model + optimizer state) and
-``meta.json`` (config, tokenizer version, step, Kafka offsets covered, model version); ``DIR/latest`` names
-the newest. Settings: ``LUM_PRETRAIN_*`` (see ``PretrainSettings``). Uses CUDA with bf16 autocast when present.
+``run`` holds out each user's last pair (test) and second-to-last (validation), evaluates validation
+NDCG@10 every ``eval_every`` steps, stops after ``patience`` evaluations without improvement and keeps the
+best weights. Without ``--preset`` it picks one sized to the data; ``exclude_seen`` defaults to on for data
+without repeats (ratings); both choices are printed.
+Each checkpoint is a directory ``DIR/step-NNNNNNNN`` holding ``model.pt`` (model + optimizer state),
+``items.npz`` (the items it was trained on: the only ones whose vectors mean anything) and ``meta.json``
+(config, tokenizer version, step, Kafka offsets and event-time range trained on, model version); ``DIR/latest``
+names the newest. Settings: ``LUM_PRETRAIN_*`` (see ``PretrainSettings``). CUDA with bf16 autocast when
+present (logits stay fp32). Under torchrun: DDP (gloo on CPU, NCCL on GPU); each rank takes its share of
+every global batch, so the global batch does not depend on the world size, and checkpoints hold plain
+(unwrapped) state that loads at any world size.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,16 +43,19 @@ log = logging.getLogger(__name__)
 class PretrainSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LUM_PRETRAIN_", extra="ignore")
 
-    max_steps: int = Field(1000, ge=1, description="optimizer steps to run")
-    eval_every: int = Field(500, ge=0, description="evaluate every N steps (0: only at the end)")
+    max_steps: int = Field(3000, ge=1, description="most optimizer steps (early stopping usually ends sooner)")
+    eval_every: int = Field(100, ge=0, description="validate every N steps (0: only at the end, no early stopping)")
+    patience: int = Field(5, ge=1, description="stop after N validations without a better NDCG@10")
     log_every: int = Field(50, ge=1, description="progress line every N steps")
-    checkpoint_every: int = Field(1000, ge=0, description="checkpoint every N steps (0: only at the end)")
+    checkpoint_best: bool = Field(True, description="checkpoint every new best validation (resumable); false: only "
+                                                    "the final checkpoint")
     keep_checkpoints: int = Field(3, ge=1, description="checkpoint directories kept")
     seed: int = Field(0, description="model init and batch order")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda'")
     kafka_idle_timeout_s: float = Field(5.0, gt=0, description="--source kafka: stop reading after this idle time")
     eval_users: int = Field(0, ge=0, description="evaluate on at most N users (0: all)")
-    exclude_seen: bool = Field(False, description="drop a user's earlier items from the ranking (no-repeat data)")
+    exclude_seen: bool | None = Field(None, description="drop a user's earlier items from the ranking; "
+                                                        "default: on when under 1% of pairs repeat an item")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default); 1 where other processes "
                                               "share few cores: 2 contended threads ran ~30x slower than 1 here")
 
@@ -61,16 +74,24 @@ def make_optimizer(model: LumModel) -> torch.optim.Optimizer:
 
 def train(cfg: LumConfig, batches: Iterable, max_steps: int, model: LumModel | None = None,
           optimizer: torch.optim.Optimizer | None = None, step: int = 0, device: str = "cpu",
-          log_every: int = 50, on_step: Callable[[int, LumModel, torch.optim.Optimizer], None] | None = None,
-          seed: int = 0) -> tuple[LumModel, torch.optim.Optimizer, int, list[float]]:
-    """Run optimizer steps until ``max_steps``; returns (model, optimizer, step, losses)."""
+          log_every: int = 50, on_step: Callable[[int, LumModel, torch.optim.Optimizer], bool | None] | None = None,
+          seed: int = 0, ddp: bool = False, losses: list[float] | None = None,
+          ) -> tuple[LumModel, torch.optim.Optimizer, int, list[float]]:
+    """Run optimizer steps until ``max_steps`` or until ``on_step`` returns True; returns (model, optimizer,
+    step, losses). ``ddp``: the process group is up; gradients are averaged across ranks."""
     if model is None:
         torch.manual_seed(seed)
         model = LumModel(cfg)
+    device = str(device)
     model.to(device).train()
     optimizer = optimizer or make_optimizer(model)
+    loss_fn: torch.nn.Module = _Loss(model)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        loss_fn = DistributedDataParallel(loss_fn, find_unused_parameters=not cfg.use_conditions)
     bf16 = device.startswith("cuda")
-    losses: list[float] = []
+    losses = [] if losses is None else losses
     t0, tokens = time.perf_counter(), 0
     for batch in batches:
         if step >= max_steps:
@@ -79,7 +100,7 @@ def train(cfg: LumConfig, batches: Iterable, max_steps: int, model: LumModel | N
             g["lr"] = cfg.lr * cosine_warmup(step, cfg.warmup_steps, max_steps)
         batch = batch.to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = lum_loss(model, batch)
+            loss = loss_fn(batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -91,9 +112,20 @@ def train(cfg: LumConfig, batches: Iterable, max_steps: int, model: LumModel | N
             dt = time.perf_counter() - t0
             log.info("step %d/%d loss %.4f (mean of last %d: %.4f) %.0f tokens/s", step, max_steps, losses[-1],
                      min(log_every, len(losses)), sum(losses[-log_every:]) / len(losses[-log_every:]), tokens / dt)
-        if on_step is not None:
-            on_step(step, model, optimizer)
+        if on_step is not None and on_step(step, model, optimizer):
+            break
     return model, optimizer, step, losses
+
+
+class _Loss(torch.nn.Module):
+    """The loss as a module, so DDP sees one forward per step (candidate item vectors included)."""
+
+    def __init__(self, model: LumModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch) -> torch.Tensor:
+        return lum_loss(self.model, batch)
 
 
 # --- Checkpoints ------------------------------------------------------------------------------------
@@ -104,14 +136,30 @@ def model_version(model: LumModel, step: int) -> str:
     return f"{model.cfg.name}-{step}-{h.hexdigest()}"
 
 
+def vocabulary(seqs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(item ids, last category, pair count) of every item in ``seqs``, sorted by id: what a model trained on
+    them knows (other items only hit hashed rows shared with trained ones: their vectors mean nothing)."""
+    if not seqs:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    items = np.concatenate([s.items for s in seqs])
+    cats = np.concatenate([s.cats for s in seqs])
+    ids, last, counts = np.unique(items[::-1], return_index=True, return_counts=True)
+    return ids, cats[::-1][last], counts
+
+
 def save_checkpoint(out: str | Path, model: LumModel, optimizer: torch.optim.Optimizer | None, step: int,
-                    offsets: dict[int, int] | None = None, keep: int = 3, extra: dict | None = None) -> Path:
+                    offsets: dict[int, int] | None = None, keep: int = 3, extra: dict | None = None,
+                    items: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Path:
+    """Write ``DIR/step-N`` atomically. ``items``: the vocabulary trained on (``vocabulary``);
+    ``extra``: more meta, e.g. ``trained_from_ms``/``trained_until_ms`` (event-time range trained on)."""
     out = Path(out)
     d = out / f"step-{step:08d}"
     tmp = out / f".tmp-step-{step:08d}"
     tmp.mkdir(parents=True, exist_ok=True)
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None},
                tmp / "model.pt")
+    if items is not None:
+        np.savez(tmp / "items.npz", ids=items[0], cats=items[1], counts=items[2])
     meta = {"config": model.cfg.model_dump(), "tokenizer_version": TOKENIZER_VERSION, "step": step,
             "kafka_offsets": {str(p): o for p, o in (offsets or {}).items()} or None,
             "model_version": model_version(model, step), "saved_at": time.time()} | (extra or {})
@@ -160,61 +208,166 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[LumModel, to
     return model, optimizer, meta
 
 
-# --- The job ----------------------------------------------------------------------------------------
-def run(preset: str, source: str, out: str, max_steps: int | None = None, settings: PretrainSettings | None = None,
-        cfg: LumConfig | None = None, resume: bool = False) -> dict[str, float]:
-    """Load sequences, train with periodic evaluation and checkpoints; returns the final evaluation.
+def load_items(checkpoint: str | Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(item ids, category ids) a checkpoint was trained on, or None for a checkpoint without the list."""
+    f = newest_checkpoint(checkpoint) / "items.npz"
+    if not f.exists():
+        return None
+    z = np.load(f)
+    return z["ids"], z["cats"]
 
-    ``resume``: continue from the newest checkpoint in ``out`` (its config, weights, optimizer and step) up to
-    ``max_steps`` in total, on the sequences the source holds now.
+
+# --- The job ----------------------------------------------------------------------------------------
+def auto_preset(n_pairs: int, cuda: bool) -> str:
+    """A preset sized to the data: debug for toy sets, small up to a few million pairs on CPU, base on GPU."""
+    if n_pairs < 20_000:
+        return "debug"
+    if cuda and n_pairs >= 1_000_000:
+        return "base"
+    return "small"
+
+
+def fit(cfg: LumConfig, train_seqs, val_seqs, *, max_steps: int, eval_every: int = 100, patience: int = 5,
+        exclude_seen: bool = False, catalog=None, seed: int = 0, device: str = "cpu", log_every: int = 50,
+        model: LumModel | None = None, optimizer=None, start: int = 0, rank: int = 0, world: int = 1,
+        on_improve: Callable[[int, LumModel, torch.optim.Optimizer, dict], None] | None = None,
+        ) -> tuple[LumModel, torch.optim.Optimizer, int, int, list[dict]]:
+    """Train with early stopping on validation NDCG@10.
+
+    Returns (model holding the best weights, optimizer, last step, best step, validation history
+    [{step, loss, ndcg@10, hr@10}]). Rank 0 validates and tells the others whether to stop.
+    """
+    import copy
+
+    import torch.distributed as dist
+
+    from .data import train_batches
+    from .evaluate import evaluate
+
+    best: dict = {"ndcg": -1.0, "step": start, "state": None}
+    history: list[dict] = []
+    losses: list[float] = []
+    bad = 0
+
+    def validate(step: int, m: LumModel, opt) -> bool:
+        nonlocal bad
+        stop = torch.zeros(1)
+        if rank == 0:
+            v = evaluate(m, val_seqs, train_seqs, exclude_seen=exclude_seen, device=device, catalog=catalog)
+            tail = losses[-max(1, eval_every):]
+            h = {"step": step, "loss": float(np.mean(tail)) if tail else float("nan"), "ndcg@10": v["ndcg@10"],
+                 "hr@10": v["hr@10"]}
+            history.append(h)
+            if v["ndcg@10"] > best["ndcg"]:
+                best.update(ndcg=v["ndcg@10"], step=step, state=copy.deepcopy(m.state_dict()))
+                bad = 0
+                if on_improve is not None:
+                    on_improve(step, m, opt, h)
+            else:
+                bad += 1
+            log.info("validation @%d: loss %.4f ndcg@10 %.4f hr@10 %.4f (best %.4f @%d)%s", step, h["loss"],
+                     v["ndcg@10"], v["hr@10"], best["ndcg"], best["step"], " -> stop" if bad >= patience else "")
+            stop[0] = float(bad >= patience)
+        if world > 1:
+            dist.broadcast(stop, 0)
+        return bool(stop[0])
+
+    def on_step(step: int, m: LumModel, opt) -> bool:
+        return bool(eval_every and val_seqs and step % eval_every == 0 and validate(step, m, opt))
+
+    model, optimizer, step, _ = train(
+        cfg, train_batches(train_seqs, cfg, seed + start, rank=rank, world=world), max_steps, model=model,
+        optimizer=optimizer, step=start, device=device, log_every=log_every, on_step=on_step, seed=seed,
+        ddp=world > 1, losses=losses)
+    if val_seqs and (not eval_every or (step % eval_every and bad < patience)):
+        validate(step, model, optimizer)  # the last steps count too
+    if best["state"] is not None and rank == 0:
+        model.load_state_dict(best["state"])
+    if world > 1:  # every rank ends with rank 0's (best) weights
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
+    return model, optimizer, step, (best["step"] if best["state"] is not None else step), history
+
+
+def run(preset: str | None, source: str, out: str, max_steps: int | None = None,
+        settings: PretrainSettings | None = None, cfg: LumConfig | None = None, resume: bool = False
+        ) -> dict[str, float]:
+    """Load sequences, train with early stopping on validation, evaluate on test, checkpoint; returns the test
+    evaluation (rank 0; other ranks return {}).
+
+    ``preset`` None or "auto": sized to the data (``auto_preset``). ``resume``: continue from the newest
+    checkpoint in ``out`` (its config, weights, optimizer and step) up to ``max_steps`` in total.
     """
     from schemas.settings import KafkaSettings, load
+    from trainers import launch
 
-    from .data import leave_last_out, load_source, train_batches
+    from .data import SOURCES, load_source, repeat_share, split_users
     from .evaluate import catalog_of, evaluate, format_metrics
     from .model import PRESETS
 
     s = settings or load(PretrainSettings)
-    if cfg is None:
-        if preset not in PRESETS:
-            raise SystemExit(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        cfg = PRESETS[preset]
-    if source != "kafka" and source.partition(":")[0] not in ("movielens", "taobao"):
-        raise SystemExit(f"--source {source!r}: expected kafka, movielens:PATH or taobao:PATH")
-    steps = max_steps or s.max_steps
-    device = pick_device(s.device)
+    if source.partition(":")[0] not in SOURCES or (source != "kafka" and not source.partition(":")[2]):
+        raise SystemExit(f"--source {source!r}: expected kafka, movielens:PATH, taobao:PATH or amazon:PATH")
+    if preset not in (None, "auto") and preset not in PRESETS:
+        raise SystemExit(f"unknown preset {preset!r}; choose one of auto, {', '.join(PRESETS)}")
+    rank, world, dev = launch.init()
+    device = str(dev) if launch.under_torchrun() else pick_device(s.device)
     if s.threads:
         torch.set_num_threads(s.threads)
+    steps = max_steps or s.max_steps
     kafka = load(KafkaSettings) if source == "kafka" else None
     t0 = time.perf_counter()
-    seqs, offsets = load_source(source, kafka, s.kafka_idle_timeout_s)
-    train_seqs, eval_seqs = leave_last_out(seqs)
+    span: dict = {}
+    shared: list = [None]
+    if rank == 0:  # one reader: every rank trains on exactly the same sequences (a topic may grow meanwhile)
+        shared = [(*load_source(source, kafka, s.kafka_idle_timeout_s, span), span)]
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.broadcast_object_list(shared, 0)
+    seqs, offsets, span = shared[0]
+    train_seqs, val_seqs, test_seqs = split_users(seqs)
     catalog = catalog_of(seqs)
     if s.eval_users:
-        eval_seqs = eval_seqs[:s.eval_users]
+        val_seqs, test_seqs = val_seqs[:s.eval_users], test_seqs[:s.eval_users]
     n_pairs = sum(len(x) for x in seqs)
-    log.info("%s: %d users, %d pairs, loaded in %.1fs", source, len(seqs), n_pairs, time.perf_counter() - t0)
+    rep = repeat_share(seqs)
+    exclude_seen = s.exclude_seen if s.exclude_seen is not None else rep < 0.01
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"{source}: {len(seqs)} users, {n_pairs} pairs, {len(catalog[0])} items, {rep:.1%} repeated items; "
+        f"loaded in {time.perf_counter() - t0:.1f}s")
+    if cfg is None:
+        name = preset if preset not in (None, "auto") else auto_preset(n_pairs, device.startswith("cuda"))
+        cfg = PRESETS[name]
+        if preset in (None, "auto"):
+            say(f"preset: {name} (chosen for {n_pairs} pairs; --preset to override)")
+    say(f"exclude_seen: {exclude_seen} ({'set' if s.exclude_seen is not None else 'automatic: '}"
+        f"{'' if s.exclude_seen is not None else ('no repeats in the data' if exclude_seen else 'items repeat')})")
     torch.manual_seed(s.seed)
     model, opt, start = LumModel(cfg), None, 0
     if resume and any(Path(out).glob("step-*")):
         model, opt, meta = load_checkpoint(out, device)
         cfg, start = model.cfg, meta["step"]
         log.info("resuming %s from step %d (%s)", meta["path"], start, meta["model_version"])
-    log.info("%s on %s", describe(model), device)
+    log.info("%s on %s, world size %d", describe(model), device, world)
+    items = vocabulary(train_seqs)
+    extra = {"source": source, "world_size": world, **span}
 
-    def evaluation(model: LumModel) -> dict[str, float]:
-        return evaluate(model, eval_seqs, train_seqs, exclude_seen=s.exclude_seen, device=device, catalog=catalog)
+    def on_improve(step: int, m: LumModel, o, h: dict) -> None:
+        save_checkpoint(out, m, o, step, offsets, s.keep_checkpoints, extra=extra | {"validation": h}, items=items)
 
-    def on_step(step: int, model: LumModel, opt: torch.optim.Optimizer) -> None:
-        if s.eval_every and step % s.eval_every == 0 and step < steps:
-            log.info("eval @%d: %s", step, format_metrics(evaluation(model)))
-        if s.checkpoint_every and step % s.checkpoint_every == 0 and step < steps:
-            save_checkpoint(out, model, opt, step, offsets, s.keep_checkpoints)
-
-    model, opt, step, losses = train(cfg, train_batches(train_seqs, cfg, s.seed + start), steps, model=model,
-                                     optimizer=opt, step=start, device=device, log_every=s.log_every,
-                                     on_step=on_step, seed=s.seed)
-    metrics = evaluation(model)
-    save_checkpoint(out, model, opt, step, offsets, s.keep_checkpoints, extra={"eval": metrics, "source": source})
-    print(f"final eval @{step} ({cfg.name}, {source}): {format_metrics(metrics)}")
+    model, opt, step, best_step, history = fit(
+        cfg, train_seqs, val_seqs, max_steps=steps, eval_every=s.eval_every, patience=s.patience,
+        exclude_seen=exclude_seen, catalog=catalog, seed=s.seed, device=device, log_every=s.log_every,
+        model=model, optimizer=opt, start=start, rank=rank, world=world,
+        on_improve=on_improve if s.checkpoint_best else None)
+    metrics: dict[str, float] = {}
+    if rank == 0:
+        metrics = evaluate(model, test_seqs, train_seqs, exclude_seen=exclude_seen, device=device, catalog=catalog)
+        save_checkpoint(out, model, opt, step, offsets, s.keep_checkpoints, items=items,
+                        extra=extra | {"eval": metrics, "validation_history": history, "best_step": best_step,
+                                       "exclude_seen": exclude_seen})
+        print(f"final eval @{step} ({cfg.name}, {source}, best validation step {best_step}): "
+              f"{format_metrics(metrics)}")
+    launch.barrier()
     return metrics

@@ -4,13 +4,21 @@
     LUM_REFRESH_CONDITIONS="scenario=home;scenario=search;category=17,behavior=buy" \
         lum refresh --checkpoint runs/lum --every 10
 
-One run: load the newest checkpoint under ``--checkpoint``; read ``user-sequences`` from the offsets the
-previous run stored in its state file (``refresh-state.json`` next to the checkpoints), or from the
-beginning when the model version changed (a new model republishes everyone); keep the latest sequence per
-user; answer the configured conditions for those users with one group-query pass per batch of users;
-publish ``LumFeatures`` to ``lum-features`` (key = user id) and the ``ItemEmbedding`` of every item in the
-sequences read to ``item-embeddings``; flush; then store the new offsets. A crash before the state is
-written repeats the run (at-least-once; the topics are compacted, so repeats are harmless).
+One run: load the newest checkpoint under ``--checkpoint``; read the users whose sequences changed since
+the offsets the previous run stored in its state file (``refresh-state.json`` next to the checkpoints), or
+every user when the model version changed (a new model republishes everyone), with their full sequences,
+through the export's one reader (``streaming.kafka.sequences.changed_since``, which keeps a local fold in
+``sequence-view/`` next to the state file, so a run reads only what changed); answer the configured
+conditions for those users with one group-query pass per batch of users;
+publish ``LumFeatures`` to ``lum-features`` (key = user id; ``trained_until_ms`` = the newest event time the
+model was trained on, from the checkpoint) and, when the model version is new to this state file, the
+``ItemEmbedding`` of every item the model was trained on (the checkpoint's ``items.npz``; items it never saw
+get none: their hashed rows mean nothing) to ``item-embeddings``; flush; then store the new offsets. A crash
+before the state is written repeats the run (at-least-once; the topics are compacted, so repeats are harmless).
+
+Under torchrun (``lum refresh --nproc N``) rank 0 reads the topic and hands every rank the same users; rank r
+answers users r, r+N, ... and its share of the items; rank 0 stores the offsets only after every rank has
+delivered. The published vectors are those of one process.
 Settings: ``LUM_REFRESH_*`` (``RefreshSettings``). Conditions are separated by ';' (a condition may
 contain ',', e.g. ``category=17,behavior=buy``).
 """
@@ -33,10 +41,11 @@ from schemas.tokenize import parse_condition
 from schemas.topics import ITEM_EMBEDDINGS, LUM_FEATURES, USER_SEQUENCES, key_of
 
 from .model import LumModel
-from .packing import Seq, group_query_batch, to_tokens, truncate_prefix
+from .packing import Seq, group_query_batch, inference_prefix, make_batch, pack_rows, to_tokens
 
 log = logging.getLogger(__name__)
 STATE_FILE = "refresh-state.json"
+VIEW_DIR = "sequence-view"
 
 
 class RefreshSettings(BaseSettings):
@@ -69,19 +78,60 @@ class RefreshSettings(BaseSettings):
 @torch.no_grad()
 def condition_outputs(model: LumModel, seqs: list[Seq], conditions: np.ndarray, users_per_batch: int = 256,
                       device: str = "cpu") -> torch.Tensor:
-    """Group query: (U, K, D) unit vectors, the output of each user's prefix under each of K conditions."""
+    """Group query: (U, K, D) unit vectors, the output of each user's prefix under each of K conditions.
+
+    ``conditions``: (K, n_kinds) for every user, or (U, K, n_kinds) per user (e.g. each user's candidate
+    categories: ``category_conditions``). An items-only (SASRec-style) model answers with its output at the
+    last item, the same for every condition.
+    """
     cfg = model.cfg
-    if not cfg.use_conditions:
-        raise ValueError("an items-only model cannot answer condition queries")
+    conditions = np.asarray(conditions, dtype=np.int64)
+    K = conditions.shape[-2]
     model.eval()
-    row_len = max(cfg.row_len, 2 * cfg.max_pairs + len(conditions))
+    row_len = max(cfg.row_len, 2 * cfg.max_pairs + K)
     out = []
     for b in range(0, len(seqs), users_per_batch):
-        runs = [to_tokens(truncate_prefix(s, cfg.max_pairs)) for s in seqs[b:b + users_per_batch]]
-        batch, where = group_query_batch(runs, conditions, row_len)
+        part = seqs[b:b + users_per_batch]
+        runs = [to_tokens(inference_prefix(s, cfg), cfg.use_conditions) for s in part]
+        if cfg.use_conditions:
+            conds = conditions if conditions.ndim == 2 else conditions[b:b + users_per_batch]
+            batch, where = group_query_batch(runs, conds, row_len)
+        else:  # the output at each user's last item
+            rows = pack_rows([len(r) for r in runs], row_len)
+            batch = make_batch(runs, rows, row_len)
+            where = torch.zeros(len(runs), K, 2, dtype=torch.long)
+            for r, members in enumerate(rows):
+                t = 0
+                for i in members:
+                    t += len(runs[i])
+                    where[i, :, 0], where[i, :, 1] = r, t - 1
         h = model(batch.to(device))  # (B, T, D)
         out.append(model.user_vectors(h[where[..., 0], where[..., 1]]).float().cpu())  # (u, K, D)
-    return torch.cat(out) if out else torch.zeros(0, len(conditions), cfg.d_model)
+    return torch.cat(out) if out else torch.zeros(0, K, cfg.d_model)
+
+
+def category_conditions(base: str, categories: list[list[int]]) -> tuple[np.ndarray, list[dict[int, int]]]:
+    """Per-user query conditions for interest matching with each candidate's own category (paper 4.3).
+
+    ``base`` (e.g. ``"behavior=liked"``) plus ``category=c`` for every category c of a user's candidates
+    (the candidate categories of a batch); returns (U, K, n_kinds) conditions, padded by repeating the first,
+    and per user {category: column}. Feed the conditions to ``condition_outputs`` and give each candidate
+    the vector of its own category's column: cos(that vector, item vector) is the interest match.
+    """
+    from schemas.tokenize import CONDITION_KINDS, condition_id
+
+    b = np.array(parse_condition(base), dtype=np.int64)
+    c = CONDITION_KINDS.index("category")
+    K = max(1, max((len(set(x)) for x in categories), default=1))
+    out = np.tile(b, (len(categories), K, 1))
+    cols: list[dict[int, int]] = []
+    for u, cats in enumerate(categories):
+        distinct = list(dict.fromkeys(int(x) for x in cats))
+        cols.append({cat: k for k, cat in enumerate(distinct)})
+        for k, cat in enumerate(distinct or [0]):
+            out[u, k, c] = condition_id("category", cat)
+        out[u, len(distinct):, c] = out[u, 0, c]
+    return out, cols
 
 
 def state_path(checkpoint: str | Path, settings: RefreshSettings) -> Path:
@@ -92,14 +142,20 @@ def state_path(checkpoint: str | Path, settings: RefreshSettings) -> Path:
 
 
 def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: RefreshSettings) -> dict:
-    """One refresh; returns what it did: model_version, full (everyone republished), users, items, seconds."""
-    from streaming.kafka import DeadLetters, Output
+    """One refresh; returns what it did: model_version, full (everyone republished), users, items, seconds
+    (under torchrun: this rank's users and items)."""
+    import torch.distributed as dist
 
-    from .data import read_user_sequences
-    from .pretrain import load_checkpoint, pick_device
+    from streaming.kafka import DeadLetters, Output
+    from trainers import launch
+
+    from streaming.kafka.sequences import changed_since
+
+    from .pretrain import load_checkpoint, load_items, pick_device
 
     t0 = time.perf_counter()
-    device = pick_device(settings.device)
+    rank, world, dev = launch.init()
+    device = str(dev) if world > 1 else pick_device(settings.device)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     model, _, meta = load_checkpoint(checkpoint, device)
@@ -108,38 +164,53 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     conds = np.array([parse_condition(n) for n in names], dtype=np.int64)  # (K, n_kinds)
 
     spath = state_path(checkpoint, settings)
-    state = json.loads(spath.read_text()) if spath.exists() else {}
     topic = kafka.topic(USER_SEQUENCES)
-    same = state.get("model_version") == version and state.get("topic") == topic
-    start = {int(p): o for p, o in state.get("offsets", {}).items()} if same else None
     publisher = Output(kafka)
-    seqs, offsets = read_user_sequences(kafka, start, settings.idle_timeout_s, settings.group,
-                                        DeadLetters(publisher, kafka, "lum-refresh"))
-    users = [Seq.from_user_sequence(s) for s in seqs.values() if s.pairs]
-    as_of = {s.user_id: max(p.event_time_ms for p in s.pairs) for s in seqs.values() if s.pairs}
-    log.info("refresh %s: %d changed users (%s)", version, len(users), "incremental" if same else "full: new model")
+    shared: list = [None]
+    if rank == 0:
+        state = json.loads(spath.read_text()) if spath.exists() else {}
+        same = state.get("model_version") == version and state.get("topic") == topic
+        start = state.get("offsets") if same else None
+        # The export's one reader; a local fold next to the state file makes incremental reads cost the deltas only.
+        seqs, offsets = changed_since(kafka, start, spath.parent / VIEW_DIR,
+                                      DeadLetters(publisher, kafka, "lum-refresh"), settings.idle_timeout_s)
+        users = sorted((Seq.from_user_sequence(s) for s in seqs.values() if s.pairs), key=lambda s: s.user_id)
+        as_of = {s.user_id: max(p.event_time_ms for p in s.pairs) for s in seqs.values() if s.pairs}
+        shared = [(same, offsets, users, as_of)]
+    if world > 1:
+        dist.broadcast_object_list(shared, 0)
+    same, offsets, users, as_of = shared[0]
+    mine = users[rank::world]
+    log.info("refresh %s: %d changed users, %d on rank %d/%d (%s)", version, len(users), len(mine), rank, world,
+             "incremental" if same else "full: new model")
 
     now = int(time.time() * 1000)
+    trained_until = meta.get("trained_until_ms")
     feat_topic, item_topic = kafka.topic(LUM_FEATURES), kafka.topic(ITEM_EMBEDDINGS)
     last_log = time.perf_counter()
-    for b in range(0, len(users), settings.users_per_batch):
-        chunk = users[b:b + settings.users_per_batch]
+    for b in range(0, len(mine), settings.users_per_batch):
+        chunk = mine[b:b + settings.users_per_batch]
         vecs = condition_outputs(model, chunk, conds, settings.users_per_batch, device).tolist()  # (u, K, D)
         for seq, v in zip(chunk, vecs):
             msg = LumFeatures(user_id=seq.user_id, model_version=version, computed_at_ms=now,
-                              as_of_ms=as_of[seq.user_id],
+                              as_of_ms=as_of[seq.user_id], trained_until_ms=trained_until,
                               conditions=[ConditionOutput(condition=n, vector=x) for n, x in zip(names, v)])
             publisher.produce(feat_topic, LUM_FEATURES.encode(msg), key_of(seq.user_id))
         if time.perf_counter() - last_log > 10:
             last_log = time.perf_counter()
             done = b + len(chunk)
-            log.info("refresh: %d/%d users, %.0f users/s", done, len(users), done / (last_log - t0))
+            log.info("refresh: %d/%d users, %.0f users/s", done, len(mine), done / (last_log - t0))
 
-    items: dict[int, int] = {}
-    for s in users:
-        items.update(zip(s.items.tolist(), s.cats.tolist()))  # last category seen wins
-    ids = np.fromiter(items.keys(), np.int64, len(items))
-    cats = np.fromiter(items.values(), np.int64, len(items))
+    vocab = load_items(checkpoint)
+    if vocab is not None:  # every item of the model version, once per version
+        ids, cats = (vocab[0][rank::world], vocab[1][rank::world]) if not same else (np.zeros(0, np.int64),) * 2
+    else:  # an older checkpoint without its item list: the items of the sequences read
+        log.warning("%s has no items.npz: publishing embeddings of the items in the sequences read", meta["path"])
+        items: dict[int, int] = {}
+        for s in mine:
+            items.update(zip(s.items.tolist(), s.cats.tolist()))  # last category seen wins
+        ids = np.fromiter(items.keys(), np.int64, len(items))
+        cats = np.fromiter(items.values(), np.int64, len(items))
     with torch.no_grad():
         for b in range(0, len(ids), 4096):
             vecs = model.item_vectors(torch.as_tensor(ids[b:b + 4096], device=device),
@@ -147,24 +218,42 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
             for i, c, v in zip(ids[b:b + 4096].tolist(), cats[b:b + 4096].tolist(), vecs):
                 msg = ItemEmbedding(item_id=i, category_id=c, model_version=version, vector=v, computed_at_ms=now)
                 publisher.produce(item_topic, ITEM_EMBEDDINGS.encode(msg), key_of(i))
-    publisher.flush()
+    failed = torch.zeros(1)
+    try:
+        publisher.flush()
+    except RuntimeError:
+        failed[0] = 1
+        if world == 1:
+            raise
+        log.exception("rank %d: delivery failed", rank)
+    if world > 1:
+        dist.all_reduce(failed)  # offsets advance only when every rank delivered
+        if failed[0]:
+            raise RuntimeError(f"{int(failed[0])} rank(s) failed to deliver; offsets not stored")
 
-    spath.parent.mkdir(parents=True, exist_ok=True)
-    tmp = spath.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"model_version": version, "topic": topic, "updated_at_ms": now,
-                               "offsets": {str(p): o for p, o in offsets.items()}}))
-    tmp.replace(spath)
+    if rank == 0:
+        spath.parent.mkdir(parents=True, exist_ok=True)
+        tmp = spath.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"model_version": version, "topic": topic, "updated_at_ms": now,
+                                   "offsets": offsets}))
+        tmp.replace(spath)
+    launch.barrier()
     dt = time.perf_counter() - t0
-    log.info("refresh done: %d users, %d items, %d conditions in %.1fs (%.0f users/s)", len(users), len(ids),
-             len(names), dt, len(users) / dt if dt else 0)
-    return {"model_version": version, "full": not same, "users": [s.user_id for s in users], "items": len(ids),
+    log.info("refresh done: %d users, %d items, %d conditions in %.1fs (%.0f users/s)", len(mine), len(ids),
+             len(names), dt, len(mine) / dt if dt else 0)
+    return {"model_version": version, "full": not same, "users": [s.user_id for s in mine], "items": len(ids),
             "seconds": dt}
 
 
 def run(checkpoint: str, once: bool, every_minutes: float | None, kafka: KafkaSettings,
         settings: RefreshSettings) -> int:
+    from trainers import launch
+
     if once or not every_minutes:
-        refresh_once(checkpoint, kafka, settings)
+        try:
+            refresh_once(checkpoint, kafka, settings)
+        finally:
+            launch.shutdown()
         return 0
     while True:
         try:

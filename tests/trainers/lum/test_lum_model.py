@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from schemas.tokenize import CONDITION_KINDS, parse_condition
-from trainers.lum.model import COND, PRESETS, LumModel, hash_ids, info_nce, training_outputs
+from trainers.lum.model import COND, PRESETS, LumModel, hash_ids, in_batch_candidates, info_nce, training_outputs
 from trainers.lum.packing import Seq, Tokens, concat, make_batch, pack_rows, padded_batch, to_tokens
 from trainers.lum.refresh import condition_outputs
 
@@ -48,14 +48,13 @@ def test_packed_loss_equals_one_by_one(model):
     rows = pack_rows([len(r) for r in runs], CFG.row_len)
     assert len(rows) < len(runs)  # several users really share rows
     packed = make_batch(runs, rows, CFG.row_len)
-    all_items = torch.as_tensor(np.concatenate([s.items for s in seqs]))
-    all_cats = torch.as_tensor(np.concatenate([s.cats for s in seqs]))
+    cand = in_batch_candidates(packed, logq=True)
     with torch.no_grad():
         u, pos = training_outputs(model, packed)
-        loss_packed = info_nce(model, u, pos, all_items, all_cats, CFG.temperature)
+        loss_packed = info_nce(model, u, pos, *cand, CFG.temperature)
         singles = [training_outputs(model, padded_batch([r])) for r in runs]  # plain causal kernel, no mask
         u1, pos1 = torch.cat([s[0] for s in singles]), torch.cat([s[1] for s in singles])
-        loss_single = info_nce(model, u1, pos1, all_items, all_cats, CFG.temperature)
+        loss_single = info_nce(model, u1, pos1, *cand, CFG.temperature)
     assert len(u) == sum(len(s) for s in seqs)  # every condition token trained, nothing else
     assert torch.equal(pos.sort().values, pos1.sort().values)
     assert abs(float(loss_packed) - float(loss_single)) < 1e-5
@@ -70,9 +69,8 @@ def test_packed_loss_gradients_flow_and_logq_changes_loss(model):
     runs = [to_tokens(s) for s in seqs]
     b = make_batch(runs, pack_rows([len(r) for r in runs], CFG.row_len), CFG.row_len)
     u, pos = training_outputs(model, b)
-    items = b.kind == 2
-    plain = info_nce(model, u, pos, b.item[items], b.cat[items], CFG.temperature)
-    corrected = info_nce(model, u, pos, b.item[items], b.cat[items], CFG.temperature, logq=True)
+    plain = info_nce(model, u, pos, *in_batch_candidates(b, logq=False), CFG.temperature)
+    corrected = info_nce(model, u, pos, *in_batch_candidates(b, logq=True), CFG.temperature)
     assert torch.isfinite(plain) and float(plain.detach()) != float(corrected.detach())
     plain.backward()
     assert model.tokens.item.weight.grad is not None and model.tokens.cond.weight.grad.abs().sum() > 0

@@ -6,6 +6,7 @@ and ``lum refresh --once`` publishes from what it trained.
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -140,3 +141,61 @@ def test_bad_condition_setting_names_the_variable(monkeypatch):
     monkeypatch.setenv("LUM_REFRESH_CONDITIONS", "scenario=home;colour=red")
     with pytest.raises(SettingsError, match="LUM_REFRESH_CONDITIONS"):
         load(RefreshSettings)
+
+
+def test_refresh_publishes_every_trained_item_once_per_version_and_training_range(kafka, tmp_path, monkeypatch):
+    monkeypatch.setenv("LUM_REFRESH_CONDITIONS", CONDITIONS)
+    monkeypatch.setenv("LUM_REFRESH_IDLE_TIMEOUT_S", "3")
+    settings = load(RefreshSettings)
+    torch.manual_seed(0)
+    model = LumModel(PRESETS["debug"])
+    # Trained on items 1000..1009 (none of them in the sequences read below); items 0..499 were never seen.
+    vocab = (np.arange(1000, 1010), np.arange(10) % 3, np.ones(10, np.int64))
+    save_checkpoint(tmp_path, model, None, step=1, items=vocab,
+                    extra={"trained_from_ms": T0 - 10_000, "trained_until_ms": T0 - 1})
+    produce_sequences(kafka, [user_sequence(u, 6) for u in range(1, 6)])
+    assert refresh_once(tmp_path, kafka, settings)["items"] == 10
+    feats, feat_off = read_all(kafka, LUM_FEATURES)
+    assert {f.trained_until_ms for f in feats} == {T0 - 1}
+    items, item_off = read_all(kafka, ITEM_EMBEDDINGS)
+    assert sorted(e.item_id for e in items) == list(range(1000, 1010))  # unseen items are never "present"
+    # Same version, new users: their features, but no item is republished.
+    produce_sequences(kafka, [user_sequence(9, 4)])
+    assert refresh_once(tmp_path, kafka, settings)["items"] == 0
+    assert read_all(kafka, ITEM_EMBEDDINGS, item_off)[0] == []
+
+
+@pytest.mark.slow
+def test_refresh_under_torchrun_equals_one_process(kafka, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    monkeypatch.setenv("LUM_REFRESH_CONDITIONS", CONDITIONS)
+    monkeypatch.setenv("LUM_REFRESH_IDLE_TIMEOUT_S", "3")
+    torch.manual_seed(0)
+    model = LumModel(PRESETS["debug"])
+    vocab = (np.arange(0, 500), np.arange(500) % 20, np.ones(500, np.int64))
+    one, two = tmp_path / "one", tmp_path / "two"
+    for d in (one, two):
+        save_checkpoint(d, model, None, step=1, items=vocab)
+    users = {u: user_sequence(u, 3 + u % 9) for u in range(1, 26)}
+    produce_sequences(kafka, list(users.values()))
+    assert refresh_once(one, kafka, load(RefreshSettings))["full"]
+    single, off = read_all(kafka, LUM_FEATURES)
+    items1, item_off = read_all(kafka, ITEM_EMBEDDINGS)
+    lum_bin = Path(sys.executable).parent / "lum"
+    r = subprocess.run([str(lum_bin), "refresh", "--checkpoint", str(two), "--once", "--nproc", "2"],
+                       capture_output=True, text=True, timeout=300, env={**__import__("os").environ,
+                                                                       "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on rank 1/2" in r.stderr
+    double, _ = read_all(kafka, LUM_FEATURES, off)
+    items2, _ = read_all(kafka, ITEM_EMBEDDINGS, item_off)
+    assert sorted(f.user_id for f in double) == sorted(users)
+    a = {f.user_id: f for f in single}
+    for f in double:
+        for c1, c2 in zip(a[f.user_id].conditions, f.conditions):
+            np.testing.assert_allclose(c1.vector, c2.vector, atol=1e-5)
+    assert sorted(e.item_id for e in items2) == sorted(e.item_id for e in items1) == list(range(500))
+    assert json.loads((two / "refresh-state.json").read_text())["offsets"]  # rank 0 stored the offsets

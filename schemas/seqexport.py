@@ -1,0 +1,570 @@
+"""The sequence export contract: record layouts and the pure fold "snapshot + deltas -> each user's sequence".
+
+Why. Publishing every changed user's WHOLE sequence per batch costs ``64 B x history`` per event (65 KB for a
+191-byte event at the 1,024-pair cap). The export is instead two topics (``schemas.topics``):
+
+``sequence-deltas`` (delete, 7 days), key = user id, partition = the user's ``behaviors`` partition
+    One ``DELTA`` record per changed user per agent batch, carrying only that batch's new pairs and the cap
+    the agent applied. Bytes per event do not depend on the history length.
+``user-sequences`` (compacted), key = user id
+    ``SNAPSHOT`` records: a user's full sequence as of the snapshot, in the compact layout below (today's
+    fixed int64 layout, codec version 1, still reads). Plus, per partition p, one ``MARKER`` record under the
+    key ``#deltas-p<p>``: the ``sequence-deltas`` offset of partition p from which the deltas are NOT yet in
+    the snapshot. Written by the snapshot job (``streaming.kafka.sequences``) and ``lum backfill``.
+
+Fold (exact by construction). A sequence is the ``cap`` latest distinct events (dedup by ``event_key``) in
+(event_time, event_key) order: the top-``cap`` of a SET. Top-k of a union equals top-k of (top-k of one
+part) united with the other, and union is idempotent, so ``fold(snapshot, deltas)`` equals the agent's state
+for any interleaving, duplicates, late events landing mid-history, and for deltas applied twice (a delta
+already inside the snapshot changes nothing). A reader therefore needs only: the latest snapshot, and every
+delta from the marker offset on (a marker that is too LOW is harmless). Runs of deltas with the same cap are
+merged in one sort (``fold``); a cap change applies in order, exactly like the agent. ``catch_up`` applies
+these rules to record streams (snapshot records replace, markers say where each record's deltas start),
+chunk by chunk into the caller's store: the Kafka reader, the refresh view and the agents' rebuild use it.
+
+Compact pair layout (snapshot codec version 2 and deltas). Columnar, little endian, numpy-vectorised:
+    header  tokenizer_version u8 | n_kinds u8 | varint user_id | varint updated_at_ms (snapshots) or cap
+            (deltas) | varint n_pairs
+    columns event_time as differences (first absolute), event_key (raw i64: a 63-bit hash, incompressible),
+            each condition kind dictionary-coded (varint n_distinct, distinct ids i64, then the index column),
+            item_id, category_id.
+    A numeric column is "frame of reference": varint(zigzag(min)) | width u8 in {0,1,2,4,8} | n x (v - min)
+    as unsigned ``width``-byte integers. About 26 B per pair against 64 at 1,024 pairs (``benchmarks/bench_scale.py``).
+    Records under 8 pairs (most deltas) take a plain-Python path that writes and reads the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import codec
+from .codec import FORMAT_SEQUENCE, MAGIC, DecodeError
+from .tokenize import CONDITION_KINDS, KINDS_BY_VERSION, SEQ_HEADER_SIZE, TOKENIZER_VERSION, UserSequence
+
+ROW = 4 + len(CONDITION_KINDS)  # int64 columns of a pair: time, key, conditions..., item, category
+FORMAT_DELTA = 0x64  # "d"
+FORMAT_MARKER = 0x6D  # "m"
+SNAPSHOT_VERSION = 2  # user-sequences codec version written now (1: fixed int64 layout, read only)
+DELTA_VERSION = 1
+MARKER_VERSION = 1
+MARKER_PREFIX = b"#deltas-p"
+_V1_PAYLOAD = 3 + SEQ_HEADER_SIZE  # codec header + today's fixed sequence header
+
+
+def marker_key(partition: int) -> bytes:
+    return MARKER_PREFIX + str(partition).encode()
+
+
+# --- varints and frame-of-reference columns -------------------------------------------------------------
+def _zz(v: int) -> int:
+    return (v << 1) ^ (v >> 63) if v < 0 else v << 1
+
+
+def _unzz(u: int) -> int:
+    return (u >> 1) ^ -(u & 1)
+
+
+def _put_varint(out: bytearray, v: int) -> None:
+    while v >= 0x80:
+        out.append((v & 0x7F) | 0x80)
+        v >>= 7
+    out.append(v)
+
+
+def _get_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 70:
+            raise ValueError("varint too long")
+
+
+_WIDTHS = {0: None, 1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
+
+
+def _put_column(out: bytearray, col: np.ndarray) -> None:
+    lo = int(col.min())
+    _put_varint(out, _zz(lo))
+    # Differences as uint64: wrap-around arithmetic keeps them exact even for the full int64 range.
+    span = col.astype(np.int64).view(np.uint64) - np.uint64(lo & 0xFFFFFFFFFFFFFFFF)
+    top = int(span.max())
+    width = 0 if top == 0 else 1 if top < 1 << 8 else 2 if top < 1 << 16 else 4 if top < 1 << 32 else 8
+    out.append(width)
+    if width:
+        out += span.astype(_WIDTHS[width]).tobytes()
+
+
+def _get_column(buf: bytes, pos: int, n: int) -> tuple[np.ndarray, int]:
+    u, pos = _get_varint(buf, pos)
+    lo = _unzz(u)
+    width = buf[pos]
+    pos += 1
+    if width not in _WIDTHS:
+        raise ValueError(f"bad column width {width}")
+    if width == 0:
+        return np.full(n, lo, dtype=np.int64), pos
+    end = pos + n * width
+    if end > len(buf):
+        raise ValueError("truncated column")
+    span = np.frombuffer(buf, dtype=_WIDTHS[width], count=n, offset=pos).astype(np.uint64)
+    return (span + np.uint64(lo & 0xFFFFFFFFFFFFFFFF)).view(np.int64), end
+
+
+_HALF, _MASK = 1 << 63, (1 << 64) - 1
+_SMALL = 8  # rows: below this a plain-Python encoder (same bytes) beats numpy's per-call overhead ~50x
+
+
+def _put_column_py(out: bytearray, col: list[int]) -> None:
+    lo = min(col)
+    _put_varint(out, _zz(lo))
+    span = [(v - lo) & _MASK for v in col]
+    top = max(span)
+    width = 0 if top == 0 else 1 if top < 1 << 8 else 2 if top < 1 << 16 else 4 if top < 1 << 32 else 8
+    out.append(width)
+    for v in span if width else ():
+        out += v.to_bytes(width, "little")
+
+
+def _put_pairs_py(out: bytearray, rows: list[list[int]]) -> None:
+    n_kinds = len(rows[0]) - 4
+    if len(rows) == 1:  # the common delta: every column is its own base, width 0
+        r = rows[0]
+        _put_varint(out, _zz(r[0]))
+        out += b"\x00" + r[1].to_bytes(8, "little", signed=True)
+        for k in range(n_kinds):
+            out += b"\x01" + r[2 + k].to_bytes(8, "little", signed=True) + b"\x00\x00"
+        _put_varint(out, _zz(r[2 + n_kinds]))
+        out.append(0)
+        _put_varint(out, _zz(r[3 + n_kinds]))
+        out.append(0)
+        return
+    t = [r[0] for r in rows]
+    _put_column_py(out, [t[0]] + [((b - a + _HALF) & _MASK) - _HALF for a, b in zip(t, t[1:])])  # int64 wrap
+    for r in rows:
+        out += r[1].to_bytes(8, "little", signed=True)
+    for k in range(n_kinds):
+        values = sorted({r[2 + k] for r in rows})
+        _put_varint(out, len(values))
+        for v in values:
+            out += v.to_bytes(8, "little", signed=True)
+        where = {v: i for i, v in enumerate(values)}
+        _put_column_py(out, [where[r[2 + k]] for r in rows])
+    _put_column_py(out, [r[2 + n_kinds] for r in rows])
+    _put_column_py(out, [r[3 + n_kinds] for r in rows])
+
+
+def _put_pairs(out: bytearray, rows: np.ndarray) -> None:
+    n_kinds = rows.shape[1] - 4
+    _put_varint(out, len(rows))
+    if not len(rows):
+        return
+    if len(rows) < _SMALL:
+        return _put_pairs_py(out, rows.tolist())
+    t = rows[:, 0]
+    _put_column(out, np.concatenate((t[:1], np.diff(t))))
+    out += rows[:, 1].astype("<i8").tobytes()
+    for k in range(n_kinds):
+        values, idx = np.unique(rows[:, 2 + k], return_inverse=True)
+        _put_varint(out, len(values))
+        out += values.astype("<i8").tobytes()
+        _put_column(out, idx.astype(np.int64))
+    _put_column(out, rows[:, 2 + n_kinds])
+    _put_column(out, rows[:, 3 + n_kinds])
+
+
+def _get_column_py(buf: bytes, pos: int, n: int) -> tuple[list[int], int]:
+    u, pos = _get_varint(buf, pos)
+    lo = _unzz(u)
+    width = buf[pos]
+    pos += 1
+    if width not in _WIDTHS:
+        raise ValueError(f"bad column width {width}")
+    if width == 0:
+        return [lo] * n, pos
+    if pos + n * width > len(buf):
+        raise ValueError("truncated column")
+    vals = [((int.from_bytes(buf[pos + i * width:pos + (i + 1) * width], "little") + lo + _HALF) & _MASK) - _HALF
+            for i in range(n)]
+    return vals, pos + n * width
+
+
+def _get_pairs_py(buf: bytes, pos: int, n: int, n_kinds: int) -> tuple[np.ndarray, int]:
+    cols: list[list[int]] = []
+    d, pos = _get_column_py(buf, pos, n)
+    t, acc = [], 0
+    for x in d:
+        acc = ((acc + x + _HALF) & _MASK) - _HALF
+        t.append(acc)
+    cols.append(t)
+    if pos + 8 * n > len(buf):
+        raise ValueError("truncated event keys")
+    cols.append([int.from_bytes(buf[pos + 8 * i:pos + 8 * i + 8], "little", signed=True) for i in range(n)])
+    pos += 8 * n
+    for _ in range(n_kinds):
+        m, pos = _get_varint(buf, pos)
+        if pos + 8 * m > len(buf):
+            raise ValueError("truncated condition dictionary")
+        values = [int.from_bytes(buf[pos + 8 * i:pos + 8 * i + 8], "little", signed=True) for i in range(m)]
+        pos += 8 * m
+        idx, pos = _get_column_py(buf, pos, n)
+        if any(i < 0 or i >= m for i in idx):
+            raise ValueError("condition index out of range")
+        cols.append([values[i] for i in idx])
+    cols += [[0] * n] * (len(CONDITION_KINDS) - n_kinds)  # kinds newer than the record's tokenizer: ANY
+    for _ in range(2):
+        c, pos = _get_column_py(buf, pos, n)
+        cols.append(c)
+    return np.array(cols, dtype=np.int64).T.reshape(n, ROW), pos
+
+
+def _get_pairs(buf: bytes, pos: int, n_kinds: int) -> tuple[np.ndarray, int]:
+    n, pos = _get_varint(buf, pos)
+    if 0 < n < _SMALL:
+        return _get_pairs_py(buf, pos, n, n_kinds)
+    rows = np.zeros((n, ROW), dtype=np.int64)  # kinds newer than the record's tokenizer stay ANY (0)
+    if not n:
+        return rows, pos
+    d, pos = _get_column(buf, pos, n)
+    rows[:, 0] = np.cumsum(d)
+    if pos + 8 * n > len(buf):
+        raise ValueError("truncated event keys")
+    rows[:, 1] = np.frombuffer(buf, dtype="<i8", count=n, offset=pos)
+    pos += 8 * n
+    for k in range(n_kinds):
+        m, pos = _get_varint(buf, pos)
+        if pos + 8 * m > len(buf):
+            raise ValueError("truncated condition dictionary")
+        values = np.frombuffer(buf, dtype="<i8", count=m, offset=pos)
+        pos += 8 * m
+        idx, pos = _get_column(buf, pos, n)
+        if m == 0 or idx.min() < 0 or idx.max() >= m:
+            raise ValueError("condition index out of range")
+        rows[:, 2 + k] = values[idx]
+    rows[:, 2 + len(CONDITION_KINDS)], pos = _get_column(buf, pos, n)
+    rows[:, 3 + len(CONDITION_KINDS)], pos = _get_column(buf, pos, n)
+    return rows, pos
+
+
+def _kinds_header(out: bytearray) -> None:
+    out += bytes((TOKENIZER_VERSION, len(CONDITION_KINDS)))
+
+
+def _read_kinds(buf: bytes, pos: int) -> tuple[int, int]:
+    version, n_kinds = buf[pos], buf[pos + 1]
+    if version not in KINDS_BY_VERSION or version > TOKENIZER_VERSION or KINDS_BY_VERSION[version] != n_kinds:
+        raise ValueError(f"unknown tokenizer version {version} with {n_kinds} kinds")
+    return n_kinds, pos + 2
+
+
+# --- records --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Delta:
+    """The pairs one agent batch added to a user (any order, duplicates allowed) and the cap it applied."""
+
+    user_id: int
+    cap: int
+    rows: np.ndarray  # (n, ROW) int64
+
+
+@dataclass(frozen=True)
+class Marker:
+    """Snapshot coverage of one partition: deltas at offsets >= ``delta_offset`` are not in the snapshot."""
+
+    partition: int
+    delta_offset: int
+
+
+def encode_snapshot(user_id: int, rows: np.ndarray) -> bytes:
+    """A user's full sequence (rows oldest first) as a ``user-sequences`` value, compact layout (v2)."""
+    out = bytearray((MAGIC, FORMAT_SEQUENCE, SNAPSHOT_VERSION))
+    _kinds_header(out)
+    _put_varint(out, _zz(user_id))
+    _put_varint(out, _zz(int(rows[-1, 0]) if len(rows) else 0))
+    _put_pairs(out, rows)
+    return bytes(out)
+
+
+def encode_delta(user_id: int, rows: np.ndarray, cap: int) -> bytes:
+    out = bytearray((MAGIC, FORMAT_DELTA, DELTA_VERSION))
+    _kinds_header(out)
+    _put_varint(out, _zz(user_id))
+    _put_varint(out, cap)
+    _put_pairs(out, rows[np.lexsort((rows[:, 1], rows[:, 0]))] if len(rows) > 1 else rows)  # small diffs
+    return bytes(out)
+
+
+def encode_marker(partition: int, delta_offset: int) -> bytes:
+    body = json.dumps({"partition": partition, "delta_offset": delta_offset}).encode()
+    return bytes((MAGIC, FORMAT_MARKER, MARKER_VERSION)) + body
+
+
+def rows_of(seq: UserSequence) -> np.ndarray:
+    return np.array([(p.event_time_ms, p.event_key, *p.conditions, p.item_id, p.category_id) for p in seq.pairs],
+                    dtype=np.int64).reshape(-1, ROW)
+
+
+def decode(data: bytes | None):
+    """Any export record -> ``(user_id, rows)`` for a snapshot (either layout), ``Delta``, ``Marker``, or
+    ``None`` for a tombstone; ``DecodeError`` (with the reason, for dead letters) otherwise."""
+    if data is None:
+        return None
+    if len(data) < 5 or data[0] != MAGIC:
+        raise DecodeError("not a lum sequence-export record")
+    fmt, version = data[1], data[2]
+    try:
+        if fmt == FORMAT_SEQUENCE and version == 1:
+            if len(data) >= _V1_PAYLOAD and data[8] == TOKENIZER_VERSION and data[9] == len(CONDITION_KINDS) \
+                    and (len(data) - _V1_PAYLOAD) % (8 * ROW) == 0 and data[3:7] == b"LSEQ":
+                user = int.from_bytes(data[11:19], "little", signed=True)
+                n = int.from_bytes(data[_V1_PAYLOAD - 4:_V1_PAYLOAD], "little")
+                if n * 8 * ROW == len(data) - _V1_PAYLOAD:  # the current tokenizer: a plain int64 view
+                    return user, np.frombuffer(data, dtype="<i8", offset=_V1_PAYLOAD).reshape(-1, ROW)
+            seq = codec.decode_user_sequence(data)
+            return seq.user_id, rows_of(seq)
+        if fmt == FORMAT_SEQUENCE and version == SNAPSHOT_VERSION:
+            n_kinds, pos = _read_kinds(data, 3)
+            u, pos = _get_varint(data, pos)
+            _updated, pos = _get_varint(data, pos)
+            rows, pos = _get_pairs(data, pos, n_kinds)
+            _end(data, pos)
+            return _unzz(u), rows
+        if fmt == FORMAT_DELTA and version == DELTA_VERSION:
+            n_kinds, pos = _read_kinds(data, 3)
+            u, pos = _get_varint(data, pos)
+            cap, pos = _get_varint(data, pos)
+            rows, pos = _get_pairs(data, pos, n_kinds)
+            _end(data, pos)
+            if cap < 1:
+                raise ValueError("cap must be >= 1")
+            return Delta(_unzz(u), cap, rows)
+        if fmt == FORMAT_MARKER and version == MARKER_VERSION:
+            m = json.loads(data[3:])
+            return Marker(int(m["partition"]), int(m["delta_offset"]))
+    except DecodeError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise DecodeError(f"bad sequence-export record: {e}") from None
+    raise DecodeError(f"unknown sequence-export record format {chr(fmt)!r} version {version}")
+
+
+def _end(data: bytes, pos: int) -> None:
+    if pos != len(data):
+        raise ValueError(f"{len(data) - pos} trailing bytes")
+
+
+# --- the fold -------------------------------------------------------------------------------------------
+def merge_rows(rows: np.ndarray, cap: int) -> np.ndarray:
+    """The agent's rule on a bag of pairs: dedup by event_key, order by (event_time, event_key), keep the
+    ``cap`` latest."""
+    if len(rows) > 1:
+        _, first = np.unique(rows[:, 1], return_index=True)
+        if len(first) != len(rows):
+            rows = rows[first]
+        rows = rows[np.lexsort((rows[:, 1], rows[:, 0]))]
+    return rows[-cap:]
+
+
+def fold(base: np.ndarray | None, deltas: list[Delta]) -> np.ndarray:
+    """A user's sequence from a snapshot's rows (or None) and the deltas after it, in offset order."""
+    rows = base if base is not None else np.zeros((0, ROW), dtype=np.int64)
+    i = 0
+    while i < len(deltas):
+        j = i
+        while j < len(deltas) and deltas[j].cap == deltas[i].cap:
+            j += 1
+        rows = merge_rows(np.concatenate([rows] + [d.rows for d in deltas[i:j]]), deltas[i].cap)
+        i = j
+    return rows
+
+
+def to_sequence(user_id: int, rows: np.ndarray) -> UserSequence:
+    """Rows -> the trainers' ``UserSequence`` (``updated_at_ms`` = newest pair's event time, as the agent)."""
+    from .tokenize import TokenPair
+
+    n_kinds = len(CONDITION_KINDS)
+    pairs = [TokenPair(r[0], r[1], tuple(r[2:2 + n_kinds]), r[2 + n_kinds], r[3 + n_kinds]) for r in rows.tolist()]
+    return UserSequence(user_id, pairs[-1].event_time_ms if pairs else 0, pairs, TOKENIZER_VERSION)
+
+
+def decode_user_sequence(data: bytes | None) -> UserSequence:
+    """A ``user-sequences`` snapshot value in either layout -> ``UserSequence`` (``DecodeError`` otherwise)."""
+    if data and len(data) > 3 and data[1] == FORMAT_SEQUENCE and data[2] == 1:
+        return codec.decode_user_sequence(data)  # today's layout, unchanged (its stored updated_at_ms)
+    rec = decode(data)
+    if not isinstance(rec, tuple):
+        raise DecodeError(f"not a user-sequence snapshot record ({type(rec).__name__})")
+    return to_sequence(*rec)
+
+
+def decode_delta(data: bytes | None) -> Delta:
+    rec = decode(data)
+    if not isinstance(rec, Delta):
+        raise DecodeError(f"not a sequence-delta record ({type(rec).__name__})")
+    return rec
+
+
+# --- catching a fold up with the topics (pure: the caller supplies the records) -------------------------
+SNAPSHOT_TOPIC, DELTA_TOPIC = "user-sequences", "sequence-deltas"  # logical names, as in schemas.topics
+
+
+@dataclass
+class FoldState:
+    """Where a fold stands: next offset per partition of both topics, and the last marker seen per partition.
+    Flattened for checkpoints and state files as ``{"user-sequences/0": 12, "sequence-deltas/0": 40, ...}``."""
+
+    snapshot: dict[int, int]
+    deltas: dict[int, int]
+    markers: dict[int, int]
+
+    @classmethod
+    def empty(cls) -> FoldState:
+        return cls({}, {}, {})
+
+    def flat(self) -> dict[str, int]:
+        return ({f"{SNAPSHOT_TOPIC}/{p}": o for p, o in self.snapshot.items()}
+                | {f"{DELTA_TOPIC}/{p}": o for p, o in self.deltas.items()}
+                | {f"marker/{p}": o for p, o in self.markers.items()})
+
+    @classmethod
+    def from_flat(cls, flat: dict[str, int] | None) -> FoldState:
+        s = cls.empty()
+        for k, o in (flat or {}).items():
+            name, _, p = k.rpartition("/")
+            part = {SNAPSHOT_TOPIC: s.snapshot, DELTA_TOPIC: s.deltas, "marker": s.markers}.get(name)
+            if part is not None:  # anything else (an older state file's offsets) reads as "from the start"
+                part[int(p)] = int(o)
+        return s
+
+
+def catch_up(state: FoldState, partitions: list[int], read, get_rows, put_rows, since: FoldState | None = None,
+             chunk: int = 10_000) -> tuple[set[int], FoldState, list]:
+    """Bring a fold (``state`` + the rows behind ``get_rows(users) -> {user: rows}``) up to the topics' ends,
+    writing with ``put_rows({user: rows or None (delete)})`` in chunks of ``chunk`` users or deltas, so that
+    memory stays bounded whatever the partition's size.
+
+    ``read(topic, {partition: start})`` yields ``(partition, offset, key, value)`` to each partition's end, in
+    offset order per partition. Returns (users changed since ``since``; the new state, which the caller
+    stores after the last ``put_rows``; bad records as ``(topic, partition, offset, key, value, DecodeError)``).
+
+    Rules: a snapshot record newer than the fold REPLACES the user's rows and is then folded with the user's
+    deltas from the first marker after it (else the last marker known; lower is harmless); other users fold
+    the deltas after ``state.deltas``. ``since`` (default: ``state``) only widens the reads so that changes
+    between ``since`` and ``state`` are reported too. Interrupted half-way (no new state stored), a rerun from
+    the old state gives the same result: records replace again and deltas re-apply idempotently."""
+    since = since or state
+    bad: list = []
+    rec_at: dict[int, tuple[int, int]] = {}  # user -> (partition, offset) of its newest fresh snapshot record
+    markers: dict[int, list[tuple[int, int]]] = {p: [] for p in partitions}
+    changed: set[int] = set()
+    pending: dict[int, np.ndarray | None] = {}
+
+    def flush_records() -> None:
+        prev = get_rows(list(pending))
+        for user, rows in pending.items():
+            old = prev.get(user)
+            if (old is None) != (rows is None) or (old is not None and not np.array_equal(old, rows)):
+                changed.add(user)  # a rewritten record (the snapshot job) is a change only if it differs
+        put_rows(dict(pending))
+        pending.clear()
+
+    snap_ends = {p: state.snapshot.get(p, 0) for p in partitions}
+    snap_from = {p: min(snap_ends[p], since.snapshot.get(p, 0)) for p in partitions}
+    for p, off, key, value in read(SNAPSHOT_TOPIC, snap_from):
+        snap_ends[p] = off + 1
+        key = key or b""
+        fresh = off >= state.snapshot.get(p, 0)
+        if key.startswith(MARKER_PREFIX):
+            try:
+                rec = decode(value)
+                if not isinstance(rec, Marker):
+                    raise DecodeError("marker key without a marker record")
+            except DecodeError as e:
+                bad.append((SNAPSHOT_TOPIC, p, off, key, value, e))
+                continue
+            if fresh:
+                markers[p].append((off, rec.delta_offset))
+            continue
+        try:
+            user = int(key)
+        except ValueError:
+            bad.append((SNAPSHOT_TOPIC, p, off, key, value, DecodeError(f"key {key[:40]!r} is not a user id")))
+            continue
+        if fresh:
+            try:
+                rec = decode(value)
+                if rec is not None and not isinstance(rec, tuple):
+                    raise DecodeError(f"{type(rec).__name__} record under a user key")
+            except DecodeError as e:
+                bad.append((SNAPSHOT_TOPIC, p, off, key, value, e))
+                continue
+            rec_at[user] = (p, off)
+            pending[user] = None if rec is None or not len(rec[1]) else rec[1]
+            if len(pending) >= chunk:
+                flush_records()
+        elif off >= since.snapshot.get(p, 0):
+            changed.add(user)  # applied by an earlier read after ``since``: report it again
+    if pending:
+        flush_records()
+    # The marker that vouches for each replaced user's record (first marker after it).
+    start_of: dict[int, int] = {}
+    for user, (p, off) in rec_at.items():
+        later = [m for o, m in markers[p] if o > off]
+        start_of[user] = later[0] if later else state.markers.get(p, 0)
+    delta_from = {p: min(state.deltas.get(p, 0), since.deltas.get(p, 0)) for p in partitions}
+    for user, (p, _) in rec_at.items():
+        delta_from[p] = min(delta_from[p], start_of[user])
+    deltas: dict[int, list[Delta]] = {}
+    n_pending = 0
+
+    def flush_deltas() -> None:
+        cur = get_rows(list(deltas))
+        out = {}
+        for user, ds in deltas.items():
+            r = fold(cur.get(user), ds)
+            out[user] = r if len(r) else None
+        put_rows(out)
+        deltas.clear()
+
+    delta_ends = {p: state.deltas.get(p, 0) for p in partitions}
+    for p, off, key, value in read(DELTA_TOPIC, delta_from):
+        delta_ends[p] = off + 1
+        try:
+            d = decode_delta(value)
+        except DecodeError as e:
+            bad.append((DELTA_TOPIC, p, off, key, value, e))
+            continue
+        if off >= since.deltas.get(p, 0):
+            changed.add(d.user_id)
+        if off >= (start_of[d.user_id] if d.user_id in start_of else state.deltas.get(p, 0)):
+            deltas.setdefault(d.user_id, []).append(d)
+            n_pending += 1
+            if n_pending >= chunk:  # runs of one user's deltas stay in offset order across chunks
+                flush_deltas()
+                n_pending = 0
+    if deltas:
+        flush_deltas()
+    new = FoldState(snap_ends, delta_ends,
+                    {p: (markers[p][-1][1] if markers[p] else state.markers.get(p, 0)) for p in partitions})
+    return changed, new, bad
+
+
+def fold_partition_records(read, partition: int, get_rows, put_rows) -> list:
+    """Rebuild one partition's fold from ``read(topic_name)``, which yields that partition's records (anything
+    with ``offset``, ``key``, ``value``) from the beginning, into an empty store behind ``get_rows`` /
+    ``put_rows`` (as in ``catch_up``): the agents' rebuild of a moved partition. Returns the bad records."""
+    def records(topic: str, starts: dict[int, int]):
+        for r in read(topic):
+            if r.offset >= starts.get(partition, 0):
+                yield partition, r.offset, r.key, r.value
+
+    return catch_up(FoldState.empty(), [partition], records, get_rows, put_rows)[2]

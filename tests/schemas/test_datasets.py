@@ -1,0 +1,95 @@
+"""Readers of public logs: Amazon layouts, stable ids, tie order that carries no id signal."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+
+from schemas.datasets import amazon_layout, read_amazon, read_movielens, read_taobao, stable_id
+
+T = 1_400_000_000
+REVIEWS = [("A1", "B01", 5.0, T + 10), ("A1", "B02", 2.0, T), ("A2", "B01", 4.0, T + 5)]
+META = [{"asin": "B01", "categories": [["Books", "Fiction", "Mystery", "Cozy"]]},
+        {"asin": "B02", "categories": [["Books", "History"]]}]
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    data = "\n".join(lines) + "\n"
+    if path.suffix == ".gz":
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(data)
+    else:
+        path.write_text(data, encoding="utf-8")
+    return path
+
+
+LAYOUTS = {
+    "2014": lambda: [json.dumps({"reviewerID": u, "asin": i, "overall": r, "unixReviewTime": t, "summary": "x"})
+                     for u, i, r, t in REVIEWS],
+    "2018": lambda: [json.dumps({"reviewerID": u, "asin": i, "overall": r, "unixReviewTime": t, "verified": True,
+                                 "style": {"Format:": " Paperback"}}) for u, i, r, t in REVIEWS],
+    "csv": lambda: [f"{u},{i},{r},{t}" for u, i, r, t in REVIEWS],
+    "2023": lambda: [json.dumps({"user_id": u, "parent_asin": i, "asin": i + "x", "rating": r, "timestamp": t * 1000,
+                                 "verified_purchase": True}) for u, i, r, t in REVIEWS],
+}
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_read_amazon_every_layout(tmp_path, layout, gz):
+    ext = (".csv" if layout == "csv" else ".json") + (".gz" if gz else "")
+    path = _write(tmp_path / f"reviews{ext}", LAYOUTS[layout]())
+    assert amazon_layout(path) == layout
+    evs = list(read_amazon(path))
+    assert [e.event_time_ms for e in evs] == [T * 1000, (T + 5) * 1000, (T + 10) * 1000]  # oldest first
+    assert [e.rating for e in evs] == [2.0, 4.0, 5.0]
+    assert evs[0].user_id == evs[2].user_id == stable_id("amazon-user", "A1") < 2**63
+    assert evs[1].item_id == evs[2].item_id == stable_id("amazon-item", "B01")
+    assert {e.behavior for e in evs} == {"rate"} and {e.scenario for e in evs} == {"amazon"}
+    assert all(e.category_id == 0 for e in evs)  # no metadata: category unknown
+    # A folder with a meta_* file (2014 metadata is a Python literal, not JSON) supplies categories.
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    _write(folder / f"reviews{ext}", LAYOUTS[layout]())
+    _write(folder / "meta_Books.json", [repr(m) for m in META])
+    cats = {e.item_id: e.category_id for e in read_amazon(folder)}
+    assert cats[stable_id("amazon-item", "B01")] == stable_id("amazon-category", "Books > Fiction > Mystery")
+    assert cats[stable_id("amazon-item", "B02")] == stable_id("amazon-category", "Books > History")
+
+
+def test_unknown_amazon_layout_names_the_file(tmp_path):
+    bad = _write(tmp_path / "weird.json", [json.dumps({"user": "A1", "item": "B1"})])
+    with pytest.raises(ValueError, match=r"weird\.json.*unknown Amazon layout.*reviewerID"):
+        list(read_amazon(bad))
+    bad_csv = _write(tmp_path / "weird.csv", ["a,b,c"])
+    with pytest.raises(ValueError, match=r"weird\.csv.*expected one of"):
+        list(read_amazon(bad_csv))
+
+
+def test_movielens_ties_are_not_in_item_id_order(tmp_path):
+    # One user rates 30 movies in the same second: the file lists them in id order. The held-out "last" item
+    # must not be the largest id of that second (an artifact a sequence model learns).
+    lines = [f"1\t{i}\t4\t881250949" for i in range(1, 31)] + ["1\t99\t3\t881250000"]
+    _write(tmp_path / "u.data", lines)
+    _write(tmp_path / "u.item", [f"{i}|T|01-Jan-1995||u|" + "|".join(["0"] * 18 + ["1"]) for i in range(1, 100)])
+    items = [e.item_id for e in read_movielens(tmp_path)]
+    assert items[0] == 99 and sorted(items[1:]) == list(range(1, 31))
+    assert items[1:] != sorted(items[1:])
+    assert items == [e.item_id for e in read_movielens(tmp_path)]  # stable
+
+
+def test_taobao_ties_keep_log_order(tmp_path):
+    # pv then buy of the same item in one second: the log's order, not (item, behavior) order.
+    _write(tmp_path / "UserBehavior.csv", ["1,50,3,pv,1511544070", "1,20,3,pv,1511544070", "1,50,3,buy,1511544070"])
+    assert [(e.item_id, e.behavior) for e in read_taobao(tmp_path)] == [(50, "view"), (20, "view"), (50, "buy")]
+
+
+def test_lum_produce_amazon(kafka, tmp_path, capsys):
+    from deploy.cli import main as lum
+
+    path = _write(tmp_path / "reviews.csv.gz", LAYOUTS["csv"]())
+    assert lum(["produce", "amazon", str(path)]) == 0
+    assert "events=3" in capsys.readouterr().out
