@@ -4,6 +4,7 @@ real embedded broker."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +19,17 @@ from streaming.broker import free_port
 from streaming.kafka import Output
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _streaming_helpers():
+    """tests/streaming/conftest.py's event helpers (its ``kit`` fixture is out of this directory's reach)."""
+    spec = importlib.util.spec_from_file_location("_streaming_helpers", ROOT / "tests" / "streaming" / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+kit = _streaming_helpers()
 
 
 def _wait_scrape(port: int, ready, proc: subprocess.Popen, log: Path, timeout: float = 120) -> dict:
@@ -81,3 +93,48 @@ def test_dlrm_trainer_serves_its_metrics(kafka, tmp_path):
     assert 0 < metrics.total(s, "lum_trainer_window_auc", **job) < 1
     assert metrics.total(s, "lum_trainer_window_logloss", **job) > 0
     assert metrics.total(s, "lum_trainer_window_ne", **job) > 0
+
+
+@pytest.mark.timeout(240)
+def test_agent_workers_serve_their_metrics(kafka, tmp_path):
+    """``lum agents``: the sequence worker on the port, the joiner on port + 1; the demo reads the same."""
+    from deploy.demo import agent_figures
+    from schemas.topics import BEHAVIORS
+
+    b, imp = kit.behavior, kit.impression
+    port, log = free_port(), tmp_path / "agents.log"
+    proc = _lum("agents", "--workers", "1", log=log,
+                env={"LUM_DATA_DIR": str(tmp_path / "state"), "LUM_METRICS_PORT": str(port),
+                     "LUM_JOIN_WINDOW_MS": "1000", "LUM_AGENT_ALLOWED_LATENESS_MS": "0"})
+    seq, join = {"job": "sequences", "worker": "0"}, {"job": "joiner", "worker": "1"}
+    try:
+        # 40 views, a click at t=500, a view at t=50 s (the watermark passes r3's window) and one bad message.
+        behaviors = [b(i, i % 5, t=i) for i in range(40)]
+        behaviors += [b(40, 3, 500, item=7, behavior="click", request_id="r3"), b(41, 3, 50_000, item=8)]
+        kit.produce(kafka, behaviors, raw=[(BEHAVIORS, b"3", b"not an event", None)])
+        _wait_scrape(port + 1, lambda s: metrics.total(s, "lum_events_consumed_total", **join) == 43, proc, log)
+        # Impressions of the closed window: the joiner emits them at once, labelled with the click it saw.
+        kit.produce(kafka, [imp("r3", 3, 7, 400), imp("r3", 3, 6, 400)])
+        j = _wait_scrape(port + 1, lambda s: metrics.total(s, "lum_examples_emitted_total", **join) == 2, proc, log)
+        s = _wait_scrape(port, lambda s: metrics.total(s, "lum_events_consumed_total", **seq) == 43
+                         and any(n == "lum_consumer_lag" for n, _ in s), proc, log)
+    finally:
+        _stop(proc)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+
+    assert metrics.total(s, "lum_events_consumed_total", topic="behaviors", **seq) == 43
+    assert metrics.total(s, "lum_consumer_lag", **seq) == 0
+    assert metrics.total(s, "lum_sequences_published_total", **seq) > 0
+    assert metrics.total(s, "lum_dead_letters_total", topic="behaviors", **seq) == 1
+    assert metrics.total(s, "lum_batch_seconds_count", **seq) >= 1
+    first, last = (metrics.total(s, f"lum_{w}_batch_timestamp_seconds", **seq) for w in ("first", "last"))
+    assert time.time() - 240 < first <= last <= time.time()
+
+    assert metrics.total(j, "lum_events_consumed_total", topic="impressions", **join) == 2
+    assert metrics.total(j, "lum_dead_letters_total", topic="behaviors", **join) == 1
+    assert metrics.total(j, "lum_agent_state", name="positives_total", **join) == 1
+    assert metrics.total(j, "lum_examples_late_total", **join) == 0
+
+    figures = agent_figures(s | j)  # what `lum demo` prints, from the same scrapes
+    assert figures["sequences"]["events_total"] == 43 and figures["sequences"]["lag"] == 0
+    assert figures["joiner"]["examples_total"] == 2 and figures["joiner"]["positives_total"] == 1
