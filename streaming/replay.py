@@ -38,7 +38,6 @@ import base64
 import contextlib
 import json
 import logging
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -97,20 +96,6 @@ def start_offsets(consumer: Consumer, topic: str, from_ms: int | None,
                                        timeout=30)
     # -1: nothing ingested at or after that time (Kafka) -> nothing to read there.
     return {tp.partition: max(tp.offset, 0) for tp in found if tp.offset != -1}
-
-
-class Progress:
-    def __init__(self, what: str, every_s: float = 5.0):
-        self.what, self.every, self.t0 = what, every_s, time.monotonic()
-        self.last = self.t0
-        self.scanned = self.kept = 0
-
-    def tick(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self.last >= self.every:
-            self.last = now
-            log.info("%s: scanned %d records, kept %d (%.0f records/s)", self.what, self.scanned, self.kept,
-                     self.scanned / max(now - self.t0, 1e-9))
 
 
 def records_after(settings: KafkaSettings, topic: str, starts: dict[int, int]) -> int | None:

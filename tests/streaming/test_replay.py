@@ -61,15 +61,18 @@ def test_replay_time_range_into_topic_jsonl_and_parquet(kafka, kit, tmp_path):
     assert sorted(table.column("event_id").to_pylist()) == want
 
 
-def test_backfill_sequences_rebuilds_from_time_and_agents_continue(kafka, kit, tmp_path, monkeypatch, capsys):
+def test_backfill_sequences_rebuilds_from_time_and_agents_continue(kafka, kit, tmp_path, monkeypatch, capsys,
+                                                                  caplog):
     monkeypatch.setenv("LUM_DATA_DIR", str(tmp_path))
     rng = random.Random(1)
     events = [kit.behavior(i, rng.randrange(30), t=rng.randrange(100) * 1000, item=rng.randrange(99))
               for i in range(600)]
     events += [kit.behavior(700 + i, 100 + i, t=i * 1000) for i in range(5)]  # users with early events only
     kit.produce(kafka, events)
+    caplog.set_level("INFO", logger="lum.progress")
     assert lum(["backfill", "sequences"]) == 0
     assert snapshot(kafka)[0] == expected_sequences(events)
+    assert any("backfill sequences: 605/605 records (100.0%)" in r.getMessage() for r in caplog.records), caplog.text
 
     since = kit.T0 + 60_000
     assert lum(["backfill", "sequences", "--from", str(since)]) == 0
