@@ -138,3 +138,45 @@ def test_agent_workers_serve_their_metrics(kafka, tmp_path):
     figures = agent_figures(s | j)  # what `lum demo` prints, from the same scrapes
     assert figures["sequences"]["events_total"] == 43 and figures["sequences"]["lag"] == 0
     assert figures["joiner"]["examples_total"] == 2 and figures["joiner"]["positives_total"] == 1
+
+
+@pytest.mark.timeout(240)
+def test_refresh_serves_its_metrics(kafka, tmp_path):
+    """``lum refresh --every``: users refreshed, the served model version and the age of its checkpoint."""
+    import numpy as np
+    import torch
+
+    from schemas.tokenize import CONDITION_KINDS, TokenPair, UserSequence
+    from schemas.topics import USER_SEQUENCES
+    from trainers.lum.model import PRESETS, LumModel
+    from trainers.lum.pretrain import load_checkpoint, save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "lum", LumModel(PRESETS["debug"]), None, step=1)
+    meta = load_checkpoint(tmp_path / "lum")[2]
+    rng = np.random.default_rng(0)
+    out = Output(kafka)
+    for user in range(1, 21):
+        pairs = [TokenPair(1_767_225_600_000 + i, int(rng.integers(1, 2**62)),
+                           tuple(int(x) for x in rng.integers(1, 2**62, len(CONDITION_KINDS))),
+                           int(rng.integers(0, 500)), int(rng.integers(0, 20))) for i in range(5)]
+        seq = UserSequence(user, 1_767_225_600_000 + 5, pairs)
+        out.produce(kafka.topic(USER_SEQUENCES), USER_SEQUENCES.encode(seq), key_of(user))
+    out.flush(30)
+
+    port, log = free_port(), tmp_path / "refresh.log"
+    proc = _lum("refresh", "--checkpoint", str(tmp_path / "lum"), "--every", "0.02", log=log,
+                env={"LUM_METRICS_PORT": str(port), "LUM_REFRESH_CONDITIONS": "scenario=home;scenario=search",
+                     "LUM_REFRESH_IDLE_TIMEOUT_S": "3"})
+    job = {"job": "refresh", "worker": "0"}
+    try:
+        # The first run publishes everyone (a new model); later runs find nothing changed.
+        s = _wait_scrape(port, lambda s: metrics.total(s, "lum_refresh_seconds_count", **job) >= 2, proc, log)
+    finally:
+        _stop(proc)
+    assert metrics.total(s, "lum_refresh_users_total", **job) == 20
+    assert metrics.total(s, "lum_model_info", model_version=meta["model_version"], **job) == 1
+    assert metrics.total(s, "lum_model_info", **job) == 1  # one version served
+    assert 0 < metrics.total(s, "lum_model_age_seconds", **job) < 240
+    assert metrics.total(s, "lum_model_saved_timestamp_seconds", **job) == pytest.approx(meta["saved_at"], abs=1e-3)
+    assert 0 <= metrics.total(s, "lum_refresh_age_seconds", **job) < 60
