@@ -25,7 +25,8 @@ def test_lum_agents_serves_metrics_and_stops_on_sigterm(kafka, kit, tmp_path):
             lags = [v for (n, lab), v in s.items() if n == "lum_consumer_lag" and ("job", "sequences") in lab]
             return total(s, "lum_events_consumed_total", **seq) == 40 and lags and sum(lags) == 0
 
-        m = kit.wait_for(lambda: caught_up(s := scrape(port)) and s, what="sequence worker metrics: all consumed, lag 0")
+        m = kit.wait_for(lambda: caught_up(s := scrape(port)) and s,
+                         what="sequence worker metrics: all consumed, lag 0")
         assert total(m, "lum_agent_state", name="assigned_partitions", **seq) == 4
         kit.wait_for(lambda: total(scrape(port + 1), "lum_events_consumed_total", job="joiner", worker="1",
                                    topic="behaviors") == 40, what="joiner worker metrics")
