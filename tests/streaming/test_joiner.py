@@ -148,7 +148,7 @@ def test_kill_9_then_restart_on_a_fresh_data_dir_gives_the_examples_of_an_uninte
     without the data directory; the distinct (example_id, label) set is that of an uninterrupted run."""
     from schemas.settings import KafkaSettings
     from schemas.topics import ALL_TOPICS
-    from streaming.admin import create_topics
+    from streaming.kafka import create_topics
 
     events, truth = _join_stream(kit)
     env = {"LUM_JOIN_WINDOW_MS": str(W), "LUM_AGENT_ALLOWED_LATENESS_MS": "1000", "LUM_AGENT_BATCH_SIZE": "20",
