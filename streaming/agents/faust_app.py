@@ -1,0 +1,182 @@
+"""The agents as a Faust app: the same sequence/joiner logic as the batch worker, hosted by ``faust worker``.
+
+    lum agents --runtime faust [--workers N] [--only sequences|joiner]
+    python -m streaming.agents.faust_app sequences --index 0       # one worker, what ``lum agents`` starts
+    faust -A streaming.agents.faust_app:sequences_app worker --without-web     # Faust's own command line
+    faust -A streaming.agents.faust_app:joiner_app worker --web-port 6067
+
+One Faust App per agent; its id is the agent's consumer group (``LUM_AGENT_SEQUENCES_GROUP`` /
+``LUM_AGENT_JOINER_GROUP``, after ``LUM_KAFKA_TOPIC_PREFIX``), so the two runtimes share committed offsets
+and state directories (``$LUM_DATA_DIR/<agent>/<group>/p<N>``) and either can take over from the other (one at
+a time: the group protocols differ). Each App has one Faust agent reading the logic's input topics as raw
+bytes in batches (``stream.take_events(LUM_AGENT_BATCH_SIZE, LUM_AGENT_BATCH_WAIT_MS)``) and handing them to
+``streaming.agents.faust_runtime.Host``. Broker, security and session timeout come from ``KafkaSettings``.
+Delivery is at-least-once (Faust's exactly_once does not work on the embedded broker); state updates are
+idempotent, so a kill -9 replays events without double counting.
+
+Web: worker i serves Faust's web views and ``/metrics`` (the batch worker's Prometheus names) on
+``LUM_AGENT_METRICS_PORT + i`` when that is set; otherwise the web server is off (``--without-web``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from schemas.settings import KafkaSettings, load
+
+from .faust_runtime import Host, KafkaEmit, fail, faust_settings
+from .settings import AgentSettings
+from .store import MemoryStore, Record
+
+log = logging.getLogger(__name__)
+AGENTS = ("sequences", "joiner")
+
+
+class _Msg:
+    """confluent-kafka's Message interface over a Record (physical topic), for the agents' current code."""
+
+    __slots__ = ("r", "t")
+
+    def __init__(self, r: Record, topic: str):
+        self.r, self.t = r, topic
+
+    def value(self):
+        return self.r.value
+
+    def key(self):
+        return self.r.key
+
+    def offset(self):
+        return self.r.offset
+
+    def partition(self):
+        return self.r.partition
+
+    def topic(self):
+        return self.t
+
+
+class _AgentLogic:
+    """The agents' current classes (own RocksDB, own producer calls) behind the logic interface."""
+
+    def __init__(self, agent, kafka: KafkaSettings):
+        self.agent, self.kafka = agent, kafka
+
+    def assign(self, partition, store, committed, emit, read):
+        phys = {self.kafka.topic_prefix + t: off for t, off in committed.items()}
+        starts = self.agent.open(partition, phys)
+        return {t[len(self.kafka.topic_prefix):]: off for t, off in starts.items()}
+
+    def process(self, partition, records, emit):
+        self.agent.process(partition, [_Msg(r, self.kafka.topic_prefix + r.topic) for r in records])
+
+    def revoke(self, partition):
+        self.agent.close(partition)
+
+    def flushed(self):
+        self.agent.flushed()
+
+    def gauges(self):
+        return self.agent.gauges()
+
+
+def build_host(agent: str, kafka: KafkaSettings, cfg: AgentSettings, index: int = 0) -> Host:
+    from .joiner import JoinerAgent
+    from .sequences import SequenceAgent
+
+    emit = KafkaEmit(kafka, f"{agent}-faust-{index}")
+    cls = {"sequences": SequenceAgent, "joiner": JoinerAgent}[agent]
+    impl = cls(kafka, cfg, emit.out, emit.dead)
+    logic = _AgentLogic(impl, kafka)
+    host = Host(agent, kafka, impl.topics, logic, emit, lambda p: MemoryStore(), kafka.topic_prefix + impl.group)
+    impl.high_water = lambda topic, p: host.highwater(topic, p)
+    host.poll_side_inputs = impl.poll_side_inputs  # type: ignore[attr-defined]
+    return host
+
+
+def make_app(agent: str, kafka: KafkaSettings | None = None, cfg: AgentSettings | None = None, index: int = 0):
+    """The Faust App hosting one agent (``sequences`` or ``joiner``); settings default to the environment."""
+    import faust
+    from faust.types import TP
+
+    kafka = kafka or load(KafkaSettings)
+    cfg = cfg or load(AgentSettings)
+    host = build_host(agent, kafka, cfg, index)
+    datadir = Path(cfg.data_dir) / "faust" / host.group  # Faust's own files (no tables: nearly empty)
+    datadir.mkdir(parents=True, exist_ok=True)
+    app = faust.App(**faust_settings(kafka, host.group, datadir))
+    app.lum_host = host  # type: ignore[attr-defined]
+    source = app.topic(*host.physical, key_serializer="raw", value_serializer="raw")
+
+    def assignment() -> set[tuple[str, int]]:
+        return {(tp.topic, tp.partition) for tp in app.consumer.assignment()}
+
+    host.assignment = assignment
+    host.highwater = lambda topic, p: app.consumer.highwater(TP(topic, p))
+
+    @app.agent(source, name=agent)
+    async def run(stream):
+        async for events in stream.take_events(cfg.batch_size, within=cfg.batch_wait_ms / 1000):
+            try:
+                poll = getattr(host, "poll_side_inputs", None)
+                if poll is not None:
+                    poll()
+                host.process_messages([e.message for e in events])
+            except BaseException as exc:  # noqa: BLE001 (nothing of the batch may be acked)
+                fail(host, exc)
+
+    @app.on_partitions_revoked.connect
+    async def _revoked(sender, revoked, **_):
+        host.revoke({tp.partition for tp in revoked if tp.topic in host.physical})
+
+    @app.page("/metrics")
+    async def _metrics(web, request):
+        return web.text(host.metrics_text(index), content_type="text/plain; version=0.0.4")
+
+    @app.timer(cfg.log_interval_s)
+    async def _report():
+        log.info("%s-faust-%d: %d events, lag %s, %d partitions", agent, index, host.consumed, host.lag(),
+                 len(host.stores))
+
+    @app.on_before_shutdown.connect
+    async def _stop(sender, **_):
+        host.close()
+
+    return app
+
+
+def __getattr__(name: str) -> Any:
+    """``sequences_app`` / ``joiner_app`` for ``faust -A streaming.agents.faust_app:<agent>_app``, built on use."""
+    if name.endswith("_app") and name[:-4] in AGENTS:
+        app = make_app(name[:-4])
+        globals()[name] = app
+        return app
+    raise AttributeError(name)
+
+
+def worker_command(agent: str, index: int, log_level: str = "INFO") -> list[str]:
+    """The command line of Faust worker ``index`` of ``agent`` (what ``lum agents --runtime faust`` runs)."""
+    return [sys.executable, "-m", "streaming.agents.faust_app", agent, "--index", str(index),
+            "--log-level", log_level]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="run one lum agent as a Faust worker")
+    ap.add_argument("agent", choices=AGENTS)
+    ap.add_argument("--index", type=int, default=0, help="worker index (web port offset, log name)")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    cfg = load(AgentSettings)
+    app = make_app(args.agent, load(KafkaSettings), cfg, args.index)
+    web = ["--web-port", str(cfg.metrics_port + args.index)] if cfg.metrics_port else ["--without-web"]
+    sys.argv = [sys.argv[0], "worker", "-l", args.log_level.lower(), *web]
+    app.main()  # runs until SIGTERM / Ctrl-C, then exits the process
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

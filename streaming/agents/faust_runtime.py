@@ -1,0 +1,262 @@
+"""What hosting the agent logic in Faust needs: App settings from ``KafkaSettings``, an ``Emit``, the host.
+
+    python -m streaming.agents.faust_app sequences --index 0     # see streaming.agents.faust_app
+
+The host drives the runtime-neutral logic exactly as the batch worker does (``streaming.agents.store``):
+per batch of ``stream.take_events``, records are grouped by partition, ``logic.process`` stages writes in
+the partition's ``RocksStore``, ``store.commit(positions)`` writes them with the consumed offsets in one
+RocksDB write, the outputs are flushed (``Output.flush`` fails loudly), and only then does the batch end, so
+that Faust acks its events and commits their offsets (at-least-once; the logic is idempotent). A failed
+batch discards the staged writes and stops the process with a non-zero exit: nothing of it is committed.
+
+Why not Faust tables: every table write costs ~0.6 ms on the embedded broker (a store write plus one
+changelog send through aiokafka), needs Faust's per-event context (``_current_event``) that a batch does not
+have, and its recovery trusts the broker's "latest offset", which the embedded broker reports wrong. The
+logic's own stores are RocksDB too; their changelog is the logic's output topic (``user-sequences``, which
+the sequence logic rebuilds a moved partition from), read to the high-water mark of the fetched data.
+
+Partitions. Faust assigns them (its own assignor keeps partition p of co-partitioned inputs together). A
+partition's store is opened when its first record arrives and the partition is in the consumer's current
+assignment, with the group's committed offsets (``logic.assign``); records below the offsets the logic
+resumes from are skipped (already applied); on ``on_partitions_revoked`` the store is closed. Records of a
+partition no longer assigned are dropped (its new owner replays them from the committed offset).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from confluent_kafka import TopicPartition
+
+from schemas.deadletter import DeadLetters
+from schemas.settings import EMBEDDED_PROFILE, KafkaSettings
+from schemas.topics import Topic
+
+from ..output import Output
+from .reading import read_to_end, reader
+from .store import Emit, Reader, Record, Store
+
+log = logging.getLogger(__name__)
+
+
+# --- Faust App settings from the one KafkaSettings ----------------------------------------------------------
+def faust_credentials(kafka: KafkaSettings) -> Any:
+    """``broker_credentials`` for the security settings of ``KafkaSettings`` (None: PLAINTEXT)."""
+    import faust
+
+    proto = kafka.security_protocol
+    if proto == "PLAINTEXT":
+        return None
+    ctx = None
+    if proto.endswith("SSL"):
+        ctx = ssl.create_default_context(cafile=kafka.ssl_ca_location)
+        if kafka.ssl_certificate_location:
+            ctx.load_cert_chain(kafka.ssl_certificate_location, kafka.ssl_key_location)
+    if proto.startswith("SASL"):
+        return faust.SASLCredentials(username=kafka.sasl_username, password=kafka.sasl_password,
+                                     mechanism=kafka.sasl_mechanism or "PLAIN", ssl_context=ctx)
+    return faust.SSLCredentials(ctx)
+
+
+def faust_settings(kafka: KafkaSettings, app_id: str, datadir: Path) -> dict[str, Any]:
+    """Keyword arguments of ``faust.App`` for these settings. The only embedded-broker specific value, the
+    session timeout (group joins wait half of it there), comes from ``EMBEDDED_PROFILE``."""
+    conf: dict[str, Any] = {
+        "id": app_id,
+        "broker": ";".join(f"kafka://{hp.strip()}" for hp in kafka.bootstrap.split(",")),
+        "broker_credentials": faust_credentials(kafka),
+        # exactly_once needs aiokafka's transactional producer (the embedded broker rejects it); the logic is
+        # idempotent, so at-least-once is exact on state.
+        "processing_guarantee": "at_least_once",
+        "store": "memory://",  # no Faust tables: state lives in the logic's RocksStores
+        "consumer_auto_offset_reset": "earliest",
+        "consumer_max_fetch_size": 8 * 1024 * 1024,  # a message of several MB is fetched (and dead-lettered)
+        "datadir": str(datadir),
+    }
+    if kafka.profile == "embedded":
+        conf["broker_session_timeout"] = int(EMBEDDED_PROFILE["session.timeout.ms"]) / 1000
+    return conf
+
+
+# --- outputs ------------------------------------------------------------------------------------------------
+class KafkaEmit:
+    """``Emit`` over the project's ``Output`` producer and dead-letter helper; ``flush`` fails loudly."""
+
+    def __init__(self, kafka: KafkaSettings, name: str, out: Output | None = None):
+        self.kafka = kafka
+        self.out = out or Output(kafka)
+        self.dead = DeadLetters(self.out, kafka, name)
+
+    def send(self, topic: Topic, value: bytes | None, key: bytes | None = None, partition: int | None = None) -> None:
+        self.out.produce(self.kafka.topic(topic), value=value, key=key,
+                         **({} if partition is None else {"partition": partition}))
+
+    def dead_letter(self, record: Record, reason: str | BaseException) -> None:
+        self.dead.send(self.kafka.topic_prefix + record.topic, record.partition, record.offset, record.key,
+                       record.value, reason)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+def kafka_reader(kafka: KafkaSettings) -> Reader:
+    """``read(topic, partition)``: the partition from its beginning to the end reported by the fetch."""
+
+    def read(topic: Topic, partition: int) -> Iterable[Record]:
+        consumer = reader(kafka)
+        try:
+            for m in read_to_end(consumer, kafka.topic(topic), {partition: 0}):
+                yield Record(topic.name, m.partition(), m.offset(), m.timestamp()[1], m.key(), m.value())
+        finally:
+            consumer.close()
+
+    return read
+
+
+# --- the host ----------------------------------------------------------------------------------------------
+class Logic(Protocol):
+    """The runtime-neutral agent logic (``streaming.agents.store`` describes the calling order)."""
+
+    def assign(self, partition: int, store: Store, committed: Mapping[str, int | None], emit: Emit,
+               read: Reader) -> Mapping[str, int]: ...
+    def process(self, partition: int, records: list[Record], emit: Emit) -> None: ...
+    def revoke(self, partition: int) -> None: ...
+
+
+class Host:
+    """One agent's logic, its stores (one per partition) and counters, inside one Faust worker."""
+
+    def __init__(self, name: str, kafka: KafkaSettings, topics: tuple[Topic, ...], logic: Logic, emit: KafkaEmit,
+                 open_store: Callable[[int], Store], group: str):
+        self.name, self.kafka, self.topics, self.logic, self.emit = name, kafka, topics, logic, emit
+        self.open_store, self.group = open_store, group
+        self.physical = {kafka.topic(t): t.name for t in topics}
+        self.read = kafka_reader(kafka)
+        self.stores: dict[int, Store] = {}
+        self.starts: dict[int, Mapping[str, int]] = {}
+        self.assignment: Callable[[], set[tuple[str, int]]] = lambda: {(t, p) for t in self.physical
+                                                                        for p in range(1 << 16)}
+        self.highwater: Callable[[str, int], int] = lambda topic, p: -1
+        self.positions: dict[tuple[str, int], int] = {}
+        self.consumed = self.skipped = self.batches = 0
+        self.first_batch_at = self.last_batch_at = 0.0
+        self.cpu_first = self.cpu_last = 0.0
+        self._committed_reader = None
+
+    # --- partitions -----------------------------------------------------------------------------------
+    def committed(self, partition: int) -> dict[str, int | None]:
+        """The group's committed next offset per input topic (logical name; None: nothing committed)."""
+        if self._committed_reader is None:  # OffsetFetch only: this client never joins the group
+            self._committed_reader = reader(self.kafka, **{"group.id": self.group})
+        tps = [TopicPartition(t, partition) for t in self.physical]
+        got = self._committed_reader.committed(tps, timeout=30)
+        return {self.physical[tp.topic]: (tp.offset if tp.offset >= 0 else None) for tp in got}
+
+    def open(self, partition: int) -> None:
+        committed = self.committed(partition)
+        store = self.open_store(partition)
+        self.starts[partition] = dict(self.logic.assign(partition, store, committed, self.emit, self.read))
+        self.stores[partition] = store
+        log.info("%s: assigned partition %d (committed %s, resume at %s)", self.name, partition, committed,
+                 self.starts[partition])
+
+    def revoke(self, partitions: Iterable[int]) -> None:
+        for p in sorted(partitions):
+            store = self.stores.pop(p, None)
+            if store is not None:
+                self.logic.revoke(p)
+                store.close()
+                self.starts.pop(p, None)
+                self.positions = {k: v for k, v in self.positions.items() if k[1] != p}
+                log.info("%s: released partition %d", self.name, p)
+
+    def close(self) -> None:
+        self.revoke(list(self.stores))
+        if self._committed_reader is not None:
+            self._committed_reader.close()
+            self._committed_reader = None
+
+    # --- batches --------------------------------------------------------------------------------------
+    def process_messages(self, messages: Iterable[Any]) -> int:
+        """One batch of Faust messages (``event.message``): process, commit stores, flush outputs."""
+        by_part: dict[int, list[Record]] = defaultdict(list)
+        owned = self.assignment()
+        physical = self.physical
+        for m in messages:
+            if (m.topic, m.partition) not in owned:
+                self.skipped += 1
+                continue
+            ts = m.timestamp
+            by_part[m.partition].append(Record(physical[m.topic], m.partition, m.offset,
+                                               int(ts * 1000) if ts is not None else -1, m.key, m.value))
+        n = 0
+        for p, records in by_part.items():
+            if p not in self.stores:
+                self.open(p)
+            starts = self.starts[p]
+            if any(r.offset < starts.get(r.topic, 0) for r in records):  # already applied (store ahead)
+                kept = [r for r in records if r.offset >= starts.get(r.topic, 0)]
+                self.skipped += len(records) - len(kept)
+                records = kept
+            if not records:
+                continue
+            positions = {r.topic: r.offset + 1 for r in records}
+            store = self.stores[p]
+            try:
+                self.logic.process(p, records, self.emit)
+                store.commit(positions)
+            except BaseException:
+                store.discard()
+                raise
+            for t, off in positions.items():
+                self.positions[(self.kafka.topic_prefix + t, p)] = off
+            n += len(records)
+        self.emit.flush()  # outputs delivered before the batch ends and Faust acks (commits) its offsets
+        flushed = getattr(self.logic, "flushed", None)
+        if flushed is not None:
+            flushed()
+        if n:
+            self.consumed += n
+            self.batches += 1
+            self.last_batch_at, self.cpu_last = time.time(), time.process_time()
+            if not self.first_batch_at:
+                self.first_batch_at, self.cpu_first = self.last_batch_at, self.cpu_last
+        return n
+
+    # --- observability ----------------------------------------------------------------------------------
+    def lag(self) -> dict[str, int]:
+        out: dict[str, int] = defaultdict(int)
+        for (topic, p), pos in list(self.positions.items()):
+            hi = self.highwater(topic, p)
+            if hi is not None and hi >= 0:
+                out[topic] += max(hi - pos, 0)
+        return dict(out)
+
+    def metrics_text(self, index: int) -> str:
+        """The batch worker's Prometheus names, so dashboards and the benchmark read either runtime."""
+        labels = f'agent="{self.name}",worker="{index}",runtime="faust"'
+        gauges = getattr(self.logic, "gauges", lambda: {})()
+        lines = [f"lum_agent_events_total{{{labels}}} {self.consumed}",
+                 f"lum_agent_skipped_total{{{labels}}} {self.skipped}",
+                 f"lum_agent_dead_letters_total{{{labels}}} {self.emit.dead.total}",
+                 f"lum_agent_assigned_partitions{{{labels}}} {len(self.stores)}",
+                 f"lum_agent_first_batch_timestamp_seconds{{{labels}}} {self.first_batch_at:.3f}",
+                 f"lum_agent_last_batch_timestamp_seconds{{{labels}}} {self.last_batch_at:.3f}",
+                 f"lum_agent_cpu_seconds_between_batches{{{labels}}} {self.cpu_last - self.cpu_first:.3f}"]
+        lines += [f'lum_agent_lag{{{labels},topic="{t}"}} {v}' for t, v in self.lag().items()]
+        lines += [f"lum_agent_{k}{{{labels}}} {v:g}" for k, v in gauges.items()]
+        return "\n".join(lines) + "\n"
+
+
+def fail(host: Host, exc: BaseException) -> None:
+    """A batch failed (a bug or an infrastructure fault, never bad input): stop without committing it."""
+    log.critical("%s: batch failed, stopping without committing it: %r", host.name, exc, exc_info=exc)
+    logging.shutdown()
+    os._exit(70)
