@@ -1,0 +1,87 @@
+"""The state-store contract (``streaming.agents.store``), for both implementations."""
+
+from __future__ import annotations
+
+import pytest
+
+from streaming.agents.store import MemoryStore, RocksStore
+
+ID = {"cluster": "c1", "topics": "behaviors", "partition": 0}
+
+
+@pytest.fixture(params=["memory", "rocks"])
+def make(request, tmp_path):
+    def make(identity=ID):
+        return MemoryStore() if request.param == "memory" else RocksStore(tmp_path / "p0", identity)
+    return make
+
+
+def test_staged_writes_are_read_back_but_not_scanned_until_commit(make):
+    s = make()
+    s.put(b"a", b"1")
+    s.put(b"b", b"2")
+    assert s.get(b"a") == b"1" and s.get_many([b"b", b"x"]) == [b"2", None]
+    assert list(s.scan()) == [] and s.positions() == {}
+    s.commit({"behaviors": 10})
+    assert list(s.scan()) == [(b"a", b"1"), (b"b", b"2")] and s.positions() == {"behaviors": 10}
+    s.delete(b"a")
+    assert s.get(b"a") is None and list(s.scan()) == [(b"a", b"1"), (b"b", b"2")]
+    s.discard()  # a failed batch: its writes never happen
+    assert s.get(b"a") == b"1"
+    s.put(b"c", b"3")
+    s.delete(b"a")
+    s.commit({"impressions": 4})
+    assert list(s.scan()) == [(b"b", b"2"), (b"c", b"3")]
+    assert s.positions() == {"behaviors": 10, "impressions": 4}
+    s.close()
+
+
+def test_scan_prefix_in_key_order(make):
+    s = make()
+    for k in (b"u\x02", b"h\x01", b"u\x01", b"v", b"u"):
+        s.put(k, k)
+    s.commit({})
+    assert [k for k, _ in s.scan(b"u")] == [b"u", b"u\x01", b"u\x02"]
+    s.reset()
+    assert list(s.scan()) == [] and s.positions() == {}
+    s.close()
+
+
+def test_rocks_state_survives_reopen_and_is_discarded_for_another_identity(tmp_path, caplog):
+    s = RocksStore(tmp_path / "p0", ID)
+    s.put(b"k", b"v")
+    s.commit({"behaviors": 7})
+    s.put(b"lost", b"never committed")
+    s.close()
+    s = RocksStore(tmp_path / "p0", ID)
+    assert s.get(b"k") == b"v" and s.get(b"lost") is None and s.positions() == {"behaviors": 7}
+    assert not s.discarded_on_open
+    s.close()
+    s = RocksStore(tmp_path / "p0", ID | {"topic_id": "recreated"})
+    assert s.discarded_on_open and s.get(b"k") is None and s.positions() == {}
+    assert "discarding" in caplog.text
+    s.close()
+
+
+def test_rocks_discards_a_database_without_identity(tmp_path):
+    from rocksdict import Options, Rdict
+
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    db = Rdict(str(tmp_path / "old"), options=opts)
+    db.put(b"\x00offset", (5).to_bytes(8, "big"))  # the previous layout
+    db.close()
+    s = RocksStore(tmp_path / "old", ID)
+    assert s.discarded_on_open and s.positions() == {} and list(s.scan()) == []
+    s.close()
+
+
+def test_memory_emit_records_sends_and_dead_letters():
+    from schemas.topics import USER_SEQUENCES
+    from streaming.agents.store import MemoryEmit, Record
+
+    e = MemoryEmit()
+    e.send(USER_SEQUENCES, b"v", key=b"1", partition=2)
+    r = Record("behaviors", 0, 5, 0, None, b"junk")
+    e.dead_letter(r, ValueError("bad"))
+    assert e.sent == [("user-sequences", b"1", b"v", 2)] and e.dead == [(r, "bad")]
