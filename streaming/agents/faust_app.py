@@ -65,6 +65,7 @@ class _AgentLogic:
 
     def __init__(self, agent, kafka: KafkaSettings):
         self.agent, self.kafka = agent, kafka
+        self.name, self.inputs = agent.name, agent.topics
 
     def assign(self, partition, store, committed, emit, read):
         phys = {self.kafka.topic_prefix + t: off for t, off in committed.items()}
@@ -92,7 +93,7 @@ def build_host(agent: str, kafka: KafkaSettings, cfg: AgentSettings, index: int 
     cls = {"sequences": SequenceAgent, "joiner": JoinerAgent}[agent]
     impl = cls(kafka, cfg, emit.out, emit.dead)
     logic = _AgentLogic(impl, kafka)
-    host = Host(agent, kafka, impl.topics, logic, emit, lambda p: MemoryStore(), kafka.topic_prefix + impl.group)
+    host = Host(logic, kafka, emit, lambda p: MemoryStore(), kafka.topic_prefix + impl.group)
     impl.high_water = lambda topic, p: host.highwater(topic, p)
     host.poll_side_inputs = impl.poll_side_inputs  # type: ignore[attr-defined]
     return host

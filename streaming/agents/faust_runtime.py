@@ -31,7 +31,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from confluent_kafka import TopicPartition
 
@@ -41,7 +41,8 @@ from schemas.topics import Topic
 
 from ..output import Output
 from .reading import read_to_end, reader
-from .store import Emit, Reader, Record, Store
+from .settings import AgentSettings
+from .store import Logic, Reader, Record, RocksStore, Store
 
 log = logging.getLogger(__name__)
 
@@ -121,23 +122,14 @@ def kafka_reader(kafka: KafkaSettings) -> Reader:
 
 
 # --- the host ----------------------------------------------------------------------------------------------
-class Logic(Protocol):
-    """The runtime-neutral agent logic (``streaming.agents.store`` describes the calling order)."""
-
-    def assign(self, partition: int, store: Store, committed: Mapping[str, int | None], emit: Emit,
-               read: Reader) -> Mapping[str, int]: ...
-    def process(self, partition: int, records: list[Record], emit: Emit) -> None: ...
-    def revoke(self, partition: int) -> None: ...
-
-
 class Host:
     """One agent's logic, its stores (one per partition) and counters, inside one Faust worker."""
 
-    def __init__(self, name: str, kafka: KafkaSettings, topics: tuple[Topic, ...], logic: Logic, emit: KafkaEmit,
-                 open_store: Callable[[int], Store], group: str):
-        self.name, self.kafka, self.topics, self.logic, self.emit = name, kafka, topics, logic, emit
+    def __init__(self, logic: Logic, kafka: KafkaSettings, emit: KafkaEmit, open_store: Callable[[int], Store],
+                 group: str):
+        self.name, self.kafka, self.logic, self.emit = logic.name, kafka, logic, emit
         self.open_store, self.group = open_store, group
-        self.physical = {kafka.topic(t): t.name for t in topics}
+        self.physical = {kafka.topic(t): t.name for t in logic.inputs}
         self.read = kafka_reader(kafka)
         self.stores: dict[int, Store] = {}
         self.starts: dict[int, Mapping[str, int]] = {}
@@ -253,6 +245,12 @@ class Host:
         lines += [f'lum_agent_lag{{{labels},topic="{t}"}} {v}' for t, v in self.lag().items()]
         lines += [f"lum_agent_{k}{{{labels}}} {v:g}" for k, v in gauges.items()]
         return "\n".join(lines) + "\n"
+
+
+def open_rocks_store(kafka: KafkaSettings, cfg: AgentSettings, logic: Logic, group: str, partition: int) -> Store:
+    """The partition's RocksStore under ``$LUM_DATA_DIR/<agent>/<group>/p<N>``, identified by its input topics."""
+    identity = {"topics": sorted(kafka.topic(t) for t in logic.inputs), "partition": partition}
+    return RocksStore(Path(cfg.data_dir) / logic.name / group / f"p{partition}", identity)
 
 
 def fail(host: Host, exc: BaseException) -> None:
