@@ -1,6 +1,6 @@
 """Operator commands for the agents: ``lum agents``, ``lum replay``, ``lum backfill sequences``.
 
-    lum agents [--workers N] [--only sequences|joiner]      # Ctrl-C / SIGTERM stops every worker cleanly
+    lum agents [--workers N] [--only sequences|joiner] [--runtime worker|faust]   # Ctrl-C / SIGTERM stops all
     lum replay TOPIC --from TIME --to TIME --into TOPIC|PATH.jsonl|PATH.parquet [--max-disorder-ms D]
     lum backfill sequences [--from TIME]
 
@@ -27,6 +27,8 @@ def register(sub, common) -> None:
     p = sub.add_parser("agents", parents=[common], help="run the sequence agent and the joiner (N workers each)")
     p.add_argument("--workers", type=int, default=1, help="worker processes per agent (partitions spread over them)")
     p.add_argument("--only", choices=AGENTS, help="run one agent only")
+    p.add_argument("--runtime", choices=("worker", "faust"), default="worker",
+                   help="worker: the batch consumer-group worker (fastest); faust: a Faust app per agent")
     p.set_defaults(handler=_agents)
 
     p = sub.add_parser("replay", parents=[common], help="copy a time range of a topic into a topic or a file")
@@ -64,8 +66,8 @@ def _agents(args: argparse.Namespace) -> int:
     for a, agent in enumerate(names):
         for i in range(args.workers):
             index = a * args.workers + i
-            cmd = [sys.executable, "-m", "streaming.agents.worker", agent, "--index", str(index),
-                   "--log-level", args.log_level]
+            module = "streaming.agents.faust_app" if args.runtime == "faust" else "streaming.agents.worker"
+            cmd = [sys.executable, "-m", module, agent, "--index", str(index), "--log-level", args.log_level]
             procs.append((agent, index, subprocess.Popen(cmd, env=os.environ.copy())))
             log.info("started %s worker %d (pid %d)", agent, index, procs[-1][2].pid)
     stopping = False

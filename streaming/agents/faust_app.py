@@ -22,11 +22,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from schemas.settings import KafkaSettings, load
+from schemas.topics import BEHAVIORS
 
 from .faust_runtime import Host, KafkaEmit, fail, faust_settings
 from .settings import AgentSettings
@@ -85,11 +88,31 @@ class _AgentLogic:
         return self.agent.gauges()
 
 
+class NoopLogic:
+    """Reads ``behaviors`` and does nothing: the Faust host's own ceiling (benchmarks only)."""
+
+    name, inputs = "noop", (BEHAVIORS,)
+
+    def assign(self, partition, store, committed, emit, read):
+        return {t: off or 0 for t, off in committed.items()}
+
+    def process(self, partition, records, emit):
+        pass
+
+    def revoke(self, partition):
+        pass
+
+    def gauges(self):
+        return {}
+
+
 def build_host(agent: str, kafka: KafkaSettings, cfg: AgentSettings, index: int = 0) -> Host:
     from .joiner import JoinerAgent
     from .sequences import SequenceAgent
 
     emit = KafkaEmit(kafka, f"{agent}-faust-{index}")
+    if agent == "noop":
+        return Host(NoopLogic(), kafka, emit, lambda p: MemoryStore(), kafka.topic_prefix + cfg.sequences_group)
     cls = {"sequences": SequenceAgent, "joiner": JoinerAgent}[agent]
     impl = cls(kafka, cfg, emit.out, emit.dead)
     logic = _AgentLogic(impl, kafka)
@@ -140,8 +163,7 @@ def make_app(agent: str, kafka: KafkaSettings | None = None, cfg: AgentSettings 
 
     @app.timer(cfg.log_interval_s)
     async def _report():
-        log.info("%s-faust-%d: %d events, lag %s, %d partitions", agent, index, host.consumed, host.lag(),
-                 len(host.stores))
+        host.report(index)
 
     @app.on_before_shutdown.connect
     async def _stop(sender, **_):
@@ -165,16 +187,70 @@ def worker_command(agent: str, index: int, log_level: str = "INFO") -> list[str]
             "--log-level", log_level]
 
 
+def bench_faust(kafka: KafkaSettings, n: int, agent: str = "sequences", data_dir: Path | None = None,
+                timeout: float = 900) -> dict[str, float]:
+    """Run one Faust worker of ``agent`` over ``n`` pre-produced input events (a fresh consumer group) and
+    return ``rate`` (events/s from its first batch to the batch that reached ``n``), ``events_per_cpu_s`` and
+    the agent's gauges: what ``benchmarks/bench_streaming.py`` reports as ``<agent>_faust``."""
+    import subprocess
+    import tempfile
+    import urllib.request
+    import uuid
+
+    from streaming.broker import free_port
+
+    port = free_port()
+    tmp = tempfile.TemporaryDirectory() if data_dir is None else None
+    group = f"bench-faust-{agent}-{uuid.uuid4().hex[:6]}"
+    env = os.environ | {"LUM_KAFKA_BOOTSTRAP": kafka.bootstrap, "LUM_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
+                        "LUM_KAFKA_PROFILE": kafka.profile, "LUM_DATA_DIR": str(data_dir or tmp.name),
+                        "LUM_AGENT_METRICS_PORT": str(port), f"LUM_AGENT_{'SEQUENCES' if agent == 'noop' else agent.upper()}_GROUP": group}
+    proc = subprocess.Popen(worker_command(agent, 0, "WARNING"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    labels = f'{{agent="{agent}",worker="0"}}'
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"faust {agent} worker exited with {proc.returncode}")
+            try:
+                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+            except OSError:
+                text = ""
+            m = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line}
+            done = m.get(f"lum_agent_events_total{labels}", 0)
+            if done >= n:
+                span = m[f"lum_agent_last_batch_timestamp_seconds{labels}"] - m[
+                    f"lum_agent_first_batch_timestamp_seconds{labels}"]
+                counted = done - m[f"lum_agent_first_batch_events{labels}"]
+                return {"rate": counted / span, "events": done,
+                        "events_per_cpu_s": counted / max(m[f"lum_agent_cpu_seconds_between_batches{labels}"], 1e-9),
+                        **{k.split("{")[0].removeprefix("lum_agent_"): v for k, v in m.items()
+                           if k.endswith(labels) and k.split("{")[0].endswith("_total")}}
+            time.sleep(0.5)
+        raise TimeoutError(f"faust {agent} worker did not consume {n} events within {timeout:.0f}s")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if tmp is not None:
+            tmp.cleanup()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="run one lum agent as a Faust worker")
-    ap.add_argument("agent", choices=AGENTS)
+    ap.add_argument("agent", choices=AGENTS + ("noop",), help="noop: the host without logic (benchmarks)")
     ap.add_argument("--index", type=int, default=0, help="worker index (web port offset, log name)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     cfg = load(AgentSettings)
     app = make_app(args.agent, load(KafkaSettings), cfg, args.index)
     web = ["--web-port", str(cfg.metrics_port + args.index)] if cfg.metrics_port else ["--without-web"]
-    sys.argv = [sys.argv[0], "worker", "-l", args.log_level.lower(), *web]
+    level = {"WARNING": "warn", "CRITICAL": "crit"}.get(args.log_level.upper(), args.log_level.lower())
+    sys.argv = [sys.argv[0], "worker", "-l", level, *web]
     app.main()  # runs until SIGTERM / Ctrl-C, then exits the process
     return 0
 

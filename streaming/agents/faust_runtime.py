@@ -141,6 +141,9 @@ class Host:
         self.first_batch_at = self.last_batch_at = 0.0
         self.cpu_first = self.cpu_last = 0.0
         self._committed_reader = None
+        self.rate = 0.0
+        self.first_batch_events = 0
+        self._last_report = (time.monotonic(), 0)
 
     # --- partitions -----------------------------------------------------------------------------------
     def committed(self, partition: int) -> dict[str, int | None]:
@@ -220,6 +223,7 @@ class Host:
             self.last_batch_at, self.cpu_last = time.time(), time.process_time()
             if not self.first_batch_at:
                 self.first_batch_at, self.cpu_first = self.last_batch_at, self.cpu_last
+                self.first_batch_events = n
         return n
 
     # --- observability ----------------------------------------------------------------------------------
@@ -231,17 +235,29 @@ class Host:
                 out[topic] += max(hi - pos, 0)
         return dict(out)
 
+    def report(self, index: int) -> None:
+        """The periodic log line (events/s since the last one, lag), as the batch worker writes it."""
+        now = time.monotonic()
+        t0, n0 = self._last_report
+        self.rate = (self.consumed - n0) / max(now - t0, 1e-9)
+        self._last_report = (now, self.consumed)
+        log.info("%s-faust-%d: %d events, %.0f events/s, lag %s, partitions %s, dead letters %d", self.name, index,
+                 self.consumed, self.rate, self.lag(), sorted(self.stores), self.emit.dead.total)
+
     def metrics_text(self, index: int) -> str:
-        """The batch worker's Prometheus names, so dashboards and the benchmark read either runtime."""
-        labels = f'agent="{self.name}",worker="{index}",runtime="faust"'
+        """The batch worker's Prometheus names and labels, so dashboards and benchmarks read either runtime."""
+        labels = f'agent="{self.name}",worker="{index}"'
         gauges = getattr(self.logic, "gauges", lambda: {})()
         lines = [f"lum_agent_events_total{{{labels}}} {self.consumed}",
-                 f"lum_agent_skipped_total{{{labels}}} {self.skipped}",
-                 f"lum_agent_dead_letters_total{{{labels}}} {self.emit.dead.total}",
+                 f"lum_agent_events_per_second{{{labels}}} {self.rate:.1f}",
                  f"lum_agent_assigned_partitions{{{labels}}} {len(self.stores)}",
+                 f"lum_agent_dead_letters_total{{{labels}}} {self.emit.dead.total}",
                  f"lum_agent_first_batch_timestamp_seconds{{{labels}}} {self.first_batch_at:.3f}",
                  f"lum_agent_last_batch_timestamp_seconds{{{labels}}} {self.last_batch_at:.3f}",
-                 f"lum_agent_cpu_seconds_between_batches{{{labels}}} {self.cpu_last - self.cpu_first:.3f}"]
+                 f"lum_agent_cpu_seconds_between_batches{{{labels}}} {self.cpu_last - self.cpu_first:.3f}",
+                 f"process_cpu_seconds_total{{{labels}}} {time.process_time():.3f}",
+                 f"lum_agent_first_batch_events{{{labels}}} {self.first_batch_events}",
+                 f"lum_agent_skipped_total{{{labels}}} {self.skipped}"]
         lines += [f'lum_agent_lag{{{labels},topic="{t}"}} {v}' for t, v in self.lag().items()]
         lines += [f"lum_agent_{k}{{{labels}}} {v:g}" for k, v in gauges.items()]
         return "\n".join(lines) + "\n"
