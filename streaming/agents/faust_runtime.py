@@ -133,8 +133,8 @@ class Host:
         self.read = kafka_reader(kafka)
         self.stores: dict[int, Store] = {}
         self.starts: dict[int, Mapping[str, int]] = {}
-        self.assignment: Callable[[], set[tuple[str, int]]] = lambda: {(t, p) for t in self.physical
-                                                                        for p in range(1 << 16)}
+        # (physical topic, partition) pairs assigned to this worker now: set by the app from Faust's consumer
+        self.assignment: Callable[[], set[tuple[str, int]]] = set
         self.highwater: Callable[[str, int], int] = lambda topic, p: -1
         self.positions: dict[tuple[str, int], int] = {}
         self.consumed = self.skipped = self.batches = 0
@@ -235,6 +235,12 @@ class Host:
                 out[topic] += max(hi - pos, 0)
         return dict(out)
 
+    def assigned_partitions(self) -> int:
+        try:
+            return len({p for t, p in self.assignment() if t in self.physical})
+        except Exception:  # the consumer is not started yet
+            return 0
+
     def report(self, index: int) -> None:
         """The periodic log line (events/s since the last one, lag), as the batch worker writes it."""
         now = time.monotonic()
@@ -250,7 +256,7 @@ class Host:
         gauges = getattr(self.logic, "gauges", lambda: {})()
         lines = [f"lum_agent_events_total{{{labels}}} {self.consumed}",
                  f"lum_agent_events_per_second{{{labels}}} {self.rate:.1f}",
-                 f"lum_agent_assigned_partitions{{{labels}}} {len(self.stores)}",
+                 f"lum_agent_assigned_partitions{{{labels}}} {self.assigned_partitions()}",
                  f"lum_agent_dead_letters_total{{{labels}}} {self.emit.dead.total}",
                  f"lum_agent_first_batch_timestamp_seconds{{{labels}}} {self.first_batch_at:.3f}",
                  f"lum_agent_last_batch_timestamp_seconds{{{labels}}} {self.last_batch_at:.3f}",
