@@ -2,12 +2,14 @@
 
     .venv/bin/python benchmarks/bench_streaming.py            # 200,000 behaviors over >= 100,000 users
     .venv/bin/python benchmarks/bench_streaming.py --quick    # 20,000 events, seconds
+    .venv/bin/python benchmarks/bench_streaming.py --json OUT # also write the rates (events/s) as JSON
 
 One run, one broker, the same pre-produced ``behaviors`` events for every consumer (each in a fresh consumer
 group; the agent runs get identical copies under their own topic prefix, so that each starts with an empty
 ``user-sequences`` topic): a plain confluent-kafka consumer (the client's ceiling), a no-op Faust agent (Faust's ceiling), the
-sequence agent with 1 worker (in this process) and 2 workers (processes), and the joiner over a synthetic
-impressions + behaviors stream. Then a cProfile of the sequence agent says what bounds it. Rates are
+sequence agent on the batch worker with 1 worker (in this process) and 2 workers (processes), and the joiner
+over a synthetic impressions + behaviors stream. ``--json`` keys: plain_consumer, faust_noop, sequences_faust,
+sequences_worker_1, sequences_worker_2 (total), joiner_worker, joiner_faust (null: no Faust runtime here). Then a cProfile of the sequence agent says what bounds it. Rates are
 measured from the first batch to the last event. The machine is shared (2 cores, other jobs running): read
 the figures as +-20%.
 """
@@ -63,64 +65,6 @@ def faust_noop_child(bootstrap: str, topic: str, n: int) -> None:
     async def noop(stream):
         async for _value in stream:
             _count(state, 1, n)
-
-    sys.argv = [sys.argv[0], "worker", "--without-web", "-l", "warn"]
-    app.main()
-
-
-def faust_sequences_child(bootstrap: str, prefix: str, n: int, data_dir: str) -> None:
-    """The sequence agent's batch code hosted in a Faust agent (``take_events``), for comparison only:
-    no rebalance handling, so not a deployable agent."""
-    from collections import defaultdict
-
-    import faust
-
-    from schemas.deadletter import DeadLetters
-    from streaming.agents.sequences import SequenceAgent
-    from streaming.agents.settings import AgentSettings
-    from streaming.output import Output
-
-    kafka = KafkaSettings(bootstrap=bootstrap, topic_prefix=prefix)
-    out = Output(kafka)
-    agent = SequenceAgent(kafka, AgentSettings(data_dir=data_dir), out, DeadLetters(out, kafka, "faust-bench"))
-    app = faust.App(f"bench-faust-seq-{uuid.uuid4().hex[:6]}", broker=f"kafka://{bootstrap}", store="memory://",
-                    broker_session_timeout=6.0, consumer_auto_offset_reset="earliest", web_enabled=False)
-    src = app.topic(kafka.topic(BEHAVIORS), key_serializer="raw", value_serializer="raw")
-    state = {"n": 0, "t0": 0.0, "first": 0}
-
-    class Msg:  # confluent-kafka's Message interface over a Faust message
-        __slots__ = ("m",)
-
-        def __init__(self, m):
-            self.m = m
-
-        def value(self):
-            return self.m.value
-
-        def key(self):
-            return self.m.key
-
-        def offset(self):
-            return self.m.offset
-
-        def partition(self):
-            return self.m.partition
-
-        def topic(self):
-            return self.m.topic
-
-    @app.agent(src)
-    async def sequences(stream):
-        async for events in stream.take_events(2000, within=0.2):
-            parts = defaultdict(list)
-            for e in events:
-                parts[e.message.partition].append(Msg(e.message))
-            for p, msgs in parts.items():
-                if p not in agent.dbs:
-                    agent.open(p, {})
-                agent.process(p, msgs)
-            out.flush()  # blocks the event loop briefly: acceptable for a measurement
-            _count(state, len(events), n)
 
     sys.argv = [sys.argv[0], "worker", "--without-web", "-l", "warn"]
     app.main()
@@ -250,14 +194,10 @@ def main() -> None:
     ap.add_argument("--events", type=int)
     ap.add_argument("--users", type=int)
     ap.add_argument("--faust-child", nargs=3, help=argparse.SUPPRESS)
-    ap.add_argument("--faust-seq-child", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--json", metavar="OUT", help="write the rates (events/s) to this JSON file")
     args = ap.parse_args()
     if args.faust_child:
         faust_noop_child(args.faust_child[0], args.faust_child[1], int(args.faust_child[2]))
-        return
-    if args.faust_seq_child:
-        a = args.faust_seq_child
-        faust_sequences_child(a[0], a[1], int(a[2]), a[3])
         return
     import logging
 
@@ -290,13 +230,8 @@ def main() -> None:
         rows.append(("Faust no-op agent (per-event iteration)", faust_rate("--faust-child", broker.bootstrap, topic,
                                                                             str(n)), ""))
         print(rows[-1], flush=True)
-        faust = rows[-1][1]
-        r = faust_rate("--faust-seq-child", broker.bootstrap, kafka.topic_prefix, str(n), str(Path(tmp) / "fs"))
-        rows.append(("sequence agent code in a Faust agent", r, f"{r / faust:.0%} of Faust no-op (take_events, "
-                     "comparison only)"))
-        print(rows[-1], flush=True)
         rate, g, _ = agent_rate(fresh()[0], "sequences", n, Path(tmp) / "s1")
-        rows.append(("sequence agent, 1 worker", rate, f"{rate / faust:.0%} of Faust no-op; "
+        rows.append(("sequence agent, 1 worker", rate, f"{rate / rows[0][1]:.0%} of the plain consumer; "
                      f"{g['events_per_cpu_s']:,.0f} events per CPU-second; "
                      f"{int(g['sequences_published_total'])} sequences published"))
         print(rows[-1], flush=True)
@@ -318,12 +253,20 @@ def main() -> None:
 
         _, _, prof = agent_rate(fresh()[0], "sequences", n, Path(tmp) / "prof", profile=True)
 
+    rates = dict(zip(["plain_consumer", "faust_noop", "sequences_worker_1", "sequences_worker_2", "joiner_worker"],
+                     [round(r) for _, r, _ in rows]))
+    rates |= {"sequences_faust": None, "joiner_faust": None}  # the Faust runtime is not on this branch
+    if args.json:
+        Path(args.json).write_text(json.dumps(rates | {"events": n, "users": distinct}, indent=1) + "\n")
+
     print(f"\n{n} events ({distinct} users), 4 partitions, embedded broker, {os.cpu_count()} cores shared with the "
           f"broker and other jobs (load average {os.getloadavg()[0]:.1f})\n")
     print(f"| {'consumer':42s} | {'events/s':>9s} | notes |")
     print(f"|{'-' * 44}|{'-' * 11}|-------|")
     for name, r, note in rows:
         print(f"| {name:42s} | {r:9,.0f} | {note} |")
+    print(f"\ngoals: sequence worker >= 1/3 of the plain consumer: {rates['sequences_worker_1'] / rates['plain_consumer']:.2f}"
+          f"; 2 workers >= 1.8x one: {rates['sequences_worker_2'] / rates['sequences_worker_1']:.2f}x")
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(14)
     print("\nsequence agent, 1 worker, cProfile (tottime; profiling slows it ~2x):")
@@ -335,11 +278,11 @@ def main() -> None:
 
 def profile_shares(prof: cProfile.Profile) -> list[tuple[str, float]]:
     stats = pstats.Stats(prof).stats  # (file, line, function) -> (cc, nc, tottime, cumtime, callers)
-    groups = {"decode + validate JSON (pydantic)": ("codec.py", "decode"),
-              "tokenize (blake2b event key, cached condition ids)": ("tokenize.py", "tokenize"),
-              "merge sequences (numpy)": ("sequences.py", "merge"),
-              "encode sequence bytes": ("sequences.py", "encode_rows"),
-              "produce to user-sequences": ("worker.py", "produce"),
+    groups = {"decode + validate JSON (pydantic field validator)": ("sequences.py", "decode"),
+              "tokenize a batch (blake2b event keys, condition ids)": ("tokenize.py", "tokenize_rows"),
+              "group, dedup, sort, cap new users (numpy)": ("sequences.py", "_fresh_users"),
+              "merge stored sequences (numpy)": ("sequences.py", "merge"),
+              "produce to user-sequences": ("worker.py", "send"),
               "RocksDB multi-get + WriteBatch": ("~", "<method 'get' of 'builtins.Rdict' objects>|"
                                                       "<method 'write' of 'builtins.Rdict' objects>"),
               "producer flush (wait for the broker)": ("~", "<method 'flush' of 'cimpl.Producer' objects>"),

@@ -159,3 +159,108 @@ def decode_sequence(data: bytes) -> UserSequence:
         for f in ps.iter_unpack(memoryview(data)[SEQ_HEADER_SIZE:])
     ]
     return UserSequence(user_id, updated, pairs, TOKENIZER_VERSION)
+
+
+# --- Sequences as numpy rows: the one owner of the pair layout for batch code --------------------------
+# (Kept as its own block: the condition vocabulary above may change independently.) A pair is one row of
+# ROW_WIDTH int64 columns, [event_time_ms, event_key, CONDITION_KINDS ids..., item_id, category_id], exactly
+# the pair layout of the binary codec above; a sequence is an (n, ROW_WIDTH) array, oldest first. The agent,
+# packing, replay and the LUM data reader use these instead of per-pair Python objects.
+import numpy as _np  # noqa: E402
+
+ROW_WIDTH = 4 + len(CONDITION_KINDS)
+COL_TIME, COL_KEY, COL_ITEM, COL_CATEGORY = 0, 1, ROW_WIDTH - 2, ROW_WIDTH - 1
+
+
+def encode_rows(user_id: int, rows: _np.ndarray, updated_at_ms: int | None = None) -> bytes:
+    """The binary sequence record (``encode_sequence``'s bytes) of (n, ROW_WIDTH) int64 rows, oldest first;
+    ``updated_at_ms`` defaults to the newest pair's event time (0 when empty)."""
+    if rows.ndim != 2 or rows.shape[1] != ROW_WIDTH:
+        raise ValueError(f"rows must have shape (n, {ROW_WIDTH}), got {rows.shape}")
+    n = len(rows)
+    if updated_at_ms is None:
+        updated_at_ms = int(rows[-1, COL_TIME]) if n else 0
+    head = _SEQ_HEADER.pack(_SEQ_MAGIC, _SEQ_CODEC, TOKENIZER_VERSION, len(CONDITION_KINDS), user_id, updated_at_ms, n)
+    return head + rows.astype("<i8", copy=False).tobytes()
+
+
+def decode_rows(data: bytes | memoryview) -> tuple[int, int, _np.ndarray]:
+    """(user_id, updated_at_ms, rows) of a binary sequence record; rows are (n, ROW_WIDTH) int64 in the
+    CURRENT layout: records of older tokenizer versions get the kinds they lacked as ANY (a read-only view
+    of ``data`` when the record is already current)."""
+    if len(data) < SEQ_HEADER_SIZE:
+        raise ValueError(f"sequence record too short ({len(data)} bytes)")
+    magic, codec, version, n_kinds, user_id, updated, n = _SEQ_HEADER.unpack_from(data)
+    if magic != _SEQ_MAGIC or codec != _SEQ_CODEC:
+        raise ValueError(f"not a sequence record (magic {magic!r}, codec {codec})")
+    if version not in KINDS_BY_VERSION or version > TOKENIZER_VERSION or KINDS_BY_VERSION[version] != n_kinds:
+        raise ValueError(f"unknown tokenizer version {version} with {n_kinds} kinds "
+                         f"(this build knows up to {TOKENIZER_VERSION})")
+    width = 4 + n_kinds
+    if len(data) != SEQ_HEADER_SIZE + n * width * 8:
+        raise ValueError(f"sequence record length {len(data)} does not match {n} pairs of {n_kinds} kinds")
+    rows = _np.frombuffer(data, dtype="<i8", offset=SEQ_HEADER_SIZE).reshape(n, width)
+    if width != ROW_WIDTH:  # older version: insert ANY for the kinds added since, before item/category
+        rows = _np.concatenate((rows[:, :2 + n_kinds], _np.full((n, ROW_WIDTH - width), ANY, "<i8"),
+                                rows[:, 2 + n_kinds:]), axis=1)
+    return user_id, updated, rows
+
+
+_VECTOR_KINDS = ("scenario", "behavior", "category", "query")  # the kinds tokenize_rows maps like tokenize()
+
+
+def tokenize_rows(events) -> _np.ndarray:
+    """``tokenize`` of many behavior events at once: (n, ROW_WIDTH) int64 rows. ``events`` are
+    ``BehaviorEvent``s or mappings with its field names (e.g. validated but not yet built models)."""
+    evs = [e if isinstance(e, dict) else e.__dict__ for e in events]
+    n = len(evs)
+    out = _np.empty((n, ROW_WIDTH), dtype=_np.int64)
+    if not n:
+        return out
+    if CONDITION_KINDS != _VECTOR_KINDS:  # a vocabulary this fast path does not know yet: the scalar tokenizer
+        for i, e in enumerate(evs):
+            t = tokenize(BehaviorEvent.model_construct(**e))
+            out[i] = (t.event_time_ms, t.event_key, *t.conditions, t.item_id, t.category_id)
+        return out
+    out[:, COL_TIME] = [e["event_time_ms"] for e in evs]
+    digests = b"".join([hashlib.blake2b(e["event_id"].encode(), digest_size=8).digest() for e in evs])
+    out[:, COL_KEY] = (_np.frombuffer(digests, dtype="<u8") & _np.uint64(_MASK63)).astype(_np.int64)
+    columns = {"scenario": [e["scenario"] for e in evs], "behavior": [e["behavior"] for e in evs],
+               "category": [e["category_id"] for e in evs], "query": [e["query"] for e in evs]}
+    for j, kind in enumerate(CONDITION_KINDS):
+        values = columns[kind]
+        ids = {v: (condition_id(kind, v) if v is not None and v != "" else ANY) for v in set(values)}
+        out[:, 2 + j] = [ids[v] for v in values]
+    out[:, COL_ITEM] = [e["item_id"] for e in evs]
+    out[:, COL_CATEGORY] = [e["category_id"] for e in evs]
+    return out
+
+
+def encode_rows_many(user_ids: list[int], rows: _np.ndarray, starts: list[int], ends: list[int],
+                     prefix: bytes = b"") -> list[bytes]:
+    """``prefix + encode_rows(user_ids[i], rows[starts[i]:ends[i]])`` for every i, from one copy of ``rows``
+    (the per-sequence work is a header and a slice)."""
+    data = _np.ascontiguousarray(rows, dtype="<i8").tobytes()
+    width = ROW_WIDTH * 8
+    times = rows[:, COL_TIME].tolist() if len(rows) else []
+    head, n_kinds, magic = _SEQ_HEADER.pack, len(CONDITION_KINDS), _SEQ_MAGIC
+    return [prefix + head(magic, _SEQ_CODEC, TOKENIZER_VERSION, n_kinds, u, times[b - 1] if b > a else 0, b - a)
+            + data[a * width:b * width] for u, a, b in zip(user_ids, starts, ends)]
+
+
+def decode_rows_many(records: list[bytes], skip: int = 0) -> tuple[_np.ndarray, list[int]]:
+    """The rows of many binary sequence records (each after ``skip`` leading bytes), concatenated in the
+    current layout, and the number of rows of each: one copy, no per-pair work."""
+    parts, lens = [], []
+    unpack, size = _SEQ_HEADER.unpack_from, SEQ_HEADER_SIZE
+    current = (_SEQ_MAGIC, _SEQ_CODEC, TOKENIZER_VERSION, len(CONDITION_KINDS))
+    for data in records:
+        magic, codec, version, n_kinds, _user, _updated, n = unpack(data, skip)
+        if (magic, codec, version, n_kinds) == current and len(data) == skip + size + n * ROW_WIDTH * 8:
+            parts.append(memoryview(data)[skip + size:])
+        else:  # another version (or a bad record: decode_rows says why)
+            rows = decode_rows(memoryview(data)[skip:])[2]
+            parts.append(_np.ascontiguousarray(rows, dtype="<i8").tobytes())
+        lens.append(n)
+    rows = _np.frombuffer(b"".join(parts), dtype="<i8").reshape(-1, ROW_WIDTH)
+    return rows, lens

@@ -53,49 +53,9 @@ def _kafka():
 
 
 def _agents(args: argparse.Namespace) -> int:
-    from schemas.settings import load
+    from .agents.supervisor import main
 
-    from .agents.settings import AgentSettings
-
-    load(AgentSettings)  # fail here, naming the variable, rather than in every worker
-    _kafka()
-    if args.workers < 1:
-        raise SystemExit("--workers must be >= 1")
-    names = [args.only] if args.only else list(AGENTS)
-    procs = []
-    for a, agent in enumerate(names):
-        for i in range(args.workers):
-            index = a * args.workers + i
-            module = "streaming.agents.faust_app" if args.runtime == "faust" else "streaming.agents.worker"
-            cmd = [sys.executable, "-m", module, agent, "--index", str(index), "--log-level", args.log_level]
-            procs.append((agent, index, subprocess.Popen(cmd, env=os.environ.copy())))
-            log.info("started %s worker %d (pid %d)", agent, index, procs[-1][2].pid)
-    stopping = False
-
-    def stop(*_):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    code = 0
-    try:
-        while not stopping and all(p.poll() is None for _, _, p in procs):
-            time.sleep(0.5)
-    finally:
-        for agent, index, p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for agent, index, p in procs:
-            try:
-                rc = p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                rc = p.wait()
-            if rc and not stopping:
-                log.error("%s worker %d exited with code %s", agent, index, rc)
-                code = 1
-    return code
+    return main(args)
 
 
 def _replay(args: argparse.Namespace) -> int:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -202,63 +201,6 @@ def _ensure_like(settings: KafkaSettings, dst: str, src_topic: Topic | None, src
 
 def backfill_sequences(settings: KafkaSettings, cfg, from_ms: int | None = None) -> dict[str, int]:
     """Rebuild the sequence agent's state and export from ``behaviors`` (see module docstring)."""
-    from schemas.deadletter import DeadLetters
+    from .agents.backfill import backfill_sequences as run
 
-    from .agents.sequences import OFFSET_KEY, SequenceAgent, open_db, user_key
-    from .output import Output
-
-    out = Output(settings)
-    agent = SequenceAgent(settings, cfg, out, DeadLetters(out, settings, "backfill-sequences"))
-    src, dst = settings.topic(BEHAVIORS), settings.topic(USER_SEQUENCES)
-    consumer = reader(settings)
-    old_users: dict[bytes, int] = {}  # key -> partition of users with a sequence now
-    for m in read_to_end(consumer, dst):
-        if m.value():
-            old_users[m.key()] = m.partition()
-        else:
-            old_users.pop(m.key(), None)
-    starts = start_offsets(consumer, src, from_ms)
-    parts = partitions_of(consumer, src)
-    consumer.close()
-    ends = {p: starts.get(p, 0) for p in parts}
-    for p in parts:
-        path = agent.root / f"p{p}"
-        shutil.rmtree(path, ignore_errors=True)
-        agent.dbs[p] = open_db(path)
-        agent.republish_below[p] = 0
-    progress = Progress("backfill sequences")
-    batch: dict[int, list] = {p: [] for p in parts}
-    consumer = reader(settings)
-    for m in read_to_end(consumer, src, starts):
-        ends[m.partition()] = m.offset() + 1  # where the agents resume: everything read, kept or not
-        progress.scanned += 1
-        progress.tick()
-        if from_ms is not None and m.timestamp()[1] < from_ms:
-            continue
-        progress.kept += 1
-        b = batch[m.partition()]
-        b.append(m)
-        if len(b) >= cfg.batch_size:
-            agent.process(m.partition(), b)
-            b.clear()
-            out.flush()
-    consumer.close()
-    for p, b in batch.items():
-        if b:
-            agent.process(p, b)
-    tombstones = 0
-    for key, p in old_users.items():  # users without events since from_ms: delete them from the export
-        if p in agent.dbs and agent.dbs[p].get(user_key(int(key))) is None:
-            out.produce(dst, value=None, key=key, partition=p)
-            tombstones += 1
-    for p in parts:
-        agent.dbs[p].put(OFFSET_KEY, ends[p].to_bytes(8, "big"))
-    out.flush()
-    committer = Consumer(settings.consumer_config(settings.topic_prefix + cfg.sequences_group))
-    committer.commit(offsets=[TopicPartition(src, p, o) for p, o in ends.items()], asynchronous=False)
-    committer.close()
-    users = sum(1 for p in parts for k in agent.dbs[p].keys() if k != OFFSET_KEY)
-    agent.shutdown()
-    progress.tick(force=True)
-    log.info("backfill: %d users rebuilt, %d tombstones, offsets %s", users, tombstones, ends)
-    return {"users": users, "tombstones": tombstones, "events": progress.kept}
+    return run(settings, cfg, from_ms)

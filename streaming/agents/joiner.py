@@ -58,7 +58,6 @@ from schemas.topics import (BEHAVIORS, IMPRESSIONS, ITEM_EMBEDDINGS, LATE_CLICKS
                             key_of)
 
 from .reading import partitions_of, reader
-from .sequences import open_db
 from .settings import AgentSettings
 
 log = logging.getLogger(__name__)
@@ -68,6 +67,15 @@ HISTORY_CAP = 2048  # hard bound per user, even if a burst falls inside one wind
 
 
 FEATURE_VERSIONS = 4  # LUM feature versions kept per user, to find the newest one older than an impression
+
+
+def open_db(path: Path) -> Rdict:
+    from rocksdict import Options
+
+    path.mkdir(parents=True, exist_ok=True)
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    return Rdict(str(path), options=opts)
 
 
 def _i8(n: int) -> bytes:
@@ -149,7 +157,9 @@ class JoinerAgent:
         self.group = cfg.joiner_group
         self.t_imp, self.t_beh, self.t_feat = (kafka.topic(t) for t in self.topics)
         self.t_out, self.t_late = kafka.topic(TRAINING_EXAMPLES), kafka.topic(LATE_CLICKS)
-        self.root = Path(cfg.data_dir) / "joiner" / (kafka.topic_prefix + self.group)
+        # Its own databases, apart from the worker's per-partition stores (data_dir/joiner/...), until the
+        # joiner keeps its state in the store it is given.
+        self.root = Path(cfg.data_dir) / "joiner-own" / (kafka.topic_prefix + self.group)
         self.parts: dict[int, PartitionState] = {}
         self.items: dict[int, tuple[str, list[float]]] = {}  # item -> (model version, vector)
         self.counts = {"examples_total": 0, "positives_total": 0, "late_clicks_total": 0,
@@ -406,3 +416,72 @@ class JoinerAgent:
         g["open_windows"] = sum(len(s.pending) for s in self.parts.values())
         g["item_embeddings"] = len(self.items)
         return g
+
+
+class _Msg:
+    """confluent-kafka's Message interface over a ``Record`` (physical topic name), for the code above."""
+
+    __slots__ = ("r", "t")
+
+    def __init__(self, record, topic: str):
+        self.r, self.t = record, topic
+
+    def topic(self) -> str:
+        return self.t
+
+    def partition(self) -> int:
+        return self.r.partition
+
+    def offset(self) -> int:
+        return self.r.offset
+
+    def key(self) -> bytes | None:
+        return self.r.key
+
+    def value(self) -> bytes | None:
+        return self.r.value
+
+    def timestamp(self) -> tuple[int, int]:
+        return (1, self.r.timestamp_ms)
+
+
+class JoinerLogic:
+    """The joiner on the worker's logic contract (``streaming.agents.store``), keeping its own RocksDB,
+    offsets and outbox (the store it is given stays unused) until it becomes pure logic."""
+
+    name = "joiner"
+    inputs = JoinerAgent.topics
+
+    def __init__(self, kafka: KafkaSettings, cfg: AgentSettings, out, dead: DeadLetters):
+        self.agent = JoinerAgent(kafka, cfg, out, dead)
+        self.prefix = kafka.topic_prefix
+
+    @property
+    def high_water(self):
+        return self.agent.high_water
+
+    @high_water.setter
+    def high_water(self, fn) -> None:
+        self.agent.high_water = fn
+
+    def assign(self, partition, store, committed, emit, read) -> dict[str, int]:
+        starts = self.agent.open(partition, {self.prefix + t: off for t, off in committed.items()})
+        return {t[len(self.prefix):]: off for t, off in starts.items()}
+
+    def process(self, partition, records, emit) -> None:
+        self.agent.process(partition, [_Msg(r, self.prefix + r.topic) for r in records])
+
+    def revoke(self, partition: int) -> None:
+        self.agent.close(partition)
+
+    def delivered(self) -> None:
+        self.agent.flushed()
+
+    def poll_side_inputs(self) -> None:
+        self.agent.poll_side_inputs()
+
+    def shutdown(self) -> None:
+        self.agent.shutdown()
+
+    def gauges(self) -> dict[str, float]:
+        return self.agent.gauges()

@@ -32,4 +32,16 @@ class AgentSettings(BaseSettings):
     history_len: int = Field(50, ge=0, le=256, description="items of point-in-time history per training example")
     metrics_port: int = Field(0, ge=0, le=65535,
                               description="Prometheus text endpoint of worker i on port+i (0: off)")
+    max_future_skew_ms: int = Field(3_600_000, ge=0,
+                                    description="events later than now + this are dead-lettered (clock skew allowed)")
+    flush_timeout_s: float = Field(60.0, gt=0, description="longest wait for a batch's outputs to be delivered; "
+                                   "past it the worker stops without committing the batch")
+    restart_backoff_s: float = Field(1.0, gt=0, description="lum agents: first wait before restarting a dead worker "
+                                     "(doubles per quick failure)")
+    restart_backoff_max_s: float = Field(60.0, gt=0, description="lum agents: longest wait between restarts")
+    crash_at: str = Field("", pattern=r"^([a-z_]+(:[0-9]+)?)?$",
+                          description="TEST ONLY: kill the worker (SIGKILL) the n-th time it reaches the named "
+                          "point (name[:n]; once per data directory); see streaming.agents.runtime.CRASH_POINTS")
+    metrics_host: str = Field("127.0.0.1", min_length=1,
+                              description="address the metrics endpoint binds (0.0.0.0: every interface)")
     log_interval_s: float = Field(10.0, gt=0, description="seconds between throughput/lag log lines")

@@ -298,3 +298,17 @@ class MemoryEmit:
 
     def dead_letter(self, record: Record, reason: str | BaseException) -> None:
         self.dead.append((record, str(reason) or type(reason).__name__))
+
+
+def read_state(path: Path | str) -> Iterator[tuple[bytes, bytes]]:
+    """The committed (key, value) pairs of a ``RocksStore`` directory, whatever its identity (tools, tests)."""
+    from rocksdict import AccessType, Options, Rdict
+
+    db = Rdict(str(path), options=Options(raw_mode=True), access_type=AccessType.read_only())
+    try:
+        for k, v in db.items(from_key=_DATA):
+            if not k.startswith(_DATA):
+                break
+            yield k[1:], v
+    finally:
+        db.close()

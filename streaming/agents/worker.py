@@ -1,24 +1,37 @@
-"""The worker that runs one agent over its share of a topic's partitions (consumer group, plain confluent-kafka).
+"""The batch worker: the default runtime hosting agent logic over a consumer group (plain confluent-kafka).
 
     python -m streaming.agents.worker sequences [--index 0]     # what ``lum agents`` starts, per worker
     python -m streaming.agents.worker joiner
 
-Why not Faust: on this broker Faust's per-event machinery caps a worker near 4,500 events/s, its table writes
-cost ~0.6 ms each (~1,100-1,700 events/s with one write per event) and its exactly_once mode does not work
-(shared/docs/embedded-broker.md). Faust at-least-once also commits offsets separately from table state. This
-worker gets "exactly-once effect on state" from a simpler rule: every batch of ``LUM_AGENT_BATCH_SIZE``
-messages is applied to the partition's RocksDB in ONE WriteBatch that also records the consumed offsets; the
-batch's outputs are flushed to Kafka before the group offsets are committed. Delivery stays at-least-once
-(a crash replays from the committed offset), so every agent's state update is idempotent. The measured
-comparison with Faust (``benchmarks/bench_streaming.py``) is in the module docstring of ``streaming.agents``.
+It hosts the pure logic of ``streaming.agents.store``'s contract: it consumes batches of
+``LUM_AGENT_BATCH_SIZE`` messages, turns them into ``Record``s, and per batch runs, in this order:
 
-Partitions are the unit of state: an agent opens a state store when a partition is assigned and closes it
-when it is revoked; agents that read several topics subscribe to co-partitioned topics (same partition
-count, same key) and the range assignor gives partition p of every topic to the same worker.
+    1. ``logic.process(partition, records, emit)`` for each partition of the batch
+    2. ``store.commit(positions)``: ONE RocksDB WriteBatch (synced) with the state and the consumed positions
+    3. flush: every output of the batch delivered (``LUM_AGENT_FLUSH_TIMEOUT_S``), else an exception
+    4. consumer-group offset commit of the batch's positions
+
+Offsets advance only for completed work: any exception in 1-3 (a bug, a delivery failure, a flush that
+times out) stops the worker with exit code 1 and a log line saying so; NOTHING of the failed batch is
+committed (the revoke callback of the shutdown commits only completed batches, and none after a failure).
+A restart redoes the batch from the group's offsets; the logic is idempotent per record and its store's
+positions tell what was applied but maybe not published. ``lum agents`` restarts dead workers with
+back-off (``streaming.agents.supervisor``). Delivery is at-least-once; the state is exactly-once in effect.
+
+Partitions are the unit of state: the worker opens a ``RocksStore`` (``$LUM_DATA_DIR/<agent>/<group>/p<N>``)
+when a partition is assigned and closes it when it is revoked; the store records an identity (cluster id,
+physical topics and their topic ids, partition) and discards state written for another one. Agents that
+read several topics subscribe to co-partitioned topics (same partition count, same key) and the range
+assignor gives partition p of every topic to the same worker.
+
+Why not Faust by default: on this broker Faust's per-event machinery caps a worker near 4,500 events/s and
+its table writes cost ~0.6 ms each; this worker batches instead (``benchmarks/bench_streaming.py``; figures
+in ``docs/notes/agents.md``).
 
 Observability: a log line every ``LUM_AGENT_LOG_INTERVAL_S`` with events/s and consumer lag (high-water
 mark carried by fetched data minus position), and the same figures as Prometheus text on
-``LUM_AGENT_METRICS_PORT + index`` (``/metrics``) when that setting is not 0.
+``LUM_AGENT_METRICS_HOST:LUM_AGENT_METRICS_PORT + index`` (``/metrics``) when that port is not 0.
+Crash injection for tests: ``LUM_AGENT_CRASH_AT`` (``streaming.agents.runtime``).
 """
 
 from __future__ import annotations
@@ -29,56 +42,75 @@ import signal
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable, Protocol
+from pathlib import Path
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from schemas.deadletter import DeadLetters
 from schemas.settings import KafkaSettings, load
 from schemas.topics import Topic
 
 from ..output import Output
+from .runtime import Crash, make_logic
 from .settings import AgentSettings
+from .store import Logic, Record, RocksStore, Store
 
 log = logging.getLogger(__name__)
 
 
-class Agent(Protocol):
-    """What the worker drives. ``open`` returns the offset to resume from per input topic (physical name)."""
+class KafkaEmit:
+    """The worker's ``Emit``: logical topics to physical names, through the producer that fails loudly."""
 
-    name: str
-    group: str
-    topics: tuple[Topic, ...]
-    high_water: Callable[[str, int], int]  # set by the worker: end of an input partition per the last fetch
+    def __init__(self, out: Output, kafka: KafkaSettings, dead: DeadLetters, crash: Crash):
+        self.out, self.kafka, self.dead, self.crash = out, kafka, dead, crash
+        self.sent = 0
 
-    def open(self, partition: int, committed: dict[str, int | None]) -> dict[str, int]: ...
-    def process(self, partition: int, msgs: list[Message]) -> None: ...
-    def flushed(self) -> None: ...
-    def close(self, partition: int) -> None: ...
-    def poll_side_inputs(self) -> None: ...
-    def gauges(self) -> dict[str, float]: ...
-    def shutdown(self) -> None: ...
+    def send(self, topic: Topic, value: bytes | None, key: bytes | None = None, partition: int | None = None) -> None:
+        self.crash("mid_produce")
+        if partition is None:
+            self.out.produce(self.kafka.topic_prefix + topic.name, value=value, key=key)
+        else:
+            self.out.produce(self.kafka.topic_prefix + topic.name, value=value, key=key, partition=partition)
+        self.sent += 1
+
+    def dead_letter(self, record: Record, reason: str | BaseException) -> None:
+        self.dead.send(self.kafka.topic_prefix + record.topic, record.partition, record.offset, record.key,
+                       record.value, reason)
 
 
 class Worker:
-    """Consume -> agent.process per partition -> flush outputs -> commit, with rebalances handled in order."""
+    """Consume -> logic.process per partition -> store commit -> flush outputs -> commit offsets."""
 
-    def __init__(self, agent_name: str, kafka: KafkaSettings, cfg: AgentSettings, index: int = 0):
-        from .joiner import JoinerAgent
-        from .sequences import SequenceAgent
-
-        self.kafka, self.cfg, self.index = kafka, cfg, index
+    def __init__(self, agent_name: str, kafka: KafkaSettings, cfg: AgentSettings, index: int = 0,
+                 logic: Logic | None = None):
+        self.kafka, self.cfg, self.index, self.name = kafka, cfg, index, agent_name
+        self.crash = Crash.from_settings(cfg)
         self.out = Output(kafka)
         self.dead = DeadLetters(self.out, kafka, f"{agent_name}-{index}")
-        cls = {"sequences": SequenceAgent, "joiner": JoinerAgent}[agent_name]
-        self.agent: Agent = cls(kafka, cfg, self.out, self.dead)
-        self.agent.high_water = self.high_water
-        self.consumer = Consumer(kafka.consumer_config(kafka.topic_prefix + self.agent.group, **{
+        self.emit = KafkaEmit(self.out, kafka, self.dead, self.crash)
+        if logic is None:
+            if agent_name == "joiner":  # not yet pure logic: an adapter over its own RocksDB
+                from .joiner import JoinerLogic
+
+                logic = JoinerLogic(kafka, cfg, self.out, self.dead)
+            else:
+                logic = make_logic(agent_name, cfg)
+        self.logic = self.agent = logic  # ``agent``: the name older callers use
+        if hasattr(logic, "high_water"):
+            logic.high_water = self.high_water
+        self.group = kafka.topic_prefix + {"sequences": cfg.sequences_group, "joiner": cfg.joiner_group}[agent_name]
+        self.root = Path(cfg.data_dir) / agent_name / self.group
+        self.consumer = Consumer(kafka.consumer_config(self.group, **{
             "partition.assignment.strategy": "range",  # co-partitioned inputs: partition p of each topic together
             "fetch.wait.max.ms": 50}))
-        self.topic_names = [kafka.topic(t) for t in self.agent.topics]
-        self.positions: dict[tuple[str, int], int] = {}  # next offset to commit, per (topic, partition)
+        self.logical = {kafka.topic(t): t.name for t in logic.inputs}  # physical name -> registry name
+        self.topic_names = list(self.logical)
+        self.stores: dict[int, Store] = {}
+        self.positions: dict[tuple[str, int], int] = {}  # next offset consumed, per (physical topic, partition)
+        self.done: dict[tuple[str, int], int] = {}  # next offset of COMPLETED batches: what may be committed
+        self.failed = False
         self.assigned: list[int] = []
         self.consumed = 0
         self.first_event_at = self.last_event_at = 0.0  # wall clock of the first/last processed batch
@@ -88,26 +120,51 @@ class Worker:
         self.rate = 0.0
         self.lag_cache: dict[str, int] = {}  # refreshed by the consuming thread; read by the metrics thread
         self._lag_at = 0.0
+        self._identity: dict[str, str] | None = None
         self.stop_event = threading.Event()
+
+    # --- state stores ---------------------------------------------------------------------------------
+    def identity(self, partition: int) -> dict[str, object]:
+        """What the partition's state belongs to: cluster, physical input topics (with their topic ids,
+        which change when a topic is recreated) and partition."""
+        if self._identity is None:
+            self._identity = state_identity(self.kafka, self.consumer, self.topic_names)
+        return self._identity | {"partition": partition}
+
+    def read(self, topic: Topic, partition: int) -> Iterator[Record]:
+        """One partition of ``topic`` from its beginning to its current end, as records (for rebuilds)."""
+        from .reading import read_to_end, reader
+
+        consumer = reader(self.kafka)
+        try:
+            for m in read_to_end(consumer, self.kafka.topic(topic), {partition: OFFSET_BEGINNING}):
+                yield Record(topic.name, m.partition(), m.offset(), m.timestamp()[1], m.key(), m.value())
+        finally:
+            consumer.close()
 
     # --- rebalance -------------------------------------------------------------------------------------
     def _on_assign(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
         committed = {(tp.topic, tp.partition): tp.offset for tp in consumer.committed(tps, timeout=30)}
         by_part: dict[int, dict[str, int | None]] = defaultdict(dict)
         for (topic, p), off in committed.items():
-            by_part[p][topic] = off if off >= 0 else None
+            by_part[p][self.logical[topic]] = off if off >= 0 else None
         starts: dict[tuple[str, int], int] = {}
         for p, offs in sorted(by_part.items()):
-            for topic, off in self.agent.open(p, offs).items():
-                starts[(topic, p)] = off
+            store = RocksStore(self.root / f"p{p}", self.identity(p))
+            self.stores[p] = store
+            for name, off in self.logic.assign(p, store, offs, self.emit, self.read).items():
+                starts[(self.kafka.topic_prefix + name, p)] = off
         for tp in tps:
             tp.offset = starts.get((tp.topic, tp.partition), OFFSET_BEGINNING)
         consumer.assign(tps)
-        self.assigned = sorted(by_part)
-        log.info("%s-%d assigned partitions %s", self.agent.name, self.index, self.assigned)
+        self.assigned = sorted(set(self.assigned) | set(by_part))
+        self.crash("assign")
+        log.info("%s-%d assigned partitions %s", self.name, self.index, sorted(by_part))
 
     def _on_revoke(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
-        self._commit(asynchronous=False)
+        self.crash("revoke")
+        if not self.failed:  # completed batches only; after a failure, nothing at all
+            self._commit(asynchronous=False)
         self._close_partitions({tp.partition for tp in tps})
 
     def _on_lost(self, consumer: Consumer, tps: list[TopicPartition]) -> None:
@@ -115,24 +172,33 @@ class Worker:
 
     def _close_partitions(self, parts: set[int]) -> None:
         for p in sorted(parts):
-            self.agent.close(p)
+            self.logic.revoke(p)
+            store = self.stores.pop(p, None)
+            if store is not None:
+                store.discard()
+                store.close()
         self.positions = {k: v for k, v in self.positions.items() if k[1] not in parts}
+        self.done = {k: v for k, v in self.done.items() if k[1] not in parts}
         self.assigned = [p for p in self.assigned if p not in parts]
-        log.info("%s-%d released partitions %s", self.agent.name, self.index, sorted(parts))
+        log.info("%s-%d released partitions %s", self.name, self.index, sorted(parts))
 
     # --- main loop --------------------------------------------------------------------------------------
     def _commit(self, asynchronous: bool = True) -> None:
-        if self.positions:
+        if self.done:
             try:
-                self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in self.positions.items()],
+                self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in self.done.items()],
                                      asynchronous=asynchronous)
             except Exception as e:  # a failed commit only means more replay after a crash
                 log.warning("offset commit failed: %s", e)
 
     def step(self) -> int:
         msgs = self.consumer.consume(self.cfg.batch_size, self.cfg.batch_wait_ms / 1000)
-        self.agent.poll_side_inputs()
-        by_part: dict[int, list[Message]] = defaultdict(list)
+        hook = getattr(self.logic, "poll_side_inputs", None)
+        if hook:
+            hook()
+        by_part: dict[int, list[Record]] = defaultdict(list)
+        batch_pos: dict[tuple[str, int], int] = {}
+        logical = self.logical
         for m in msgs:
             err = m.error()
             if err is not None:
@@ -141,41 +207,64 @@ class Worker:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer: %s", err)
                 continue
-            by_part[m.partition()].append(m)
-            self.positions[(m.topic(), m.partition())] = m.offset() + 1
-        for p, part_msgs in by_part.items():
-            self.agent.process(p, part_msgs)
+            topic, p, off = m.topic(), m.partition(), m.offset()
+            by_part[p].append(Record(logical[topic], p, off, m.timestamp()[1], m.key(), m.value()))
+            batch_pos[(topic, p)] = off + 1
         n = sum(len(v) for v in by_part.values())
-        if n:
-            self.out.flush()  # outputs durable before the offsets that produced them are committed
-            self.agent.flushed()
-            self._commit()
-            self.consumed += n
-            self.last_event_at, self.cpu_last = time.time(), time.process_time()
-            if not self.first_event_at:
-                self.first_event_at, self.cpu_first = self.last_event_at, self.cpu_last
-        else:
+        if not n:
             self.out.producer.poll(0)
+            self._report()
+            return 0
+        for p, records in by_part.items():
+            self.logic.process(p, records, self.emit)
+            self.stores[p].commit({logical[t]: o for (t, q), o in batch_pos.items() if q == p})
+            self.crash("after_state_write")
+        self.out.flush(self.cfg.flush_timeout_s)  # outputs delivered before the offsets that produced them
+        self.crash("after_flush")
+        hook = getattr(self.logic, "delivered", None)
+        if hook:
+            hook()
+        self.positions.update(batch_pos)
+        self.done.update(batch_pos)
+        self.crash("before_commit")
+        self._commit()
+        self.consumed += n
+        self.last_event_at, self.cpu_last = time.time(), time.process_time()
+        if not self.first_event_at:
+            self.first_event_at, self.cpu_first = self.last_event_at, self.cpu_last
         self._report()
         return n
 
     def start(self) -> None:
         self.consumer.subscribe(self.topic_names, on_assign=self._on_assign, on_revoke=self._on_revoke,
                                 on_lost=self._on_lost)
-        log.info("%s-%d started (group %s, topics %s)", self.agent.name, self.index,
-                 self.kafka.topic_prefix + self.agent.group, self.topic_names)
+        log.info("%s-%d started (group %s, topics %s)", self.name, self.index, self.group, self.topic_names)
+
+    def fail(self, error: BaseException) -> None:
+        """Mark the current batch failed: its staged state is dropped and nothing more is committed."""
+        self.failed = True
+        for store in self.stores.values():
+            store.discard()
+        log.critical("%s-%d STOPPED: batch failed (%s: %s); its offsets were NOT committed, a restart redoes it",
+                     self.name, self.index, type(error).__name__, error, exc_info=error)
 
     def close(self) -> None:
-        self.consumer.close()  # revokes (commit + close stores) and leaves the group
-        self.agent.shutdown()
-        self.out.flush()
-        log.info("%s-%d stopped after %d events", self.agent.name, self.index, self.consumed)
+        self.consumer.close()  # revokes (commits completed batches unless failed, closes stores), leaves the group
+        hook = getattr(self.logic, "shutdown", None)
+        if hook:
+            hook()
+        if not self.failed:
+            self.out.flush(self.cfg.flush_timeout_s)
+        log.info("%s-%d stopped after %d events", self.name, self.index, self.consumed)
 
     def run(self) -> None:
         self.start()
         try:
             while not self.stop_event.is_set():
                 self.step()
+        except BaseException as e:
+            self.fail(e)
+            raise
         finally:
             self.close()
 
@@ -208,12 +297,12 @@ class Worker:
             return
         self.rate = (self.consumed - n0) / (now - t0)
         self._last_report = (now, self.consumed)
-        gauges = " ".join(f"{k}={v:g}" for k, v in self.agent.gauges().items())
-        log.info("%s-%d: %d events, %.0f events/s, lag %s, partitions %s, dead letters %d %s", self.agent.name,
+        gauges = " ".join(f"{k}={v:g}" for k, v in self.logic.gauges().items())
+        log.info("%s-%d: %d events, %.0f events/s, lag %s, partitions %s, dead letters %d %s", self.name,
                  self.index, self.consumed, self.rate, self.lag_cache, self.assigned, self.dead.total, gauges)
 
     def metrics_text(self) -> str:
-        labels = f'agent="{self.agent.name}",worker="{self.index}"'
+        labels = f'agent="{self.name}",worker="{self.index}"'
         lines = [f"lum_agent_events_total{{{labels}}} {self.consumed}",
                  f"lum_agent_events_per_second{{{labels}}} {self.rate:.1f}",
                  f"lum_agent_assigned_partitions{{{labels}}} {len(self.assigned)}",
@@ -223,7 +312,7 @@ class Worker:
                  f"lum_agent_cpu_seconds_between_batches{{{labels}}} {self.cpu_last - self.cpu_first:.3f}",
                  f"process_cpu_seconds_total{{{labels}}} {time.process_time():.3f}"]
         lines += [f'lum_agent_lag{{{labels},topic="{t}"}} {v}' for t, v in self.lag_cache.items()]
-        lines += [f"lum_agent_{k}{{{labels}}} {v:g}" for k, v in self.agent.gauges().items()]
+        lines += [f"lum_agent_{k}{{{labels}}} {v:g}" for k, v in self.logic.gauges().items()]
         return "\n".join(lines) + "\n"
 
     def serve_metrics(self, port: int) -> ThreadingHTTPServer:
@@ -243,10 +332,32 @@ class Worker:
             def log_message(self, *args):  # scrapes are not worth a log line each
                 pass
 
-        server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        server = ThreadingHTTPServer((self.cfg.metrics_host, port), Handler)
         threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
-        log.info("metrics on http://0.0.0.0:%d/metrics", port)
+        log.info("metrics on http://%s:%d/metrics", self.cfg.metrics_host, port)
         return server
+
+
+def state_identity(kafka: KafkaSettings, consumer: Consumer, topics: list[str]) -> dict[str, object]:
+    """Identity of state derived from ``topics`` (physical names) on this cluster, less the partition."""
+    ids = _topic_ids(kafka, topics)
+    return {"cluster": str(consumer.list_topics(timeout=30).cluster_id),
+            "topics": ",".join(f"{t}={ids.get(t, '?')}" for t in sorted(topics))}
+
+
+def _topic_ids(kafka: KafkaSettings, topics: list[str]) -> dict[str, str]:
+    """Kafka topic ids (a new one per topic creation); empty where the cluster does not report them."""
+    from confluent_kafka import TopicCollection
+
+    from ..admin import _admin
+
+    admin = _admin(kafka)  # kept referenced until the answers are in
+    try:
+        futures = admin.describe_topics(TopicCollection(topics))
+        return {t: str(f.result(30).topic_id) for t, f in futures.items()}
+    except Exception as e:  # an older broker: cluster id, names and partition still identify the state
+        log.warning("topic ids unavailable (%s): state identity without them", e)
+        return {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -264,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     server = worker.serve_metrics(cfg.metrics_port + args.index) if cfg.metrics_port else None
     try:
         worker.run()
+    except Exception:  # worker.fail() logged why; the exit code tells the supervisor
+        log.debug("traceback of the failed batch", exc_info=True)
+        return 1
     finally:
         if server:
             server.shutdown()

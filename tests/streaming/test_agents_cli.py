@@ -50,3 +50,27 @@ def test_bad_setting_fails_at_start_naming_the_variable(kit):
     out = subprocess.run([sys.executable, "-m", "deploy.cli", "agents"], env=env, cwd=kit.ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode != 0 and "LUM_AGENT_MAX_PAIRS" in out.stderr + out.stdout
+
+
+def test_lum_agents_restarts_a_dead_worker_with_back_off_and_loses_nothing(kafka, kit, tmp_path):
+    from streaming.agents.sequences import expected_sequences, snapshot
+
+    events = [kit.behavior(i, i % 9, t=i * 10) for i in range(120)]
+    env = os.environ | {"LUM_DATA_DIR": str(tmp_path), "LUM_AGENT_BATCH_SIZE": "10",
+                        "LUM_AGENT_CRASH_AT": "after_state_write:3", "LUM_AGENT_RESTART_BACKOFF_S": "0.5"}
+    log = tmp_path / "agents.log"
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "agents", "--only", "sequences"], env=env,
+                            cwd=kit.ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        kit.produce(kafka, events)
+        kit.wait_for(lambda: snapshot(kafka)[0] == expected_sequences(events), timeout=90,
+                     what="all sequences after the worker was killed and restarted")
+        text = log.read_text()
+        assert "sequences worker 0 exited with code -9" in text and "restarting it in 0.5s (restart 1)" in text
+        assert text.count("started sequences worker 0") == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -16,9 +16,9 @@ from schemas.events import DeadLetter
 from schemas.settings import load
 from schemas.topics import BEHAVIORS, DEAD_LETTERS, USER_SEQUENCES
 from streaming.agents.reading import read_to_end, reader
-from streaming.agents.sequences import (OFFSET_KEY, encode_rows, expected_sequences, merge, open_db, pair_rows,
-                                        snapshot)
+from streaming.agents.sequences import encode_value, expected_sequences, merge, pair_rows, snapshot
 from streaming.agents.settings import AgentSettings
+from streaming.agents.store import read_state
 
 
 
@@ -43,9 +43,7 @@ def make_events(kit, n_users: int, per_user: int, seed: int, dup_rate: float = 0
 def local_state(root: Path) -> dict[int, bytes]:
     state = {}
     for p in sorted(root.glob("p*")):
-        db = open_db(p)
-        state |= {int.from_bytes(k, "big"): v for k, v in db.items() if k != OFFSET_KEY}
-        db.close()
+        state |= {int.from_bytes(k, "big"): v for k, v in read_state(p)}
     return state
 
 
@@ -89,7 +87,7 @@ def test_merge_in_any_batching_equals_the_set_definition(kit, cap):
         merged = merge(rows, np.array([pair_rows(e) for e in arrivals[i:i + k]], dtype=np.int64), cap)
         rows = merged if merged is not None else rows
         i += k
-    assert USER_SEQUENCES.decode(encode_rows(1, rows)) == expected_sequences(arrivals, cap=cap)[1]
+    assert USER_SEQUENCES.decode(encode_value(1, rows)) == expected_sequences(arrivals, cap=cap)[1]
 
 
 def test_encoded_rows_decode_with_schemas_codec(kit):
@@ -97,7 +95,7 @@ def test_encoded_rows_decode_with_schemas_codec(kit):
     seq = expected_sequences(ev)[5]
     assert [p.item_id for p in seq.pairs] == [e.item_id for e in ev]
     assert seq.updated_at_ms == ev[-1].event_time_ms
-    assert USER_SEQUENCES.decode(encode_rows(5, np.zeros((0, 8), dtype="int64"))).pairs == []
+    assert USER_SEQUENCES.decode(encode_value(5, np.zeros((0, 8), dtype="int64"))).pairs == []
 
 
 def _produce_paced(kit, kafka, events, seconds: float) -> threading.Thread:

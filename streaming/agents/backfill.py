@@ -1,0 +1,99 @@
+"""``lum backfill sequences``: rebuild the sequence agent's state and export from ``behaviors``.
+
+    lum backfill sequences [--from TIME]      # stop the sequence agents first
+
+Runs the sequence agent's own logic (``SequenceLogic``) over every ``behaviors`` partition from TIME
+(default: the beginning) into fresh state stores where the agents keep theirs, republishes every rebuilt
+user to ``user-sequences``, publishes a tombstone for users that had a sequence but no event since TIME,
+and sets the agent group's offsets to the end of what it read, so that ``lum agents`` continues from there.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from confluent_kafka import Consumer, TopicPartition
+
+from schemas.deadletter import DeadLetters
+from schemas.settings import KafkaSettings
+from schemas.topics import BEHAVIORS, USER_SEQUENCES
+
+from ..output import Output
+from .reading import partitions_of, read_to_end, reader
+from .runtime import Crash
+from .sequences import SequenceLogic, user_key
+from .settings import AgentSettings
+from .store import Record, RocksStore
+from .worker import KafkaEmit, state_identity
+
+log = logging.getLogger(__name__)
+
+
+def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int | None = None) -> dict[str, int]:
+    from ..replay import Progress, start_offsets
+
+    out = Output(settings)
+    emit = KafkaEmit(out, settings, DeadLetters(out, settings, "backfill-sequences"), Crash())
+    logic = SequenceLogic.from_settings(cfg)
+    src, dst = settings.topic(BEHAVIORS), settings.topic(USER_SEQUENCES)
+    root = Path(cfg.data_dir) / "sequences" / (settings.topic_prefix + cfg.sequences_group)
+    consumer = reader(settings)
+    old_users: dict[bytes, int] = {}  # key -> partition of users with a sequence now
+    for m in read_to_end(consumer, dst):
+        if m.value():
+            old_users[m.key()] = m.partition()
+        else:
+            old_users.pop(m.key(), None)
+    starts = start_offsets(consumer, src, from_ms)
+    parts = partitions_of(consumer, src)
+    identity = state_identity(settings, consumer, [src])
+    consumer.close()
+    ends = {p: starts.get(p, 0) for p in parts}
+    stores = {}
+    for p in parts:
+        stores[p] = store = RocksStore(root / f"p{p}", identity | {"partition": p})
+        store.reset()
+        logic.stores[p] = store
+    progress = Progress("backfill sequences")
+    batch: dict[int, list[Record]] = {p: [] for p in parts}
+
+    def apply(p: int) -> None:
+        logic.process(p, batch[p], emit)
+        stores[p].commit({})
+        batch[p].clear()
+
+    consumer = reader(settings)
+    for m in read_to_end(consumer, src, starts):
+        ends[m.partition()] = m.offset() + 1  # where the agents resume: everything read, kept or not
+        progress.scanned += 1
+        progress.tick()
+        if from_ms is not None and m.timestamp()[1] < from_ms:
+            continue
+        progress.kept += 1
+        b = batch[m.partition()]
+        b.append(Record(BEHAVIORS.name, m.partition(), m.offset(), m.timestamp()[1], m.key(), m.value()))
+        if len(b) >= cfg.batch_size:
+            apply(m.partition())
+            out.flush()
+    consumer.close()
+    for p in parts:
+        if batch[p]:
+            apply(p)
+    tombstones = 0
+    for key, p in old_users.items():  # users without events since from_ms: delete them from the export
+        if p in stores and stores[p].get(user_key(int(key))) is None:
+            out.produce(dst, value=None, key=key, partition=p)
+            tombstones += 1
+    out.flush()
+    for p in parts:
+        stores[p].commit({BEHAVIORS.name: ends[p]})
+    committer = Consumer(settings.consumer_config(settings.topic_prefix + cfg.sequences_group))
+    committer.commit(offsets=[TopicPartition(src, p, o) for p, o in ends.items()], asynchronous=False)
+    committer.close()
+    users = sum(1 for p in parts for _ in stores[p].scan())
+    for store in stores.values():
+        store.close()
+    progress.tick(force=True)
+    log.info("backfill: %d users rebuilt, %d tombstones, offsets %s", users, tombstones, ends)
+    return {"users": users, "tombstones": tombstones, "events": progress.kept}
