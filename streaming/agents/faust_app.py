@@ -31,61 +31,11 @@ from typing import Any
 from schemas.settings import KafkaSettings, load
 from schemas.topics import BEHAVIORS
 
-from .faust_runtime import Host, KafkaEmit, fail, faust_settings
+from .faust_runtime import Host, fail, faust_settings
 from .settings import AgentSettings
-from .store import MemoryStore, Record
 
 log = logging.getLogger(__name__)
 AGENTS = ("sequences", "joiner")
-
-
-class _Msg:
-    """confluent-kafka's Message interface over a Record (physical topic), for the agents' current code."""
-
-    __slots__ = ("r", "t")
-
-    def __init__(self, r: Record, topic: str):
-        self.r, self.t = r, topic
-
-    def value(self):
-        return self.r.value
-
-    def key(self):
-        return self.r.key
-
-    def offset(self):
-        return self.r.offset
-
-    def partition(self):
-        return self.r.partition
-
-    def topic(self):
-        return self.t
-
-
-class _AgentLogic:
-    """The agents' current classes (own RocksDB, own producer calls) behind the logic interface."""
-
-    def __init__(self, agent, kafka: KafkaSettings):
-        self.agent, self.kafka = agent, kafka
-        self.name, self.inputs = agent.name, agent.topics
-
-    def assign(self, partition, store, committed, emit, read):
-        phys = {self.kafka.topic_prefix + t: off for t, off in committed.items()}
-        starts = self.agent.open(partition, phys)
-        return {t[len(self.kafka.topic_prefix):]: off for t, off in starts.items()}
-
-    def process(self, partition, records, emit):
-        self.agent.process(partition, [_Msg(r, self.kafka.topic_prefix + r.topic) for r in records])
-
-    def revoke(self, partition):
-        self.agent.close(partition)
-
-    def flushed(self):
-        self.agent.flushed()
-
-    def gauges(self):
-        return self.agent.gauges()
 
 
 class NoopLogic:
@@ -107,18 +57,39 @@ class NoopLogic:
 
 
 def build_host(agent: str, kafka: KafkaSettings, cfg: AgentSettings, index: int = 0) -> Host:
-    from .joiner import JoinerAgent
-    from .sequences import SequenceAgent
+    """The agent's logic with the batch worker's emit, stores (same paths and identity) and crash points."""
+    from schemas.deadletter import DeadLetters
 
-    emit = KafkaEmit(kafka, f"{agent}-faust-{index}")
+    from ..output import Output
+    from .runtime import Crash, make_logic
+    from .store import RocksStore
+    from .worker import KafkaEmit, state_identity
+
+    crash = Crash.from_settings(cfg)
+    out = Output(kafka)
+    dead = DeadLetters(out, kafka, f"{agent}-faust-{index}")
+    emit = KafkaEmit(out, kafka, dead, crash)
     if agent == "noop":
-        return Host(NoopLogic(), kafka, emit, lambda p: MemoryStore(), kafka.topic_prefix + cfg.sequences_group)
-    cls = {"sequences": SequenceAgent, "joiner": JoinerAgent}[agent]
-    impl = cls(kafka, cfg, emit.out, emit.dead)
-    logic = _AgentLogic(impl, kafka)
-    host = Host(logic, kafka, emit, lambda p: MemoryStore(), kafka.topic_prefix + impl.group)
-    impl.high_water = lambda topic, p: host.highwater(topic, p)
-    host.poll_side_inputs = impl.poll_side_inputs  # type: ignore[attr-defined]
+        logic, group = NoopLogic(), kafka.topic_prefix + cfg.sequences_group
+    else:
+        if agent == "joiner":  # not yet pure logic: the worker's adapter over its own RocksDB
+            from .joiner import JoinerLogic
+
+            logic = JoinerLogic(kafka, cfg, out, dead)
+        else:
+            logic = make_logic(agent, cfg)
+        group = kafka.topic_prefix + {"sequences": cfg.sequences_group, "joiner": cfg.joiner_group}[agent]
+    root = Path(cfg.data_dir) / logic.name / group
+    identity: dict[str, object] = {}
+
+    def open_store(partition: int) -> RocksStore:
+        if not identity:  # cluster id and topic ids, as the batch worker records them
+            identity.update(state_identity(kafka, host.committed_reader(), sorted(host.physical)))
+        return RocksStore(root / f"p{partition}", identity | {"partition": partition})
+
+    host = Host(logic, kafka, out, emit, open_store, group, cfg.flush_timeout_s, crash)
+    if hasattr(logic, "high_water"):
+        logic.high_water = lambda topic, p: host.highwater(topic, p)
     return host
 
 
@@ -146,7 +117,7 @@ def make_app(agent: str, kafka: KafkaSettings | None = None, cfg: AgentSettings 
     async def run(stream):
         async for events in stream.take_events(cfg.batch_size, within=cfg.batch_wait_ms / 1000):
             try:
-                poll = getattr(host, "poll_side_inputs", None)
+                poll = getattr(host.logic, "poll_side_inputs", None)
                 if poll is not None:
                     poll()
                 host.process_messages([e.message for e in events])

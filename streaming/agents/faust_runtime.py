@@ -35,14 +35,13 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
-from schemas.deadletter import DeadLetters
 from schemas.settings import EMBEDDED_PROFILE, KafkaSettings
 from schemas.topics import Topic
 
 from ..output import Output
 from .reading import read_to_end, reader
-from .settings import AgentSettings
-from .store import Logic, Reader, Record, RocksStore, Store
+from .runtime import Crash
+from .store import Logic, Reader, Record, Store
 
 log = logging.getLogger(__name__)
 
@@ -86,27 +85,7 @@ def faust_settings(kafka: KafkaSettings, app_id: str, datadir: Path) -> dict[str
     return conf
 
 
-# --- outputs ------------------------------------------------------------------------------------------------
-class KafkaEmit:
-    """``Emit`` over the project's ``Output`` producer and dead-letter helper; ``flush`` fails loudly."""
-
-    def __init__(self, kafka: KafkaSettings, name: str, out: Output | None = None):
-        self.kafka = kafka
-        self.out = out or Output(kafka)
-        self.dead = DeadLetters(self.out, kafka, name)
-
-    def send(self, topic: Topic, value: bytes | None, key: bytes | None = None, partition: int | None = None) -> None:
-        self.out.produce(self.kafka.topic(topic), value=value, key=key,
-                         **({} if partition is None else {"partition": partition}))
-
-    def dead_letter(self, record: Record, reason: str | BaseException) -> None:
-        self.dead.send(self.kafka.topic_prefix + record.topic, record.partition, record.offset, record.key,
-                       record.value, reason)
-
-    def flush(self) -> None:
-        self.out.flush()
-
-
+# --- inputs ----------------------------------------------------------------------------------------------
 def kafka_reader(kafka: KafkaSettings) -> Reader:
     """``read(topic, partition)``: the partition from its beginning to the end reported by the fetch."""
 
@@ -125,10 +104,11 @@ def kafka_reader(kafka: KafkaSettings) -> Reader:
 class Host:
     """One agent's logic, its stores (one per partition) and counters, inside one Faust worker."""
 
-    def __init__(self, logic: Logic, kafka: KafkaSettings, emit: KafkaEmit, open_store: Callable[[int], Store],
-                 group: str):
-        self.name, self.kafka, self.logic, self.emit = logic.name, kafka, logic, emit
-        self.open_store, self.group = open_store, group
+    def __init__(self, logic: Logic, kafka: KafkaSettings, out: Output, emit: Any, open_store: Callable[[int], Store],
+                 group: str, flush_timeout_s: float = 60.0, crash: Crash | None = None):
+        self.name, self.kafka, self.logic, self.out, self.emit = logic.name, kafka, logic, out, emit
+        self.open_store, self.group, self.flush_timeout_s = open_store, group, flush_timeout_s
+        self.crash = crash or Crash()
         self.physical = {kafka.topic(t): t.name for t in logic.inputs}
         self.read = kafka_reader(kafka)
         self.stores: dict[int, Store] = {}
@@ -146,19 +126,24 @@ class Host:
         self._last_report = (time.monotonic(), 0)
 
     # --- partitions -----------------------------------------------------------------------------------
+    def committed_reader(self):
+        """A client of the group that never joins it: OffsetFetch and metadata only."""
+        if self._committed_reader is None:
+            self._committed_reader = reader(self.kafka, **{"group.id": self.group})
+        return self._committed_reader
+
     def committed(self, partition: int) -> dict[str, int | None]:
         """The group's committed next offset per input topic (logical name; None: nothing committed)."""
-        if self._committed_reader is None:  # OffsetFetch only: this client never joins the group
-            self._committed_reader = reader(self.kafka, **{"group.id": self.group})
         tps = [TopicPartition(t, partition) for t in self.physical]
-        got = self._committed_reader.committed(tps, timeout=30)
+        got = self.committed_reader().committed(tps, timeout=30)
         return {self.physical[tp.topic]: (tp.offset if tp.offset >= 0 else None) for tp in got}
 
     def open(self, partition: int) -> None:
         committed = self.committed(partition)
         store = self.open_store(partition)
-        self.starts[partition] = dict(self.logic.assign(partition, store, committed, self.emit, self.read))
         self.stores[partition] = store
+        self.starts[partition] = dict(self.logic.assign(partition, store, committed, self.emit, self.read))
+        self.crash("assign")
         log.info("%s: assigned partition %d (committed %s, resume at %s)", self.name, partition, committed,
                  self.starts[partition])
 
@@ -167,6 +152,7 @@ class Host:
             store = self.stores.pop(p, None)
             if store is not None:
                 self.logic.revoke(p)
+                store.discard()
                 store.close()
                 self.starts.pop(p, None)
                 self.positions = {k: v for k, v in self.positions.items() if k[1] != p}
@@ -174,6 +160,9 @@ class Host:
 
     def close(self) -> None:
         self.revoke(list(self.stores))
+        hook = getattr(self.logic, "shutdown", None)
+        if hook is not None:
+            hook()
         if self._committed_reader is not None:
             self._committed_reader.close()
             self._committed_reader = None
@@ -208,15 +197,18 @@ class Host:
                 self.logic.process(p, records, self.emit)
                 store.commit(positions)
             except BaseException:
-                store.discard()
+                for st in self.stores.values():
+                    st.discard()
                 raise
+            self.crash("after_state_write")
             for t, off in positions.items():
                 self.positions[(self.kafka.topic_prefix + t, p)] = off
             n += len(records)
-        self.emit.flush()  # outputs delivered before the batch ends and Faust acks (commits) its offsets
-        flushed = getattr(self.logic, "flushed", None)
-        if flushed is not None:
-            flushed()
+        self.out.flush(self.flush_timeout_s)  # outputs delivered before the batch ends and Faust acks its offsets
+        self.crash("after_flush")
+        hook = getattr(self.logic, "delivered", None)
+        if hook is not None:
+            hook()
         if n:
             self.consumed += n
             self.batches += 1
@@ -269,14 +261,8 @@ class Host:
         return "\n".join(lines) + "\n"
 
 
-def open_rocks_store(kafka: KafkaSettings, cfg: AgentSettings, logic: Logic, group: str, partition: int) -> Store:
-    """The partition's RocksStore under ``$LUM_DATA_DIR/<agent>/<group>/p<N>``, identified by its input topics."""
-    identity = {"topics": sorted(kafka.topic(t) for t in logic.inputs), "partition": partition}
-    return RocksStore(Path(cfg.data_dir) / logic.name / group / f"p{partition}", identity)
-
-
 def fail(host: Host, exc: BaseException) -> None:
     """A batch failed (a bug or an infrastructure fault, never bad input): stop without committing it."""
     log.critical("%s: batch failed, stopping without committing it: %r", host.name, exc, exc_info=exc)
     logging.shutdown()
-    os._exit(70)
+    os._exit(1)  # the batch worker's exit code for a failed batch: the supervisor restarts it

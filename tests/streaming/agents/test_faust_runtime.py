@@ -56,12 +56,11 @@ class Logic:
         self.calls.append(("revoke", partition))
 
 
-class Emit:
+class Out:
     def __init__(self, calls):
         self.calls = calls
-        self.dead = SimpleNamespace(total=0)
 
-    def flush(self):
+    def flush(self, timeout=None):
         self.calls.append(("flush",))
 
 
@@ -75,7 +74,8 @@ def host():
     kafka = KafkaSettings(topic_prefix="x-")
     logic = Logic(starts={1: {"impressions": 0, "behaviors": 5}})  # partition 1's store is ahead on behaviors
     stores = {}
-    h = Host(logic, kafka, Emit(logic.calls), lambda p: stores.setdefault(p, MemoryStore()), "x-group")
+    emit = SimpleNamespace(dead=SimpleNamespace(total=0))
+    h = Host(logic, kafka, Out(logic.calls), emit, lambda p: stores.setdefault(p, MemoryStore()), "x-group")
     h.committed = lambda p: {"impressions": None, "behaviors": 3 if p == 1 else None}
     h.assignment = lambda: {(t, p) for t in ("x-impressions", "x-behaviors") for p in (0, 1)}
     return h, logic, stores
