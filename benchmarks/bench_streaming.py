@@ -280,8 +280,7 @@ def profile_shares(prof: cProfile.Profile) -> list[tuple[str, float]]:
     stats = pstats.Stats(prof).stats  # (file, line, function) -> (cc, nc, tottime, cumtime, callers)
     groups = {"decode + validate JSON (pydantic field validator)": ("sequences.py", "decode"),
               "tokenize a batch (blake2b event keys, condition ids)": ("tokenize.py", "tokenize_rows"),
-              "group, dedup, sort, cap new users (numpy)": ("sequences.py", "_fresh_users"),
-              "merge stored sequences (numpy)": ("sequences.py", "merge"),
+              "merge with stored sequences, dedup, sort, cap, encode (numpy)": ("sequences.py", "_merge_all"),
               "produce to user-sequences": ("worker.py", "send"),
               "RocksDB multi-get + WriteBatch": ("~", "<method 'get' of 'builtins.Rdict' objects>|"
                                                       "<method 'write' of 'builtins.Rdict' objects>"),

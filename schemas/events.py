@@ -87,6 +87,7 @@ class LumFeatures(_Event):
     # Event time of the newest behavior these outputs have seen. Consumers attach them only to events after
     # it (point in time): an impression must never get features computed from its own click.
     as_of_ms: TimeMs | None = None
+    trained_until_ms: TimeMs | None = None  # newest event time the model was trained on (point in time too)
 
     @model_validator(mode="after")
     def _same_dims(self) -> LumFeatures:

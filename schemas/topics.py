@@ -60,9 +60,11 @@ ITEM_EMBEDDINGS = Topic("item-embeddings", "item_id", ItemEmbedding, 4, True, No
                         "each item's latest LUM item-token embedding, written by the refresh job")
 LATE_CLICKS = Topic("late-clicks", "user_id", BehaviorEvent, 1, False, 7 * DAY_MS,
                     "clicks that arrived after their impression's attribution window closed")
+JOINER_CHANGELOG = Topic("joiner-changelog", "joiner state key (bytes)", bytes, 4, True, None,  # type: ignore[arg-type]
+                         "the label joiner's state changes per input partition (raw store values), to rebuild it")
 DEAD_LETTERS = Topic("dead-letters", "source key", DeadLetter, 1, False, 30 * DAY_MS,
                      "messages a consumer could not decode or validate, with the reason and source offset")
 
 ALL_TOPICS: tuple[Topic, ...] = (BEHAVIORS, IMPRESSIONS, TRAINING_EXAMPLES, USER_SEQUENCES, LUM_FEATURES,
-                                 ITEM_EMBEDDINGS, LATE_CLICKS, DEAD_LETTERS)
+                                 ITEM_EMBEDDINGS, LATE_CLICKS, JOINER_CHANGELOG, DEAD_LETTERS)
 BY_NAME: dict[str, Topic] = {t.name: t for t in ALL_TOPICS}

@@ -29,6 +29,12 @@ class AgentSettings(BaseSettings):
     allowed_lateness_ms: int = Field(60_000, ge=0, description="joiner watermark = event time reached by its inputs minus this")
     join_retention_ms: int = Field(24 * 3600_000, ge=0,
                                    description="how long closed windows are remembered (duplicates, late clicks)")
+    max_watermark_step_ms: int = Field(3_600_000, ge=1, description="joiner: how far an isolated jump in event "
+                                       "time moves the watermark per batch (dense data moves it freely)")
+    join_state_horizon_ms: int = Field(30 * 24 * 3600_000, ge=1, description="joiner: users idle this long "
+                                       "(event time) lose their history and LUM features")
+    joiner_changelog: bool = Field(True, description="joiner: write the joiner-changelog topic and rebuild "
+                                   "state from it on a worker without the partition's data")
     history_len: int = Field(50, ge=0, le=256, description="items of point-in-time history per training example")
     metrics_port: int = Field(0, ge=0, le=65535,
                               description="Prometheus text endpoint of worker i on port+i (0: off)")

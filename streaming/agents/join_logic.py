@@ -1,0 +1,664 @@
+"""The label join as pure logic: decoded records + a state store in, examples out; no Kafka or RocksDB type.
+
+Hosted by a runtime (``streaming.agents.worker`` by default, or Faust) through ``JoinLogic`` below, which
+follows the ``streaming.agents.store`` contract: ``assign`` / ``process`` / ``revoke`` over ``Record``s, one
+``Store`` per partition, outputs through an ``Emit``. The rules, guarantees and settings are documented in
+``streaming.agents.joiner`` (the launch point); this module is what implements them.
+
+Every key the joiner stores is built and parsed by ``JoinKeys``; nothing else writes a key byte.
+
+State is read from the store when a batch needs it (no partition is ever loaded whole into memory): pending
+impressions, emitted ids and early clicks are point reads; the windows to close, the ids to forget and the
+users to evict are found by streaming ordered index keys (deadline / expiry / activity time first), so
+``assign`` reads a handful of keys and every batch touches only what it changes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import NamedTuple
+
+import numpy as np
+
+from schemas.codec import DecodeError
+from schemas.events import BehaviorEvent, ImpressionEvent, ItemEmbedding, LumFeatures, TrainingExample
+from schemas.tokenize import event_key
+from schemas.topics import (BEHAVIORS, IMPRESSIONS, ITEM_EMBEDDINGS, JOINER_CHANGELOG, LATE_CLICKS, LUM_FEATURES,
+                            TRAINING_EXAMPLES, key_of)
+
+from .store import Emit, Reader, Record, Store
+
+log = logging.getLogger(__name__)
+
+HISTORY_CAP = 2048  # hard bound per user, even if a burst falls inside one window
+FEATURE_VERSIONS = 4  # LUM feature versions kept per user, to find the newest one older than an impression
+ITEM_VERSIONS = 4  # model versions whose item embeddings are kept (the versions user features may still carry)
+EVICT_PER_BATCH = 10_000  # activity-index entries examined per batch (bounds a batch's extra work)
+RESTORE_CHUNK = 20_000  # changelog records staged between two store commits during a rebuild
+
+
+# --- configuration -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JoinConfig:
+    """The join's parameters (from ``AgentSettings``; names in parentheses are the environment variables)."""
+
+    window_ms: int = 30 * 60_000  # attribution window (LUM_JOIN_WINDOW_MS)
+    lateness_ms: int = 60_000  # watermark = event time reached - this (LUM_AGENT_ALLOWED_LATENESS_MS)
+    retention_ms: int = 24 * 3600_000  # closed ids / early clicks remembered (LUM_AGENT_JOIN_RETENTION_MS)
+    history_len: int = 50  # history items per example (LUM_AGENT_HISTORY_LEN)
+    max_future_skew_ms: int = 3600_000  # later than now + this: dead letter (LUM_AGENT_MAX_FUTURE_SKEW_MS)
+    max_watermark_step_ms: int = 3600_000  # isolated jump per batch (LUM_AGENT_MAX_WATERMARK_STEP_MS)
+    state_horizon_ms: int = 30 * 24 * 3600_000  # idle users' history/features evicted (LUM_AGENT_JOIN_STATE_HORIZON_MS)
+    changelog: bool = True  # write the joiner-changelog topic and rebuild from it (LUM_AGENT_JOINER_CHANGELOG)
+
+    @classmethod
+    def from_settings(cls, cfg) -> JoinConfig:
+        """From ``streaming.agents.settings.AgentSettings``."""
+        return cls(window_ms=cfg.join_window_ms, lateness_ms=cfg.allowed_lateness_ms,
+                   retention_ms=cfg.join_retention_ms, history_len=cfg.history_len,
+                   max_future_skew_ms=cfg.max_future_skew_ms, max_watermark_step_ms=cfg.max_watermark_step_ms,
+                   state_horizon_ms=cfg.join_state_horizon_ms, changelog=cfg.joiner_changelog)
+
+
+# --- key scheme --------------------------------------------------------------------------------------------
+def _u8(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+def _n(b: bytes) -> int:
+    return int.from_bytes(b, "big")
+
+
+class JoinKeys:
+    """The joiner's key scheme: every key it stores, built and parsed here (8-byte big-endian numbers, so
+    that key order is numeric order and a prefix scan streams an index in time order).
+
+    ``p<id>``                  pending impression: clicked flag (1 byte) + the impression's encoded bytes
+    ``e<id>``                  emitted example id: label (1 byte) + window deadline (8)
+    ``c<id>``                  click seen before its impression: click time (8) + the click's encoded bytes
+    ``o<id>``                  outbox: the encoded example of the last batch (re-sent by ``assign``)
+    ``h<user>``                history: int64 rows (event time, event key, item, category), sorted
+    ``f<user>``                the user's LUM feature versions (up to 4, by as_of; 0: unknown), each as
+                               as_of (8), trained_until (8; 0: unknown), activity time (8), length (4), encoded
+    ``w<deadline><id>``        index: windows to close, by deadline
+    ``r<expiry><kind><id>``    index: emitted ids (kind e) and early clicks (kind c) to forget, by expiry
+    ``x<bucket><user>``        index: users by last activity bucket, for eviction
+    ``m<name>``                meta: watermark, reached time per stream, open windows
+    """
+
+    PENDING, EMITTED, EARLY, OUTBOX, HISTORY, FEATURES = b"p", b"e", b"c", b"o", b"h", b"f"
+    CLOSING, FORGET, ACTIVITY, META = b"w", b"r", b"x", b"m"
+    POSITIONS = b"m\x00positions"  # changelog only: the input positions a changelog batch ends at
+
+    @staticmethod
+    def pending(eid: str) -> bytes:
+        return b"p" + eid.encode()
+
+    @staticmethod
+    def emitted(eid: str) -> bytes:
+        return b"e" + eid.encode()
+
+    @staticmethod
+    def early(eid: str) -> bytes:
+        return b"c" + eid.encode()
+
+    @staticmethod
+    def outbox(eid: str) -> bytes:
+        return b"o" + eid.encode()
+
+    @staticmethod
+    def history(user: int) -> bytes:
+        return b"h" + _u8(user)
+
+    @staticmethod
+    def features(user: int) -> bytes:
+        return b"f" + _u8(user)
+
+    @staticmethod
+    def closing(deadline: int, eid: str) -> bytes:
+        return b"w" + _u8(deadline) + eid.encode()
+
+    @staticmethod
+    def forget(expiry: int, kind: bytes, eid: str) -> bytes:
+        return b"r" + _u8(expiry) + kind + eid.encode()
+
+    @staticmethod
+    def activity(bucket: int, user: int) -> bytes:
+        return b"x" + _u8(bucket) + _u8(user)
+
+    @staticmethod
+    def meta(name: str) -> bytes:
+        return b"m" + name.encode()
+
+    # parsing (index keys: time first)
+    @staticmethod
+    def parse_closing(key: bytes) -> tuple[int, str]:
+        return _n(key[1:9]), key[9:].decode()
+
+    @staticmethod
+    def parse_forget(key: bytes) -> tuple[int, bytes, str]:
+        return _n(key[1:9]), key[9:10], key[10:].decode()
+
+    @staticmethod
+    def parse_activity(key: bytes) -> tuple[int, int]:
+        return _n(key[1:9]), _n(key[9:17])
+
+
+
+K = JoinKeys
+
+
+# --- item embeddings: a global table, per model version ----------------------------------------------------
+class ItemVectors:
+    """Item embeddings per model version, for the ``ITEM_VERSIONS`` newest versions (by ``computed_at_ms``):
+    an example takes the item vector of the SAME model version as its user features, never another one."""
+
+    def __init__(self, versions: int = ITEM_VERSIONS):
+        self.keep = versions
+        self.by_version: dict[str, dict[int, list[float]]] = {}
+        self.newest: dict[str, int] = {}  # version -> newest computed_at_ms seen
+
+    def add(self, emb: ItemEmbedding) -> None:
+        self.by_version.setdefault(emb.model_version, {})[emb.item_id] = emb.vector
+        self.newest[emb.model_version] = max(self.newest.get(emb.model_version, 0), emb.computed_at_ms)
+        if len(self.by_version) > self.keep:
+            oldest = min(self.newest, key=self.newest.__getitem__)
+            del self.by_version[oldest], self.newest[oldest]
+            log.info("joiner: item embeddings of model version %s dropped (%d newer versions kept)", oldest, self.keep)
+
+    def get(self, item: int, version: str) -> list[float] | None:
+        return self.by_version.get(version, {}).get(item)
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.by_version.values())
+
+
+# --- watermark ----------------------------------------------------------------------------------------------
+def advance(reached: int | None, times: Sequence[int], step: int) -> int | None:
+    """The event time a stream has reached after a batch with event ``times``.
+
+    The reached time follows the batch's times upwards while consecutive times are at most ``step`` apart
+    (dense data: a replay may cover days in one batch); at a larger jump it moves ``step`` and stops. So one
+    isolated outlier, however far ahead, moves a stream by at most ``step`` per batch, and a genuine jump
+    (a gap in the data) is crossed in ``gap / step`` batches. A stream's first batch starts at its median,
+    so early outliers cannot anchor it either.
+    """
+    if not times:
+        return reached
+    ts = sorted(times)
+    cur = ts[len(ts) // 2] if reached is None else reached
+    for t in ts:
+        if t <= cur:
+            continue
+        if t - cur > step:
+            return cur + step
+        cur = t
+    return cur
+
+
+# --- per-partition working state -----------------------------------------------------------------------------
+class _Part:
+    """A partition's few in-memory values (everything else is in the store)."""
+
+    def __init__(self, store: Store, partition: int):
+        self.store, self.partition = store, partition
+        self.reached: dict[str, int] = {}  # input stream -> event time reached (see ``advance``)
+        self.wm = 0  # watermark (event time), never decreases
+        self.open = 0  # open windows (a gauge)
+        self.next_offset: dict[str, int] = {}  # next offset per input topic
+        self.outbox: list[bytes] = []  # outbox keys of the last committed batch: deleted by the next one
+        self.changes: dict[bytes, bytes | None] = {}  # this batch's writes (for the changelog)
+
+    def put(self, key: bytes, value: bytes) -> None:
+        self.store.put(key, value)
+        self.changes[key] = value
+
+    def delete(self, key: bytes) -> None:
+        self.store.delete(key)
+        self.changes[key] = None
+
+    def load_meta(self) -> None:
+        m = dict(self.store.scan(K.META))
+        self.wm = _n(m.get(K.meta("wm"), b"\0"))
+        self.open = _n(m.get(K.meta("open"), b"\0"))
+        for key, value in m.items():
+            if key.startswith(K.meta("reached:")):
+                self.reached[key[len(K.meta("reached:")):].decode()] = _n(value)
+
+    def save_meta(self) -> None:
+        self.put(K.meta("wm"), _u8(self.wm))
+        self.put(K.meta("open"), _u8(self.open))
+        for stream, t in self.reached.items():
+            self.put(K.meta("reached:" + stream), _u8(t))
+
+
+class _Version(NamedTuple):
+    as_of: int  # 0: unknown (usable for any impression)
+    trained_until: int  # 0: unknown
+    active: int  # event time of the user's activity it stands for (eviction)
+    raw: bytes  # the encoded LumFeatures
+
+
+def _pack_versions(versions: list[_Version]) -> bytes:
+    return b"".join(_u8(v.as_of) + _u8(v.trained_until) + _u8(v.active) + len(v.raw).to_bytes(4, "big") + v.raw
+                    for v in versions)
+
+
+def _unpack_versions(value: bytes | None) -> list[_Version]:
+    out, i = [], 0
+    while value and i < len(value):
+        n = _n(value[i + 24:i + 28])
+        out.append(_Version(_n(value[i:i + 8]), _n(value[i + 8:i + 16]), _n(value[i + 16:i + 24]),
+                            value[i + 28:i + 28 + n]))
+        i += 28 + n
+    return out
+
+
+def _history_rows(value: bytes | None) -> list[tuple[int, int, int, int]]:
+    if not value:
+        return []
+    return [tuple(r) for r in np.frombuffer(value, dtype=">i8").reshape(-1, 4).tolist()]
+
+
+# --- the logic -------------------------------------------------------------------------------------------------
+class JoinLogic:
+    """The label joiner over records and per-partition stores (the ``streaming.agents.store.Logic`` shape).
+
+    ``high_water(topic, partition)`` is set by the runtime: the end of an input partition as its consumer last
+    saw it (None, -1 or -1001: unknown, which holds the watermark). ``clock()`` is the wall clock in ms (the
+    future-skew check). ``side(record)`` takes ``item-embeddings`` records (every partition, from the start).
+    """
+
+    name = "joiner"
+    inputs = (IMPRESSIONS, BEHAVIORS, LUM_FEATURES)
+    side_inputs = (ITEM_EMBEDDINGS,)
+
+    def __init__(self, cfg: JoinConfig, clock: Callable[[], int] | None = None):
+        import time
+
+        self.cfg = cfg
+        self.clock = clock or (lambda: int(time.time() * 1000))
+        self.high_water: Callable[[str, int], int | None] = lambda topic, partition: None
+        self.items = ItemVectors()
+        self.parts: dict[int, _Part] = {}
+        self._last_emit: Emit | None = None  # of the last batch (``delivered`` writes outbox tombstones through it)
+        self.counts = dict.fromkeys(
+            ("examples_total", "positives_total", "late_clicks_total", "duplicate_impressions_total",
+             "duplicate_clicks_total", "orphan_clicks_total", "lum_features_too_new_total",
+             "item_vector_other_version_total", "future_events_total", "evicted_users_total", "restored_keys_total"),
+            0)
+
+    # --- side input -----------------------------------------------------------------------------------------
+    def side(self, record: Record, emit: Emit) -> None:
+        try:
+            self.items.add(ITEM_EMBEDDINGS.decode(record.value))
+        except DecodeError as e:
+            emit.dead_letter(record, e)
+
+    # --- partition lifecycle ------------------------------------------------------------------------------
+    def assign(self, partition: int, store: Store, committed: Mapping[str, int | None], emit: Emit,
+               read: Reader) -> dict[str, int]:
+        """Open partition ``partition``: use the local state when it covers the group's committed offsets,
+        otherwise rebuild it from the changelog; never start empty while either holds state."""
+        local = store.positions()
+        behind = [t for t, c in committed.items() if c is not None and local.get(t, 0) < c]
+        if self.cfg.changelog and (not local or behind):
+            why = "no local state" if not local else f"local state behind the group's offsets on {behind}"
+            self._restore(partition, store, read, why)
+            local = store.positions()
+        st = _Part(store, partition)
+        st.load_meta()
+        for key, value in store.scan(K.OUTBOX):  # examples of a batch whose delivery may not have completed
+            ex = TRAINING_EXAMPLES.decode(value)
+            emit.send(TRAINING_EXAMPLES, value, key=key_of(ex.user_id))
+            st.outbox.append(key)
+        self.parts[partition] = st
+        starts = {t.name: local.get(t.name, committed.get(t.name) or 0) for t in self.inputs}
+        still_behind = {t: (starts[t], c) for t, c in committed.items() if c is not None and starts.get(t, 0) < c}
+        if still_behind:  # reprocessing from here is idempotent; jumping ahead would lose the state between
+            log.warning("joiner partition %d: state ends before the group's offsets %s: re-reading inputs from "
+                        "the state's positions", partition, still_behind)
+        st.next_offset = dict(starts)
+        log.info("joiner partition %d: watermark %d, %d open windows, resume at %s%s", partition, st.wm, st.open,
+                 starts, f", re-sent {len(st.outbox)} examples" if st.outbox else "")
+        return starts
+
+    def _restore(self, partition: int, store: Store, read: Reader, why: str) -> None:
+        """Rebuild the store from partition ``partition`` of the changelog (last value per key), streamed."""
+        records = iter(read(JOINER_CHANGELOG, partition))
+        first = next(records, None)
+        if first is None:
+            if store.positions():
+                log.warning("joiner partition %d: %s and the changelog is empty: keeping the local state",
+                            partition, why)
+            return
+        log.info("joiner partition %d: %s: rebuilding from %s", partition, why, JOINER_CHANGELOG.name)
+        store.reset()
+        positions: dict[str, int] = {}
+        n = 0
+        for r in _chain(first, records):
+            if r.key == K.POSITIONS:
+                positions = json.loads(r.value)
+            elif r.value is None:
+                store.delete(r.key)
+            else:
+                store.put(r.key, r.value)
+            n += 1
+            if store.staged >= RESTORE_CHUNK:
+                store.commit({})  # bounded memory; positions come last, so a crash here restarts the rebuild
+        store.commit(positions)
+        self.counts["restored_keys_total"] += n
+        log.info("joiner partition %d: rebuilt from %d changelog records, positions %s", partition, n, positions)
+
+    def revoke(self, partition: int) -> None:
+        self.parts.pop(partition, None)
+
+    def delivered(self) -> None:
+        """The runtime says the last batch's outputs were delivered: its outbox is no longer needed (runtimes
+        that do not say so leave it to the next batch's commit)."""
+        for st in self.parts.values():
+            if st.outbox:
+                for key in st.outbox:
+                    st.store.delete(key)
+                    if self.cfg.changelog and self._last_emit is not None:
+                        self._last_emit.send(JOINER_CHANGELOG, None, key=key, partition=st.partition)
+                st.store.commit({})
+                st.outbox = []
+
+    # --- processing ---------------------------------------------------------------------------------------
+    def process(self, partition: int, records: Sequence[Record], emit: Emit) -> None:
+        st = self.parts[partition]
+        self._last_emit = emit
+        st.changes = {}
+        for key in st.outbox:  # the previous batch was committed and delivered before this one was called
+            st.delete(key)
+        st.outbox = []
+        limit = self.clock() + self.cfg.max_future_skew_ms
+        times: dict[str, list[int]] = {IMPRESSIONS.name: [], BEHAVIORS.name: []}
+        imps: list[tuple[ImpressionEvent, bytes]] = []
+        behs: list[tuple[BehaviorEvent, bytes]] = []
+        feats: list[tuple[LumFeatures, bytes]] = []
+        for r in records:
+            st.next_offset[r.topic] = r.offset + 1
+            try:
+                ev = _DECODE[r.topic](r.value)
+            except DecodeError as e:
+                emit.dead_letter(r, e)
+                continue
+            t = (ev.as_of_ms or ev.computed_at_ms) if r.topic == LUM_FEATURES.name else ev.event_time_ms
+            if t > limit:
+                self.counts["future_events_total"] += 1
+                emit.dead_letter(r, f"event time {t} is later than now + LUM_AGENT_MAX_FUTURE_SKEW_MS "
+                                    f"({self.cfg.max_future_skew_ms} ms)")
+                continue
+            if r.topic == IMPRESSIONS.name:
+                imps.append((ev, r.value))
+            elif r.topic == BEHAVIORS.name:
+                behs.append((ev, r.value))
+            else:
+                feats.append((ev, r.value))
+            if r.topic in times:
+                times[r.topic].append(t)
+        self._apply(st, imps, behs, feats, emit)
+        self._watermark(st, times)
+        self._close_windows(st, emit)
+        self._forget(st)
+        self._evict(st)
+        st.save_meta()
+        if self.cfg.changelog:
+            self._changelog(st, emit)
+
+    def _apply(self, st: _Part, imps, behs, feats, emit: Emit) -> None:
+        # One multi-get for every id the batch touches: pending impression, emitted id, early click.
+        ids = list(dict.fromkeys([f"{i.request_id}/{i.item_id}" for i, _ in imps] +
+                                 [f"{b.request_id}/{b.item_id}" for b, _ in behs
+                                  if b.behavior == "click" and b.request_id]))
+        vals = st.store.get_many([k for eid in ids for k in (K.pending(eid), K.emitted(eid), K.early(eid))])
+        known = {eid: vals[3 * i:3 * i + 3] for i, eid in enumerate(ids)}  # eid -> [pending, emitted, early]
+        # Records in offset order per topic; impressions first or clicks first gives the same state, because
+        # a click without its impression waits ("early") and windows close only at the end of the batch.
+        for imp, raw in imps:
+            self._impression(st, imp, raw, known, emit)
+        by_user: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
+        for ev, raw in behs:
+            by_user[ev.user_id].append((ev.event_time_ms, event_key(ev.event_id), ev.item_id, ev.category_id))
+            if ev.behavior == "click" and ev.request_id:
+                self._click(st, ev, raw, known, emit)
+        if by_user:
+            users = list(by_user)
+            for user, value in zip(users, st.store.get_many([K.history(u) for u in users])):
+                h = _history_rows(value)
+                before = len(h)
+                for row in by_user[user]:
+                    i = bisect.bisect_left(h, row)
+                    if i == len(h) or h[i] != row:  # a retried event is history once
+                        h.insert(i, row)
+                if len(h) != before:
+                    self._trim_history(st, h)
+                    st.put(K.history(user), np.array(h, dtype=">i8").tobytes())
+                    self._touch(st, user, h[-1][0])
+        for f, raw in feats:
+            self._features(st, f, raw)
+
+    def _impression(self, st: _Part, imp: ImpressionEvent, raw: bytes, known, emit: Emit) -> None:
+        eid = f"{imp.request_id}/{imp.item_id}"
+        pending, emitted, early = known[eid]
+        if pending is not None or emitted is not None:
+            self.counts["duplicate_impressions_total"] += 1
+            return
+        deadline = imp.event_time_ms + self.cfg.window_ms
+        clicked = False
+        if early is not None:
+            clicked = _n(early[:8]) <= deadline
+            if not clicked:  # the click came after the window: late, though it arrived first
+                self._late(early[8:], emit)
+            st.delete(K.early(eid))
+            known[eid][2] = None
+        value = (b"\x01" if clicked else b"\x00") + raw
+        st.put(K.pending(eid), value)
+        st.put(K.closing(deadline, eid), b"")
+        known[eid][0] = value
+        st.open += 1
+
+    def _click(self, st: _Part, ev: BehaviorEvent, raw: bytes, known, emit: Emit) -> None:
+        eid = f"{ev.request_id}/{ev.item_id}"
+        pending, emitted, early = known[eid]
+        if pending is not None:
+            imp_t = IMPRESSIONS.decode(pending[1:]).event_time_ms
+            if ev.event_time_ms <= imp_t + self.cfg.window_ms:
+                if pending[:1] == b"\x00":
+                    value = b"\x01" + pending[1:]
+                    st.put(K.pending(eid), value)
+                    known[eid][0] = value
+                return
+        elif emitted is not None:
+            if emitted[:1] == b"\x01" and ev.event_time_ms <= _n(emitted[1:9]):
+                self.counts["duplicate_clicks_total"] += 1  # already counted (a retry, a replayed batch)
+                return
+        else:  # impression not seen yet: remember the click until it comes (the earliest click counts)
+            if early is None or ev.event_time_ms < _n(early[:8]):
+                value = _u8(ev.event_time_ms) + raw
+                st.put(K.early(eid), value)
+                st.put(K.forget(ev.event_time_ms + self.cfg.retention_ms, K.EARLY, eid), b"")
+                known[eid][2] = value
+            return
+        self._late(raw, emit)
+
+    def _late(self, raw: bytes, emit: Emit) -> None:
+        self.counts["late_clicks_total"] += 1
+        emit.send(LATE_CLICKS, raw, key=key_of(BEHAVIORS.decode(raw).user_id))
+
+    def _features(self, st: _Part, f: LumFeatures, raw: bytes) -> None:
+        """Keep ``f`` among the user's newest FEATURE_VERSIONS (a republish with the same as_of replaces)."""
+        key = K.features(f.user_id)
+        as_of = f.as_of_ms or 0
+        versions = [v for v in _unpack_versions(st.store.get(key)) if v.as_of != as_of]
+        versions.append(_Version(as_of, getattr(f, "trained_until_ms", None) or 0, f.as_of_ms or f.computed_at_ms, raw))
+        versions.sort()
+        st.put(key, _pack_versions(versions[-FEATURE_VERSIONS:]))
+        self._touch(st, f.user_id, f.as_of_ms or f.computed_at_ms)
+
+    def _trim_history(self, st: _Part, h: list) -> None:
+        # Keep everything a still-open window may need (time >= watermark - W) plus history_len before it.
+        i = bisect.bisect_left(h, (st.wm - self.cfg.window_ms,))
+        drop = max(i - self.cfg.history_len, len(h) - HISTORY_CAP, 0)
+        if drop:
+            del h[:drop]
+
+    def _touch(self, st: _Part, user: int, t: int) -> None:
+        st.put(K.activity(t // self._bucket_ms, user), b"")
+
+    @property
+    def _bucket_ms(self) -> int:
+        return max(self.cfg.state_horizon_ms // 16, 1)
+
+    # --- watermark and windows ----------------------------------------------------------------------------
+    def _watermark(self, st: _Part, times: dict[str, list[int]]) -> None:
+        """watermark = event time reached by the streams still reading behind their end, minus the lateness.
+
+        A stream not known to be at its end (high-water mark unknown: None, -1, -1001; or ahead of the next
+        offset) holds the watermark at its reached time, so a topic read ahead of the other cannot close
+        windows whose clicks are unread; once every stream is at its end the newest reached time counts.
+        """
+        for stream, ts in times.items():
+            r = advance(st.reached.get(stream), ts, self.cfg.max_watermark_step_ms)
+            if r is not None:
+                st.reached[stream] = r
+        held = []
+        for stream in times:
+            hw = self.high_water(stream, st.partition)
+            if hw is None or hw < 0 or st.next_offset.get(stream, 0) < hw:
+                held.append(stream)
+        if held:
+            t = min(st.reached.get(s, 0) for s in held)
+        else:
+            t = max(st.reached.values(), default=0)
+        st.wm = max(st.wm, t - self.cfg.lateness_ms)  # never moves back
+
+    def _close_windows(self, st: _Part, emit: Emit) -> None:
+        due = [K.parse_closing(k) for k, _ in _until(st.store.scan(K.CLOSING), K.closing(st.wm + 1, ""))]
+        due += [K.parse_closing(k) for k, v in st.changes.items()
+                if k[:1] == K.CLOSING and v is not None and K.parse_closing(k)[0] <= st.wm]
+        if not due:
+            return
+        due = sorted(set(due))
+        pend = st.store.get_many([K.pending(eid) for _, eid in due])
+        emitting = [(d, eid, v) for (d, eid), v in zip(due, pend) if v is not None]
+        imps = {eid: IMPRESSIONS.decode(v[1:]) for _, eid, v in emitting}
+        users = list(dict.fromkeys(i.user_id for i in imps.values()))
+        hist = dict(zip(users, map(_history_rows, st.store.get_many([K.history(u) for u in users]))))
+        versions = dict(zip(users, map(_unpack_versions, st.store.get_many([K.features(u) for u in users]))))
+        decoded: dict[bytes, LumFeatures] = {}
+        for deadline, eid in due:
+            st.delete(K.closing(deadline, eid))
+        for deadline, eid, value in emitting:
+            user = imps[eid].user_id
+            self._emit(st, eid, deadline, imps[eid], value[:1] == b"\x01", hist[user], versions[user], decoded,
+                       emit)
+
+    def _emit(self, st: _Part, eid: str, deadline: int, imp: ImpressionEvent, clicked: bool, h: list,
+              versions: list[_Version], decoded: dict[bytes, LumFeatures], emit: Emit) -> None:
+        t = imp.event_time_ms
+        end = bisect.bisect_left(h, (t,))
+        before = h[max(0, end - self.cfg.history_len):end]
+        lum = dict(lum_model_version=None, lum_conditions=None, lum_user=None, lum_item=None)
+        # Point in time: the newest version computed from events before t by a model trained before t.
+        v = next((v for v in reversed(versions) if v.as_of < t and v.trained_until < t), None)
+        if v is None and versions:
+            self.counts["lum_features_too_new_total"] += 1  # only features that have seen the future
+        f = None
+        if v is not None:
+            f = decoded.get(v.raw) or decoded.setdefault(v.raw, LUM_FEATURES.decode(v.raw))
+            lum |= dict(lum_model_version=f.model_version, lum_conditions=[c.condition for c in f.conditions],
+                        lum_user=[c.vector for c in f.conditions], lum_item=self.items.get(imp.item_id, f.model_version))
+            if lum["lum_item"] is None and any(self.items.get(imp.item_id, v) is not None for v in self.items.by_version):
+                self.counts["item_vector_other_version_total"] += 1  # dropped rather than mixed
+        # Built from validated inputs: constructed without a second validation (the hot path).
+        ex = TrainingExample.model_construct(example_id=eid, request_id=imp.request_id, user_id=imp.user_id, item_id=imp.item_id,
+                             category_id=imp.category_id, position=imp.position, scenario=imp.scenario,
+                             query=imp.query, event_time_ms=t, label=1 if clicked else 0,
+                             history_items=[r[2] for r in before], history_categories=[r[3] for r in before], **lum)
+        value = TRAINING_EXAMPLES.encode(ex)
+        emit.send(TRAINING_EXAMPLES, value, key=key_of(imp.user_id))
+        st.put(K.outbox(eid), value)
+        st.outbox.append(K.outbox(eid))
+        st.delete(K.pending(eid))
+        st.put(K.emitted(eid), (b"\x01" if clicked else b"\x00") + _u8(deadline))
+        st.put(K.forget(deadline + self.cfg.retention_ms, K.EMITTED, eid), b"")
+        st.open -= 1
+        self.counts["examples_total"] += 1
+        self.counts["positives_total"] += clicked
+
+    def _forget(self, st: _Part) -> None:
+        """Emitted ids and early clicks past their retention (event time) are forgotten."""
+        due = [k for k, _ in _until(st.store.scan(K.FORGET), K.forget(st.wm + 1, b"", ""))]
+        due += [k for k, v in st.changes.items() if k[:1] == K.FORGET and v is not None and _n(k[1:9]) <= st.wm]
+        for k in dict.fromkeys(due):
+            _, kind, eid = K.parse_forget(k)
+            st.delete(k)
+            if kind == K.EMITTED:
+                st.delete(K.emitted(eid))
+            elif st.store.get(K.early(eid)) is not None:
+                st.delete(K.early(eid))
+                self.counts["orphan_clicks_total"] += 1
+
+    def _evict(self, st: _Part) -> None:
+        """Users idle for longer than the state horizon (event time) lose their history and features."""
+        cutoff = st.wm - self.cfg.state_horizon_ms
+        if cutoff <= 0:
+            return
+        last_bucket = cutoff // self._bucket_ms  # buckets before this one are entirely older than cutoff
+        entries = list(islice(_until(st.store.scan(K.ACTIVITY), K.activity(last_bucket, 0)), EVICT_PER_BATCH))
+        users = list(dict.fromkeys(K.parse_activity(key)[1] for key, _ in entries))
+        for key, _ in entries:
+            st.delete(key)
+        values = st.store.get_many([k for u in users for k in (K.history(u), K.features(u))])
+        for i, user in enumerate(users):
+            h, feats = _history_rows(values[2 * i]), _unpack_versions(values[2 * i + 1])
+            newest = max(([h[-1][0]] if h else []) + [v.active for v in feats], default=None)
+            if newest is None or newest >= cutoff:
+                continue  # active since: a newer activity entry exists
+            if h:
+                st.delete(K.history(user))
+            if feats:
+                st.delete(K.features(user))
+            self.counts["evicted_users_total"] += 1
+
+    def _changelog(self, st: _Part, emit: Emit) -> None:
+        """This batch's writes to the changelog, outbox first and the positions last: a partition of the
+        changelog is written in order, so a restored position implies everything before it arrived."""
+        changes = sorted(st.changes.items(), key=lambda kv: kv[0][:1] != K.OUTBOX)
+        for key, value in changes:
+            emit.send(JOINER_CHANGELOG, value, key=key, partition=st.partition)
+        positions = st.store.positions() | st.next_offset
+        emit.send(JOINER_CHANGELOG, json.dumps(positions, sort_keys=True).encode(), key=K.POSITIONS,
+                  partition=st.partition)
+
+    def gauges(self) -> dict[str, float]:
+        g: dict[str, float] = dict(self.counts)
+        g["open_windows"] = sum(s.open for s in self.parts.values())
+        g["item_embeddings"] = len(self.items)
+        return g
+
+
+def _until(items: Iterator[tuple[bytes, bytes]], end: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """Items of a key-ordered scan before ``end`` (the scan stops being read there)."""
+    for k, v in items:
+        if k >= end:
+            return
+        yield k, v
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+_DECODE: dict[str, Callable[[bytes | None], object]] = {
+    IMPRESSIONS.name: IMPRESSIONS.decode, BEHAVIORS.name: BEHAVIORS.decode, LUM_FEATURES.name: LUM_FEATURES.decode}
