@@ -5,17 +5,20 @@
     faust -A streaming.agents.faust_app:sequences_app worker --without-web     # Faust's own command line
     faust -A streaming.agents.faust_app:joiner_app worker --web-port 6067
 
-One Faust App per agent; its id is the agent's consumer group (``LUM_AGENT_SEQUENCES_GROUP`` /
-``LUM_AGENT_JOINER_GROUP``, after ``LUM_KAFKA_TOPIC_PREFIX``), so the two runtimes share committed offsets
-and state directories (``$LUM_DATA_DIR/<agent>/<group>/p<N>``) and either can take over from the other (one at
-a time: the group protocols differ). Each App has one Faust agent reading the logic's input topics as raw
+One Faust App per agent; its id, the consumer group, is the agent's group with ``-faust`` appended
+(``LUM_KAFKA_TOPIC_PREFIX`` + ``LUM_AGENT_SEQUENCES_GROUP`` / ``LUM_AGENT_JOINER_GROUP`` + ``-faust``): a group
+cannot change its assignment protocol on the embedded broker even when empty, so the runtimes keep their own
+groups and state directories (``$LUM_DATA_DIR/<agent>/<group>/p<N>``). Switching runtime therefore starts a
+new group: its stores are rebuilt from the logic's changelogs and the inputs are read again from the start
+(idempotent: same sequences, no duplicate examples). Each App has one Faust agent reading the logic's input topics as raw
 bytes in batches (``stream.take_events(LUM_AGENT_BATCH_SIZE, LUM_AGENT_BATCH_WAIT_MS)``) and handing them to
 ``streaming.agents.faust_runtime.Host``. Broker, security and session timeout come from ``KafkaSettings``.
 Delivery is at-least-once (Faust's exactly_once does not work on the embedded broker); state updates are
 idempotent, so a kill -9 replays events without double counting.
 
 Web: worker i serves Faust's web views and ``/metrics`` (the batch worker's Prometheus names) on
-``LUM_AGENT_METRICS_PORT + i`` when that is set; otherwise the web server is off (``--without-web``).
+``LUM_AGENT_METRICS_HOST``:``LUM_AGENT_METRICS_PORT + i`` when the port is set; otherwise the web server is off
+(``--without-web``; Faust's ``web_enabled=False`` alone does not stop it).
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def build_host(agent: str, kafka: KafkaSettings, cfg: AgentSettings, index: int 
     dead = DeadLetters(out, kafka, f"{agent}-faust-{index}")
     emit = KafkaEmit(out, kafka, dead, crash)
     if agent == "noop":
-        logic, group = NoopLogic(), kafka.topic_prefix + cfg.sequences_group
+        logic, group = NoopLogic(), kafka.topic_prefix + cfg.sequences_group + "-faust"
     else:
         if agent == "joiner":  # not yet pure logic: the worker's adapter over its own RocksDB
             from .joiner import JoinerLogic
@@ -78,7 +81,7 @@ def build_host(agent: str, kafka: KafkaSettings, cfg: AgentSettings, index: int 
             logic = JoinerLogic(kafka, cfg, out, dead)
         else:
             logic = make_logic(agent, cfg)
-        group = kafka.topic_prefix + {"sequences": cfg.sequences_group, "joiner": cfg.joiner_group}[agent]
+        group = kafka.topic_prefix + {"sequences": cfg.sequences_group, "joiner": cfg.joiner_group}[agent] + "-faust"
     root = Path(cfg.data_dir) / logic.name / group
     identity: dict[str, object] = {}
 
@@ -219,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = load(AgentSettings)
     app = make_app(args.agent, load(KafkaSettings), cfg, args.index)
-    web = ["--web-port", str(cfg.metrics_port + args.index)] if cfg.metrics_port else ["--without-web"]
+    web = (["--web-port", str(cfg.metrics_port + args.index), "--web-bind", cfg.metrics_host]
+           if cfg.metrics_port else ["--without-web"])
     level = {"WARNING": "warn", "CRITICAL": "crit"}.get(args.log_level.upper(), args.log_level.lower())
     sys.argv = [sys.argv[0], "worker", "-l", level, *web]
     app.main()  # runs until SIGTERM / Ctrl-C, then exits the process

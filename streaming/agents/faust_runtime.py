@@ -1,4 +1,4 @@
-"""What hosting the agent logic in Faust needs: App settings from ``KafkaSettings``, an ``Emit``, the host.
+"""What hosting the agent logic in Faust needs: App settings from ``KafkaSettings`` and the host.
 
     python -m streaming.agents.faust_app sequences --index 0     # see streaming.agents.faust_app
 
@@ -6,20 +6,24 @@ The host drives the runtime-neutral logic exactly as the batch worker does (``st
 per batch of ``stream.take_events``, records are grouped by partition, ``logic.process`` stages writes in
 the partition's ``RocksStore``, ``store.commit(positions)`` writes them with the consumed offsets in one
 RocksDB write, the outputs are flushed (``Output.flush`` fails loudly), and only then does the batch end, so
-that Faust acks its events and commits their offsets (at-least-once; the logic is idempotent). A failed
-batch discards the staged writes and stops the process with a non-zero exit: nothing of it is committed.
+that Faust acks its events and commits their offsets (at-least-once; the logic is idempotent and the
+store's positions tell it what it has already applied). A failed batch discards the staged writes and
+stops the process with exit code 1, as the batch worker does: nothing of it is committed, a restart
+redoes it.
 
 Why not Faust tables: every table write costs ~0.6 ms on the embedded broker (a store write plus one
 changelog send through aiokafka), needs Faust's per-event context (``_current_event``) that a batch does not
-have, and its recovery trusts the broker's "latest offset", which the embedded broker reports wrong. The
-logic's own stores are RocksDB too; their changelog is the logic's output topic (``user-sequences``, which
-the sequence logic rebuilds a moved partition from), read to the high-water mark of the fetched data.
+have, commits apart from the input offsets, and table recovery trusts the broker's "latest offset", which
+the embedded broker reports wrong. The logic's stores are RocksDB (rocksdict) too, and changelog-backed by
+the logic itself, through its outputs: the sequence agent rebuilds a moved partition from
+``user-sequences``, the joiner from ``joiner-changelog``, both read to the high-water mark of the fetch.
 
-Partitions. Faust assigns them (its own assignor keeps partition p of co-partitioned inputs together). A
+Partitions. Faust assigns them (its assignor keeps partition p of co-partitioned inputs together). A
 partition's store is opened when its first record arrives and the partition is in the consumer's current
-assignment, with the group's committed offsets (``logic.assign``); records below the offsets the logic
-resumes from are skipped (already applied); on ``on_partitions_revoked`` the store is closed. Records of a
-partition no longer assigned are dropped (its new owner replays them from the committed offset).
+assignment; ``logic.assign`` gets the group's committed offsets (read with an OffsetFetch by a client that
+never joins the group) and returns where to resume; records below that are skipped (already applied). On
+``on_partitions_revoked`` the store is closed. Records of a partition no longer assigned are dropped (the
+new owner replays them from the committed offset).
 """
 
 from __future__ import annotations

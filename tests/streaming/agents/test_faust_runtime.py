@@ -122,7 +122,7 @@ def test_lum_agents_runtime_faust_serves_metrics_and_stops_on_sigterm(kafka, kit
                         "LUM_AGENT_LOG_INTERVAL_S": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "agents", "--runtime", "faust", "--only",
                              "sequences"], env=env, cwd=kit.ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         kit.produce(kafka, [kit.behavior(i, i % 5, t=i) for i in range(40)])
         labels = '{agent="sequences",worker="0"}'
@@ -135,6 +135,6 @@ def test_lum_agents_runtime_faust_serves_metrics_and_stops_on_sigterm(kafka, kit
         assert proc.returncode == 0, out[-3000:]
         assert "events/s, lag" in out  # the periodic log line, as the batch worker writes it
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        if proc.poll() is None:  # the supervisor and its workers: they share its new session's group
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

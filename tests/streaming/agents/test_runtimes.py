@@ -140,6 +140,7 @@ def test_kill_9_mid_stream_then_restart_equals_uninterrupted_run(kafka, kit, tmp
     kit.wait_for(lambda: assert_alive(w2) or seqs_equal(kafka, expected), timeout=90,
                  what="snapshot == expected after restart")
     assert w2.stop() == 0
+    assert "local state at offset" in w2.text() and "rebuilt" not in w2.text()  # resumed from its RocksDB
 
 
 @pytest.mark.slow
@@ -198,3 +199,4 @@ def test_joiner_labels_duplicates_and_late_clicks(kafka, kit, tmp_path, run, run
     assert w.stop() == 0
     assert {x.example_id: x.label for x in read_all(kafka, TRAINING_EXAMPLES, TrainingExample)} == want
     assert len(read_all(kafka, DEAD_LETTERS)) == 1
+
