@@ -114,7 +114,14 @@ def make_app(agent: str, kafka: KafkaSettings | None = None, cfg: AgentSettings 
         return {(tp.topic, tp.partition) for tp in app.consumer.assignment()}
 
     host.assignment = assignment
-    host.highwater = lambda topic, p: app.consumer.highwater(TP(topic, p))
+    def highwater(topic: str, partition: int) -> int | None:
+        """The partition's end as carried by the last fetch (None while unknown or not assigned)."""
+        try:
+            return app.consumer.highwater(TP(topic, partition))
+        except Exception:
+            return None
+
+    host.highwater = highwater
 
     @app.agent(source, name=agent)
     async def run(stream):
