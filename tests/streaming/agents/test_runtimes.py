@@ -200,3 +200,42 @@ def test_joiner_labels_duplicates_and_late_clicks(kafka, kit, tmp_path, run, run
     assert {x.example_id: x.label for x in read_all(kafka, TRAINING_EXAMPLES, TrainingExample)} == want
     assert len(read_all(kafka, DEAD_LETTERS)) == 1
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_joiner_kill_9_then_restart_on_another_host_gives_every_example_once_labelled(kafka, kit, tmp_path, run,
+                                                                                      runtime):
+    """Relocation: the restarted joiner has no data directory and rebuilds from joiner-changelog; the distinct
+    (example_id, label) set is the one an uninterrupted join gives (labels known by construction)."""
+    W, rnd = 10_000, random.Random(7)
+    events, truth = [], {}
+    for r in range(120):
+        user, t = rnd.randrange(40), 1000 + r * 150
+        events.append(kit.behavior(10 * r, user, t - 10))
+        for pos in range(3):
+            item = 100 + rnd.randrange(50) * 3 + pos
+            events.append(kit.impression(f"q{r}", user, item, t, pos))
+            truth[f"q{r}/{item}"] = 0
+            if rnd.random() < 0.3:  # a click inside the window
+                events.append(kit.behavior(10 * r + 1 + pos, user, t + rnd.randrange(W), item=item,
+                                           behavior="click", request_id=f"q{r}"))
+                truth[f"q{r}/{item}"] = 1
+    events.sort(key=lambda e: e.event_time_ms)
+    t_end = events[-1].event_time_ms - kit.T0 + 3 * W
+    events += [kit.behavior(0, 999, t_end, event_id=f"tick-{p}") for p in range(8)]
+    kit.produce(kafka, events, raw=[(BEHAVIORS, key_of(999), BEHAVIORS.encode(kit.behavior(0, 999, t_end,
+                                     event_id=f"end-{p}")), p) for p in range(BEHAVIORS.partitions)])
+    env = {"LUM_JOIN_WINDOW_MS": str(W), "LUM_AGENT_ALLOWED_LATENESS_MS": "1000", "LUM_AGENT_BATCH_SIZE": "20"}
+
+    def examples():
+        return {(x.example_id, x.label) for x in read_all(kafka, TRAINING_EXAMPLES, TrainingExample)}
+
+    w1 = run(runtime, "joiner", env | {"LUM_DATA_DIR": str(tmp_path / "a")})
+    kit.wait_for(lambda: assert_alive(w1) or examples(), timeout=90, what="first examples")
+    assert w1.stop("kill") == -9
+    w2 = run(runtime, "joiner", env | {"LUM_DATA_DIR": str(tmp_path / "b")})
+    kit.wait_for(lambda: assert_alive(w2) or len({e for e, _ in examples()}) >= len(truth), timeout=120,
+                 what="every example after the restart")
+    assert w2.stop() == 0
+    assert examples() == set(truth.items())
