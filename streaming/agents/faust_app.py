@@ -75,7 +75,7 @@ def build_host(agent: str, kafka: KafkaSettings, cfg: AgentSettings, index: int 
     if agent == "noop":
         logic, group = NoopLogic(), kafka.topic_prefix + cfg.sequences_group + "-faust"
     else:
-        if agent == "joiner":  # not yet pure logic: the worker's adapter over its own RocksDB
+        if agent == "joiner":  # JoinLogic with its item-embeddings side input, as the batch worker hosts it
             from .joiner import JoinerLogic
 
             logic = JoinerLogic(kafka, cfg, out, dead)
@@ -114,6 +114,7 @@ def make_app(agent: str, kafka: KafkaSettings | None = None, cfg: AgentSettings 
         return {(tp.topic, tp.partition) for tp in app.consumer.assignment()}
 
     host.assignment = assignment
+
     def highwater(topic: str, partition: int) -> int | None:
         """The partition's end as carried by the last fetch (None while unknown or not assigned)."""
         try:
@@ -125,14 +126,17 @@ def make_app(agent: str, kafka: KafkaSettings | None = None, cfg: AgentSettings 
 
     @app.agent(source, name=agent)
     async def run(stream):
-        async for events in stream.take_events(cfg.batch_size, within=cfg.batch_wait_ms / 1000):
-            try:
-                poll = getattr(host.logic, "poll_side_inputs", None)
-                if poll is not None:
-                    poll()
-                host.process_messages([e.message for e in events])
-            except BaseException as exc:  # noqa: BLE001 (nothing of the batch may be acked)
-                fail(host, exc)
+        try:
+            async for events in stream.take_events(cfg.batch_size, within=cfg.batch_wait_ms / 1000):
+                try:
+                    poll = getattr(host.logic, "poll_side_inputs", None)
+                    if poll is not None:
+                        poll()
+                    host.process_messages([e.message for e in events])
+                except Exception as exc:  # nothing of the batch may be acked: stop here
+                    fail(host, exc)
+        finally:  # the worker stops its agents first: no batch can come after this
+            host.close()
 
     @app.on_partitions_revoked.connect
     async def _revoked(sender, revoked, **_):
@@ -145,10 +149,6 @@ def make_app(agent: str, kafka: KafkaSettings | None = None, cfg: AgentSettings 
     @app.timer(cfg.log_interval_s)
     async def _report():
         host.report(index)
-
-    @app.on_before_shutdown.connect
-    async def _stop(sender, **_):
-        host.close()
 
     return app
 

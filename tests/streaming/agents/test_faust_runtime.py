@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from types import SimpleNamespace
 
@@ -130,6 +131,7 @@ def test_lum_agents_runtime_faust_serves_metrics_and_stops_on_sigterm(kafka, kit
         m = kit.wait_for(lambda: (s := scrape(port)).get("lum_agent_events_total" + labels) == 40
                          and s.get(lag) == 0 and s, timeout=90, what="faust worker metrics: all consumed, lag 0")
         assert m["lum_agent_assigned_partitions" + labels] == 4 and m["lum_agent_sequences_published_total" + labels] >= 5
+        time.sleep(2.5)  # a periodic log line (every LUM_AGENT_LOG_INTERVAL_S = 1 s) after the last batch
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)
         assert proc.returncode == 0, out[-3000:]
