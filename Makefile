@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: test demo lock install bench clean-venv check-compose
+.PHONY: test demo lock install bench clean-venv check-compose gpu-check
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/lum demo
+
+# On a GPU host: CUDA/bf16 throughput table and GPU-vs-CPU output checks (exits non-zero without CUDA).
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done

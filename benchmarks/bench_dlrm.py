@@ -1,17 +1,22 @@
 """DLRM trainer and scorer figures on this machine (CPU).
 
-    .venv/bin/python benchmarks/bench_dlrm.py [--quick]
+    .venv/bin/python benchmarks/bench_dlrm.py [--quick] [--json OUT]
 
-Prints: training examples/s of the step alone (pre-featurized batches) and with featurization; end to end
-from Kafka (embedded broker started here, examples produced first, ``lum train``'s path: consumer group,
-decode, featurize, train, checkpoints, offset commits, --until-caught-up); scoring latency p50/p99 for 100
-candidates with a small LUM (D=32) and a 10x larger one (D=320), live (DMP) model and checkpoint copy.
-Other processes share the 2 cores: figures are noisy.
+Prints: training examples/s of the step alone (pre-featurized batches) and with featurization (examples as
+the trainer receives them: decoded from the wire format); end to end from Kafka (embedded broker started
+here, examples produced first, ``lum train``'s path: consumer group, prefetch thread, decode, dedup,
+featurize, train, checkpoints, offset commits, --until-caught-up); rows shared by distinct ids with hashing
+and with TorchRec's managed collisions (MCH) at 100k and 1M ids; progressive AUC and examples/s of hashing
+vs managed collisions on the synthetic stream (several seeds); scoring latency p50/p99 for 100 candidates.
+``--json OUT`` writes the headline figures (``step_ex_s``, ``featurize_step_ex_s``, ``kafka_e2e_ex_s``:
+debug preset, batch 512, after the first batch; ``shared_rows_1m``: MCH; and more). Other processes share
+the 2 cores: figures are noisy.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -36,9 +41,16 @@ def _batches(exs, b):
     return [exs[i:i + b] for i in range(0, len(exs), b)]
 
 
-def bench_step(preset: str, n: int, batch: int, lum_dim: int) -> dict:
-    exs = synthetic_examples(n, seed=1, lum_dim=lum_dim)
-    trainer = Trainer(DLRMConfig.preset(preset, features="lum"))
+def _wire(exs):
+    """The examples as a trainer receives them: encoded and decoded with the topic's codec."""
+    from schemas.topics import TRAINING_EXAMPLES
+
+    return [TRAINING_EXAMPLES.decode(TRAINING_EXAMPLES.encode(e)) for e in exs]
+
+
+def bench_step(preset: str, n: int, batch: int, lum_dim: int, ids: str = "hash") -> dict:
+    exs = _wire(synthetic_examples(n, seed=1, lum_dim=lum_dim))
+    trainer = Trainer(DLRMConfig.preset(preset, features="lum", ids=ids))
     bs = _batches(exs, batch)
     trainer.train_batch(bs[0])  # build + warm up
     t = time.perf_counter()
@@ -54,15 +66,14 @@ def bench_step(preset: str, n: int, batch: int, lum_dim: int) -> dict:
         loss.backward()
         trainer.opt.step()
     step_only = sum(len(fb) for fb in fbs) / (time.perf_counter() - t)
-    return {"preset": preset, "batch": batch, "D": lum_dim, "step_only": step_only, "with_featurize": with_feat}
+    return {"preset": preset, "ids": ids, "batch": batch, "D": lum_dim, "step_only": step_only,
+            "with_featurize": with_feat}
 
 
-def bench_kafka(n: int, batch: int) -> dict:
-    from confluent_kafka import Producer
-
+def bench_kafka(n: int, batch: int, prefetch: int = 4) -> dict:
     from schemas.settings import KafkaSettings
     from schemas.topics import ALL_TOPICS, TRAINING_EXAMPLES, key_of
-    from streaming.admin import create_topics
+    from streaming.kafka import Output, create_topics
     from streaming.broker import EmbeddedBroker
     from trainers.dlrm.kafka_source import KafkaExamples
 
@@ -70,11 +81,10 @@ def bench_kafka(n: int, batch: int) -> dict:
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as d:
         kafka = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix="bench-")
         create_topics(kafka, ALL_TOPICS)
-        p = Producer(kafka.producer_config())
+        p = Output(kafka, **{"linger.ms": 20})
         topic = kafka.topic(TRAINING_EXAMPLES)
         for ex in exs:
             p.produce(topic, key=key_of(ex.user_id), value=TRAINING_EXAMPLES.encode(ex))
-            p.poll(0)
         p.flush(60)
         trainer = Trainer(DLRMConfig.preset("debug", features="lum"), d, every_batches=50, every_s=30)
         trainer.ensure_model(exs[:1])  # imports torchrec and builds DMP outside the timed part
@@ -87,7 +97,7 @@ def bench_kafka(n: int, batch: int) -> dict:
                 if b.examples and "t" not in first:
                     first["t"], first["n"] = time.perf_counter(), len(b.examples)
                 yield b
-        trainer.fit(batches(), on_durable=src.commit)
+        trainer.fit(batches(), on_durable=src.commit, prefetch=prefetch)
         end = time.perf_counter()
         src.close()
         assert trainer.examples == n, (trainer.examples, n)
@@ -142,31 +152,106 @@ def bench_collisions(distinct: int, rows: int) -> dict:
     return stats.report()
 
 
+def bench_mch_collisions(distinct: int, rows: int, batch: int = 8192, interval: int = 10,
+                         eviction: str = "lru") -> dict:
+    """Stream ``distinct`` new ids through one MCH module (as training does), then map every id: the share of
+    distinct ids whose row is shared with another id (the not-yet-admitted ones share the residual row)."""
+    import torch
+    from torchrec import JaggedTensor
+    from torchrec.modules.mc_modules import LFU_EvictionPolicy, LRU_EvictionPolicy, MCHManagedCollisionModule
+
+    from schemas.events import MAX_ID
+
+    policy = {"lru": LRU_EvictionPolicy, "lfu": LFU_EvictionPolicy}[eviction]()
+    m = MCHManagedCollisionModule(zch_size=rows, device=torch.device("cpu"), eviction_policy=policy,
+                                  eviction_interval=interval, input_hash_size=MAX_ID)
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, MAX_ID, distinct))
+    m.train()
+    t = time.perf_counter()
+    chunks = list(torch.split(ids, batch))
+    for c in chunks + [chunks[-1]] * interval:  # `interval` more steps so the last new ids get admitted
+        m({"f": JaggedTensor(values=c, lengths=torch.ones(len(c), dtype=torch.int32))})
+    secs = time.perf_counter() - t
+    m.eval()
+    out = m({"f": JaggedTensor(values=ids, lengths=torch.ones(len(ids), dtype=torch.int32))})["f"].values().numpy()
+    counts = np.bincount(out, minlength=rows)
+    return {"rows": rows, "distinct_ids": distinct, "collision_rate": float((counts[out] > 1).mean()),
+            "ids_per_s": len(ids) / secs}
+
+
+def bench_auc(n: int, seeds: int, batch: int = 256) -> dict:
+    """Progressive AUC and featurize+step ex/s, hashing vs managed collisions, same stream and budget."""
+    out = {}
+    for ids in ("hash", "mch"):
+        aucs, rates = [], []
+        for seed in range(seeds):
+            exs = _wire(synthetic_examples(n, seed=seed, users=2000, items=5000))
+            trainer = Trainer(DLRMConfig.preset("debug", features="baseline", ids=ids, seed=seed))
+            bs = _batches(exs, batch)
+            trainer.train_batch(bs[0])
+            t = time.perf_counter()
+            for b in bs[1:]:
+                trainer.train_batch(b)
+            rates.append((n - len(bs[0])) / (time.perf_counter() - t))
+            aucs.append(trainer.metrics.overall()["auc"])
+        out[ids] = {"auc_mean": float(np.mean(aucs)), "auc_std": float(np.std(aucs)),
+                    "ex_s_mean": float(np.mean(rates)), "ex_s_std": float(np.std(rates))}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller runs (about a minute)")
+    ap.add_argument("--json", metavar="OUT", help="write the headline figures as JSON")
+    ap.add_argument("--skip-scoring", action="store_true", help="leave out the scoring latency table")
     args = ap.parse_args()
     logging.basicConfig(level="WARNING")
+    for name in ("torchrec", "fbgemm_gpu"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     q = args.quick
-    print("## training step (synthetic examples, features=lum, K=3)")
-    print("| preset | batch | LUM D | step only ex/s | featurize + step ex/s |\n|---|---|---|---|---|")
-    for preset, d in (("debug", 32), ("base", 32)):
-        r = bench_step(preset, 10_000 if q else 40_000, 512, d)
-        print(f"| {r['preset']} | {r['batch']} | {r['D']} | {r['step_only']:,.0f} | {r['with_featurize']:,.0f} |")
+    res: dict = {}
+    print("## training step (synthetic examples from the wire format, features=lum, K=3)")
+    print("| preset | ids | batch | LUM D | step only ex/s | featurize + step ex/s | ratio |\n|---|---|---|---|---|---|---|")
+    for preset, d, ids in (("debug", 32, "hash"), ("debug", 32, "mch"), ("base", 32, "hash")):
+        r = bench_step(preset, 10_000 if q else 40_000, 512, d, ids)
+        print(f"| {r['preset']} | {ids} | {r['batch']} | {r['D']} | {r['step_only']:,.0f} | "
+              f"{r['with_featurize']:,.0f} | {r['with_featurize'] / r['step_only']:.2f} |")
+        if (preset, ids) == ("debug", "hash"):
+            res["step_ex_s"], res["featurize_step_ex_s"] = r["step_only"], r["with_featurize"]
+        if (preset, ids) == ("debug", "mch"):
+            res["mch_step_ex_s"], res["mch_featurize_step_ex_s"] = r["step_only"], r["with_featurize"]
     print("\n## end to end from Kafka (embedded broker, lum train's path, debug preset, D=32)")
     r = bench_kafka(10_000 if q else 50_000, 512)
-    print("| examples | batch | ex/s incl. group join | ex/s after first batch |\n|---|---|---|---|")
-    print(f"| {r['examples']:,} | {r['batch']} | {r['incl_join']:,.0f} | {r['after_first_batch']:,.0f} |")
-    print("\n## hashing random 63-bit ids into one table (share of distinct ids sharing their row)")
-    print("| distinct ids | rows | measured | uniform expectation |\n|---|---|---|---|")
-    for n, rows in ((100_000, 1 << 20), (1_000_000, 1 << 20), (10_000, 1 << 14)):
-        r = bench_collisions(n, rows)
-        print(f"| {n:,} | {rows:,} | {r['collision_rate']:.4f} | {r['expected_rate']:.4f} |")
-    print("\n## scoring 100 candidates (one user), CPU, batch of 100 rows")
-    print("| model | K conditions | LUM D | dense inputs | p50 ms | p99 ms |\n|---|---|---|---|---|---|")
-    for d, k in ((32, 3), (320, 3), (32, 30)):
-        for r in bench_scoring(d, k, 200 if q else 1000):
-            print(f"| {r['model']} | {r['K']} | {r['D']} | {r['dense_inputs']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} |")
+    res["kafka_e2e_ex_s"] = r["after_first_batch"]
+    print("| examples | batch | ex/s incl. group join | ex/s after first batch | vs featurize + step |\n|---|---|---|---|---|")
+    print(f"| {r['examples']:,} | {r['batch']} | {r['incl_join']:,.0f} | {r['after_first_batch']:,.0f} | "
+          f"{r['after_first_batch'] / res['featurize_step_ex_s']:.2f} |")
+    print("\n## rows shared by distinct random 63-bit ids in one table of 2^20 rows (share of ids)")
+    print("| distinct ids | hashing | hashing, uniform expectation | managed collisions (MCH, LRU) | MCH ids/s |\n|---|---|---|---|---|")
+    for n in (100_000, 1_000_000):
+        h = bench_collisions(n, 1 << 20)
+        m = bench_mch_collisions(n, 1 << 20)
+        print(f"| {n:,} | {h['collision_rate']:.4f} | {h['expected_rate']:.4f} | {m['collision_rate']:.4f} | "
+              f"{m['ids_per_s']:,.0f} |")
+        key = "1m" if n == 1_000_000 else "100k"
+        res[f"shared_rows_{key}"], res[f"shared_rows_{key}_hash"] = m["collision_rate"], h["collision_rate"]
+    print("\n## hashing vs managed collisions on the synthetic stream (debug tables, baseline features, 2k users, "
+          "5k items, batch 256; mean ± std over seeds)")
+    a = bench_auc(10_000 if q else 30_000, 3)
+    res["auc"] = a
+    print("| ids | progressive AUC | featurize + step ex/s |\n|---|---|---|")
+    for ids, v in a.items():
+        print(f"| {ids} | {v['auc_mean']:.4f} ± {v['auc_std']:.4f} | {v['ex_s_mean']:,.0f} ± {v['ex_s_std']:,.0f} |")
+    if not args.skip_scoring:
+        print("\n## scoring 100 candidates (one user), CPU, batch of 100 rows")
+        print("| model | K conditions | LUM D | dense inputs | p50 ms | p99 ms |\n|---|---|---|---|---|---|")
+        for d, k in ((32, 3), (320, 3), (32, 30)):
+            for r in bench_scoring(d, k, 200 if q else 1000):
+                print(f"| {r['model']} | {r['K']} | {r['D']} | {r['dense_inputs']} | {r['p50_ms']:.2f} | "
+                      f"{r['p99_ms']:.2f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
+        print(f"\nwrote {args.json}")
     return 0
 
 

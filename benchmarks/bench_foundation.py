@@ -1,13 +1,15 @@
 """Foundation figures: schema encode/decode rates, synthetic generation and producer throughput.
 
-    .venv/bin/python benchmarks/bench_foundation.py [--events 200000] [--bootstrap HOST:PORT]
+    .venv/bin/python benchmarks/bench_foundation.py [--events 200000] [--bootstrap HOST:PORT] [--json OUT]
 
-Starts its own embedded broker unless --bootstrap is given. Prints two tables.
+Starts its own embedded broker unless --bootstrap is given. Prints two tables; ``--json OUT`` also writes them
+as JSON (``{"codec": [...], "producer": [...]}``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -66,7 +68,7 @@ def codec_table() -> list[tuple]:
 
 
 def producer_table(bootstrap: str, events: int) -> list[tuple]:
-    from streaming.admin import create_topics
+    from streaming.kafka import create_topics
     from streaming.producers import produce
     from streaming.producers.synthetic import SyntheticConfig, SyntheticStream
 
@@ -90,11 +92,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--bootstrap")
+    ap.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
     args = ap.parse_args()
+    result: dict = {"events": args.events, "codec": [], "producer": []}
 
     print("\n## Schema encode/decode (one core)\n")
     print(f"| {'message':42s} | bytes | encode/s | decode/s |\n|---|---:|---:|---:|")
     for name, size, enc, dec in codec_table():
+        result["codec"].append({"message": name, "bytes": size, "encode_per_s": enc, "decode_per_s": dec})
         print(f"| {name:42s} | {size:5d} | {enc:9,.0f} | {dec:9,.0f} |")
 
     from streaming.broker import EmbeddedBroker
@@ -105,10 +110,13 @@ def main() -> None:
               f"{'' if broker else ' at ' + args.bootstrap})\n")
         print(f"| {'stage':55s} | events | events/s |\n|---|---:|---:|")
         for name, n, r in producer_table(args.bootstrap or broker.bootstrap, args.events):
+            result["producer"].append({"stage": name, "events": n, "events_per_s": r})
             print(f"| {name:55s} | {n:,} | {r:,.0f} |")
     finally:
         if broker:
             broker.stop()
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

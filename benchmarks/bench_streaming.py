@@ -72,36 +72,30 @@ def faust_noop_child(bootstrap: str, topic: str, n: int) -> None:
 
 # --- helpers -------------------------------------------------------------------------------------------
 def produce_behaviors(kafka: KafkaSettings, n: int, users: int, seed: int = 0) -> int:
-    from confluent_kafka import Producer
-
     from schemas.topics import key_of
+    from streaming.kafka import Output
 
     rng = np.random.default_rng(seed)
     uid = rng.integers(0, users, n)
     items = rng.zipf(1.3, n) % 100_000
     scen = rng.integers(0, 3, n)
     # No compression: aiokafka (Faust) needs the lz4 package for lz4 batches, and it is not installed here.
-    p = Producer(kafka.producer_config(**{"compression.type": "none"}))
+    p = Output(kafka, **{"compression.type": "none", "linger.ms": 20})
     t0 = 1_767_225_600_000
     for i in range(n):
         e = BehaviorEvent(event_id=f"b{i}", user_id=int(uid[i]), item_id=int(items[i]), category_id=int(items[i]) % 500,
                           behavior="view" if i % 5 else "click", scenario=("home", "search", "detail")[scen[i]],
                           query="shoes" if scen[i] == 1 else None, event_time_ms=t0 + i * 10)
-        while True:
-            try:
-                p.produce(kafka.topic(BEHAVIORS), value=BEHAVIORS.encode(e), key=key_of(e.user_id),
-                          timestamp=e.event_time_ms)
-                break
-            except BufferError:
-                p.poll(0.05)
+        p.produce(kafka.topic(BEHAVIORS), value=BEHAVIORS.encode(e), key=key_of(e.user_id))  # ingest-time stamp
     p.flush(60)
     return len(np.unique(uid))
 
 
 def plain_consumer_rate(kafka: KafkaSettings, topic: str, n: int) -> float:
-    from confluent_kafka import Consumer
+    from streaming.kafka import group_consumer
 
-    c = Consumer(kafka.consumer_config(f"bench-plain-{uuid.uuid4().hex[:6]}"))
+    # A plain consumer doing no work, on purpose: the ceiling the agents are compared with.
+    c = group_consumer(kafka, f"bench-plain-{uuid.uuid4().hex[:6]}")
     c.subscribe([topic])
     got, t0, first = 0, 0.0, 0
     while got < n:
@@ -202,7 +196,7 @@ def main() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from streaming.admin import create_topics
+    from streaming.kafka import create_topics
     from streaming.broker import EmbeddedBroker
     from streaming.producers import produce
     from streaming.producers.synthetic import SyntheticConfig, SyntheticStream

@@ -16,6 +16,10 @@ Phases (each a real ``lum`` process, as in production):
                           separate consumer groups on the same examples: a round per interval, a last one at the end
   8. report               summary table + AUC-over-time PNG (``lum report``)
 Every process is stopped at the end, and on Ctrl-C.
+
+``LUM_DEMO_OUT`` is the run folder. The demo only ever deletes a folder it created itself (it leaves a
+``.lum-demo-run`` marker in it): a folder that holds anything else, or that contains the current
+directory, is refused with an error naming the setting, and nothing is deleted.
 """
 
 from __future__ import annotations
@@ -49,7 +53,32 @@ class DemoSettings(BaseSettings):
     refresh_every_s: float = Field(30, gt=0, description="seconds between LUM refreshes during the live stream")
     train_every_s: float = Field(40, gt=0, description="seconds between incremental trainer rounds (--until-caught-up)")
     seed: int = Field(0, description="synthetic stream seed")
-    out: Path = Field(Path("runs/demo"), description="where logs, checkpoints, metrics and the plot go")
+    out: Path = Field(Path("runs/demo"), description="run folder for logs, checkpoints, metrics and the plot "
+                      "(the demo deletes it on a rerun only if it created it; a folder holding other files is refused)")
+
+
+MARKER = ".lum-demo-run"
+
+
+def prepare_out(out: Path) -> None:
+    """Make ``out`` an empty run folder of the demo, with its marker; refuse (SystemExit naming
+    LUM_DEMO_OUT, nothing deleted) when ``out`` holds anything a demo did not create."""
+    import shutil
+
+    out = out.resolve()
+    if out.exists():
+        if not out.is_dir():
+            raise SystemExit(f"LUM_DEMO_OUT={out} is a file, not a folder: choose a new or empty folder")
+        if (out / MARKER).is_file():
+            if Path.cwd().resolve().is_relative_to(out):
+                raise SystemExit(f"LUM_DEMO_OUT={out} contains the current directory: the demo will not delete "
+                                 "it; choose another folder")
+            shutil.rmtree(out)  # a previous run's folder, all of it ours
+        elif any(out.iterdir()):
+            raise SystemExit(f"LUM_DEMO_OUT={out} is not empty and is not a demo run folder (no {MARKER} in it): "
+                             "the demo deletes only folders it created; choose a new or empty folder")
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("created by `lum demo`: a rerun deletes this whole folder\n")
 
 
 def register(sub, common) -> None:
@@ -144,10 +173,7 @@ class Demo:
         print(f"[{time.monotonic() - self.start:6.0f}s] {msg}", flush=True)
 
     def run(self) -> int:
-        import shutil
-
-        shutil.rmtree(self.out, ignore_errors=True)
-        (self.out / "logs").mkdir(parents=True)
+        prepare_out(self.out)
         # Ctrl-C and SIGTERM both stop everything (SIGINT explicitly: a shell's background job ignores it).
         previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
@@ -174,7 +200,7 @@ class Demo:
 
     def _run(self) -> None:
         from schemas.settings import KafkaSettings, load
-        from streaming.admin import create_topics
+        from streaming.kafka import create_topics
         from streaming.broker import EmbeddedBroker, free_port
 
         cfg = self.cfg
@@ -268,7 +294,7 @@ class Demo:
 
     def _first_lum_features(self, kafka):
         from schemas.topics import LUM_FEATURES
-        from streaming.agents.reading import read_to_end, reader
+        from streaming.kafka import read_to_end, reader
 
         consumer = reader(kafka)
         try:

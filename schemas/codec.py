@@ -1,26 +1,44 @@
 """Message encoding with a format header, so that a reader can tell formats and schema versions apart.
 
 Every value lum-stream writes starts with three bytes: ``b"L"``, a format byte (``b"j"`` JSON, ``b"s"`` the
-binary sequence codec of ``schemas.tokenize``) and the schema version (u8), followed by the payload. A reader
-refuses what it does not know with a ``DecodeError`` that says why; consumers send such messages to the
-dead-letter topic instead of crashing.
+binary sequence codec of ``schemas.tokenize``, ``b"v"`` JSON scalars + binary vectors) and the schema version
+(u8), followed by the payload. A reader refuses what it does not know with a ``DecodeError`` that says why;
+consumers send such messages to the dead-letter topic instead of crashing.
 
-JSON goes through pydantic-core (Rust): ~60k encodes/s and ~170k strict decodes/s for a ``BehaviorEvent``
-on one core here (``benchmarks/bench_schemas.py``), far above what a Faust worker processes (~4.5k
-events/s), so the human-readable format costs the agents nothing.
+JSON goes through pydantic-core (Rust): ~440k encodes/s and ~190k strict decodes/s for a ``BehaviorEvent``
+on one idle core (``benchmarks/bench_foundation.py``), several times what an agent worker processes (~30k
+events/s), so the human-readable format costs the agents little. A ``TrainingExample`` carries K+1 LUM vectors
+and two history lists, whose JSON dominates its size and decode time, so from schema version 2 it is written as ``b"L" b"v" 2`` + u32 length + JSON + vectors (little-endian): the JSON
+is the whole model without the history lists and with each LUM vector replaced by the placeholder ``[0.0]`` (so
+pydantic validates every other field and the vector counts as usual), then u16 history length H, H int64 item ids,
+H int64 category ids, one u16 size per vector (the user vectors in order, then the item vector) and their float64
+values. Sizes, bounds and finiteness of the binary parts are checked as the model declares them.
+
+Vectors are float64 on the wire (values round-trip exactly, as in JSON; 8 bytes against ~19 characters) and
+must be finite. The decoded example keeps those bytes so that a trainer can stack a batch's vectors with one
+``np.frombuffer``. Version-1 JSON still decodes.
 """
 
 from __future__ import annotations
 
+import math
+import struct
+import sys
+from array import array
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from .events import MAX_HISTORY, MAX_VECTOR_DIM
 from .tokenize import UserSequence, decode_sequence, encode_sequence
 
 MAGIC = 0x4C  # "L"
 FORMAT_JSON = 0x6A  # "j"
 FORMAT_SEQUENCE = 0x73  # "s"
+FORMAT_VECTORS = 0x76  # "v": JSON scalars + float64 vectors (TrainingExample v2)
+_NONE = 0xFFFF
+assert sys.byteorder == "little" and array("d").itemsize == 8  # the vector layout is native float64 LE
+_BINARY_FIELDS = {"lum_user", "lum_item", "history_items", "history_categories"}
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -29,8 +47,14 @@ class DecodeError(ValueError):
     """A message that cannot be decoded or validated; ``str(err)`` is the reason for the dead letter."""
 
 
+def _binary_vectors(model: type[BaseModel]) -> bool:
+    return model.__name__ == "TrainingExample" and model.SCHEMA_VERSION >= 2  # type: ignore[attr-defined]
+
+
 def encode(value: BaseModel) -> bytes:
     version = type(value).SCHEMA_VERSION  # type: ignore[attr-defined]
+    if _binary_vectors(type(value)):
+        return _encode_vectors(value, version)
     return bytes((MAGIC, FORMAT_JSON, version)) + value.__pydantic_serializer__.to_json(value)
 
 
@@ -39,15 +63,153 @@ def decode(model: type[M], data: bytes | None) -> M:
         raise DecodeError(f"empty message (expected {model.__name__})")
     if len(data) < 3 or data[0] != MAGIC:
         raise DecodeError(f"missing lum format header (first bytes {bytes(data[:8])!r})")
+    version = model.SCHEMA_VERSION  # type: ignore[attr-defined]
+    if data[1] == FORMAT_VECTORS and _binary_vectors(model):
+        if data[2] != version:
+            raise DecodeError(f"unknown schema version {data[2]} for {model.__name__} (binary vectors)")
+        return _decode_vectors(model, data)
     if data[1] != FORMAT_JSON:
         raise DecodeError(f"format {chr(data[1])!r} is not JSON (expected {model.__name__})")
-    if data[2] != model.SCHEMA_VERSION:  # type: ignore[attr-defined]
+    # JSON: the current version, or version 1 of a model whose newer versions changed only the encoding.
+    if data[2] != version and not (data[2] == 1 and _binary_vectors(model)):
         raise DecodeError(f"unknown schema version {data[2]} for {model.__name__} "
-                          f"(this build reads version {model.SCHEMA_VERSION})")  # type: ignore[attr-defined]
+                          f"(this build reads version {version})")
     try:
         return model.model_validate_json(data[3:])
     except ValidationError as e:
         raise DecodeError(_short(e, model)) from None
+
+
+def _encode_vectors(value: BaseModel, version: int) -> bytes:
+    user, item = value.lum_user, value.lum_item  # type: ignore[attr-defined]
+    head = value.__pydantic_serializer__.to_json(value, exclude=_BINARY_FIELDS)
+    extra = b""
+    if user is not None:  # placeholders keep the JSON a valid model on its own: one [0.0] per vector
+        extra += b',"lum_user":[' + b",".join([b"[0.0]"] * len(user)) + b"]"
+    if item is not None:
+        extra += b',"lum_item":[0.0]'
+    head = head[:-1] + extra + b"}"
+    vecs = [*(user or ()), *([item] if item is not None else ())]
+    hist_i, hist_c = value.history_items, value.history_categories  # type: ignore[attr-defined]
+    return b"".join([bytes((MAGIC, FORMAT_VECTORS, version)), struct.pack("<I", len(head)), head,
+                     struct.pack("<H", len(hist_i)), array("q", hist_i).tobytes(), array("q", hist_c).tobytes(),
+                     struct.pack(f"<{len(vecs)}H", *map(len, vecs)), array("d", [x for v in vecs for x in v]).tobytes()])
+
+
+def _split(name: str, data: bytes) -> tuple[bytes, int]:
+    """(JSON head, offset of the vector part) of a binary-vectors message."""
+    if len(data) < 7:
+        raise DecodeError(f"truncated {name} (binary vectors)")
+    (n,) = struct.unpack_from("<I", data, 3)
+    if 7 + n > len(data):
+        raise DecodeError(f"truncated {name}: JSON part")
+    return data[7:7 + n], 7 + n
+
+
+def _attach_vectors(ex, data: bytes, at: int):
+    """Read the vector part into ``ex`` (validated from its head, with placeholder vectors)."""
+    name = type(ex).__name__
+    try:
+        (nh,) = struct.unpack_from("<H", data, at)
+    except struct.error:
+        raise DecodeError(f"truncated {name}: history size") from None
+    at += 2
+    if nh > MAX_HISTORY or len(data) < at + 16 * nh:
+        raise DecodeError(f"invalid {name}: history of {nh} entries (at most {MAX_HISTORY}) or truncated")
+    if nh:
+        items, cats = array("q", data[at:at + 8 * nh]), array("q", data[at + 8 * nh:at + 16 * nh])
+        if min(items) < 0 or min(cats) < 0:  # int64: never above MAX_ID
+            raise DecodeError(f"invalid {name}: negative id in history")
+        ex.__dict__["history_items"], ex.__dict__["history_categories"] = items.tolist(), cats.tolist()
+    at += 16 * nh
+    user, item = ex.lum_user, ex.lum_item
+    nv = (len(user) if user is not None else 0) + (item is not None)
+    if nv == 0:
+        if len(data) != at:
+            raise DecodeError(f"invalid {name}: {len(data) - at} vector bytes, expected 0")
+        return ex
+    try:
+        dims = struct.unpack_from(f"<{nv}H", data, at)
+    except struct.error:
+        raise DecodeError(f"truncated {name}: vector sizes") from None
+    at += 2 * nv
+    if not all(1 <= d <= MAX_VECTOR_DIM for d in dims):
+        raise DecodeError(f"invalid {name}: vector size outside 1..{MAX_VECTOR_DIM}: {list(dims)}")
+    total = sum(dims)
+    if len(data) - at != 8 * total:
+        raise DecodeError(f"invalid {name}: {len(data) - at} vector bytes, expected {8 * total}")
+    raw = bytes(data[at:])
+    values = array("d", raw).tolist()  # float64 little-endian (checked at import) -> Python floats
+    if not all(map(math.isfinite, values)):
+        raise DecodeError(f"invalid {name}: non-finite value in a LUM vector")
+    vecs, i = [], 0
+    for d in dims:
+        vecs.append(values[i:i + d])
+        i += d
+    # Sizes and finiteness are checked above as the model declares them; the count of user vectors is the
+    # validated placeholders' count. Setting them on the fresh, unshared instance skips re-validating a few
+    # hundred floats per message (and a copy).
+    if user is not None:
+        ex.__dict__["lum_user"] = vecs[:len(user)]
+    if item is not None:
+        ex.__dict__["lum_item"] = vecs[-1]
+    object.__setattr__(ex, "__pydantic_private__", {"_lum_f64": raw})  # see TrainingExample
+    return ex
+
+
+def _decode_vectors(model: type[M], data: bytes) -> M:
+    head, at = _split(model.__name__, data)
+    try:
+        ex = model.model_validate_json(head)
+    except ValidationError as e:
+        raise DecodeError(_short(e, model)) from None
+    return _attach_vectors(ex, data, at)
+
+
+def decode_many(model: type[M], datas: list[bytes | None]) -> list[M | DecodeError]:
+    """``decode`` of many messages: each result is the model or the ``DecodeError`` of that message.
+
+    For binary-vector messages the JSON heads are validated in one pydantic call (per-call overhead is most of
+    a small message's cost); any failure in that call falls back to one message at a time.
+    """
+    version = getattr(model, "SCHEMA_VERSION", None)
+    if _binary_vectors(model) and datas and all(
+            d and len(d) >= 7 and d[0] == MAGIC and d[1] == FORMAT_VECTORS and d[2] == version for d in datas):
+        try:
+            parts = [_split(model.__name__, d) for d in datas]
+            heads = _list_adapter(model).validate_json(b"[" + b",".join(h for h, _ in parts) + b"]")
+        except (DecodeError, ValidationError):
+            pass
+        else:
+            out: list = []
+            for ex, d, (_, at) in zip(heads, datas, parts):
+                try:
+                    out.append(_attach_vectors(ex, d, at))
+                except Exception as e:  # noqa: BLE001  (one broken message never stops the others)
+                    out.append(_as_decode_error(e))
+            return out
+    out = []
+    for d in datas:
+        try:
+            out.append(decode(model, d))
+        except Exception as e:  # noqa: BLE001
+            out.append(_as_decode_error(e))
+    return out
+
+
+def _as_decode_error(e: Exception) -> DecodeError:
+    return e if isinstance(e, DecodeError) else DecodeError(f"undecodable: {type(e).__name__}: {e}"[:500])
+
+
+_adapters: dict = {}
+
+
+def _list_adapter(model):
+    from pydantic import TypeAdapter
+
+    if model not in _adapters:
+        _adapters[model] = TypeAdapter(list[model])
+    return _adapters[model]
 
 
 def encode_user_sequence(seq: UserSequence) -> bytes:

@@ -29,6 +29,9 @@ MAX_VECTOR_DIM = 1024
 MAX_CONDITIONS = 64
 MAX_HISTORY = 256
 Vector = Annotated[list[float], Field(min_length=1, max_length=MAX_VECTOR_DIM)]
+# Training inputs must be finite: one NaN/Infinity (or 1e400, which parses as inf) poisons the model.
+FiniteVector = Annotated[list[Annotated[float, Field(allow_inf_nan=False)]],
+                         Field(min_length=1, max_length=MAX_VECTOR_DIM)]
 
 Behavior = Literal["view", "click", "cart", "fav", "buy", "rate"]
 BEHAVIORS: tuple[str, ...] = Behavior.__args__  # type: ignore[attr-defined]
@@ -112,8 +115,13 @@ class TrainingExample(_Event):
 
     Emitted by the joiner once the impression's attribution window has closed. ``history_*`` is the
     user's behavior before the impression time only (no leakage). LUM fields are ``None`` when no LUM
-    features existed for the user or item at join time: absent, never silently zero.
+    features existed for the user or item at join time: absent, never silently zero; vectors are finite.
+
+    Version 2: the codec writes it in a compact binary layout (scalars as JSON, vectors as float64), see
+    ``schemas.codec``; version-1 JSON messages still decode.
     """
+
+    SCHEMA_VERSION: ClassVar[int] = 2
 
     example_id: Annotated[str, Field(min_length=1, max_length=256)]  # request_id/item_id: the dedup key
     request_id: Annotated[str, Field(min_length=1, max_length=128)]
@@ -125,12 +133,23 @@ class TrainingExample(_Event):
     query: Query | None = None
     event_time_ms: TimeMs
     label: Literal[0, 1]
-    history_items: Annotated[list[Id], Field(max_length=MAX_HISTORY)] = []  # most recent last
-    history_categories: Annotated[list[Id], Field(max_length=MAX_HISTORY)] = []
+    # default_factory, not "= []": pydantic deep-copies a mutable default on every validation
+    history_items: Annotated[list[Id], Field(default_factory=list, max_length=MAX_HISTORY)]  # most recent last
+    history_categories: Annotated[list[Id], Field(default_factory=list, max_length=MAX_HISTORY)]
     lum_model_version: Annotated[str, Field(max_length=128)] | None = None
     lum_conditions: Annotated[list[str], Field(max_length=MAX_CONDITIONS)] | None = None
-    lum_user: Annotated[list[Vector], Field(max_length=MAX_CONDITIONS)] | None = None  # per condition
-    lum_item: Vector | None = None
+    lum_user: Annotated[list[FiniteVector], Field(max_length=MAX_CONDITIONS)] | None = None  # per condition
+    lum_item: FiniteVector | None = None
+    # The binary decoder also leaves the LUM vectors' wire bytes (float64 little-endian, user vectors in order,
+    # then the item vector) in ``__pydantic_private__["_lum_f64"]``, so that a trainer can stack a batch with
+    # one np.frombuffer. Not a declared PrivateAttr: declaring one costs every validation an init call.
+
+    def __eq__(self, other: object) -> bool:  # the fields only: a cache of the wire bytes is not a difference
+        if not isinstance(other, TrainingExample):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+    __hash__ = _Event.__hash__
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingExample:
@@ -143,14 +162,5 @@ class TrainingExample(_Event):
         return self
 
 
-class DeadLetter(_Event):
-    """A message a consumer could not process, with why and where it came from (topic ``dead-letters``)."""
-
-    source_topic: Annotated[str, Field(max_length=249)]
-    partition: Annotated[int, Field(ge=0)]
-    offset: Annotated[int, Field(ge=0)]
-    key_b64: str | None  # original bytes, base64, so they can be inspected and re-driven as they were
-    value_b64: str | None
-    error: Annotated[str, Field(max_length=4096)]
-    consumer: Annotated[str, Field(max_length=128)]
-    failed_at_ms: int
+# The dead-letter contract lives in schemas.deadletter (bounded size); re-exported here for old imports.
+from .deadletter import DeadLetter  # noqa: E402,F401

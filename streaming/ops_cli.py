@@ -1,8 +1,8 @@
 """Operator commands for the agents: ``lum agents``, ``lum replay``, ``lum backfill sequences``.
 
     lum agents [--workers N] [--only sequences|joiner] [--runtime worker|faust]   # Ctrl-C / SIGTERM stops all
-    lum replay TOPIC --from TIME --to TIME --into TOPIC|PATH.jsonl|PATH.parquet [--max-disorder-ms D]
-    lum backfill sequences [--from TIME]
+    lum replay TOPIC --from TIME --to TIME --into TOPIC|PATH.jsonl|PATH.parquet [--force] [--max-disorder-ms D]
+    lum backfill sequences [--from TIME]          # refuses while the sequence agents run
 
 Settings: ``LUM_KAFKA_*`` (broker), ``LUM_AGENT_*`` and ``LUM_DATA_DIR`` / ``LUM_JOIN_WINDOW_MS``
 (``streaming.agents.settings``). Worker i of ``lum agents`` serves Prometheus text on
@@ -36,13 +36,18 @@ def register(sub, common) -> None:
     p.add_argument("--from", dest="from_", required=True, metavar="TIME", help="start (inclusive): ISO-8601 or epoch ms")
     p.add_argument("--to", required=True, metavar="TIME", help="end (exclusive): ISO-8601 or epoch ms")
     p.add_argument("--into", required=True, help="target topic, or a .jsonl / .parquet path")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --into file")
     p.add_argument("--max-disorder-ms", type=int, help="stop a partition at the first record this far past --to")
+    p.add_argument("--max-future-ms", type=int, default=3600_000,
+                   help="largest (event time - ingest time) expected: where reading may start (default 1 h)")
     p.set_defaults(handler=_replay)
 
     p = sub.add_parser("backfill", parents=[common], help="rebuild derived state from the source topics")
     what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
     s = what.add_parser("sequences", parents=[common], help="rebuild the sequence state and export from behaviors")
     s.add_argument("--from", dest="from_", metavar="TIME", help="only events at or after TIME (default: all)")
+    s.add_argument("--max-future-ms", type=int, default=3600_000,
+                   help="largest (event time - ingest time) expected: where reading may start (default 1 h)")
     s.set_defaults(handler=_backfill)
 
 
@@ -61,7 +66,12 @@ def _agents(args: argparse.Namespace) -> int:
 def _replay(args: argparse.Namespace) -> int:
     from .replay import parse_time, replay
 
-    n = replay(_kafka(), args.topic, parse_time(args.from_), parse_time(args.to), args.into, args.max_disorder_ms)
+    try:
+        n = replay(_kafka(), args.topic, parse_time(args.from_), parse_time(args.to), args.into, args.max_disorder_ms,
+                   force=args.force, max_future_ms=args.max_future_ms)
+    except (FileExistsError, ValueError) as e:
+        print(f"lum replay: {e}", file=sys.stderr)
+        return 2
     print(f"replayed {n} records into {args.into}")
     return 0
 
@@ -70,8 +80,13 @@ def _backfill(args: argparse.Namespace) -> int:
     from schemas.settings import load
 
     from .agents.settings import AgentSettings
-    from .replay import backfill_sequences, parse_time
+    from .replay import AgentsRunning, backfill_sequences, parse_time
 
-    stats = backfill_sequences(_kafka(), load(AgentSettings), parse_time(args.from_) if args.from_ else None)
+    try:
+        stats = backfill_sequences(_kafka(), load(AgentSettings), parse_time(args.from_) if args.from_ else None,
+                                   max_future_ms=args.max_future_ms)
+    except AgentsRunning as e:
+        print(f"lum backfill: refusing: {e}", file=sys.stderr)
+        return 1
     print(" ".join(f"{k}={v}" for k, v in stats.items()))
     return 0

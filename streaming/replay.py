@@ -1,26 +1,35 @@
 """Replay a time range of a topic into another topic or a file, and rebuild the sequence state (backfill).
 
     lum replay behaviors --from 2026-01-01T00:00:00Z --to 2026-01-02T00:00:00Z --into behaviors-day1
-    lum replay impressions --from 1767225600000 --to 1767312000000 --into impressions.parquet   # or .jsonl
-    lum backfill sequences [--from 2026-01-01T00:00:00Z]      # stop the sequence agents first
+    lum replay impressions --from 1767225600000 --to 1767312000000 --into impressions.parquet [--force]
+    lum backfill sequences [--from 1997-01-01]      # refuses while the sequence agents' group has members
 
-Time range: record timestamps (the producers set them to the event time), ``--from`` inclusive, ``--to``
-exclusive; TIME is ISO-8601 (naive = UTC) or epoch milliseconds. Each partition is sought to
-``offsets_for_times(--from)``, a lower bound only (the embedded broker always answers 0; Kafka answers the
-first record at or after the time), and records older than ``--from`` are skipped. A partition ends at its
-high-water mark as carried by fetched data, or, with ``--max-disorder-ms D``, at the first record later than
-``--to + D`` (faster on long topics, exact only if timestamps are never more than D out of order).
+Time range: PAYLOAD time (``event_time_ms`` of behaviors, impressions and training examples;
+``updated_at_ms`` of sequences; ``computed_at_ms`` of LUM features and item embeddings; ``failed_at_ms`` of
+dead letters), ``--from`` inclusive, ``--to`` exclusive; TIME is ISO-8601 (naive = UTC) or epoch
+milliseconds. Record timestamps are ingest time (``streaming.kafka.producer``), so a MovieLens 1997 replay
+produced today is selected by its 1997 event times. Topics outside the registry have no known payload:
+they are selected by record (ingest) timestamp. Where to start reading: ``offsets_for_times(--from -
+--max-future-ms)`` per partition, a lower bound as long as no event is stamped more than that (default 1 h)
+after it was produced (the embedded broker always answers 0; Kafka answers the first record ingested at or
+after that time). A partition ends at its high-water mark as carried by fetched data, or, with
+``--max-disorder-ms D``, at the first record whose payload time is at or after ``--to + D`` (faster on long
+topics, exact only if payload times are never more than D out of order).
 
-Into a topic: key, value, timestamp and headers are copied unchanged, to the same partition number when the
-target has as many partitions (created like the source if missing; names without the registry get the
-topic prefix). Into ``.jsonl`` / ``.parquet``: one row per record with ``_partition``, ``_offset``,
-``_timestamp_ms``, ``_key`` and the decoded value's fields (sequences: user_id, updated_at_ms, pairs);
-records that do not decode go to ``dead-letters``. Files are built in memory: meant for analyst-sized ranges.
+Into a topic: key, value and headers are copied unchanged (the copy's record timestamps are its own ingest
+time), to the same partition number when the target has as many partitions (created like the source if
+missing; names without the registry get the topic prefix). Into ``.jsonl`` / ``.parquet``: one row per
+record with ``_partition``, ``_offset``, ``_timestamp_ms`` (record, i.e. ingest, time), ``_key`` and the
+decoded value's fields (sequences: user_id, updated_at_ms, pairs). An existing file is never overwritten
+without ``--force``. Records of a registry topic that do not decode have no payload time: they go to
+``dead-letters``. Files are built in memory: meant for analyst-sized ranges.
 
-Backfill: rebuilds every partition's sequence database from ``behaviors`` (from TIME, default the beginning)
-with the sequence agent's own code, republishes every rebuilt user to ``user-sequences``, publishes a
-tombstone for users that had a sequence but no event since TIME, and sets the agent group's offsets to the
-end of what it read, so that ``lum agents`` continues from there.
+Backfill: first checks that the sequence agents' consumer group has no live member (their databases are
+about to be replaced) and refuses, naming the members, if it has. Then rebuilds every partition's sequence
+database from ``behaviors`` (events with payload time at or after TIME, default all) with the sequence
+agent's own code, republishes every rebuilt user to ``user-sequences``, publishes a tombstone for users that
+had a sequence but no event since TIME, and sets the agent group's offsets to the end of what it read, so
+that ``lum agents`` continues from there.
 """
 
 from __future__ import annotations
@@ -32,15 +41,24 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, TopicPartition
 
+from schemas.codec import DecodeError
 from schemas.settings import KafkaSettings
-from schemas.topics import BEHAVIORS, BY_NAME, USER_SEQUENCES, Topic
+from schemas.topics import BY_NAME, Topic
 from schemas.tokenize import UserSequence
 
-from .agents.reading import partitions_of, read_to_end, reader
+from .kafka import DeadLetters, Output, group_members, partitions_of, read_to_end, reader
+from .kafka.admin import ensure_topic, partition_count
 
 log = logging.getLogger(__name__)
+
+MAX_FUTURE_MS = 3600_000  # default bound on (payload time - ingest time): where a time-range read may start
+_TIME_FIELDS = ("event_time_ms", "updated_at_ms", "computed_at_ms", "failed_at_ms")
+
+
+class AgentsRunning(RuntimeError):
+    """``lum backfill`` found live members in the agents' consumer group."""
 
 
 def parse_time(text: str) -> int:
@@ -57,13 +75,25 @@ def parse_time(text: str) -> int:
     return int(dt.timestamp() * 1000)
 
 
-def start_offsets(consumer: Consumer, topic: str, from_ms: int | None) -> dict[int, int]:
-    """Per partition, where to start reading for records at or after ``from_ms`` (a lower bound)."""
+def payload_time(value) -> int:
+    """The time a decoded registry value is about (see the module docstring)."""
+    for name in _TIME_FIELDS:
+        t = getattr(value, name, None)
+        if t is not None:
+            return int(t)
+    raise ValueError(f"{type(value).__name__} carries no time")
+
+
+def start_offsets(consumer: Consumer, topic: str, from_ms: int | None,
+                  max_future_ms: int = MAX_FUTURE_MS) -> dict[int, int]:
+    """Per partition, where to start reading for payload times at or after ``from_ms`` (a lower bound:
+    records ingested before ``from_ms - max_future_ms`` carry older payload times)."""
     parts = partitions_of(consumer, topic)
     if from_ms is None:
         return {p: 0 for p in parts}
-    found = consumer.offsets_for_times([TopicPartition(topic, p, from_ms) for p in parts], timeout=30)
-    # -1: no record at or after from_ms (Kafka) -> nothing to read there.
+    found = consumer.offsets_for_times([TopicPartition(topic, p, max(from_ms - max_future_ms, 0)) for p in parts],
+                                       timeout=30)
+    # -1: nothing ingested at or after that time (Kafka) -> nothing to read there.
     return {tp.partition: max(tp.offset, 0) for tp in found if tp.offset != -1}
 
 
@@ -81,12 +111,14 @@ class Progress:
                      self.scanned / max(now - self.t0, 1e-9))
 
 
-def iter_range(settings: KafkaSettings, topic: str, from_ms: int | None, to_ms: int | None,
-               max_disorder_ms: int | None = None, progress: Progress | None = None):
-    """Messages of ``topic`` with from_ms <= timestamp < to_ms, partition by partition order of arrival."""
+def iter_range(settings: KafkaSettings, topic: str, src_topic: Topic | None, from_ms: int | None, to_ms: int | None,
+               dead: DeadLetters, max_disorder_ms: int | None = None, progress: Progress | None = None,
+               max_future_ms: int = MAX_FUTURE_MS):
+    """(message, decoded value or None) of ``topic`` with from_ms <= payload time < to_ms, per partition in
+    offset order. Registry records that do not decode are dead-lettered (their time is unknown)."""
     consumer = reader(settings)
     try:
-        starts = start_offsets(consumer, topic, from_ms)
+        starts = start_offsets(consumer, topic, from_ms, max_future_ms)
         stopped: set[int] = set()
         for m in read_to_end(consumer, topic, starts):
             if progress:
@@ -94,7 +126,16 @@ def iter_range(settings: KafkaSettings, topic: str, from_ms: int | None, to_ms: 
                 progress.tick()
             if m.partition() in stopped:
                 continue
-            ts = m.timestamp()[1]
+            value = None
+            if src_topic is None:  # not a registry topic: no known payload, the record (ingest) time
+                ts = m.timestamp()[1]
+            else:
+                try:
+                    value = src_topic.decode(m.value())
+                    ts = payload_time(value)
+                except (DecodeError, ValueError) as e:
+                    dead.send_message(m, e)
+                    continue
             if from_ms is not None and ts < from_ms:
                 continue
             if to_ms is not None and ts >= to_ms:
@@ -105,21 +146,16 @@ def iter_range(settings: KafkaSettings, topic: str, from_ms: int | None, to_ms: 
                 continue
             if progress:
                 progress.kept += 1
-            yield m
+            yield m, value
     finally:
         consumer.close()
 
 
-def _row(topic: Topic | None, m, dead) -> dict | None:
+def _row(m: Message, value) -> dict:
     row = {"_partition": m.partition(), "_offset": m.offset(), "_timestamp_ms": m.timestamp()[1],
            "_key": m.key().decode(errors="replace") if m.key() is not None else None}
-    if topic is None:  # not a registry topic: raw bytes
+    if value is None:  # not a registry topic: raw bytes
         return row | {"value_b64": base64.b64encode(m.value() or b"").decode()}
-    try:
-        value = topic.decode(m.value())
-    except ValueError as e:  # DecodeError
-        dead.send_message(m, e)
-        return None
     if isinstance(value, UserSequence):
         return row | {"user_id": value.user_id, "updated_at_ms": value.updated_at_ms,
                       "pairs": [[p.event_time_ms, p.event_key, *p.conditions, p.item_id, p.category_id]
@@ -133,74 +169,66 @@ def _resolve(settings: KafkaSettings, name: str) -> tuple[str, Topic | None]:
 
 
 def replay(settings: KafkaSettings, source: str, from_ms: int | None, to_ms: int | None, into: str,
-           max_disorder_ms: int | None = None) -> int:
+           max_disorder_ms: int | None = None, force: bool = False, max_future_ms: int = MAX_FUTURE_MS) -> int:
     """Copy the range; returns the number of records written."""
-    from schemas.deadletter import DeadLetters
-
+    to_file = into.endswith((".jsonl", ".parquet"))
+    path = Path(into)
+    if to_file and path.exists() and not force:  # before any work: never clobber a file by accident
+        raise FileExistsError(f"{into} exists: choose another path or pass --force to overwrite it")
     src_name, src_topic = _resolve(settings, source)
     progress = Progress(f"replay {src_name} -> {into}")
-    records = iter_range(settings, src_name, from_ms, to_ms, max_disorder_ms, progress)
-    producer = Producer(settings.producer_config())
-    if into.endswith((".jsonl", ".parquet")):
-        dead = DeadLetters(producer, settings, "replay")
-        rows = [r for r in (_row(src_topic, m, dead) for m in records) if r is not None]
-        path = Path(into)
+    out = Output(settings, **{"linger.ms": 20})
+    dead = DeadLetters(out, settings, "replay")
+    records = iter_range(settings, src_name, src_topic, from_ms, to_ms, dead, max_disorder_ms, progress,
+                         max_future_ms)
+    if to_file:
+        rows = [_row(m, v) for m, v in records]
         path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".part")  # a failed run leaves no half-written file under the name
         if into.endswith(".jsonl"):
-            with open(path, "w") as f:
+            with open(tmp, "w") as f:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
         else:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            pq.write_table(pa.Table.from_pylist(rows), path)
+            pq.write_table(pa.Table.from_pylist(rows), tmp)
+        out.flush()  # dead letters delivered before the result counts as done
+        tmp.replace(path)
         written = len(rows)
     else:
         dst_name, _ = _resolve(settings, into)
         if dst_name == src_name:
             raise ValueError("--into must differ from the source topic")
-        n_dst = _ensure_like(settings, dst_name, src_topic, src_name)
+        n_src = partition_count(settings, src_name)
+        if n_src is None:
+            raise ValueError(f"source topic {src_name} does not exist")
+        n_dst = ensure_topic(settings, dst_name, n_src, src_topic.kafka_config() if src_topic else {})
         written = 0
-        for m in records:
-            same = m.partition() < n_dst
-            kw = {"partition": m.partition()} if same else {}
-            while True:
-                try:
-                    producer.produce(dst_name, value=m.value(), key=m.key(), timestamp=m.timestamp()[1],
-                                     headers=m.headers(), **kw)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
+        for m, _ in records:
+            kw = {"partition": m.partition()} if m.partition() < n_dst else {}
+            # No timestamp: the copy is stamped with its own ingest time (event time stays in the payload).
+            out.produce(dst_name, value=m.value(), key=m.key(), headers=m.headers(), **kw)
             written += 1
-    if producer.flush(60):
-        raise RuntimeError("replay: records left unsent")
+        out.flush()
     progress.tick(force=True)
     log.info("replay done: %d records into %s", written, into)
     return written
 
 
-def _ensure_like(settings: KafkaSettings, dst: str, src_topic: Topic | None, src_name: str) -> int:
-    """Create ``dst`` like the source if missing; returns how many partitions ``dst`` has."""
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    admin = AdminClient(settings.client_config())
-    md = admin.list_topics(timeout=30)
-    if dst not in md.topics:
-        n = len(md.topics[src_name].partitions)
-        cfg = src_topic.kafka_config() if src_topic else {}
-        for _, fut in admin.create_topics([NewTopic(dst, num_partitions=n, replication_factor=1, config=cfg)]).items():
-            try:
-                fut.result(30)
-            except Exception as e:
-                if "exist" not in str(e).lower():
-                    raise
-        return n
-    return len(md.topics[dst].partitions)
+def check_group_idle(settings: KafkaSettings, group: str) -> None:
+    """Raise ``AgentsRunning`` naming the members when consumer group ``group`` has any."""
+    members = group_members(settings, group)
+    if members:
+        raise AgentsRunning(f"consumer group {group} has {len(members)} live member(s): {'; '.join(members)}. "
+                            "Stop `lum agents` (the sequence workers) before a backfill: it replaces their "
+                            "databases and offsets.")
 
 
-def backfill_sequences(settings: KafkaSettings, cfg, from_ms: int | None = None) -> dict[str, int]:
+def backfill_sequences(settings: KafkaSettings, cfg, from_ms: int | None = None,
+                       max_future_ms: int = MAX_FUTURE_MS) -> dict[str, int]:
     """Rebuild the sequence agent's state and export from ``behaviors`` (see module docstring)."""
     from .agents.backfill import backfill_sequences as run
 
-    return run(settings, cfg, from_ms)
+    return run(settings, cfg, from_ms, max_future_ms)

@@ -1,4 +1,5 @@
-"""Shared fixtures: one embedded broker (Tansu) per test session, and a topic factory per test.
+"""Shared fixtures: one embedded broker (Tansu) per test session, a topic factory per test, and a broker
+that a test may stop and restart (``restartable_broker``: S3 storage on a local moto server).
 
 Kafka tests run against a real broker, never a mock. Each test that asks for ``kafka`` gets its own topic
 prefix, so tests share one broker without seeing each other's data.
@@ -9,14 +10,18 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
 from schemas.settings import KafkaSettings
 from schemas.topics import ALL_TOPICS
-from streaming.admin import create_topics
-from streaming.broker import EmbeddedBroker
+from streaming.kafka import create_topics
+from streaming.broker import EmbeddedBroker, free_port
 
 DATA_DIR = Path(os.environ.get("LUM_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 _counter = itertools.count()
@@ -87,7 +92,7 @@ def data_dir() -> Path:
 def read_topic(kafka):
     """read_topic(TOPIC, n=None) -> [(partition, offset, key, value_bytes)]: a registry topic from its start to
     its end (high-water mark of the fetched data), or its first ``n`` records."""
-    from streaming.agents.reading import read_to_end, reader
+    from streaming.kafka import read_to_end, reader
 
     def read(topic, n: int | None = None):
         consumer = reader(kafka)
@@ -103,3 +108,64 @@ def read_topic(kafka):
             consumer.close()
 
     return read
+
+
+class RestartableBroker:
+    """The embedded broker on S3 storage (a local moto server), so that its data survives stop()/start().
+
+    ``bootstrap`` stays the same across restarts. The moto server runs with this interpreter (moto is in
+    requirements.lock); ``LUM_TEST_MOTO_PYTHON`` may name another Python that has moto.
+    """
+
+    def __init__(self, logs: Path):
+        python = os.environ.get("LUM_TEST_MOTO_PYTHON", sys.executable)
+        s3_port = free_port()
+        self.moto = subprocess.Popen([python, "-m", "moto.server", "-p", str(s3_port)], stdout=open(logs / "moto.log", "ab"),
+                                     stderr=subprocess.STDOUT)
+        endpoint = f"http://127.0.0.1:{s3_port}"
+        self._wait_http(endpoint, logs / "moto.log")
+        # moto accepts unsigned requests: create the bucket with a plain PUT.
+        urllib.request.urlopen(urllib.request.Request(f"{endpoint}/lum-test", method="PUT"), timeout=10)
+        env = {"AWS_ENDPOINT": endpoint, "AWS_ALLOW_HTTP": "true", "AWS_ACCESS_KEY_ID": "test",
+               "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+        self.broker = EmbeddedBroker(log_path=logs / "tansu.log", storage="s3://lum-test/", env=env)
+
+    def _wait_http(self, url: str, log: Path, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.moto.poll() is not None:
+                pytest.fail(f"moto server exited ({self.moto.returncode}): {log.read_text()[-2000:]} "
+                            "(moto comes from requirements.lock: pip install --no-deps -r requirements.lock)")
+            try:
+                urllib.request.urlopen(url, timeout=1)
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.moto.kill()
+        pytest.fail(f"moto server did not answer on {url} within {timeout:.0f}s")
+
+    @property
+    def bootstrap(self) -> str:
+        return self.broker.bootstrap
+
+    def start(self) -> None:
+        self.broker.start()
+
+    def stop(self) -> None:
+        self.broker.stop()
+
+    def close(self) -> None:
+        self.broker.stop()
+        self.moto.terminate()
+        self.moto.wait(10)
+
+
+@pytest.fixture
+def restartable_broker(tmp_path_factory):
+    """A broker of this test's own whose data survives ``stop()`` / ``start()`` (same bootstrap address)."""
+    rb = RestartableBroker(tmp_path_factory.mktemp("restartable-broker"))
+    try:
+        rb.start()
+        yield rb
+    finally:
+        rb.close()

@@ -1,9 +1,10 @@
 """``lum backfill sequences``: rebuild the sequence agent's state and export from ``behaviors``.
 
-    lum backfill sequences [--from TIME]      # stop the sequence agents first
+    lum backfill sequences [--from TIME]      # refuses while the sequence agents' group has members
 
-Runs the sequence agent's own logic (``SequenceLogic``) over every ``behaviors`` partition from TIME
-(default: the beginning) into fresh state stores where the agents keep theirs, republishes every rebuilt
+Refuses while the agents' consumer group has live members, then runs the sequence agent's own logic
+(``SequenceLogic``) over every ``behaviors`` partition, keeping events whose payload (event) time is at
+or after TIME (default: all) into fresh state stores where the agents keep theirs, republishes every rebuilt
 user to ``user-sequences``, publishes a tombstone for users that had a sequence but no event since TIME,
 and sets the agent group's offsets to the end of what it read, so that ``lum agents`` continues from there.
 """
@@ -13,14 +14,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import TopicPartition
 
-from schemas.deadletter import DeadLetters
+from schemas.codec import DecodeError
+
 from schemas.settings import KafkaSettings
 from schemas.topics import BEHAVIORS, USER_SEQUENCES
 
-from ..output import Output
-from .reading import partitions_of, read_to_end, reader
+from ..kafka import DeadLetters, Output, group_consumer, partitions_of, read_to_end, reader
 from .runtime import Crash
 from .sequences import SequenceLogic, user_key
 from .settings import AgentSettings
@@ -30,9 +31,12 @@ from .worker import KafkaEmit, state_identity
 log = logging.getLogger(__name__)
 
 
-def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int | None = None) -> dict[str, int]:
-    from ..replay import Progress, start_offsets
+def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int | None = None,
+                       max_future_ms: int | None = None) -> dict[str, int]:
+    from ..replay import MAX_FUTURE_MS, Progress, check_group_idle, start_offsets
 
+    group = settings.topic_prefix + cfg.sequences_group
+    check_group_idle(settings, group)
     out = Output(settings)
     emit = KafkaEmit(out, settings, DeadLetters(out, settings, "backfill-sequences"), Crash())
     logic = SequenceLogic.from_settings(cfg)
@@ -45,7 +49,7 @@ def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int
             old_users[m.key()] = m.partition()
         else:
             old_users.pop(m.key(), None)
-    starts = start_offsets(consumer, src, from_ms)
+    starts = start_offsets(consumer, src, from_ms, MAX_FUTURE_MS if max_future_ms is None else max_future_ms)
     parts = partitions_of(consumer, src)
     identity = state_identity(settings, consumer, [src])
     consumer.close()
@@ -68,8 +72,12 @@ def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int
         ends[m.partition()] = m.offset() + 1  # where the agents resume: everything read, kept or not
         progress.scanned += 1
         progress.tick()
-        if from_ms is not None and m.timestamp()[1] < from_ms:
-            continue
+        if from_ms is not None:
+            try:
+                if BEHAVIORS.decode(m.value()).event_time_ms < from_ms:  # payload (event) time selects
+                    continue
+            except DecodeError:
+                pass  # the agent's own logic dead-letters it below
         progress.kept += 1
         b = batch[m.partition()]
         b.append(Record(BEHAVIORS.name, m.partition(), m.offset(), m.timestamp()[1], m.key(), m.value()))
@@ -88,7 +96,7 @@ def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int
     out.flush()
     for p in parts:
         stores[p].commit({BEHAVIORS.name: ends[p]})
-    committer = Consumer(settings.consumer_config(settings.topic_prefix + cfg.sequences_group))
+    committer = group_consumer(settings, group)
     committer.commit(offsets=[TopicPartition(src, p, o) for p, o in ends.items()], asynchronous=False)
     committer.close()
     users = sum(1 for p in parts for _ in stores[p].scan())

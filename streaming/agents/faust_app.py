@@ -61,9 +61,7 @@ class NoopLogic:
 
 def build_host(agent: str, kafka: KafkaSettings, cfg: AgentSettings, index: int = 0) -> Host:
     """The agent's logic with the batch worker's emit, stores (same paths and identity) and crash points."""
-    from schemas.deadletter import DeadLetters
-
-    from ..output import Output
+    from ..kafka import DeadLetters, Output
     from .runtime import Crash, make_logic
     from .store import RocksStore
     from .worker import KafkaEmit, state_identity

@@ -42,8 +42,7 @@ from confluent_kafka import TopicPartition
 from schemas.settings import EMBEDDED_PROFILE, KafkaSettings
 from schemas.topics import Topic
 
-from ..output import Output
-from .reading import read_to_end, reader
+from ..kafka import Output, read_to_end, reader
 from .runtime import Crash
 from .store import Logic, Reader, Record, Store
 

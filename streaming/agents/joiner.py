@@ -59,12 +59,11 @@ from collections.abc import Callable
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
-from schemas.deadletter import DeadLetters
 from schemas.settings import KafkaSettings
 from schemas.topics import ITEM_EMBEDDINGS
 
+from ..kafka import DeadLetters, partitions_of, reader
 from .join_logic import JoinConfig, JoinKeys, JoinLogic
-from .reading import partitions_of, reader
 from .settings import AgentSettings
 from .store import Record
 

@@ -340,7 +340,7 @@ def snapshot(kafka, starts: dict[int, int] | None = None) -> tuple[dict[int, Use
     """Latest sequence per user in ``user-sequences`` (from ``starts``, default the beginning) and the end
     offsets reached: the full-snapshot and incremental reads of the export contract (a Kafka read, for
     tools and tests; the logic above never reads Kafka)."""
-    from .reading import read_to_end, reader
+    from ..kafka import read_to_end, reader
 
     topic = kafka.topic(USER_SEQUENCES)
     latest: dict[bytes, bytes | None] = {}

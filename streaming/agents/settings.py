@@ -48,6 +48,4 @@ class AgentSettings(BaseSettings):
     crash_at: str = Field("", pattern=r"^([a-z_]+(:[0-9]+)?)?$",
                           description="TEST ONLY: kill the worker (SIGKILL) the n-th time it reaches the named "
                           "point (name[:n]; once per data directory); see streaming.agents.runtime.CRASH_POINTS")
-    metrics_host: str = Field("127.0.0.1", min_length=1,
-                              description="address the metrics endpoint binds (0.0.0.0: every interface)")
     log_interval_s: float = Field(10.0, gt=0, description="seconds between throughput/lag log lines")

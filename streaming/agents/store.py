@@ -27,6 +27,11 @@ runtime without committing. It may read its own staged writes (``get``/``get_man
 ``scan`` streams the committed state only, in key order, so rebuilds and reloads never hold a whole
 partition in memory.
 
+Optional hooks a logic may define (the worker calls them when present): ``poll_side_inputs()`` before each
+batch (global tables such as item embeddings), ``delivered()`` after a batch's outputs were delivered,
+``shutdown()`` at exit, and a settable ``high_water(physical_topic, partition) -> int`` (end of an input
+partition per the last fetch, -1 while unknown).
+
 Keys and values are bytes; topics are ``schemas.topics.Topic`` objects; record topics are their logical
 names (``"behaviors"``), never the physical (prefixed) names, which are the runtime's business.
 

@@ -30,7 +30,7 @@ in ``docs/notes/agents.md``).
 
 Observability: a log line every ``LUM_AGENT_LOG_INTERVAL_S`` with events/s and consumer lag (high-water
 mark carried by fetched data minus position), and the same figures as Prometheus text on
-``LUM_AGENT_METRICS_HOST:LUM_AGENT_METRICS_PORT + index`` (``/metrics``) when that port is not 0.
+``LUM_METRICS_HOST:LUM_AGENT_METRICS_PORT + index`` (``/metrics``) when that port is not 0.
 Crash injection for tests: ``LUM_AGENT_CRASH_AT`` (``streaming.agents.runtime``).
 """
 
@@ -48,11 +48,10 @@ from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from schemas.deadletter import DeadLetters
 from schemas.settings import KafkaSettings, load
 from schemas.topics import Topic
 
-from ..output import Output
+from ..kafka import DeadLetters, Output, group_consumer
 from .runtime import Crash, make_logic
 from .settings import AgentSettings
 from .store import Logic, Record, RocksStore, Store
@@ -107,9 +106,9 @@ class Worker:
             logic.high_water = self.high_water
         self.group = kafka.topic_prefix + {"sequences": cfg.sequences_group, "joiner": cfg.joiner_group}[agent_name]
         self.root = Path(cfg.data_dir) / agent_name / self.group
-        self.consumer = Consumer(kafka.consumer_config(self.group, **{
+        self.consumer = group_consumer(kafka, self.group, **{
             "partition.assignment.strategy": "range",  # co-partitioned inputs: partition p of each topic together
-            "fetch.wait.max.ms": 50}))
+            "fetch.wait.max.ms": 50})
         self.logical = {kafka.topic(t): t.name for t in logic.inputs}  # physical name -> registry name
         self.topic_names = list(self.logical)
         self.stores: dict[int, Store] = {}
@@ -138,7 +137,7 @@ class Worker:
 
     def read(self, topic: Topic, partition: int) -> Iterator[Record]:
         """One partition of ``topic`` from its beginning to its current end, as records (for rebuilds)."""
-        from .reading import read_to_end, reader
+        from ..kafka import read_to_end, reader
 
         consumer = reader(self.kafka)
         try:
@@ -217,7 +216,7 @@ class Worker:
             batch_pos[(topic, p)] = off + 1
         n = sum(len(v) for v in by_part.values())
         if not n:
-            self.out.producer.poll(0)
+            self.out.poll(0)
             self._report()
             return 0
         for p, records in by_part.items():
@@ -337,9 +336,12 @@ class Worker:
             def log_message(self, *args):  # scrapes are not worth a log line each
                 pass
 
-        server = ThreadingHTTPServer((self.cfg.metrics_host, port), Handler)
+        from schemas.metrics import MetricsSettings
+
+        host = load(MetricsSettings).host  # LUM_METRICS_HOST: 127.0.0.1 unless set
+        server = ThreadingHTTPServer((host, port), Handler)
         threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
-        log.info("metrics on http://%s:%d/metrics", self.cfg.metrics_host, port)
+        log.info("metrics on http://%s:%d/metrics", host, port)
         return server
 
 
@@ -354,7 +356,7 @@ def _topic_ids(kafka: KafkaSettings, topics: list[str]) -> dict[str, str]:
     """Kafka topic ids (a new one per topic creation); empty where the cluster does not report them."""
     from confluent_kafka import TopicCollection
 
-    from ..admin import _admin
+    from ..kafka.admin import _admin
 
     admin = _admin(kafka)  # kept referenced until the answers are in
     try:

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Producer
 
 from schemas.events import BehaviorEvent, ImpressionEvent
 from schemas.settings import KafkaSettings
 from schemas.topics import BEHAVIORS, IMPRESSIONS, Topic, key_of
+from streaming.kafka import Output
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = 1_767_225_600_000  # 2026-01-01
@@ -34,14 +34,15 @@ def impression(request_id: str, user: int, item: int, t: int, position: int = 0)
 
 
 def produce(kafka: KafkaSettings, events, raw: list[tuple[Topic, bytes, bytes, int | None]] = ()) -> None:
-    """Send events to their topic (key = user id, timestamp = event time), plus raw (topic, key, value, part)."""
-    p = Producer(kafka.producer_config())
+    """Send events to their topic (key = user id; record timestamp = ingest time, event time in the payload),
+    plus raw (topic, key, value, partition) messages."""
+    out = Output(kafka)
     for e in events:
         topic = BEHAVIORS if isinstance(e, BehaviorEvent) else IMPRESSIONS
-        p.produce(kafka.topic(topic), value=topic.encode(e), key=key_of(e.user_id), timestamp=e.event_time_ms)
+        out.produce(kafka.topic(topic), value=topic.encode(e), key=key_of(e.user_id))
     for topic, key, value, part in raw:
-        p.produce(kafka.topic(topic), value=value, key=key, **({} if part is None else {"partition": part}))
-    assert p.flush(30) == 0
+        out.produce(kafka.topic(topic), value=value, key=key, **({} if part is None else {"partition": part}))
+    out.flush(30)
 
 
 def wait_for(predicate, timeout: float = 60, every: float = 0.3, what: str = "condition"):

@@ -15,7 +15,7 @@ from schemas.codec import decode
 from schemas.events import DeadLetter
 from schemas.settings import load
 from schemas.topics import BEHAVIORS, DEAD_LETTERS, USER_SEQUENCES
-from streaming.agents.reading import read_to_end, reader
+from streaming.kafka import read_to_end, reader
 from streaming.agents.sequences import encode_value, expected_sequences, merge, pair_rows, snapshot
 from streaming.agents.settings import AgentSettings
 from streaming.agents.store import read_state

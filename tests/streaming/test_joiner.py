@@ -11,7 +11,7 @@ from schemas.events import BehaviorEvent, ConditionOutput, ItemEmbedding, LumFea
 from schemas.settings import load
 from schemas.topics import (BEHAVIORS, IMPRESSIONS, ITEM_EMBEDDINGS, LATE_CLICKS, LUM_FEATURES, TRAINING_EXAMPLES,
                             key_of)
-from streaming.agents.reading import read_to_end, reader
+from streaming.kafka import read_to_end, reader
 from streaming.agents.settings import AgentSettings
 
 W = 10_000  # attribution window (ms of event time)

@@ -61,3 +61,15 @@ def test_bad_setting_fails_at_start_up_naming_it():
                           env=os.environ | {"LUM_KAFKA_BOOTSTRAP": "no-port-here"})
     assert done.returncode != 0
     assert "LUM_KAFKA_BOOTSTRAP" in done.stderr and "host:port" in done.stderr
+
+
+def test_malformed_or_insecure_kafka_settings_fail_cleanly_naming_them():
+    for env, name in (({"LUM_KAFKA_EXTRA": "{not json"}, "LUM_KAFKA_EXTRA"),
+                      ({"LUM_KAFKA_EXTRA": '{"security.protocol": "PLAINTEXT"}'}, "LUM_KAFKA_EXTRA"),
+                      ({"LUM_KAFKA_SECURITY_PROTOCOL": "SASL_SSL", "LUM_KAFKA_SASL_PASSWORD": "pw-do-not-show"},
+                       "LUM_KAFKA_SASL_MECHANISM")):
+        done = subprocess.run([*LUM, "topics", "list"], capture_output=True, text=True, timeout=60,
+                              env=os.environ | env)
+        assert done.returncode != 0
+        assert name in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert "pw-do-not-show" not in done.stderr + done.stdout

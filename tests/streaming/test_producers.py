@@ -1,12 +1,16 @@
-"""Producers write what they generate or replay: same count, same content, per-user order, event-time order."""
+"""Producers write what they generate or replay: same count, same content, per-user order, event-time order;
+record timestamps are ingest time, event time is in the payload."""
 
+import time
 from collections import defaultdict
 
 import pytest
+from confluent_kafka import TIMESTAMP_CREATE_TIME
 
 from schemas.datasets import read_movielens, read_taobao
 from schemas.events import BehaviorEvent
 from schemas.topics import BEHAVIORS, IMPRESSIONS
+from streaming.kafka import read_to_end, reader
 from streaming.producers import produce, with_impressions
 from streaming.producers.synthetic import SyntheticConfig, SyntheticStream
 
@@ -74,3 +78,18 @@ def test_derived_impressions_label_like_the_protocol(data_dir):
     clicks = [e for e in out if isinstance(e, BehaviorEvent) and e.behavior == "click"]
     assert len(impressions) == len(events)
     assert len(clicks) == sum(1 for e in events if e.rating >= 4)
+
+
+def test_record_timestamps_are_ingest_time_and_event_time_is_in_the_payload(kafka, data_dir):
+    """MovieLens is from 1997-98: stamped with event time, Apache Kafka's 7-day retention would delete it at
+    once. The records carry the producing moment; the payload keeps the 1997 event time."""
+    before = int(time.time() * 1000)
+    stats = produce(kafka, read_movielens(data_dir / "ml-100k", limit=500))
+    after = int(time.time() * 1000)
+    consumer = reader(kafka)
+    records = [(m.timestamp(), BEHAVIORS.decode(m.value())) for m in read_to_end(consumer, kafka.topic(BEHAVIORS))]
+    consumer.close()
+    assert len(records) == stats["events"] == 500
+    for (kind, ts), event in records:
+        assert kind == TIMESTAMP_CREATE_TIME and before - 1000 <= ts <= after + 1000
+        assert event.event_time_ms < 946_684_800_000  # before 2000: the payload keeps the event time

@@ -1,9 +1,14 @@
-"""``lum replay`` and ``lum backfill sequences`` against the real embedded broker."""
+"""``lum replay`` and ``lum backfill sequences`` against the real embedded broker.
+
+Events are stamped 2026-01-01 (payload ``event_time_ms``) but produced now (record timestamp = ingest time):
+every range below selects by payload time, which a record-timestamp selection would get wrong.
+"""
 
 from __future__ import annotations
 
 import json
 import random
+import time
 from datetime import datetime, timezone
 
 import pyarrow.parquet as pq
@@ -12,7 +17,7 @@ import pytest
 from deploy.cli import main as lum
 from schemas.settings import load
 from schemas.topics import BEHAVIORS
-from streaming.agents.reading import read_to_end, reader
+from streaming.kafka import read_to_end, reader
 from streaming.agents.sequences import expected_sequences, snapshot
 from streaming.agents.settings import AgentSettings
 from streaming.replay import parse_time
@@ -29,7 +34,8 @@ def test_parse_time():
 def test_replay_time_range_into_topic_jsonl_and_parquet(kafka, kit, tmp_path):
     rng = random.Random(0)
     events = [kit.behavior(i, rng.randrange(50), t=rng.randrange(100) * 1000) for i in range(400)]
-    events.sort(key=lambda e: e.event_time_ms)  # producers write in event-time order (timestamps = event time)
+    events.sort(key=lambda e: e.event_time_ms)  # producers write in event-time order
+    started = int(time.time() * 1000)
     kit.produce(kafka, events)
     lo, hi = kit.T0 + 20_000, kit.T0 + 50_000
     want = sorted(e.event_id for e in events if lo <= e.event_time_ms < hi)
@@ -38,14 +44,16 @@ def test_replay_time_range_into_topic_jsonl_and_parquet(kafka, kit, tmp_path):
 
     assert lum(["replay", "behaviors", "--from", iso, "--to", str(hi), "--into", "behaviors-copy"]) == 0
     c = reader(kafka)
-    copied = [BEHAVIORS.decode(m.value()) for m in read_to_end(c, kafka.topic_prefix + "behaviors-copy")]
+    copied = [(m.timestamp()[1], BEHAVIORS.decode(m.value())) for m in read_to_end(c, kafka.topic_prefix + "behaviors-copy")]
     c.close()
-    assert sorted(e.event_id for e in copied) == want
+    assert sorted(e.event_id for _, e in copied) == want
+    assert all(ts >= started - 1000 for ts, _ in copied)  # the copy has its own ingest time
 
     assert lum(["replay", "behaviors", "--from", str(lo), "--to", str(hi), "--into", str(tmp_path / "r.jsonl")]) == 0
     rows = [json.loads(line) for line in open(tmp_path / "r.jsonl")]
     assert sorted(r["event_id"] for r in rows) == want
-    assert all(lo <= r["_timestamp_ms"] < hi and r["_key"] == str(r["user_id"]) for r in rows)
+    assert all(lo <= r["event_time_ms"] < hi and r["_key"] == str(r["user_id"]) for r in rows)
+    assert all(r["_timestamp_ms"] >= started - 1000 for r in rows)  # record timestamps: ingest time
 
     assert lum(["replay", "behaviors", "--from", str(lo), "--to", str(hi), "--into", str(tmp_path / "r.parquet"),
                 "--max-disorder-ms", "0"]) == 0
@@ -75,3 +83,29 @@ def test_backfill_sequences_rebuilds_from_time_and_agents_continue(kafka, kit, t
     with kit.ThreadWorker("sequences", kafka, cfg) as w:  # continues from the backfill's offsets
         kit.wait_for(lambda: snapshot(kafka)[0] == expected_sequences(recent + more), what="agent after backfill")
         assert w.consumed == len(more)
+
+
+def test_replay_into_an_existing_file_needs_force(kafka, kit, tmp_path, capsys):
+    kit.produce(kafka, [kit.behavior(i, i % 5, t=i * 1000) for i in range(20)])
+    target = tmp_path / "mine.jsonl"
+    target.write_text("precious\n")
+    args = ["replay", "behaviors", "--from", str(kit.T0), "--to", str(kit.T0 + 10_000), "--into", str(target)]
+    assert lum(args) != 0
+    assert "--force" in capsys.readouterr().err and target.read_text() == "precious\n"
+    assert lum([*args, "--force"]) == 0
+    assert len(target.read_text().splitlines()) == 10
+
+
+def test_backfill_refuses_while_the_sequence_agents_run(kafka, kit, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("LUM_DATA_DIR", str(tmp_path))
+    events = [kit.behavior(i, i % 7, t=i * 1000) for i in range(50)]
+    kit.produce(kafka, events)
+    cfg = load(AgentSettings, data_dir=tmp_path)
+    with kit.ThreadWorker("sequences", kafka, cfg) as w:
+        kit.wait_for(lambda: w.consumed == len(events), what="agent consumed the events")
+        assert lum(["backfill", "sequences"]) == 1
+        err = capsys.readouterr().err
+        assert "refusing" in err and kafka.topic_prefix + cfg.sequences_group in err
+        assert (tmp_path / "sequences" / (kafka.topic_prefix + cfg.sequences_group) / "p0").exists()
+    assert lum(["backfill", "sequences"]) == 0  # stopped: the group is empty, the backfill runs
+    assert snapshot(kafka)[0] == expected_sequences(events)

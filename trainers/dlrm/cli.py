@@ -2,11 +2,15 @@
 
     lum train --features baseline --checkpoint-dir ckpt/baseline --until-caught-up   # hourly job
     lum train --features lum --checkpoint-dir ckpt/lum                              # runs continuously
+    lum train --nproc 2 --features lum --checkpoint-dir ckpt/lum                    # = torchrun, 2 ranks (DMP)
+    torchrun --standalone --nproc-per-node 2 .venv/bin/lum train --features lum --checkpoint-dir ckpt/lum
     lum report ckpt/baseline ckpt/lum --out report.png                             # table + AUC plot
 
 Settings (environment, prefix ``LUM_DLRM_``; flags override): see ``DLRMSettings``. The consumer group is
 ``<group_prefix>-<features>``, so baseline and LUM trainers read the same stream independently.
 SIGTERM/SIGINT stop after the current batch with a final checkpoint and offset commit.
+Under torchrun rank 0 alone reads Kafka and scatters equal shares of each batch to every rank (lockstep); the
+checkpoint holds its offsets, so killing any rank and restarting trains every example exactly once.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ class DLRMSettings(BaseSettings):
 
     preset: Literal["debug", "base"] = Field("base", description="model size preset (trainers.dlrm.model)")
     group_prefix: str = Field("lum-dlrm", description="consumer group prefix; the group is <prefix>-<features>")
-    batch_size: int = Field(512, ge=1, description="examples per mini-batch")
+    batch_size: int = Field(512, ge=1, description="examples per mini-batch and rank")
     checkpoint_every_batches: int = Field(200, ge=1, description="checkpoint after this many batches")
     checkpoint_every_s: float = Field(60.0, gt=0, description="... or after this many seconds")
     window_minutes: int = Field(60, ge=1, description="event-time window of the progressive metrics")
@@ -35,6 +39,14 @@ class DLRMSettings(BaseSettings):
     lum_dim: int | None = Field(None, ge=1, description="LUM vector size; default: first example's")
     sharding: Literal["table_wise", "column_wise"] = Field("table_wise", description="embedding table sharding")
     record_example_ids: bool = Field(False, description="log trained example ids per checkpoint (audits, tests)")
+    dedup_horizon: int = Field(1_000_000, ge=1, description="re-delivered examples are dropped if their first "
+                               "copy is among this many last trained examples (8 bytes each, in the checkpoint)")
+    ids: Literal["hash", "mch"] = Field("hash", description="id -> embedding row: 'hash' (rows shared) or 'mch' "
+                                        "(TorchRec managed collisions: an admitted id owns its row)")
+    mch_eviction: Literal["lru", "lfu"] = Field("lru", description="mch: which id gives its row up when a table is full")
+    mch_eviction_interval: int = Field(10, ge=1, description="mch: steps between admissions of new ids (they share "
+                                       "one residual row until then)")
+    prefetch: int = Field(4, ge=0, description="batches read and decoded ahead of the step in a thread (0: none)")
     threads: int = Field(1, ge=1, description="torch intra-op threads; 1 avoids OpenMP spin-wait stalls on shared cores")
 
 
@@ -51,6 +63,7 @@ def register(sub, common) -> None:
     p.add_argument("--until-caught-up", action="store_true", help="stop at the end of the topic as at start")
     p.add_argument("--preset", choices=["debug", "base"], help="override LUM_DLRM_PRESET")
     p.add_argument("--batch-size", type=int, help="override LUM_DLRM_BATCH_SIZE")
+    p.add_argument("--nproc", type=int, help="processes: re-executes under torchrun --standalone --nproc-per-node N")
     p.set_defaults(handler=_train)
 
     p = sub.add_parser("report", parents=[common], help="compare trainers' progressive metrics: table + PNG")
@@ -63,9 +76,11 @@ def _train(args: argparse.Namespace) -> int:
     import logging
     import signal
 
-    import torch
-
     from schemas.settings import KafkaSettings, load
+    from trainers.launch import relaunch_under_torchrun
+
+    relaunch_under_torchrun(args.nproc)
+    import torch
 
     from .kafka_source import KafkaExamples
     from .model import DLRMConfig
@@ -85,21 +100,31 @@ def _train(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     cfg = DLRMConfig.preset(s.preset, features=args.features, lum_conditions=s.lum_conditions, lum_dim=s.lum_dim,
-                            sharding=s.sharding)
+                            sharding=s.sharding, ids=s.ids, mch_eviction=s.mch_eviction,
+                            mch_eviction_interval=s.mch_eviction_interval)
     trainer = Trainer(cfg, args.checkpoint_dir, window_ms=s.window_minutes * 60_000,
                       every_batches=s.checkpoint_every_batches, every_s=s.checkpoint_every_s,
-                      record_example_ids=s.record_example_ids)
-    if trainer.world != 1:
-        raise SystemExit("lum train reads Kafka at world size 1; use trainers.dlrm.train under torchrun for DMP")
-    source = KafkaExamples(kafka, f"{s.group_prefix}-{args.features}", s.batch_size, start_offsets=trainer.offsets,
-                           until_caught_up=args.until_caught_up, max_wait_s=s.max_wait_s,
-                           idle_timeout_s=s.idle_timeout_s, stop=lambda: bool(stopping))
+                      record_example_ids=s.record_example_ids, dedup_horizon=s.dedup_horizon)
+    source = None
+    if trainer.rank == 0:  # one reader feeds every rank (Trainer.fit scatters equal shares)
+        source = KafkaExamples(kafka, f"{s.group_prefix}-{args.features}", s.batch_size * trainer.world,
+                               start_offsets=trainer.offsets, until_caught_up=args.until_caught_up,
+                               max_wait_s=s.max_wait_s, idle_timeout_s=s.idle_timeout_s, stop=lambda: bool(stopping))
+        trainer.on_bad_batch = source.dead_letter_batch
     try:
-        overall = trainer.fit(source, on_durable=source.commit)
+        overall = trainer.fit(source, on_durable=source.commit if source else None, prefetch=s.prefetch,
+                              stop=lambda: bool(stopping))
     finally:
-        source.close()
-    print(json.dumps({"features": args.features, "step": trainer.step, "examples": trainer.examples,
-                      "dead_letters": source.dead.total, "overall": overall}))
+        if source is not None:
+            source.close()
+    if trainer.rank == 0:
+        print(json.dumps({"features": args.features, "world_size": trainer.world, "step": trainer.step,
+                          "examples": trainer.examples, "duplicates_dropped": trainer.duplicates,
+                          "skipped_batches": trainer.skipped_batches, "dead_letters": source.dead.total,
+                          "overall": overall}))
+    from trainers.launch import shutdown
+
+    shutdown()
     return 0
 
 

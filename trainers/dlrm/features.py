@@ -7,7 +7,9 @@
 
 Ids are arbitrary 64-bit values and new ones keep arriving, so each table is indexed by a salted 64-bit mix
 (splitmix64) of the id modulo the table size: any id maps to a valid row, nothing is dropped. Distinct ids
-can share a row; ``CollisionStats`` measures how often, against the uniform-hashing expectation.
+can share a row; ``CollisionStats`` measures how often, against the uniform-hashing expectation. With
+``cfg.ids == "mch"`` the raw ids go to the model, whose TorchRec managed-collision modules own the id -> row map
+(``trainers.dlrm.model.ManagedIds``).
 
 LUM inputs are taken by condition *name*: vectors are reordered to the configured condition list, a
 condition the example lacks is absent (zeros, flag 0), one it has beyond the list is ignored, and a vector
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from itertools import chain
+from operator import attrgetter
 from typing import NamedTuple
 
 import numpy as np
@@ -29,6 +33,10 @@ from schemas.tokenize import condition_id
 from .model import FEATURE_TABLE, SPARSE_FEATURES, TABLES, DLRMConfig, dense_feature_names
 
 _U64 = np.uint64
+_SCALAR_NAMES = ("user_id", "item_id", "category_id", "position", "event_time_ms", "label")
+_SCALARS = attrgetter(*_SCALAR_NAMES)
+_HIST_ITEMS, _HIST_CATS = attrgetter("history_items"), attrgetter("history_categories")
+_SCENARIO, _QUERY, _EXAMPLE_ID = attrgetter("scenario"), attrgetter("query"), attrgetter("example_id")
 _SALT = {t: i + 1 for i, t in enumerate(TABLES)}  # per table, so one id lands on unrelated rows in each
 
 
@@ -124,7 +132,8 @@ class Featurizer:
     def __init__(self, cfg: DLRMConfig, track_collisions: bool = True):
         self.cfg = cfg
         self.n_dense = len(dense_feature_names(cfg))
-        self.collisions = {t: CollisionStats(cfg.table_rows[t]) for t in TABLES} if track_collisions else None
+        track = track_collisions and cfg.ids == "hash"  # with "mch" the model owns the id -> row map
+        self.collisions = {t: CollisionStats(cfg.table_rows[t]) for t in TABLES} if track else None
         self.lum_stats: Counter[str] = Counter()
         self.lum_versions: Counter[str] = Counter()  # examples per LUM model version: shows refreshes arriving
         if cfg.features == "lum":
@@ -138,26 +147,27 @@ class Featurizer:
         return v
 
     def __call__(self, examples: list[TrainingExample]) -> FeatureBatch:
+        """Batch-native: one C-level pass per column group (attrgetter + numpy), no per-example Python code
+        except for LUM vectors outside the binary fast path."""
         B, H = len(examples), self.cfg.history_len
-        hist_items = [ex.history_items[-H:] for ex in examples]
-        hist_cats = [ex.history_categories[-H:] for ex in examples]
-        hist_len = np.fromiter((len(h) for h in hist_items), dtype=np.int64, count=B)
+        cols = np.array(list(map(_SCALARS, examples)), dtype=np.int64).reshape(B, len(_SCALAR_NAMES))
+        hist_items = [h[-H:] for h in map(_HIST_ITEMS, examples)]
+        hist_cats = [h[-H:] for h in map(_HIST_CATS, examples)]
+        hist_len = np.fromiter(map(len, hist_items), dtype=np.int64, count=B)
+        n_hist = int(hist_len.sum())
+        scen = list(map(_SCENARIO, examples))
         raw = {
-            "user_id": np.fromiter((ex.user_id for ex in examples), dtype=np.int64, count=B),
-            "item_id": np.fromiter((ex.item_id for ex in examples), dtype=np.int64, count=B),
-            "category_id": np.fromiter((ex.category_id for ex in examples), dtype=np.int64, count=B),
-            "scenario": np.fromiter((self.scenario_id(ex.scenario) for ex in examples), dtype=np.int64, count=B),
-            "position": np.fromiter((ex.position for ex in examples), dtype=np.int64, count=B),
-            "history_items": np.fromiter((i for h in hist_items for i in h), dtype=np.int64, count=int(hist_len.sum())),
-            "history_categories": np.fromiter((c for h in hist_cats for c in h), dtype=np.int64,
-                                              count=int(hist_len.sum())),
+            "user_id": cols[:, 0], "item_id": cols[:, 1], "category_id": cols[:, 2],
+            "scenario": np.fromiter(map(self.scenario_id, scen), dtype=np.int64, count=B),
+            "position": cols[:, 3],
+            "history_items": np.fromiter(chain.from_iterable(hist_items), dtype=np.int64, count=n_hist),
+            "history_categories": np.fromiter(chain.from_iterable(hist_cats), dtype=np.int64, count=n_hist),
         }
-        has_query = np.fromiter((ex.query is not None for ex in examples), dtype=np.float32, count=B)
+        has_query = np.fromiter((q is not None for q in map(_QUERY, examples)), dtype=np.float32, count=B)
         lum = self.lum_arrays(examples) if self.cfg.features == "lum" else None
         dense, sparse = self.encode(raw, hist_len, has_query, lum)
-        labels = torch.tensor([ex.label for ex in examples], dtype=torch.float32)
-        times = np.fromiter((ex.event_time_ms for ex in examples), dtype=np.int64, count=B)
-        return FeatureBatch(dense, sparse, labels, times, [ex.example_id for ex in examples])
+        labels = torch.from_numpy(cols[:, 5].astype(np.float32))
+        return FeatureBatch(dense, sparse, labels, cols[:, 4].copy(), list(map(_EXAMPLE_ID, examples)))
 
     def encode(self, raw: dict[str, np.ndarray], hist_len: np.ndarray, has_query: np.ndarray,
                lum: LumArrays | None) -> tuple[torch.Tensor, object]:
@@ -170,6 +180,8 @@ class Featurizer:
             table = FEATURE_TABLE[f]
             if f == "position":  # small ints: clip into the table instead of hashing
                 rows = np.minimum(raw[f], cfg.table_rows[table] - 1)
+            elif cfg.ids == "mch":  # raw ids: the model's managed-collision modules assign rows
+                rows = raw[f]
             else:
                 rows = hash_ids(raw[f], cfg.table_rows[table], _SALT[table])
                 if self.collisions is not None:
@@ -188,38 +200,59 @@ class Featurizer:
         return torch.from_numpy(dense), sparse
 
     def lum_arrays(self, examples: list[TrainingExample]) -> LumArrays:
-        """Examples' LUM fields as arrays in the configured condition order; odd cases counted, never fatal."""
-        K, D, B, st = len(self.cfg.lum_conditions), self.cfg.lum_dim, len(examples), self.lum_stats
+        """Examples' LUM fields as arrays in the configured condition order; odd cases counted, never fatal.
+
+        Fast path: examples decoded from the binary format whose conditions are exactly the configured list,
+        with every vector of size D, are stacked with one ``np.frombuffer`` over their float64 bytes.
+        """
+        K, D, B = len(self.cfg.lum_conditions), self.cfg.lum_dim, len(examples)
         U = np.zeros((B, K, D), dtype=np.float32)
         u_ok = np.zeros((B, K), dtype=np.float32)
         item = np.zeros((B, D), dtype=np.float32)
         i_ok = np.zeros(B, dtype=np.float32)
-        own = np.full(B, -1, dtype=np.int64)  # index of the example's own scenario condition, -1 if not configured
+        own = np.fromiter((self.cond_index.get(f"scenario={ex.scenario}", -1) for ex in examples),
+                          dtype=np.int64, count=B)  # the example's own scenario condition, -1 if not configured
+        conds, full = self.cfg.lum_conditions, K * D + D
+        fast, raws = [], []
         for b, ex in enumerate(examples):
-            own[b] = self.cond_index.get(f"scenario={ex.scenario}", -1)
             if ex.lum_model_version is not None:
                 self.lum_versions[ex.lum_model_version] += 1
-            if ex.lum_user is None:
-                st["user_absent"] += 1
-            else:
-                seen = 0
-                for name, vec in zip(ex.lum_conditions, ex.lum_user):
-                    k = self.cond_index.get(name)
-                    if k is None:
-                        st["condition_not_configured"] += 1
-                    elif len(vec) != D:
-                        st["user_dim_mismatch"] += 1
-                    else:
-                        U[b, k], u_ok[b, k] = vec, 1.0
-                        seen += 1
-                st["condition_missing"] += K - seen
-            if ex.lum_item is None:
-                st["item_absent"] += 1
-            elif len(ex.lum_item) != D:
-                st["item_dim_mismatch"] += 1
-            else:
-                item[b], i_ok[b] = ex.lum_item, 1.0
+            raw = ex.__pydantic_private__.get("_lum_f64") if ex.__pydantic_private__ else None
+            if raw is not None and len(raw) == 8 * full and ex.lum_conditions == conds:
+                fast.append(b)
+                raws.append(raw)
+                continue
+            self._lum_slow(ex, b, U, u_ok, item, i_ok)
+        if fast:
+            flat = np.frombuffer(b"".join(raws), dtype="<f8").reshape(len(fast), full)
+            U[fast] = flat[:, :K * D].reshape(-1, K, D)
+            item[fast] = flat[:, K * D:]
+            u_ok[fast] = 1.0
+            i_ok[fast] = 1.0
         return LumArrays(U, u_ok, item, i_ok, own)
+
+    def _lum_slow(self, ex: TrainingExample, b: int, U, u_ok, item, i_ok) -> None:
+        K, D, st = len(self.cfg.lum_conditions), self.cfg.lum_dim, self.lum_stats
+        if ex.lum_user is None:
+            st["user_absent"] += 1
+        else:
+            seen = 0
+            for name, vec in zip(ex.lum_conditions, ex.lum_user):
+                k = self.cond_index.get(name)
+                if k is None:
+                    st["condition_not_configured"] += 1
+                elif len(vec) != D:
+                    st["user_dim_mismatch"] += 1
+                else:
+                    U[b, k], u_ok[b, k] = vec, 1.0
+                    seen += 1
+            st["condition_missing"] += K - seen
+        if ex.lum_item is None:
+            st["item_absent"] += 1
+        elif len(ex.lum_item) != D:
+            st["item_dim_mismatch"] += 1
+        else:
+            item[b], i_ok[b] = ex.lum_item, 1.0
 
     def collision_report(self) -> dict[str, dict]:
         return {t: s.report() for t, s in (self.collisions or {}).items() if t != "position"}

@@ -9,13 +9,17 @@ Where to start: the checkpoint's offsets are the truth (the model state matches 
 checkpoint does not know start at the group's committed offset, else at the earliest. Committed offsets
 therefore never run ahead of the durable model; they exist for lag monitoring and as a fallback.
 
-Undecodable or invalid messages go to dead-letters and are skipped; their offsets still advance with the
-batch they were found in. One trainer per consumer group: a rebalance that moves partitions to another
+Undecodable or invalid messages (non-finite vectors included) go to dead-letters and are skipped; their
+offsets still advance with the batch they were found in. ``dead_letter_batch`` sends a whole batch (the trainer
+skips a batch whose loss is not finite). Each batch carries every example's (partition, offset).
+
+At world size > 1 only rank 0 builds this reader (``Trainer.fit`` scatters the batches), so its offsets, and
+the checkpoint's, cover every example any rank trains. One trainer per consumer group: a rebalance that moves partitions to another
 trainer would split one model's stream, so the trainer refuses it (revocation stops the iteration).
 
 ``until_caught_up``: the end of the topic "as it stood at start" is the high-water mark carried by the
 first fetched data of each partition (``get_watermark_offsets(cached=True)``; the embedded broker reports
-wrong latest offsets otherwise, shared/docs/embedded-broker.md). A partition with no new data never returns
+wrong latest offsets otherwise, README, Limits). A partition with no new data never returns
 a fetch we can read that from, so ``idle_timeout_s`` without any message also ends the run.
 """
 
@@ -25,11 +29,13 @@ import logging
 import time
 from collections.abc import Iterator
 
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, TopicPartition
 
-from schemas.deadletter import DeadLetters
+from schemas.codec import decode_many
+from schemas.events import TrainingExample
 from schemas.settings import KafkaSettings
-from schemas.topics import TRAINING_EXAMPLES
+from schemas.topics import TRAINING_EXAMPLES, key_of
+from streaming.kafka import DeadLetters, Output, group_consumer
 
 from .train import Batch
 
@@ -45,8 +51,8 @@ class KafkaExamples:
         self.until_caught_up, self.max_wait_s, self.idle_timeout_s = until_caught_up, max_wait_s, idle_timeout_s
         self.stop = stop or (lambda: False)
         self.topic = settings.topic(TRAINING_EXAMPLES)
-        self.consumer = Consumer(settings.consumer_config(group_id, **{"enable.partition.eof": False}))
-        self.producer = Producer(settings.producer_config())
+        self.consumer = group_consumer(settings, group_id, **{"enable.partition.eof": False})
+        self.producer = Output(settings)  # dead letters; its flush raises if one was not delivered
         self.dead = DeadLetters(self.producer, settings, consumer=f"dlrm-trainer:{group_id}")
         self.assigned: set[int] = set()
         self.positions: dict[int, int] = {}  # partition -> next offset to read
@@ -92,32 +98,43 @@ class KafkaExamples:
     def __iter__(self) -> Iterator[Batch]:
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         last_msg_t = time.monotonic()
-        examples, batch_t0 = [], time.monotonic()
+        examples, sources, batch_t0 = [], [], time.monotonic()
         while not self.stop() and not self.revoked:
             msgs = self.consumer.consume(num_messages=self.batch_size - len(examples), timeout=0.2)
             now = time.monotonic()
+            good = []
             for msg in msgs:
                 if msg.error():
                     if msg.error().code() != KafkaError._PARTITION_EOF:
                         log.warning("consumer error: %s", msg.error())
                     continue
+                good.append(msg)
+            # One decode call for the fetched messages (their JSON heads validate together); a bad one yields
+            # its own DecodeError and goes to dead-letters.
+            for msg, ex in zip(good, decode_many(TrainingExample, [m.value() for m in good])):
                 self.positions[msg.partition()] = msg.offset() + 1
                 self.consumed += 1
-                try:
-                    examples.append(TRAINING_EXAMPLES.decode(msg.value()))
-                except Exception as e:  # DecodeError, or anything else a broken message triggers
-                    self.dead.send_message(msg, e)
+                if isinstance(ex, Exception):
+                    self.dead.send_message(msg, ex)
+                else:
+                    examples.append(ex)
+                    sources.append((msg.partition(), msg.offset()))
                 last_msg_t = now
             caught_up = self.until_caught_up and bool(
                 self._caught_up() or (self.assigned and now - last_msg_t >= self.idle_timeout_s))
             if len(examples) >= self.batch_size or caught_up or now - batch_t0 >= self.max_wait_s:
                 # A partial or empty batch too: the trainer's time-based checkpoint must not wait for data.
-                yield Batch(examples, dict(self.positions))
-                examples, batch_t0 = [], now
+                yield Batch(examples, dict(self.positions), sources)
+                examples, sources, batch_t0 = [], [], now
             if caught_up:
                 log.info("caught up with the topic as it stood at start: %s (%d messages, %d dead letters)",
                          self.targets or "idle timeout", self.consumed, self.dead.total)
                 return
+
+    def dead_letter_batch(self, batch: Batch, reason: str) -> None:
+        """Every example of ``batch`` to dead-letters (re-encoded; the source offset names the original)."""
+        for ex, (p, o) in zip(batch.examples, batch.sources or [(0, 0)] * len(batch.examples)):
+            self.dead.send(self.topic, p, o, key_of(ex.user_id), TRAINING_EXAMPLES.encode(ex), reason)
 
     def commit(self, offsets: dict[int, int]) -> None:
         """Commit what a durable checkpoint covers (dead letters are flushed first: at least once)."""

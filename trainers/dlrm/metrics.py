@@ -1,15 +1,21 @@
-"""Streaming (progressive-validation) metrics: AUC, log loss and calibration per event-time window and overall.
+"""Streaming (progressive-validation) metrics: AUC, log loss, NE and calibration per event-time window and overall.
 
     m = StreamingMetrics(window_ms=3_600_000)
     m.update(probs, labels, event_time_ms)      # numpy arrays, scored *before* the model trained on them
-    m.overall()                                 # {"n", "positives", "auc", "logloss", "mean_pred", "ctr", "calibration"}
+    m.overall()        # {"n", "positives", "auc", "logloss", "ne", "mean_pred", "ctr", "calibration"}
     m.records(step=..., features=...)           # JSONL-ready rows: updated windows + overall
 
 AUC is computed from per-window histograms of the predicted logit (0.001-wide bins over [-10, 10], ties inside a
 bin counted as half), so memory is bounded and the state fits in a checkpoint; its error is bounded by the
 pairs that share a bin. Windows older than ``lateness`` windows behind the newest are closed and dropped
 from the state (a straggler for a closed window still counts in ``overall``; it is counted as ``late``).
-Calibration is mean prediction / observed CTR (1.0 is perfect).
+Calibration is mean prediction / observed CTR (1.0 is perfect). NE (normalized entropy) is the log loss divided
+by the entropy of the window's base rate (the log loss of always predicting the observed CTR): below 1 means
+better than knowing the base rate. It is TorchRec's own definition (``torchrec.metrics.ne.compute_ne``) applied
+to the window's sums. TorchRec's ``RecMetricModule``/torchmetrics states are not used as the state: their windows
+count examples or batches (not event time), hold tensors reduced across ranks on every compute, and have no
+lateness rule; the state here is a few sums + a sparse histogram per event-time window, bounded and JSON in
+the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +30,15 @@ def _bin(probs: np.ndarray) -> np.ndarray:
     p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
     logit = np.log(p) - np.log1p(-p)
     return np.clip(((logit - LO) / (HI - LO) * BINS).astype(np.int64), 0, BINS - 1)
+
+
+def _ne(ce_sum: float, n: int, n_pos: int) -> float:
+    from torchrec.metrics.ne import compute_ne  # TorchRec's NE definition (imported lazily: `lum report` needs no torch)
+    import torch
+
+    t = lambda x: torch.tensor(float(x), dtype=torch.float64)  # noqa: E731
+    # TorchRec sums cross entropy in bits (log2); ours is in nats.
+    return float(compute_ne(t(ce_sum / np.log(2)), t(n), t(n_pos), t(n - n_pos), eta=1e-12))
 
 
 class Acc:
@@ -56,7 +71,7 @@ class Acc:
         ctr = n_pos / n if n else None
         mean_pred = self.pred_sum / n if n else None
         return {"n": n, "positives": n_pos, "auc": auc, "logloss": self.logloss_sum / n if n else None,
-                "mean_pred": mean_pred, "ctr": ctr,
+                "ne": _ne(self.logloss_sum, n, n_pos) if n_pos and n_neg else None, "mean_pred": mean_pred, "ctr": ctr,
                 "calibration": mean_pred / ctr if n and n_pos else None}
 
     def state(self) -> dict:

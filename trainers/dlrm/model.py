@@ -11,6 +11,8 @@ Dense features (``dense_feature_names``): a few baseline scalars; with ``feature
 user vector of every configured condition (direct features), the target item's LUM embedding, the cosine
 and scaled dot similarity of each condition vector with the item vector and of the example's own scenario
 condition (interest matching), and explicit presence flags: an absent LUM input is zeros *and* a 0 flag.
+Ids -> rows: salted hashing (``ids="hash"``, rows shared by distinct ids) or TorchRec's managed collisions
+(``ids="mch"``: ``ManagedIds``, one row per admitted id, LRU/LFU eviction, tables sharded row-wise).
 The LUM itself never runs here: its outputs arrive inside the examples, so cost does not grow with its size.
 """
 
@@ -54,6 +56,12 @@ class DLRMConfig(BaseModel):
     dense_lr: float = Field(3e-3, gt=0)  # torch Adam on the MLPs (one pass over a stream: not too timid)
     sharding: Literal["table_wise", "column_wise"] = "table_wise"  # how DMP places tables across ranks
     seed: int = 0  # MLP init
+    # Id -> row: "hash" (salted splitmix64 mod rows; distinct ids share rows) or "mch" (TorchRec's managed
+    # collisions, ZCH: each admitted id owns a row; tables sharded row-wise).
+    ids: Literal["hash", "mch"] = "hash"
+    mch_eviction: Literal["lru", "lfu"] = "lru"  # which admitted id gives its row to a new one when full
+    # Steps between admissions/evictions: a new id shares the residual (last) row for at most this many steps.
+    mch_eviction_interval: int = Field(10, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> DLRMConfig:
@@ -109,7 +117,93 @@ def table_configs(cfg: DLRMConfig):
             for t in TABLES]
 
 
-def build_model(cfg: DLRMConfig, device: torch.device | str = "cpu"):
+class ManagedIds(torch.nn.Module):
+    """TorchRec's ``ManagedCollisionEmbeddingBagCollection`` with one ``MCHManagedCollisionModule`` per table,
+    shaped like an ``EmbeddingBagCollection`` for DLRM's SparseArch (forward returns the pooled KeyedTensor).
+
+    Input ids are the raw 63-bit ids. In training, each table records the ids it sees; every
+    ``mch_eviction_interval`` steps it admits the most frequent new ids into free rows (or rows it evicts:
+    LRU or LFU), and embedding rows of evicted ids are reset. An id not yet admitted maps to the table's last
+    row until then. The remapping state (sorted raw ids -> rows, access metadata) is buffers of this module,
+    so it lives in the model's state_dict and thus in the checkpoint.
+    """
+
+    def __init__(self, cfg: DLRMConfig, device: torch.device, buckets: int = 1):
+        super().__init__()
+        from torchrec import EmbeddingBagCollection
+        from torchrec.modules.mc_embedding_modules import ManagedCollisionEmbeddingBagCollection
+        from torchrec.modules.mc_modules import (LFU_EvictionPolicy, LRU_EvictionPolicy,
+                                                 ManagedCollisionCollection, MCHManagedCollisionModule)
+
+        tables = table_configs(cfg)
+        policy = {"lru": LRU_EvictionPolicy, "lfu": LFU_EvictionPolicy}[cfg.mch_eviction]
+        mcms = {t.name: MCHManagedCollisionModule(zch_size=t.num_embeddings, device=device, eviction_policy=policy(),
+                                                  eviction_interval=cfg.mch_eviction_interval,
+                                                  input_hash_size=(1 << 63) - 1, name=t.name, buckets=buckets)
+                for t in tables}  # buckets: one per rank (row-wise shards), as TorchRec's planner requires
+        self.mc_ebc = ManagedCollisionEmbeddingBagCollection(
+            EmbeddingBagCollection(tables=tables, device=device), ManagedCollisionCollection(mcms, tables),
+            return_remapped_features=False)
+        self._configs = tables
+
+    def embedding_bag_configs(self):
+        return self._configs
+
+    def forward(self, features):
+        return self.mc_ebc(features)[0]
+
+
+def mch_sharder():
+    """The sharder for ``ManagedIds``: MCH supports row-wise sharding only, which TorchRec's EBC sharder does
+    not offer on CPU; row-wise runs on CPU when added (same results as table-wise), so it is added here."""
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+    from torchrec.distributed.mc_embeddingbag import ManagedCollisionEmbeddingBagCollectionSharder
+
+    class _RowWiseOnCPU(EmbeddingBagCollectionSharder):
+        def sharding_types(self, compute_device_type: str) -> list[str]:
+            return sorted(set(super().sharding_types(compute_device_type)) | {"row_wise"})
+
+    return ManagedCollisionEmbeddingBagCollectionSharder(ebc_sharder=_RowWiseOnCPU())
+
+
+def reset_evicted_rows_on_cpu(model: torch.nn.Module) -> int:
+    """Give every CPU embedding kernel (fbgemm TBE) of ``model`` a Python ``reset_embedding_weight_momentum``.
+
+    TorchRec's sharded managed-collision module resets the rows (weights and optimizer state) of evicted ids
+    with ``fbgemm::reset_weight_momentum``, which fbgemm-gpu-cpu 1.8 does not implement ("Could not run
+    'fbgemm::reset_weight_momentum' with arguments from the 'CPU' backend") at the first eviction. This zeroes
+    the same rows through the kernel's per-table views. Row indices are the table-local rows that TorchRec
+    passes (world size 1 and tables whose shard starts at row 0; checked). Returns how many kernels it patched.
+    """
+    import types
+
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import SplitTableBatchedEmbeddingBagsCodegen
+
+    def reset(tbe, pruned_indices, pruned_indices_offsets, logical_table_ids, buffer_ids):
+        weights = tbe.split_embedding_weights()
+        states = tbe.split_optimizer_states()
+        offs = pruned_indices_offsets.tolist()
+        with torch.no_grad():
+            for i, t in enumerate(logical_table_ids.tolist()):
+                rows = pruned_indices[offs[i]:offs[i + 1]].long()
+                if rows.numel() and int(rows.max()) >= weights[t].shape[0]:
+                    raise RuntimeError(f"evicted row {int(rows.max())} outside table {t}'s {weights[t].shape[0]} "
+                                       "local rows (managed collisions on CPU support unsplit tables only)")
+                weights[t][rows] = 0
+                for state in states[t]:
+                    state[rows] = 0
+
+    tbes = {}  # the sharded MC module's kernels are not submodules: take them from its table -> kernel map
+    for m in model.modules():
+        for tbe, _ in getattr(m, "_table_to_tbe_and_index", {}).values():
+            if isinstance(tbe, SplitTableBatchedEmbeddingBagsCodegen) and tbe.current_device.type == "cpu":
+                tbes[id(tbe)] = tbe
+    for tbe in tbes.values():
+        tbe.reset_embedding_weight_momentum = types.MethodType(reset, tbe)
+    return len(tbes)
+
+
+def build_model(cfg: DLRMConfig, device: torch.device | str = "cpu", world_size: int = 1):
     """TorchRec DLRM over the named tables; ``device="meta"`` leaves tables for DMP to materialize.
 
     forward(dense_features (B, F_dense), sparse_features KJT[B]) -> logits (B, 1)
@@ -118,7 +212,10 @@ def build_model(cfg: DLRMConfig, device: torch.device | str = "cpu"):
     from torchrec.models.dlrm import DLRM
 
     torch.manual_seed(cfg.seed)
-    ebc = EmbeddingBagCollection(tables=table_configs(cfg), device=torch.device(device))
+    if cfg.ids == "mch":
+        ebc = ManagedIds(cfg, torch.device(device), buckets=world_size)
+    else:
+        ebc = EmbeddingBagCollection(tables=table_configs(cfg), device=torch.device(device))
     return DLRM(embedding_bag_collection=ebc, dense_in_features=len(dense_feature_names(cfg)),
                 dense_arch_layer_sizes=[*cfg.dense_arch, cfg.embedding_dim],  # (B, F) -> (B, D)
                 over_arch_layer_sizes=[*cfg.over_arch, 1])  # (B, D + F_sparse*(F_sparse+1)/2) -> (B, 1)

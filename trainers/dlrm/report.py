@@ -43,22 +43,22 @@ def report(dirs: list[str], out: str | Path = "lum-report.png") -> str:
     names = short if len(set(short)) == len(short) else [str(d) for d in dirs]  # dir names, unless ambiguous
     runs = [(n, *load_metrics(d)) for n, d in zip(names, dirs)]
     base_auc = runs[0][1]["auc"] if runs[0][1] else None
-    lines = ["| run | features | examples | AUC | dAUC vs first | log loss | calibration | windows |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | features | examples | AUC | dAUC vs first | log loss | NE | calibration | windows |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, overall, windows in runs:
         o = overall or {}
         delta = o["auc"] - base_auc if o.get("auc") is not None and base_auc is not None else None
         lines.append(f"| {name} | {o.get('features', '-')} | {o.get('n', 0)} | {_f(o.get('auc'))} | "
-                     f"{_f(delta, '+.4f')} | {_f(o.get('logloss'))} | {_f(o.get('calibration'), '.3f')} | "
+                     f"{_f(delta, '+.4f')} | {_f(o.get('logloss'))} | {_f(o.get('ne'))} | {_f(o.get('calibration'), '.3f')} | "
                      f"{len(windows)} |")
     # Per-window AUC side by side (windows of the first run that have data in any run).
     starts = sorted({w["window_start_ms"] for _, _, ws in runs for w in ws})
     if starts:
-        lines += ["", "| window (UTC) | " + " | ".join(f"AUC {n}" for n, _, _ in runs) + " |",
+        lines += ["", "| window (UTC) | " + " | ".join(f"AUC / NE {n}" for n, _, _ in runs) + " |",
                   "|---|" + "---|" * len(runs)]
         by_run = [{w["window_start_ms"]: w for w in ws} for _, _, ws in runs]
         for s in starts:
-            cells = [_f(r[s]["auc"]) + f" (n={r[s]['n']})" if s in r else "-" for r in by_run]
+            cells = [f"{_f(r[s]['auc'])} / {_f(r[s].get('ne'))} (n={r[s]['n']})" if s in r else "-" for r in by_run]
             lines.append(f"| {_utc(s)} | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     out = Path(out)

@@ -3,9 +3,9 @@ checkpoints that hold everything needed to resume (config, model, optimizers, st
 
     from trainers.dlrm.train import train, Batch
     train(cfg, batches, checkpoint_dir="ckpt/lum")      # batches: iterable of Batch or list[TrainingExample]
-    torchrun --nproc-per-node 2 -m trainers.dlrm.train --demo DIR   # DMP over 2 CPU processes (gloo)
+    torchrun --nproc-per-node 2 -m trainers.dlrm.train --demo DIR [--ids mch]   # DMP over 2 CPU processes (gloo)
 
-The Kafka adapter (``kafka_source``) is one source of batches; ``lum train`` wires the two together.
+Batches are read ``prefetch`` ahead in a thread (fetch + decode overlap the step). The Kafka adapter (``kafka_source``) is one source of batches; ``lum train`` wires the two together.
 
 Progressive validation: each batch is scored by the model *before* it trains on that batch. The training
 forward pass already does exactly that (the fused embedding optimizer and Adam update only after the
@@ -15,39 +15,58 @@ Checkpoint protocol (``DIR``):
   1. append the metrics rows since the last checkpoint to ``DIR/metrics.jsonl`` (readers keep the last row
      per window, so rows rewritten after a rollback supersede the lost ones);
   2. save model + optimizers with torch.distributed.checkpoint into ``DIR/ckpt-<step>/``, then
-     ``meta.json`` (config, step, examples, offsets, metrics state, trained-id log length);
+     ``dedup.npy`` (recent example ids) and ``meta.json`` (config, step, examples, offsets, metrics state,
+     trained-id log length, duplicate and skipped counts);
   3. atomically replace ``DIR/LATEST`` (write, fsync, rename, fsync dir): only now is the checkpoint durable;
   4. call ``on_durable(offsets)``: the Kafka adapter commits the offsets the checkpoint covers.
-On start, ``LATEST`` (if any) is loaded: training resumes from its state and offsets, so examples after it
+On start, ``LATEST`` (or, if it is unusable, the newest older checkpoint that loads) is loaded: training resumes from its state and offsets, so examples after it
 are trained again exactly once and none before it are. With ``record_example_ids`` each rank appends the
 ids it trained to ``DIR/trained_ids-rank<r>.log``; the checkpoint records the log's length and a restart
 truncates it there, so the log always lists exactly the examples inside the durable model state.
 
-World size > 1 (torchrun): every rank trains its own share of each step (equal batch sizes: the sharded
-embedding all-to-all needs them), checkpoints on the batch cadence only (ranks must agree), and the metrics
-log holds rank 0's share. ``lum train`` reads Kafka at world size 1.
+World size > 1 (torchrun): only rank 0 iterates the source (one Kafka reader, so the checkpoint's offsets
+cover every example any rank trained); each step it splits the global batch into equal shares, padded with
+zero-weight copies (the sharded embedding all-to-all needs equal batch sizes), and scatters them with the
+step's decisions (checkpoint now, stop), so every rank steps in lockstep. The metrics log holds rank 0's share.
+
+Integrity:
+- re-delivered examples (the joiner is at-least-once) are dropped by example id: the ids of the last
+  ``dedup_horizon`` trained examples are remembered (8-byte hashes, bounded memory) and kept in the checkpoint;
+  a duplicate arriving more than that many examples after its first copy is trained again;
+- a step whose loss is not finite on any rank is skipped on all ranks before backward (nothing is updated),
+  counted (``skipped_batches``) and its examples go to ``on_bad_batch`` (the Kafka adapter dead-letters them);
+- start-up loads the newest checkpoint that loads (``trainers.checkpoint``; an unusable one is skipped with a
+  warning) and refuses one whose saved model config differs from the requested one, naming the fields.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
+import queue
 import shutil
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from schemas.events import TrainingExample
 
+from ..checkpoint import Refuse, atomic_write, candidates, load_newest_good
+from ..checkpoint import latest as latest_checkpoint
 from .features import Featurizer, resolve_lum_dims
 from .metrics import StreamingMetrics
-from .model import TABLES, DLRMConfig, build_model
+from .model import TABLES, DLRMConfig, build_model, mch_sharder, reset_evicted_rows_on_cpu
 
 log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = 1
@@ -57,6 +76,40 @@ CHECKPOINT_FORMAT = 1
 class Batch:
     examples: list[TrainingExample]
     offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset once this batch is trained
+    sources: list[tuple[int, int]] | None = None  # (partition, offset) of each example, for dead letters
+    weights: list[float] | None = None  # 0 for padding rows (world size > 1); None: all 1
+
+
+class RecentIds:
+    """The ids of the last ``horizon`` admitted examples (8-byte BLAKE2b of the id), oldest evicted first."""
+
+    def __init__(self, horizon: int):
+        self.horizon = horizon
+        self.order: deque[int] = deque()
+        self.members: set[int] = set()
+
+    @staticmethod
+    def key(example_id: str) -> int:
+        return int.from_bytes(hashlib.blake2b(example_id.encode(), digest_size=8).digest(), "little")
+
+    def add(self, k: int) -> None:
+        self.order.append(k)
+        self.members.add(k)
+        while len(self.order) > self.horizon:
+            self.members.discard(self.order.popleft())
+
+    def __contains__(self, k: int) -> bool:
+        return k in self.members
+
+    def to_array(self) -> np.ndarray:
+        return np.fromiter(self.order, dtype=np.uint64, count=len(self.order))
+
+    @classmethod
+    def from_array(cls, horizon: int, a: np.ndarray) -> RecentIds:
+        r = cls(horizon)
+        for k in a.tolist()[-horizon:]:
+            r.add(int(k))
+        return r
 
 
 def ensure_process_group() -> tuple[int, int]:
@@ -70,23 +123,23 @@ def ensure_process_group() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _fsync_write(path: Path, data: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_write = atomic_write
+# Fields that may differ between the saved and the requested model: sharding is re-planned on load, and LUM
+# sizes left unset (None) are taken from the checkpoint.
+_RESHARDABLE = {"sharding"}
+_FROM_CHECKPOINT_IF_UNSET = {"lum_conditions", "lum_dim"}
 
 
-def latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
-    latest = Path(checkpoint_dir) / "LATEST"
-    return Path(checkpoint_dir) / latest.read_text().strip() if latest.exists() else None
+def config_differences(saved: DLRMConfig, requested: DLRMConfig) -> list[str]:
+    """'field: saved X, requested Y' for every model field that would make the checkpoint a different model."""
+    out = []
+    req = requested.model_dump()
+    for k, v in saved.model_dump().items():
+        if k in _RESHARDABLE or (k in _FROM_CHECKPOINT_IF_UNSET and req.get(k) is None):
+            continue
+        if req.get(k) != v:
+            out.append(f"{k}: saved {v!r}, requested {req.get(k)!r}")
+    return out
 
 
 def read_meta(checkpoint_dir: str | Path) -> dict | None:
@@ -98,8 +151,14 @@ class Trainer:
     """DMP-wrapped DLRM + optimizers + featurizer + metrics; built lazily when LUM sizes come from data."""
 
     def __init__(self, cfg: DLRMConfig, checkpoint_dir: str | Path | None = None, *, window_ms: int = 3_600_000,
-                 every_batches: int = 50, every_s: float = 60.0, record_example_ids: bool = False, keep: int = 2):
+                 every_batches: int = 50, every_s: float = 60.0, record_example_ids: bool = False, keep: int = 2,
+                 dedup_horizon: int = 1_000_000,
+                 on_bad_batch: Callable[[Batch, str], None] | None = None, device: str | torch.device = "cpu"):
         self.rank, self.world = ensure_process_group()
+        self.device = torch.device(device)  # "cuda": tables and MLPs on the GPU (benchmarks/gpu_check.py)
+        self.seen = RecentIds(dedup_horizon)
+        self.duplicates = self.skipped_batches = 0
+        self.on_bad_batch = on_bad_batch
         self.cfg, self.dir = cfg, Path(checkpoint_dir) if checkpoint_dir else None
         self.every_batches, self.every_s, self.keep = every_batches, every_s, keep
         self.record_ids = record_example_ids and self.dir is not None
@@ -111,7 +170,7 @@ class Trainer:
         self._since_ckpt, self._last_ckpt_t, self._unsaved = 0, time.monotonic(), False
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            if latest_checkpoint(self.dir):
+            if candidates(self.dir):
                 self._restore()
             elif self.record_ids:
                 self._ids_log().open("w").close()  # nothing durable yet: the log starts empty
@@ -131,18 +190,25 @@ class Trainer:
         from torchrec.optim.optimizers import in_backward_optimizer_filter
 
         cfg = self.cfg
-        model = build_model(cfg, device="meta")  # tables materialize sharded inside DMP
+        model = build_model(cfg, device="meta", world_size=self.world)  # tables materialize sharded inside DMP
         emb_opt = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}
         apply_optimizer_in_backward(emb_opt[cfg.embedding_optimizer], model.sparse_arch.parameters(),
                                     {"lr": cfg.sparse_lr})  # fused into the embedding kernels by DMP
-        # Column-wise only splits with min_partition below the table's dim (shared/docs/torch-cpu.md).
+        # Column-wise only splits with min_partition below the table's dim.
         extra = {"min_partition": max(1, cfg.embedding_dim // 2)} if cfg.sharding == "column_wise" else {}
-        constraints = {f"t_{t}": ParameterConstraints(sharding_types=[cfg.sharding], **extra) for t in TABLES}
-        sharders = [EmbeddingBagCollectionSharder()]
-        planner = EmbeddingShardingPlanner(topology=Topology(world_size=self.world, compute_device="cpu"),
+        if cfg.ids == "mch":  # managed collisions shard row-wise only (the fused kernel on CPU)
+            constraints = {f"t_{t}": ParameterConstraints(sharding_types=["row_wise"], compute_kernels=["fused"])
+                           for t in TABLES}
+            sharders = [mch_sharder()]
+        else:
+            constraints = {f"t_{t}": ParameterConstraints(sharding_types=[cfg.sharding], **extra) for t in TABLES}
+            sharders = [EmbeddingBagCollectionSharder()]
+        planner = EmbeddingShardingPlanner(topology=Topology(world_size=self.world, compute_device=self.device.type),
                                            constraints=constraints)
         plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
-        self.model = DistributedModelParallel(model, device=torch.device("cpu"), plan=plan, sharders=sharders)
+        self.model = DistributedModelParallel(model, device=self.device, plan=plan, sharders=sharders)
+        if cfg.ids == "mch" and self.device.type == "cpu":
+            reset_evicted_rows_on_cpu(self.model)
         dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(self.model.named_parameters())),
                                       lambda params: torch.optim.Adam(params, lr=cfg.dense_lr))
         dense.init_state()  # Adam's state exists before a restore loads into it (a zero-grad step is a no-op)
@@ -167,10 +233,37 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ training
 
-    def train_batch(self, batch: Batch | list[TrainingExample]) -> float | None:
-        """One progressive-validation + training step; returns the loss (None for an empty batch)."""
+    def admit(self, batch: Batch | list[TrainingExample]) -> Batch:
+        """Drop examples already trained (within the dedup horizon) or repeated inside this batch."""
         if not isinstance(batch, Batch):
             batch = Batch(list(batch))
+        keep, keys = [], []
+        fresh = set()
+        for i, ex in enumerate(batch.examples):
+            k = RecentIds.key(ex.example_id)
+            if k in self.seen or k in fresh:
+                continue
+            fresh.add(k)
+            keep.append(i)
+            keys.append(k)
+        dropped = len(batch.examples) - len(keep)
+        if dropped:
+            log.info("dropping %d re-delivered example(s)", dropped)
+            batch = Batch([batch.examples[i] for i in keep], batch.offsets,
+                          [batch.sources[i] for i in keep] if batch.sources else None)
+        batch._keys, batch._dups = keys, dropped  # counted once trained (a checkpoint may come in between)
+        return batch
+
+    def train_batch(self, batch: Batch | list[TrainingExample], *, admitted: bool = False) -> float | None:
+        """One progressive-validation + training step on this rank's share; returns the loss (None: no step).
+
+        At world size 1 duplicates are dropped here; at world size > 1 ``fit`` admits on rank 0 before the split.
+        """
+        if not isinstance(batch, Batch):
+            batch = Batch(list(batch))
+        if not admitted and self.world == 1:
+            batch = self.admit(batch)
+        self.duplicates += getattr(batch, "_dups", 0)
         if any(self.offsets.get(p) != o for p, o in batch.offsets.items()):
             self.offsets.update(batch.offsets)
             self._unsaved = True
@@ -179,25 +272,47 @@ class Trainer:
         self.ensure_model(batch.examples)
         fb = self.featurizer(batch.examples)
         self.model.train()
-        logits = self.model(fb.dense, fb.sparse).squeeze(-1)  # (B,): scored before this batch's update
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, fb.labels)
+        dev = self.device
+        dense, sparse, labels = ((fb.dense, fb.sparse, fb.labels) if dev.type == "cpu" else
+                                 (fb.dense.to(dev, non_blocking=True), fb.sparse.to(dev, non_blocking=True),
+                                  fb.labels.to(dev, non_blocking=True)))
+        logits = self.model(dense, sparse).squeeze(-1)  # (B,): scored before this batch's update
+        per = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        w = (torch.ones_like(per) if batch.weights is None
+             else torch.tensor(batch.weights, dtype=per.dtype, device=per.device))
+        loss = (per * w).sum() / w.sum().clamp(min=1.0)
+        finite = torch.tensor([1.0 if math.isfinite(float(loss.detach())) else 0.0])
+        if self.world > 1:  # every rank must take the same branch: backward runs the embedding all-to-all
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         self.opt.zero_grad()
+        if finite.item() < 1.0:
+            self.skipped_batches += 1
+            self._unsaved = True
+            log.error("non-finite loss at step %d: batch skipped (nothing updated), %d skipped so far; its "
+                      "examples go to dead-letters", self.step, self.skipped_batches)
+            if self.on_bad_batch is not None and self.rank == 0:  # rank 0 holds the whole global batch
+                self.on_bad_batch(getattr(batch, "_global", batch), f"non-finite training loss ({float(loss.detach())}) at step {self.step}")
+            return None
         loss.backward()  # the fused embedding optimizer updates the tables here
         self.opt.step()
-        self.metrics.update(torch.sigmoid(logits.detach()).numpy(), fb.labels.numpy(), fb.event_time_ms)
+        real = np.ones(len(fb), dtype=bool) if batch.weights is None else np.asarray(batch.weights) > 0
+        probs = torch.sigmoid(logits.detach()).cpu().numpy()
+        self.metrics.update(probs[real], fb.labels.numpy()[real], fb.event_time_ms[real])
+        for k in getattr(batch, "_keys", ()):
+            self.seen.add(k)
         self.step += 1
-        self.examples += len(fb)
+        self.examples += getattr(batch, "n_global", int(real.sum()))  # all ranks count the global batch
         self._since_ckpt += 1
         self._unsaved = True
         if self.record_ids:
-            self._pending_ids.extend(fb.example_ids)
+            self._pending_ids.extend(i for i, r in zip(fb.example_ids, real) if r)
         return float(loss.detach())
 
     def checkpoint_due(self) -> bool:
         if self._since_ckpt >= self.every_batches:
             return True
-        # Time-based cadence only at world size 1: ranks could disagree on the clock and deadlock in save.
-        return self.world == 1 and self._unsaved and time.monotonic() - self._last_ckpt_t >= self.every_s
+        # At world size > 1 only rank 0's answer counts (``fit`` broadcasts it): ranks never disagree.
+        return self._unsaved and time.monotonic() - self._last_ckpt_t >= self.every_s
 
     def checkpoint(self, on_durable: Callable[[dict[int, int]], None] | None = None) -> Path | None:
         """Steps 1-4 of the module docstring; collective over all ranks."""
@@ -211,6 +326,7 @@ class Trainer:
         path = self.dir / name
         rows = self.metrics.records(step=self.step, examples=self.examples, features=self.cfg.features)
         if self.rank == 0:
+            rows[-1].update(duplicates_dropped=self.duplicates, skipped_batches=self.skipped_batches)
             rows[-1]["collisions"] = self.featurizer.collision_report()
             rows[-1]["lum_inputs"] = dict(self.featurizer.lum_stats)
             rows[-1]["lum_versions"] = dict(self.featurizer.lum_versions)
@@ -231,10 +347,15 @@ class Trainer:
         all_ids_bytes = [None] * self.world
         dist.all_gather_object(all_ids_bytes, ids_bytes)
         if self.rank == 0:
+            with open(path / "dedup.npy", "wb") as f:  # the recent example ids, oldest first
+                np.save(f, self.seen.to_array())
+                f.flush()
+                os.fsync(f.fileno())
             meta = {"format": CHECKPOINT_FORMAT, "config": self.cfg.model_dump(), "step": self.step,
                     "examples": self.examples, "offsets": {str(p): o for p, o in self.offsets.items()},
                     "world_size": self.world, "metrics": self.metrics.state(), "ids_log_bytes": all_ids_bytes,
-                    "saved_at_ms": int(time.time() * 1000)}
+                    "duplicates": self.duplicates, "skipped_batches": self.skipped_batches,
+                    "dedup_horizon": self.seen.horizon, "saved_at_ms": int(time.time() * 1000)}
             _fsync_write(path / "meta.json", json.dumps(meta))
             _fsync_write(self.dir / "LATEST", name)  # the checkpoint is durable from here on
             self._prune(keep=name)
@@ -254,35 +375,16 @@ class Trainer:
             shutil.rmtree(p, ignore_errors=True)
 
     def _restore(self) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
-
-        path = latest_checkpoint(self.dir)
-        meta = json.loads((path / "meta.json").read_text())
-        saved = DLRMConfig(**meta["config"])
-        if saved.features != self.cfg.features:
-            raise SystemExit(f"{self.dir} holds a features={saved.features} model; asked for {self.cfg.features}")
-        if saved.sharding != self.cfg.sharding or meta["world_size"] != self.world:
-            log.info("resharding checkpoint: %s x%d -> %s x%d", saved.sharding, meta["world_size"],
-                     self.cfg.sharding, self.world)
-        self.cfg = saved.model_copy(update={"sharding": self.cfg.sharding})  # the model is what was saved
-        self._build()
-        state = {"model": self.model.state_dict()}
-        dcp.load(state, checkpoint_id=str(path))
-        self.model.load_state_dict(state["model"])
-        # Optimizer state, the dense (Adam) part and the fused embedding part separately: some resharding
-        # moves cannot carry the latter (row-wise Adagrad state of column shards; shared/docs/torch-cpu.md).
-        for part, opt in (("dense", self.dense_opt), ("embedding", self.model.fused_optimizer)):
-            try:
-                ostate = {"optim": opt.state_dict()}
-                dcp.load(ostate, checkpoint_id=str(path))
-                opt.load_state_dict(ostate["optim"])
-            except (Exception, CheckpointException) as e:  # the weights are loaded and valid either way
-                log.warning("%s optimizer state not restored under the new sharding; it restarts: %s", part,
-                            str(e).strip().splitlines()[-1][:300])
+        found = load_newest_good(self.dir, self._load)
+        if found is None:
+            return
+        path, meta = found
         self.step, self.examples = meta["step"], meta["examples"]
         self.offsets = {int(p): o for p, o in meta["offsets"].items()}
         self.metrics = StreamingMetrics.from_state(meta["metrics"])
+        self.duplicates, self.skipped_batches = meta.get("duplicates", 0), meta.get("skipped_batches", 0)
+        if (path / "dedup.npy").exists():
+            self.seen = RecentIds.from_array(self.seen.horizon, np.load(path / "dedup.npy"))
         if self.record_ids:
             sizes = meta["ids_log_bytes"]
             size = sizes[self.rank] if self.world == len(sizes) else 0
@@ -292,28 +394,185 @@ class Trainer:
         log.info("resumed from %s: step %d, %d examples, offsets %s", path.name, self.step, self.examples,
                  self.offsets)
 
+    def _load(self, path: Path) -> dict:
+        """Model and optimizer state from one checkpoint; raises if it is unusable, ``Refuse`` if incompatible."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {meta.get('format')!r}, this build reads {CHECKPOINT_FORMAT}")
+        saved = DLRMConfig(**meta["config"])
+        diffs = config_differences(saved, self.cfg)
+        if diffs:
+            raise Refuse(f"{self.dir} holds a different model than requested; refusing to resume ("
+                         + "; ".join(diffs) + "). Use another --checkpoint-dir, or request the saved config.")
+        if saved.ids == "mch" and meta["world_size"] != self.world:
+            raise Refuse(f"{path.name}: managed-collision tables are bucketed per rank ({meta['world_size']} "
+                         f"rank(s)); resume it at world size {meta['world_size']}, not {self.world}")
+        if saved.sharding != self.cfg.sharding or meta["world_size"] != self.world:
+            log.info("resharding checkpoint: %s x%d -> %s x%d", saved.sharding, meta["world_size"],
+                     self.cfg.sharding, self.world)
+        requested = self.cfg
+        self.cfg = saved.model_copy(update={"sharding": self.cfg.sharding})  # the model is what was saved
+        try:
+            self._build()
+            state = {"model": self.model.state_dict()}
+            dcp.load(state, checkpoint_id=str(path))
+            self.model.load_state_dict(state["model"])
+        except BaseException:
+            self.cfg, self.model = requested, None
+            raise
+        # Optimizer state, the dense (Adam) part and the fused embedding part separately: some resharding
+        # moves cannot carry the latter (row-wise Adagrad state of column shards).
+        for part, opt in (("dense", self.dense_opt), ("embedding", self.model.fused_optimizer)):
+            try:
+                ostate = {"optim": opt.state_dict()}
+                dcp.load(ostate, checkpoint_id=str(path))
+                opt.load_state_dict(ostate["optim"])
+            except (Exception, CheckpointException) as e:  # the weights are loaded and valid either way
+                log.warning("%s optimizer state not restored under the new sharding; it restarts: %s", part,
+                            str(e).strip().splitlines()[-1][:300])
+        return meta
+
     # ------------------------------------------------------------------------------------ loop
 
-    def fit(self, batches: Iterable[Batch | list[TrainingExample]], *, on_durable=None,
-            stop: Callable[[], bool] | None = None, progress_s: float = 10.0) -> dict:
-        """Train on every batch, checkpointing on cadence and at the end; returns the overall metrics."""
-        t0 = last = time.monotonic()
-        n0 = self.examples
-        for batch in batches:
-            self.train_batch(batch)
-            if self.checkpoint_due():
-                self.checkpoint(on_durable)
-            now = time.monotonic()
-            if now - last >= progress_s:
-                o = self.metrics.overall()
-                log.info("step %d: %d examples, %.0f ex/s, progressive AUC %s, logloss %s", self.step,
-                         self.examples, (self.examples - n0) / (now - t0), _fmt(o["auc"]), _fmt(o["logloss"]))
-                last = now
-            if stop is not None and stop():
-                break
-        if self._unsaved:
+    def fit(self, batches: Iterable[Batch | list[TrainingExample]] | None, *, on_durable=None,
+            stop: Callable[[], bool] | None = None, progress_s: float = 10.0, prefetch: int = 2) -> dict:
+        """Train on every batch, checkpointing on cadence and at the end; returns the overall metrics.
+
+        ``batches`` is read on rank 0 only (other ranks may pass None), ``prefetch`` batches ahead in a thread
+        so that fetching and decoding overlap the step; rank 0 decides and broadcasts every step.
+        """
+        source = _Prefetch(iter(batches) if self.rank == 0 and batches is not None else iter(()), prefetch)
+        try:
+            self._loop(source, on_durable, stop, progress_s)
+        finally:
+            source.close()  # the reader thread stops before the caller closes the Kafka consumer
+        unsaved = [self._unsaved]
+        if self.world > 1:
+            dist.broadcast_object_list(unsaved, src=0)
+        if unsaved[0]:
             self.checkpoint(on_durable)
         return self.metrics.overall()
+
+    def _loop(self, source: Iterator, on_durable, stop, progress_s: float) -> None:
+        t0 = last = time.monotonic()
+        n0 = self.examples
+        while True:
+            if self.rank == 0:
+                batch = next(source, None)
+                ending = batch is None or (stop is not None and stop())
+                if batch is not None:
+                    batch = self.admit(batch)
+            if self.world == 1:
+                share, ending = batch, ending
+                if share is not None:
+                    self.train_batch(share, admitted=True)
+                due = self.checkpoint_due()
+            else:
+                # One collective per step: this rank's share, whether to stop, and whether the previous step
+                # was due for a checkpoint (rank 0's clock decides for all ranks).
+                out = [None]
+                ins = self._split(batch, ending, self.checkpoint_due()) if self.rank == 0 else None
+                dist.scatter_object_list(out, ins, src=0)
+                share, ending, due_before = out[0]
+                if due_before:
+                    self.checkpoint(on_durable)
+                if share is not None:
+                    if self.rank == 0:
+                        share._keys, share._dups, share._global = batch._keys, batch._dups, batch
+                    self.train_batch(share, admitted=True)
+                due = False
+            if due:
+                self.checkpoint(on_durable)
+            now = time.monotonic()
+            if now - last >= progress_s and self.rank == 0:
+                o = self.metrics.overall()
+                log.info("step %d: %d examples, %.0f ex/s, progressive AUC %s, NE %s, logloss %s", self.step,
+                         self.examples, (self.examples - n0) / (now - t0), _fmt(o["auc"]), _fmt(o["ne"]),
+                         _fmt(o["logloss"]))
+                last = now
+            if ending:
+                break
+
+    def _split(self, batch: Batch | None, ending: bool, due: bool) -> list[tuple[Batch | None, bool, bool]]:
+        """Rank 0: per rank (equal share of the global batch, zero-weight padded; ending; checkpoint first)."""
+        if batch is None:
+            return [(None, ending, due)] * self.world
+        exs, n = batch.examples, self.world
+        size = -(-len(exs) // n)
+        out = []
+        for r in range(n):
+            mine = exs[r * size:(r + 1) * size]
+            pad = size - len(mine)
+            share = Batch(mine + [exs[0]] * pad if exs else [], batch.offsets, None, [1.0] * len(mine) + [0.0] * pad)
+            share.n_global = len(exs)
+            out.append((share, ending, due))
+        return out
+
+
+class _Prefetch:
+    """Iterate ``it`` in a daemon thread, at most ``depth`` items ahead; its exceptions re-raise in ``next``.
+
+    ``close()`` stops the thread (at its next item) and waits for it, so the caller may then close what the
+    iterator reads from."""
+
+    _DONE = object()
+
+    def __init__(self, it: Iterator, depth: int):
+        self.it, self.q = it, queue.Queue(maxsize=max(1, depth))
+        self.stopping = threading.Event()
+        self.thread = None
+        if depth > 0:  # 0: no thread, the caller's thread reads
+            self.thread = threading.Thread(target=self._run, name="dlrm-prefetch", daemon=True)
+            self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for x in self.it:
+                while not self.stopping.is_set():
+                    try:
+                        self.q.put(x, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.stopping.is_set():
+                    break
+            self.q.put(self._DONE)
+        except BaseException as e:  # noqa: BLE001
+            self.q.put(e)
+        finally:
+            close = getattr(self.it, "close", None)
+            if close is not None:
+                close()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.thread is None:
+            return next(self.it)
+        x = self.q.get()
+        if x is self._DONE:
+            self.q.put(x)
+            raise StopIteration
+        if isinstance(x, BaseException):
+            raise x
+        return x
+
+    def close(self) -> None:
+        self.stopping.set()
+        if self.thread is None:
+            close = getattr(self.it, "close", None)
+            if close is not None:
+                close()
+            return
+        while self.thread.is_alive():  # drain, so a blocked put returns and the thread sees the flag
+            try:
+                self.q.get(timeout=0.1)
+            except queue.Empty:
+                pass
 
 
 def _fmt(x: float | None) -> str:
@@ -323,7 +582,7 @@ def _fmt(x: float | None) -> str:
 def train(cfg: DLRMConfig, batches: Iterable[Batch | list[TrainingExample]], checkpoint_dir: str | Path | None = None,
           **kwargs) -> Trainer:
     """Train on an iterable of batches (resuming from ``checkpoint_dir`` if it holds one); returns the trainer."""
-    fit_keys = {"on_durable", "stop", "progress_s"}
+    fit_keys = {"on_durable", "stop", "progress_s", "prefetch"}
     trainer = Trainer(cfg, checkpoint_dir, **{k: v for k, v in kwargs.items() if k not in fit_keys})
     trainer.fit(batches, **{k: v for k, v in kwargs.items() if k in fit_keys})
     return trainer
@@ -339,15 +598,18 @@ def _demo(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--features", default="lum", choices=["baseline", "lum"])
     p.add_argument("--sharding", default="table_wise", choices=["table_wise", "column_wise"])
+    p.add_argument("--ids", default="hash", choices=["hash", "mch"])
     args = p.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from .synthetic import synthetic_examples
 
     rank, world = ensure_process_group()
     exs = synthetic_examples(args.batches * args.batch_size * world, seed=1)
-    mine = exs[rank::world]  # a disjoint share per rank, equal batch sizes
-    batches = [mine[i:i + args.batch_size] for i in range(0, len(mine), args.batch_size)]
-    cfg = DLRMConfig.preset("debug", features=args.features, sharding=args.sharding)
+    step = args.batch_size * world  # rank 0 reads global batches; fit scatters equal shares to every rank
+    batches = [exs[i:i + step] for i in range(0, len(exs), step)] if rank == 0 else None
+    small = {"user": 256, "item": 512, "category": 64, "scenario": 16, "position": 64}  # mch: evictions happen
+    cfg = DLRMConfig.preset("debug", features=args.features, sharding=args.sharding, ids=args.ids,
+                            **({"mch_eviction_interval": 2, "table_rows": small} if args.ids == "mch" else {}))
     trainer = train(cfg, batches, args.demo, every_batches=max(1, args.batches // 2))
     if rank == 0:
         print(json.dumps({"world_size": world, "step": trainer.step, "examples": trainer.examples,

@@ -52,13 +52,15 @@ def read_user_sequences(settings: KafkaSettings, start: dict[int, int] | None = 
     """Latest sequence per user in ``user-sequences`` after offsets ``start`` (default: the beginning).
 
     Returns the sequences and the next offset per partition (what a later call passes as ``start``).
-    Undecodable records go to ``dead_letters`` (a ``schemas.deadletter.DeadLetters``) when given, else are
+    Undecodable records go to ``dead_letters`` (a ``streaming.kafka.DeadLetters``) when given, else are
     logged and skipped.
     """
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+    from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+
+    from streaming.kafka import group_consumer
 
     topic = settings.topic(USER_SEQUENCES)
-    consumer = Consumer(settings.consumer_config(group, **{"enable.partition.eof": True}))
+    consumer = group_consumer(settings, group, **{"enable.partition.eof": True})
     try:
         md = consumer.list_topics(topic, timeout=30).topics[topic]
         if md.error is not None:

@@ -84,35 +84,6 @@ def condition_outputs(model: LumModel, seqs: list[Seq], conditions: np.ndarray, 
     return torch.cat(out) if out else torch.zeros(0, len(conditions), cfg.d_model)
 
 
-class _Publisher:
-    """confluent-kafka producer that counts delivery failures (a failed run must not store its offsets)."""
-
-    def __init__(self, kafka: KafkaSettings):
-        from confluent_kafka import Producer
-
-        self.producer = Producer(kafka.producer_config())
-        self.failed = 0
-
-    def _done(self, err, msg) -> None:
-        if err is not None:
-            self.failed += 1
-            log.error("delivery to %s failed: %s", msg.topic(), err)
-
-    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value=value, key=key, on_delivery=self._done)
-                break
-            except BufferError:  # local queue full: let deliveries drain
-                self.producer.poll(0.1)
-        self.producer.poll(0)
-
-    def flush(self) -> None:
-        left = self.producer.flush(60)
-        if left or self.failed:
-            raise RuntimeError(f"{self.failed} deliveries failed, {left} not delivered")
-
-
 def state_path(checkpoint: str | Path, settings: RefreshSettings) -> Path:
     if settings.state_file:
         return Path(settings.state_file)
@@ -122,7 +93,7 @@ def state_path(checkpoint: str | Path, settings: RefreshSettings) -> Path:
 
 def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: RefreshSettings) -> dict:
     """One refresh; returns what it did: model_version, full (everyone republished), users, items, seconds."""
-    from schemas.deadletter import DeadLetters
+    from streaming.kafka import DeadLetters, Output
 
     from .data import read_user_sequences
     from .pretrain import load_checkpoint, pick_device
@@ -141,7 +112,7 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     topic = kafka.topic(USER_SEQUENCES)
     same = state.get("model_version") == version and state.get("topic") == topic
     start = {int(p): o for p, o in state.get("offsets", {}).items()} if same else None
-    publisher = _Publisher(kafka)
+    publisher = Output(kafka)
     seqs, offsets = read_user_sequences(kafka, start, settings.idle_timeout_s, settings.group,
                                         DeadLetters(publisher, kafka, "lum-refresh"))
     users = [Seq.from_user_sequence(s) for s in seqs.values() if s.pairs]

@@ -20,7 +20,7 @@ import pytest
 from schemas.codec import decode
 from schemas.events import DeadLetter, TrainingExample
 from schemas.topics import BEHAVIORS, DEAD_LETTERS, IMPRESSIONS, LATE_CLICKS, TRAINING_EXAMPLES, key_of
-from streaming.agents.reading import read_to_end, reader
+from streaming.kafka import read_to_end, reader
 from streaming.agents.sequences import expected_sequences, snapshot
 
 ROOT = Path(__file__).resolve().parents[3]

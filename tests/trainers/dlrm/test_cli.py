@@ -39,3 +39,17 @@ def test_settings(monkeypatch):
     monkeypatch.setenv("LUM_DLRM_BATCH_SIZE", "0")
     with pytest.raises(SettingsError, match="LUM_DLRM_BATCH_SIZE"):
         load(DLRMSettings)
+
+
+def test_gpu_check_fails_cleanly_without_cuda():
+    import subprocess
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: tests/gpu covers it")
+    root = Path(__file__).resolve().parents[3]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_check.py")], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "no CUDA device" in r.stderr and "Traceback" not in r.stderr

@@ -54,3 +54,19 @@ def test_two_ranks_train_checkpoint_and_load_at_world_size_one(tmp_path):
     before = trainer.step
     trainer.train_batch(synthetic_examples(64, seed=9))
     assert trainer.step == before + 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_ranks_with_managed_collisions(tmp_path):
+    """MCH tables sharded row-wise over 2 CPU ranks (one bucket per rank), small tables so that ids get
+    admitted and evicted during the run."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "trainers.dlrm.train", "--demo", str(tmp_path / "ckpt"), "--batches", "8", "--ids", "mch"]
+    run = subprocess.run(cmd, cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=200)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = json.loads([l for l in run.stdout.splitlines() if l.startswith("{")][-1])
+    assert summary["world_size"] == 2 and summary["step"] == 8 and summary["examples"] == 8 * 64 * 2
+    meta = read_meta(tmp_path / "ckpt")
+    assert meta["config"]["ids"] == "mch" and meta["world_size"] == 2

@@ -26,6 +26,8 @@ def test_windows_overall_and_roundtrip():
     assert o["n"] == n and abs(o["auc"] - _exact_auc(p, y)) < 2e-3
     assert np.isclose(o["calibration"], p.mean() / y.mean())
     assert np.isclose(o["logloss"], -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    ctr = y.mean()  # NE: log loss over the entropy of the base rate
+    assert np.isclose(o["ne"], o["logloss"] / -(ctr * np.log(ctr) + (1 - ctr) * np.log(1 - ctr)))
     restored = StreamingMetrics.from_state(m.state())
     rows = m.records(step=1)
     assert [r["window_start_ms"] for r in rows[:-1]] == sorted({int(x) // 3_600_000 * 3_600_000 for x in t})
@@ -41,3 +43,16 @@ def test_late_examples_count_overall_only():
     m.records()
     m.update(np.array([0.5]), np.array([1]), np.array([100]))  # far behind the newest window
     assert m.late == 1 and m.overall()["n"] == 3
+
+
+def test_ne_is_one_for_the_base_rate_and_below_for_signal():
+    rng = np.random.default_rng(1)
+    y = (rng.random(5000) < 0.1).astype(np.float32)
+    t = np.full(5000, 1_767_225_600_000)
+    base = StreamingMetrics()
+    base.update(np.full(5000, y.mean()), y, t)
+    assert np.isclose(base.overall()["ne"], 1.0)
+    good = StreamingMetrics()
+    good.update(np.where(y == 1, 0.6, 0.05), y, t)
+    assert good.overall()["ne"] < 0.7
+    assert good.records()[0]["ne"] == good.overall()["ne"]  # per window too

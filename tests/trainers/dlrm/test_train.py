@@ -38,6 +38,7 @@ def test_lum_beats_baseline_and_report(tmp_path):
     table = report([tmp_path / "baseline", tmp_path / "lum"], tmp_path / "out" / "cmp.png")
     assert (tmp_path / "out" / "cmp.png").stat().st_size > 5000
     assert f"{auc['lum'] - auc['baseline']:+.4f}" in table and "| lum |" in table
+    assert "| NE |" in table and f"{runs['lum'].metrics.overall()['ne']:.4f}" in table
     rows = [json.loads(line) for line in (tmp_path / "lum" / "metrics.jsonl").read_text().splitlines()]
     windows = {r["window_start_ms"] for r in rows if r["kind"] == "window"}
     assert len(windows) == 6 and rows[-1]["n"] == len(exs)  # 6 hours of event time, every example once

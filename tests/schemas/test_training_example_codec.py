@@ -1,0 +1,79 @@
+"""TrainingExample v2: compact binary vectors that readers tell apart from v1 JSON (which still decodes);
+non-finite or out-of-range vectors are refused at decode (a DecodeError: the consumer dead-letters them)."""
+
+from __future__ import annotations
+
+import math
+import random
+import struct
+
+import pytest
+
+from schemas import codec
+from schemas.events import TrainingExample
+from schemas.topics import TRAINING_EXAMPLES
+
+BASE = dict(example_id="r/1", request_id="r", user_id=7, item_id=8, category_id=9, position=1, scenario="home",
+            event_time_ms=1_767_225_600_000, label=1, history_items=[1, 2], history_categories=[3, 3])
+LUM = dict(lum_model_version="v", lum_conditions=["scenario=home", "scenario=search"],
+           lum_user=[[0.5, -1.25, 3.0], [1.0, 2.0, 4.0]], lum_item=[0.25, 0.125, -8.0])
+
+
+def _v1(ex: TrainingExample) -> bytes:
+    return bytes((codec.MAGIC, codec.FORMAT_JSON, 1)) + ex.model_dump_json().encode()
+
+
+@pytest.mark.parametrize("fields", [BASE, BASE | LUM, BASE | {"lum_item": [1.5]}])
+def test_binary_roundtrip_and_v1_json_still_decodes(fields):
+    ex = TrainingExample(**fields)
+    data = TRAINING_EXAMPLES.encode(ex)
+    assert data[:3] == bytes((codec.MAGIC, codec.FORMAT_VECTORS, 2))
+    assert TRAINING_EXAMPLES.decode(data) == ex
+    assert TRAINING_EXAMPLES.decode(_v1(ex)) == ex
+
+
+def test_binary_is_compact_and_exact():
+    rng = random.Random(0)
+    ex = TrainingExample(**BASE, lum_model_version="v", lum_conditions=["a", "b", "c"],
+                         lum_user=[[rng.gauss(0, 1) for _ in range(32)] for _ in range(3)],
+                         lum_item=[rng.gauss(0, 1) for _ in range(32)])
+    data = TRAINING_EXAMPLES.encode(ex)
+    assert len(data) < 0.6 * len(_v1(ex))
+    assert TRAINING_EXAMPLES.decode(data) == ex  # float64: exact, like JSON
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "1e400"])
+def test_non_finite_json_vectors_are_refused(bad):
+    ex = TrainingExample(**BASE | LUM)
+    data = _v1(ex).replace(b"0.125", bad.encode(), 1)
+    with pytest.raises(codec.DecodeError, match="lum_item"):
+        TRAINING_EXAMPLES.decode(data)
+
+
+def test_non_finite_binary_vectors_and_corrupt_layouts_are_refused():
+    ex = TrainingExample(**BASE | LUM)
+    data = bytearray(TRAINING_EXAMPLES.encode(ex))
+    nan = bytearray(data)
+    nan[-8:] = struct.pack("<d", math.nan)
+    with pytest.raises(codec.DecodeError, match="non-finite"):
+        TRAINING_EXAMPLES.decode(bytes(nan))
+    with pytest.raises(codec.DecodeError, match="vector bytes"):
+        TRAINING_EXAMPLES.decode(bytes(data[:-2]))
+    with pytest.raises(codec.DecodeError):
+        TRAINING_EXAMPLES.decode(bytes(data[:9]))
+    other = bytearray(data)
+    other[2] = 3  # a future version: told apart, refused with the reason
+    with pytest.raises(codec.DecodeError, match="version 3"):
+        TRAINING_EXAMPLES.decode(bytes(other))
+
+
+def test_decode_many_isolates_a_bad_message():
+    good = [TrainingExample(**BASE | LUM | {"example_id": f"r/{i}"}) for i in range(5)]
+    datas = [TRAINING_EXAMPLES.encode(e) for e in good]
+    nan = bytearray(datas[2])
+    nan[-8:] = struct.pack("<d", math.nan)
+    out = codec.decode_many(TrainingExample, [datas[0], datas[1], bytes(nan), datas[3], b"garbage", _v1(good[4])])
+    assert out[0] == good[0] and out[1] == good[1] and out[3] == good[3] and out[5] == good[4]
+    assert isinstance(out[2], codec.DecodeError) and "non-finite" in str(out[2])
+    assert isinstance(out[4], codec.DecodeError)
+    assert codec.decode_many(TrainingExample, datas) == good  # the one-call path
