@@ -575,15 +575,17 @@ class JoinLogic:
         f = None
         if v is not None:
             f = decoded.get(v.raw) or decoded.setdefault(v.raw, LUM_FEATURES.decode(v.raw))
+            item = self.items.get(imp.item_id, f.model_version)  # the same model version, or none
             lum |= dict(lum_model_version=f.model_version, lum_conditions=[c.condition for c in f.conditions],
-                        lum_user=[c.vector for c in f.conditions], lum_item=self.items.get(imp.item_id, f.model_version))
-            if lum["lum_item"] is None and any(self.items.get(imp.item_id, v) is not None for v in self.items.by_version):
+                        lum_user=[c.vector for c in f.conditions], lum_item=item)
+            if item is None and any(self.items.get(imp.item_id, ver) is not None for ver in self.items.by_version):
                 self.counts["item_vector_other_version_total"] += 1  # dropped rather than mixed
         # Built from validated inputs: constructed without a second validation (the hot path).
-        ex = TrainingExample.model_construct(example_id=eid, request_id=imp.request_id, user_id=imp.user_id, item_id=imp.item_id,
-                             category_id=imp.category_id, position=imp.position, scenario=imp.scenario,
-                             query=imp.query, event_time_ms=t, label=1 if clicked else 0,
-                             history_items=[r[2] for r in before], history_categories=[r[3] for r in before], **lum)
+        ex = TrainingExample.model_construct(
+            example_id=eid, request_id=imp.request_id, user_id=imp.user_id, item_id=imp.item_id,
+            category_id=imp.category_id, position=imp.position, scenario=imp.scenario, query=imp.query,
+            event_time_ms=t, label=1 if clicked else 0, history_items=[r[2] for r in before],
+            history_categories=[r[3] for r in before], **lum)
         value = TRAINING_EXAMPLES.encode(ex)
         emit.send(TRAINING_EXAMPLES, value, key=key_of(imp.user_id))
         st.put(K.outbox(eid), value)
