@@ -17,7 +17,7 @@ Delivery is at-least-once (Faust's exactly_once does not work on the embedded br
 idempotent, so a kill -9 replays events without double counting.
 
 Web: worker i serves Faust's web views and ``/metrics`` (the batch worker's Prometheus names) on
-``LUM_AGENT_METRICS_HOST``:``LUM_AGENT_METRICS_PORT + i`` when the port is set; otherwise the web server is off
+``LUM_METRICS_HOST``:``LUM_AGENT_METRICS_PORT + i`` when the port is set; otherwise the web server is off
 (``--without-web``; Faust's ``web_enabled=False`` alone does not stop it).
 """
 
@@ -227,7 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = load(AgentSettings)
     app = make_app(args.agent, load(KafkaSettings), cfg, args.index)
-    web = (["--web-port", str(cfg.metrics_port + args.index), "--web-bind", cfg.metrics_host]
+    from schemas.metrics import MetricsSettings
+
+    host = load(MetricsSettings).host  # LUM_METRICS_HOST, as the batch worker binds its endpoint
+    web = (["--web-port", str(cfg.metrics_port + args.index), "--web-bind", host]
            if cfg.metrics_port else ["--without-web"])
     level = {"WARNING": "warn", "CRITICAL": "crit"}.get(args.log_level.upper(), args.log_level.lower())
     sys.argv = [sys.argv[0], "worker", "-l", level, *web]

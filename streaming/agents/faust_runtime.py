@@ -63,7 +63,10 @@ def faust_credentials(kafka: KafkaSettings) -> Any:
         if kafka.ssl_certificate_location:
             ctx.load_cert_chain(kafka.ssl_certificate_location, kafka.ssl_key_location)
     if proto.startswith("SASL"):
-        return faust.SASLCredentials(username=kafka.sasl_username, password=kafka.sasl_password,
+        password = kafka.sasl_password
+        if password is not None and hasattr(password, "get_secret_value"):  # SecretStr
+            password = password.get_secret_value()
+        return faust.SASLCredentials(username=kafka.sasl_username, password=password,
                                      mechanism=kafka.sasl_mechanism or "PLAIN", ssl_context=ctx)
     return faust.SSLCredentials(ctx)
 
