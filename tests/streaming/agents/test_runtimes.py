@@ -138,6 +138,7 @@ def test_kill_9_mid_stream_then_restart_equals_uninterrupted_run(kafka, kit, tmp
     assert 0 < len(mid) and mid != expected  # killed mid-stream
     w2 = run(runtime, "sequences", env)
     feeder.join()
+    kit.wait_for(lambda: assert_alive(w2) or "assigned partition" in w2.text(), timeout=90, what="restarted worker")
     kit.wait_for(lambda: assert_alive(w2) or seqs_equal(kafka, expected), timeout=90,
                  what="snapshot == expected after restart")
     assert w2.stop() == 0
@@ -236,6 +237,7 @@ def test_joiner_kill_9_then_restart_on_another_host_gives_every_example_once_lab
     kit.wait_for(lambda: assert_alive(w1) or examples(), timeout=90, what="first examples")
     assert w1.stop("kill") == -9
     w2 = run(runtime, "joiner", env | {"LUM_DATA_DIR": str(tmp_path / "b")})
+    kit.wait_for(lambda: assert_alive(w2) or "assigned partition" in w2.text(), timeout=90, what="restarted joiner")
     kit.wait_for(lambda: assert_alive(w2) or len({e for e, _ in examples()}) >= len(truth), timeout=120,
                  what="every example after the restart")
     assert w2.stop() == 0
