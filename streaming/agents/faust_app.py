@@ -183,7 +183,8 @@ def bench_faust(kafka: KafkaSettings, n: int, agent: str = "sequences", data_dir
     group = f"bench-faust-{agent}-{uuid.uuid4().hex[:6]}"
     env = os.environ | {"LUM_KAFKA_BOOTSTRAP": kafka.bootstrap, "LUM_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
                         "LUM_KAFKA_PROFILE": kafka.profile, "LUM_DATA_DIR": str(data_dir or tmp.name),
-                        "LUM_AGENT_METRICS_PORT": str(port), f"LUM_AGENT_{'SEQUENCES' if agent == 'noop' else agent.upper()}_GROUP": group}
+                        "LUM_AGENT_METRICS_PORT": str(port),
+                        f"LUM_AGENT_{'SEQUENCES' if agent == 'noop' else agent.upper()}_GROUP": group}
     proc = subprocess.Popen(worker_command(agent, 0, "WARNING"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     labels = f'{{agent="{agent}",worker="0"}}'
