@@ -9,7 +9,7 @@ group; the agent runs get identical copies under their own topic prefix, so that
 ``user-sequences`` topic): a plain confluent-kafka consumer (the client's ceiling), a no-op Faust agent (Faust's ceiling), the
 sequence agent on the batch worker with 1 worker (in this process) and 2 workers (processes), and the joiner
 over a synthetic impressions + behaviors stream. ``--json`` keys: plain_consumer, faust_noop, sequences_faust,
-sequences_worker_1, sequences_worker_2 (total), joiner_worker, joiner_faust (null: no Faust runtime here). Then a cProfile of the sequence agent says what bounds it. Rates are
+sequences_worker_1, sequences_worker_2 (total), joiner_worker, joiner_faust. Then a cProfile of the sequence agent says what bounds it. Rates are
 measured from the first batch to the last event. The machine is shared (2 cores, other jobs running): read
 the figures as +-20%.
 """
@@ -248,11 +248,24 @@ def main() -> None:
                      f"{int(g['positives_total'])} positives, {int(g['late_clicks_total'])} late clicks"))
         print(rows[-1], flush=True)
 
+        from streaming.agents.faust_app import bench_faust
+
+        f = bench_faust(fresh()[0], n)
+        rows.append(("sequence agent on Faust (1 worker)", f["rate"], f"{f['rate'] / rows[1][1]:.0%} of the Faust no-op; "
+                     f"{f.get('events_per_cpu_s', 0):,.0f} events per CPU-second"))
+        print(rows[-1], flush=True)
+        # The joiner's changelog is per topic prefix: a fresh prefix so the Faust joiner starts from empty state.
+        fkafka = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix="bench-join-faust-")
+        create_topics(fkafka, ALL_TOPICS)
+        produce(fkafka, SyntheticStream(cfg), progress_every=1e9)
+        f = bench_faust(fkafka, jn, "joiner")
+        rows.append(("joiner on Faust (1 worker)", f["rate"], f"{f.get('events_per_cpu_s', 0):,.0f} events per CPU-second"))
+        print(rows[-1], flush=True)
+
         _, _, prof = agent_rate(fresh()[0], "sequences", n, Path(tmp) / "prof", profile=True)
 
-    rates = dict(zip(["plain_consumer", "faust_noop", "sequences_worker_1", "sequences_worker_2", "joiner_worker"],
-                     [round(r) for _, r, _ in rows]))
-    rates |= {"sequences_faust": None, "joiner_faust": None}  # the Faust runtime is not on this branch
+    rates = dict(zip(["plain_consumer", "faust_noop", "sequences_worker_1", "sequences_worker_2", "joiner_worker",
+                      "sequences_faust", "joiner_faust"], [round(r) for _, r, _ in rows]))
     if args.json:
         Path(args.json).write_text(json.dumps(rates | {"events": n, "users": distinct}, indent=1) + "\n")
 

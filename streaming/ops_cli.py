@@ -1,6 +1,6 @@
 """Operator commands for the agents: ``lum agents``, ``lum replay``, ``lum backfill sequences``.
 
-    lum agents [--workers N] [--only sequences|joiner]      # Ctrl-C / SIGTERM stops every worker cleanly
+    lum agents [--workers N] [--only sequences|joiner] [--runtime worker|faust]   # Ctrl-C / SIGTERM stops all
     lum replay TOPIC --from TIME --to TIME --into TOPIC|PATH.jsonl|PATH.parquet [--force] [--max-disorder-ms D]
     lum backfill sequences [--from TIME]          # refuses while the sequence agents run
 
@@ -27,6 +27,8 @@ def register(sub, common) -> None:
     p = sub.add_parser("agents", parents=[common], help="run the sequence agent and the joiner (N workers each)")
     p.add_argument("--workers", type=int, default=1, help="worker processes per agent (partitions spread over them)")
     p.add_argument("--only", choices=AGENTS, help="run one agent only")
+    p.add_argument("--runtime", choices=("worker", "faust"), default="worker",
+                   help="worker: the batch consumer-group worker (fastest); faust: a Faust app per agent")
     p.set_defaults(handler=_agents)
 
     p = sub.add_parser("replay", parents=[common], help="copy a time range of a topic into a topic or a file")

@@ -1,8 +1,10 @@
 """``lum agents``: start N worker processes per agent and keep them running.
 
     lum agents [--workers N] [--only sequences|joiner] [--log-level INFO]   # Ctrl-C / SIGTERM stops every worker
+    lum agents --runtime faust [--workers N]                                 # Faust workers of the same logic
 
-Worker i (sequence workers first, then joiner workers) is ``python -m streaming.agents.worker AGENT --index i``.
+Worker i (sequence workers first, then joiner workers) is ``python -m streaming.agents.worker AGENT --index i``
+(``python -m streaming.agents.faust_app AGENT --index i`` with ``--runtime faust``).
 A worker that dies (a failed batch exits with code 1 and commits nothing for that batch; a kill; a crash)
 is restarted after a back-off that starts at ``LUM_AGENT_RESTART_BACKOFF_S`` and doubles while restarts come
 quickly (the worker lived less than a minute), up to ``LUM_AGENT_RESTART_BACKOFF_MAX_S``; every exit and
@@ -37,14 +39,14 @@ class _Slot:
     codes: list[int] = field(default_factory=list)
 
 
-def supervise(workers: int, only: str | None, log_level: str, cfg) -> int:
+def supervise(workers: int, only: str | None, log_level: str, cfg, runtime: str = "worker") -> int:
     names = [only] if only else list(AGENTS)
     slots = [_Slot(agent, a * workers + i, backoff=cfg.restart_backoff_s)
              for a, agent in enumerate(names) for i in range(workers)]
 
     def start(s: _Slot) -> None:
-        cmd = [sys.executable, "-m", "streaming.agents.worker", s.agent, "--index", str(s.index),
-               "--log-level", log_level]
+        module = "streaming.agents.faust_app" if runtime == "faust" else "streaming.agents.worker"
+        cmd = [sys.executable, "-m", module, s.agent, "--index", str(s.index), "--log-level", log_level]
         s.proc, s.started, s.restart_at = subprocess.Popen(cmd, env=os.environ.copy()), time.monotonic(), None
         log.info("started %s worker %d (pid %d)", s.agent, s.index, s.proc.pid)
 
@@ -100,4 +102,4 @@ def main(args) -> int:
     load(KafkaSettings)
     if args.workers < 1:
         raise SystemExit("--workers must be >= 1")
-    return supervise(args.workers, args.only, args.log_level, cfg)
+    return supervise(args.workers, args.only, args.log_level, cfg, getattr(args, "runtime", "worker"))
