@@ -96,14 +96,16 @@ def test_dlrm_trainer_serves_its_metrics(kafka, tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_agent_workers_serve_their_metrics(kafka, tmp_path):
-    """``lum agents``: the sequence worker on the port, the joiner on port + 1; the demo reads the same."""
+@pytest.mark.parametrize("runtime", ["worker", "faust"])
+def test_agent_workers_serve_their_metrics(kafka, tmp_path, runtime):
+    """``lum agents`` on either runtime: the sequence worker on the port, the joiner on port + 1, with the same
+    names and labels; the demo reads the same."""
     from deploy.demo import agent_figures
     from schemas.topics import BEHAVIORS
 
     b, imp = kit.behavior, kit.impression
     port, log = free_port(), tmp_path / "agents.log"
-    proc = _lum("agents", "--workers", "1", log=log,
+    proc = _lum("agents", "--workers", "1", "--runtime", runtime, log=log,
                 env={"LUM_DATA_DIR": str(tmp_path / "state"), "LUM_METRICS_PORT": str(port),
                      "LUM_JOIN_WINDOW_MS": "1000", "LUM_AGENT_ALLOWED_LATENESS_MS": "0"})
     seq, join = {"job": "sequences", "worker": "0"}, {"job": "joiner", "worker": "1"}
