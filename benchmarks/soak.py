@@ -203,7 +203,7 @@ def report(samples: list[dict], title: str) -> str:
             "yes" if last["alive"].get(n) else "NO"] for n in last["rss"]]
     out = [f"--- {title}: t={last['t_s']:.0f}s, {last['events']} events produced ---"]
     out += _table(["consumer group", "lag last", "lag max"], lags)
-    out += _table(["process tree", "RSS MB start", "RSS MB now", "alive"], rss)
+    out += _table(["process tree", "RSS MB at t=0", "RSS MB now", "alive"], rss)
     out.append(f"RocksDB {last['rocksdb_bytes'] / MB:.1f} MB | dead letters {last['dead_letters']} | "
                f"training examples {last['training_examples']} | trained (last checkpoint) "
                f"{_n(last['trained_examples'])}")
@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         for v in results:
             print(f"  {'PASS' if v['ok'] else 'n/a ' if v['ok'] is None else 'FAIL'}  {v['goal']}: {v['detail']}")
         if args.json:
-            args.json.write_text(json.dumps({"config": {"minutes": args.minutes, "rate": rate, "measured_agent_rate":
+            args.json.write_text(json.dumps({"config": {"minutes": args.minutes, "rate": rate, "bootstrap": broker.bootstrap,
+                                                        "measured_agent_rate":
                                                         measured, "sample_s": args.sample_s, "users": USERS},
                                              "samples": samples, "verdicts": results}, indent=2))
         return 0 if all(v["ok"] is not False for v in results) else 1
