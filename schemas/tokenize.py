@@ -75,10 +75,14 @@ class TokenPair(NamedTuple):
     category_id: int
 
 
+def _level(rating: float) -> str:
+    return "liked" if rating >= LIKED_AT else "neutral" if rating >= NEUTRAL_AT else "disliked"
+
+
 def feedback(event: BehaviorEvent) -> str:
     """The behavior condition value (v2): a rating's level, else the behavior itself."""
     if event.behavior == "rate" and event.rating is not None:
-        return "liked" if event.rating >= LIKED_AT else "neutral" if event.rating >= NEUTRAL_AT else "disliked"
+        return _level(event.rating)
     return event.behavior
 
 
@@ -241,7 +245,9 @@ def tokenize_rows(events) -> _np.ndarray:
     out[:, COL_TIME] = [e["event_time_ms"] for e in evs]
     digests = b"".join([hashlib.blake2b(e["event_id"].encode(), digest_size=8).digest() for e in evs])
     out[:, COL_KEY] = (_np.frombuffer(digests, dtype="<u8") & _np.uint64(_MASK63)).astype(_np.int64)
-    columns = {"scenario": [e["scenario"] for e in evs], "behavior": [e["behavior"] for e in evs],
+    behaviors = [_level(e["rating"]) if e["behavior"] == "rate" and e.get("rating") is not None else e["behavior"]
+                 for e in evs]  # the feedback level, as ``feedback`` (v2)
+    columns = {"scenario": [e["scenario"] for e in evs], "behavior": behaviors,
                "category": [e["category_id"] for e in evs], "query": [e["query"] for e in evs]}
     for j, kind in enumerate(CONDITION_KINDS):
         values = columns[kind]

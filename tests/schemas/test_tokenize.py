@@ -72,3 +72,21 @@ def test_sequence_codec_roundtrip_and_old_versions(monkeypatch):
     upgraded = tk.decode_sequence(data[3:])
     assert upgraded.tokenizer_version == 2
     assert [p.conditions for p in upgraded.pairs] == [p.conditions + (tk.ANY,) for p in seq.pairs]
+
+
+def test_tokenize_rows_equals_tokenize_for_ratings_and_implicit_feedback():
+    """The agent's batch tokenizer must give the feedback level (v2) exactly like ``tokenize``."""
+    import numpy as np
+
+    from schemas.events import BehaviorEvent
+    from schemas.tokenize import tokenize, tokenize_rows
+
+    events = [BehaviorEvent(event_id=f"e{i}", user_id=1, item_id=10 + i, category_id=3, scenario="home",
+                            behavior=b, rating=r, event_time_ms=880_000_000_000 + i)
+              for i, (b, r) in enumerate([("rate", 5.0), ("rate", 3.0), ("rate", 1.0), ("click", None), ("buy", None)])]
+    rows = tokenize_rows(events)
+    for row, e in zip(rows, events):
+        t = tokenize(e)
+        assert row.tolist() == [t.event_time_ms, t.event_key, *t.conditions, t.item_id, t.category_id]
+    assert len(set(rows[:3, 3].tolist())) == 3  # liked, neutral, disliked are three behavior conditions
+    assert np.all(rows[:, 0] == [e.event_time_ms for e in events])
