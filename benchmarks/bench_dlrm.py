@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -205,9 +204,9 @@ def main() -> int:
     ap.add_argument("--json", metavar="OUT", help="write the headline figures as JSON")
     ap.add_argument("--skip-scoring", action="store_true", help="leave out the scoring latency table")
     args = ap.parse_args()
-    logging.basicConfig(level="WARNING")
-    for name in ("torchrec", "fbgemm_gpu"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    from schemas.logs import setup_logging
+
+    setup_logging("WARNING")  # also drops fbgemm/torchrec per-table INFO dumps
     q = args.quick
     res: dict = {}
     print("## training step (synthetic examples from the wire format, features=lum, K=3)")

@@ -509,7 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "offline.md"))
     ap.add_argument("--json", default=None, metavar="OUT", help="write every figure as JSON")
     args = ap.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from schemas.logs import setup_logging
+
+    setup_logging("INFO")  # our INFO lines; fbgemm/torchrec per-table dumps dropped
     logging.getLogger("trainers.dlrm.train").setLevel(logging.WARNING)  # one "DLRM built" line per model
 
     s = Settings()

@@ -355,9 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--child-args", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        import logging
+        from schemas.logs import setup_logging
 
-        logging.basicConfig(level=logging.WARNING)
+        setup_logging("WARNING")
         fn = {"sequences": child_sequences, "joiner": child_joiner}[args.child]
         print("RESULT " + json.dumps(fn(**json.loads(args.child_args))), flush=True)
         return 0

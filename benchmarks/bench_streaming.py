@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -133,11 +132,15 @@ def agent_rate(kafka: KafkaSettings, agent: str, n: int, data_dir: Path, profile
 
 
 def metrics(port: int) -> dict[str, float]:
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    except OSError:
-        return {}
-    return {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if "{" in line}
+    """One worker's figures (schemas.metrics: prometheus_client's parser), summed over topics and partitions."""
+    from schemas.metrics import scrape, total
+
+    s = scrape(port)
+    return {"events": total(s, "lum_events_consumed_total"),
+            "first_batch": total(s, "lum_first_batch_timestamp_seconds"),
+            "last_batch": total(s, "lum_last_batch_timestamp_seconds"),
+            "partitions": total(s, "lum_agent_state", name="assigned_partitions"),
+            "cpu_s": total(s, "lum_agent_state", name="cpu_seconds_between_batches")}
 
 
 def two_workers_rate(kafka: KafkaSettings, n: int, data_dir: Path):
@@ -145,7 +148,7 @@ def two_workers_rate(kafka: KafkaSettings, n: int, data_dir: Path):
 
     port = free_port()
     env = os.environ | {"LUM_KAFKA_BOOTSTRAP": kafka.bootstrap, "LUM_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
-                        "LUM_DATA_DIR": str(data_dir), "LUM_AGENT_METRICS_PORT": str(port),
+                        "LUM_DATA_DIR": str(data_dir), "LUM_METRICS_PORT": str(port),
                         "LUM_AGENT_SEQUENCES_GROUP": f"bench-seq2-{uuid.uuid4().hex[:6]}"}
     # Port+0 and port+1: the second may collide with another process; free_port() is a best effort.
     procs = [subprocess.Popen([sys.executable, "-m", "streaming.agents.worker", "sequences", "--index", str(i),
@@ -156,12 +159,12 @@ def two_workers_rate(kafka: KafkaSettings, n: int, data_dir: Path):
         # and last batch: the rate runs from the first batch of either to the last batch of both.
         while True:
             ms = [metrics(port + i) for i in range(2)]
-            done = [int(m.get("lum_agent_events_total", 0)) for m in ms]
+            done = [int(m["events"]) for m in ms]
             if sum(done) >= n:
-                first = min(m["lum_agent_first_batch_timestamp_seconds"] for m in ms)
-                last = max(m["lum_agent_last_batch_timestamp_seconds"] for m in ms)
-                parts = [int(m.get("lum_agent_assigned_partitions", 0)) for m in ms]
-                cpu = [round(d / m["lum_agent_cpu_seconds_between_batches"]) for d, m in zip(done, ms)]
+                first = min(m["first_batch"] for m in ms if m["events"])
+                last = max(m["last_batch"] for m in ms)
+                parts = [int(m["partitions"]) for m in ms]
+                cpu = [round(d / m["cpu_s"]) if m["cpu_s"] else 0 for d, m in zip(done, ms)]
                 return n / (last - first), done, parts, cpu
             if any(p.poll() is not None for p in procs):
                 raise RuntimeError("a worker exited")
@@ -193,9 +196,9 @@ def main() -> None:
     if args.faust_child:
         faust_noop_child(args.faust_child[0], args.faust_child[1], int(args.faust_child[2]))
         return
-    import logging
+    from schemas.logs import setup_logging
 
-    logging.basicConfig(level=logging.WARNING)
+    setup_logging("WARNING")
     from streaming.kafka import create_topics
     from streaming.broker import EmbeddedBroker
     from streaming.producers import produce

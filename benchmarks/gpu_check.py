@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -178,9 +177,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30, help="timed pre-training steps")
     ap.add_argument("--peak-tflops", type=float, help="dense bf16 peak of this GPU (default: by name)")
     args = ap.parse_args()
-    logging.basicConfig(level="WARNING")
-    for name in ("torchrec", "fbgemm_gpu"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    from schemas.logs import setup_logging
+
+    setup_logging("WARNING")  # also drops fbgemm/torchrec per-table INFO dumps
     try:
         import torch
     except ImportError as e:

@@ -134,22 +134,22 @@ def _demo(args: argparse.Namespace) -> int:
     return Demo(load(DemoSettings)).run()
 
 
-def scrape(port: int) -> dict[str, float]:
-    """A Prometheus text endpoint as {metric{labels}: value}; empty when it does not answer."""
-    import urllib.request
+def agent_figures(samples: dict) -> dict[str, dict[str, float]]:
+    """{agent: {figure: value}} from one or more scrapes of agent workers (``schemas.metrics.scrape``)."""
+    from schemas.metrics import total
 
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    except OSError:
-        return {}
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            try:
-                out[name] = float(value)
-            except ValueError:
-                pass
+    out: dict[str, dict[str, float]] = {}
+    for job in sorted({dict(lab).get("job") for name, lab in samples if name.startswith("lum_")} - {None}):
+        a = out[job] = {
+            "events_total": total(samples, "lum_events_consumed_total", job=job),
+            "sequences_published_total": total(samples, "lum_sequences_published_total", job=job),
+            "examples_total": total(samples, "lum_examples_emitted_total", job=job),
+            "late_clicks_total": total(samples, "lum_examples_late_total", job=job),
+            "dead_letters_total": total(samples, "lum_dead_letters_total", job=job)}
+        for name in ("positives_total", "lum_features_too_new_total"):
+            a[name] = total(samples, "lum_agent_state", job=job, name=name)
+        if any(n == "lum_consumer_lag" and ("job", job) in lab for n, lab in samples):
+            a["lag"] = total(samples, "lum_consumer_lag", job=job)  # summed over topics and partitions
     return out
 
 
@@ -165,6 +165,7 @@ class Demo:
         self.refreshes = self.train_rounds = 0
         self.final_agents: dict[str, dict[str, float]] = {}
         self.peak: dict[str, float] = {}
+        self._seen: dict[str, tuple[float, float]] = {}  # agent -> (time, events) of the last scrape
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
@@ -213,14 +214,16 @@ class Demo:
                 os.environ.setdefault("LUM_KAFKA_TOPIC_PREFIX", f"demo{int(time.time())}-")
             self.metrics_port = free_port()
             os.environ |= {"LUM_DATA_DIR": str(self.out / "state"), "LUM_JOIN_WINDOW_MS": "120000",
-                           "LUM_AGENT_METRICS_PORT": str(self.metrics_port), "LUM_AGENT_LOG_INTERVAL_S": "10",
+                           "LUM_METRICS_PORT": "0",  # the agents get theirs below
+                           "LUM_AGENT_LOG_INTERVAL_S": "10",
                            # Several processes share 2 cores: one torch thread each avoids spin-wait stalls.
                            "LUM_PRETRAIN_THREADS": "1", "LUM_REFRESH_THREADS": "1", "LUM_DLRM_THREADS": "1"}
             kafka = load(KafkaSettings)
             for name, state in create_topics(kafka).items():
                 self.say(f"  topic {name}: {state}")
         with self._phase("agents"):
-            self.procs.start("agents", "agents", "--workers", "1")
+            # Worker i serves metrics on port + i (only the agents: every process needs a port of its own).
+            self.procs.start("agents", "agents", "--workers", "1", env={"LUM_METRICS_PORT": str(self.metrics_port)})
         produce = ["produce", "synthetic", "--users", str(cfg.users), "--items", str(cfg.items),
                    "--categories", str(cfg.categories), "--seed", str(cfg.seed)]
         with self._phase("warm-up stream"):
@@ -306,15 +309,16 @@ class Demo:
         raise RuntimeError("the refresh job published no LUM features (see logs/refresh-1.log)")
 
     def agent_metrics(self) -> dict[str, dict[str, float]]:
-        """{agent: {metric: value}} from the workers' Prometheus endpoints (sequences, joiner)."""
-        out: dict[str, dict[str, float]] = {}
-        for port in (self.metrics_port, self.metrics_port + 1):
-            for key, value in scrape(port).items():
-                if key.startswith("lum_agent_") and 'agent="' in key:
-                    agent = key.split('agent="')[1].split('"')[0]
-                    metric = key.split("{")[0].removeprefix("lum_agent_")
-                    per_agent = out.setdefault(agent, {})
-                    per_agent[metric] = per_agent.get(metric, 0) + value  # lag comes per topic: sum it
+        """{agent: {figure: value}} from the workers' Prometheus endpoints (sequences, joiner), read with the
+        client's parser; ``events_per_second`` is the rate since the previous call."""
+        from schemas.metrics import scrape
+
+        now = time.monotonic()
+        out = agent_figures(scrape(self.metrics_port) | scrape(self.metrics_port + 1))
+        for agent, a in out.items():
+            t, n = self._seen.get(agent, (None, 0.0))
+            a["events_per_second"] = (a["events_total"] - n) / (now - t) if t is not None and now > t else 0.0
+            self._seen[agent] = (now, a["events_total"])
         return out
 
     def _status(self) -> None:

@@ -5,8 +5,8 @@
     lum backfill sequences [--from TIME]          # refuses while the sequence agents run
 
 Settings: ``LUM_KAFKA_*`` (broker), ``LUM_AGENT_*`` and ``LUM_DATA_DIR`` / ``LUM_JOIN_WINDOW_MS``
-(``streaming.agents.settings``). Worker i of ``lum agents`` serves Prometheus text on
-``LUM_AGENT_METRICS_PORT + i`` when that is set (sequence workers first, then joiner workers).
+(``streaming.agents.settings``). Worker i of ``lum agents`` serves its metrics on ``LUM_METRICS_PORT + i``
+when that is set (sequence workers first, then joiner workers; ``schemas.metrics``).
 """
 
 from __future__ import annotations

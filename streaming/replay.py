@@ -35,15 +35,16 @@ that ``lum agents`` continues from there.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from confluent_kafka import Consumer, Message, TopicPartition
 
 from schemas.codec import DecodeError
+from schemas.progress import progress as track
 from schemas.settings import KafkaSettings
 from schemas.topics import BY_NAME, Topic
 from schemas.tokenize import UserSequence
@@ -97,33 +98,33 @@ def start_offsets(consumer: Consumer, topic: str, from_ms: int | None,
     return {tp.partition: max(tp.offset, 0) for tp in found if tp.offset != -1}
 
 
-class Progress:
-    def __init__(self, what: str, every_s: float = 5.0):
-        self.what, self.every, self.t0 = what, every_s, time.monotonic()
-        self.last = self.t0
-        self.scanned = self.kept = 0
+def records_after(settings: KafkaSettings, topic: str, starts: dict[int, int]) -> int | None:
+    """How many records lie between ``starts`` and the partitions' current ends (a progress bar's total)."""
+    from .status import end_offsets
 
-    def tick(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if force or now - self.last >= self.every:
-            self.last = now
-            log.info("%s: scanned %d records, kept %d (%.0f records/s)", self.what, self.scanned, self.kept,
-                     self.scanned / max(now - self.t0, 1e-9))
+    if not starts:
+        return 0
+    ends = end_offsets(settings, {topic: max(starts) + 1})[topic]
+    return sum(max(ends[p] - s, 0) for p, s in starts.items() if ends.get(p) is not None)
 
 
 def iter_range(settings: KafkaSettings, topic: str, src_topic: Topic | None, from_ms: int | None, to_ms: int | None,
-               dead: DeadLetters, max_disorder_ms: int | None = None, progress: Progress | None = None,
+               dead: DeadLetters, max_disorder_ms: int | None = None, progress: str | None = None,
                max_future_ms: int = MAX_FUTURE_MS):
     """(message, decoded value or None) of ``topic`` with from_ms <= payload time < to_ms, per partition in
-    offset order. Registry records that do not decode are dead-lettered (their time is unknown)."""
+    offset order. Registry records that do not decode are dead-lettered (their time is unknown). With
+    ``progress`` (a description), a bar (terminal) or periodic log lines report records scanned and kept."""
     consumer = reader(settings)
+    stack = contextlib.ExitStack()
     try:
         starts = start_offsets(consumer, topic, from_ms, max_future_ms)
+        bar = stack.enter_context(track(progress, records_after(settings, topic, starts), "records")) \
+            if progress else None
+        kept = 0
         stopped: set[int] = set()
         for m in read_to_end(consumer, topic, starts):
-            if progress:
-                progress.scanned += 1
-                progress.tick()
+            if bar:
+                bar.update(1)
             if m.partition() in stopped:
                 continue
             value = None
@@ -144,10 +145,12 @@ def iter_range(settings: KafkaSettings, topic: str, src_topic: Topic | None, fro
                     if len(stopped) == len(starts):
                         return
                 continue
-            if progress:
-                progress.kept += 1
+            if bar:
+                kept += 1
+                bar.note(kept=kept)
             yield m, value
     finally:
+        stack.close()
         consumer.close()
 
 
@@ -176,10 +179,10 @@ def replay(settings: KafkaSettings, source: str, from_ms: int | None, to_ms: int
     if to_file and path.exists() and not force:  # before any work: never clobber a file by accident
         raise FileExistsError(f"{into} exists: choose another path or pass --force to overwrite it")
     src_name, src_topic = _resolve(settings, source)
-    progress = Progress(f"replay {src_name} -> {into}")
     out = Output(settings, **{"linger.ms": 20})
     dead = DeadLetters(out, settings, "replay")
-    records = iter_range(settings, src_name, src_topic, from_ms, to_ms, dead, max_disorder_ms, progress,
+    records = iter_range(settings, src_name, src_topic, from_ms, to_ms, dead, max_disorder_ms,
+                         f"replay {src_name} -> {into}",
                          max_future_ms)
     if to_file:
         rows = [_row(m, v) for m, v in records]
@@ -212,7 +215,6 @@ def replay(settings: KafkaSettings, source: str, from_ms: int | None, to_ms: int
             out.produce(dst_name, value=m.value(), key=m.key(), headers=m.headers(), **kw)
             written += 1
         out.flush()
-    progress.tick(force=True)
     log.info("replay done: %d records into %s", written, into)
     return written
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from confluent_kafka import TopicPartition
 
 from schemas.codec import DecodeError
+from schemas.progress import progress
 
 from schemas.settings import KafkaSettings
 from schemas.topics import BEHAVIORS
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int | None = None,
                        max_future_ms: int | None = None) -> dict[str, int]:
-    from ..replay import MAX_FUTURE_MS, Progress, check_group_idle, start_offsets
+    from ..replay import MAX_FUTURE_MS, check_group_idle, records_after, start_offsets
 
     group = settings.topic_prefix + cfg.sequences_group
     check_group_idle(settings, group)
@@ -56,7 +57,7 @@ def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int
         stores[p] = store = RocksStore(root / f"p{p}", identity | {"partition": p})
         store.reset()
         logic.stores[p] = store
-    progress = Progress("backfill sequences")
+    kept = 0
     batch: dict[int, list[Record]] = {p: [] for p in parts}
 
     def apply(p: int) -> None:
@@ -65,22 +66,23 @@ def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int
         batch[p].clear()
 
     consumer = reader(settings)
-    for m in read_to_end(consumer, src, starts):
-        ends[m.partition()] = m.offset() + 1  # where the agents resume: everything read, kept or not
-        progress.scanned += 1
-        progress.tick()
-        if from_ms is not None:
-            try:
-                if BEHAVIORS.decode(m.value()).event_time_ms < from_ms:  # payload (event) time selects
-                    continue
-            except DecodeError:
-                pass  # the agent's own logic dead-letters it below
-        progress.kept += 1
-        b = batch[m.partition()]
-        b.append(Record(BEHAVIORS.name, m.partition(), m.offset(), m.timestamp()[1], m.key(), m.value()))
-        if len(b) >= cfg.batch_size:
-            apply(m.partition())
-            out.flush()
+    with progress("backfill sequences", records_after(settings, src, starts), "records") as bar:
+        for m in read_to_end(consumer, src, starts):
+            ends[m.partition()] = m.offset() + 1  # where the agents resume: everything read, kept or not
+            bar.update(1)
+            if from_ms is not None:
+                try:
+                    if BEHAVIORS.decode(m.value()).event_time_ms < from_ms:  # payload (event) time selects
+                        continue
+                except DecodeError:
+                    pass  # the agent's own logic dead-letters it below
+            kept += 1
+            bar.note(kept=kept)
+            b = batch[m.partition()]
+            b.append(Record(BEHAVIORS.name, m.partition(), m.offset(), m.timestamp()[1], m.key(), m.value()))
+            if len(b) >= cfg.batch_size:
+                apply(m.partition())
+                out.flush()
     consumer.close()
     for p in parts:
         if batch[p]:
@@ -100,6 +102,5 @@ def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int
     users = sum(1 for p in parts for _ in stores[p].scan())
     for store in stores.values():
         store.close()
-    progress.tick(force=True)
     log.info("backfill: %d users rebuilt, %d tombstones, offsets %s", users, tombstones, ends)
-    return {"users": users, "tombstones": tombstones, "events": progress.kept}
+    return {"users": users, "tombstones": tombstones, "events": kept}

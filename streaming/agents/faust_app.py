@@ -16,9 +16,9 @@ bytes in batches (``stream.take_events(LUM_AGENT_BATCH_SIZE, LUM_AGENT_BATCH_WAI
 Delivery is at-least-once (Faust's exactly_once does not work on the embedded broker); state updates are
 idempotent, so a kill -9 replays events without double counting.
 
-Web: worker i serves Faust's web views and ``/metrics`` (the batch worker's Prometheus names) on
-``LUM_METRICS_HOST``:``LUM_AGENT_METRICS_PORT + i`` when the port is set; otherwise the web server is off
-(``--without-web``; Faust's ``web_enabled=False`` alone does not stop it).
+Metrics: worker i serves the batch worker's Prometheus metrics (``schemas.metrics``, same names and labels:
+dashboards read either runtime) on ``LUM_METRICS_HOST``:``LUM_METRICS_PORT + i`` when the port is set. Faust's
+own web server is off (``--without-web``; Faust's ``web_enabled=False`` alone does not stop it).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from schemas import metrics
 from schemas.settings import KafkaSettings, load
 from schemas.topics import BEHAVIORS
 
@@ -89,6 +90,7 @@ def build_host(agent: str, kafka: KafkaSettings, cfg: AgentSettings, index: int 
         return RocksStore(root / f"p{partition}", identity | {"partition": partition})
 
     host = Host(logic, kafka, out, emit, open_store, group, cfg.flush_timeout_s, crash)
+    host.rec = dead.recorder = metrics.Recorder(logic.name, index)
     if hasattr(logic, "high_water"):
         logic.high_water = lambda topic, p: host.highwater(topic, p)
     return host
@@ -130,7 +132,8 @@ def make_app(agent: str, kafka: KafkaSettings | None = None, cfg: AgentSettings 
                     poll = getattr(host.logic, "poll_side_inputs", None)
                     if poll is not None:
                         poll()
-                    host.process_messages([e.message for e in events])
+                    with host.rec.batch():
+                        host.process_messages([e.message for e in events])
                 except Exception as exc:  # nothing of the batch may be acked: stop here
                     fail(host, exc)
         finally:  # the worker stops its agents first: no batch can come after this
@@ -139,10 +142,6 @@ def make_app(agent: str, kafka: KafkaSettings | None = None, cfg: AgentSettings 
     @app.on_partitions_revoked.connect
     async def _revoked(sender, revoked, **_):
         host.revoke({tp.partition for tp in revoked if tp.topic in host.physical})
-
-    @app.page("/metrics")
-    async def _metrics(web, request):
-        return web.text(host.metrics_text(index), content_type="text/plain; version=0.0.4")
 
     @app.timer(cfg.log_interval_s)
     async def _report():
@@ -173,7 +172,6 @@ def bench_faust(kafka: KafkaSettings, n: int, agent: str = "sequences", data_dir
     the agent's gauges: what ``benchmarks/bench_streaming.py`` reports as ``<agent>_faust``."""
     import subprocess
     import tempfile
-    import urllib.request
     import uuid
 
     from streaming.broker import free_port
@@ -183,30 +181,30 @@ def bench_faust(kafka: KafkaSettings, n: int, agent: str = "sequences", data_dir
     group = f"bench-faust-{agent}-{uuid.uuid4().hex[:6]}"
     env = os.environ | {"LUM_KAFKA_BOOTSTRAP": kafka.bootstrap, "LUM_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
                         "LUM_KAFKA_PROFILE": kafka.profile, "LUM_DATA_DIR": str(data_dir or tmp.name),
-                        "LUM_AGENT_METRICS_PORT": str(port),
+                        "LUM_METRICS_PORT": str(port),
                         f"LUM_AGENT_{'SEQUENCES' if agent == 'noop' else agent.upper()}_GROUP": group}
     proc = subprocess.Popen(worker_command(agent, 0, "WARNING"), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    labels = f'{{agent="{agent}",worker="0"}}'
+    job = {"job": agent, "worker": "0"}
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"faust {agent} worker exited with {proc.returncode}")
-            try:
-                text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-            except OSError:
-                text = ""
-            m = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line}
-            done = m.get(f"lum_agent_events_total{labels}", 0)
+            s = metrics.scrape(port)  # prometheus_client's parser
+            done = metrics.total(s, "lum_events_consumed_total", **job)
             if done >= n:
-                span = m[f"lum_agent_last_batch_timestamp_seconds{labels}"] - m[
-                    f"lum_agent_first_batch_timestamp_seconds{labels}"]
-                counted = done - m[f"lum_agent_first_batch_events{labels}"]
+                state = {dict(lab)["name"]: v for (name, lab), v in s.items()
+                         if name == "lum_agent_state" and job.items() <= dict(lab).items()}
+                span = (metrics.total(s, "lum_last_batch_timestamp_seconds", **job)
+                        - metrics.total(s, "lum_first_batch_timestamp_seconds", **job))
+                counted = done - state["first_batch_events"]
                 return {"rate": counted / span, "events": done,
-                        "events_per_cpu_s": counted / max(m[f"lum_agent_cpu_seconds_between_batches{labels}"], 1e-9),
-                        **{k.split("{")[0].removeprefix("lum_agent_"): v for k, v in m.items()
-                           if k.endswith(labels) and k.split("{")[0].endswith("_total")}}
+                        "events_per_cpu_s": counted / max(state["cpu_seconds_between_batches"], 1e-9),
+                        "sequences_published_total": metrics.total(s, "lum_sequences_published_total", **job),
+                        "examples_total": metrics.total(s, "lum_examples_emitted_total", **job),
+                        "late_clicks_total": metrics.total(s, "lum_examples_late_total", **job),
+                        **{k: v for k, v in state.items() if k.endswith("_total")}}
             time.sleep(0.5)
         raise TimeoutError(f"faust {agent} worker did not consume {n} events within {timeout:.0f}s")
     finally:
@@ -223,18 +221,14 @@ def bench_faust(kafka: KafkaSettings, n: int, agent: str = "sequences", data_dir
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="run one lum agent as a Faust worker")
     ap.add_argument("agent", choices=AGENTS + ("noop",), help="noop: the host without logic (benchmarks)")
-    ap.add_argument("--index", type=int, default=0, help="worker index (web port offset, log name)")
+    ap.add_argument("--index", type=int, default=0, help="worker index (metrics port offset, log name)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
     cfg = load(AgentSettings)
     app = make_app(args.agent, load(KafkaSettings), cfg, args.index)
-    from schemas.metrics import MetricsSettings
-
-    host = load(MetricsSettings).host  # LUM_METRICS_HOST, as the batch worker binds its endpoint
-    web = (["--web-port", str(cfg.metrics_port + args.index), "--web-bind", host]
-           if cfg.metrics_port else ["--without-web"])
+    metrics.serve(offset=args.index)  # LUM_METRICS_PORT + index (0: off), as the batch worker
     level = {"WARNING": "warn", "CRITICAL": "crit"}.get(args.log_level.upper(), args.log_level.lower())
-    sys.argv = [sys.argv[0], "worker", "-l", level, *web]
+    sys.argv = [sys.argv[0], "worker", "-l", level, "--without-web"]
     app.main()  # runs until SIGTERM / Ctrl-C, then exits the process
     return 0
 

@@ -32,13 +32,14 @@ import logging
 import os
 import ssl
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from confluent_kafka import TopicPartition
 
+from schemas import metrics
 from schemas.settings import EMBEDDED_PROFILE, KafkaSettings
 from schemas.topics import Topic
 
@@ -129,6 +130,7 @@ class Host:
         self._committed_reader = None
         self.rate = 0.0
         self.first_batch_events = 0
+        self.rec = metrics.Recorder(self.name)  # faust_app.build_host binds the worker index
         self._last_report = (time.monotonic(), 0)
 
     # --- partitions -----------------------------------------------------------------------------------
@@ -162,6 +164,8 @@ class Host:
                 store.close()
                 self.starts.pop(p, None)
                 self.positions = {k: v for k, v in self.positions.items() if k[1] != p}
+                for t in self.physical.values():  # no longer ours to consume: this worker's lag there is 0
+                    self.rec.lag(t, p, 0)
                 log.info("%s: released partition %d", self.name, p)
 
     def close(self) -> None:
@@ -210,6 +214,8 @@ class Host:
             for t, off in positions.items():
                 self.positions[(self.kafka.topic_prefix + t, p)] = off
             n += len(records)
+            for t, k in Counter(r.topic for r in records).items():
+                self.rec.consumed(t, p, k)
         self.out.flush(self.flush_timeout_s)  # outputs delivered before the batch ends and Faust acks its offsets
         self.crash("after_flush")
         hook = getattr(self.logic, "delivered", None)
@@ -222,6 +228,11 @@ class Host:
             if not self.first_batch_at:
                 self.first_batch_at, self.cpu_first = self.last_batch_at, self.cpu_last
                 self.first_batch_events = n
+            self.rec.agent_figures(getattr(self.logic, "gauges", dict)())
+            self.rec.state(assigned_partitions=self.assigned_partitions(), skipped_total=self.skipped,
+                           cpu_seconds_between_batches=self.cpu_last - self.cpu_first,
+                           first_batch_events=self.first_batch_events)
+            self.lag()
         return n
 
     # --- observability ----------------------------------------------------------------------------------
@@ -231,6 +242,7 @@ class Host:
             hi = self.highwater(topic, p)
             if hi is not None and hi >= 0:
                 out[topic] += max(hi - pos, 0)
+                self.rec.lag(self.physical.get(topic, topic), p, max(hi - pos, 0))
         return dict(out)
 
     def assigned_partitions(self) -> int:
@@ -247,24 +259,6 @@ class Host:
         self._last_report = (now, self.consumed)
         log.info("%s-faust-%d: %d events, %.0f events/s, lag %s, partitions %s, dead letters %d", self.name, index,
                  self.consumed, self.rate, self.lag(), sorted(self.stores), self.emit.dead.total)
-
-    def metrics_text(self, index: int) -> str:
-        """The batch worker's Prometheus names and labels, so dashboards and benchmarks read either runtime."""
-        labels = f'agent="{self.name}",worker="{index}"'
-        gauges = getattr(self.logic, "gauges", lambda: {})()
-        lines = [f"lum_agent_events_total{{{labels}}} {self.consumed}",
-                 f"lum_agent_events_per_second{{{labels}}} {self.rate:.1f}",
-                 f"lum_agent_assigned_partitions{{{labels}}} {self.assigned_partitions()}",
-                 f"lum_agent_dead_letters_total{{{labels}}} {self.emit.dead.total}",
-                 f"lum_agent_first_batch_timestamp_seconds{{{labels}}} {self.first_batch_at:.3f}",
-                 f"lum_agent_last_batch_timestamp_seconds{{{labels}}} {self.last_batch_at:.3f}",
-                 f"lum_agent_cpu_seconds_between_batches{{{labels}}} {self.cpu_last - self.cpu_first:.3f}",
-                 f"process_cpu_seconds_total{{{labels}}} {time.process_time():.3f}",
-                 f"lum_agent_first_batch_events{{{labels}}} {self.first_batch_events}",
-                 f"lum_agent_skipped_total{{{labels}}} {self.skipped}"]
-        lines += [f'lum_agent_lag{{{labels},topic="{t}"}} {v}' for t, v in self.lag().items()]
-        lines += [f"lum_agent_{k}{{{labels}}} {v:g}" for k, v in gauges.items()]
-        return "\n".join(lines) + "\n"
 
 
 def fail(host: Host, exc: BaseException) -> None:

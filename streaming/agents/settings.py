@@ -36,8 +36,6 @@ class AgentSettings(BaseSettings):
     joiner_changelog: bool = Field(True, description="joiner: write the joiner-changelog topic and rebuild "
                                    "state from it on a worker without the partition's data")
     history_len: int = Field(50, ge=0, le=256, description="items of point-in-time history per training example")
-    metrics_port: int = Field(0, ge=0, le=65535,
-                              description="Prometheus text endpoint of worker i on port+i (0: off)")
     max_future_skew_ms: int = Field(3_600_000, ge=0,
                                     description="events later than now + this are dead-lettered (clock skew allowed)")
     flush_timeout_s: float = Field(60.0, gt=0, description="longest wait for a batch's outputs to be delivered; "

@@ -207,6 +207,31 @@ class MemoryStore(Store):
 _DATA, _POS, _IDENTITY = b"d", b"p", b"\x00identity"
 
 
+# Bounded memory: a worker holds one store per partition, and RocksDB's defaults (64 MB memtables, two per
+# store, a cache per store) let a worker's memory climb for minutes before it levels off. Small memtables and
+# one block cache shared by every store of the process keep RSS flat (benchmarks/soak.py measures it).
+WRITE_BUFFER_BYTES = 8 << 20
+BLOCK_CACHE_BYTES = 64 << 20
+_cache = None
+
+
+def rocks_options():
+    """RocksDB options of every agent store: raw keys, small memtables, the process's one block cache."""
+    global _cache
+    from rocksdict import BlockBasedOptions, Cache, Options
+
+    if _cache is None:
+        _cache = Cache(BLOCK_CACHE_BYTES)
+    opts = Options(raw_mode=True)
+    opts.create_if_missing(True)
+    opts.set_write_buffer_size(WRITE_BUFFER_BYTES)
+    opts.set_max_write_buffer_number(2)
+    table = BlockBasedOptions()
+    table.set_block_cache(_cache)
+    opts.set_block_based_table_factory(table)
+    return opts
+
+
 class RocksStore(Store):
     """One partition's state in its own RocksDB directory (rocksdict, raw mode).
 
@@ -238,12 +263,10 @@ class RocksStore(Store):
                 self.db.put(_IDENTITY, self.identity, write_opt=self._wo)
 
     def _open(self):
-        from rocksdict import Options, Rdict
+        from rocksdict import Rdict
 
         self.path.mkdir(parents=True, exist_ok=True)
-        opts = Options(raw_mode=True)
-        opts.create_if_missing(True)
-        return Rdict(str(self.path), options=opts)
+        return Rdict(str(self.path), options=rocks_options())
 
     def _has_any(self) -> bool:
         return next(iter(self.db.keys()), None) is not None

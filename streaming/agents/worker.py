@@ -28,8 +28,9 @@ Why this runtime by default: Faust's per-event machinery caps a Faust worker far
 (``benchmarks/bench_streaming.py``; figures and when to pick which: README, "Runtimes: worker vs Faust").
 
 Observability: a log line every ``LUM_AGENT_LOG_INTERVAL_S`` with events/s and consumer lag (high-water
-mark carried by fetched data minus position), and the same figures as Prometheus text on
-``LUM_METRICS_HOST:LUM_AGENT_METRICS_PORT + index`` (``/metrics``) when that port is not 0.
+mark carried by fetched data minus position), and Prometheus metrics (``schemas.metrics``, ``job`` = the
+agent: events consumed, lag, dead letters, batch seconds, the logic's counts) on
+``LUM_METRICS_HOST:LUM_METRICS_PORT + index`` (``/metrics``) when that port is not 0.
 Crash injection for tests: ``LUM_AGENT_CRASH_AT`` (``streaming.agents.runtime``).
 """
 
@@ -40,13 +41,14 @@ import logging
 import signal
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
+from schemas import metrics
+from schemas.logs import setup_logging
 from schemas.settings import KafkaSettings, load
 from schemas.topics import Topic
 
@@ -92,6 +94,7 @@ class Worker:
         self.crash = Crash.from_settings(cfg)
         self.out = Output(kafka)
         self.dead = DeadLetters(self.out, kafka, f"{agent_name}-{index}")
+        self.rec = self.dead.recorder = metrics.Recorder(agent_name, index)  # lum_* metrics, job=<agent>
         self.emit = KafkaEmit(self.out, kafka, self.dead, self.crash)
         if logic is None:
             if agent_name == "joiner":  # not yet pure logic: an adapter over its own RocksDB
@@ -121,7 +124,7 @@ class Worker:
         self.started = time.monotonic()
         self._last_report = (self.started, 0)
         self.rate = 0.0
-        self.lag_cache: dict[str, int] = {}  # refreshed by the consuming thread; read by the metrics thread
+        self.lag_cache: dict[str, int] = {}  # per topic, for the log line; lag() also sets lum_consumer_lag
         self._lag_at = 0.0
         self._identity: dict[str, str] | None = None
         self.stop_event = threading.Event()
@@ -175,6 +178,8 @@ class Worker:
 
     def _close_partitions(self, parts: set[int]) -> None:
         for p in sorted(parts):
+            for t in self.logic.inputs:  # no longer ours to consume: this worker's lag there is 0
+                self.rec.lag(t.name, p, 0)
             self.logic.revoke(p)
             store = self.stores.pop(p, None)
             if store is not None:
@@ -218,23 +223,29 @@ class Worker:
             self.out.poll(0)
             self._report()
             return 0
-        for p, records in by_part.items():
-            self.logic.process(p, records, self.emit)
-            self.stores[p].commit({logical[t]: o for (t, q), o in batch_pos.items() if q == p})
-            self.crash("after_state_write")
-        self.out.flush(self.cfg.flush_timeout_s)  # outputs delivered before the offsets that produced them
-        self.crash("after_flush")
-        hook = getattr(self.logic, "delivered", None)
-        if hook:
-            hook()
-        self.positions.update(batch_pos)
-        self.done.update(batch_pos)
-        self.crash("before_commit")
-        self._commit()
+        with self.rec.batch():
+            for p, records in by_part.items():
+                self.logic.process(p, records, self.emit)
+                self.stores[p].commit({logical[t]: o for (t, q), o in batch_pos.items() if q == p})
+                self.crash("after_state_write")
+            self.out.flush(self.cfg.flush_timeout_s)  # outputs delivered before the offsets that produced them
+            self.crash("after_flush")
+            hook = getattr(self.logic, "delivered", None)
+            if hook:
+                hook()
+            self.positions.update(batch_pos)
+            self.done.update(batch_pos)
+            self.crash("before_commit")
+            self._commit()
         self.consumed += n
         self.last_event_at, self.cpu_last = time.time(), time.process_time()
         if not self.first_event_at:
             self.first_event_at, self.cpu_first = self.last_event_at, self.cpu_last
+        for (t, p), k in Counter((r[0], p) for p, rs in by_part.items() for r in rs).items():
+            self.rec.consumed(t, p, k)
+        self.rec.agent_figures(self.logic.gauges())
+        self.rec.state(assigned_partitions=len(self.assigned),
+                       cpu_seconds_between_batches=self.cpu_last - self.cpu_first)
         self._report()
         return n
 
@@ -288,12 +299,13 @@ class Worker:
                 continue
             if hi >= 0:
                 out[topic] += max(hi - pos, 0)
+                self.rec.lag(self.logical.get(topic, topic), p, max(hi - pos, 0))
         return dict(out)
 
     def _report(self) -> None:
         now = time.monotonic()
         if now - self._lag_at >= 1.0:
-            # Only this thread touches the consumer: calls from the metrics thread block behind consume().
+            # Here, not at scrape time: a call from the metrics thread would block behind consume().
             self.lag_cache, self._lag_at = self.lag(), now
         t0, n0 = self._last_report
         if now - t0 < self.cfg.log_interval_s:
@@ -303,45 +315,6 @@ class Worker:
         gauges = " ".join(f"{k}={v:g}" for k, v in self.logic.gauges().items())
         log.info("%s-%d: %d events, %.0f events/s, lag %s, partitions %s, dead letters %d %s", self.name,
                  self.index, self.consumed, self.rate, self.lag_cache, self.assigned, self.dead.total, gauges)
-
-    def metrics_text(self) -> str:
-        labels = f'agent="{self.name}",worker="{self.index}"'
-        lines = [f"lum_agent_events_total{{{labels}}} {self.consumed}",
-                 f"lum_agent_events_per_second{{{labels}}} {self.rate:.1f}",
-                 f"lum_agent_assigned_partitions{{{labels}}} {len(self.assigned)}",
-                 f"lum_agent_dead_letters_total{{{labels}}} {self.dead.total}",
-                 f"lum_agent_first_batch_timestamp_seconds{{{labels}}} {self.first_event_at:.3f}",
-                 f"lum_agent_last_batch_timestamp_seconds{{{labels}}} {self.last_event_at:.3f}",
-                 f"lum_agent_cpu_seconds_between_batches{{{labels}}} {self.cpu_last - self.cpu_first:.3f}",
-                 f"process_cpu_seconds_total{{{labels}}} {time.process_time():.3f}"]
-        lines += [f'lum_agent_lag{{{labels},topic="{t}"}} {v}' for t, v in self.lag_cache.items()]
-        lines += [f"lum_agent_{k}{{{labels}}} {v:g}" for k, v in self.logic.gauges().items()]
-        return "\n".join(lines) + "\n"
-
-    def serve_metrics(self, port: int) -> ThreadingHTTPServer:
-        worker = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 (http.server's name)
-                body = worker.metrics_text().encode()
-                try:
-                    self.send_response(200 if self.path.startswith("/metrics") else 404)
-                    self.send_header("Content-Type", "text/plain; version=0.0.4")
-                    self.end_headers()
-                    self.wfile.write(body)
-                except OSError:  # the scraper went away
-                    pass
-
-            def log_message(self, *args):  # scrapes are not worth a log line each
-                pass
-
-        from schemas.metrics import MetricsSettings
-
-        host = load(MetricsSettings).host  # LUM_METRICS_HOST: 127.0.0.1 unless set
-        server = ThreadingHTTPServer((host, port), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True, name="metrics").start()
-        log.info("metrics on http://%s:%d/metrics", host, port)
-        return server
 
 
 def state_identity(kafka: KafkaSettings, consumer: Consumer, topics: list[str]) -> dict[str, object]:
@@ -370,23 +343,19 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="run one lum agent worker")
     ap.add_argument("agent", choices=["sequences", "joiner"])
     ap.add_argument("--index", type=int, default=0, help="worker index (metrics port offset, log name)")
-    ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--log-level", help="console log level (default LUM_LOG_LEVEL, else INFO)")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging(args.log_level)
     cfg = load(AgentSettings)
     worker = Worker(args.agent, load(KafkaSettings), cfg, args.index)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop_event.set())
-    server = worker.serve_metrics(cfg.metrics_port + args.index) if cfg.metrics_port else None
+    metrics.serve(offset=args.index)  # LUM_METRICS_PORT + index (0: off)
     try:
         worker.run()
     except Exception:  # worker.fail() logged why; the exit code tells the supervisor
         log.debug("traceback of the failed batch", exc_info=True)
         return 1
-    finally:
-        if server:
-            server.shutdown()
     return 0
 
 

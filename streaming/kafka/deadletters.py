@@ -43,6 +43,8 @@ class DeadLetters:
         self.topic = settings.topic(DEAD_LETTERS)
         self.max_bytes = settings.dead_letter_max_bytes
         self.counts: Counter[str] = Counter()
+        self.prefix = settings.topic_prefix
+        self.recorder = None  # a schemas.metrics.Recorder: lum_dead_letters_total{topic, reason}
 
     def send(self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None,
              error: str | BaseException) -> None:
@@ -50,6 +52,8 @@ class DeadLetters:
         letter = dead_letter(topic, partition, offset, key, value, reason, self.consumer, self.max_bytes)
         self.producer.produce(self.topic, value=codec.encode(letter), key=None if key is None else key[:KEY_MAX_BYTES])
         self.counts[topic] += 1
+        if self.recorder is not None:
+            self.recorder.dead_letter(topic.removeprefix(self.prefix), error)
         log.warning("dead letter: %s[%d]@%d (%s bytes): %s", topic, partition, offset,
                     "no" if value is None else len(value), reason[:300])
 

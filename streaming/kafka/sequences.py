@@ -35,6 +35,7 @@ import numpy as np
 
 from schemas import seqexport as sx
 from schemas.codec import DecodeError
+from schemas.logs import setup_logging
 from schemas.settings import KafkaSettings, load
 from schemas.tokenize import UserSequence
 from schemas.topics import SEQUENCE_DELTAS, USER_SEQUENCES, key_of
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="sequence export: snapshot job and statistics")
     ap.add_argument("command", choices=["snapshot", "stats"])
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()  # LUM_LOG_LEVEL
     kafka = load(KafkaSettings)
     if args.command == "snapshot":
         print(json.dumps(write_snapshot(kafka)))

@@ -8,7 +8,8 @@ Keys are user ids, so each user's events keep their order within a partition. Re
 ingest time (the producing moment); the event time is the payload's ``event_time_ms``, so a 1997 replay is
 not deleted by a 7-day retention the moment it lands. The producer is idempotent (retries never duplicate)
 and batched; ``--rate`` paces events per second of wall time, ``--speedup`` replays
-real logs at a multiple of their event-time pace (0: as fast as possible). Progress is logged every 5 s.
+real logs at a multiple of their event-time pace (0: as fast as possible). Progress: a bar with rate and ETA on a
+terminal, else a log line every 10 s.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Iterable, Iterator
 
 from schemas.datasets import is_positive, read_amazon, read_movielens, read_taobao
 from schemas.events import BehaviorEvent, ImpressionEvent
+from schemas.progress import progress
 from schemas.settings import KafkaSettings
 from schemas.topics import BEHAVIORS, IMPRESSIONS, key_of
 
@@ -52,29 +54,28 @@ class EventProducer:
 
 
 def produce(settings: KafkaSettings, events: Iterable[BehaviorEvent | ImpressionEvent], rate: float = 0,
-            speedup: float = 0, progress_every: float = 5.0) -> dict[str, float]:
-    """Send events, paced by ``rate`` (events/s) or ``speedup`` (event time / wall time); returns stats."""
+            speedup: float = 0, progress_every: float = 10.0, total: int | None = None) -> dict[str, float]:
+    """Send events, paced by ``rate`` (events/s) or ``speedup`` (event time / wall time); returns stats.
+    ``total``: how many events to expect (the progress ETA), when known."""
     out = EventProducer(settings)
-    start = last = time.monotonic()
+    start = time.monotonic()
     first_event_ms: int | None = None
     counts = {"behaviors": 0, "impressions": 0}
-    for event in events:
-        if rate:
-            ahead = out.sent / rate - (time.monotonic() - start)
-            if ahead > 0:
-                time.sleep(ahead)
-        elif speedup:
-            first_event_ms = first_event_ms or event.event_time_ms
-            ahead = (event.event_time_ms - first_event_ms) / 1000 / speedup - (time.monotonic() - start)
-            if ahead > 0:
-                time.sleep(min(ahead, 60))
-        out.send(event)
-        counts["behaviors" if isinstance(event, BehaviorEvent) else "impressions"] += 1
-        now = time.monotonic()
-        if now - last >= progress_every:
-            log.info("produced %d events (%.0f/s)", out.sent, out.sent / (now - start))
-            last = now
-    out.flush()
+    with progress("produce", total=total, unit="events", every_s=progress_every) as bar:
+        for event in events:
+            if rate:
+                ahead = out.sent / rate - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
+            elif speedup:
+                first_event_ms = first_event_ms or event.event_time_ms
+                ahead = (event.event_time_ms - first_event_ms) / 1000 / speedup - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(min(ahead, 60))
+            out.send(event)
+            counts["behaviors" if isinstance(event, BehaviorEvent) else "impressions"] += 1
+            bar.update(1)
+        out.flush()
     elapsed = time.monotonic() - start
     stats = {"events": out.sent, **counts, "seconds": elapsed, "events_per_s": out.sent / elapsed if elapsed else 0.0}
     log.info("produced %d events in %.1fs (%.0f/s)", out.sent, elapsed, stats["events_per_s"])
@@ -107,12 +108,13 @@ def main(args: argparse.Namespace, settings: KafkaSettings) -> int:
     if args.source == "synthetic":
         cfg = SyntheticConfig(users=args.users, items=args.items, categories=args.categories,
                               events=args.events + args.skip, seed=args.seed, duplicate_rate=args.duplicate_rate)
-        stats = produce(settings, itertools.islice(SyntheticStream(cfg), args.skip, None), rate=args.rate)
+        stats = produce(settings, itertools.islice(SyntheticStream(cfg), args.skip, None), rate=args.rate,
+                        total=args.events)
     else:
         reader = {"movielens": read_movielens, "taobao": read_taobao, "amazon": read_amazon}[args.source]
         events: Iterable = reader(args.path, limit=args.limit)
         if args.impressions:
             events = with_impressions(events)
-        stats = produce(settings, events, speedup=args.speedup)
+        stats = produce(settings, events, speedup=args.speedup, total=None if args.impressions else args.limit)
     print(" ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
     return 0

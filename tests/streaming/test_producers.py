@@ -19,10 +19,14 @@ def _decoded(records, topic):
     return [(p, o, k, topic.decode(v)) for p, o, k, v in records]
 
 
-def test_100k_synthetic_events_round_trip(kafka, read_topic):
+def test_100k_synthetic_events_round_trip(kafka, read_topic, caplog):
     expected = list(SyntheticStream(SyntheticConfig(users=300, items=2000, events=100_000, seed=7)))
-    stats = produce(kafka, expected)
+    caplog.set_level("INFO", logger="lum.progress")
+    stats = produce(kafka, expected, total=len(expected))
     assert stats["events"] == 100_000
+    # Progress (not a terminal: log lines), ending with the count out of the expected total.
+    last = [r.getMessage() for r in caplog.records if r.name == "lum.progress"][-1]
+    assert "produce: 100,000/100,000 events (100.0%)" in last, caplog.text
     got = _decoded(read_topic(BEHAVIORS, stats["behaviors"]), BEHAVIORS) + \
         _decoded(read_topic(IMPRESSIONS, stats["impressions"]), IMPRESSIONS)
     assert len(got) == 100_000

@@ -61,15 +61,18 @@ def test_replay_time_range_into_topic_jsonl_and_parquet(kafka, kit, tmp_path):
     assert sorted(table.column("event_id").to_pylist()) == want
 
 
-def test_backfill_sequences_rebuilds_from_time_and_agents_continue(kafka, kit, tmp_path, monkeypatch, capsys):
+def test_backfill_sequences_rebuilds_from_time_and_agents_continue(kafka, kit, tmp_path, monkeypatch, capsys,
+                                                                  caplog):
     monkeypatch.setenv("LUM_DATA_DIR", str(tmp_path))
     rng = random.Random(1)
     events = [kit.behavior(i, rng.randrange(30), t=rng.randrange(100) * 1000, item=rng.randrange(99))
               for i in range(600)]
     events += [kit.behavior(700 + i, 100 + i, t=i * 1000) for i in range(5)]  # users with early events only
     kit.produce(kafka, events)
+    caplog.set_level("INFO", logger="lum.progress")
     assert lum(["backfill", "sequences"]) == 0
     assert snapshot(kafka)[0] == expected_sequences(events)
+    assert any("backfill sequences: 605/605 records (100.0%)" in r.getMessage() for r in caplog.records), caplog.text
 
     since = kit.T0 + 60_000
     assert lum(["backfill", "sequences", "--from", str(since)]) == 0
@@ -85,15 +88,19 @@ def test_backfill_sequences_rebuilds_from_time_and_agents_continue(kafka, kit, t
         assert w.consumed == len(more)
 
 
-def test_replay_into_an_existing_file_needs_force(kafka, kit, tmp_path, capsys):
+def test_replay_into_an_existing_file_needs_force(kafka, kit, tmp_path, capsys, caplog):
     kit.produce(kafka, [kit.behavior(i, i % 5, t=i * 1000) for i in range(20)])
     target = tmp_path / "mine.jsonl"
     target.write_text("precious\n")
     args = ["replay", "behaviors", "--from", str(kit.T0), "--to", str(kit.T0 + 10_000), "--into", str(target)]
     assert lum(args) != 0
     assert "--force" in capsys.readouterr().err and target.read_text() == "precious\n"
+    caplog.set_level("INFO", logger="lum.progress")
     assert lum([*args, "--force"]) == 0
     assert len(target.read_text().splitlines()) == 10
+    # Progress (not a terminal: log lines): records scanned out of the range's total, and those kept.
+    assert any(": 20/20 records (100.0%)" in r.getMessage() and "kept 10" in r.getMessage()
+               for r in caplog.records if r.name == "lum.progress"), caplog.text
 
 
 def test_backfill_refuses_while_the_sequence_agents_run(kafka, kit, tmp_path, monkeypatch, capsys):

@@ -74,7 +74,7 @@ def test_status_of_a_running_deployment(kafka, kit, tmp_path):
 
     topics = {t["topic"]: t for t in report["topics"]}
     assert topics["behaviors"]["partitions"] == 4 and topics["behaviors"]["messages"] == 51
-    assert sum(topics["user-sequences"]["end_offsets"].values()) >= 5  # the agent published every user
+    assert sum(topics["sequence-deltas"]["end_offsets"].values()) >= 5  # the agent exported every user (deltas)
     assert topics["lum-features"]["messages"] == 8
     assert lag_of(report) == 10
     assert report["lum_features"]["model_version"] == "debug-500-abcd"

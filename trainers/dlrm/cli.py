@@ -76,6 +76,7 @@ def _train(args: argparse.Namespace) -> int:
     import logging
     import signal
 
+    from schemas import metrics
     from schemas.settings import KafkaSettings, load
     from trainers.launch import relaunch_under_torchrun
 
@@ -86,8 +87,6 @@ def _train(args: argparse.Namespace) -> int:
     from .model import DLRMConfig
     from .train import Trainer
 
-    for handler in logging.getLogger().handlers:  # fbgemm logs every kernel's arguments at INFO on the root logger
-        handler.addFilter(lambda r: r.levelno >= logging.WARNING or "fbgemm_gpu" not in r.pathname)
     s = load(DLRMSettings, preset=args.preset, batch_size=args.batch_size)
     kafka = load(KafkaSettings)
     torch.set_num_threads(s.threads)  # measured: 512-example step 12-15 ms at 1 thread, 18-370 ms at 2 (shared)
@@ -105,11 +104,13 @@ def _train(args: argparse.Namespace) -> int:
     trainer = Trainer(cfg, args.checkpoint_dir, window_ms=s.window_minutes * 60_000,
                       every_batches=s.checkpoint_every_batches, every_s=s.checkpoint_every_s,
                       record_example_ids=s.record_example_ids, dedup_horizon=s.dedup_horizon)
+    metrics.serve(offset=trainer.rank)  # LUM_METRICS_PORT + rank (0: off)
     source = None
     if trainer.rank == 0:  # one reader feeds every rank (Trainer.fit scatters equal shares)
         source = KafkaExamples(kafka, f"{s.group_prefix}-{args.features}", s.batch_size * trainer.world,
                                start_offsets=trainer.offsets, until_caught_up=args.until_caught_up,
-                               max_wait_s=s.max_wait_s, idle_timeout_s=s.idle_timeout_s, stop=lambda: bool(stopping))
+                               max_wait_s=s.max_wait_s, idle_timeout_s=s.idle_timeout_s, stop=lambda: bool(stopping),
+                               recorder=trainer.rec)
         trainer.on_bad_batch = source.dead_letter_batch
     try:
         overall = trainer.fit(source, on_durable=source.commit if source else None, prefetch=s.prefetch,

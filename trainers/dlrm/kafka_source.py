@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, TopicPartition
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 class KafkaExamples:
     def __init__(self, settings: KafkaSettings, group_id: str, batch_size: int = 512, *,
                  start_offsets: dict[int, int] | None = None, until_caught_up: bool = False,
-                 max_wait_s: float = 1.0, idle_timeout_s: float = 10.0, stop=None):
+                 max_wait_s: float = 1.0, idle_timeout_s: float = 10.0, stop=None, recorder=None):
         self.settings, self.group_id, self.batch_size = settings, group_id, batch_size
         self.start_offsets = dict(start_offsets or {})
         self.until_caught_up, self.max_wait_s, self.idle_timeout_s = until_caught_up, max_wait_s, idle_timeout_s
@@ -54,6 +55,7 @@ class KafkaExamples:
         self.consumer = group_consumer(settings, group_id, **{"enable.partition.eof": False})
         self.producer = Output(settings)  # dead letters; its flush raises if one was not delivered
         self.dead = DeadLetters(self.producer, settings, consumer=f"dlrm-trainer:{group_id}")
+        self.rec = self.dead.recorder = recorder  # schemas.metrics.Recorder: events consumed, lag, dead letters
         self.assigned: set[int] = set()
         self.positions: dict[int, int] = {}  # partition -> next offset to read
         self.targets: dict[int, int] = {}  # partition -> high-water mark at first fetch (until_caught_up)
@@ -122,6 +124,8 @@ class KafkaExamples:
                 last_msg_t = now
             caught_up = self.until_caught_up and bool(
                 self._caught_up() or (self.assigned and now - last_msg_t >= self.idle_timeout_s))
+            if self.rec is not None and good:
+                self._record(good)
             if len(examples) >= self.batch_size or caught_up or now - batch_t0 >= self.max_wait_s:
                 # A partial or empty batch too: the trainer's time-based checkpoint must not wait for data.
                 yield Batch(examples, dict(self.positions), sources)
@@ -130,6 +134,14 @@ class KafkaExamples:
                 log.info("caught up with the topic as it stood at start: %s (%d messages, %d dead letters)",
                          self.targets or "idle timeout", self.consumed, self.dead.total)
                 return
+
+    def _record(self, msgs) -> None:
+        for p, n in Counter(m.partition() for m in msgs).items():
+            self.rec.consumed(TRAINING_EXAMPLES.name, p, n)
+        for p in self.assigned & set(self.positions):  # cached: the high-water mark the last fetch carried
+            hi = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)[1]
+            if hi >= 0:
+                self.rec.lag(TRAINING_EXAMPLES.name, p, max(hi - self.positions[p], 0))
 
     def dead_letter_batch(self, batch: Batch, reason: str) -> None:
         """Every example of ``batch`` to dead-letters (re-encoded; the source offset names the original)."""

@@ -60,6 +60,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from schemas import metrics as prom
 from schemas.events import TrainingExample
 
 from ..checkpoint import Refuse, atomic_write, candidates, load_newest_good
@@ -155,6 +156,7 @@ class Trainer:
                  dedup_horizon: int = 1_000_000,
                  on_bad_batch: Callable[[Batch, str], None] | None = None, device: str | torch.device = "cpu"):
         self.rank, self.world = ensure_process_group()
+        self.rec = prom.Recorder(f"dlrm-{cfg.features}", self.rank)
         self.device = torch.device(device)  # "cuda": tables and MLPs on the GPU (benchmarks/gpu_check.py)
         self.seen = RecentIds(dedup_horizon)
         self.duplicates = self.skipped_batches = 0
@@ -302,6 +304,7 @@ class Trainer:
             self.seen.add(k)
         self.step += 1
         self.examples += getattr(batch, "n_global", int(real.sum()))  # all ranks count the global batch
+        self.rec.trained(int(real.sum()))  # this rank's share: summed over workers it is the global count
         self._since_ckpt += 1
         self._unsaved = True
         if self.record_ids:
@@ -325,6 +328,8 @@ class Trainer:
         name = box[0]
         path = self.dir / name
         rows = self.metrics.records(step=self.step, examples=self.examples, features=self.cfg.features)
+        if w := [r for r in rows if r["kind"] == "window"]:
+            self.rec.window(w[-1]["auc"], w[-1].get("ne"), w[-1]["logloss"])
         if self.rank == 0:
             rows[-1].update(duplicates_dropped=self.duplicates, skipped_batches=self.skipped_batches)
             rows[-1]["collisions"] = self.featurizer.collision_report()
@@ -360,6 +365,7 @@ class Trainer:
             _fsync_write(self.dir / "LATEST", name)  # the checkpoint is durable from here on
             self._prune(keep=name)
         dist.barrier()
+        self.rec.checkpointed()
         self._since_ckpt, self._last_ckpt_t, self._unsaved = 0, time.monotonic(), False
         if on_durable is not None and self.offsets:
             on_durable(dict(self.offsets))
@@ -379,6 +385,8 @@ class Trainer:
         if found is None:
             return
         path, meta = found
+        if "saved_at_ms" in meta:
+            self.rec.checkpointed(meta["saved_at_ms"] / 1000)
         self.step, self.examples = meta["step"], meta["examples"]
         self.offsets = {int(p): o for p, o in meta["offsets"].items()}
         self.metrics = StreamingMetrics.from_state(meta["metrics"])
@@ -600,7 +608,9 @@ def _demo(argv: list[str] | None = None) -> int:
     p.add_argument("--sharding", default="table_wise", choices=["table_wise", "column_wise"])
     p.add_argument("--ids", default="hash", choices=["hash", "mch"])
     args = p.parse_args(argv)
-    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from schemas.logs import setup_logging
+
+    setup_logging("INFO")
     from .synthetic import synthetic_examples
 
     rank, world = ensure_process_group()

@@ -93,27 +93,38 @@ def train(cfg: LumConfig, batches: Iterable, max_steps: int, model: LumModel | N
     bf16 = device.startswith("cuda")
     losses = [] if losses is None else losses
     t0, tokens = time.perf_counter(), 0
-    for batch in batches:
-        if step >= max_steps:
-            break
-        for g in optimizer.param_groups:
-            g["lr"] = cfg.lr * cosine_warmup(step, cfg.warmup_steps, max_steps)
-        batch = batch.to(device)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            loss = loss_fn(batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        step += 1
-        losses.append(float(loss.detach()))
-        tokens += batch.real_tokens
-        if step % log_every == 0 or step == max_steps:
-            dt = time.perf_counter() - t0
-            log.info("step %d/%d loss %.4f (mean of last %d: %.4f) %.0f tokens/s", step, max_steps, losses[-1],
-                     min(log_every, len(losses)), sum(losses[-log_every:]) / len(losses[-log_every:]), tokens / dt)
-        if on_step is not None and on_step(step, model, optimizer):
-            break
+    # Progress (rank 0): a bar with rate and ETA on a terminal, else a log line every 10 s.
+    from contextlib import nullcontext
+
+    from schemas.progress import progress
+    from trainers.launch import is_main
+
+    with progress("pretrain", total=max_steps - step, unit="steps") if is_main() else nullcontext() as bar:
+        for batch in batches:
+            if step >= max_steps:
+                break
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.lr * cosine_warmup(step, cfg.warmup_steps, max_steps)
+            batch = batch.to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                loss = loss_fn(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            losses.append(float(loss.detach()))
+            tokens += batch.real_tokens
+            if step % log_every == 0 or step == max_steps:
+                dt = time.perf_counter() - t0
+                log.info("step %d/%d loss %.4f (mean of last %d: %.4f) %.0f tokens/s", step, max_steps,
+                         losses[-1], min(log_every, len(losses)),
+                         sum(losses[-log_every:]) / len(losses[-log_every:]), tokens / dt)
+            if bar is not None:
+                bar.update(1)
+                bar.note(loss=f"{losses[-1]:.4f}")
+            if on_step is not None and on_step(step, model, optimizer):
+                break
     return model, optimizer, step, losses
 
 

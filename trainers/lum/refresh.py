@@ -21,6 +21,8 @@ answers users r, r+N, ... and its share of the items; rank 0 stores the offsets 
 delivered. The published vectors are those of one process.
 Settings: ``LUM_REFRESH_*`` (``RefreshSettings``). Conditions are separated by ';' (a condition may
 contain ',', e.g. ``category=17,behavior=buy``).
+Metrics on ``LUM_METRICS_PORT`` (rank r: + r; ``schemas.metrics``, job ``refresh``): users and items refreshed,
+refresh seconds, the served model version (``lum_model_info``) and its checkpoint's age.
 """
 
 from __future__ import annotations
@@ -242,22 +244,33 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     log.info("refresh done: %d users, %d items, %d conditions in %.1fs (%.0f users/s)", len(mine), len(ids),
              len(names), dt, len(mine) / dt if dt else 0)
     return {"model_version": version, "full": not same, "users": [s.user_id for s in mine], "items": len(ids),
-            "seconds": dt}
+            "seconds": dt, "saved_at": meta.get("saved_at")}
 
 
 def run(checkpoint: str, once: bool, every_minutes: float | None, kafka: KafkaSettings,
         settings: RefreshSettings) -> int:
+    import os
+
+    from schemas import metrics
     from trainers import launch
+
+    rank = int(os.environ.get("RANK", 0))  # under torchrun: one endpoint per rank, LUM_METRICS_PORT + rank
+    metrics.serve(offset=rank)
+    rec = metrics.Recorder("refresh", rank)
+
+    def refresh() -> None:  # users refreshed, served model version and its checkpoint's age
+        r = refresh_once(checkpoint, kafka, settings)
+        rec.refreshed(r["model_version"], len(r["users"]), r["items"], r["seconds"], r.get("saved_at"))
 
     if once or not every_minutes:
         try:
-            refresh_once(checkpoint, kafka, settings)
+            refresh()
         finally:
             launch.shutdown()
         return 0
     while True:
         try:
-            refresh_once(checkpoint, kafka, settings)
+            refresh()
         except Exception:  # a periodic job outlives one failed run (broker away, checkpoint being written)
             log.exception("refresh failed; retrying at the next period")
         log.info("next refresh in %.1f min", every_minutes)

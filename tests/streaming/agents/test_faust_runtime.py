@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from types import SimpleNamespace
 
 import pytest
@@ -107,30 +106,28 @@ def test_a_failed_batch_commits_nothing_and_propagates(host):
     assert logic.calls[-1] != ("flush",)  # outputs of the failed batch are not flushed as done
 
 
-def scrape(port: int) -> dict[str, float]:
-    try:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
-    except OSError:
-        return {}
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line}
-
-
 def test_lum_agents_runtime_faust_serves_metrics_and_stops_on_sigterm(kafka, kit, tmp_path):
+    from schemas.metrics import scrape, total
     from streaming.broker import free_port
 
     port = free_port()
-    env = os.environ | {"LUM_DATA_DIR": str(tmp_path), "LUM_AGENT_METRICS_PORT": str(port),
+    env = os.environ | {"LUM_DATA_DIR": str(tmp_path), "LUM_METRICS_PORT": str(port),
                         "LUM_AGENT_LOG_INTERVAL_S": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "agents", "--runtime", "faust", "--only",
                              "sequences"], env=env, cwd=kit.ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         kit.produce(kafka, [kit.behavior(i, i % 5, t=i) for i in range(40)])
-        labels = '{agent="sequences",worker="0"}'
-        lag = 'lum_agent_lag{agent="sequences",worker="0",topic="%sbehaviors"}' % kafka.topic_prefix
-        m = kit.wait_for(lambda: (s := scrape(port)).get("lum_agent_events_total" + labels) == 40
-                         and s.get(lag) == 0 and s, timeout=90, what="faust worker metrics: all consumed, lag 0")
-        assert m["lum_agent_assigned_partitions" + labels] == 4 and m["lum_agent_sequences_published_total" + labels] >= 5
+        job = {"job": "sequences", "worker": "0"}
+
+        def caught_up(s):  # all consumed, and a lag reported (per partition read) that is 0
+            lags = [v for (n, lab), v in s.items() if n == "lum_consumer_lag" and ("job", "sequences") in lab]
+            return total(s, "lum_events_consumed_total", **job) == 40 and lags and sum(lags) == 0
+
+        m = kit.wait_for(lambda: caught_up(s := scrape(port)) and s, timeout=90,
+                         what="faust worker metrics: all consumed, lag 0")
+        assert total(m, "lum_agent_state", name="assigned_partitions", **job) == 4
+        assert total(m, "lum_sequences_published_total", **job) >= 5
         time.sleep(2.5)  # a periodic log line (every LUM_AGENT_LOG_INTERVAL_S = 1 s) after the last batch
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=90)

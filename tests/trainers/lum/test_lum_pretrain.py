@@ -40,6 +40,13 @@ def test_loss_falls_and_beats_most_popular(synthetic):
     assert m["cond_hr@10"] >= m["hr@10"] - 0.02, m  # knowing the category never hurts much
 
 
+def test_training_reports_progress_with_its_total(synthetic, caplog):
+    caplog.set_level("INFO", logger="lum.progress")
+    train(CFG, train_batches(synthetic[0], CFG, seed=0), max_steps=4)
+    last = [r.getMessage() for r in caplog.records if r.name == "lum.progress"][-1]
+    assert last.startswith("pretrain: 4/4 steps (100.0%)") and "loss " in last, last
+
+
 def test_checkpoint_rebuilds_model_optimizer_and_offsets(synthetic, tmp_path):
     tr, _ = synthetic
     batches = train_batches(tr, CFG, seed=1)

@@ -1,0 +1,361 @@
+"""Soak test: the whole streaming pipeline at a fixed event rate on the embedded broker, for minutes.
+
+    .venv/bin/python benchmarks/soak.py                        # 10 minutes, rate = half the measured agent rate
+    .venv/bin/python benchmarks/soak.py --minutes 4 --rate 300 --json soak.json
+
+Starts the embedded broker, creates the topics, then runs as subprocesses (each in its own process group):
+``lum produce synthetic --rate R`` (a fixed rate), ``lum agents`` (sequence agent and joiner) and one DLRM
+trainer (``lum train --features baseline --preset debug``). Without ``--rate``, R is half the agents' measured
+rate (floor 200 events/s): 60,000 events are produced as fast as possible first, and the agents' time to
+consume them (from their first commit to caught up) gives the rate; the soak's producer then continues the
+same stream (``--skip``).
+
+It samples every 10 s and prints every minute and at the end: consumer-group lag (last, max so far; lag =
+fetched end offset - committed, from ``streaming.status``), the RSS of each process tree (VmRSS summed over the
+process and its descendants) at start and now, the bytes under the agents' RocksDB data directory, the
+dead-letter count, the ``training-examples`` count and the examples in the trainer's last checkpoint.
+At the end, one verdict per goal:
+
+- lag bounded, per group: no upward trend over the last half. The peak lag of the last quarter must not exceed
+  1.25x the peak of the third quarter plus 5 s worth of events (peaks, because the trainer commits only at a
+  checkpoint, so its lag is a saw-tooth; the allowance absorbs batching). The least-squares slope over the last
+  half is printed alongside.
+- RSS growth < 10% per process tree, from the sample at 2 minutes (or at half the run, if shorter) to the end.
+  The broker's RSS is shown but not judged: its memory storage keeps every record, so it grows by design.
+
+Every process it started is stopped on exit, Ctrl-C and SIGTERM included. ``--json OUT`` writes the config,
+the samples and the verdicts. The machine is usually shared: read rates and lags as noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from schemas.settings import KafkaSettings  # noqa: E402
+from schemas.topics import BEHAVIORS, DEAD_LETTERS, IMPRESSIONS, TRAINING_EXAMPLES  # noqa: E402
+from streaming import status as st  # noqa: E402
+from streaming.broker import EmbeddedBroker  # noqa: E402
+from streaming.kafka import create_topics  # noqa: E402
+
+LUM = str(Path(sys.executable).parent / "lum")
+SEED = 7
+USERS = 2000
+MEASURE_EVENTS = 60_000
+RATE_FLOOR = 200.0
+GROUPS = ("lum-sequences", "lum-joiner", "lum-dlrm-baseline")
+MB = 1 << 20
+
+
+# --- processes ----------------------------------------------------------------------------------------------
+class Procs:
+    """Subprocesses in their own process groups, stopped together (SIGTERM, then SIGKILL) on exit."""
+
+    def __init__(self, env: dict[str, str], logs: Path):
+        self.env, self.logs, self.procs = env, logs, {}
+
+    def start(self, name: str, args: list[str]) -> subprocess.Popen:
+        out = open(self.logs / f"{name}.log", "ab")
+        p = subprocess.Popen([LUM, *args], env=self.env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                             start_new_session=True)
+        out.close()
+        self.procs[name] = p
+        return p
+
+    def stop(self, name: str | None = None, grace: float = 20.0) -> None:
+        names = [name] if name else list(self.procs)
+        for n in names:
+            _signal_group(self.procs[n], signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for n in names:
+            p = self.procs.pop(n)
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(p, signal.SIGKILL)  # the group: workers of a supervisor that exited first, too
+            p.wait()
+
+
+def _signal_group(p: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(p.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _children() -> dict[int, list[int]]:
+    kids: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            kids.setdefault(ppid, []).append(int(d))
+    return kids
+
+
+def tree_rss(pid: int, kids: dict[int, list[int]]) -> int:
+    """VmRSS in bytes of a process and all its descendants (0 when it is gone)."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        todo += kids.get(p, [])
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+    return total
+
+
+def dir_bytes(path: Path) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.path.getsize(os.path.join(root, f))
+            except OSError:  # a RocksDB file compacted away meanwhile
+                pass
+    return total
+
+
+# --- Kafka figures --------------------------------------------------------------------------------------------
+def kafka_figures(kafka: KafkaSettings) -> tuple[dict[str, int], dict[str, int]]:
+    """({group: lag}, {topic: messages}) for our groups and topics."""
+    from streaming.kafka.admin import _admin
+
+    md = _admin(kafka).list_topics(timeout=15)
+    ours = {n: len(t.partitions) for n, t in md.topics.items() if not n.startswith("__")}
+    ends = st.end_offsets(kafka, ours)
+    lag: dict[str, int] = {}
+    for row in st.group_lag(kafka, ends):
+        if "lag" in row:
+            lag[row["group"]] = lag.get(row["group"], 0) + row["lag"]
+    return lag, {n: sum(e or 0 for e in ends[n].values()) for n in ends}
+
+
+def measure_agent_rate(procs: Procs, kafka: KafkaSettings, timeout: float = 240.0) -> float | None:
+    """Events/s the agents take in: MEASURE_EVENTS pre-produced events, from the first commit seen (both agents
+    assigned and consuming) to both groups caught up; None when they were too quick to time."""
+    print(f"measuring the agent rate: producing {MEASURE_EVENTS} events, then timing the agents ...", flush=True)
+    p = procs.start("produce-measure", ["produce", "synthetic", "--users", str(USERS), "--events",
+                                        str(MEASURE_EVENTS), "--rate", "0", "--seed", str(SEED)])
+    if p.wait(timeout) != 0:
+        raise RuntimeError(f"the measuring producer failed (see {procs.logs / 'produce-measure.log'})")
+    procs.procs.pop("produce-measure")
+    procs.start("agents", ["agents"])
+    t0 = done0 = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lag, sizes = kafka_figures(kafka)
+        now = time.monotonic()
+        seq, join = lag.get(GROUPS[0]), lag.get(GROUPS[1])
+        if seq is not None and join is not None:
+            # the joiner reads both inputs: its progress counts every event
+            done = sizes.get(kafka.topic(BEHAVIORS), 0) + sizes.get(kafka.topic(IMPRESSIONS), 0) - join
+            if t0 is None:
+                t0, done0 = now, done
+            if seq == 0 and join == 0:
+                if done - done0 < MEASURE_EVENTS / 4:
+                    print(f"  agents took in {MEASURE_EVENTS} events before they could be timed", flush=True)
+                    return None
+                rate = (done - done0) / (now - t0)
+                print(f"  agents took in {done - done0} events in {now - t0:.1f}s: {rate:.0f} events/s", flush=True)
+                return rate
+        time.sleep(0.2)
+    raise RuntimeError(f"the agents did not catch up on {MEASURE_EVENTS} events within {timeout:.0f}s")
+
+
+# --- samples, tables and verdicts -----------------------------------------------------------------------------
+def sample(t0: float, procs: Procs, kafka: KafkaSettings, data_dir: Path, ckpt: Path) -> dict:
+    lag, sizes = kafka_figures(kafka)
+    kids = _children()
+    trained = st.checkpoint(ckpt, time.time()).get("examples") if (ckpt / "LATEST").exists() else None
+    return {"t_s": round(time.monotonic() - t0, 1), "lag": {g: lag.get(g) for g in GROUPS},
+            "rss": {n: tree_rss(p.pid, kids) for n, p in procs.procs.items()},
+            "alive": {n: p.poll() is None for n, p in procs.procs.items()},
+            "rocksdb_bytes": dir_bytes(data_dir), "dead_letters": sizes.get(kafka.topic(DEAD_LETTERS), 0),
+            "training_examples": sizes.get(kafka.topic(TRAINING_EXAMPLES), 0), "trained_examples": trained,
+            "events": sizes.get(kafka.topic(BEHAVIORS), 0) + sizes.get(kafka.topic(IMPRESSIONS), 0)}
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    cells = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+
+
+def report(samples: list[dict], title: str) -> str:
+    first, last = samples[0], samples[-1]
+    lags = [[g, _n(last["lag"][g]), _n(max((s["lag"][g] for s in samples if s["lag"][g] is not None), default=None))]
+            for g in GROUPS]
+    rss = [[n, f"{first['rss'].get(n, 0) / MB:.0f}", f"{last['rss'].get(n, 0) / MB:.0f}",
+            "yes" if last["alive"].get(n) else "NO"] for n in last["rss"]]
+    out = [f"--- {title}: t={last['t_s']:.0f}s, {last['events']} events produced ---"]
+    out += _table(["consumer group", "lag last", "lag max"], lags)
+    out += _table(["process tree", "RSS MB at t=0", "RSS MB now", "alive"], rss)
+    out.append(f"RocksDB {last['rocksdb_bytes'] / MB:.1f} MB | dead letters {last['dead_letters']} | "
+               f"training examples {last['training_examples']} | trained (last checkpoint) "
+               f"{_n(last['trained_examples'])}")
+    return "\n".join(out)
+
+
+def _n(x) -> str:
+    return "-" if x is None else str(x)
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def slope(ts: list[float], ys: list[float]) -> float:
+    """Least-squares slope (per second)."""
+    mt, my = _mean(ts), _mean(ys)
+    den = sum((t - mt) ** 2 for t in ts)
+    return sum((t - mt) * (y - my) for t, y in zip(ts, ys)) / den if den else 0.0
+
+
+def verdicts(samples: list[dict], duration: float, rate: float, broker_memory: bool = True) -> list[dict]:
+    out = []
+    for g in GROUPS:
+        pts = [(s["t_s"], s["lag"][g]) for s in samples if s["lag"][g] is not None]
+        q3 = [y for t, y in pts if duration / 2 <= t < 3 * duration / 4]
+        q4 = [y for t, y in pts if t >= 3 * duration / 4]
+        half = [(t, y) for t, y in pts if t >= duration / 2]
+        if not q3 or not q4:
+            out.append({"goal": f"lag bounded: {g}", "ok": None, "detail": "too few samples in the last half"})
+            continue
+        allowance = 5 * rate
+        bound = 1.25 * max(q3) + allowance
+        s = slope([t for t, _ in half], [y for _, y in half]) if len(half) > 1 else 0.0
+        out.append({"goal": f"lag bounded: {g}", "ok": max(q4) <= bound,
+                    "detail": f"peak last quarter {max(q4)} vs bound {bound:.0f} (1.25 x third quarter's {max(q3)} "
+                              f"+ {allowance:.0f}); mean q3 {_mean(q3):.0f}, q4 {_mean(q4):.0f}; "
+                              f"slope over last half {s:+.1f}/s"})
+    base_t = min(120.0, duration / 2)
+    base = next((s for s in samples if s["t_s"] >= base_t), samples[-1])
+    last = samples[-1]
+    for n in last["rss"]:
+        b, e = base["rss"].get(n, 0), last["rss"].get(n, 0)
+        if n == "broker" and broker_memory:  # memory storage holds every record: it grows by design
+            out.append({"goal": f"RSS growth < 10%: {n}", "ok": None, "detail": f"not judged (memory storage): "
+                        f"{b / MB:.0f} MB at t={base['t_s']:.0f}s -> {e / MB:.0f} MB at t={last['t_s']:.0f}s"})
+            continue
+        if not last["alive"].get(n):
+            out.append({"goal": f"RSS growth < 10%: {n}", "ok": False, "detail": "process exited"})
+            continue
+        growth = (e - b) / b if b else None
+        out.append({"goal": f"RSS growth < 10%: {n}", "ok": growth is not None and growth < 0.10,
+                    "detail": f"{b / MB:.0f} MB at t={base['t_s']:.0f}s -> {e / MB:.0f} MB at t={last['t_s']:.0f}s "
+                              f"({'-' if growth is None else f'{growth:+.1%}'})"})
+    return out
+
+
+# --- main -----------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--minutes", type=float, default=10.0, help="soak duration (default 10)")
+    ap.add_argument("--rate", type=float, default=None, help="producer events/s (default: half the measured "
+                    f"agent rate, at least {RATE_FLOOR:.0f})")
+    ap.add_argument("--json", type=Path, default=None, help="write config, samples and verdicts here")
+    ap.add_argument("--sample-s", type=float, default=10.0, help="seconds between samples (default 10)")
+    ap.add_argument("--workdir", type=Path, default=None, help="state, checkpoints and logs (default: a temporary "
+                    "directory, removed at the end)")
+    args = ap.parse_args(argv)
+
+    def _term(*_):  # SIGTERM: the same clean stop as Ctrl-C
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, _term)
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="lum-soak-"))
+    data_dir, ckpt, logs = work / "state", work / "ckpt", work / "logs"
+    for d in (data_dir, ckpt, logs):
+        d.mkdir(parents=True, exist_ok=True)
+    duration = args.minutes * 60
+    broker = EmbeddedBroker(log_path=logs / "broker.log")
+    procs = None
+    try:
+        broker.start()
+        env = os.environ | {"LUM_KAFKA_BOOTSTRAP": broker.bootstrap, "LUM_KAFKA_PROFILE": "embedded",
+                            "LUM_KAFKA_TOPIC_PREFIX": "", "LUM_DATA_DIR": str(data_dir)}
+        os.environ.update({k: env[k] for k in ("LUM_KAFKA_BOOTSTRAP", "LUM_KAFKA_PROFILE", "LUM_KAFKA_TOPIC_PREFIX")})
+        kafka = KafkaSettings()
+        create_topics(kafka)
+        print(f"embedded broker at {broker.bootstrap}; work directory {work}", flush=True)
+        procs = Procs(env, logs)
+        skip = 0
+        if args.rate is None:
+            measured = measure_agent_rate(procs, kafka)
+            rate, skip = max(RATE_FLOOR, (measured or 0) / 2), MEASURE_EVENTS
+        else:
+            measured, rate = None, args.rate
+            procs.start("agents", ["agents"])
+        events = int(rate * (duration + 120))  # more than the soak needs: the producer never runs dry
+        procs.start("producer", ["produce", "synthetic", "--users", str(USERS), "--events", str(events + skip),
+                                 "--skip", str(skip), "--rate", f"{rate:.1f}", "--seed", str(SEED)])
+        procs.start("trainer", ["train", "--features", "baseline", "--checkpoint-dir", str(ckpt), "--preset", "debug"])
+        procs.procs["broker"] = broker.proc
+        print(f"soak: {args.minutes:g} min at {rate:.0f} events/s"
+              + (" (--rate)" if args.rate is not None else f" (half the measured agent rate {measured:.0f}/s, floor "
+                 f"{RATE_FLOOR:.0f})" if measured else f" (agent rate not measured: floor {RATE_FLOOR:.0f})")
+              + f"; sampling every {args.sample_s:g}s", flush=True)
+
+        t0 = time.monotonic()
+        samples = [sample(t0, procs, kafka, data_dir, ckpt)]
+        next_minute = 60.0
+        while True:
+            wait = min(args.sample_s, duration - (time.monotonic() - t0))
+            if wait > 0:
+                time.sleep(wait)
+            s = sample(t0, procs, kafka, data_dir, ckpt)
+            samples.append(s)
+            print(f"  t={s['t_s']:5.0f}s events={s['events']} lag " + " ".join(f"{g}={_n(v)}" for g, v in s["lag"].items())
+                  + f" examples={s['training_examples']}", file=sys.stderr, flush=True)
+            done = time.monotonic() - t0 >= duration
+            if s["t_s"] >= next_minute and not done:
+                print(report(samples, f"minute {int(s['t_s'] // 60)}"), flush=True)
+                next_minute = (s["t_s"] // 60 + 1) * 60
+            if done:
+                break
+        print(report(samples, "end"), flush=True)
+        results = verdicts(samples, samples[-1]["t_s"], rate)
+        print("verdicts:")
+        for v in results:
+            print(f"  {'n/a ' if v['ok'] is None else 'PASS' if v['ok'] else 'FAIL'}  {v['goal']}: {v['detail']}")
+        if args.json:
+            args.json.write_text(json.dumps({"config": {"minutes": args.minutes, "rate": rate, "bootstrap": broker.bootstrap,
+                                                        "measured_agent_rate":
+                                                        measured, "sample_s": args.sample_s, "users": USERS},
+                                             "samples": samples, "verdicts": results}, indent=2))
+        return 0 if all(v["ok"] is not False for v in results) else 1
+    except KeyboardInterrupt:
+        print("interrupted: stopping everything", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if procs is not None:
+            procs.procs.pop("broker", None)
+            procs.stop()
+        broker.stop()
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
