@@ -24,9 +24,8 @@ physical topics and their topic ids, partition) and discards state written for a
 read several topics subscribe to co-partitioned topics (same partition count, same key) and the range
 assignor gives partition p of every topic to the same worker.
 
-Why not Faust by default: on this broker Faust's per-event machinery caps a worker near 4,500 events/s and
-its table writes cost ~0.6 ms each; this worker batches instead (``benchmarks/bench_streaming.py``; figures
-in ``docs/notes/agents.md``).
+Why this runtime by default: Faust's per-event machinery caps a Faust worker far below this batch worker
+(``benchmarks/bench_streaming.py``; figures and when to pick which: README, "Runtimes: worker vs Faust").
 
 Observability: a log line every ``LUM_AGENT_LOG_INTERVAL_S`` with events/s and consumer lag (high-water
 mark carried by fetched data minus position), and Prometheus metrics (``schemas.metrics``, ``job`` = the
