@@ -14,6 +14,7 @@ Timings are wall-clock on a shared 2-core machine: other processes make them noi
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -139,7 +140,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps and users (about a minute)")
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = ap.parse_args()
+    out: dict = {"throughput": {}, "packing": {}, "group_query": {}}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU (shared machine: timings are noisy)")
     data = datasets(Path(args.data), args.quick)
     name0 = next(iter(data))
@@ -156,6 +159,7 @@ def main() -> None:
     print("| preset | params | row_len x rows | real tokens/s |\n|---|---|---|---|")
     for preset in ("debug", "small"):
         tps, n = throughput(data[name0], preset, 5 if args.quick else 20)
+        out["throughput"][preset] = {"tokens_per_s": tps, "params": n}
         c = PRESETS[preset]
         print(f"| {preset} | {n / 1e6:.2f}M | {c.row_len} x {c.rows_per_batch} | {tps:,.0f} |")
 
@@ -164,6 +168,7 @@ def main() -> None:
           "| epoch packed (s) | epoch padded (s) | speed-up |\n|---|---|---|---|---|---|---|---|---|---|")
     for name, seqs in data.items():
         r = packing(seqs, "small", 4 if args.quick else 8)
+        out["packing"][name] = r
         print(f"| {name} | {r['users']} | {r['windows']} | {r['mean_len']:.1f} | {r['eff_packed']:.1%} | "
               f"{r['eff_padded_batch']:.1%} | {r['eff_padded_fixed']:.1%} | {r['epoch_packed_s']:.1f} | "
               f"{r['epoch_padded_s']:.1f} | {r['speedup']:.2f}x |")
@@ -173,8 +178,11 @@ def main() -> None:
           "|---|---|---|---|---|---|")
     for name, seqs in data.items():
         r = group_query(seqs, "small", 200 if args.quick else 943)
+        out["group_query"][name] = r
         print(f"| {name} | {r['users']} | {r['group_s']:.2f} | {r['separate_s']:.2f} | {r['speedup']:.2f}x | "
               f"{r['max_abs_diff']:.1e} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1, default=float) + "\n")
 
 
 if __name__ == "__main__":

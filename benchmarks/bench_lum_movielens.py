@@ -17,6 +17,7 @@ Timings are wall-clock on a shared 2-core machine.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="100 steps (a smoke run, not a result)")
     ap.add_argument("--steps", type=int, default=800)
     ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--json", metavar="OUT", help="also write the figures as JSON")
     args = ap.parse_args()
     steps = 100 if args.quick else args.steps
     seqs = sequences_from_events(read_movielens(Path(args.data) / "ml-100k"))
@@ -63,6 +65,9 @@ def main() -> None:
         print(f"| {name} | {n / 1e6:.2f}M | {s:.0f} | {loss:.3f} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {cond} |")
     print(f"| most popular | - | - | - | {pop['pop_hr@10']:.4f} | {pop['pop_ndcg@10']:.4f} | - |")
     print(f"({int(pop['users'])} users evaluated, full ranking over {int(pop['items'])} items)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({name: {"params": n, "train_s": s, "final_loss": loss, **m}
+                                               for name, n, s, loss, m in rows}, indent=1, default=float) + "\n")
 
 
 if __name__ == "__main__":

@@ -371,7 +371,7 @@ class Demo:
         for f, r in trainers.items():
             o = r.get("overall", {})
             print(f"| DLRM {f} | {self.train_rounds} rounds, examples trained | {r.get('examples', 0):,}; "
-                  f"last round {rates[f]}; AUC {o.get('auc') or float('nan'):.4f}, log loss "
+                  f"last round {rates[f]}; AUC {o.get('auc') or float('nan'):.4f}, NE {o.get('ne') or float('nan'):.4f}, log loss "
                   f"{o.get('logloss') or float('nan'):.4f}, calibration {o.get('calibration') or float('nan'):.3f} |")
         print("\n| phase | seconds |\n|---|---:|")
         for name, sec in self.timings.items():
