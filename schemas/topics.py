@@ -59,7 +59,8 @@ IMPRESSIONS = Topic("impressions", "user_id", ImpressionEvent, 4, False, 7 * DAY
 TRAINING_EXAMPLES = Topic("training-examples", "user_id", TrainingExample, 4, False, 7 * DAY_MS,
                           "labelled impressions with point-in-time features, written by the joiner")
 USER_SEQUENCES = Topic("user-sequences", "user_id", UserSequence, 4, True, None,
-                       "each user's latest rolling (condition, item) sequence, written by the sequence agent")
+                       "each user's full (condition, item) sequence: the compacted snapshot (snapshot job, "
+                       "backfill) that readers fold the deltas onto")
 SEQUENCE_DELTAS = Topic("sequence-deltas", "user_id", Delta, 4, False, 7 * DAY_MS,
                         "the pairs each sequence-agent batch added per user (schemas.seqexport), folded by readers")
 LUM_FEATURES = Topic("lum-features", "user_id", LumFeatures, 4, True, None,
