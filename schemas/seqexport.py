@@ -104,20 +104,24 @@ def _put_column(out: bytearray, col: np.ndarray) -> None:
         out += span.astype(_WIDTHS[width]).tobytes()
 
 
-def _get_column(buf: bytes, pos: int, n: int) -> tuple[np.ndarray, int]:
+def _column_header(buf: bytes, pos: int, n: int) -> tuple[int, int, int]:
+    """(minimum, byte width, position of the values) of a column of ``n`` values, checked against ``buf``."""
     u, pos = _get_varint(buf, pos)
-    lo = _unzz(u)
     width = buf[pos]
     pos += 1
     if width not in _WIDTHS:
         raise ValueError(f"bad column width {width}")
+    if pos + n * width > len(buf):
+        raise ValueError("truncated column")
+    return _unzz(u), width, pos
+
+
+def _get_column(buf: bytes, pos: int, n: int) -> tuple[np.ndarray, int]:
+    lo, width, pos = _column_header(buf, pos, n)
     if width == 0:
         return np.full(n, lo, dtype=np.int64), pos
-    end = pos + n * width
-    if end > len(buf):
-        raise ValueError("truncated column")
     span = np.frombuffer(buf, dtype=_WIDTHS[width], count=n, offset=pos).astype(np.uint64)
-    return (span + np.uint64(lo & 0xFFFFFFFFFFFFFFFF)).view(np.int64), end
+    return (span + np.uint64(lo & 0xFFFFFFFFFFFFFFFF)).view(np.int64), pos + n * width
 
 
 _HALF, _MASK = 1 << 63, (1 << 64) - 1
@@ -183,16 +187,9 @@ def _put_pairs(out: bytearray, rows: np.ndarray) -> None:
 
 
 def _get_column_py(buf: bytes, pos: int, n: int) -> tuple[list[int], int]:
-    u, pos = _get_varint(buf, pos)
-    lo = _unzz(u)
-    width = buf[pos]
-    pos += 1
-    if width not in _WIDTHS:
-        raise ValueError(f"bad column width {width}")
+    lo, width, pos = _column_header(buf, pos, n)
     if width == 0:
         return [lo] * n, pos
-    if pos + n * width > len(buf):
-        raise ValueError("truncated column")
     vals = [((int.from_bytes(buf[pos + i * width:pos + (i + 1) * width], "little") + lo + _HALF) & _MASK) - _HALF
             for i in range(n)]
     return vals, pos + n * width
