@@ -98,6 +98,8 @@ class StreamingMetrics:
         self.late = 0
 
     def update(self, probs: np.ndarray, labels: np.ndarray, event_time_ms: np.ndarray) -> None:
+        if not len(probs):  # a rank's share of a global batch smaller than the world is all padding
+            return
         self.total.update(probs, labels)
         starts = event_time_ms // self.window_ms * self.window_ms
         newest = int(starts.max())

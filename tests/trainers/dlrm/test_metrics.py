@@ -37,6 +37,14 @@ def test_windows_overall_and_roundtrip():
     assert m.records(step=2)[:-1] == []  # nothing new since
 
 
+def test_an_empty_update_changes_nothing():
+    """A rank whose share of a small global batch is all padding updates with no examples (it crashed the
+    2-rank trainer once)."""
+    m = StreamingMetrics()
+    m.update(np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))
+    assert m.overall()["n"] == 0 and m.records()[:-1] == []
+
+
 def test_late_examples_count_overall_only():
     m = StreamingMetrics(window_ms=1000, lateness=1)
     m.update(np.array([0.2, 0.8]), np.array([0, 1]), np.array([10_000, 10_001]))
