@@ -17,7 +17,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $@
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 demo: $(STAMP)
 	$(VENV)/bin/lum demo

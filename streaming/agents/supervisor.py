@@ -9,7 +9,9 @@ A worker that dies (a failed batch exits with code 1 and commits nothing for tha
 is restarted after a back-off that starts at ``LUM_AGENT_RESTART_BACKOFF_S`` and doubles while restarts come
 quickly (the worker lived less than a minute), up to ``LUM_AGENT_RESTART_BACKOFF_MAX_S``; every exit and
 restart is logged with the worker, its exit code and the wait. The restarted worker redoes the failed batch
-from the group's committed offsets. SIGTERM/SIGINT stop every worker (SIGTERM, then SIGKILL after 60 s).
+from the group's committed offsets. SIGTERM/SIGINT stop every worker (SIGTERM, then SIGKILL after 60 s). If the
+supervisor itself dies without that (SIGKILL, OOM killer), Linux sends each worker SIGTERM (parent-death
+signal), so no worker keeps consuming unsupervised next to the ones a restarted supervisor starts.
 """
 
 from __future__ import annotations
@@ -39,6 +41,22 @@ class _Slot:
     codes: list[int] = field(default_factory=list)
 
 
+def _die_with_parent(parent: int):
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when its parent dies (a no-op elsewhere)."""
+
+    def arm() -> None:
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before prctl: the signal would never come
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 def supervise(workers: int, only: str | None, log_level: str, cfg, runtime: str = "worker") -> int:
     names = [only] if only else list(AGENTS)
     slots = [_Slot(agent, a * workers + i, backoff=cfg.restart_backoff_s)
@@ -47,7 +65,8 @@ def supervise(workers: int, only: str | None, log_level: str, cfg, runtime: str 
     def start(s: _Slot) -> None:
         module = "streaming.agents.faust_app" if runtime == "faust" else "streaming.agents.worker"
         cmd = [sys.executable, "-m", module, s.agent, "--index", str(s.index), "--log-level", log_level]
-        s.proc, s.started, s.restart_at = subprocess.Popen(cmd, env=os.environ.copy()), time.monotonic(), None
+        s.proc = subprocess.Popen(cmd, env=os.environ.copy(), preexec_fn=_die_with_parent(os.getpid()))
+        s.started, s.restart_at = time.monotonic(), None
         log.info("started %s worker %d (pid %d)", s.agent, s.index, s.proc.pid)
 
     stopping = False

@@ -69,3 +69,43 @@ def test_lum_agents_restarts_a_dead_worker_with_back_off_and_loses_nothing(kafka
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        kids.append(int(d))
+            except (OSError, IndexError, ValueError):
+                continue
+    return kids
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie has exited
+    except OSError:
+        return True
+
+
+def test_workers_stop_when_the_supervisor_is_killed(kafka, kit, tmp_path):
+    """SIGKILL of ``lum agents`` (no chance to stop its workers) must not leave them consuming on their own."""
+    env = os.environ | {"LUM_DATA_DIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "agents", "--only", "sequences"], env=env,
+                            cwd=kit.ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers: list[int] = []
+    try:
+        workers = kit.wait_for(lambda: _children(proc.pid), what="the supervisor's worker process")
+        proc.kill()
+        proc.wait()
+        kit.wait_for(lambda: all(_gone(w) for w in workers), timeout=30, what="workers exit after the supervisor died")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for w in workers:  # do not leak a worker into the rest of the suite when the test fails
+            if not _gone(w):
+                os.kill(w, signal.SIGKILL)
