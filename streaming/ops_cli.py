@@ -3,6 +3,8 @@
     lum agents [--workers N] [--only sequences|joiner] [--runtime worker|faust]   # Ctrl-C / SIGTERM stops all
     lum replay TOPIC --from TIME --to TIME --into TOPIC|PATH.jsonl|PATH.parquet [--force] [--max-disorder-ms D]
     lum backfill sequences [--from TIME]          # refuses while the sequence agents run
+    lum sequences snapshot [--every HOURS]        # fold the deltas into the compacted snapshot (once, or periodically)
+    lum sequences stats                           # users, pairs and offsets of the export
 
 Settings: ``LUM_KAFKA_*`` (broker), ``LUM_AGENT_*`` and ``LUM_DATA_DIR`` / ``LUM_JOIN_WINDOW_MS``
 (``streaming.agents.settings``). Worker i of ``lum agents`` serves its metrics on ``LUM_METRICS_PORT + i``
@@ -13,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import signal
-import subprocess
 import sys
 import time
 
@@ -50,6 +49,15 @@ def register(sub, common) -> None:
                    help="largest (event time - ingest time) expected: where reading may start (default 1 h)")
     s.set_defaults(handler=_backfill)
 
+    p = sub.add_parser("sequences", parents=[common], help="the sequence export: snapshot job and statistics")
+    what = p.add_subparsers(dest="what", metavar="WHAT", required=True)
+    s = what.add_parser("snapshot", parents=[common], help="fold the deltas since each partition's marker into "
+                        "user-sequences (run it well within the deltas' retention)")
+    s.add_argument("--every", type=float, metavar="HOURS", help="repeat every HOURS (default: once, then exit)")
+    s.set_defaults(handler=_sequences)
+    what.add_parser("stats", parents=[common], help="users, pairs and offsets of the folded export"
+                    ).set_defaults(handler=_sequences)
+
 
 def _kafka():
     from schemas.settings import KafkaSettings, load
@@ -74,6 +82,29 @@ def _replay(args: argparse.Namespace) -> int:
         return 2
     print(f"replayed {n} records into {args.into}")
     return 0
+
+
+def _sequences(args: argparse.Namespace) -> int:
+    import json
+
+    from .kafka.sequences import snapshot, write_snapshot
+
+    kafka = _kafka()
+    if args.what == "stats":
+        seqs, ends = snapshot(kafka)
+        print(json.dumps({"users": len(seqs), "pairs": sum(len(s.pairs) for s in seqs.values()), "offsets": ends}))
+        return 0
+    if args.every is not None and args.every <= 0:
+        print("lum sequences snapshot: --every must be > 0 hours", file=sys.stderr)
+        return 2
+    while True:
+        t0 = time.monotonic()
+        print(json.dumps(write_snapshot(kafka)), flush=True)
+        if args.every is None:
+            return 0
+        wait = max(0.0, args.every * 3600 - (time.monotonic() - t0))
+        log.info("next snapshot in %.0f s", wait)
+        time.sleep(wait)
 
 
 def _backfill(args: argparse.Namespace) -> int:

@@ -1,7 +1,7 @@
 """The one reader (and snapshot writer) of the sequence export: ``user-sequences`` snapshots + ``sequence-deltas``.
 
-    python -m streaming.kafka.sequences snapshot         # fold new deltas into the compacted snapshot (cron job)
-    python -m streaming.kafka.sequences stats            # users, pairs and offsets of the folded export
+    lum sequences snapshot [--every HOURS]    # fold new deltas into the compacted snapshot (once, or periodically)
+    lum sequences stats                       # users, pairs and offsets of the folded export
 
 Contract (layouts and fold: ``schemas.seqexport``; offsets are ``FoldState.flat()``: the next offset per
 partition of both topics and the markers seen, e.g. ``{"user-sequences/0": 12, "sequence-deltas/0": 40}``):
@@ -25,7 +25,6 @@ partition of both topics and the markers seen, e.g. ``{"user-sequences/0": 12, "
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import time
@@ -35,8 +34,7 @@ import numpy as np
 
 from schemas import seqexport as sx
 from schemas.codec import DecodeError
-from schemas.logs import setup_logging
-from schemas.settings import KafkaSettings, load
+from schemas.settings import KafkaSettings
 from schemas.tokenize import UserSequence
 from schemas.topics import SEQUENCE_DELTAS, USER_SEQUENCES, key_of
 
@@ -260,22 +258,3 @@ def publish_reset(kafka: KafkaSettings, out, partition: int, rows, gone, delta_e
     out.produce(topic, value=sx.encode_marker(partition, delta_end), key=sx.marker_key(partition), partition=partition)
     out.flush()
     return n
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="sequence export: snapshot job and statistics")
-    ap.add_argument("command", choices=["snapshot", "stats"])
-    args = ap.parse_args(argv)
-    setup_logging()  # LUM_LOG_LEVEL
-    kafka = load(KafkaSettings)
-    if args.command == "snapshot":
-        print(json.dumps(write_snapshot(kafka)))
-    else:
-        seqs, ends = snapshot(kafka)
-        print(json.dumps({"users": len(seqs), "pairs": sum(len(s.pairs) for s in seqs.values()),
-                          "delta_offsets": ends}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -4,9 +4,12 @@ reader's view, a backfill-style reset, and bad records."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from confluent_kafka import Producer
 
+from deploy.cli import main as cli
 from schemas import seqexport as sx
 from schemas.codec import decode
 from schemas.events import DeadLetter
@@ -65,7 +68,7 @@ def assert_equal(got: dict[int, np.ndarray], want: dict[int, np.ndarray]) -> Non
         np.testing.assert_array_equal(got[u], want[u], err_msg=f"user {u}")
 
 
-def test_reader_equals_definition_across_snapshot_job_and_view_restart(kafka, tmp_path, read_topic):
+def test_reader_equals_definition_across_snapshot_job_and_view_restart(kafka, tmp_path, read_topic, capsys):
     events = stream(1500, users=30, seed=1)
     first, second = events[:900], events[900:]
     publish_deltas(kafka, first, raw=[(b"7", b"not a delta", 3)])
@@ -81,8 +84,14 @@ def test_reader_equals_definition_across_snapshot_job_and_view_restart(kafka, tm
     assert [(d.source_topic, d.partition, d.consumer) for d in letters] == [
         (kafka.topic(SEQUENCE_DELTAS), 3, "test-export")]  # the bad delta, once
 
-    # The snapshot job folds the deltas into user-sequences (compact layout) and moves the markers.
-    stats = write_snapshot(kafka)
+    # The snapshot job (`lum sequences snapshot`) folds the deltas into user-sequences (compact layout) and
+    # moves the markers.
+    assert cli(["sequences", "snapshot", "--every", "0"]) == 2
+    capsys.readouterr()
+    assert cli(["sequences", "snapshot"]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert cli(["sequences", "stats"]) == 0
+    assert json.loads(capsys.readouterr().out)["users"] == len(reference(first))
     assert stats["users"] == len(reference(first))
     recs = read_topic(USER_SEQUENCES)
     assert sum(1 for *_, k, _v in recs if k.startswith(sx.MARKER_PREFIX)) == PARTS
