@@ -70,8 +70,9 @@ def decode(model: type[M], data: bytes | None) -> M:
         return _decode_vectors(model, data)
     if data[1] != FORMAT_JSON:
         raise DecodeError(f"format {chr(data[1])!r} is not JSON (expected {model.__name__})")
-    # JSON: the current version, or version 1 of a model whose newer versions changed only the encoding.
-    if data[2] != version and not (data[2] == 1 and _binary_vectors(model)):
+    # JSON: the current version, or an older one the model declares readable (``READS_VERSIONS``: newer
+    # versions only added defaulted fields or changed the encoding).
+    if data[2] != version and data[2] not in getattr(model, "READS_VERSIONS", ()):
         raise DecodeError(f"unknown schema version {data[2]} for {model.__name__} "
                           f"(this build reads version {version})")
     try:

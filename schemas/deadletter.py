@@ -32,6 +32,7 @@ class DeadLetter(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
     # 2: values are a bounded prefix with size and hash (1 held the whole value, so could exceed the topic's limit)
     SCHEMA_VERSION: ClassVar[int] = 2
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1,)  # v1 letters (no size/hash fields) still decode
 
     source_topic: Annotated[str, Field(max_length=249)]
     partition: Annotated[int, Field(ge=0)]

@@ -124,6 +124,7 @@ class TrainingExample(_Event):
     """
 
     SCHEMA_VERSION: ClassVar[int] = 2
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1,)  # version-1 JSON still decodes
 
     example_id: Annotated[str, Field(min_length=1, max_length=256)]  # request_id/item_id: the dedup key
     request_id: Annotated[str, Field(min_length=1, max_length=128)]

@@ -5,6 +5,8 @@ import hashlib
 import json
 import os
 
+import pytest
+
 from schemas import codec
 from schemas.deadletter import DeadLetter, dead_letter, original_value
 from schemas.events import BehaviorEvent
@@ -91,3 +93,15 @@ def test_oversized_bad_message_dead_letter_fits_the_topic(kafka, read_topic, mon
     assert letter.value_size == len(value) and letter.value_sha256 == hashlib.sha256(value).hexdigest()
     assert original_value(letter) == value[:kafka.dead_letter_max_bytes] and kafka.dead_letter_max_bytes == 65536
     assert "65536" in letter.error
+
+
+def test_version_1_dead_letters_still_decode():
+    """Letters written before the bounded layout (schema version 1: no size, hash or truncated fields) stay
+    readable after an upgrade; an unknown version is still refused."""
+    v1 = {"source_topic": "behaviors", "partition": 2, "offset": 17, "key_b64": "MQ==", "value_b64": "eHl6",
+          "error": "not JSON", "consumer": "sequences", "failed_at_ms": 1_700_000_000_000}
+    body = json.dumps(v1).encode()
+    letter = codec.decode(DeadLetter, bytes((0x4C, 0x6A, 1)) + body)
+    assert (letter.offset, original_value(letter), letter.value_size, letter.truncated) == (17, b"xyz", None, False)
+    with pytest.raises(codec.DecodeError, match="unknown schema version 9"):
+        codec.decode(DeadLetter, bytes((0x4C, 0x6A, 9)) + body)
