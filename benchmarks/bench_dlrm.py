@@ -4,12 +4,13 @@
 
 Prints: training examples/s of the step alone (pre-featurized batches) and with featurization (examples as
 the trainer receives them: decoded from the wire format); end to end from Kafka (embedded broker started
-here, examples produced first, ``lum train``'s path: consumer group, prefetch thread, decode, dedup,
-featurize, train, checkpoints, offset commits, --until-caught-up); rows shared by distinct ids with hashing
+here, examples produced first, ``lum train``'s path and default checkpoint cadence: consumer group, prefetch
+thread, decoder process, dedup, featurize, train, checkpoints, offset commits, --until-caught-up; examples/s from
+the first step to the end of the last, and the time spent in checkpoints, the final one included); rows shared by distinct ids with hashing
 and with TorchRec's managed collisions (MCH) at 100k and 1M ids; progressive AUC and examples/s of hashing
 vs managed collisions on the synthetic stream (several seeds); scoring latency p50/p99 for 100 candidates.
 ``--json OUT`` writes the headline figures (``step_ex_s``, ``featurize_step_ex_s``, ``kafka_e2e_ex_s``:
-debug preset, batch 512, after the first batch; ``shared_rows_1m``: MCH; and more). Other processes share
+debug preset, batch 512, after the first batch; ``kafka_checkpoint_s``; ``shared_rows_1m``: MCH; and more). Other processes share
 the 2 cores: figures are noisy.
 """
 
