@@ -78,9 +78,9 @@ def unpack(packed: tuple) -> list:
 
 class DecoderProcess:
     def __init__(self) -> None:
-        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        # cwd: ``-m`` puts the repository first on the child's path, installed or not
         self.proc = subprocess.Popen([sys.executable, "-m", "trainers.dlrm.decoder"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env)
+                                     stdout=subprocess.PIPE, cwd=ROOT)
         self.pending: deque[int] = deque()  # sizes of the outstanding submissions
 
     @property
