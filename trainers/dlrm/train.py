@@ -42,6 +42,7 @@ Integrity:
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -460,6 +461,7 @@ class Trainer:
             self._loop(source, on_durable, stop, progress_s)
         finally:
             source.close()  # the reader thread stops before the caller closes the Kafka consumer
+            gc.unfreeze()
         unsaved = [self._unsaved]
         if self.world > 1:
             dist.broadcast_object_list(unsaved, src=0)
@@ -470,7 +472,13 @@ class Trainer:
     def _loop(self, source: Iterator, on_durable, stop, progress_s: float) -> None:
         t0 = last = time.monotonic()
         n0 = self.examples
+        frozen = False
         while True:
+            if not frozen and self.model is not None:
+                # The long-lived heap (torch, TorchRec, the model) out of the collector's sight: a full collection
+                # scanned it about every 1.5 s of streaming, pausing the loop ~0.25 s (measured; frozen: ~0.02 s).
+                gc.freeze()
+                frozen = True
             if self.rank == 0:
                 batch = next(source, None)
                 ending = batch is None or (stop is not None and stop())
