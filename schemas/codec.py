@@ -22,7 +22,6 @@ the Python lists only if read. Version-1 JSON still decodes.
 
 from __future__ import annotations
 
-import math
 import struct
 import sys
 from array import array
