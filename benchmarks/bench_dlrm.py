@@ -70,7 +70,7 @@ def bench_step(preset: str, n: int, batch: int, lum_dim: int, ids: str = "hash")
             "with_featurize": with_feat}
 
 
-def bench_kafka(n: int, batch: int, prefetch: int = 4) -> dict:
+def bench_kafka(n: int, batch: int, prefetch: int = 4, decoder_process: bool | None = None) -> dict:
     from schemas.settings import KafkaSettings
     from schemas.topics import ALL_TOPICS, TRAINING_EXAMPLES, key_of
     from streaming.broker import EmbeddedBroker
@@ -109,7 +109,8 @@ def bench_kafka(n: int, batch: int, prefetch: int = 4) -> dict:
                         every_batches=cadence["checkpoint_every_batches"].default,
                         every_s=cadence["checkpoint_every_s"].default)
         trainer.ensure_model(exs[:1])  # imports torchrec and builds DMP outside the timed part
-        src = KafkaExamples(kafka, "bench-dlrm", batch, until_caught_up=True, idle_timeout_s=5)
+        src = KafkaExamples(kafka, "bench-dlrm", batch, until_caught_up=True, idle_timeout_s=5,
+                            **({} if decoder_process is None else {"decoder_process": decoder_process}))
         t = time.perf_counter()
         trainer.fit(src, on_durable=src.commit, prefetch=prefetch)
         end = time.perf_counter()
@@ -117,7 +118,8 @@ def bench_kafka(n: int, batch: int, prefetch: int = 4) -> dict:
         assert trainer.examples == n, (trainer.examples, n)
         # After the first batch: from its step to the end of the last step (checkpoints in between count; the
         # final one, after the stream ended, is reported apart).
-        return {"examples": n, "batch": batch, "incl_join": n / (end - t), "checkpoint_s": times["ckpt"],
+        return {"examples": n, "batch": batch, "decoder_process": getattr(src, "decoder_process", False),
+                "incl_join": n / (end - t), "checkpoint_s": times["ckpt"],
                 "after_first_batch": (n - times["first_n"]) / (times["last_step"] - times["first"])}
 
 
@@ -239,11 +241,12 @@ def main() -> int:
     print("\n## end to end from Kafka (embedded broker, lum train's path, debug preset, D=32)")
     r = bench_kafka(10_000 if q else 50_000, 512)
     res["kafka_e2e_ex_s"], res["kafka_incl_join_ex_s"] = r["after_first_batch"], r["incl_join"]
-    res["kafka_checkpoint_s"] = r["checkpoint_s"]
-    print("| examples | batch | ex/s incl. group join and checkpoints | checkpoint s | ex/s after first batch (to "
-          "last step) | vs featurize + step |\n|---|---|---|---|---|---|")
-    print(f"| {r['examples']:,} | {r['batch']} | {r['incl_join']:,.0f} | {r['checkpoint_s']:.1f} | "
-          f"{r['after_first_batch']:,.0f} | {r['after_first_batch'] / res['featurize_step_ex_s']:.2f} |")
+    res["kafka_checkpoint_s"], res["kafka_decoder_process"] = r["checkpoint_s"], r["decoder_process"]
+    print("| examples | batch | decoding | ex/s incl. group join and checkpoints | checkpoint s | ex/s after first "
+          "batch (to last step) | vs featurize + step |\n|---|---|---|---|---|---|---|")
+    print(f"| {r['examples']:,} | {r['batch']} | {'child process' if r['decoder_process'] else 'reader thread'} | "
+          f"{r['incl_join']:,.0f} | {r['checkpoint_s']:.1f} | {r['after_first_batch']:,.0f} | "
+          f"{r['after_first_batch'] / res['featurize_step_ex_s']:.2f} |")
     print("\n## rows shared by distinct random 63-bit ids in one table of 2^20 rows (share of ids)")
     print("| distinct ids | hashing | hashing, uniform expectation | managed collisions (MCH, LRU) | MCH ids/s |\n|---|---|---|---|---|")
     for n in (100_000, 1_000_000):

@@ -47,8 +47,9 @@ class DLRMSettings(BaseSettings):
     mch_eviction_interval: int = Field(10, ge=1, description="mch: steps between admissions of new ids (they share "
                                        "one residual row until then)")
     prefetch: int = Field(4, ge=0, description="batches read and decoded ahead of the step in a thread (0: none)")
-    decoder_process: bool = Field(True, description="decode fetched messages in a child process, beside the step "
-                                  "(false: in the reading thread, where decoding takes turns with the step)")
+    decoder_process: bool | None = Field(None, description="decode fetched messages in a child process, beside the "
+                                         "step (false: in the reading thread, where it takes turns with the step; "
+                                         "default: a process if more than 2 CPUs are available)")
     threads: int = Field(1, ge=1, description="torch intra-op threads; 1 avoids OpenMP spin-wait stalls on shared cores")
 
 

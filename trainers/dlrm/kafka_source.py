@@ -9,9 +9,9 @@ Where to start: the checkpoint's offsets are the truth (the model state matches 
 checkpoint does not know start at the group's committed offset, else at the earliest. Committed offsets
 therefore never run ahead of the durable model; they exist for lag monitoring and as a fallback.
 
-Each fetch (up to a batch of messages) is decoded in one call, by default in a child process
-(``trainers.dlrm.decoder``) while this side takes the previous fetch and fetches the next, so decoding overlaps
-the trainer's step instead of taking turns with it for the GIL. Examples come as ``schemas.codec.LazyVectors``:
+Each fetch (up to a batch of messages) is decoded in one call, in a child process (``trainers.dlrm.decoder``;
+by default where more than 2 CPUs are available) while this side takes the previous fetch and fetches the next,
+so decoding overlaps the trainer's step instead of taking turns with it for the GIL. Examples come as ``schemas.codec.LazyVectors``:
 fields checked like the model's, LUM vectors left as their float64 bytes, which the featurizer stacks per batch.
 
 Undecodable or invalid messages (non-finite vectors included) go to dead-letters and are skipped; their
@@ -31,6 +31,7 @@ a fetch we can read that from, so ``idle_timeout_s`` without any message also en
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -54,7 +55,7 @@ class KafkaExamples:
     def __init__(self, settings: KafkaSettings, group_id: str, batch_size: int = 512, *,
                  start_offsets: dict[int, int] | None = None, until_caught_up: bool = False,
                  max_wait_s: float = 1.0, idle_timeout_s: float = 10.0, stop=None, recorder=None,
-                 decoder_process: bool = True):
+                 decoder_process: bool | None = None):
         self.settings, self.group_id, self.batch_size = settings, group_id, batch_size
         self.start_offsets = dict(start_offsets or {})
         self.until_caught_up, self.max_wait_s, self.idle_timeout_s = until_caught_up, max_wait_s, idle_timeout_s
@@ -70,7 +71,10 @@ class KafkaExamples:
         self.targets: dict[int, int] = {}  # partition -> high-water mark at first fetch (until_caught_up)
         self.revoked = self.closing = False
         self.consumed = 0
-        self.decoder_process, self.decoder = decoder_process, None
+        # None: a child process where there is a core to spare. On 2 cores (the step's, and the broker's and ours
+        # shared) its extra CPU, pickling both ways, costs more than the overlap gains (measured).
+        self.decoder_process = len(os.sched_getaffinity(0)) > 2 if decoder_process is None else decoder_process
+        self.decoder: DecoderProcess | None = None
 
     # -------------------------------------------------------------------------------- group membership
 

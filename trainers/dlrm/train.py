@@ -6,7 +6,7 @@ checkpoints that hold everything needed to resume (config, model, optimizers, st
     torchrun --nproc-per-node 2 -m trainers.dlrm.train --demo DIR [--ids mch]   # DMP over 2 CPU processes (gloo)
 
 Batches are read ``prefetch`` ahead in a thread (fetching overlaps the step; the Kafka adapter, ``kafka_source``,
-decodes in a child process so that decoding does too). ``lum train`` wires the two together.
+can decode in a child process so that decoding does too). ``lum train`` wires the two together.
 
 Progressive validation: each batch is scored by the model *before* it trains on that batch. The training
 forward pass already does exactly that (the fused embedding optimizer and Adam update only after the

@@ -172,7 +172,7 @@ def test_decoder_process_ends_when_the_trainer_fails(kafka, tmp_path, monkeypatc
             raise RuntimeError("step failed")
 
     monkeypatch.setattr(trainer, "train_batch", fail)
-    src = KafkaExamples(kafka, f"g-{kafka.topic_prefix}-fail", batch_size=16, idle_timeout_s=5)
+    src = KafkaExamples(kafka, f"g-{kafka.topic_prefix}-fail", batch_size=16, idle_timeout_s=5, decoder_process=True)
     try:
         with pytest.raises(RuntimeError, match="step failed"):
             trainer.fit(src, on_durable=src.commit)
