@@ -4,12 +4,13 @@
 
 Prints: training examples/s of the step alone (pre-featurized batches) and with featurization (examples as
 the trainer receives them: decoded from the wire format); end to end from Kafka (embedded broker started
-here, examples produced first, ``lum train``'s path: consumer group, prefetch thread, decode, dedup,
-featurize, train, checkpoints, offset commits, --until-caught-up); rows shared by distinct ids with hashing
+here, examples produced first, ``lum train``'s path and default checkpoint cadence: consumer group, prefetch
+thread, decoder process, dedup, featurize, train, checkpoints, offset commits, --until-caught-up; examples/s from
+the first step to the end of the last, and the time spent in checkpoints, the final one included); rows shared by distinct ids with hashing
 and with TorchRec's managed collisions (MCH) at 100k and 1M ids; progressive AUC and examples/s of hashing
 vs managed collisions on the synthetic stream (several seeds); scoring latency p50/p99 for 100 candidates.
 ``--json OUT`` writes the headline figures (``step_ex_s``, ``featurize_step_ex_s``, ``kafka_e2e_ex_s``:
-debug preset, batch 512, after the first batch; ``shared_rows_1m``: MCH; and more). Other processes share
+debug preset, batch 512, after the first batch; ``kafka_checkpoint_s``; ``shared_rows_1m``: MCH; and more). Other processes share
 the 2 cores: figures are noisy.
 """
 
@@ -69,14 +70,16 @@ def bench_step(preset: str, n: int, batch: int, lum_dim: int, ids: str = "hash")
             "with_featurize": with_feat}
 
 
-def bench_kafka(n: int, batch: int, prefetch: int = 4) -> dict:
+def bench_kafka(n: int, batch: int, prefetch: int = 4, decoder_process: bool | None = None) -> dict:
     from schemas.settings import KafkaSettings
     from schemas.topics import ALL_TOPICS, TRAINING_EXAMPLES, key_of
-    from streaming.kafka import Output, create_topics
     from streaming.broker import EmbeddedBroker
+    from streaming.kafka import Output, create_topics
+    from trainers.dlrm.cli import DLRMSettings
     from trainers.dlrm.kafka_source import KafkaExamples
 
     exs = synthetic_examples(n, seed=2, lum_dim=32)
+    cadence = DLRMSettings.model_fields  # lum train's default checkpoint cadence
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as d:
         kafka = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix="bench-")
         create_topics(kafka, ALL_TOPICS)
@@ -85,23 +88,39 @@ def bench_kafka(n: int, batch: int, prefetch: int = 4) -> dict:
         for ex in exs:
             p.produce(topic, key=key_of(ex.user_id), value=TRAINING_EXAMPLES.encode(ex))
         p.flush(60)
-        trainer = Trainer(DLRMConfig.preset("debug", features="lum"), d, every_batches=50, every_s=30)
-        trainer.ensure_model(exs[:1])  # imports torchrec and builds DMP outside the timed part
-        src = KafkaExamples(kafka, "bench-dlrm", batch, until_caught_up=True, idle_timeout_s=5)
-        t = time.perf_counter()
-        first = {}
+        times: dict = {"ckpt": 0.0}
 
-        def batches():
-            for b in src:
-                if b.examples and "t" not in first:
-                    first["t"], first["n"] = time.perf_counter(), len(b.examples)
-                yield b
-        trainer.fit(batches(), on_durable=src.commit, prefetch=prefetch)
+        class Timed(Trainer):  # when the first step starts, the last one ends, and time in checkpoints
+            def train_batch(self, b, **kw):
+                if b.examples and "first" not in times:
+                    times["first"], times["first_n"] = time.perf_counter(), len(b.examples)
+                out = super().train_batch(b, **kw)
+                times["last_step"] = time.perf_counter()
+                return out
+
+            def checkpoint(self, *a, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return super().checkpoint(*a, **kw)
+                finally:
+                    times["ckpt"] += time.perf_counter() - t0
+
+        trainer = Timed(DLRMConfig.preset("debug", features="lum"), d,
+                        every_batches=cadence["checkpoint_every_batches"].default,
+                        every_s=cadence["checkpoint_every_s"].default)
+        trainer.ensure_model(exs[:1])  # imports torchrec and builds DMP outside the timed part
+        src = KafkaExamples(kafka, "bench-dlrm", batch, until_caught_up=True, idle_timeout_s=5,
+                            **({} if decoder_process is None else {"decoder_process": decoder_process}))
+        t = time.perf_counter()
+        trainer.fit(src, on_durable=src.commit, prefetch=prefetch)
         end = time.perf_counter()
         src.close()
         assert trainer.examples == n, (trainer.examples, n)
-        return {"examples": n, "batch": batch, "incl_join": n / (end - t),
-                "after_first_batch": (n - first["n"]) / (end - first["t"])}
+        # After the first batch: from its step to the end of the last step (checkpoints in between count; the
+        # final one, after the stream ended, is reported apart).
+        return {"examples": n, "batch": batch, "decoder_process": getattr(src, "decoder_process", False),
+                "incl_join": n / (end - t), "checkpoint_s": times["ckpt"],
+                "after_first_batch": (n - times["first_n"]) / (times["last_step"] - times["first"])}
 
 
 def bench_scoring(lum_dim: int, conditions: int, reps: int) -> list[dict]:
@@ -221,9 +240,12 @@ def main() -> int:
             res["mch_step_ex_s"], res["mch_featurize_step_ex_s"] = r["step_only"], r["with_featurize"]
     print("\n## end to end from Kafka (embedded broker, lum train's path, debug preset, D=32)")
     r = bench_kafka(10_000 if q else 50_000, 512)
-    res["kafka_e2e_ex_s"] = r["after_first_batch"]
-    print("| examples | batch | ex/s incl. group join | ex/s after first batch | vs featurize + step |\n|---|---|---|---|---|")
-    print(f"| {r['examples']:,} | {r['batch']} | {r['incl_join']:,.0f} | {r['after_first_batch']:,.0f} | "
+    res["kafka_e2e_ex_s"], res["kafka_incl_join_ex_s"] = r["after_first_batch"], r["incl_join"]
+    res["kafka_checkpoint_s"], res["kafka_decoder_process"] = r["checkpoint_s"], r["decoder_process"]
+    print("| examples | batch | decoding | ex/s incl. group join and checkpoints | checkpoint s | ex/s after first "
+          "batch (to last step) | vs featurize + step |\n|---|---|---|---|---|---|---|")
+    print(f"| {r['examples']:,} | {r['batch']} | {'child process' if r['decoder_process'] else 'reader thread'} | "
+          f"{r['incl_join']:,.0f} | {r['checkpoint_s']:.1f} | {r['after_first_batch']:,.0f} | "
           f"{r['after_first_batch'] / res['featurize_step_ex_s']:.2f} |")
     print("\n## rows shared by distinct random 63-bit ids in one table of 2^20 rows (share of ids)")
     print("| distinct ids | hashing | hashing, uniform expectation | managed collisions (MCH, LRU) | MCH ids/s |\n|---|---|---|---|---|")

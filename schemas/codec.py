@@ -16,12 +16,12 @@ values. Sizes, bounds and finiteness of the binary parts are checked as the mode
 
 Vectors are float64 on the wire (values round-trip exactly, as in JSON; 8 bytes against ~19 characters) and
 must be finite. The decoded example keeps those bytes so that a trainer can stack a batch's vectors with one
-``np.frombuffer``. Version-1 JSON still decodes.
+``np.frombuffer``; ``decode_many(..., lazy_vectors=True)`` goes further and returns ``LazyVectors``, which build
+the Python lists only if read. Version-1 JSON still decodes.
 """
 
 from __future__ import annotations
 
-import math
 import struct
 import sys
 from array import array
@@ -109,53 +109,165 @@ def _split(name: str, data: bytes) -> tuple[bytes, int]:
 
 def _attach_vectors(ex, data: bytes, at: int):
     """Read the vector part into ``ex`` (validated from its head, with placeholder vectors)."""
-    name = type(ex).__name__
-    try:
-        (nh,) = struct.unpack_from("<H", data, at)
-    except struct.error:
-        raise DecodeError(f"truncated {name}: history size") from None
-    at += 2
-    if nh > MAX_HISTORY or len(data) < at + 16 * nh:
-        raise DecodeError(f"invalid {name}: history of {nh} entries (at most {MAX_HISTORY}) or truncated")
-    if nh:
-        items, cats = array("q", data[at:at + 8 * nh]), array("q", data[at + 8 * nh:at + 16 * nh])
-        if min(items) < 0 or min(cats) < 0:  # int64: never above MAX_ID
-            raise DecodeError(f"invalid {name}: negative id in history")
-        ex.__dict__["history_items"], ex.__dict__["history_categories"] = items.tolist(), cats.tolist()
-    at += 16 * nh
-    user, item = ex.lum_user, ex.lum_item
-    nv = (len(user) if user is not None else 0) + (item is not None)
-    if nv == 0:
-        if len(data) != at:
-            raise DecodeError(f"invalid {name}: {len(data) - at} vector bytes, expected 0")
-        return ex
-    try:
-        dims = struct.unpack_from(f"<{nv}H", data, at)
-    except struct.error:
-        raise DecodeError(f"truncated {name}: vector sizes") from None
-    at += 2 * nv
-    if not all(1 <= d <= MAX_VECTOR_DIM for d in dims):
-        raise DecodeError(f"invalid {name}: vector size outside 1..{MAX_VECTOR_DIM}: {list(dims)}")
-    total = sum(dims)
-    if len(data) - at != 8 * total:
-        raise DecodeError(f"invalid {name}: {len(data) - at} vector bytes, expected {8 * total}")
-    raw = bytes(data[at:])
-    values = array("d", raw).tolist()  # float64 little-endian (checked at import) -> Python floats
-    if not all(map(math.isfinite, values)):
-        raise DecodeError(f"invalid {name}: non-finite value in a LUM vector")
-    vecs, i = [], 0
+    (out,) = _attach_many([(ex, data, at)])
+    if isinstance(out, DecodeError):
+        raise out
+    return out
+
+
+def _attach_many(items: list[tuple[BaseModel, bytes, int]], lazy: bool = False) -> list:
+    """``_attach_vectors`` of many messages, each its model (``lazy``: its ``LazyVectors``) or its
+    ``DecodeError``: the layout is walked per message (a few byte reads), the vector values of all of them are
+    checked (and converted) in one numpy pass."""
+    import numpy as np
+
+    out: list = [None] * len(items)
+    raws, spans = [], []  # vector bytes of each well-formed message; (item index, dims)
+    for j, (ex, data, at) in enumerate(items):
+        size = len(data)
+        if size < at + 2:
+            out[j] = DecodeError(f"truncated {type(ex).__name__}: history size")
+            continue
+        nh = data[at] | data[at + 1] << 8  # u16 little-endian
+        at += 2
+        if nh:
+            if nh > MAX_HISTORY or size < at + 16 * nh:
+                out[j] = DecodeError(f"invalid {type(ex).__name__}: history of {nh} entries (at most "
+                                     f"{MAX_HISTORY}) or truncated")
+                continue
+            items_, cats = array("q", data[at:at + 8 * nh]), array("q", data[at + 8 * nh:at + 16 * nh])
+            if min(items_) < 0 or min(cats) < 0:  # int64: never above MAX_ID
+                out[j] = DecodeError(f"invalid {type(ex).__name__}: negative id in history")
+                continue
+            ex.__dict__["history_items"], ex.__dict__["history_categories"] = items_.tolist(), cats.tolist()
+            at += 16 * nh
+        user, item = ex.lum_user, ex.lum_item
+        nv = (len(user) if user is not None else 0) + (item is not None)
+        if nv == 0:
+            out[j] = DecodeError(f"invalid {type(ex).__name__}: {size - at} vector bytes, expected 0") \
+                if size != at else LazyVectors.of(ex) if lazy else ex
+            continue
+        if size < at + 2 * nv:
+            out[j] = DecodeError(f"truncated {type(ex).__name__}: vector sizes")
+            continue
+        dims = _sizes(nv).unpack_from(data, at)
+        at += 2 * nv
+        if min(dims) < 1 or max(dims) > MAX_VECTOR_DIM:
+            out[j] = DecodeError(f"invalid {type(ex).__name__}: vector size outside 1..{MAX_VECTOR_DIM}: "
+                                 f"{list(dims)}")
+            continue
+        if size - at != 8 * sum(dims):
+            out[j] = DecodeError(f"invalid {type(ex).__name__}: {size - at} vector bytes, expected "
+                                 f"{8 * sum(dims)}")
+            continue
+        raws.append(bytes(data[at:]))
+        spans.append((j, dims))
+    if not raws:
+        return out
+    flat = np.frombuffer(b"".join(raws), dtype="<f8")  # float64 little-endian (checked at import)
+    sizes = np.fromiter((len(r) // 8 for r in raws), dtype=np.int64, count=len(raws))
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    finite = np.logical_and.reduceat(np.isfinite(flat), starts).tolist()
+    values = None if lazy else flat.tolist()  # Python floats, one C call for the whole batch
+    for (j, dims), raw, s, ok in zip(spans, raws, starts.tolist(), finite):
+        ex = items[j][0]
+        if not ok:
+            out[j] = DecodeError(f"invalid {type(ex).__name__}: non-finite value in a LUM vector")
+        elif lazy:
+            out[j] = LazyVectors.of(ex, raw, dims)
+        else:
+            out[j] = _set_vectors(ex, raw, dims, values, s)
+    return out
+
+
+_SIZES: dict[int, struct.Struct] = {}
+
+
+def _sizes(n: int) -> struct.Struct:
+    """The ``n`` u16 vector sizes of the layout."""
+    if n not in _SIZES:
+        _SIZES[n] = struct.Struct(f"<{n}H")
+    return _SIZES[n]
+
+
+def _set_vectors(ex, raw: bytes, dims: tuple[int, ...], values: list[float], s: int):
+    """Put the vectors (``values[s:]``, sizes ``dims``) into ``ex``, which was validated with placeholders."""
+    vecs = []
     for d in dims:
-        vecs.append(values[i:i + d])
-        i += d
-    # Sizes and finiteness are checked above as the model declares them; the count of user vectors is the
+        vecs.append(values[s:s + d])
+        s += d
+    # Sizes and finiteness are checked by the caller as the model declares them; the count of user vectors is the
     # validated placeholders' count. Setting them on the fresh, unshared instance skips re-validating a few
     # hundred floats per message (and a copy).
-    if user is not None:
-        ex.__dict__["lum_user"] = vecs[:len(user)]
-    if item is not None:
+    if ex.lum_user is not None:
+        ex.__dict__["lum_user"] = vecs[:len(ex.lum_user)]
+    if ex.lum_item is not None:
         ex.__dict__["lum_item"] = vecs[-1]
     object.__setattr__(ex, "__pydantic_private__", {"_lum_f64": raw})  # see TrainingExample
     return ex
+
+
+class LazyVectors:
+    """A checked binary ``TrainingExample`` whose LUM vectors stay float64 wire bytes until read.
+
+    Fields read like the model's (``ex.user_id``, ``ex.lum_conditions``...); ``lum_user``/``lum_item`` build their
+    lists on first read, ``to_model()`` returns the ``TrainingExample`` (validated again), and anything else a
+    model has is taken from it. For readers that stack a batch's vectors from the bytes
+    (``__pydantic_private__["_lum_f64"]``) themselves, such as the DLRM trainer: building a few hundred Python
+    floats is most of a message's decode. Pickles as its fields and bytes (cheap to send to another process).
+    """
+
+    def __init__(self, fields: dict, raw: bytes, dims: tuple[int, ...], n_user: int | None, has_item: bool):
+        self.__dict__.update(fields)  # the validated fields without the vectors, read as plain attributes
+        self._raw, self._dims, self._n_user, self._has_item, self._vecs = raw, dims, n_user, has_item, None
+
+    @classmethod
+    def of(cls, head, raw: bytes = b"", dims: tuple[int, ...] = ()) -> LazyVectors:
+        """From a model validated with placeholder vectors (``head``) and its vector part."""
+        fields = dict(head.__dict__)
+        user, item = fields.pop("lum_user"), fields.pop("lum_item")
+        return cls(fields, raw, dims, None if user is None else len(user), item is not None)
+
+    def __reduce__(self):
+        return (LazyVectors, (self.fields(), self._raw, self._dims, self._n_user, self._has_item))
+
+    def fields(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    @property
+    def __pydantic_private__(self) -> dict:
+        return {"_lum_f64": self._raw} if self._raw else {}
+
+    def _vectors(self) -> list[list[float]]:
+        if self._vecs is None:
+            values, s, self._vecs = array("d", self._raw).tolist(), 0, []
+            for d in self._dims:
+                self._vecs.append(values[s:s + d])
+                s += d
+        return self._vecs
+
+    @property
+    def lum_user(self) -> list[list[float]] | None:
+        return None if self._n_user is None else self._vectors()[:self._n_user]
+
+    @property
+    def lum_item(self) -> list[float] | None:
+        return self._vectors()[-1] if self._has_item else None
+
+    def to_model(self):
+        from .events import TrainingExample
+
+        return TrainingExample.model_validate(self.fields() | {"lum_user": self.lum_user, "lum_item": self.lum_item})
+
+    def __getattr__(self, name: str):  # model methods (model_dump...) and anything else
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.to_model(), name)
+
+    def __eq__(self, other: object) -> bool:
+        return self.to_model() == (other.to_model() if isinstance(other, LazyVectors) else other)
+
+    __hash__ = None  # like the (frozen, list-holding) model: equal by fields
 
 
 def _decode_vectors(model: type[M], data: bytes) -> M:
@@ -167,35 +279,57 @@ def _decode_vectors(model: type[M], data: bytes) -> M:
     return _attach_vectors(ex, data, at)
 
 
-def decode_many(model: type[M], datas: list[bytes | None]) -> list[M | DecodeError]:
+def decode_many(model: type[M], datas: list[bytes | None], chunk: int = 64,
+                lazy_vectors: bool = False) -> list[M | DecodeError]:
     """``decode`` of many messages: each result is the model or the ``DecodeError`` of that message.
 
-    For binary-vector messages the JSON heads are validated in one pydantic call (per-call overhead is most of
-    a small message's cost); any failure in that call falls back to one message at a time.
+    Binary-vector messages: their JSON heads are validated ``chunk`` at a time in one pydantic call (per-call
+    overhead is most of a small message's cost; a bounded call also lets other threads take the GIL soon), a
+    chunk that fails is retried one message at a time; the vector parts of all of them are checked and converted
+    together (``_attach_many``). Any other message (JSON, a bad header) is decoded on its own. ``lazy_vectors``:
+    binary ones come back as ``LazyVectors`` (checked, not converted), the others as models.
     """
+    out: list = [None] * len(datas)
     version = getattr(model, "SCHEMA_VERSION", None)
-    if _binary_vectors(model) and datas and all(
-            d and len(d) >= 7 and d[0] == MAGIC and d[1] == FORMAT_VECTORS and d[2] == version for d in datas):
+    fast: list[tuple[int, bytes, bytes, int]] = []  # (index, data, JSON head, offset of the vector part)
+    binary = _binary_vectors(model)
+    for i, d in enumerate(datas):
+        if binary and d and len(d) >= 7 and d[0] == MAGIC and d[1] == FORMAT_VECTORS and d[2] == version:
+            try:
+                fast.append((i, d, *_split(model.__name__, d)))
+                continue
+            except DecodeError as e:
+                out[i] = e
+                continue
+        out[i] = _decode_one(model, d)
+    attach = []
+    for c in range(0, len(fast), chunk):
+        part = fast[c:c + chunk]
         try:
-            parts = [_split(model.__name__, d) for d in datas]
-            heads = _list_adapter(model).validate_json(b"[" + b",".join(h for h, _ in parts) + b"]")
-        except (DecodeError, ValidationError):
-            pass
-        else:
-            out: list = []
-            for ex, d, (_, at) in zip(heads, datas, parts):
+            heads = _list_adapter(model).validate_json(b"[" + b",".join(h for _, _, h, _ in part) + b"]")
+        except ValidationError:
+            heads = []
+            for i, _, h, _ in part:
                 try:
-                    out.append(_attach_vectors(ex, d, at))
-                except Exception as e:  # noqa: BLE001  (one broken message never stops the others)
-                    out.append(_as_decode_error(e))
-            return out
-    out = []
-    for d in datas:
-        try:
-            out.append(decode(model, d))
-        except Exception as e:  # noqa: BLE001
-            out.append(_as_decode_error(e))
+                    heads.append(model.model_validate_json(h))
+                except ValidationError as e:
+                    heads.append(None)
+                    out[i] = DecodeError(_short(e, model))
+        attach += [(i, ex, d, at) for (i, d, _, at), ex in zip(part, heads) if ex is not None]
+    try:
+        done = _attach_many([(ex, d, at) for _, ex, d, at in attach], lazy=lazy_vectors)
+    except Exception:  # noqa: BLE001  (an unforeseen corruption: find the message, never stop the others)
+        done = [_decode_one(model, datas[i]) for i, _, _, _ in attach]
+    for (i, *_), r in zip(attach, done):
+        out[i] = r
     return out
+
+
+def _decode_one(model: type[M], data: bytes | None) -> M | DecodeError:
+    try:
+        return decode(model, data)
+    except Exception as e:  # noqa: BLE001  (one broken message never stops the others)
+        return _as_decode_error(e)
 
 
 def _as_decode_error(e: Exception) -> DecodeError:

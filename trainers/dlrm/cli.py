@@ -47,6 +47,9 @@ class DLRMSettings(BaseSettings):
     mch_eviction_interval: int = Field(10, ge=1, description="mch: steps between admissions of new ids (they share "
                                        "one residual row until then)")
     prefetch: int = Field(4, ge=0, description="batches read and decoded ahead of the step in a thread (0: none)")
+    decoder_process: bool | None = Field(None, description="decode fetched messages in a child process, beside the "
+                                         "step (false: in the reading thread, where it takes turns with the step; "
+                                         "default: a process if more than 2 CPUs are available)")
     threads: int = Field(1, ge=1, description="torch intra-op threads; 1 avoids OpenMP spin-wait stalls on shared cores")
 
 
@@ -110,7 +113,7 @@ def _train(args: argparse.Namespace) -> int:
         source = KafkaExamples(kafka, f"{s.group_prefix}-{args.features}", s.batch_size * trainer.world,
                                start_offsets=trainer.offsets, until_caught_up=args.until_caught_up,
                                max_wait_s=s.max_wait_s, idle_timeout_s=s.idle_timeout_s, stop=lambda: bool(stopping),
-                               recorder=trainer.rec)
+                               recorder=trainer.rec, decoder_process=s.decoder_process)
         trainer.on_bad_batch = source.dead_letter_batch
     try:
         overall = trainer.fit(source, on_durable=source.commit if source else None, prefetch=s.prefetch,

@@ -9,6 +9,11 @@ Where to start: the checkpoint's offsets are the truth (the model state matches 
 checkpoint does not know start at the group's committed offset, else at the earliest. Committed offsets
 therefore never run ahead of the durable model; they exist for lag monitoring and as a fallback.
 
+Each fetch (up to a batch of messages) is decoded in one call, in a child process (``trainers.dlrm.decoder``;
+by default where more than 2 CPUs are available) while this side takes the previous fetch and fetches the next,
+so decoding overlaps the trainer's step instead of taking turns with it for the GIL. Examples come as ``schemas.codec.LazyVectors``:
+fields checked like the model's, LUM vectors left as their float64 bytes, which the featurizer stacks per batch.
+
 Undecodable or invalid messages (non-finite vectors included) go to dead-letters and are skipped; their
 offsets still advance with the batch they were found in. ``dead_letter_batch`` sends a whole batch (the trainer
 skips a batch whose loss is not finite). Each batch carries every example's (partition, offset).
@@ -26,27 +31,31 @@ a fetch we can read that from, so ``idle_timeout_s`` without any message also en
 from __future__ import annotations
 
 import logging
+import os
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, TopicPartition
 
-from schemas.codec import decode_many
+from schemas.codec import LazyVectors, decode_many
 from schemas.events import TrainingExample
 from schemas.settings import KafkaSettings
 from schemas.topics import TRAINING_EXAMPLES, key_of
 from streaming.kafka import DeadLetters, Output, group_consumer
 
+from .decoder import DecoderProcess
 from .train import Batch
 
 log = logging.getLogger(__name__)
+DECODE_AHEAD = 1  # fetches the decoder process may hold beyond the one being taken
 
 
 class KafkaExamples:
     def __init__(self, settings: KafkaSettings, group_id: str, batch_size: int = 512, *,
                  start_offsets: dict[int, int] | None = None, until_caught_up: bool = False,
-                 max_wait_s: float = 1.0, idle_timeout_s: float = 10.0, stop=None, recorder=None):
+                 max_wait_s: float = 1.0, idle_timeout_s: float = 10.0, stop=None, recorder=None,
+                 decoder_process: bool | None = None):
         self.settings, self.group_id, self.batch_size = settings, group_id, batch_size
         self.start_offsets = dict(start_offsets or {})
         self.until_caught_up, self.max_wait_s, self.idle_timeout_s = until_caught_up, max_wait_s, idle_timeout_s
@@ -58,9 +67,14 @@ class KafkaExamples:
         self.rec = self.dead.recorder = recorder  # schemas.metrics.Recorder: events consumed, lag, dead letters
         self.assigned: set[int] = set()
         self.positions: dict[int, int] = {}  # partition -> next offset to read
+        self.fetched_to: dict[int, int] = {}  # partition -> next offset to fetch (ahead while decoding)
         self.targets: dict[int, int] = {}  # partition -> high-water mark at first fetch (until_caught_up)
         self.revoked = self.closing = False
         self.consumed = 0
+        # None: a child process where there is a core to spare. On 2 cores (the step's, and the broker's and ours
+        # shared) its extra CPU, pickling both ways, costs more than the overlap gains (measured).
+        self.decoder_process = len(os.sched_getaffinity(0)) > 2 if decoder_process is None else decoder_process
+        self.decoder: DecoderProcess | None = None
 
     # -------------------------------------------------------------------------------- group membership
 
@@ -99,41 +113,74 @@ class KafkaExamples:
 
     def __iter__(self) -> Iterator[Batch]:
         self.consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
-        last_msg_t = time.monotonic()
-        examples, sources, batch_t0 = [], [], time.monotonic()
-        while not self.stop() and not self.revoked:
-            msgs = self.consumer.consume(num_messages=self.batch_size - len(examples), timeout=0.2)
-            now = time.monotonic()
-            good = []
-            for msg in msgs:
-                if msg.error():
-                    if msg.error().code() != KafkaError._PARTITION_EOF:
-                        log.warning("consumer error: %s", msg.error())
-                    continue
-                good.append(msg)
-            # One decode call for the fetched messages (their JSON heads validate together); a bad one yields
-            # its own DecodeError and goes to dead-letters.
-            for msg, ex in zip(good, decode_many(TrainingExample, [m.value() for m in good])):
-                self.positions[msg.partition()] = msg.offset() + 1
-                self.consumed += 1
-                if isinstance(ex, Exception):
-                    self.dead.send_message(msg, ex)
-                else:
-                    examples.append(ex)
-                    sources.append((msg.partition(), msg.offset()))
-                last_msg_t = now
-            caught_up = self.until_caught_up and bool(
-                self._caught_up() or (self.assigned and now - last_msg_t >= self.idle_timeout_s))
-            if self.rec is not None and good:
-                self._record(good)
-            if len(examples) >= self.batch_size or caught_up or now - batch_t0 >= self.max_wait_s:
-                # A partial or empty batch too: the trainer's time-based checkpoint must not wait for data.
-                yield Batch(examples, dict(self.positions), sources)
-                examples, sources, batch_t0 = [], [], now
-            if caught_up:
-                log.info("caught up with the topic as it stood at start: %s (%d messages, %d dead letters)",
-                         self.targets or "idle timeout", self.consumed, self.dead.total)
-                return
+        self.decoder = DecoderProcess() if self.decoder_process else None
+        fetched: deque = deque()  # fetches submitted to the decoder process, oldest first
+        last_msg_t = self._batch_t0 = time.monotonic()
+        self._examples, self._sources = [], []
+        try:
+            while not self.stop() and not self.revoked:
+                want = self._left()  # at the end of the topic, no waiting for a batch that cannot fill
+                msgs = self.consumer.consume(num_messages=max(want, 1), timeout=0.2 if want else 0.01)
+                now = time.monotonic()
+                good = []
+                for msg in msgs:
+                    if msg.error():
+                        if msg.error().code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error: %s", msg.error())
+                        continue
+                    good.append(msg)
+                    self.fetched_to[msg.partition()] = msg.offset() + 1
+                if good:
+                    last_msg_t = now
+                    values = [m.value() for m in good]
+                    if self.decoder is None:
+                        yield from self._take(good, decode_many(TrainingExample, values, lazy_vectors=True))
+                    else:  # the child decodes this fetch while we take the previous one and fetch the next
+                        self.decoder.submit(values)
+                        fetched.append(good)
+                while fetched and (len(fetched) > DECODE_AHEAD or not good):
+                    yield from self._take(fetched.popleft(), self.decoder.result())
+                at_end = self.until_caught_up and self._caught_up()  # records each end as soon as a fetch shows it
+                caught_up = self.until_caught_up and not fetched and bool(
+                    at_end or (self.assigned and now - last_msg_t >= self.idle_timeout_s))
+                if caught_up or now - self._batch_t0 >= self.max_wait_s:
+                    # A partial or empty batch too: the trainer's time-based checkpoint must not wait for data.
+                    yield self._batch()
+                if caught_up:
+                    log.info("caught up with the topic as it stood at start: %s (%d messages, %d dead letters)",
+                             self.targets or "idle timeout", self.consumed, self.dead.total)
+                    return
+        finally:
+            if self.decoder is not None:
+                self.decoder.close()
+
+    def _left(self) -> int:
+        """Messages to ask for: a batch, or (``until_caught_up``, every end known) fewer if fewer are left."""
+        if not self.until_caught_up or not self.assigned or not self.assigned <= set(self.targets):
+            return self.batch_size
+        return min(self.batch_size, sum(max(self.targets[p] - self.fetched_to.get(p, self.positions[p]), 0)
+                                        for p in self.assigned))
+
+    def _take(self, msgs: list, decoded: list) -> Iterator[Batch]:
+        """Account decoded messages in order: examples to the batch, bad ones to dead-letters; a full batch is
+        yielded at once, so its offsets cover exactly the messages taken so far."""
+        for msg, ex in zip(msgs, decoded):
+            self.positions[msg.partition()] = msg.offset() + 1
+            self.consumed += 1
+            if isinstance(ex, Exception):
+                self.dead.send_message(msg, ex)
+            else:
+                self._examples.append(ex)
+                self._sources.append((msg.partition(), msg.offset()))
+                if len(self._examples) >= self.batch_size:
+                    yield self._batch()
+        if self.rec is not None:
+            self._record(msgs)
+
+    def _batch(self) -> Batch:
+        b = Batch(self._examples, dict(self.positions), self._sources)
+        self._examples, self._sources, self._batch_t0 = [], [], time.monotonic()
+        return b
 
     def _record(self, msgs) -> None:
         for p, n in Counter(m.partition() for m in msgs).items():
@@ -146,7 +193,8 @@ class KafkaExamples:
     def dead_letter_batch(self, batch: Batch, reason: str) -> None:
         """Every example of ``batch`` to dead-letters (re-encoded; the source offset names the original)."""
         for ex, (p, o) in zip(batch.examples, batch.sources or [(0, 0)] * len(batch.examples)):
-            self.dead.send(self.topic, p, o, key_of(ex.user_id), TRAINING_EXAMPLES.encode(ex), reason)
+            model = ex.to_model() if isinstance(ex, LazyVectors) else ex
+            self.dead.send(self.topic, p, o, key_of(ex.user_id), TRAINING_EXAMPLES.encode(model), reason)
 
     def commit(self, offsets: dict[int, int]) -> None:
         """Commit what a durable checkpoint covers (dead letters are flushed first: at least once)."""
@@ -157,5 +205,7 @@ class KafkaExamples:
 
     def close(self) -> None:
         self.closing = True
+        if self.decoder is not None:  # the iteration's own finally closes it too; this covers one never closed
+            self.decoder.close()
         self.producer.flush(30)
         self.consumer.close()

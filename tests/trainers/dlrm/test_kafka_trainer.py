@@ -1,12 +1,17 @@
 """`lum train` against the real embedded broker: SIGKILL mid-stream and restart trains every example exactly
 once (counting only what is inside the durable model state), a bad message goes to dead-letters, offsets are
-committed to what the checkpoint covers, and --until-caught-up exits at the end of the topic."""
+committed to what the checkpoint covers, and --until-caught-up exits at the end of the topic. The Kafka adapter:
+bad messages inside a fetch go to dead-letters with their own offsets; its decoder process ends with the trainer
+(a failed step, SIGKILL) and ignores stop signals; decoded examples cross the process boundary intact."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -17,8 +22,10 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from schemas.topics import DEAD_LETTERS, TRAINING_EXAMPLES, key_of
+from trainers.dlrm.kafka_source import KafkaExamples
+from trainers.dlrm.model import DLRMConfig
 from trainers.dlrm.synthetic import synthetic_examples
-from trainers.dlrm.train import read_meta
+from trainers.dlrm.train import Trainer, read_meta
 
 ROOT = Path(__file__).resolve().parents[3]
 N = 3000
@@ -103,3 +110,124 @@ def test_sigkill_restart_trains_each_example_exactly_once(kafka, tmp_path):
     decoded = [DEAD_LETTERS.decode(m.value()) for m in letters]
     assert len(decoded) >= 1 and all(d.source_topic == kafka.topic(TRAINING_EXAMPLES) for d in decoded)
     assert {d.consumer for d in decoded} == {f"dlrm-trainer:g-{kafka.topic_prefix}-lum"}
+
+
+# ------------------------------------------------------------------ the adapter and its decoder process
+
+
+def _nan_binary(ex) -> bytes:
+    data = bytearray(TRAINING_EXAMPLES.encode(ex))
+    data[-8:] = struct.pack("<d", math.nan)  # the last value of the item vector
+    return bytes(data)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("decoder_process", [True, False])
+def test_bad_messages_mid_fetch_go_to_dead_letters_with_their_offsets(kafka, read_topic, decoder_process):
+    examples = synthetic_examples(40, seed=6)
+    p = Producer(kafka.producer_config())
+    topic = kafka.topic(TRAINING_EXAMPLES)
+    key = key_of(examples[0].user_id)  # one partition: the bad messages sit between good ones in one fetch
+    for i, ex in enumerate(examples):
+        p.produce(topic, key=key, value=TRAINING_EXAMPLES.encode(ex))
+        if i == 10:
+            p.produce(topic, key=key, value=b"not a training example")
+        if i == 25:
+            p.produce(topic, key=key, value=_nan_binary(examples[0]))
+    assert p.flush(30) == 0
+    src = KafkaExamples(kafka, f"g-{kafka.topic_prefix}-bad", batch_size=16, until_caught_up=True,
+                        idle_timeout_s=5, decoder_process=decoder_process)
+    try:
+        batches = list(src)
+    finally:
+        src.close()
+    (part,) = {p for b in batches for p, _ in b.sources}
+    got = [(ex.example_id, o) for b in batches for ex, (_, o) in zip(b.examples, b.sources)]
+    assert [e for e, _ in got] == [ex.example_id for ex in examples]  # in order, each once
+    assert [o for _, o in got] == list(range(11)) + list(range(12, 27)) + list(range(28, 42))
+    assert batches[-1].offsets[part] == 42  # the bad messages' offsets advance too
+    assert all(len(b.examples) <= 16 for b in batches)
+    for b in batches:  # a batch's offsets cover exactly the messages up to its last example (or dead letter)
+        if b.sources:
+            assert b.offsets[part] in (b.sources[-1][1] + 1, b.sources[-1][1] + 2)
+    letters = [DEAD_LETTERS.decode(v) for _, _, _, v in read_topic(DEAD_LETTERS)]
+    assert sorted((d.partition, d.offset) for d in letters) == [(part, 11), (part, 27)]
+    reasons = {d.offset: d.error for d in letters}
+    assert "header" in reasons[11] and "non-finite" in reasons[27], reasons
+    if decoder_process:
+        assert src.decoder.proc.poll() is not None  # the child ended with the iteration
+
+
+@pytest.mark.timeout(120)
+def test_decoder_process_ends_when_the_trainer_fails(kafka, tmp_path, monkeypatch):
+    examples = synthetic_examples(64, seed=7)
+    p = Producer(kafka.producer_config())
+    for ex in examples:
+        p.produce(kafka.topic(TRAINING_EXAMPLES), key=key_of(ex.user_id), value=TRAINING_EXAMPLES.encode(ex))
+    assert p.flush(30) == 0
+    trainer = Trainer(DLRMConfig.preset("debug", features="lum"), tmp_path / "ckpt")
+
+    def fail(batch, **kw):
+        if batch.examples:
+            raise RuntimeError("step failed")
+
+    monkeypatch.setattr(trainer, "train_batch", fail)
+    src = KafkaExamples(kafka, f"g-{kafka.topic_prefix}-fail", batch_size=16, idle_timeout_s=5, decoder_process=True)
+    try:
+        with pytest.raises(RuntimeError, match="step failed"):
+            trainer.fit(src, on_durable=src.commit)
+        assert src.decoder is not None and src.decoder.proc.poll() is not None  # gone before fit returned
+    finally:
+        src.close()
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True  # exited; its new parent has not reaped it yet
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.timeout(60)
+def test_decoder_process_ignores_stop_signals_and_dies_with_its_trainer():
+    script = ("import sys, time; from trainers.dlrm.decoder import DecoderProcess; d = DecoderProcess(); "
+              "d.submit([b'x']); d.result(); print(d.proc.pid, flush=True); sys.stdin.readline(); "
+              "d.submit([b'x']); print(type(d.result()[0]).__name__, flush=True); time.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)},
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        os.kill(child, signal.SIGTERM)  # e.g. a stop signal sent to the whole group: the trainer decides
+        os.kill(child, signal.SIGINT)
+        parent.stdin.write("go\n")
+        parent.stdin.flush()
+        assert parent.stdout.readline().strip() == "DecodeError"  # still serving
+        parent.kill()  # SIGKILL: no clean-up code runs in the trainer
+        parent.wait(10)
+        assert _gone(child, 10), "the decoder process outlived its trainer"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+
+
+def test_decoded_fetch_crosses_the_process_boundary_intact():
+    from schemas.codec import DecodeError, decode_many
+    from schemas.events import TrainingExample
+    from trainers.dlrm.decoder import pack, unpack
+
+    examples = synthetic_examples(50, seed=8)
+    values = [TRAINING_EXAMPLES.encode(ex) for ex in examples] + [b"junk", _nan_binary(examples[1])]
+    out = unpack(pickle.loads(pickle.dumps(pack(decode_many(TrainingExample, values, lazy_vectors=True)))))
+    assert out[:50] == examples and all(isinstance(e, DecodeError) for e in out[50:])
+    for got, ex in zip(out, examples):  # what the featurizer reads
+        assert (got.lum_user, got.lum_item, got.history_items, got.lum_conditions) == \
+            (ex.lum_user, ex.lum_item, ex.history_items, ex.lum_conditions)
+        if ex.lum_user is not None:
+            assert got.__pydantic_private__["_lum_f64"] == \
+                struct.pack(f"<{sum(map(len, ex.lum_user)) + len(ex.lum_item)}d", *sum(ex.lum_user, []), *ex.lum_item)
+        assert TRAINING_EXAMPLES.encode(got.to_model()) == TRAINING_EXAMPLES.encode(ex)

@@ -1,0 +1,156 @@
+"""Decoding of fetched ``training-examples`` messages in a child process, beside the trainer's step.
+
+    dec = DecoderProcess()        # starts ``python -m trainers.dlrm.decoder`` (it imports schemas only)
+    dec.submit(values)            # the message values of one fetch (a few may be outstanding)
+    results = dec.result()        # the oldest submission's: LazyVectors or DecodeError per message, in order
+    dec.close()                   # the child exits (it is killed if it has not within 5 s)
+
+Why a process: decoding (strict validation of each message's JSON head, vector checks) costs about as much CPU
+as the featurize + step it feeds and holds the GIL, so in a thread it takes turns with the step instead of
+overlapping it. The child ignores SIGINT and SIGTERM (the trainer's stop signals: the trainer finishes its batch,
+then closes the child) and exits when its stdin closes, so it never outlives the trainer, even one killed with
+SIGKILL. Framing, both ways: u64 length + pickle. A reader thread in the child takes requests off the pipe as
+they come, so neither side can block the other on a full pipe.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import signal
+import struct
+import subprocess
+import sys
+import threading
+from collections import deque
+from pathlib import Path
+from typing import BinaryIO
+
+from schemas.codec import LazyVectors
+
+_LEN = struct.Struct("<Q")
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _read(f: BinaryIO) -> bytes | None:
+    head = f.read(_LEN.size)
+    if len(head) < _LEN.size:
+        return None
+    (n,) = _LEN.unpack(head)
+    data = f.read(n)
+    return data if len(data) == n else None
+
+
+def _write(f: BinaryIO, data: bytes) -> None:
+    f.write(_LEN.pack(len(data)))
+    f.write(data)
+    f.flush()
+
+
+def pack(results: list) -> tuple:
+    """Decoded messages -> (attribute names, one tuple of values per ``LazyVectors``, {index: anything else}):
+    a tuple of plain values pickles at a fraction of an object's cost."""
+    rows, others, keys = [], {}, None
+    for i, r in enumerate(results):
+        if type(r) is LazyVectors:
+            k = tuple(r.__dict__)
+            if keys is None:
+                keys = k
+            if k == keys:
+                rows.append((i, tuple(r.__dict__.values())))
+                continue
+        others[i] = r  # DecodeError, a model decoded from JSON
+    return keys, rows, others, len(results)
+
+
+def unpack(packed: tuple) -> list:
+    keys, rows, others, n = packed
+    out: list = [None] * n
+    new = LazyVectors.__new__
+    for i, values in rows:
+        ex = out[i] = new(LazyVectors)
+        ex.__dict__ = dict(zip(keys, values))
+    for i, r in others.items():
+        out[i] = r
+    return out
+
+
+class DecoderProcess:
+    def __init__(self) -> None:
+        # cwd: ``-m`` puts the repository first on the child's path, installed or not
+        self.proc = subprocess.Popen([sys.executable, "-m", "trainers.dlrm.decoder"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, cwd=ROOT)
+        self.pending: deque[int] = deque()  # sizes of the outstanding submissions
+
+    @property
+    def outstanding(self) -> int:
+        return len(self.pending)
+
+    def _died(self) -> RuntimeError:
+        code = self.proc.poll()
+        return RuntimeError(f"the decoder process (pid {self.proc.pid}) ended"
+                            + (f" with exit code {code}" if code is not None else "") + "; see its stderr above")
+
+    def submit(self, values: list[bytes | None]) -> None:
+        try:
+            _write(self.proc.stdin, pickle.dumps(values, protocol=pickle.HIGHEST_PROTOCOL))
+        except (BrokenPipeError, ValueError):  # ValueError: closed
+            raise self._died() from None
+        self.pending.append(len(values))
+
+    def result(self) -> list:
+        n = self.pending.popleft()
+        data = _read(self.proc.stdout)
+        if data is None:
+            raise self._died()
+        out = unpack(pickle.loads(data))
+        assert len(out) == n, (len(out), n)
+        return out
+
+    def close(self) -> None:
+        for f in (self.proc.stdin, self.proc.stdout):  # EOF for its reader; EPIPE for a reply in progress
+            try:
+                f.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def main() -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    out = os.fdopen(os.dup(1), "wb")  # the replies; anything printed goes to stderr
+    os.dup2(2, 1)
+    from schemas.codec import decode_many
+    from schemas.events import TrainingExample
+
+    requests: queue.Queue[bytes | None] = queue.Queue()
+
+    def take() -> None:
+        while True:
+            data = _read(sys.stdin.buffer)
+            requests.put(data)
+            if data is None:
+                return
+
+    threading.Thread(target=take, daemon=True).start()
+    while (data := requests.get()) is not None:
+        results = decode_many(TrainingExample, pickle.loads(data), lazy_vectors=True)
+        try:
+            _write(out, pickle.dumps(pack(results), protocol=pickle.HIGHEST_PROTOCOL))
+        except BrokenPipeError:  # the trainer closed or died
+            break
+    try:
+        out.close()
+    except OSError:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
