@@ -291,6 +291,22 @@ def encode_snapshot(user_id: int, rows: np.ndarray) -> bytes:
     return bytes(out)
 
 
+def snapshot_keys(data: bytes) -> tuple[int, np.ndarray]:
+    """(newest event time, event keys oldest first as a read-only view) of a compact (v2) snapshot record,
+    without decoding its other columns: the sequence agent's per-event order and duplicate checks of a
+    user's stored base cost a view, not a decode."""
+    if data[:3] != bytes((MAGIC, FORMAT_SEQUENCE, SNAPSHOT_VERSION)):
+        raise ValueError(f"not a compact user-sequence record (header {bytes(data[:3])!r})")
+    _, pos = _read_kinds(data, 3)
+    _, pos = _get_varint(data, pos)  # user id
+    newest, pos = _get_varint(data, pos)
+    n, pos = _get_varint(data, pos)
+    if n:
+        _, width, pos = _column_header(data, pos, n)  # event times: skipped
+        pos += n * width
+    return _unzz(newest), np.frombuffer(data, dtype="<i8", count=n, offset=pos)
+
+
 def encode_delta(user_id: int, rows: np.ndarray, cap: int) -> bytes:
     out = bytearray((MAGIC, FORMAT_DELTA, DELTA_VERSION))
     _kinds_header(out)
