@@ -17,7 +17,8 @@ Printed per size and agent:
                           and per CPU-second of the worker process (steadier)
     out/in bytes          bytes written to Kafka (keys + values: deltas, examples, dead letters) per input byte;
                           for the sequence agent also what the previous full-sequence export would have written
-    state B/user          the agent's RocksDB on disk per seeded user (and the logical value bytes)
+    state B/user          the agent's RocksDB on disk per seeded user after seeding (each user's base) and
+                          after the run (+ tails, folds, not yet compacted versions), and the base value bytes
     RSS                   peak resident memory of the process
     reader                the refresh side: a local view of the same mature histories folding the run's deltas
                           (deltas and changed users per CPU-second)
@@ -128,7 +129,7 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
     from schemas.seqexport import encode_snapshot
     from schemas.tokenize import ROW_WIDTH
     from schemas.topics import ALL_TOPICS, BEHAVIORS, DEAD_LETTERS, SEQUENCE_DELTAS, key_of
-    from streaming.agents.sequences import encode_value, user_key
+    from streaming.agents.sequences import SequenceLogic, put_sequence
     from streaming.agents.settings import AgentSettings
     from streaming.agents.store import RocksStore
     from streaming.agents.worker import state_identity
@@ -147,18 +148,18 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
     identity = state_identity(kafka, c, [kafka.topic(BEHAVIORS)])
     c.close()
     root = Path(data_dir) / "sequences" / (prefix + cfg.sequences_group)
-    logical = v2 = 0
+    logical = 0
+    logic = SequenceLogic(max_pairs=cfg.max_pairs)
     for p in range(PARTS):
         store = RocksStore(root / f"p{p}", identity | {"partition": p})
+        logic.reset(store)  # the agent's store layout and cap
         mine = touched[touched % PARTS == p]
         for i in range(0, len(mine), 500):
             chunk = mine[i:i + 500]
             rows = history_rows(rng, len(chunk), hist, ROW_WIDTH)
             for u, r in zip(chunk.tolist(), rows):
-                value = encode_value(u, r)
-                store.put(user_key(u), value)
-                logical += len(value)
-            v2 += len(encode_snapshot(int(chunk[0]), rows[0])) * len(chunk)  # compact layout, sampled
+                put_sequence(store, u, r)
+            logical += len(encode_snapshot(int(chunk[0]), rows[0])) * len(chunk)  # the stored base, sampled
             store.commit({})
             del rows
         store.commit({BEHAVIORS.name: 0})
@@ -183,6 +184,7 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
         bytes_in += len(v) + len(k)
     out.flush()
     res = run_worker("sequences", kafka, cfg, events)
+    disk_after = dir_bytes(root)  # + the run's tails and folds (and RocksDB's not yet compacted versions)
     cur, peak = rss_mb()  # the agent's, before the reader measurement below
     n_out, bytes_out = topic_bytes(kafka, SEQUENCE_DELTAS)
     _, dead = topic_bytes(kafka, DEAD_LETTERS)
@@ -203,7 +205,7 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
             "bytes_in": bytes_in, "bytes_out": bytes_out + dead, "out_records": n_out,
             "out_per_in": (bytes_out + dead) / bytes_in, "full_export_out_per_in": full / bytes_in,
             "state_disk_bytes_per_user": disk / len(touched), "state_value_bytes_per_user": logical / len(touched),
-            "snapshot_v2_bytes_per_user": v2 / len(touched), "rss_mb": cur, "peak_rss_mb": peak,
+            "state_disk_after_run_bytes_per_user": disk_after / len(touched), "rss_mb": cur, "peak_rss_mb": peak,
             "seed_s": seed_s}
 
 
@@ -390,12 +392,13 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run(["rm", "-rf", f"{tmp}/{size}"], check=False)
     print()
     print("| agent | users x history | events/s per worker (per CPU-s) | out/in bytes | full-sequence export out/in "
-          "| state B/user (disk / value) | peak RSS MB |")
+          "| state B/user (disk / after run / value) | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         full = f"{r['full_export_out_per_in']:.1f}" if "full_export_out_per_in" in r else "-"
         print(f"| {r['agent']} | {r['users']:,} x {r['history']} | {r['events_per_s']:,.0f} ({r['events_per_cpu_s']:,.0f}) "
               f"| {r['out_per_in']:.2f} | {full} | {r['state_disk_bytes_per_user']:,.0f} / "
+              f"{r.get('state_disk_after_run_bytes_per_user', 0):,.0f} / "
               f"{r['state_value_bytes_per_user']:,.0f} | {r['peak_rss_mb']:,.0f} |")
     for r in results:
         if "reader_deltas_per_cpu_s" in r:

@@ -80,6 +80,7 @@ TAIL_PAIRS = 32
 LAYOUT = 2  # of the store (1: one fixed-layout value per user under the bare user id)
 META = b"\x00"  # the store's layout and cap record; sorts before every user key
 BASE, TAIL = b"b", b"t"  # user key suffixes
+_FEW = 16  # new rows of a user per batch up to which plain Python beats numpy's set operations
 _NO_ROWS = np.zeros((0, ROW_WIDTH), dtype=np.int64)
 _BEHAVIORS_HEADER = BEHAVIORS.encode(BehaviorEvent(event_id="x", user_id=0, item_id=0, category_id=0, behavior="view",
                                                    scenario="x", event_time_ms=1_000_000_000_000))[:3]
@@ -116,6 +117,15 @@ def _stored_rows(base: bytes | None, tail: bytes | None) -> np.ndarray:
     """A user's stored rows, base then tail (sorted, distinct; the sequence is their last ``cap``)."""
     parts = [sx.decode(v)[1] for v in (base, tail) if v is not None]
     return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else _NO_ROWS
+
+
+def put_sequence(store: Store, user: int, rows: np.ndarray | None) -> None:
+    """Stage a user's whole sequence (rows oldest first; None deletes it) as its base, in a store that holds
+    no tails (a rebuild after ``reset``, a benchmark's seed)."""
+    if rows is None:
+        store.delete(user_key(user) + BASE)
+    else:
+        store.put(user_key(user) + BASE, encode_snapshot(user, rows))
 
 
 def read_sequences(source: Store | Iterable[tuple[bytes, bytes]], users: Sequence[int] | None = None
@@ -241,12 +251,8 @@ class SequenceLogic:
 
         def put_rows(rows: dict[int, np.ndarray | None]) -> None:
             for user, r in rows.items():
-                if r is None:
-                    store.delete(user_key(user) + BASE)
-                    users.discard(user)
-                else:
-                    store.put(user_key(user) + BASE, encode_snapshot(user, r))
-                    users.add(user)
+                put_sequence(store, user, r)
+                (users.add if r is not None else users.discard)(user)
                 if store.staged >= REBUILD_CHUNK:
                     store.commit({})
 
@@ -341,6 +347,16 @@ class SequenceLogic:
         if len(new) == 1:
             if (wkeys == new[0, COL_KEY]).any() or (tkeys == new[0, COL_KEY]).any():
                 new = new[:0]
+        elif len(new) <= _FEW:  # a few rows: one comparison per stored key, the rest in plain Python
+            k = new[:, COL_KEY]
+            dup = ((wkeys[:, None] == k).any(0) | (tkeys[:, None] == k).any(0)).tolist()
+            kept, first = [], set()
+            for r, d in zip(new.tolist(), dup):
+                if not d and r[COL_KEY] not in first:
+                    first.add(r[COL_KEY])
+                    kept.append(r)
+            kept.sort()  # (time, key) order: keys are distinct
+            new = np.array(kept, dtype=np.int64).reshape(-1, ROW)
         else:
             new = new[~(np.isin(new[:, COL_KEY], wkeys) | np.isin(new[:, COL_KEY], tkeys))]
             if len(new) > 1:
