@@ -7,8 +7,8 @@ Pure logic (``SequenceLogic``) over the runtime-neutral contract of ``streaming.
 client or RocksDB type appears here; the runtime (``streaming.agents.worker``) hosts it.
 
 State (store layout 2). Per ``behaviors`` partition, per user (id as 8 bytes big endian) a capped BASE
-(key ``user|b``, the compact ``user-sequences`` record of ``schemas.seqexport``) and a short append TAIL (key
-``user|t``, at most ``TAIL_PAIRS`` pairs in the fixed layout of ``USER_SEQUENCES.encode``, codec version 1);
+(key ``b|user``, the compact ``user-sequences`` record of ``schemas.seqexport``) and a short append TAIL (key
+``a|user``, at most ``TAIL_PAIRS`` pairs in the fixed layout of ``USER_SEQUENCES.encode``, codec version 1);
 the user's sequence is the last ``LUM_AGENT_MAX_PAIRS`` rows of base + tail. An event newer than the user's
 newest pair rewrites only the tail; a full tail, a late event landing inside the sequence, or a lowered cap
 folds the tail into the base. So bytes and CPU per event do not grow with the history beyond a view of the
@@ -50,6 +50,7 @@ rebuilt from partition p of the export (snapshot + deltas), which holds everythi
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import time
@@ -79,7 +80,9 @@ EXPORT = {USER_SEQUENCES.name: USER_SEQUENCES, SEQUENCE_DELTAS.name: SEQUENCE_DE
 TAIL_PAIRS = 32
 LAYOUT = 2  # of the store (1: one fixed-layout value per user under the bare user id)
 META = b"\x00"  # the store's layout and cap record; sorts before every user key
-BASE, TAIL = b"b", b"t"  # user key suffixes
+# Key prefixes: bases and tails in separate key ranges, so that a tail read touches blocks of small tails,
+# never a neighbour's 26 KB base (5-10x cheaper per lookup); tails sort first (a scan of pairs buffers them).
+BASE, TAIL = b"b", b"a"
 _FEW = 16  # new rows of a user per batch up to which plain Python beats numpy's set operations
 _NO_ROWS = np.zeros((0, ROW_WIDTH), dtype=np.int64)
 _BEHAVIORS_HEADER = BEHAVIORS.encode(BehaviorEvent(event_id="x", user_id=0, item_id=0, category_id=0, behavior="view",
@@ -103,6 +106,14 @@ def user_key(user_id: int) -> bytes:
     return user_id.to_bytes(8, "big")
 
 
+def base_key(user_id: int) -> bytes:
+    return BASE + user_id.to_bytes(8, "big")
+
+
+def tail_key(user_id: int) -> bytes:
+    return TAIL + user_id.to_bytes(8, "big")
+
+
 def encode_value(user_id: int, rows: np.ndarray) -> bytes:
     """A sequence's fixed-layout ``user-sequences`` bytes (codec version 1) from (n, ROW) int64 rows, oldest
     first: the layout of a user's tail in the store."""
@@ -123,9 +134,9 @@ def put_sequence(store: Store, user: int, rows: np.ndarray | None) -> None:
     """Stage a user's whole sequence (rows oldest first; None deletes it) as its base, in a store that holds
     no tails (a rebuild after ``reset``, a benchmark's seed)."""
     if rows is None:
-        store.delete(user_key(user) + BASE)
+        store.delete(base_key(user))
     else:
-        store.put(user_key(user) + BASE, encode_snapshot(user, rows))
+        store.put(base_key(user), encode_snapshot(user, rows))
 
 
 def read_sequences(source: Store | Iterable[tuple[bytes, bytes]], users: Sequence[int] | None = None
@@ -141,27 +152,48 @@ def read_sequences(source: Store | Iterable[tuple[bytes, bytes]], users: Sequenc
         cap = json.loads(meta)["cap"] if meta else None
         for c in range(0, len(users), REBUILD_CHUNK):  # bounded memory whatever the number of users
             chunk = users[c:c + REBUILD_CHUNK]
-            values = source.get_many([k for u in chunk for k in (user_key(u) + BASE, user_key(u) + TAIL)])
+            values = source.get_many([k for u in chunk for k in (base_key(u), tail_key(u))])
             for i, user in enumerate(chunk):
                 b, t = values[2 * i], values[2 * i + 1]
                 if b is not None or t is not None:
                     yield user, _stored_rows(b, t)[-cap:] if cap else _stored_rows(b, t)
         return
-    cap = None
-    user, parts = None, {}
-    for key, value in (source.scan() if isinstance(source, Store) else source):
-        if key == META:  # sorts first
-            cap = json.loads(value)["cap"]
-            continue
-        if len(key) != 9 or key[8:] not in (BASE, TAIL) or cap is None:
-            raise ValueError(f"store key {key[:16]!r} is not of the sequence agent's layout {LAYOUT}")
-        u = int.from_bytes(key[:8], "big")
-        if u != user and parts:
-            yield user, _stored_rows(parts.get(BASE), parts.get(TAIL))[-cap:]
-            parts = {}
-        user, parts[key[8:]] = u, value
-    if parts:
-        yield user, _stored_rows(parts.get(BASE), parts.get(TAIL))[-cap:]
+    if isinstance(source, Store):
+        meta = source.get(META)
+        tails, bases = source.scan(TAIL), source.scan(BASE)  # two streams in user order
+    else:  # one stream in key order: the layout record, all tails, then all bases
+        items = iter(source)
+        first = next(items, None)
+        meta = first[1] if first is not None and first[0] == META else None
+        if meta is None and first is not None:
+            items = itertools.chain([first], items)
+        tails = []
+        for key, value in items:
+            if key[:1] == BASE:
+                bases = itertools.chain([(key, value)], items)
+                break
+            tails.append((key, value))
+        else:
+            bases = iter(())
+    if meta is None:
+        if next(iter(tails), None) is not None or next(bases, None) is not None:
+            raise ValueError(f"the store holds no layout record: not of the sequence agent's layout {LAYOUT}")
+        return
+    cap = json.loads(meta)["cap"]
+    tails, bases = iter(tails), iter(bases)
+    t, b = next(tails, None), next(bases, None)
+    while t is not None or b is not None:
+        for key, _ in (x for x in (t, b) if x is not None):
+            if len(key) != 9 or key[:1] not in (BASE, TAIL):
+                raise ValueError(f"store key {key[:16]!r} is not of the sequence agent's layout {LAYOUT}")
+        tu = int.from_bytes(t[0][1:], "big") if t is not None else None
+        bu = int.from_bytes(b[0][1:], "big") if b is not None else None
+        user = min(u for u in (tu, bu) if u is not None)
+        yield user, _stored_rows(b[1] if bu == user else None, t[1] if tu == user else None)[-cap:]
+        if tu == user:
+            t = next(tails, None)
+        if bu == user:
+            b = next(bases, None)
 
 
 def merge(cur: np.ndarray | None, new: np.ndarray, cap: int) -> np.ndarray | None:
@@ -317,7 +349,7 @@ class SequenceLogic:
         uniq, starts = np.unique(users[order], return_index=True)
         ends = np.append(starts[1:], len(rows)).tolist()
         uniq_l, starts_l = uniq.tolist(), starts.tolist()
-        values = store.get_many([user_key(u) + s for u in uniq_l for s in (BASE, TAIL)])
+        values = store.get_many([k for u in uniq_l for k in (base_key(u), tail_key(u))])
         send, sent = emit.send, 0
         for i, user in enumerate(uniq_l):
             new = rows[starts_l[i]:ends[i]]
@@ -370,7 +402,7 @@ class SequenceLogic:
         if not cut and (last is None or (new[0, COL_TIME], new[0, COL_KEY]) > last):  # in order: append
             trows = np.concatenate((trows, new)) if nt else new
             if len(trows) <= TAIL_PAIRS:
-                store.put(user_key(user) + TAIL, encode_value(user, trows))
+                store.put(tail_key(user), encode_value(user, trows))
                 return True
             merged = np.concatenate((sx.decode(base)[1], trows))[-cap:] if nb else trows[-cap:]
         else:
@@ -380,9 +412,9 @@ class SequenceLogic:
                 if not cut:
                     return False
                 merged = window
-        store.put(user_key(user) + BASE, encode_snapshot(user, merged))
+        store.put(base_key(user), encode_snapshot(user, merged))
         if tail is not None:
-            store.delete(user_key(user) + TAIL)
+            store.delete(tail_key(user))
         return True
 
     def gauges(self) -> dict[str, float]:

@@ -13,7 +13,7 @@ from schemas.events import BehaviorEvent
 from schemas import seqexport as sx
 from schemas.topics import BEHAVIORS, SEQUENCE_DELTAS, USER_SEQUENCES, key_of
 import streaming.agents.sequences as seqmod
-from streaming.agents.sequences import (BASE, META, TAIL, SequenceLogic, encode_value, expected_sequences,
+from streaming.agents.sequences import (META, SequenceLogic, base_key, tail_key, encode_value, expected_sequences,
                                          read_sequences, user_key)
 from streaming.agents.store import MemoryEmit, MemoryStore, Record
 
@@ -47,8 +47,11 @@ def run(batches, cap: int = 1024, store=None, committed=None, read=None):
 
 
 def state(store) -> dict:
-    """Every user's sequence as the agent's one reader of its store says."""
-    return {u: sx.to_sequence(u, rows) for u, rows in read_sequences(store)}
+    """Every user's sequence as the agent's one reader of its store says (from the store, and from its
+    (key, value) pairs in key order as ``store.read_state`` gives them: the same)."""
+    seqs = {u: sx.to_sequence(u, rows) for u, rows in read_sequences(store)}
+    assert {u: sx.to_sequence(u, rows) for u, rows in read_sequences(sorted(store.data.items()))} == seqs
+    return seqs
 
 
 def export_reader(*emits):
@@ -124,7 +127,7 @@ def test_tail_fold_boundary_mostly_in_order_with_late_events_and_duplicates(tail
         want = expected_sequences(seen, cap=cap)
         assert state(store) == want, b
         assert {u: s for u, s in published(_merged(emits)).items()} == want, b
-        tail_value = store.data.get(user_key(1) + TAIL)
+        tail_value = store.data.get(tail_key(1))
         assert tail_value is None or len(sx.decode(tail_value)[1]) <= tail
 
 
@@ -137,16 +140,16 @@ def _merged(emits):
 def test_in_order_events_rewrite_only_the_tail_until_it_is_full(monkeypatch):
     monkeypatch.setattr(seqmod, "TAIL_PAIRS", 4)
     logic, store, _ = run([[ev(i, 2, i * 1000) for i in range(10)]])  # a new user's batch: over the tail -> base
-    base = store.data[user_key(2) + BASE]
-    assert user_key(2) + TAIL not in store.data
+    base = store.data[base_key(2)]
+    assert tail_key(2) not in store.data
     for i in range(10, 14):  # 4 appends: the base is not rewritten
         logic.process(0, records([ev(i, 2, i * 1000)], start=i), emit := MemoryEmit())
         store.commit({"behaviors": i + 1})
-        assert store.data[user_key(2) + BASE] is base and len(emit.sent) == 1
-        assert len(sx.decode(store.data[user_key(2) + TAIL])[1]) == i - 9
+        assert store.data[base_key(2)] is base and len(emit.sent) == 1
+        assert len(sx.decode(store.data[tail_key(2)])[1]) == i - 9
     logic.process(0, records([ev(14, 2, 14_000)], start=14), MemoryEmit())  # the 5th folds
     store.commit({"behaviors": 15})
-    assert user_key(2) + TAIL not in store.data and store.data[user_key(2) + BASE] != base
+    assert tail_key(2) not in store.data and store.data[base_key(2)] != base
     assert state(store) == expected_sequences([ev(i, 2, i * 1000) for i in range(15)])
 
 
@@ -292,7 +295,7 @@ def test_tokenizer_upgrade_of_stored_state(monkeypatch):
     body += struct.pack(f"<{4 + n_old}q", t.event_time_ms, t.event_key, *t.conditions[:n_old], t.item_id,
                         t.category_id)
     store = MemoryStore()
-    store.put(user_key(5) + TAIL, encode_value(0, np.zeros((0, tk.ROW_WIDTH), np.int64))[:3] + body)
+    store.put(tail_key(5), encode_value(0, np.zeros((0, tk.ROW_WIDTH), np.int64))[:3] + body)
     store.put(META, seqmod._meta(1024))
     store.commit({"behaviors": 0})
     new = ev(2, 5, 2000)
