@@ -7,12 +7,13 @@ Pure logic (``SequenceLogic``) over the runtime-neutral contract of ``streaming.
 client or RocksDB type appears here; the runtime (``streaming.agents.worker``) hosts it.
 
 State (store layout 2). Per ``behaviors`` partition, per user (id as 8 bytes big endian) a capped BASE
-(key ``b|user``, the compact ``user-sequences`` record of ``schemas.seqexport``) and a short append TAIL (key
-``a|user``, at most ``TAIL_PAIRS`` pairs in the fixed layout of ``USER_SEQUENCES.encode``, codec version 1);
-the user's sequence is the last ``LUM_AGENT_MAX_PAIRS`` rows of base + tail. An event newer than the user's
-newest pair rewrites only the tail; a full tail, a late event landing inside the sequence, or a lowered cap
-folds the tail into the base. So bytes and CPU per event do not grow with the history beyond a view of the
-base's event keys (the duplicate check). Key ``\\x00`` records the layout version and the cap: a store of
+(key ``b|user``, the compact ``user-sequences`` record of ``schemas.seqexport``) with its INDEX (key ``c|user``,
+the same record with only event times and keys, other columns zero), and a short append TAIL (key ``a|user``,
+at most ``TAIL_PAIRS`` pairs in the fixed layout of ``USER_SEQUENCES.encode``, codec version 1); the user's
+sequence is the last ``LUM_AGENT_MAX_PAIRS`` rows of base + tail. An event reads the index and the tail; one
+newer than the user's newest pair rewrites only the tail; a full tail, a late event landing inside the
+sequence, or a lowered cap reads the base and folds the tail into it. So bytes and CPU per event do not grow
+with the history beyond reading the index (8 B per pair) and a view of its event keys (the duplicate check). Key ``\\x00`` records the layout version and the cap: a store of
 another layout or cap is rebuilt from the export on assignment. ``read_sequences`` is the one reader of this
 state (backfill, tools, tests). The store's committed position of ``behaviors`` says which offsets the state
 covers.
@@ -80,9 +81,9 @@ EXPORT = {USER_SEQUENCES.name: USER_SEQUENCES, SEQUENCE_DELTAS.name: SEQUENCE_DE
 TAIL_PAIRS = 32
 LAYOUT = 2  # of the store (1: one fixed-layout value per user under the bare user id)
 META = b"\x00"  # the store's layout and cap record; sorts before every user key
-# Key prefixes: bases and tails in separate key ranges, so that a tail read touches blocks of small tails,
-# never a neighbour's 26 KB base (5-10x cheaper per lookup); tails sort first (a scan of pairs buffers them).
-BASE, TAIL = b"b", b"a"
+# Key prefixes, each kind in its own key range so that a lookup reads blocks of its kind only (a tail read
+# never decompresses a neighbour's 26 KB base); tails sort first (a scan of (key, value) pairs buffers them).
+TAIL, BASE, INDEX = b"a", b"b", b"c"
 _FEW = 16  # new rows of a user per batch up to which plain Python beats numpy's set operations
 _NO_ROWS = np.zeros((0, ROW_WIDTH), dtype=np.int64)
 _BEHAVIORS_HEADER = BEHAVIORS.encode(BehaviorEvent(event_id="x", user_id=0, item_id=0, category_id=0, behavior="view",
@@ -114,6 +115,19 @@ def tail_key(user_id: int) -> bytes:
     return TAIL + user_id.to_bytes(8, "big")
 
 
+def index_key(user_id: int) -> bytes:
+    return INDEX + user_id.to_bytes(8, "big")
+
+
+def _put_base(store: Store, user: int, rows: np.ndarray) -> None:
+    """The base and its index: the same compact record with only (event time, event key) kept, the other
+    columns zero (about 8.5 KB at 1,024 pairs): what every event reads, where the base is read per fold."""
+    store.put(base_key(user), encode_snapshot(user, rows))
+    index = np.zeros_like(rows)
+    index[:, :2] = rows[:, :2]
+    store.put(index_key(user), encode_snapshot(user, index))
+
+
 def encode_value(user_id: int, rows: np.ndarray) -> bytes:
     """A sequence's fixed-layout ``user-sequences`` bytes (codec version 1) from (n, ROW) int64 rows, oldest
     first: the layout of a user's tail in the store."""
@@ -135,8 +149,9 @@ def put_sequence(store: Store, user: int, rows: np.ndarray | None) -> None:
     no tails (a rebuild after ``reset``, a benchmark's seed)."""
     if rows is None:
         store.delete(base_key(user))
+        store.delete(index_key(user))
     else:
-        store.put(base_key(user), encode_snapshot(user, rows))
+        _put_base(store, user, rows)
 
 
 def read_sequences(source: Store | Iterable[tuple[bytes, bytes]], users: Sequence[int] | None = None
@@ -170,7 +185,7 @@ def read_sequences(source: Store | Iterable[tuple[bytes, bytes]], users: Sequenc
         tails = []
         for key, value in items:
             if key[:1] == BASE:
-                bases = itertools.chain([(key, value)], items)
+                bases = itertools.takewhile(lambda kv: kv[0][:1] == BASE, itertools.chain([(key, value)], items))
                 break
             tails.append((key, value))
         else:
@@ -349,7 +364,7 @@ class SequenceLogic:
         uniq, starts = np.unique(users[order], return_index=True)
         ends = np.append(starts[1:], len(rows)).tolist()
         uniq_l, starts_l = uniq.tolist(), starts.tolist()
-        values = store.get_many([k for u in uniq_l for k in (base_key(u), tail_key(u))])
+        values = store.get_many([k for u in uniq_l for k in (index_key(u), tail_key(u))])
         send, sent = emit.send, 0
         for i, user in enumerate(uniq_l):
             new = rows[starts_l[i]:ends[i]]
@@ -358,16 +373,17 @@ class SequenceLogic:
                 sent += 1
         self.counts["sequences_published_total"] += sent
 
-    def _apply(self, store: Store, user: int, base: bytes | None, tail: bytes | None, new: np.ndarray) -> bool:
+    def _apply(self, store: Store, user: int, index: bytes | None, tail: bytes | None, new: np.ndarray) -> bool:
         """Stage one user's new rows (arrival order); True if the user's sequence changed.
 
-        The sequence is the last ``cap`` rows of base + tail (the window). New rows newer than every stored
-        row are appended to the tail (one small value rewritten); the tail is folded into the base (stored
-        compact, ``schemas.seqexport``) when it would exceed ``TAIL_PAIRS``, and a row landing inside the
-        window, or a base longer than the cap (a lowered cap), folds at once with ``merge``'s rules."""
+        The sequence is the last ``cap`` rows of base + tail (the window); ``index`` gives the base's keys and
+        newest pair without its other columns. New rows newer than every stored row are appended to the tail
+        (one small value rewritten); the tail is folded into the base (read only then) when it would exceed
+        ``TAIL_PAIRS``, and a row landing inside the window, or a base longer than the cap (a lowered cap),
+        folds at once with ``merge``'s rules."""
         cap = self.cap
-        if base is not None:
-            newest, bkeys = sx.snapshot_keys(base)
+        if index is not None:
+            newest, bkeys = sx.snapshot_keys(index)
         else:
             newest, bkeys = None, _NO_ROWS[:, COL_KEY]
         trows = sx.decode(tail)[1] if tail is not None else _NO_ROWS
@@ -404,15 +420,15 @@ class SequenceLogic:
             if len(trows) <= TAIL_PAIRS:
                 store.put(tail_key(user), encode_value(user, trows))
                 return True
-            merged = np.concatenate((sx.decode(base)[1], trows))[-cap:] if nb else trows[-cap:]
+            merged = np.concatenate((sx.decode(store.get(base_key(user)))[1], trows))[-cap:] if nb else trows[-cap:]
         else:
-            window = _stored_rows(base, tail)[-cap:]
+            window = _stored_rows(store.get(base_key(user)) if nb else None, tail)[-cap:]
             merged = merge(window, new, cap) if len(new) else None
             if merged is None:  # only pairs older than the full window arrived
                 if not cut:
                     return False
                 merged = window
-        store.put(base_key(user), encode_snapshot(user, merged))
+        _put_base(store, user, merged)
         if tail is not None:
             store.delete(tail_key(user))
         return True
