@@ -18,7 +18,7 @@ Printed per size and agent:
     out/in bytes          bytes written to Kafka (keys + values: deltas, examples, dead letters) per input byte;
                           for the sequence agent also what the previous full-sequence export would have written
     state B/user          the agent's RocksDB on disk per seeded user after seeding (each user's base) and
-                          after the run (+ tails, folds, not yet compacted versions), and the base value bytes
+                          after the run (+ tails, folds, not yet compacted versions), and the value bytes (base + index)
     RSS                   peak resident memory of the process
     reader                the refresh side: a local view of the same mature histories folding the run's deltas
                           (deltas and changed users per CPU-second)
@@ -159,7 +159,10 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
             rows = history_rows(rng, len(chunk), hist, ROW_WIDTH)
             for u, r in zip(chunk.tolist(), rows):
                 put_sequence(store, u, r)
-            logical += len(encode_snapshot(int(chunk[0]), rows[0])) * len(chunk)  # the stored base, sampled
+            index = np.zeros_like(rows[0])
+            index[:, :2] = rows[0][:, :2]  # the base's index record: times and keys (streaming.agents.sequences)
+            logical += (len(encode_snapshot(int(chunk[0]), rows[0])) + len(encode_snapshot(int(chunk[0]), index))
+                        ) * len(chunk)  # the stored base and its index, sampled
             store.commit({})
             del rows
         store.commit({BEHAVIORS.name: 0})
