@@ -281,12 +281,13 @@ class Marker:
     delta_offset: int
 
 
-def encode_snapshot(user_id: int, rows: np.ndarray) -> bytes:
-    """A user's full sequence (rows oldest first) as a ``user-sequences`` value, compact layout (v2)."""
+def encode_snapshot(user_id: int, rows: np.ndarray, updated_at_ms: int | None = None) -> bytes:
+    """A user's full sequence (rows oldest first) as a ``user-sequences`` value, compact layout (v2);
+    ``updated_at_ms`` defaults to the newest pair's event time."""
     out = bytearray((MAGIC, FORMAT_SEQUENCE, SNAPSHOT_VERSION))
     _kinds_header(out)
     _put_varint(out, _zz(user_id))
-    _put_varint(out, _zz(int(rows[-1, 0]) if len(rows) else 0))
+    _put_varint(out, _zz(updated_at_ms if updated_at_ms is not None else int(rows[-1, 0]) if len(rows) else 0))
     _put_pairs(out, rows)
     return bytes(out)
 
