@@ -142,6 +142,9 @@ def test_in_order_events_rewrite_only_the_tail_until_it_is_full(monkeypatch):
     logic, store, _ = run([[ev(i, 2, i * 1000) for i in range(10)]])  # a new user's batch: over the tail -> base
     base = store.data[base_key(2)]
     assert tail_key(2) not in store.data
+    for j in (0, 5, 9):  # a retry of a stored event with other content (a later time): still a duplicate
+        logic.process(0, records([ev(j, 2, 50_000 + j, item=1)], start=10), emit := MemoryEmit())
+        assert not emit.sent and not store.staged
     for i in range(10, 14):  # 4 appends: the base is not rewritten
         logic.process(0, records([ev(i, 2, i * 1000)], start=i), emit := MemoryEmit())
         store.commit({"behaviors": i + 1})
