@@ -7,17 +7,17 @@ Pure logic (``SequenceLogic``) over the runtime-neutral contract of ``streaming.
 client or RocksDB type appears here; the runtime (``streaming.agents.worker``) hosts it.
 
 State (store layout 2). Per ``behaviors`` partition, per user (id as 8 bytes big endian) a capped BASE
-(key ``b|user``, the compact ``user-sequences`` record of ``schemas.seqexport``) with its INDEX (key ``c|user``,
-the same record with only the event keys, other columns zero, and the newest event time), and a short append TAIL (key ``a|user``,
-at most ``TAIL_PAIRS`` pairs in the fixed layout of ``USER_SEQUENCES.encode``, codec version 1); the user's
-sequence is the last ``LUM_AGENT_MAX_PAIRS`` rows of base + tail. An event reads the index and the tail; one
-newer than the user's newest pair rewrites only the tail; a full tail, a late event landing inside the
-sequence, or a lowered cap reads the base and folds the tail into it. So bytes and CPU per event do not grow
-with the history beyond reading the index (8 B per pair, incompressible: a copy) and a view of its event keys
-(the duplicate check). Key ``\\x00`` records the layout version and the cap: a store of
-another layout or cap is rebuilt from the export on assignment. ``read_sequences`` is the one reader of this
-state (backfill, tools, tests). The store's committed position of ``behaviors`` says which offsets the state
-covers.
+(key ``b|user``, the compact ``user-sequences`` record of ``schemas.seqexport``) with its INDEX (key
+``c|user``: the same record with only the event keys, other columns zero, and the newest event time), and a
+short append TAIL (key ``a|user``, at most ``TAIL_PAIRS`` pairs in the fixed layout of
+``USER_SEQUENCES.encode``, codec version 1); the user's sequence is the last ``LUM_AGENT_MAX_PAIRS`` rows of
+base + tail. An event reads the index and the tail; one newer than the user's newest pair rewrites only the
+tail; a full tail, a late event landing inside the sequence, or a lowered cap reads the base and folds the
+tail into it. So bytes and CPU per event do not grow with the history beyond reading the index (8 B per pair,
+incompressible: a copy) and a view of its event keys (the duplicate check). Key ``\\x00`` records the layout
+version and the cap: a store of another layout or cap is rebuilt from the export on assignment.
+``read_sequences`` is the one reader of this state (backfill, tools, tests). The store's committed position of
+``behaviors`` says which offsets the state covers.
 
 Semantics. A user's sequence is the ``LUM_AGENT_MAX_PAIRS`` (default 1,024) latest distinct events in
 (event_time, event_key) order, events deduplicated by ``event_key`` (hash of event_id): a pure function of
@@ -47,7 +47,8 @@ Recovery. On assignment of partition p the agent resumes from the group's commit
 covers at least C it is used as is (events in [C, store position) were applied but maybe not published: they
 are re-applied, change nothing, and their users' deltas are re-sent). If it is missing or behind (the
 partition was processed elsewhere, or the store's identity did not match) or of another layout or cap, it is
-rebuilt from partition p of the export (snapshot + deltas), which holds everything up to C because outputs are delivered before commits.
+rebuilt from partition p of the export (snapshot + deltas), which holds everything up to C because outputs
+are delivered before commits.
 """
 
 from __future__ import annotations

@@ -116,7 +116,8 @@ def test_tail_fold_boundary_mostly_in_order_with_late_events_and_duplicates(tail
             elif r < 0.2 and seen:  # same event id, other content, its first copy still in the sequence
                 first = {tk.event_key(e.event_id): e for e in reversed(seen)}
                 kept = [first[p.event_key] for p in expected_sequences(seen, cap=cap)[1].pairs]
-                batch.append(rng.choice([kept[0], rng.choice(kept)]).model_copy(update={"event_time_ms": T0 + i * 1000, "item_id": 7}))
+                retry = rng.choice([kept[0], rng.choice(kept)])
+                batch.append(retry.model_copy(update={"event_time_ms": T0 + i * 1000, "item_id": 7}))
             elif r < 0.3:
                 batch.append(ev(i, 1, t=(i - rng.randrange(1, 12)) * 1000))  # late
             else:
