@@ -17,7 +17,8 @@ Printed per size and agent:
                           and per CPU-second of the worker process (steadier)
     out/in bytes          bytes written to Kafka (keys + values: deltas, examples, dead letters) per input byte;
                           for the sequence agent also what the previous full-sequence export would have written
-    state B/user          the agent's RocksDB on disk per seeded user (and the logical value bytes)
+    state B/user          the agent's RocksDB on disk per seeded user after seeding (each user's base) and
+                          after the run (+ tails, folds, not yet compacted versions), and the value bytes (base + index)
     RSS                   peak resident memory of the process
     reader                the refresh side: a local view of the same mature histories folding the run's deltas
                           (deltas and changed users per CPU-second)
@@ -31,7 +32,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -128,7 +128,7 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
     from schemas.seqexport import encode_snapshot
     from schemas.tokenize import ROW_WIDTH
     from schemas.topics import ALL_TOPICS, BEHAVIORS, DEAD_LETTERS, SEQUENCE_DELTAS, key_of
-    from streaming.agents.sequences import encode_value, user_key
+    from streaming.agents.sequences import SequenceLogic, put_sequence
     from streaming.agents.settings import AgentSettings
     from streaming.agents.store import RocksStore
     from streaming.agents.worker import state_identity
@@ -147,21 +147,25 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
     identity = state_identity(kafka, c, [kafka.topic(BEHAVIORS)])
     c.close()
     root = Path(data_dir) / "sequences" / (prefix + cfg.sequences_group)
-    logical = v2 = 0
+    logical = 0
+    logic = SequenceLogic(max_pairs=cfg.max_pairs)
     for p in range(PARTS):
         store = RocksStore(root / f"p{p}", identity | {"partition": p})
+        logic.reset(store)  # the agent's store layout and cap
         mine = touched[touched % PARTS == p]
         for i in range(0, len(mine), 500):
             chunk = mine[i:i + 500]
             rows = history_rows(rng, len(chunk), hist, ROW_WIDTH)
             for u, r in zip(chunk.tolist(), rows):
-                value = encode_value(u, r)
-                store.put(user_key(u), value)
-                logical += len(value)
-            v2 += len(encode_snapshot(int(chunk[0]), rows[0])) * len(chunk)  # compact layout, sampled
+                put_sequence(store, u, r)
+            index = np.zeros_like(rows[0])
+            index[:, 1] = rows[0][:, 1]  # the base's index record: its keys (streaming.agents.sequences)
+            logical += (len(encode_snapshot(int(chunk[0]), rows[0])) + len(encode_snapshot(int(chunk[0]), index, 1))
+                        ) * len(chunk)  # the stored base and its index, sampled
             store.commit({})
             del rows
         store.commit({BEHAVIORS.name: 0})
+        store.db.compact_range(None, None)  # settled, as a long-running store: the seed's compaction is no event's work
         store.close()
     gc.collect()
     seed_s = time.perf_counter() - t0
@@ -183,6 +187,7 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
         bytes_in += len(v) + len(k)
     out.flush()
     res = run_worker("sequences", kafka, cfg, events)
+    disk_after = dir_bytes(root)  # + the run's tails and folds (and RocksDB's not yet compacted versions)
     cur, peak = rss_mb()  # the agent's, before the reader measurement below
     n_out, bytes_out = topic_bytes(kafka, SEQUENCE_DELTAS)
     _, dead = topic_bytes(kafka, DEAD_LETTERS)
@@ -203,7 +208,7 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
             "bytes_in": bytes_in, "bytes_out": bytes_out + dead, "out_records": n_out,
             "out_per_in": (bytes_out + dead) / bytes_in, "full_export_out_per_in": full / bytes_in,
             "state_disk_bytes_per_user": disk / len(touched), "state_value_bytes_per_user": logical / len(touched),
-            "snapshot_v2_bytes_per_user": v2 / len(touched), "rss_mb": cur, "peak_rss_mb": peak,
+            "state_disk_after_run_bytes_per_user": disk_after / len(touched), "rss_mb": cur, "peak_rss_mb": peak,
             "seed_s": seed_s}
 
 
@@ -390,17 +395,21 @@ def main(argv: list[str] | None = None) -> int:
                 subprocess.run(["rm", "-rf", f"{tmp}/{size}"], check=False)
     print()
     print("| agent | users x history | events/s per worker (per CPU-s) | out/in bytes | full-sequence export out/in "
-          "| state B/user (disk / value) | peak RSS MB |")
+          "| state B/user (disk / after run / value) | peak RSS MB |")
     print("|---|---|---|---|---|---|---|")
     for r in results:
         full = f"{r['full_export_out_per_in']:.1f}" if "full_export_out_per_in" in r else "-"
         print(f"| {r['agent']} | {r['users']:,} x {r['history']} | {r['events_per_s']:,.0f} ({r['events_per_cpu_s']:,.0f}) "
               f"| {r['out_per_in']:.2f} | {full} | {r['state_disk_bytes_per_user']:,.0f} / "
+              f"{r.get('state_disk_after_run_bytes_per_user', 0):,.0f} / "
               f"{r['state_value_bytes_per_user']:,.0f} | {r['peak_rss_mb']:,.0f} |")
     for r in results:
         if "reader_deltas_per_cpu_s" in r:
             print(f"reader (refresh view) @ {r['size']}: {r['reader_deltas_per_cpu_s']:,.0f} deltas/CPU-s, "
                   f"{r['reader_users_per_cpu_s']:,.0f} changed {r['history']}-pair users/CPU-s")
+    for r in results:  # per-user work (state lookups, one delta) is shared by a user's events in one batch
+        if r["agent"] == "sequences" and r.get("out_records"):
+            print(f"sequences @ {r['size']}: {r['events'] / r['out_records']:.2f} events per changed user and batch")
     for agent in {r["agent"] for r in results}:
         rates = [r["events_per_cpu_s"] for r in results if r["agent"] == agent]
         worst = max(r["out_per_in"] for r in results if r["agent"] == agent)

@@ -281,14 +281,31 @@ class Marker:
     delta_offset: int
 
 
-def encode_snapshot(user_id: int, rows: np.ndarray) -> bytes:
-    """A user's full sequence (rows oldest first) as a ``user-sequences`` value, compact layout (v2)."""
+def encode_snapshot(user_id: int, rows: np.ndarray, updated_at_ms: int | None = None) -> bytes:
+    """A user's full sequence (rows oldest first) as a ``user-sequences`` value, compact layout (v2);
+    ``updated_at_ms`` defaults to the newest pair's event time."""
     out = bytearray((MAGIC, FORMAT_SEQUENCE, SNAPSHOT_VERSION))
     _kinds_header(out)
     _put_varint(out, _zz(user_id))
-    _put_varint(out, _zz(int(rows[-1, 0]) if len(rows) else 0))
+    _put_varint(out, _zz(updated_at_ms if updated_at_ms is not None else int(rows[-1, 0]) if len(rows) else 0))
     _put_pairs(out, rows)
     return bytes(out)
+
+
+def snapshot_keys(data: bytes) -> tuple[int, np.ndarray]:
+    """(newest event time, event keys oldest first as a read-only view) of a compact (v2) snapshot record,
+    without decoding its other columns: the sequence agent's per-event order and duplicate checks of a
+    user's stored base cost a view, not a decode."""
+    if data[:3] != bytes((MAGIC, FORMAT_SEQUENCE, SNAPSHOT_VERSION)):
+        raise ValueError(f"not a compact user-sequence record (header {bytes(data[:3])!r})")
+    _, pos = _read_kinds(data, 3)
+    _, pos = _get_varint(data, pos)  # user id
+    newest, pos = _get_varint(data, pos)
+    n, pos = _get_varint(data, pos)
+    if n:
+        _, width, pos = _column_header(data, pos, n)  # event times: skipped
+        pos += n * width
+    return _unzz(newest), np.frombuffer(data, dtype="<i8", count=n, offset=pos)
 
 
 def encode_delta(user_id: int, rows: np.ndarray, cap: int) -> bytes:

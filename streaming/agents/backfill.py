@@ -26,7 +26,7 @@ from schemas.topics import BEHAVIORS
 from ..kafka import DeadLetters, Output, group_consumer, partitions_of, read_to_end, reader
 from .runtime import Crash
 from ..kafka.sequences import export_users, publish_reset
-from .sequences import SequenceLogic, decode_value, user_key
+from .sequences import SequenceLogic, read_sequences
 from .settings import AgentSettings
 from .store import Record, RocksStore
 from .worker import KafkaEmit, state_identity
@@ -55,7 +55,7 @@ def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int
     stores = {}
     for p in parts:
         stores[p] = store = RocksStore(root / f"p{p}", identity | {"partition": p})
-        store.reset()
+        logic.reset(store)
         logic.stores[p] = store
     kept = 0
     batch: dict[int, list[Record]] = {p: [] for p in parts}
@@ -90,8 +90,10 @@ def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int
     out.flush()
     tombstones = 0
     for p in parts:  # the new base: every rebuilt user, tombstones for users without events since from_ms
-        gone = [u for u, q in old_users.items() if q == p and stores[p].get(user_key(u)) is None]
-        rows = ((int.from_bytes(k, "big"), decode_value(v)) for k, v in stores[p].scan())
+        mine = [u for u, q in old_users.items() if q == p]
+        have = {u for u, _ in read_sequences(stores[p], mine)}
+        gone = [u for u in mine if u not in have]
+        rows = read_sequences(stores[p])
         publish_reset(settings, out, p, rows, gone, delta_ends.get(p, 0))
         tombstones += len(gone)
     for p in parts:
@@ -99,7 +101,7 @@ def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int
     committer = group_consumer(settings, group)
     committer.commit(offsets=[TopicPartition(src, p, o) for p, o in ends.items()], asynchronous=False)
     committer.close()
-    users = sum(1 for p in parts for _ in stores[p].scan())
+    users = sum(1 for p in parts for _ in read_sequences(stores[p]))
     for store in stores.values():
         store.close()
     log.info("backfill: %d users rebuilt, %d tombstones, offsets %s", users, tombstones, ends)

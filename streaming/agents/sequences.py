@@ -6,10 +6,18 @@ Pure logic (``SequenceLogic``) over the runtime-neutral contract of ``streaming.
 ``Record``s of ``behaviors`` in, a ``Store`` per partition, an ``Emit`` for outputs and dead letters. No Kafka
 client or RocksDB type appears here; the runtime (``streaming.agents.worker``) hosts it.
 
-State. Per ``behaviors`` partition: key = user id (8 bytes big endian), value = the user's sequence in the
-fixed layout of ``USER_SEQUENCES.encode`` (codec version 1: a codec header and the binary sequence record
-of ``schemas.tokenize``, pairs ``[event_time, event_key, condition ids..., item_id, category_id]``). The
-store's committed position of ``behaviors`` says which offsets the state covers.
+State (store layout 2). Per ``behaviors`` partition, per user (id as 8 bytes big endian) a capped BASE
+(key ``b|user``, the compact ``user-sequences`` record of ``schemas.seqexport``) with its INDEX (key
+``c|user``: the same record with only the event keys, other columns zero, and the newest event time), and a
+short append TAIL (key ``a|user``, at most ``TAIL_PAIRS`` pairs in the fixed layout of
+``USER_SEQUENCES.encode``, codec version 1); the user's sequence is the last ``LUM_AGENT_MAX_PAIRS`` rows of
+base + tail. An event reads the index and the tail; one newer than the user's newest pair rewrites only the
+tail; a full tail, a late event landing inside the sequence, or a lowered cap reads the base and folds the
+tail into it. So bytes and CPU per event do not grow with the history beyond reading the index (8 B per pair,
+incompressible: a copy) and a view of its event keys (the duplicate check). Key ``\\x00`` records the layout
+version and the cap: a store of another layout or cap is rebuilt from the export on assignment.
+``read_sequences`` is the one reader of this state (backfill, tools, tests). The store's committed position of
+``behaviors`` says which offsets the state covers.
 
 Semantics. A user's sequence is the ``LUM_AGENT_MAX_PAIRS`` (default 1,024) latest distinct events in
 (event_time, event_key) order, events deduplicated by ``event_key`` (hash of event_id): a pure function of
@@ -23,10 +31,9 @@ tokenizer version are read in the current layout (new kinds ANY) and rewritten o
 
 Batch path (one call per partition and batch): the batch is validated record by record with the
 ``BehaviorEvent`` schema's own field validator (no model objects), tokenized at once
-(``schemas.tokenize.tokenize_rows``), grouped by user with numpy; users without a stored sequence are
-deduplicated, sorted and capped for the whole batch in a few array operations; users with one are merged
-one by one (a numpy merge on an (n, ROW_WIDTH) int64 view of the stored bytes, no per-pair Python work).
-One multi-get per batch; writes are staged in the store, which commits them once per batch.
+(``schemas.tokenize.tokenize_rows``), grouped by user with numpy; one multi-get of the users' bases and tails,
+then per user a few array operations on the tail and a read-only view of the base's keys. Writes are staged in
+the store, which commits them once per batch.
 
 Export (``schemas.seqexport`` is the contract, ``streaming.kafka.sequences`` the one reader): per batch, ONE
 ``sequence-deltas`` record per changed user carrying that batch's pairs of the user and the cap (key = user id,
@@ -39,26 +46,29 @@ crash changes nothing).
 Recovery. On assignment of partition p the agent resumes from the group's committed offset C. If the store
 covers at least C it is used as is (events in [C, store position) were applied but maybe not published: they
 are re-applied, change nothing, and their users' deltas are re-sent). If it is missing or behind (the
-partition was processed elsewhere, or the store's identity did not match), it is rebuilt from partition p of
-the export (snapshot + deltas), which holds everything up to C because outputs are delivered before commits.
+partition was processed elsewhere, or the store's identity did not match) or of another layout or cap, it is
+rebuilt from partition p of the export (snapshot + deltas), which holds everything up to C because outputs
+are delivered before commits.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from pydantic import ValidationError
 from pydantic_core import SchemaValidator
 
+from schemas import seqexport as sx
 from schemas.codec import DecodeError
 from schemas.events import BehaviorEvent
-from schemas.tokenize import (COL_KEY, COL_TIME, ROW_WIDTH, UserSequence, decode_rows, decode_rows_many, encode_rows,
-                              encode_rows_many, tokenize, tokenize_rows)
-from schemas.seqexport import encode_delta, fold_partition_records
+from schemas.tokenize import COL_KEY, COL_TIME, ROW_WIDTH, UserSequence, encode_rows, tokenize, tokenize_rows
+from schemas.seqexport import encode_delta, encode_snapshot, fold_partition_records
 from schemas.topics import BEHAVIORS, SEQUENCE_DELTAS, USER_SEQUENCES, key_of
 
 from .store import Emit, Reader, Record, Store
@@ -68,10 +78,19 @@ log = logging.getLogger(__name__)
 ROW = ROW_WIDTH  # int64 columns of one pair (schemas.tokenize owns the layout)
 REBUILD_CHUNK = 10_000  # users per store commit while rebuilding (bounded memory)
 EXPORT = {USER_SEQUENCES.name: USER_SEQUENCES, SEQUENCE_DELTAS.name: SEQUENCE_DELTAS}
-VECTOR_ROWS = 1_000_000  # stored rows per batch up to which all users are merged in one array operation
+# Pairs appended after a user's base before they are folded into it. Bytes rewritten per event are about
+# 64 B x TAIL/2 (the tail) + base / TAIL (the folds): smallest near 32 for a 26 KB base (1,024 pairs).
+TAIL_PAIRS = 32
+LAYOUT = 2  # of the store (1: one fixed-layout value per user under the bare user id)
+META = b"\x00"  # the store's layout and cap record; sorts before every user key
+# Key prefixes, each kind in its own key range so that a lookup reads blocks of its kind only (a tail read
+# never decompresses a neighbour's 26 KB base); tails sort first (a scan of (key, value) pairs buffers them).
+TAIL, BASE, INDEX = b"a", b"b", b"c"
+_FEW = 16  # new rows of a user per batch up to which plain Python beats numpy's set operations
+_NO_ROWS = np.zeros((0, ROW_WIDTH), dtype=np.int64)
 _BEHAVIORS_HEADER = BEHAVIORS.encode(BehaviorEvent(event_id="x", user_id=0, item_id=0, category_id=0, behavior="view",
                                                    scenario="x", event_time_ms=1_000_000_000_000))[:3]
-_SEQ_PREFIX = USER_SEQUENCES.encode(UserSequence(0, 0, []))[:3]  # the codec's format header of the export
+_SEQ_PREFIX = USER_SEQUENCES.encode(UserSequence(0, 0, []))[:3]  # the codec's format header, version 1
 
 
 def _fields_validator() -> SchemaValidator | None:
@@ -90,16 +109,109 @@ def user_key(user_id: int) -> bytes:
     return user_id.to_bytes(8, "big")
 
 
+def base_key(user_id: int) -> bytes:
+    return BASE + user_id.to_bytes(8, "big")
+
+
+def tail_key(user_id: int) -> bytes:
+    return TAIL + user_id.to_bytes(8, "big")
+
+
+def index_key(user_id: int) -> bytes:
+    return INDEX + user_id.to_bytes(8, "big")
+
+
+def _put_base(store: Store, user: int, rows: np.ndarray) -> None:
+    """The base and its index: the same compact record with only the event keys kept (other columns zero,
+    the base's newest event time in its header; 8 B per pair, read as a view): what every event reads,
+    where the base (26 KB at 1,024 pairs) is read per fold."""
+    store.put(base_key(user), encode_snapshot(user, rows))
+    index = np.zeros_like(rows)
+    index[:, COL_KEY] = rows[:, COL_KEY]
+    store.put(index_key(user), encode_snapshot(user, index, int(rows[-1, COL_TIME])))
+
+
 def encode_value(user_id: int, rows: np.ndarray) -> bytes:
-    """A sequence's export/storage bytes from its (n, ROW) int64 rows, oldest first."""
+    """A sequence's fixed-layout ``user-sequences`` bytes (codec version 1) from (n, ROW) int64 rows, oldest
+    first: the layout of a user's tail in the store."""
     return _SEQ_PREFIX + encode_rows(user_id, rows)
 
 
-def decode_value(value: bytes) -> np.ndarray:
-    """(n, ROW) int64 rows of stored/exported bytes, in the current tokenizer layout."""
-    if value[:3] != _SEQ_PREFIX:
-        raise ValueError(f"not a user-sequence value (header {bytes(value[:3])!r})")
-    return decode_rows(memoryview(value)[3:])[2]
+def _meta(cap: int) -> bytes:
+    return json.dumps({"layout": LAYOUT, "cap": cap}, sort_keys=True).encode()
+
+
+def _stored_rows(base: bytes | None, tail: bytes | None) -> np.ndarray:
+    """A user's stored rows, base then tail (sorted, distinct; the sequence is their last ``cap``)."""
+    parts = [sx.decode(v)[1] for v in (base, tail) if v is not None]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else _NO_ROWS
+
+
+def put_sequence(store: Store, user: int, rows: np.ndarray | None) -> None:
+    """Stage a user's whole sequence (rows oldest first; None deletes it) as its base, in a store that holds
+    no tails (a rebuild after ``reset``, a benchmark's seed)."""
+    if rows is None:
+        store.delete(base_key(user))
+        store.delete(index_key(user))
+    else:
+        _put_base(store, user, rows)
+
+
+def read_sequences(source: Store | Iterable[tuple[bytes, bytes]], users: Sequence[int] | None = None
+                   ) -> Iterator[tuple[int, np.ndarray]]:
+    """THE reader of the agent's stored state: ``(user, rows)`` of each user's sequence ((n, ROW) int64, oldest
+    first), for ``users`` (point reads, staged writes included) or, without them, every user in key order
+    (the committed state of a ``Store``, or the ``(key, value)`` pairs of ``store.read_state(path)``).
+    Users without a sequence are skipped."""
+    if users is not None:
+        if not isinstance(source, Store):
+            raise TypeError("point reads need a Store")
+        meta = source.get(META)
+        cap = json.loads(meta)["cap"] if meta else None
+        for c in range(0, len(users), REBUILD_CHUNK):  # bounded memory whatever the number of users
+            chunk = users[c:c + REBUILD_CHUNK]
+            values = source.get_many([k for u in chunk for k in (base_key(u), tail_key(u))])
+            for i, user in enumerate(chunk):
+                b, t = values[2 * i], values[2 * i + 1]
+                if b is not None or t is not None:
+                    yield user, _stored_rows(b, t)[-cap:] if cap else _stored_rows(b, t)
+        return
+    if isinstance(source, Store):
+        meta = source.get(META)
+        tails, bases = source.scan(TAIL), source.scan(BASE)  # two streams in user order
+    else:  # one stream in key order: the layout record, all tails, then all bases
+        items = iter(source)
+        first = next(items, None)
+        meta = first[1] if first is not None and first[0] == META else None
+        if meta is None and first is not None:
+            items = itertools.chain([first], items)
+        tails = []
+        for key, value in items:
+            if key[:1] == BASE:
+                bases = itertools.takewhile(lambda kv: kv[0][:1] == BASE, itertools.chain([(key, value)], items))
+                break
+            tails.append((key, value))
+        else:
+            bases = iter(())
+    if meta is None:
+        if next(iter(tails), None) is not None or next(bases, None) is not None:
+            raise ValueError(f"the store holds no layout record: not of the sequence agent's layout {LAYOUT}")
+        return
+    cap = json.loads(meta)["cap"]
+    tails, bases = iter(tails), iter(bases)
+    t, b = next(tails, None), next(bases, None)
+    while t is not None or b is not None:
+        for key, _ in (x for x in (t, b) if x is not None):
+            if len(key) != 9 or key[:1] not in (BASE, TAIL):
+                raise ValueError(f"store key {key[:16]!r} is not of the sequence agent's layout {LAYOUT}")
+        tu = int.from_bytes(t[0][1:], "big") if t is not None else None
+        bu = int.from_bytes(b[0][1:], "big") if b is not None else None
+        user = min(u for u in (tu, bu) if u is not None)
+        yield user, _stored_rows(b[1] if bu == user else None, t[1] if tu == user else None)[-cap:]
+        if tu == user:
+            t = next(tails, None)
+        if bu == user:
+            b = next(bases, None)
 
 
 def merge(cur: np.ndarray | None, new: np.ndarray, cap: int) -> np.ndarray | None:
@@ -158,10 +270,13 @@ class SequenceLogic:
                read: Reader) -> dict[str, int]:
         start = committed.get(BEHAVIORS.name) or 0
         local = store.positions().get(BEHAVIORS.name)
-        if local is None or local < start:
+        meta = store.get(META)
+        why = ("missing" if local is None else f"behind ({local} < {start})" if local < start
+               else None if meta == _meta(self.cap) else f"of layout/cap {(meta or b'layout 1').decode()}")
+        if why:
             n = self.rebuild(store, lambda name: read(EXPORT[name], partition), partition, start)
-            log.info("partition %d: local state %s, rebuilt %d users from %s (resume at %d)", partition,
-                     "missing" if local is None else f"behind ({local} < {start})", n, USER_SEQUENCES.name, start)
+            log.info("partition %d: local state %s, rebuilt %d users from %s (resume at %d)", partition, why, n,
+                     USER_SEQUENCES.name, start)
             local = start
         else:
             log.info("partition %d: local state at offset %d, committed %d", partition, local, start)
@@ -169,28 +284,31 @@ class SequenceLogic:
         self.republish_below[partition] = local
         return {BEHAVIORS.name: start}
 
+    def reset(self, store: Store) -> None:
+        """Empty ``store`` and mark it as this agent's layout and cap (committed with the next commit)."""
+        store.reset()
+        store.put(META, _meta(self.cap))
+
     def rebuild(self, store: Store, read, partition: int, start: int) -> int:
         """Refill ``store`` from the export (snapshot + deltas since its marker, ``schemas.seqexport``),
-        committed in chunks; the position is written last, so a crash mid-way rebuilds again."""
+        committed in chunks; the layout record and the position are written last, so a crash mid-way rebuilds
+        again. Every user gets a base (the export's rows, which a lowered cap trims at the user's next event)."""
         store.reset()
         users: set[int] = set()
 
         def get_rows(us: list[int]) -> dict[int, np.ndarray]:
-            return {u: decode_value(v) for u, v in zip(us, store.get_many([user_key(u) for u in us])) if v}
+            return dict(read_sequences(store, us))  # no layout record yet: the rows as stored, untrimmed
 
         def put_rows(rows: dict[int, np.ndarray | None]) -> None:
             for user, r in rows.items():
-                if r is None:
-                    store.delete(user_key(user))
-                    users.discard(user)
-                else:
-                    store.put(user_key(user), encode_value(user, r))
-                    users.add(user)
+                put_sequence(store, user, r)
+                (users.add if r is not None else users.discard)(user)
                 if store.staged >= REBUILD_CHUNK:
                     store.commit({})
 
         for topic, _p, off, key, _v, err in fold_partition_records(read, partition, get_rows, put_rows):
             log.warning("rebuild: skipping %s record %d (key %r): %s", topic, off, key, err)
+        store.put(META, _meta(self.cap))
         store.commit({BEHAVIORS.name: start})
         self.counts["sequences_rebuilt_users_total"] += len(users)
         return len(users)
@@ -247,71 +365,76 @@ class SequenceLogic:
         order = np.argsort(users, kind="stable")
         rows = rows[order]
         uniq, starts = np.unique(users[order], return_index=True)
-        lens = np.diff(np.append(starts, len(rows)))
-        uniq_l = uniq.tolist()
-        olds = store.get_many([user_key(u) for u in uniq_l])
-        have = [i for i, o in enumerate(olds) if o is not None]
-        for i in have:
-            if olds[i][:3] != _SEQ_PREFIX:
-                raise ValueError(f"stored value of user {uniq_l[i]} is not a user-sequence value")
-        old_rows, old_lens = decode_rows_many([olds[i] for i in have], skip=3)
-        if len(old_rows) <= VECTOR_ROWS:
-            changed, values = self._merge_all(uniq_l, have, old_rows, old_lens, rows, lens)
-        else:  # long stored sequences: merge user by user (each already costs a copy of its sequence)
-            stored: list[np.ndarray | None] = [None] * len(uniq_l)
-            for i, a, b in zip(have, np.cumsum([0] + old_lens[:-1]).tolist(), np.cumsum(old_lens).tolist()):
-                stored[i] = old_rows[a:b]
-            changed, values, i = [], [], 0
-            for user, cur, n in zip(uniq_l, stored, lens.tolist()):
-                merged = merge(cur, rows[i:i + n], self.cap)
-                i += n
-                changed.append(merged is not None)
-                values.append(None if merged is None else encode_value(user, merged))
-        put, send, sent = store.put, emit.send, 0
-        for i, (user, ok, value) in enumerate(zip(uniq_l, changed, values)):
-            if ok:
-                put(user.to_bytes(8, "big"), value)
-            if ok or user in forced:  # export: one delta per changed user, its pairs of this batch
-                a = int(starts[i])
-                send(SEQUENCE_DELTAS, encode_delta(user, rows[a:a + int(lens[i])], self.cap), key_of(user), partition)
+        ends = np.append(starts[1:], len(rows)).tolist()
+        uniq_l, starts_l = uniq.tolist(), starts.tolist()
+        values = store.get_many([k for u in uniq_l for k in (index_key(u), tail_key(u))])
+        send, sent = emit.send, 0
+        for i, user in enumerate(uniq_l):
+            new = rows[starts_l[i]:ends[i]]
+            if self._apply(store, user, values[2 * i], values[2 * i + 1], new) or user in forced:
+                send(SEQUENCE_DELTAS, encode_delta(user, new, self.cap), key_of(user), partition)  # this batch's pairs
                 sent += 1
         self.counts["sequences_published_total"] += sent
 
-    def _merge_all(self, users: list[int], have: list[int], old_rows: np.ndarray, old_lens: list[int],
-                   new: np.ndarray, lens: np.ndarray) -> tuple[list[bool], list[bytes | None]]:
-        """Every touched user's new sequence at once: stored rows (users ``have``; first, so they win
-        duplicates) + the batch's rows grouped by user; dedup by (user, event key), sort by (user, time,
-        key), keep each user's last ``cap``. A user changed iff one of its new rows is kept or the cap cut
-        its stored rows. Python work is one header and slice per changed user."""
-        n_users = len(users)
-        new_owner = np.repeat(np.arange(n_users), lens)
-        stored_len = np.zeros(n_users, dtype=np.int64)
-        if len(old_rows):
-            stored_len[have] = old_lens
-            owner = np.concatenate((np.repeat(np.asarray(have), old_lens), new_owner))
-            rows = np.concatenate((old_rows, new))
-            is_new = np.concatenate((np.zeros(len(old_rows), bool), np.ones(len(new), bool)))
+    def _apply(self, store: Store, user: int, index: bytes | None, tail: bytes | None, new: np.ndarray) -> bool:
+        """Stage one user's new rows (arrival order); True if the user's sequence changed.
+
+        The sequence is the last ``cap`` rows of base + tail (the window); ``index`` gives the base's keys and
+        newest pair without its other columns. New rows newer than every stored row are appended to the tail
+        (one small value rewritten); the tail is folded into the base (read only then) when it would exceed
+        ``TAIL_PAIRS``, and a row landing inside the window, or a base longer than the cap (a lowered cap),
+        folds at once with ``merge``'s rules."""
+        cap = self.cap
+        if index is not None:
+            newest, bkeys = sx.snapshot_keys(index)
         else:
-            owner, rows, is_new = new_owner, new, np.ones(len(new), bool)
-        if len(rows) > n_users:  # some user has more than one row: dedup and sort
-            o = np.lexsort((np.arange(len(rows)), rows[:, COL_KEY], owner))
-            keep = np.ones(len(o), dtype=bool)
-            keep[1:] = (owner[o[1:]] != owner[o[:-1]]) | (rows[o[1:], COL_KEY] != rows[o[:-1], COL_KEY])
-            o = o[keep]
-            o = o[np.lexsort((rows[o, COL_KEY], rows[o, COL_TIME], owner[o]))]
-            rows, owner, is_new = rows[o], owner[o], is_new[o]
-        counts = np.bincount(owner, minlength=n_users)
-        g_end = np.cumsum(counts)
-        g_start = np.maximum(g_end - counts, g_end - self.cap)
-        kept_new = is_new & (np.arange(len(rows)) >= g_start[owner])
-        changed = (np.bincount(owner[kept_new], minlength=n_users) > 0) | (g_end - g_start < stored_len)
-        idx = np.flatnonzero(changed)
-        values: list[bytes | None] = [None] * n_users
-        encoded = encode_rows_many([users[i] for i in idx.tolist()], rows, g_start[idx].tolist(),
-                                   g_end[idx].tolist(), prefix=_SEQ_PREFIX)
-        for i, v in zip(idx.tolist(), encoded):
-            values[i] = v
-        return changed.tolist(), values
+            newest, bkeys = None, _NO_ROWS[:, COL_KEY]
+        trows = sx.decode(tail)[1] if tail is not None else _NO_ROWS
+        nb, nt = len(bkeys), len(trows)
+        cut = nb > cap
+        in_base = max(0, min(nb, cap - nt))  # base rows inside the window
+        wkeys, tkeys = bkeys[nb - in_base:], trows[-cap:, COL_KEY]
+        # Duplicates of the window (as merge: against the current sequence only) and within the batch.
+        if len(new) == 1:
+            if (wkeys == new[0, COL_KEY]).any() or (tkeys == new[0, COL_KEY]).any():
+                new = new[:0]
+        elif len(new) <= _FEW:  # a few rows: one comparison per stored key, the rest in plain Python
+            k = new[:, COL_KEY]
+            dup = ((wkeys[:, None] == k).any(0) | (tkeys[:, None] == k).any(0)).tolist()
+            kept, first = [], set()
+            for r, d in zip(new.tolist(), dup):
+                if not d and r[COL_KEY] not in first:
+                    first.add(r[COL_KEY])
+                    kept.append(r)
+            kept.sort()  # (time, key) order: keys are distinct
+            new = np.array(kept, dtype=np.int64).reshape(-1, ROW)
+        else:
+            new = new[~(np.isin(new[:, COL_KEY], wkeys) | np.isin(new[:, COL_KEY], tkeys))]
+            if len(new) > 1:
+                _, first = np.unique(new[:, COL_KEY], return_index=True)
+                if len(first) != len(new):
+                    new = new[np.sort(first)]
+                new = new[np.lexsort((new[:, COL_KEY], new[:, COL_TIME]))]
+        if not len(new) and not cut:
+            return False
+        last = (trows[-1, COL_TIME], trows[-1, COL_KEY]) if nt else (newest, bkeys[-1]) if nb else None
+        if not cut and (last is None or (new[0, COL_TIME], new[0, COL_KEY]) > last):  # in order: append
+            trows = np.concatenate((trows, new)) if nt else new
+            if len(trows) <= TAIL_PAIRS:
+                store.put(tail_key(user), encode_value(user, trows))
+                return True
+            merged = np.concatenate((sx.decode(store.get(base_key(user)))[1], trows))[-cap:] if nb else trows[-cap:]
+        else:
+            window = _stored_rows(store.get(base_key(user)) if nb else None, tail)[-cap:]
+            merged = merge(window, new, cap) if len(new) else None
+            if merged is None:  # only pairs older than the full window arrived
+                if not cut:
+                    return False
+                merged = window
+        _put_base(store, user, merged)
+        if tail is not None:
+            store.delete(tail_key(user))
+        return True
 
     def gauges(self) -> dict[str, float]:
         return dict(self.counts)

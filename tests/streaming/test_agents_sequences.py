@@ -16,7 +16,8 @@ from schemas.events import DeadLetter
 from schemas.settings import load
 from schemas.topics import BEHAVIORS, DEAD_LETTERS, USER_SEQUENCES
 from streaming.kafka import read_to_end, reader
-from streaming.agents.sequences import encode_value, expected_sequences, merge, pair_rows, snapshot
+from schemas.seqexport import to_sequence
+from streaming.agents.sequences import encode_value, expected_sequences, merge, pair_rows, read_sequences, snapshot
 from streaming.agents.settings import AgentSettings
 from streaming.agents.store import read_state
 
@@ -40,15 +41,12 @@ def make_events(kit, n_users: int, per_user: int, seed: int, dup_rate: float = 0
     return events
 
 
-def local_state(root: Path) -> dict[int, bytes]:
+def local_state(root: Path) -> dict:
+    """Every user's sequence in the agents' RocksDB directories, through the agent's one reader."""
     state = {}
     for p in sorted(root.glob("p*")):
-        state |= {int.from_bytes(k, "big"): v for k, v in read_state(p)}
+        state |= {u: to_sequence(u, rows) for u, rows in read_sequences(read_state(p))}
     return state
-
-
-def as_bytes(seqs) -> dict[int, bytes]:
-    return {u: USER_SEQUENCES.encode(s) for u, s in seqs.items()}
 
 
 def test_sequences_equal_direct_computation_and_bad_messages_go_to_dead_letters(kafka, kit, tmp_path):
@@ -65,8 +63,8 @@ def test_sequences_equal_direct_computation_and_bad_messages_go_to_dead_letters(
     with kit.ThreadWorker("sequences", kafka, cfg) as w:
         kit.wait_for(lambda: snapshot(kafka)[0] == expected, timeout=60, what="snapshot == expected")
         assert w.dead.total == 2
-    # the RocksDB state equals the export, byte for byte
-    assert local_state(tmp_path / "sequences" / (kafka.topic_prefix + cfg.sequences_group)) == as_bytes(expected)
+    # the RocksDB state (its one reader) equals the export
+    assert local_state(tmp_path / "sequences" / (kafka.topic_prefix + cfg.sequences_group)) == expected
     c = reader(kafka)
     letters = [decode(DeadLetter, m.value()) for m in read_to_end(c, kafka.topic(DEAD_LETTERS))]
     c.close()
@@ -127,7 +125,7 @@ def test_kill_9_mid_stream_then_restart_equals_uninterrupted_run(kafka, kit, tmp
     kit.wait_for(lambda: snapshot(kafka)[0] == expected, timeout=60, what="snapshot == expected after restart")
     assert w2.stop() == 0
     assert "local state at offset" in w2.text()  # resumed from its RocksDB, not rebuilt
-    assert local_state(tmp_path / "sequences" / (kafka.topic_prefix + "lum-sequences")) == as_bytes(expected)
+    assert local_state(tmp_path / "sequences" / (kafka.topic_prefix + "lum-sequences")) == expected
 
 
 @pytest.mark.parametrize("hosts", ["one host", "two hosts"])

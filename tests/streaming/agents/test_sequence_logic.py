@@ -12,7 +12,9 @@ import schemas.tokenize as tk
 from schemas.events import BehaviorEvent
 from schemas import seqexport as sx
 from schemas.topics import BEHAVIORS, SEQUENCE_DELTAS, USER_SEQUENCES, key_of
-from streaming.agents.sequences import SequenceLogic, encode_value, expected_sequences, user_key
+import streaming.agents.sequences as seqmod
+from streaming.agents.sequences import (META, SequenceLogic, base_key, tail_key, encode_value, expected_sequences,
+                                         read_sequences, user_key)
 from streaming.agents.store import MemoryEmit, MemoryStore, Record
 
 T0 = 1_767_225_600_000
@@ -45,7 +47,18 @@ def run(batches, cap: int = 1024, store=None, committed=None, read=None):
 
 
 def state(store) -> dict:
-    return {int.from_bytes(k, "big"): USER_SEQUENCES.decode(v) for k, v in store.scan()}
+    """Every user's sequence as the agent's one reader of its store says (from the store, and from its
+    (key, value) pairs in key order as ``store.read_state`` gives them: the same)."""
+    seqs = {u: sx.to_sequence(u, rows) for u, rows in read_sequences(store)}
+    assert {u: sx.to_sequence(u, rows) for u, rows in read_sequences(sorted(store.data.items()))} == seqs
+    return seqs
+
+
+def export_reader(*emits):
+    """``read(topic, partition)`` over the deltas the logic sent (its export), for rebuilds."""
+    deltas = [Record(SEQUENCE_DELTAS.name, 0, i, 0, key, value) for i, (_t, key, value, _p) in
+              enumerate(x for e in emits for x in e.sent)]
+    return lambda topic, p: iter(deltas if topic is SEQUENCE_DELTAS else [])
 
 
 def published(emit) -> dict:
@@ -68,13 +81,10 @@ def split(items, rng, most: int = 7):
     return out
 
 
-@pytest.mark.parametrize("path", ["one array operation", "user by user"])
+@pytest.mark.parametrize("tail", [1, 3, 32])
 @pytest.mark.parametrize("seed", range(6))
-def test_any_arrival_order_duplicates_and_batching_give_the_direct_computation(seed, path, monkeypatch):
-    import streaming.agents.sequences as seqmod
-
-    if path == "user by user":
-        monkeypatch.setattr(seqmod, "VECTOR_ROWS", 0)
+def test_any_arrival_order_duplicates_and_batching_give_the_direct_computation(seed, tail, monkeypatch):
+    monkeypatch.setattr(seqmod, "TAIL_PAIRS", tail)
     rng = random.Random(seed)
     events = [ev(i, rng.randrange(6), t=rng.randrange(50) * 1000, item=rng.randrange(30)) for i in range(150)]
     arrivals = events + [rng.choice(events) for _ in range(60)]  # producer retries and replays
@@ -84,6 +94,125 @@ def test_any_arrival_order_duplicates_and_batching_give_the_direct_computation(s
     want = expected_sequences(events, cap=cap)
     assert state(store) == want
     assert published(emit) == want  # the deltas folded equal the state
+
+
+@pytest.mark.parametrize("tail", [1, 2, 5])
+def test_tail_fold_boundary_mostly_in_order_with_late_events_and_duplicates(tail, monkeypatch):
+    """The steady state: a mature user at the cap receives events mostly in order (tail appends), some late
+    (inside the window: fold; older than it: nothing) and retries of kept, overflowing and dropped events.
+    Checked after every batch, and the tail never exceeds its bound."""
+    monkeypatch.setattr(seqmod, "TAIL_PAIRS", tail)
+    rng = random.Random(tail)
+    cap = 6
+    seen: list = []
+    store, emits = MemoryStore(), []
+    for b in range(40):
+        batch = []
+        for _ in range(rng.choice([1, 1, 1, 2, 3])):
+            i = len(seen) + len(batch)
+            r = rng.random()
+            if r < 0.15 and seen:
+                batch.append(rng.choice(seen))  # a retry: in the window, in the overflow or long dropped
+            elif r < 0.2 and seen:  # same event id, other content, its first copy still in the sequence
+                first = {tk.event_key(e.event_id): e for e in reversed(seen)}
+                kept = [first[p.event_key] for p in expected_sequences(seen, cap=cap)[1].pairs]
+                retry = rng.choice([kept[0], rng.choice(kept)])
+                batch.append(retry.model_copy(update={"event_time_ms": T0 + i * 1000, "item_id": 7}))
+            elif r < 0.3:
+                batch.append(ev(i, 1, t=(i - rng.randrange(1, 12)) * 1000))  # late
+            else:
+                batch.append(ev(i, 1, t=i * 1000))
+        seen += [e for e in batch if e not in seen]
+        _, store, emit = run([batch], cap=cap, store=store, read=export_reader(*emits))
+        emits.append(emit)
+        want = expected_sequences(seen, cap=cap)
+        assert state(store) == want, b
+        assert {u: s for u, s in published(_merged(emits)).items()} == want, b
+        tail_value = store.data.get(tail_key(1))
+        assert tail_value is None or len(sx.decode(tail_value)[1]) <= tail
+
+
+def _merged(emits):
+    m = MemoryEmit()
+    m.sent = [x for e in emits for x in e.sent]
+    return m
+
+
+def test_in_order_events_rewrite_only_the_tail_until_it_is_full(monkeypatch):
+    monkeypatch.setattr(seqmod, "TAIL_PAIRS", 4)
+    logic, store, _ = run([[ev(i, 2, i * 1000) for i in range(10)]])  # a new user's batch: over the tail -> base
+    base = store.data[base_key(2)]
+    assert tail_key(2) not in store.data
+    for j in (0, 5, 9):  # a retry of a stored event with other content (a later time): still a duplicate
+        logic.process(0, records([ev(j, 2, 50_000 + j, item=1)], start=10), emit := MemoryEmit())
+        assert not emit.sent and not store.staged
+    for i in range(10, 14):  # 4 appends: the base is not rewritten
+        logic.process(0, records([ev(i, 2, i * 1000)], start=i), emit := MemoryEmit())
+        store.commit({"behaviors": i + 1})
+        assert store.data[base_key(2)] is base and len(emit.sent) == 1
+        assert len(sx.decode(store.data[tail_key(2)])[1]) == i - 9
+    logic.process(0, records([ev(14, 2, 14_000)], start=14), MemoryEmit())  # the 5th folds
+    store.commit({"behaviors": 15})
+    assert tail_key(2) not in store.data and store.data[base_key(2)] != base
+    assert state(store) == expected_sequences([ev(i, 2, i * 1000) for i in range(15)])
+
+
+@pytest.mark.parametrize("tail", [2, 32])
+def test_crash_replay_from_behind_the_store_and_rebuild_from_the_export_equal_the_direct_computation(tail,
+                                                                                                     monkeypatch):
+    """The store committed batches whose outputs and group commit were lost (a crash): the replay from the
+    group's offset re-applies them idempotently and re-sends their deltas. Then the partition moves: a fresh
+    store rebuilt from the export continues to the same result."""
+    monkeypatch.setattr(seqmod, "TAIL_PAIRS", tail)
+    rng = random.Random(tail)
+    events = [ev(i, rng.randrange(4), t=rng.randrange(400) * 1000 if rng.random() < 0.2 else i * 1000,
+                 item=rng.randrange(30)) for i in range(300)]
+    arrivals = events + [rng.choice(events) for _ in range(40)]
+    arrivals[250:] = rng.sample(arrivals[250:], len(arrivals) - 250)  # mostly in order, a shuffled end
+    cap = 20
+    batches = split(arrivals, rng, most=9)
+    k = len(batches) // 2
+    logic, store, delivered, offset = SequenceLogic(max_pairs=cap, clock=lambda: NOW_S), MemoryStore(), [], 0
+    logic.assign(0, store, {}, MemoryEmit(), lambda *_: iter([]))
+    for j, batch in enumerate(batches[:k]):
+        logic.process(0, records(batch, start=offset), emit := MemoryEmit())
+        offset += len(batch)
+        store.commit({"behaviors": offset})
+        if j < k - 3:  # the last 3 batches: state committed, outputs lost, group offset not committed
+            delivered.append(emit)
+            committed = offset
+    logic, emit2 = SequenceLogic(max_pairs=cap, clock=lambda: NOW_S), MemoryEmit()
+    assert logic.assign(0, store, {"behaviors": committed}, emit2, lambda *_: iter([])) == {"behaviors": committed}
+    offset = committed
+    for batch in batches[k - 3:]:
+        logic.process(0, records(batch, start=offset), emit2)
+        offset += len(batch)
+        store.commit({"behaviors": offset})
+    want = expected_sequences(events, cap=cap)
+    assert state(store) == want
+    assert published(_merged(delivered + [emit2])) == want
+    # Moved to a host without the state: rebuilt from the export, then more events.
+    more = [ev(1000 + i, rng.randrange(4), t=(300 + i) * 1000) for i in range(30)] + events[:10]
+    _, fresh, emit3 = run([more], cap=cap, committed={"behaviors": offset}, read=export_reader(*delivered, emit2))
+    assert state(fresh) == expected_sequences(events + more, cap=cap)
+    assert published(_merged(delivered + [emit2, emit3])) == expected_sequences(events + more, cap=cap)
+
+
+def test_a_store_of_the_previous_layout_is_rebuilt_not_misread():
+    """Layout 1 kept one fixed-layout value under the bare user id and no layout record: even with its
+    position ahead of the committed offset it is rebuilt from the export."""
+    e = [ev(i, i % 3, i * 1000) for i in range(9)]
+    _, _, emit = run([e])
+    old = MemoryStore()
+    for u, seq in expected_sequences(e[:4]).items():
+        old.put(user_key(u), USER_SEQUENCES.encode(seq))
+    old.commit({"behaviors": 50})
+    logic = SequenceLogic(clock=lambda: NOW_S)
+    logic.assign(0, old, {"behaviors": 9}, MemoryEmit(), export_reader(emit))
+    assert state(old) == expected_sequences(e) and old.positions() == {"behaviors": 9}
+    assert user_key(0) not in old.data and old.data[META]
+    with pytest.raises(ValueError, match="layout"):
+        list(read_sequences([(user_key(0), b"x")]))
 
 
 def test_out_of_order_event_lands_in_its_place_and_cap_drops_the_oldest():
@@ -170,7 +299,8 @@ def test_tokenizer_upgrade_of_stored_state(monkeypatch):
     body += struct.pack(f"<{4 + n_old}q", t.event_time_ms, t.event_key, *t.conditions[:n_old], t.item_id,
                         t.category_id)
     store = MemoryStore()
-    store.put(user_key(5), encode_value(0, np.zeros((0, tk.ROW_WIDTH), np.int64))[:3] + body)
+    store.put(tail_key(5), encode_value(0, np.zeros((0, tk.ROW_WIDTH), np.int64))[:3] + body)
+    store.put(META, seqmod._meta(1024))
     store.commit({"behaviors": 0})
     new = ev(2, 5, 2000)
     _, store, emit = run([[new]], store=store)
@@ -229,13 +359,12 @@ def test_rows_round_trip_and_vector_tokenize_equals_tokenize():
         tk.decode_rows(data[:-1])
 
 
-@pytest.mark.parametrize("path", ["one array operation", "user by user"])
-def test_a_lowered_cap_trims_a_stored_sequence_at_its_next_event(path, monkeypatch):
-    import streaming.agents.sequences as seqmod
-
-    if path == "user by user":
-        monkeypatch.setattr(seqmod, "VECTOR_ROWS", 0)
+def test_a_lowered_cap_rebuilds_the_store_and_trims_a_sequence_at_its_next_event():
     five = [ev(i, 1, 1000 * (i + 1)) for i in range(5)]
-    _, store, _ = run([five], cap=5)
-    _, store, emit = run([[ev(9, 1, 0)]], cap=3, store=store)  # older than all: only the cap changes it
+    _, store, emit1 = run([five], cap=5)
+    # The store's cap differs: rebuilt from the export, then trimmed (and published) at the user's next event.
+    _, store, emit = run([[ev(9, 1, 0)]], cap=3, store=store, read=export_reader(emit1))  # older than all
     assert state(store) == expected_sequences(five, cap=3) and len(emit.sent) == 1
+    assert published(_merged([emit1, emit])) == expected_sequences(five, cap=3)
+    _, store, emit = run([[ev(10, 1, 99_000)]], cap=7, store=store, read=export_reader(emit1, emit))  # raised
+    assert state(store) == expected_sequences(five[2:] + [ev(10, 1, 99_000)], cap=7)
