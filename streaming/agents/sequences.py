@@ -39,7 +39,7 @@ Export (``schemas.seqexport`` is the contract, ``streaming.kafka.sequences`` the
 ``sequence-deltas`` record per changed user carrying that batch's pairs of the user and the cap (key = user id,
 partition = the user's ``behaviors`` partition), delivered before the batch's offsets are committed; bytes per
 event do not grow with the history. Full sequences live in the compacted ``user-sequences`` topic, written by
-the snapshot job (``python -m streaming.kafka.sequences snapshot``) and ``lum backfill``; a reader folds the
+the snapshot job (``lum sequences snapshot``) and ``lum backfill``; a reader folds the
 snapshot with the deltas after its marker, which equals this agent's state exactly (a delta re-sent after a
 crash changes nothing).
 
