@@ -80,6 +80,18 @@ class KafkaEmit:
         else:
             self.out.produce(name, value, key, partition=partition)
 
+    def send_many(self, topic: Topic, values: list[bytes | None], keys: list[bytes | None],
+                  partition: int | None = None) -> None:
+        """``send`` of each (value, key) in order (what a logic emits in bulk: examples, changelog)."""
+        if self.crash is not None:  # the crash point counts messages
+            for value, key in zip(values, keys):
+                self.send(topic, value, key, partition)
+            return
+        name = self.names.get(topic.name)
+        if name is None:
+            name = self.names[topic.name] = self.kafka.topic(topic)
+        self.out.produce_many(name, values, keys, partition)
+
     def dead_letter(self, record: Record, reason: str | BaseException) -> None:
         self.dead.send(self.kafka.topic_prefix + record.topic, record.partition, record.offset, record.key,
                        record.value, reason)
