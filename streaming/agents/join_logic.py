@@ -218,7 +218,8 @@ class _Part:
         self.next_offset: dict[str, int] = {}  # next offset per input topic
         self.outbox: list[bytes] = []  # outbox keys of the last committed batch: deleted by the next one
         self.changes: dict[bytes, bytes | None] = {}  # this batch's writes (None: delete), in order: the changelog
-        self.closing: list[tuple[int, str]] = []  # windows this batch opened: (deadline, example id)
+        self.closing: list[tuple[int, bytes]] = []  # windows this batch opened: (deadline, closing-index key)
+        self.forgets: list[bytes] = []  # forget-index keys this batch wrote, in order
 
     def put(self, key: bytes, value: bytes) -> None:
         self.changes[key] = value
@@ -459,7 +460,7 @@ class JoinLogic:
     def process(self, partition: int, records: Sequence[Record], emit: Emit) -> None:
         st = self.parts[partition]
         self._last_emit = emit
-        st.changes, st.closing = {}, []
+        st.changes, st.closing, st.forgets = {}, [], []
         for key in st.outbox:  # the previous batch was committed and delivered before this one was called
             st.delete(key)
         st.outbox = []
@@ -542,8 +543,9 @@ class JoinLogic:
                 k[2] = None
             value = (b"\x01" if clicked else b"\x00") + raw
             ch[b"p" + e] = value
-            ch[b"w" + _u8(deadline) + e] = b""
-            st.closing.append((deadline, eid))
+            key = b"w" + deadline.to_bytes(8, "big") + e
+            ch[key] = b""
+            st.closing.append((deadline, key))
             k[0] = value
             st.open += 1
         by_user: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
@@ -575,7 +577,9 @@ class JoinLogic:
             if early is None or t < _n(early[:8]):
                 value = _u8(t) + raw
                 st.changes[K.early(eid)] = value
-                st.changes[K.forget(t + self.cfg.retention_ms, K.EARLY, eid)] = b""
+                key = K.forget(t + self.cfg.retention_ms, K.EARLY, eid)
+                st.changes[key] = b""
+                st.forgets.append(key)
                 k[2] = value
             return
         self._late(raw, emit)
@@ -662,36 +666,42 @@ class JoinLogic:
 
     def _close_windows(self, st: _Part, emit: Emit) -> None:
         wm = st.wm
-        due = [K.parse_closing(k) for k, _ in _until(st.store.scan(K.CLOSING), K.closing(wm + 1, ""))]
-        due += [c for c in st.closing if c[0] <= wm]
+        # Closing-index keys due (their byte order is (deadline, example id) order): committed ones, by a
+        # streamed scan, and the ones this batch wrote.
+        due = [k for k, _ in _until(st.store.scan(K.CLOSING), K.closing(wm + 1, ""))]
+        due += [k for d, k in st.closing if d <= wm]
         if not due:
             return
         due = sorted(set(due))
-        pend = st.get_many([K.pending(eid) for _, eid in due])
-        emitting = [(d, eid, v) for (d, eid), v in zip(due, pend) if v is not None]
-        imps = [_IMP_FIELDS(v[1:]) for _, _, v in emitting]
+        pend = st.get_many([b"p" + k[9:] for k in due])
+        emitting = [(k, v) for k, v in zip(due, pend) if v is not None]
+        imps = [_IMP_FIELDS(v[1:]) for _, v in emitting]
         users = list(dict.fromkeys(i["user_id"] for i in imps))
         hist = dict(zip(users, map(_History, st.get_many([K.history(u) for u in users]))))
         versions = dict(zip(users, map(_unpack_versions, st.get_many([K.features(u) for u in users]))))
+        user_keys = {u: key_of(u) for u in users}
         ch = st.changes
-        for deadline, eid in due:
-            ch[K.closing(deadline, eid)] = None
+        for k in due:
+            ch[k] = None
         lum: dict[bytes, _Lum] = {}  # decoded feature versions of this batch
         values, keys = [], []
+        outbox, forgets = st.outbox.append, st.forgets.append
         hl, retention, items, counts = self.cfg.history_len, self.cfg.retention_ms, self.items, self.counts
-        for (deadline, eid, pending), imp in zip(emitting, imps):
+        positives = too_new = other_version = 0
+        for (k, pending), imp in zip(emitting, imps):
+            e, deadline = k[9:], k[1:9]
             clicked = pending[:1] == b"\x01"
             user, item_id, t = imp["user_id"], imp["item_id"], imp["event_time_ms"]
             n_hist, history = hist[user].before(t, hl)
             # Point in time: the newest version computed from events before t by a model trained before t.
             versions_u = versions[user]
-            v = next((v for v in reversed(versions_u) if v.as_of < t and v.trained_until < t), None)
+            v = None
+            if versions_u:
+                v = next((v for v in reversed(versions_u) if v.as_of < t and v.trained_until < t), None)
+                too_new += v is None  # only features that have seen the future
             mv = conds = user_dims = item_dim = None
             vectors = b""
-            if v is None:
-                if versions_u:
-                    counts["lum_features_too_new_total"] += 1  # only features that have seen the future
-            else:
+            if v is not None:
                 f = lum.get(v.raw) or lum.setdefault(v.raw, _Lum(LUM_FEATURES.decode(v.raw)))
                 mv, conds, user_dims, vectors = f.model_version, f.conditions, f.dims, f.vectors
                 item = items.get(item_id, mv)  # the same model version, or none
@@ -699,29 +709,35 @@ class JoinLogic:
                     item_dim = len(item)
                     vectors += array("d", item).tobytes()
                 elif any(items.get(item_id, ver) is not None for ver in items.by_version):
-                    counts["item_vector_other_version_total"] += 1  # dropped rather than mixed
+                    other_version += 1  # dropped rather than mixed
             # Built from validated inputs: encoded without a model object (the hot path).
             value = encode_training_example(
-                (eid, imp["request_id"], user, item_id, imp["category_id"], imp["position"], imp["scenario"],
-                 imp["query"], t, 1 if clicked else 0, mv, conds), n_hist, history, user_dims, item_dim, vectors)
+                {"example_id": e.decode(), "request_id": imp["request_id"], "user_id": user, "item_id": item_id,
+                 "category_id": imp["category_id"], "position": imp["position"], "scenario": imp["scenario"],
+                 "query": imp["query"], "event_time_ms": t, "label": 1 if clicked else 0, "lum_model_version": mv,
+                 "lum_conditions": conds}, n_hist, history, user_dims, item_dim, vectors)
             values.append(value)
-            keys.append(key_of(user))
-            e = eid.encode()
+            keys.append(user_keys[user])
             ch[b"o" + e] = value
-            st.outbox.append(b"o" + e)
+            outbox(b"o" + e)
             ch[b"p" + e] = None
-            ch[b"e" + e] = (b"\x01" if clicked else b"\x00") + _u8(deadline)
-            ch[b"r" + _u8(deadline + retention) + b"e" + e] = b""
-            st.open -= 1
-            counts["examples_total"] += 1
-            counts["positives_total"] += clicked
+            ch[b"e" + e] = (b"\x01" if clicked else b"\x00") + deadline
+            key = b"r" + (_n(deadline) + retention).to_bytes(8, "big") + b"e" + e
+            ch[key] = b""
+            forgets(key)
+            positives += clicked
+        st.open -= len(emitting)
+        counts["examples_total"] += len(emitting)
+        counts["positives_total"] += positives
+        counts["lum_features_too_new_total"] += too_new
+        counts["item_vector_other_version_total"] += other_version
         _send_many(emit, TRAINING_EXAMPLES, values, keys)
 
     def _forget(self, st: _Part) -> None:
         """Emitted ids and early clicks past their retention (event time) are forgotten."""
         wm = st.wm
         due = [k for k, _ in _until(st.store.scan(K.FORGET), K.forget(wm + 1, b"", ""))]
-        due += [k for k, v in st.changes.items() if k[:1] == K.FORGET and v is not None and _n(k[1:9]) <= wm]
+        due += [k for k in st.forgets if _n(k[1:9]) <= wm]
         if not due:
             return
         due = [K.parse_forget(k) + (k,) for k in dict.fromkeys(due)]

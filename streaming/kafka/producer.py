@@ -2,17 +2,17 @@
 
     out = Output(settings)                      # idempotent, lz4, linger 5 ms (callers flush once per batch)
     out.produce(topic, value, key, partition=p) # DeliveryError at once if librdkafka refuses the message
-    out.produce_many(topic, values, keys, p)    # the same for many messages, in order (a batch's outputs)
+    out.produce_many(topic, values, keys, p)    # the same for many messages, in order
     out.flush()                                 # DeliveryError if anything since the last flush was lost
 
 Record timestamps are left to the producer (``CreateTime`` = the producing moment, i.e. ingest time): event
 time lives in the payload, so Apache Kafka's time-based retention counts from when a record arrived, not
 from when (in 1997, say) the event happened. ``timestamp=`` is accepted only to copy a record unchanged.
 
-Delivery failures are counted by a callback (set once for the producer and called for failures only: a
-per-message callback and a report per delivered message cost more than the produce call itself); ``flush`` raises if any message since the previous flush was
-not acknowledged, so a caller never commits input offsets (or reports success) past output that did not
-arrive. A message librdkafka refuses before queueing it (larger than ``message.max.bytes``, an unknown
+Delivery failures are counted by a callback, set once for the producer and called for failures only (a
+callback per message and a report per delivered one cost more than the produce call itself); ``flush``
+raises if any message since the previous flush was not acknowledged, so a caller never commits input
+offsets (or reports success) past output that did not arrive. A message librdkafka refuses before queueing it (larger than ``message.max.bytes``, an unknown
 partition, a fatal producer state) raises the same ``DeliveryError`` from ``produce``, naming topic and size.
 """
 

@@ -555,7 +555,8 @@ def run_mixed(seed: int, n: int = 3000):
             logic.side(r, emit)
         changelog = [Record(JOINER_CHANGELOG.name, 0, i, 0, x[2], x[3])
                      for i, x in enumerate(emit.log) if x[0] == "send" and x[1] == JOINER_CHANGELOG.name]
-        emit.log.append(("starts", sorted(logic.assign(0, store, committed, emit, lambda t, p: iter(changelog)).items())))
+        starts = logic.assign(0, store, committed, emit, lambda t, p: iter(changelog))
+        emit.log.append(("starts", sorted(starts.items())))
         return logic
 
     logic, i, b = new_logic(store, {}), 0, 0
