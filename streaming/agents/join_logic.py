@@ -241,12 +241,7 @@ class _Part:
 
     def stage(self) -> None:
         """Hand the batch's writes to the store (committed by the runtime with the batch's positions)."""
-        put, delete = self.store.put, self.store.delete
-        for key, value in self.changes.items():
-            if value is None:
-                delete(key)
-            else:
-                put(key, value)
+        self.store.update(self.changes)
 
     def load_meta(self) -> None:
         m = dict(self.store.scan(K.META))
