@@ -11,6 +11,15 @@ State is read from the store when a batch needs it (no partition is ever loaded 
 impressions, emitted ids and early clicks are point reads; the windows to close, the ids to forget and the
 users to evict are found by streaming ordered index keys (deadline / expiry / activity time first), so
 ``assign`` reads a handful of keys and every batch touches only what it changes.
+
+Batch path (``process``, one call per partition and batch): impressions and behaviors are validated with
+their schema's own pydantic-core field validator into field dicts (no model objects; the codec says why
+anything else is refused, which is the dead letter's reason); one multi-get covers every id the batch touches;
+histories are merged for all of the batch's users at once in numpy; examples are encoded from parts already
+in wire form (``schemas.codec.encode_training_example``, the same bytes as encoding the model). The batch's
+writes are collected in order (the changelog's order), handed to the store in one call, and the outputs go
+out in bulk (``send_many`` where the runtime's Emit has it). Outputs are byte-identical to the per-message
+path this replaced (tests/streaming/agents/test_join_logic.py, the mixed-stream test).
 """
 
 from __future__ import annotations
