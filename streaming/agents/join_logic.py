@@ -594,7 +594,8 @@ class JoinLogic:
 
     def _merge_history(self, st: _Part, by_user: dict[int, list[tuple[int, int, int, int]]]) -> None:
         """Each user's stored history + this batch's rows: distinct rows in (time, key, item, category) order,
-        trimmed (``_trim_history``); written for the users that gained a row. All users at once, in numpy."""
+        trimmed to what a still-open window may need (time >= watermark - W) plus ``history_len`` rows before
+        it (at most ``HISTORY_CAP``); written for the users that gained a row. All users at once, in numpy."""
         users = list(by_user)
         stored = st.get_many([K.history(u) for u in users])
         n = len(users)
