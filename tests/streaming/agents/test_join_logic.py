@@ -615,3 +615,12 @@ def test_mixed_stream_outputs_are_unchanged(seed):
     """Examples, late clicks, changelog, dead letters (with reasons), counts and final state of a long mixed
     stream equal, byte for byte, what the joiner produced before its batch path."""
     assert _digests(*run_mixed(seed)) == MIXED_EXPECTED[seed]
+
+
+def test_history_len_zero_with_a_late_behavior_keeps_going():
+    """LUM_AGENT_HISTORY_LEN=0 and a behavior older than watermark - W: trimmed to nothing, not a crash."""
+    h = Harness(history_len=0)
+    h.tick(10 * W)
+    h.batch(beh(1, 5, 0), imp("r1", 5, 11, 10 * W))
+    h.tick(12 * W)
+    assert h.labels() == {"r1/11": 0} and h.examples()["r1/11"].history_items == []
