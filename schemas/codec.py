@@ -25,11 +25,13 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
+from collections.abc import Sequence
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import to_json
 
-from .events import MAX_HISTORY, MAX_VECTOR_DIM
+from .events import MAX_HISTORY, MAX_VECTOR_DIM, TrainingExample
 from .tokenize import UserSequence, decode_sequence, encode_sequence
 
 MAGIC = 0x4C  # "L"
@@ -84,17 +86,44 @@ def decode(model: type[M], data: bytes | None) -> M:
 def _encode_vectors(value: BaseModel, version: int) -> bytes:
     user, item = value.lum_user, value.lum_item  # type: ignore[attr-defined]
     head = value.__pydantic_serializer__.to_json(value, exclude=_BINARY_FIELDS)
-    extra = b""
-    if user is not None:  # placeholders keep the JSON a valid model on its own: one [0.0] per vector
-        extra += b',"lum_user":[' + b",".join([b"[0.0]"] * len(user)) + b"]"
-    if item is not None:
-        extra += b',"lum_item":[0.0]'
-    head = head[:-1] + extra + b"}"
     vecs = [*(user or ()), *([item] if item is not None else ())]
     hist_i, hist_c = value.history_items, value.history_categories  # type: ignore[attr-defined]
-    return b"".join([bytes((MAGIC, FORMAT_VECTORS, version)), struct.pack("<I", len(head)), head,
-                     struct.pack("<H", len(hist_i)), array("q", hist_i).tobytes(), array("q", hist_c).tobytes(),
-                     struct.pack(f"<{len(vecs)}H", *map(len, vecs)), array("d", [x for v in vecs for x in v]).tobytes()])
+    return _vectors_frame(version, head, len(hist_i), array("q", hist_i).tobytes() + array("q", hist_c).tobytes(),
+                          None if user is None else [len(v) for v in user], None if item is None else len(item),
+                          array("d", [x for v in vecs for x in v]).tobytes())
+
+
+def _vectors_frame(version: int, head: bytes, n_history: int, history: bytes, user_dims: Sequence[int] | None,
+                   item_dim: int | None, vectors: bytes) -> bytes:
+    """The binary-vectors layout (module docstring) from its parts: ``head`` the JSON without the binary fields."""
+    start = bytes((MAGIC, FORMAT_VECTORS, version))
+    if user_dims is None and item_dim is None:
+        return b"".join((start, _U32(len(head)), head, _U16(n_history), history))
+    extra = b""
+    if user_dims is not None:  # placeholders keep the JSON a valid model on its own: one [0.0] per vector
+        extra += b',"lum_user":[' + b",".join([b"[0.0]"] * len(user_dims)) + b"]"
+    if item_dim is not None:
+        extra += b',"lum_item":[0.0]'
+    dims = [*(user_dims or ()), *(() if item_dim is None else (item_dim,))]
+    return b"".join((start, _U32(len(head) + len(extra)), head[:-1], extra, b"}", _U16(n_history), history,
+                     struct.pack(f"<{len(dims)}H", *dims), vectors))
+
+
+_U32, _U16 = struct.Struct("<I").pack, struct.Struct("<H").pack
+EXAMPLE_HEAD_FIELDS: tuple[str, ...] = tuple(f for f in TrainingExample.model_fields if f not in _BINARY_FIELDS)
+_EXAMPLE_VERSION = TrainingExample.SCHEMA_VERSION
+
+
+def encode_training_example(head: dict[str, object], n_history: int, history: bytes,
+                            user_dims: Sequence[int] | None, item_dim: int | None, vectors: bytes) -> bytes:
+    """``encode(TrainingExample(...))``, byte for byte, from parts already in wire form and without a model object
+    (the joiner's hot path; the caller vouches that the values are valid): ``head`` the JSON fields, keys exactly
+    ``EXAMPLE_HEAD_FIELDS`` in that order; ``history`` the ``n_history`` item ids then as many category ids,
+    int64 little-endian; ``vectors`` float64 little-endian: the user vectors (sizes ``user_dims``; None: no LUM
+    features), then the item vector (size ``item_dim``; None: none)."""
+    if tuple(head) != EXAMPLE_HEAD_FIELDS:
+        raise ValueError(f"TrainingExample head fields {tuple(head)}, expected {EXAMPLE_HEAD_FIELDS}")
+    return _vectors_frame(_EXAMPLE_VERSION, to_json(head), n_history, history, user_dims, item_dim, vectors)
 
 
 def _split(name: str, data: bytes) -> tuple[bytes, int]:

@@ -11,6 +11,15 @@ State is read from the store when a batch needs it (no partition is ever loaded 
 impressions, emitted ids and early clicks are point reads; the windows to close, the ids to forget and the
 users to evict are found by streaming ordered index keys (deadline / expiry / activity time first), so
 ``assign`` reads a handful of keys and every batch touches only what it changes.
+
+Batch path (``process``, one call per partition and batch): impressions and behaviors are validated with
+their schema's own pydantic-core field validator into field dicts (no model objects; the codec says why
+anything else is refused, which is the dead letter's reason); one multi-get covers every id the batch touches;
+histories are merged for all of the batch's users at once in numpy; examples are encoded from parts already
+in wire form (``schemas.codec.encode_training_example``, the same bytes as encoding the model). The batch's
+writes are collected in order (the changelog's order), handed to the store in one call, and the outputs go
+out in bulk (``send_many`` where the runtime's Emit has it). Outputs are byte-identical to the per-message
+path this replaced (tests/streaming/agents/test_join_logic.py, the mixed-stream test).
 """
 
 from __future__ import annotations
@@ -20,14 +29,18 @@ import json
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from array import array
 from dataclasses import dataclass
 from itertools import islice
 from typing import NamedTuple
 
 import numpy as np
 
-from schemas.codec import DecodeError
-from schemas.events import BehaviorEvent, ImpressionEvent, ItemEmbedding, LumFeatures, TrainingExample
+from pydantic import ValidationError
+from pydantic_core import SchemaValidator
+
+from schemas.codec import FORMAT_JSON, MAGIC, DecodeError, encode_training_example
+from schemas.events import ItemEmbedding, LumFeatures
 from schemas.tokenize import event_key
 from schemas.topics import (BEHAVIORS, IMPRESSIONS, ITEM_EMBEDDINGS, JOINER_CHANGELOG, LATE_CLICKS, LUM_FEATURES,
                             TRAINING_EXAMPLES, key_of)
@@ -213,15 +226,31 @@ class _Part:
         self.open = 0  # open windows (a gauge)
         self.next_offset: dict[str, int] = {}  # next offset per input topic
         self.outbox: list[bytes] = []  # outbox keys of the last committed batch: deleted by the next one
-        self.changes: dict[bytes, bytes | None] = {}  # this batch's writes (for the changelog)
+        self.changes: dict[bytes, bytes | None] = {}  # this batch's writes (None: delete), in order: the changelog
+        self.closing: list[tuple[int, bytes]] = []  # windows this batch opened: (deadline, closing-index key)
+        self.forgets: list[bytes] = []  # forget-index keys this batch wrote, in order
 
     def put(self, key: bytes, value: bytes) -> None:
-        self.store.put(key, value)
         self.changes[key] = value
 
     def delete(self, key: bytes) -> None:
-        self.store.delete(key)
         self.changes[key] = None
+
+    def get(self, key: bytes) -> bytes | None:
+        ch = self.changes
+        return ch[key] if key in ch else self.store.get(key)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """Values as of this batch's writes so far (they reach the store at the end of the batch)."""
+        values = self.store.get_many(keys)
+        ch = self.changes
+        if ch:
+            values = [ch[k] if k in ch else v for k, v in zip(keys, values)]
+        return values
+
+    def stage(self) -> None:
+        """Hand the batch's writes to the store (committed by the runtime with the batch's positions)."""
+        self.store.update(self.changes)
 
     def load_meta(self) -> None:
         m = dict(self.store.scan(K.META))
@@ -260,10 +289,70 @@ def _unpack_versions(value: bytes | None) -> list[_Version]:
     return out
 
 
-def _history_rows(value: bytes | None) -> list[tuple[int, int, int, int]]:
-    if not value:
-        return []
-    return [tuple(r) for r in np.frombuffer(value, dtype=">i8").reshape(-1, 4).tolist()]
+class _History:
+    """A user's stored history rows (sorted) as examples need them: times, and item and category ids already
+    in wire form (int64 little-endian), so that an example's history is two byte slices."""
+
+    __slots__ = ("times", "items", "cats")
+
+    def __init__(self, value: bytes | None):
+        rows = np.frombuffer(value or b"", dtype=">i8").reshape(-1, 4)
+        self.times = rows[:, 0].tolist()
+        self.items, self.cats = rows[:, 2].astype("<i8").tobytes(), rows[:, 3].astype("<i8").tobytes()
+
+    def before(self, t: int, n: int) -> tuple[int, bytes]:
+        """(count, item ids + category ids) of the last ``n`` rows with time strictly before ``t``."""
+        end = bisect.bisect_left(self.times, t)
+        a = max(0, end - n)
+        return end - a, self.items[8 * a:8 * end] + self.cats[8 * a:8 * end]
+
+
+class _Lum:
+    """One stored LUM feature version as examples carry it (decoded once per batch)."""
+
+    __slots__ = ("model_version", "conditions", "dims", "vectors")
+
+    def __init__(self, f: LumFeatures):
+        self.model_version = f.model_version
+        self.conditions = [c.condition for c in f.conditions]
+        self.dims = [len(c.vector) for c in f.conditions]
+        self.vectors = array("d", [x for c in f.conditions for x in c.vector]).tobytes()  # float64 LE (wire form)
+
+
+def _fields(topic) -> Callable[[bytes | None], dict]:
+    """Decode + validate a ``topic`` message into its field dict with the model's own field validator (same
+    constraints, strictness, extra=forbid; no model object); the codec's ``DecodeError`` (the dead letter's
+    reason) for anything that fails, or that is not in the current JSON format."""
+    model = topic.value
+    schema = model.__pydantic_core_schema__
+    header = bytes((MAGIC, FORMAT_JSON, model.SCHEMA_VERSION))
+    if schema.get("type") != "model" or schema["schema"].get("type") != "model-fields":
+        raise TypeError(f"{model.__name__} has validators the field validator would skip")
+    validate = SchemaValidator(schema["schema"], config=schema.get("config")).validate_json
+
+    def decode(value: bytes | None) -> dict:
+        if value is not None and value[:3] == header:
+            try:
+                return validate(value[3:])[0]
+            except ValidationError:
+                pass
+        return dict(topic.decode(value))  # raises DecodeError saying why
+
+    return decode
+
+
+_IMP, _BEH, _FEAT = IMPRESSIONS.name, BEHAVIORS.name, LUM_FEATURES.name
+_IMP_FIELDS, _BEH_FIELDS = _fields(IMPRESSIONS), _fields(BEHAVIORS)
+
+
+def _send_many(emit: Emit, topic, values: list[bytes | None], keys: list[bytes], partition: int | None = None) -> None:
+    """``emit.send`` of each (value, key) in order; one call where the runtime's Emit has ``send_many``."""
+    many = getattr(emit, "send_many", None)
+    if many is not None:
+        many(topic, values, keys, partition)
+    else:
+        for value, key in zip(values, keys):
+            emit.send(topic, value, key=key, partition=partition)
 
 
 # --- the logic -------------------------------------------------------------------------------------------------
@@ -366,8 +455,8 @@ class JoinLogic:
             if st.outbox:
                 for key in st.outbox:
                     st.store.delete(key)
-                    if self.cfg.changelog and self._last_emit is not None:
-                        self._last_emit.send(JOINER_CHANGELOG, None, key=key, partition=st.partition)
+                if self.cfg.changelog and self._last_emit is not None:
+                    _send_many(self._last_emit, JOINER_CHANGELOG, [None] * len(st.outbox), st.outbox, st.partition)
                 st.store.commit({})
                 st.outbox = []
 
@@ -375,141 +464,180 @@ class JoinLogic:
     def process(self, partition: int, records: Sequence[Record], emit: Emit) -> None:
         st = self.parts[partition]
         self._last_emit = emit
-        st.changes = {}
+        st.changes, st.closing, st.forgets = {}, [], []
         for key in st.outbox:  # the previous batch was committed and delivered before this one was called
             st.delete(key)
         st.outbox = []
         limit = self.clock() + self.cfg.max_future_skew_ms
-        times: dict[str, list[int]] = {IMPRESSIONS.name: [], BEHAVIORS.name: []}
-        imps: list[tuple[ImpressionEvent, bytes]] = []
-        behs: list[tuple[BehaviorEvent, bytes]] = []
+        imps: list[tuple[dict, bytes, str]] = []  # (validated fields, raw bytes, example id)
+        behs: list[tuple[dict, bytes]] = []
         feats: list[tuple[LumFeatures, bytes]] = []
+        imp_times: list[int] = []
+        beh_times: list[int] = []
+        next_offset, counts = st.next_offset, self.counts
         for r in records:
-            st.next_offset[r.topic] = r.offset + 1
+            topic, value = r[0], r[5]
+            next_offset[topic] = r[2] + 1
             try:
-                ev = _DECODE[r.topic](r.value)
+                if topic == _IMP:
+                    ev = _IMP_FIELDS(value)
+                    t = ev["event_time_ms"]
+                elif topic == _BEH:
+                    ev = _BEH_FIELDS(value)
+                    t = ev["event_time_ms"]
+                elif topic == _FEAT:
+                    ev = LUM_FEATURES.decode(value)
+                    t = ev.as_of_ms or ev.computed_at_ms
+                else:
+                    raise KeyError(topic)
             except DecodeError as e:
                 emit.dead_letter(r, e)
                 continue
-            t = (ev.as_of_ms or ev.computed_at_ms) if r.topic == LUM_FEATURES.name else ev.event_time_ms
             if t > limit:
-                self.counts["future_events_total"] += 1
+                counts["future_events_total"] += 1
                 emit.dead_letter(r, f"event time {t} is later than now + LUM_AGENT_MAX_FUTURE_SKEW_MS "
                                     f"({self.cfg.max_future_skew_ms} ms)")
                 continue
-            if r.topic == IMPRESSIONS.name:
-                imps.append((ev, r.value))
-            elif r.topic == BEHAVIORS.name:
-                behs.append((ev, r.value))
+            if topic == _IMP:
+                imps.append((ev, value, f"{ev['request_id']}/{ev['item_id']}"))
+                imp_times.append(t)
+            elif topic == _BEH:
+                behs.append((ev, value))
+                beh_times.append(t)
             else:
-                feats.append((ev, r.value))
-            if r.topic in times:
-                times[r.topic].append(t)
+                feats.append((ev, value))
         self._apply(st, imps, behs, feats, emit)
-        self._watermark(st, times)
+        self._watermark(st, {_IMP: imp_times, _BEH: beh_times})
         self._close_windows(st, emit)
         self._forget(st)
         self._evict(st)
         st.save_meta()
         if self.cfg.changelog:
             self._changelog(st, emit)
+        st.stage()
 
     def _apply(self, st: _Part, imps, behs, feats, emit: Emit) -> None:
         # One multi-get for every id the batch touches: pending impression, emitted id, early click.
-        ids = list(dict.fromkeys([f"{i.request_id}/{i.item_id}" for i, _ in imps] +
-                                 [f"{b.request_id}/{b.item_id}" for b, _ in behs
-                                  if b.behavior == "click" and b.request_id]))
-        vals = st.store.get_many([k for eid in ids for k in (K.pending(eid), K.emitted(eid), K.early(eid))])
+        clicks = [(b, raw, f"{b['request_id']}/{b['item_id']}") for b, raw in behs
+                  if b["behavior"] == "click" and b["request_id"]]
+        ids = list(dict.fromkeys([eid for _, _, eid in imps] + [eid for _, _, eid in clicks]))
+        keys = []
+        for eid in ids:
+            e = eid.encode()
+            keys += (b"p" + e, b"e" + e, b"c" + e)
+        vals = st.get_many(keys)
         known = {eid: vals[3 * i:3 * i + 3] for i, eid in enumerate(ids)}  # eid -> [pending, emitted, early]
         # Records in offset order per topic; impressions first or clicks first gives the same state, because
         # a click without its impression waits ("early") and windows close only at the end of the batch.
-        for imp, raw in imps:
-            self._impression(st, imp, raw, known, emit)
+        ch, window, counts = st.changes, self.cfg.window_ms, self.counts
+        for imp, raw, eid in imps:
+            k = known[eid]
+            if k[0] is not None or k[1] is not None:  # pending or emitted
+                counts["duplicate_impressions_total"] += 1
+                continue
+            early = k[2]
+            deadline = imp["event_time_ms"] + window
+            clicked = False
+            e = eid.encode()
+            if early is not None:
+                clicked = _n(early[:8]) <= deadline
+                if not clicked:  # the click came after the window: late, though it arrived first
+                    self._late(early[8:], emit)
+                ch[b"c" + e] = None
+                k[2] = None
+            value = (b"\x01" if clicked else b"\x00") + raw
+            ch[b"p" + e] = value
+            key = b"w" + deadline.to_bytes(8, "big") + e
+            ch[key] = b""
+            st.closing.append((deadline, key))
+            k[0] = value
+            st.open += 1
         by_user: dict[int, list[tuple[int, int, int, int]]] = defaultdict(list)
-        for ev, raw in behs:
-            by_user[ev.user_id].append((ev.event_time_ms, event_key(ev.event_id), ev.item_id, ev.category_id))
-            if ev.behavior == "click" and ev.request_id:
-                self._click(st, ev, raw, known, emit)
+        for ev, _raw in behs:
+            by_user[ev["user_id"]].append((ev["event_time_ms"], event_key(ev["event_id"]), ev["item_id"],
+                                           ev["category_id"]))
+        for ev, raw, eid in clicks:
+            self._click(st, ev, raw, eid, known, emit)
         if by_user:
-            users = list(by_user)
-            for user, value in zip(users, st.store.get_many([K.history(u) for u in users])):
-                h = _history_rows(value)
-                before = len(h)
-                for row in by_user[user]:
-                    i = bisect.bisect_left(h, row)
-                    if i == len(h) or h[i] != row:  # a retried event is history once
-                        h.insert(i, row)
-                if len(h) != before:
-                    self._trim_history(st, h)
-                    st.put(K.history(user), np.array(h, dtype=">i8").tobytes())
-                    self._touch(st, user, h[-1][0])
+            self._merge_history(st, by_user)
         for f, raw in feats:
             self._features(st, f, raw)
 
-    def _impression(self, st: _Part, imp: ImpressionEvent, raw: bytes, known, emit: Emit) -> None:
-        eid = f"{imp.request_id}/{imp.item_id}"
-        pending, emitted, early = known[eid]
-        if pending is not None or emitted is not None:
-            self.counts["duplicate_impressions_total"] += 1
-            return
-        deadline = imp.event_time_ms + self.cfg.window_ms
-        clicked = False
-        if early is not None:
-            clicked = _n(early[:8]) <= deadline
-            if not clicked:  # the click came after the window: late, though it arrived first
-                self._late(early[8:], emit)
-            st.delete(K.early(eid))
-            known[eid][2] = None
-        value = (b"\x01" if clicked else b"\x00") + raw
-        st.put(K.pending(eid), value)
-        st.put(K.closing(deadline, eid), b"")
-        known[eid][0] = value
-        st.open += 1
-
-    def _click(self, st: _Part, ev: BehaviorEvent, raw: bytes, known, emit: Emit) -> None:
-        eid = f"{ev.request_id}/{ev.item_id}"
-        pending, emitted, early = known[eid]
+    def _click(self, st: _Part, ev: dict, raw: bytes, eid: str, known, emit: Emit) -> None:
+        pending, emitted, early = k = known[eid]
+        t = ev["event_time_ms"]
         if pending is not None:
-            imp_t = IMPRESSIONS.decode(pending[1:]).event_time_ms
-            if ev.event_time_ms <= imp_t + self.cfg.window_ms:
+            if t <= _IMP_FIELDS(pending[1:])["event_time_ms"] + self.cfg.window_ms:
                 if pending[:1] == b"\x00":
                     value = b"\x01" + pending[1:]
-                    st.put(K.pending(eid), value)
-                    known[eid][0] = value
+                    st.changes[K.pending(eid)] = value
+                    k[0] = value
                 return
         elif emitted is not None:
-            if emitted[:1] == b"\x01" and ev.event_time_ms <= _n(emitted[1:9]):
+            if emitted[:1] == b"\x01" and t <= _n(emitted[1:9]):
                 self.counts["duplicate_clicks_total"] += 1  # already counted (a retry, a replayed batch)
                 return
         else:  # impression not seen yet: remember the click until it comes (the earliest click counts)
-            if early is None or ev.event_time_ms < _n(early[:8]):
-                value = _u8(ev.event_time_ms) + raw
-                st.put(K.early(eid), value)
-                st.put(K.forget(ev.event_time_ms + self.cfg.retention_ms, K.EARLY, eid), b"")
-                known[eid][2] = value
+            if early is None or t < _n(early[:8]):
+                value = _u8(t) + raw
+                st.changes[K.early(eid)] = value
+                key = K.forget(t + self.cfg.retention_ms, K.EARLY, eid)
+                st.changes[key] = b""
+                st.forgets.append(key)
+                k[2] = value
             return
         self._late(raw, emit)
 
     def _late(self, raw: bytes, emit: Emit) -> None:
         self.counts["late_clicks_total"] += 1
-        emit.send(LATE_CLICKS, raw, key=key_of(BEHAVIORS.decode(raw).user_id))
+        emit.send(LATE_CLICKS, raw, key=key_of(_BEH_FIELDS(raw)["user_id"]))
+
+    def _merge_history(self, st: _Part, by_user: dict[int, list[tuple[int, int, int, int]]]) -> None:
+        """Each user's stored history + this batch's rows: distinct rows in (time, key, item, category) order,
+        trimmed to what a still-open window may need (time >= watermark - W) plus ``history_len`` rows before
+        it (at most ``HISTORY_CAP``); written for the users that gained a row. All users at once, in numpy."""
+        users = list(by_user)
+        stored = st.get_many([K.history(u) for u in users])
+        n = len(users)
+        new_lens = [len(by_user[u]) for u in users]
+        new = np.array([row for u in users for row in by_user[u]], dtype=np.int64).reshape(-1, 4)
+        old = np.frombuffer(b"".join(v for v in stored if v), dtype=">i8").reshape(-1, 4).astype(np.int64)
+        old_lens = [len(v) // 32 if v else 0 for v in stored]
+        owner = np.concatenate((np.repeat(np.arange(n), old_lens), np.repeat(np.arange(n), new_lens)))
+        rows = np.concatenate((old, new))
+        is_new = np.concatenate((np.zeros(len(old), bool), np.ones(len(new), bool)))
+        # Sort by (user, row), stored before new among equal rows; keep the first of equal rows.
+        o = np.lexsort((is_new, rows[:, 3], rows[:, 2], rows[:, 1], rows[:, 0], owner))
+        rows, owner, is_new = rows[o], owner[o], is_new[o]
+        keep = np.ones(len(rows), bool)
+        keep[1:] = (owner[1:] != owner[:-1]) | (rows[1:] != rows[:-1]).any(axis=1)
+        rows, owner, is_new = rows[keep], owner[keep], is_new[keep]
+        changed = np.flatnonzero(np.bincount(owner[is_new], minlength=n))  # a retried event is history once
+        if not len(changed):
+            return
+        counts = np.bincount(owner, minlength=n)
+        ends = np.cumsum(counts)
+        # Trim: keep what a still-open window may need (time >= watermark - W) plus history_len rows before it.
+        below = np.bincount(owner[rows[:, 0] < st.wm - self.cfg.window_ms], minlength=n)
+        starts = ends - counts + np.maximum(np.maximum(below - self.cfg.history_len, counts - HISTORY_CAP), 0)
+        data = rows.astype(">i8").tobytes()
+        ch, bucket = st.changes, self._bucket_ms
+        for i, a, b, last in zip(changed.tolist(), starts[changed].tolist(), ends[changed].tolist(),
+                                 rows[ends[changed] - 1, 0].tolist()):
+            user = users[i]
+            ch[b"h" + _u8(user)] = data[32 * a:32 * b]
+            if b > a:
+                ch[K.activity(last // bucket, user)] = b""
 
     def _features(self, st: _Part, f: LumFeatures, raw: bytes) -> None:
         """Keep ``f`` among the user's newest FEATURE_VERSIONS (a republish with the same as_of replaces)."""
         key = K.features(f.user_id)
         as_of = f.as_of_ms or 0
-        versions = [v for v in _unpack_versions(st.store.get(key)) if v.as_of != as_of]
+        versions = [v for v in _unpack_versions(st.get(key)) if v.as_of != as_of]
         versions.append(_Version(as_of, getattr(f, "trained_until_ms", None) or 0, f.as_of_ms or f.computed_at_ms, raw))
         versions.sort()
         st.put(key, _pack_versions(versions[-FEATURE_VERSIONS:]))
         self._touch(st, f.user_id, f.as_of_ms or f.computed_at_ms)
-
-    def _trim_history(self, st: _Part, h: list) -> None:
-        # Keep everything a still-open window may need (time >= watermark - W) plus history_len before it.
-        i = bisect.bisect_left(h, (st.wm - self.cfg.window_ms,))
-        drop = max(i - self.cfg.history_len, len(h) - HISTORY_CAP, 0)
-        if drop:
-            del h[:drop]
 
     def _touch(self, st: _Part, user: int, t: int) -> None:
         st.put(K.activity(t // self._bucket_ms, user), b"")
@@ -542,72 +670,92 @@ class JoinLogic:
         st.wm = max(st.wm, t - self.cfg.lateness_ms)  # never moves back
 
     def _close_windows(self, st: _Part, emit: Emit) -> None:
-        due = [K.parse_closing(k) for k, _ in _until(st.store.scan(K.CLOSING), K.closing(st.wm + 1, ""))]
-        due += [K.parse_closing(k) for k, v in st.changes.items()
-                if k[:1] == K.CLOSING and v is not None and K.parse_closing(k)[0] <= st.wm]
+        wm = st.wm
+        # Closing-index keys due (their byte order is (deadline, example id) order): committed ones, by a
+        # streamed scan, and the ones this batch wrote.
+        due = [k for k, _ in _until(st.store.scan(K.CLOSING), K.closing(wm + 1, ""))]
+        due += [k for d, k in st.closing if d <= wm]
         if not due:
             return
         due = sorted(set(due))
-        pend = st.store.get_many([K.pending(eid) for _, eid in due])
-        emitting = [(d, eid, v) for (d, eid), v in zip(due, pend) if v is not None]
-        imps = {eid: IMPRESSIONS.decode(v[1:]) for _, eid, v in emitting}
-        users = list(dict.fromkeys(i.user_id for i in imps.values()))
-        hist = dict(zip(users, map(_history_rows, st.store.get_many([K.history(u) for u in users]))))
-        versions = dict(zip(users, map(_unpack_versions, st.store.get_many([K.features(u) for u in users]))))
-        decoded: dict[bytes, LumFeatures] = {}
-        for deadline, eid in due:
-            st.delete(K.closing(deadline, eid))
-        for deadline, eid, value in emitting:
-            user = imps[eid].user_id
-            self._emit(st, eid, deadline, imps[eid], value[:1] == b"\x01", hist[user], versions[user], decoded,
-                       emit)
-
-    def _emit(self, st: _Part, eid: str, deadline: int, imp: ImpressionEvent, clicked: bool, h: list,
-              versions: list[_Version], decoded: dict[bytes, LumFeatures], emit: Emit) -> None:
-        t = imp.event_time_ms
-        end = bisect.bisect_left(h, (t,))
-        before = h[max(0, end - self.cfg.history_len):end]
-        lum = dict(lum_model_version=None, lum_conditions=None, lum_user=None, lum_item=None)
-        # Point in time: the newest version computed from events before t by a model trained before t.
-        v = next((v for v in reversed(versions) if v.as_of < t and v.trained_until < t), None)
-        if v is None and versions:
-            self.counts["lum_features_too_new_total"] += 1  # only features that have seen the future
-        f = None
-        if v is not None:
-            f = decoded.get(v.raw) or decoded.setdefault(v.raw, LUM_FEATURES.decode(v.raw))
-            item = self.items.get(imp.item_id, f.model_version)  # the same model version, or none
-            lum |= dict(lum_model_version=f.model_version, lum_conditions=[c.condition for c in f.conditions],
-                        lum_user=[c.vector for c in f.conditions], lum_item=item)
-            if item is None and any(self.items.get(imp.item_id, ver) is not None for ver in self.items.by_version):
-                self.counts["item_vector_other_version_total"] += 1  # dropped rather than mixed
-        # Built from validated inputs: constructed without a second validation (the hot path).
-        ex = TrainingExample.model_construct(
-            example_id=eid, request_id=imp.request_id, user_id=imp.user_id, item_id=imp.item_id,
-            category_id=imp.category_id, position=imp.position, scenario=imp.scenario, query=imp.query,
-            event_time_ms=t, label=1 if clicked else 0, history_items=[r[2] for r in before],
-            history_categories=[r[3] for r in before], **lum)
-        value = TRAINING_EXAMPLES.encode(ex)
-        emit.send(TRAINING_EXAMPLES, value, key=key_of(imp.user_id))
-        st.put(K.outbox(eid), value)
-        st.outbox.append(K.outbox(eid))
-        st.delete(K.pending(eid))
-        st.put(K.emitted(eid), (b"\x01" if clicked else b"\x00") + _u8(deadline))
-        st.put(K.forget(deadline + self.cfg.retention_ms, K.EMITTED, eid), b"")
-        st.open -= 1
-        self.counts["examples_total"] += 1
-        self.counts["positives_total"] += clicked
+        pend = st.get_many([b"p" + k[9:] for k in due])
+        emitting = [(k, v) for k, v in zip(due, pend) if v is not None]
+        imps = [_IMP_FIELDS(v[1:]) for _, v in emitting]
+        users = list(dict.fromkeys(i["user_id"] for i in imps))
+        hist = dict(zip(users, map(_History, st.get_many([K.history(u) for u in users]))))
+        versions = dict(zip(users, map(_unpack_versions, st.get_many([K.features(u) for u in users]))))
+        user_keys = {u: key_of(u) for u in users}
+        ch = st.changes
+        for k in due:
+            ch[k] = None
+        lum: dict[bytes, _Lum] = {}  # decoded feature versions of this batch
+        values, keys = [], []
+        outbox, forgets = st.outbox.append, st.forgets.append
+        hl, retention, items, counts = self.cfg.history_len, self.cfg.retention_ms, self.items, self.counts
+        positives = too_new = other_version = 0
+        for (k, pending), imp in zip(emitting, imps):
+            e, deadline = k[9:], k[1:9]
+            clicked = pending[:1] == b"\x01"
+            user, item_id, t = imp["user_id"], imp["item_id"], imp["event_time_ms"]
+            n_hist, history = hist[user].before(t, hl)
+            # Point in time: the newest version computed from events before t by a model trained before t.
+            versions_u = versions[user]
+            v = None
+            if versions_u:
+                v = next((v for v in reversed(versions_u) if v.as_of < t and v.trained_until < t), None)
+                too_new += v is None  # only features that have seen the future
+            mv = conds = user_dims = item_dim = None
+            vectors = b""
+            if v is not None:
+                f = lum.get(v.raw) or lum.setdefault(v.raw, _Lum(LUM_FEATURES.decode(v.raw)))
+                mv, conds, user_dims, vectors = f.model_version, f.conditions, f.dims, f.vectors
+                item = items.get(item_id, mv)  # the same model version, or none
+                if item is not None:
+                    item_dim = len(item)
+                    vectors += array("d", item).tobytes()
+                elif any(items.get(item_id, ver) is not None for ver in items.by_version):
+                    other_version += 1  # dropped rather than mixed
+            # Built from validated inputs: encoded without a model object (the hot path).
+            value = encode_training_example(
+                {"example_id": e.decode(), "request_id": imp["request_id"], "user_id": user, "item_id": item_id,
+                 "category_id": imp["category_id"], "position": imp["position"], "scenario": imp["scenario"],
+                 "query": imp["query"], "event_time_ms": t, "label": 1 if clicked else 0, "lum_model_version": mv,
+                 "lum_conditions": conds}, n_hist, history, user_dims, item_dim, vectors)
+            values.append(value)
+            keys.append(user_keys[user])
+            ch[b"o" + e] = value
+            outbox(b"o" + e)
+            ch[b"p" + e] = None
+            ch[b"e" + e] = (b"\x01" if clicked else b"\x00") + deadline
+            key = b"r" + (_n(deadline) + retention).to_bytes(8, "big") + b"e" + e
+            ch[key] = b""
+            forgets(key)
+            positives += clicked
+        st.open -= len(emitting)
+        counts["examples_total"] += len(emitting)
+        counts["positives_total"] += positives
+        counts["lum_features_too_new_total"] += too_new
+        counts["item_vector_other_version_total"] += other_version
+        _send_many(emit, TRAINING_EXAMPLES, values, keys)
 
     def _forget(self, st: _Part) -> None:
         """Emitted ids and early clicks past their retention (event time) are forgotten."""
-        due = [k for k, _ in _until(st.store.scan(K.FORGET), K.forget(st.wm + 1, b"", ""))]
-        due += [k for k, v in st.changes.items() if k[:1] == K.FORGET and v is not None and _n(k[1:9]) <= st.wm]
-        for k in dict.fromkeys(due):
-            _, kind, eid = K.parse_forget(k)
-            st.delete(k)
+        wm = st.wm
+        due = [k for k, _ in _until(st.store.scan(K.FORGET), K.forget(wm + 1, b"", ""))]
+        due += [k for k in st.forgets if _n(k[1:9]) <= wm]
+        if not due:
+            return
+        due = [K.parse_forget(k) + (k,) for k in dict.fromkeys(due)]
+        early = dict(zip([eid for _, kind, eid, _ in due if kind != K.EMITTED],
+                         st.get_many([K.early(eid) for _, kind, eid, _ in due if kind != K.EMITTED])))
+        ch = st.changes
+        for _, kind, eid, k in due:
+            ch[k] = None
             if kind == K.EMITTED:
-                st.delete(K.emitted(eid))
-            elif st.store.get(K.early(eid)) is not None:
-                st.delete(K.early(eid))
+                ch[K.emitted(eid)] = None
+            elif early.get(eid) is not None:
+                ch[K.early(eid)] = None
+                early[eid] = None  # a second entry for the same click finds it gone
                 self.counts["orphan_clicks_total"] += 1
 
     def _evict(self, st: _Part) -> None:
@@ -617,13 +765,15 @@ class JoinLogic:
             return
         last_bucket = cutoff // self._bucket_ms  # buckets before this one are entirely older than cutoff
         entries = list(islice(_until(st.store.scan(K.ACTIVITY), K.activity(last_bucket, 0)), EVICT_PER_BATCH))
+        if not entries:
+            return
         users = list(dict.fromkeys(K.parse_activity(key)[1] for key, _ in entries))
         for key, _ in entries:
             st.delete(key)
-        values = st.store.get_many([k for u in users for k in (K.history(u), K.features(u))])
+        values = st.get_many([k for u in users for k in (K.history(u), K.features(u))])
         for i, user in enumerate(users):
-            h, feats = _history_rows(values[2 * i]), _unpack_versions(values[2 * i + 1])
-            newest = max(([h[-1][0]] if h else []) + [v.active for v in feats], default=None)
+            h, feats = values[2 * i], _unpack_versions(values[2 * i + 1])
+            newest = max(([_n(h[-32:-24])] if h else []) + [v.active for v in feats], default=None)
             if newest is None or newest >= cutoff:
                 continue  # active since: a newer activity entry exists
             if h:
@@ -635,9 +785,10 @@ class JoinLogic:
     def _changelog(self, st: _Part, emit: Emit) -> None:
         """This batch's writes to the changelog, outbox first and the positions last: a partition of the
         changelog is written in order, so a restored position implies everything before it arrived."""
-        changes = sorted(st.changes.items(), key=lambda kv: kv[0][:1] != K.OUTBOX)
-        for key, value in changes:
-            emit.send(JOINER_CHANGELOG, value, key=key, partition=st.partition)
+        changes = st.changes
+        keys = [k for k in changes if k[:1] == K.OUTBOX]
+        keys += [k for k in changes if k[:1] != K.OUTBOX]
+        _send_many(emit, JOINER_CHANGELOG, [changes[k] for k in keys], keys, st.partition)
         positions = st.store.positions() | st.next_offset
         emit.send(JOINER_CHANGELOG, json.dumps(positions, sort_keys=True).encode(), key=K.POSITIONS,
                   partition=st.partition)
@@ -660,7 +811,3 @@ def _until(items: Iterator[tuple[bytes, bytes]], end: bytes) -> Iterator[tuple[b
 def _chain(first, rest):
     yield first
     yield from rest
-
-
-_DECODE: dict[str, Callable[[bytes | None], object]] = {
-    IMPRESSIONS.name: IMPRESSIONS.decode, BEHAVIORS.name: BEHAVIORS.decode, LUM_FEATURES.name: LUM_FEATURES.decode}

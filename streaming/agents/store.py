@@ -137,6 +137,10 @@ class Store:
     def delete(self, key: bytes) -> None:
         self._staged[key] = None
 
+    def update(self, writes: Mapping[bytes, bytes | None]) -> None:
+        """``put`` (or ``delete``, for None) each of ``writes``, in order."""
+        self._staged.update(writes)
+
     @property
     def staged(self) -> int:
         return len(self._staged)
