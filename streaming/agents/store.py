@@ -232,6 +232,7 @@ def rocks_options():
     opts.set_max_write_buffer_number(2)
     table = BlockBasedOptions()
     table.set_block_cache(_cache)
+    table.set_bloom_filter(10, False)  # ~1% false positives: a get of an absent key (a new user) skips the SSTs
     opts.set_block_based_table_factory(table)
     return opts
 
