@@ -6,7 +6,7 @@
 Starts the embedded broker, creates the topics, then runs as subprocesses (each in its own process group):
 ``lum produce synthetic --rate R`` (a fixed rate), ``lum agents`` (sequence agent and joiner) and one DLRM
 trainer (``lum train --features baseline --preset debug``). Without ``--rate``, R is half the agents' measured
-rate (floor 200 events/s): 60,000 events are produced as fast as possible first, and the agents' time to
+rate (floor 200 events/s): 200,000 events are produced as fast as possible first, and the agents' time to
 consume them (from their first commit to caught up) gives the rate; the soak's producer then continues the
 same stream (``--skip``).
 
@@ -52,7 +52,7 @@ from streaming.kafka import create_topics  # noqa: E402
 LUM = str(Path(sys.executable).parent / "lum")
 SEED = 7
 USERS = 2000
-MEASURE_EVENTS = 60_000
+MEASURE_EVENTS = 200_000  # enough that the agents (tens of thousands of events/s) can be timed
 RATE_FLOOR = 200.0
 GROUPS = ("lum-sequences", "lum-joiner", "lum-dlrm-baseline")
 MB = 1 << 20
