@@ -46,3 +46,24 @@ def test_soak_smoke_stops_everything(tmp_path):
     host, port = report["config"]["bootstrap"].split(":")
     with socket.socket() as s:
         assert s.connect_ex((host, int(port))) != 0
+
+
+def test_a_steady_climb_in_lag_fails_the_lag_verdict():
+    """Lag that climbs steadily but evenly stays under the peak rule (1.25 x q3 peak + 5 s of events); the
+    slope rule must still call it falling behind, while a flat saw-tooth passes."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("soak", ROOT / "benchmarks" / "soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    GROUPS, verdicts = soak.GROUPS, soak.verdicts
+
+    def samples(lag_at):
+        return [{"t_s": float(t), "lag": {g: lag_at(t) for g in GROUPS}, "rss": {}, "alive": {}}
+                for t in range(0, 241, 10)]
+
+    rate = 4000.0
+    climbing = verdicts(samples(lambda t: 600 * t), 240, rate)  # +600/s: 15% of the rate
+    flat = verdicts(samples(lambda t: 5000 + (3000 if t % 20 else 0)), 240, rate)
+    assert [v["ok"] for v in climbing if v["goal"].startswith("lag")] == [False] * len(GROUPS)
+    assert [v["ok"] for v in flat if v["goal"].startswith("lag")] == [True] * len(GROUPS)
