@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from schemas.datasets import is_positive, read_amazon, read_movielens, read_taobao  # noqa: E402
 from schemas.events import BehaviorEvent, TrainingExample  # noqa: E402
 from schemas.tokenize import parse_condition  # noqa: E402
-from trainers.dlrm.model import DLRMConfig  # noqa: E402
+from trainers.dlrm.model import TARGET_CATEGORY, DLRMConfig  # noqa: E402
 from trainers.dlrm.train import Trainer  # noqa: E402
 from trainers.lum.data import repeat_share, sequences_from_events, split_users  # noqa: E402
 from trainers.lum.evaluate import catalog_of, evaluate  # noqa: E402
@@ -55,7 +55,6 @@ from trainers.lum.refresh import category_conditions, condition_outputs  # noqa:
 log = logging.getLogger("bench_offline")
 HISTORY = 50  # most recent previous behaviors kept in an example's history
 POSITIVE_BEHAVIORS = ("cart", "fav", "buy")  # Taobao: what turns an earlier page view into a positive
-TARGET_CATEGORY = "target_category"  # the condition slot holding the candidate's own-category query
 READERS = {"movielens": read_movielens, "taobao": read_taobao, "amazon": read_amazon}
 
 
@@ -289,7 +288,9 @@ def dlrm_run(features: str, train: list[TrainingExample], evals: dict[str, list[
     """Train a DLRM on ``train`` (no checkpoints) for ``epochs`` passes, then (``each_epoch``: after every pass)
     score each ``evals`` set with the model in eval mode through the trainer's own featurizer, never training
     on them. Returns {eval name: [metrics per scored pass]}, train_s, progressive_auc, lum_inputs."""
-    cfg = DLRMConfig.preset(s.dlrm_preset, features=features, seed=seed)
+    # The output bias starts at the training share of positives (the trainer would take the first batch's).
+    prior = min(max(float(np.mean([x.label for x in train])), 1e-4), 1 - 1e-4) if train else None
+    cfg = DLRMConfig.preset(s.dlrm_preset, features=features, seed=seed, prior_ctr=prior)
     trainer = Trainer(cfg, None)
     out: dict = {name: [] for name in evals} | {"train_s": 0.0}
     for epoch in range(1, epochs + 1):
@@ -311,7 +312,8 @@ def dlrm_run(features: str, train: list[TrainingExample], evals: dict[str, list[
             out[name].append({"auc": auc(p, y), "logloss": logloss(p, y)})
             log.info("DLRM %-8s seed %d epoch %d: %s AUC %.4f logloss %.4f", features, seed, epoch, name,
                      out[name][-1]["auc"], out[name][-1]["logloss"])
-    out["lum_inputs"] = dict(trainer.featurizer.lum_stats)
+    out["lum_inputs"] = dict(trainer.featurizer.lum_stats) if trainer.featurizer else {}
+    out["prior_ctr"] = cfg.prior_ctr
     return out
 
 
@@ -391,10 +393,10 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
             if arm not in epochs:  # epochs chosen once per arm on segment 2's validation tail, first seed
                 sel = dlrm_run(feats, examples(users, kind, fit_b, v1), {"val": examples(users, kind, val_b, v1)},
                                s, seed, s.max_epochs, each_epoch=True)
-                val_auc = [m["auc"] for m in sel["val"]]
-                if not np.isfinite(val_auc).any():
+                val_ll = [m["logloss"] for m in sel["val"]]  # early stopping on validation log loss
+                if not np.isfinite([m["auc"] for m in sel["val"]]).any():
                     raise Skip(f"DLRM validation AUC undefined for {arm} (a label class missing)")
-                epochs[arm] = 1 + int(np.nanargmax(val_auc))
+                epochs[arm] = 1 + int(np.argmin(val_ll))
             r = dlrm_run(feats, train, {"test": test}, s, seed, epochs[arm])
             arms[arm].append(r["test"][-1]["auc"])
             ll[arm].append(r["test"][-1]["logloss"])
