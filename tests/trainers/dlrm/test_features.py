@@ -158,3 +158,26 @@ def test_untrained_model_predicts_the_base_rate_of_the_first_batch():
     y = fb.labels.numpy()
     const = -np.mean(y * np.log(rate) + (1 - y) * np.log(1 - rate))
     assert -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)) < const + 0.01
+
+
+def test_a_checkpoint_of_the_old_feature_layout_is_refused_on_resume(tmp_path):
+    """A checkpoint written before layout 2 (its config has no ``feature_layout``) holds a model over other
+    dense inputs: resuming it is refused, naming the field, instead of failing on tensor shapes."""
+    import json
+
+    import pytest
+
+    from trainers.checkpoint import Refuse
+    from trainers.dlrm.train import Trainer, latest_checkpoint
+
+    cfg = DLRMConfig.preset("debug", features="lum")
+    t = Trainer(cfg, tmp_path)
+    t.train_batch(synthetic_examples(100, seed=11))
+    t.checkpoint()
+    meta_path = latest_checkpoint(tmp_path) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["config"]["feature_layout"] == 2 and meta["config"]["prior_ctr"] is not None
+    del meta["config"]["feature_layout"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(Refuse, match="feature_layout: saved 1, requested 2"):
+        Trainer(cfg, tmp_path)
