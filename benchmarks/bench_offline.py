@@ -79,6 +79,7 @@ class Settings:
     cuts: tuple[float, float] = (0.5, 0.8)  # per-user share of events before the DLRM-train / DLRM-test segments
     max_users: int = 0  # 0: all users (smoke tests take a few)
     retrieval: bool = True
+    table_rows: dict | None = None  # per data set: DLRM hash rows >= 2x its distinct ids (``table_rows_for``)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -95,6 +96,15 @@ def by_user(events: list[BehaviorEvent], max_users: int = 0) -> dict[int, list[B
         if e.user_id in users or not max_users or len(users) < max_users:
             users.setdefault(e.user_id, []).append(e)
     return users
+
+
+def table_rows_for(events: list[BehaviorEvent]) -> dict[str, int]:
+    """DLRM hash-table rows per id table: the power of two >= 2x the data set's distinct ids (collisions ~ 1/4
+    of ids instead of most of them: Taobao's 55k items in the debug preset's 16k rows)."""
+    def rows(n: int) -> int:
+        return 1 << max(1, (2 * n - 1).bit_length())
+    return {"user": rows(len({e.user_id for e in events})), "item": rows(len({e.item_id for e in events})),
+            "category": rows(len({e.category_id for e in events}))}
 
 
 def cut_points(n: int, cuts: tuple[float, float]) -> tuple[int, int]:
@@ -136,10 +146,12 @@ def label_condition(dataset_kind: str) -> str:
 
 
 def conditions_for(dataset_kind: str) -> list[str]:
-    """Fixed query conditions of Step 2 (plus the per-candidate ``TARGET_CATEGORY`` slot)."""
+    """Fixed query conditions of Step 2 (plus the per-candidate ``TARGET_CATEGORY`` slot). For ratings, every
+    feedback level: the DLRM can contrast "would like" with "would watch but dislike", which no unconditioned
+    user vector (SASRec) can express."""
     if dataset_kind == "taobao":
         return ["any", "behavior=buy", "behavior=cart"]
-    return ["any", "behavior=liked"]
+    return ["any", "behavior=liked", "behavior=neutral", "behavior=disliked"]
 
 
 @dataclass
@@ -291,6 +303,9 @@ def dlrm_run(features: str, train: list[TrainingExample], evals: dict[str, list[
     # The output bias starts at the training share of positives (the trainer would take the first batch's).
     prior = min(max(float(np.mean([x.label for x in train])), 1e-4), 1 - 1e-4) if train else None
     cfg = DLRMConfig.preset(s.dlrm_preset, features=features, seed=seed, prior_ctr=prior)
+    if s.table_rows:  # hash tables sized to the data: a test item sharing a trained item's row reads its noise
+        cfg = cfg.model_copy(update={"table_rows": cfg.table_rows | {
+            t: max(n, cfg.table_rows[t]) for t, n in s.table_rows.items()}})
     trainer = Trainer(cfg, None)
     out: dict = {name: [] for name in evals} | {"train_s": 0.0}
     for epoch in range(1, epochs + 1):
@@ -313,7 +328,7 @@ def dlrm_run(features: str, train: list[TrainingExample], evals: dict[str, list[
             log.info("DLRM %-8s seed %d epoch %d: %s AUC %.4f logloss %.4f", features, seed, epoch, name,
                      out[name][-1]["auc"], out[name][-1]["logloss"])
     out["lum_inputs"] = dict(trainer.featurizer.lum_stats) if trainer.featurizer else {}
-    out["prior_ctr"] = cfg.prior_ctr
+    out["prior_ctr"], out["table_rows"] = cfg.prior_ctr, cfg.table_rows
     return out
 
 
@@ -334,6 +349,8 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
         raise Skip("no events")
     res: dict = {"dataset": name, "source_kind": kind, "users": len(users), "events": len(events),
                  "items": len({e.item_id for e in events}), "skipped": None}
+    s = replace(s, table_rows=table_rows_for(events))
+    res["dlrm_table_rows"] = s.table_rows
     lum_cfg = PRESETS[s.lum_preset]
     sas_cfg = lum_cfg.model_copy(update={"name": f"{lum_cfg.name}-sasrec", "use_conditions": False,
                                          "row_len": lum_cfg.row_len // 2})  # same pairs per row
@@ -369,6 +386,7 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
     epochs: dict[str, int] = {}
     runs_info = []
     models: dict = {}
+    views: dict = {}
     for seed in s.seeds:
         for arm, cfg in (("lum", lum_cfg), ("sasrec", sas_cfg)) if not (s.pretrain_once and models) else ():
             models[arm], facts = pretrain(cfg, tr, va, catalog, exclude_seen, s, seed, f"{name} {arm}")
@@ -378,8 +396,7 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
             if m:
                 log.info("%s %s seed %d retrieval: HR@10 %.4f NDCG@10 %.4f cond HR@10 %.4f (pop %.4f / %.4f)", name,
                          arm, seed, m["hr@10"], m["ndcg@10"], m["cond_hr@10"], m["pop_hr@10"], m["pop_cond_hr@10"])
-        views = {}
-        for arm in ("lum", "sasrec"):
+        for arm in ("lum", "sasrec") if not (s.pretrain_once and views) else ():  # same models: same views
             conds = conditions if arm == "lum" else ["any"]
             views[arm] = {
                 "1": make_view(models[arm], prefix1, conds, {u: cands["train"][u] + cands["fit"][u] + cands["val"][u]

@@ -111,6 +111,17 @@ def test_every_dlrm_epoch_trains_and_the_bias_starts_at_the_training_base_rate(b
     assert r["prior_ctr"] == pytest.approx(np.mean([x.label for x in exs[:400]]))
 
 
+def test_hash_tables_are_sized_to_the_data(bench):
+    events = [ev(n, item=n, user=n % 3) for n in range(1000)]
+    rows = bench.table_rows_for(events)
+    assert rows == {"user": 8, "item": 2048, "category": 8}  # powers of two >= 2x distinct ids
+    s = bench.Settings(table_rows={"item": 1 << 17, "user": 8})
+    from trainers.dlrm.synthetic import synthetic_examples
+
+    r = bench.dlrm_run("baseline", synthetic_examples(50), {}, s, seed=0, epochs=1)
+    assert r["table_rows"]["item"] == 1 << 17 and r["table_rows"]["user"] == 1 << 14  # never below the preset
+
+
 def test_paired_t_test(bench):
     r = bench.paired_t([0.71, 0.72, 0.73, 0.70], [0.70, 0.70, 0.71, 0.69])
     assert r["mean"] == pytest.approx(0.015) and r["n"] == 4
