@@ -79,6 +79,7 @@ class Settings:
     cuts: tuple[float, float] = (0.5, 0.8)  # per-user share of events before the DLRM-train / DLRM-test segments
     max_users: int = 0  # 0: all users (smoke tests take a few)
     retrieval: bool = True
+    lum_inputs: str = "full"  # DLRMConfig.lum_inputs: "full" (vectors + similarities) or "match" (similarities)
     table_rows: dict | None = None  # per data set: DLRM hash rows >= 2x its distinct ids (``table_rows_for``)
 
 
@@ -302,7 +303,7 @@ def dlrm_run(features: str, train: list[TrainingExample], evals: dict[str, list[
     on them. Returns {eval name: [metrics per scored pass]}, train_s, progressive_auc, lum_inputs."""
     # The output bias starts at the training share of positives (the trainer would take the first batch's).
     prior = min(max(float(np.mean([x.label for x in train])), 1e-4), 1 - 1e-4) if train else None
-    cfg = DLRMConfig.preset(s.dlrm_preset, features=features, seed=seed, prior_ctr=prior)
+    cfg = DLRMConfig.preset(s.dlrm_preset, features=features, seed=seed, prior_ctr=prior, lum_inputs=s.lum_inputs)
     if s.table_rows:  # hash tables sized to the data: a test item sharing a trained item's row reads its noise
         cfg = cfg.model_copy(update={"table_rows": cfg.table_rows | {
             t: max(n, cfg.table_rows[t]) for t, n in s.table_rows.items()}})
@@ -523,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-epochs", type=int, default=None, help="most DLRM epochs the validation may choose (4)")
     ap.add_argument("--pretrain-once", action="store_true",
                     help="train the transformers once (first seed) and vary only the DLRM seed (faster, weaker)")
+    ap.add_argument("--lum-inputs", choices=("full", "match"), default="full",
+                    help="DLRM inputs from a pre-trained model: vectors + similarities, or similarities only")
     ap.add_argument("--max-users", type=int, default=0, help="first N users only (0: all)")
     ap.add_argument("--no-retrieval", action="store_true", help="skip the retrieval evaluation")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "offline.md"))
@@ -539,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     s = replace(s, lum_preset=args.preset or s.lum_preset, max_steps=args.max_steps or s.max_steps,
                 eval_every=args.eval_every or s.eval_every, patience=args.patience or s.patience,
                 retrieval=not args.no_retrieval, max_epochs=args.max_epochs or s.max_epochs,
-                max_users=args.max_users, pretrain_once=args.pretrain_once,
+                max_users=args.max_users, pretrain_once=args.pretrain_once, lum_inputs=args.lum_inputs,
                 seeds=tuple(int(x) for x in args.seeds.split(",")) if args.seeds else s.seeds)
     if s.lum_preset not in PRESETS:
         ap.error(f"unknown preset {s.lum_preset!r}; known: {', '.join(PRESETS)}")

@@ -114,7 +114,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def lum_dense(U: np.ndarray, u_ok: np.ndarray, item: np.ndarray, i_ok: np.ndarray, own: np.ndarray,
-              cat: np.ndarray, cat_ok: np.ndarray) -> np.ndarray:
+              cat: np.ndarray, cat_ok: np.ndarray, direct: bool = True) -> np.ndarray:
     """(B, K*D + K + D + 1 + K + 2 + D + 2): direct features, flags, interest-matching similarities (paper 4.3),
     in the order of ``dense_feature_names``. Only cosines: a dot of unit vectors would repeat them (/sqrt(D))."""
     B, K, D = U.shape
@@ -124,7 +124,9 @@ def lum_dense(U: np.ndarray, u_ok: np.ndarray, item: np.ndarray, i_ok: np.ndarra
     has_own = (own >= 0).astype(np.float32) * np.take_along_axis(both, at, 1)[:, 0]
     own_cos = np.take_along_axis(cos, at, 1)[:, 0] * has_own
     cat_cos = _cos(cat, item) * cat_ok * i_ok
-    return np.concatenate([U.reshape(B, K * D), u_ok, item, i_ok[:, None], cos, own_cos[:, None],
+    if not direct:  # lum_inputs="match": similarities and flags only
+        U, item, cat = U[:, :, :0], item[:, :0], cat[:, :0]
+    return np.concatenate([U.reshape(B, -1), u_ok, item, i_ok[:, None], cos, own_cos[:, None],
                            has_own[:, None], cat, cat_cos[:, None], cat_ok[:, None]], axis=1).astype(np.float32)
 
 
@@ -238,7 +240,7 @@ class Featurizer:
         same_cat = np.bincount(row, raw["history_categories"] == raw["category_id"][row], minlength=B)
         dense[:, 4] = same_cat / np.maximum(hist_len, 1)
         if cfg.features == "lum":
-            dense[:, len(BASELINE_DENSE):] = lum_dense(*lum)
+            dense[:, len(BASELINE_DENSE):] = lum_dense(*lum, direct=cfg.lum_inputs == "full")
         return torch.from_numpy(dense), sparse
 
     def lum_arrays(self, examples: list[TrainingExample]) -> LumArrays:

@@ -181,3 +181,13 @@ def test_a_checkpoint_of_the_old_feature_layout_is_refused_on_resume(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(Refuse, match="feature_layout: saved 1, requested 2"):
         Trainer(cfg, tmp_path)
+
+
+def test_match_only_lum_inputs_keep_similarities_and_flags():
+    full, match = (Featurizer(_cfg(lum_inputs=k)) for k in ("full", "match"))
+    ex = _ex(lum_conditions=["scenario=home", "scenario=search"], lum_user=[[1, 0, 0, 0], [0, 1, 0, 0]],
+             lum_item=[1, 1, 0, 0], lum_model_version="v")
+    a, b = full([ex]).dense.numpy()[0], match([ex]).dense.numpy()[0]
+    na, nb = dense_feature_names(full.cfg), dense_feature_names(match.cfg)
+    assert len(nb) == len(b) and not any(n.startswith(("lum_user[", "lum_item[")) for n in nb)
+    assert {n: b[i] for i, n in enumerate(nb)} == {n: a[na.index(n)] for n in nb}  # the same values, fewer
