@@ -44,7 +44,7 @@ import torch  # noqa: E402
 from schemas.datasets import is_positive, read_amazon, read_movielens, read_taobao  # noqa: E402
 from schemas.events import BehaviorEvent, TrainingExample  # noqa: E402
 from schemas.tokenize import parse_condition  # noqa: E402
-from trainers.dlrm.model import DLRMConfig  # noqa: E402
+from trainers.dlrm.model import TARGET_CATEGORY, DLRMConfig  # noqa: E402
 from trainers.dlrm.train import Trainer  # noqa: E402
 from trainers.lum.data import repeat_share, sequences_from_events, split_users  # noqa: E402
 from trainers.lum.evaluate import catalog_of, evaluate  # noqa: E402
@@ -55,7 +55,6 @@ from trainers.lum.refresh import category_conditions, condition_outputs  # noqa:
 log = logging.getLogger("bench_offline")
 HISTORY = 50  # most recent previous behaviors kept in an example's history
 POSITIVE_BEHAVIORS = ("cart", "fav", "buy")  # Taobao: what turns an earlier page view into a positive
-TARGET_CATEGORY = "target_category"  # the condition slot holding the candidate's own-category query
 READERS = {"movielens": read_movielens, "taobao": read_taobao, "amazon": read_amazon}
 
 
@@ -80,6 +79,8 @@ class Settings:
     cuts: tuple[float, float] = (0.5, 0.8)  # per-user share of events before the DLRM-train / DLRM-test segments
     max_users: int = 0  # 0: all users (smoke tests take a few)
     retrieval: bool = True
+    lum_inputs: str = "full"  # DLRMConfig.lum_inputs: "full" (vectors + similarities) or "match" (similarities)
+    table_rows: dict | None = None  # per data set: DLRM hash rows >= 2x its distinct ids (``table_rows_for``)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -96,6 +97,15 @@ def by_user(events: list[BehaviorEvent], max_users: int = 0) -> dict[int, list[B
         if e.user_id in users or not max_users or len(users) < max_users:
             users.setdefault(e.user_id, []).append(e)
     return users
+
+
+def table_rows_for(events: list[BehaviorEvent]) -> dict[str, int]:
+    """DLRM hash-table rows per id table: the power of two >= 2x the data set's distinct ids (collisions ~ 1/4
+    of ids instead of most of them: Taobao's 55k items in the debug preset's 16k rows)."""
+    def rows(n: int) -> int:
+        return 1 << max(1, (2 * n - 1).bit_length())
+    return {"user": rows(len({e.user_id for e in events})), "item": rows(len({e.item_id for e in events})),
+            "category": rows(len({e.category_id for e in events}))}
 
 
 def cut_points(n: int, cuts: tuple[float, float]) -> tuple[int, int]:
@@ -137,10 +147,12 @@ def label_condition(dataset_kind: str) -> str:
 
 
 def conditions_for(dataset_kind: str) -> list[str]:
-    """Fixed query conditions of Step 2 (plus the per-candidate ``TARGET_CATEGORY`` slot)."""
+    """Fixed query conditions of Step 2 (plus the per-candidate ``TARGET_CATEGORY`` slot). For ratings, every
+    feedback level: the DLRM can contrast "would like" with "would watch but dislike", which no unconditioned
+    user vector (SASRec) can express."""
     if dataset_kind == "taobao":
         return ["any", "behavior=buy", "behavior=cart"]
-    return ["any", "behavior=liked"]
+    return ["any", "behavior=liked", "behavior=neutral", "behavior=disliked"]
 
 
 @dataclass
@@ -289,13 +301,18 @@ def dlrm_run(features: str, train: list[TrainingExample], evals: dict[str, list[
     """Train a DLRM on ``train`` (no checkpoints) for ``epochs`` passes, then (``each_epoch``: after every pass)
     score each ``evals`` set with the model in eval mode through the trainer's own featurizer, never training
     on them. Returns {eval name: [metrics per scored pass]}, train_s, progressive_auc, lum_inputs."""
-    cfg = DLRMConfig.preset(s.dlrm_preset, features=features, seed=seed)
+    # The output bias starts at the training share of positives (the trainer would take the first batch's).
+    prior = min(max(float(np.mean([x.label for x in train])), 1e-4), 1 - 1e-4) if train else None
+    cfg = DLRMConfig.preset(s.dlrm_preset, features=features, seed=seed, prior_ctr=prior, lum_inputs=s.lum_inputs)
+    if s.table_rows:  # hash tables sized to the data: a test item sharing a trained item's row reads its noise
+        cfg = cfg.model_copy(update={"table_rows": cfg.table_rows | {
+            t: max(n, cfg.table_rows[t]) for t, n in s.table_rows.items()}})
     trainer = Trainer(cfg, None)
     out: dict = {name: [] for name in evals} | {"train_s": 0.0}
     for epoch in range(1, epochs + 1):
         t = time.perf_counter()
         for i in range(0, len(train), s.dlrm_batch):
-            trainer.train_batch(train[i:i + s.dlrm_batch])
+            trainer.train_batch(train[i:i + s.dlrm_batch], admitted=True)  # epochs > 1 re-train the same examples
         out["train_s"] += time.perf_counter() - t
         if epoch == 1:
             out["progressive_auc"] = trainer.metrics.overall()["auc"]  # first pass: scored before training
@@ -311,7 +328,8 @@ def dlrm_run(features: str, train: list[TrainingExample], evals: dict[str, list[
             out[name].append({"auc": auc(p, y), "logloss": logloss(p, y)})
             log.info("DLRM %-8s seed %d epoch %d: %s AUC %.4f logloss %.4f", features, seed, epoch, name,
                      out[name][-1]["auc"], out[name][-1]["logloss"])
-    out["lum_inputs"] = dict(trainer.featurizer.lum_stats)
+    out["lum_inputs"] = dict(trainer.featurizer.lum_stats) if trainer.featurizer else {}
+    out["prior_ctr"], out["table_rows"] = cfg.prior_ctr, cfg.table_rows
     return out
 
 
@@ -332,6 +350,8 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
         raise Skip("no events")
     res: dict = {"dataset": name, "source_kind": kind, "users": len(users), "events": len(events),
                  "items": len({e.item_id for e in events}), "skipped": None}
+    s = replace(s, table_rows=table_rows_for(events))
+    res["dlrm_table_rows"] = s.table_rows
     lum_cfg = PRESETS[s.lum_preset]
     sas_cfg = lum_cfg.model_copy(update={"name": f"{lum_cfg.name}-sasrec", "use_conditions": False,
                                          "row_len": lum_cfg.row_len // 2})  # same pairs per row
@@ -367,6 +387,7 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
     epochs: dict[str, int] = {}
     runs_info = []
     models: dict = {}
+    views: dict = {}
     for seed in s.seeds:
         for arm, cfg in (("lum", lum_cfg), ("sasrec", sas_cfg)) if not (s.pretrain_once and models) else ():
             models[arm], facts = pretrain(cfg, tr, va, catalog, exclude_seen, s, seed, f"{name} {arm}")
@@ -376,8 +397,7 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
             if m:
                 log.info("%s %s seed %d retrieval: HR@10 %.4f NDCG@10 %.4f cond HR@10 %.4f (pop %.4f / %.4f)", name,
                          arm, seed, m["hr@10"], m["ndcg@10"], m["cond_hr@10"], m["pop_hr@10"], m["pop_cond_hr@10"])
-        views = {}
-        for arm in ("lum", "sasrec"):
+        for arm in ("lum", "sasrec") if not (s.pretrain_once and views) else ():  # same models: same views
             conds = conditions if arm == "lum" else ["any"]
             views[arm] = {
                 "1": make_view(models[arm], prefix1, conds, {u: cands["train"][u] + cands["fit"][u] + cands["val"][u]
@@ -391,10 +411,10 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
             if arm not in epochs:  # epochs chosen once per arm on segment 2's validation tail, first seed
                 sel = dlrm_run(feats, examples(users, kind, fit_b, v1), {"val": examples(users, kind, val_b, v1)},
                                s, seed, s.max_epochs, each_epoch=True)
-                val_auc = [m["auc"] for m in sel["val"]]
-                if not np.isfinite(val_auc).any():
+                val_ll = [m["logloss"] for m in sel["val"]]  # early stopping on validation log loss
+                if not np.isfinite([m["auc"] for m in sel["val"]]).any():
                     raise Skip(f"DLRM validation AUC undefined for {arm} (a label class missing)")
-                epochs[arm] = 1 + int(np.nanargmax(val_auc))
+                epochs[arm] = 1 + int(np.argmin(val_ll))
             r = dlrm_run(feats, train, {"test": test}, s, seed, epochs[arm])
             arms[arm].append(r["test"][-1]["auc"])
             ll[arm].append(r["test"][-1]["logloss"])
@@ -504,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-epochs", type=int, default=None, help="most DLRM epochs the validation may choose (4)")
     ap.add_argument("--pretrain-once", action="store_true",
                     help="train the transformers once (first seed) and vary only the DLRM seed (faster, weaker)")
+    ap.add_argument("--lum-inputs", choices=("full", "match"), default="full",
+                    help="DLRM inputs from a pre-trained model: vectors + similarities, or similarities only")
     ap.add_argument("--max-users", type=int, default=0, help="first N users only (0: all)")
     ap.add_argument("--no-retrieval", action="store_true", help="skip the retrieval evaluation")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "offline.md"))
@@ -520,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     s = replace(s, lum_preset=args.preset or s.lum_preset, max_steps=args.max_steps or s.max_steps,
                 eval_every=args.eval_every or s.eval_every, patience=args.patience or s.patience,
                 retrieval=not args.no_retrieval, max_epochs=args.max_epochs or s.max_epochs,
-                max_users=args.max_users, pretrain_once=args.pretrain_once,
+                max_users=args.max_users, pretrain_once=args.pretrain_once, lum_inputs=args.lum_inputs,
                 seeds=tuple(int(x) for x in args.seeds.split(",")) if args.seeds else s.seeds)
     if s.lum_preset not in PRESETS:
         ap.error(f"unknown preset {s.lum_preset!r}; known: {', '.join(PRESETS)}")

@@ -13,13 +13,17 @@ can share a row; ``CollisionStats`` measures how often, against the uniform-hash
 
 LUM inputs are taken by condition *name*: vectors are reordered to the configured condition list, a
 condition the example lacks is absent (zeros, flag 0), one it has beyond the list is ignored, and a vector
-of the wrong size is treated as absent. Every such case is counted in ``lum_stats``.
+of the wrong size is treated as absent. Every such case is counted in ``lum_stats``. The target's own-category
+vector (interest matching, paper 4.3) is the example's ``target_category`` vector (a per-candidate group
+query, ``trainers.lum.refresh.category_conditions``), else its condition naming the target's category
+(configured or not, e.g. ``behavior=buy,category=17`` from ``LUM_REFRESH_CONDITIONS``), else absent.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import chain
 from operator import attrgetter
 from typing import NamedTuple
@@ -30,13 +34,15 @@ import torch
 from schemas.events import TrainingExample
 from schemas.tokenize import condition_id
 
-from .model import FEATURE_TABLE, SPARSE_FEATURES, TABLES, DLRMConfig, dense_feature_names
+from .model import (BASELINE_DENSE, FEATURE_LAYOUT, FEATURE_TABLE, SPARSE_FEATURES, TABLES, TARGET_CATEGORY, DLRMConfig,
+                    dense_feature_names)
 
 _U64 = np.uint64
 _SCALAR_NAMES = ("user_id", "item_id", "category_id", "position", "event_time_ms", "label")
 _SCALARS = attrgetter(*_SCALAR_NAMES)
 _HIST_ITEMS, _HIST_CATS = attrgetter("history_items"), attrgetter("history_categories")
 _SCENARIO, _QUERY, _EXAMPLE_ID = attrgetter("scenario"), attrgetter("query"), attrgetter("example_id")
+_CATEGORY = attrgetter("category_id")
 _SALT = {t: i + 1 for i, t in enumerate(TABLES)}  # per table, so one id lands on unrelated rows in each
 
 
@@ -85,22 +91,43 @@ class LumArrays(NamedTuple):
     item: np.ndarray  # (B, D) target item's LUM embedding, zeros where absent
     item_ok: np.ndarray  # (B,) 1.0 where present
     own: np.ndarray  # (B,) index of the row's own "scenario=<s>" condition, -1 if not configured
+    cat: np.ndarray | None = None  # (B, D) the user's vector under the target's own category condition
+    cat_ok: np.ndarray | None = None  # (B,) 1.0 where present (None: both filled by ``Featurizer.own_category``)
 
 
-def lum_dense(U: np.ndarray, u_ok: np.ndarray, item: np.ndarray, i_ok: np.ndarray, own: np.ndarray) -> np.ndarray:
-    """(B, K*D + K + D + 1 + 2K + 3): direct features, flags, interest-matching similarities (paper 4.3)."""
+@lru_cache(maxsize=4096)
+def condition_category(name: str) -> int | None:
+    """The category a condition name fixes (``"behavior=buy,category=17"`` -> 17), None if it fixes none."""
+    for part in name.split(","):
+        kind, _, value = part.partition("=")
+        if kind.strip() == "category":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine over the last axis (0 where a side is all zeros)."""
+    return np.einsum("...d,...d->...", a, b) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-8)
+
+
+def lum_dense(U: np.ndarray, u_ok: np.ndarray, item: np.ndarray, i_ok: np.ndarray, own: np.ndarray,
+              cat: np.ndarray, cat_ok: np.ndarray, direct: bool = True) -> np.ndarray:
+    """(B, K*D + K + D + 1 + K + 2 + D + 2): direct features, flags, interest-matching similarities (paper 4.3),
+    in the order of ``dense_feature_names``. Only cosines: a dot of unit vectors would repeat them (/sqrt(D))."""
     B, K, D = U.shape
     both = u_ok * i_ok[:, None]  # (B, K): a similarity exists only where both sides do
-    raw_dot = np.einsum("bkd,bd->bk", U, item)  # (B, K)
-    norms = np.linalg.norm(U, axis=2) * np.linalg.norm(item, axis=1)[:, None] + 1e-8
-    cos = raw_dot / norms * both
-    dot = raw_dot / np.sqrt(D) * both  # scaled like attention logits
+    cos = _cos(U, item[:, None, :]) * both
     at = np.maximum(own, 0)[:, None]
     has_own = (own >= 0).astype(np.float32) * np.take_along_axis(both, at, 1)[:, 0]
     own_cos = np.take_along_axis(cos, at, 1)[:, 0] * has_own
-    own_dot = np.take_along_axis(dot, at, 1)[:, 0] * has_own
-    return np.concatenate([U.reshape(B, K * D), u_ok, item, i_ok[:, None], cos, dot,
-                           own_cos[:, None], own_dot[:, None], has_own[:, None]], axis=1)
+    cat_cos = _cos(cat, item) * cat_ok * i_ok
+    if not direct:  # lum_inputs="match": similarities and flags only
+        U, item, cat = U[:, :, :0], item[:, :0], cat[:, :0]
+    return np.concatenate([U.reshape(B, -1), u_ok, item, i_ok[:, None], cos, own_cos[:, None],
+                           has_own[:, None], cat, cat_cos[:, None], cat_ok[:, None]], axis=1).astype(np.float32)
 
 
 @dataclass
@@ -116,13 +143,18 @@ class FeatureBatch:
 
 
 def resolve_lum_dims(cfg: DLRMConfig, examples: list[TrainingExample]) -> DLRMConfig:
-    """Fill ``lum_conditions``/``lum_dim`` from the first example carrying LUM features (if unset)."""
+    """Fill what is unset from the first batch: ``prior_ctr`` (its positive share, kept off 0 and 1) and
+    ``lum_conditions``/``lum_dim`` from the first example carrying LUM features (``TARGET_CATEGORY`` is not a
+    fixed condition: it feeds the own-category inputs)."""
+    if cfg.prior_ctr is None and examples:
+        n, pos = len(examples), sum(ex.label for ex in examples)
+        cfg = cfg.model_copy(update={"prior_ctr": min(max(pos, 0.5), n - 0.5) / n})  # 0.5: one side seen once
     if cfg.lum_resolved:
         return cfg
     for ex in examples:
         if ex.lum_user:
-            return cfg.model_copy(update={"lum_conditions": cfg.lum_conditions or list(ex.lum_conditions),
-                                          "lum_dim": cfg.lum_dim or len(ex.lum_user[0])})
+            conds = cfg.lum_conditions or [c for c in ex.lum_conditions if c != TARGET_CATEGORY]
+            return cfg.model_copy(update={"lum_conditions": conds, "lum_dim": cfg.lum_dim or len(ex.lum_user[0])})
         if ex.lum_item and cfg.lum_dim is None and cfg.lum_conditions:
             return cfg.model_copy(update={"lum_dim": len(ex.lum_item)})
     return cfg
@@ -130,6 +162,9 @@ def resolve_lum_dims(cfg: DLRMConfig, examples: list[TrainingExample]) -> DLRMCo
 
 class Featurizer:
     def __init__(self, cfg: DLRMConfig, track_collisions: bool = True):
+        if cfg.feature_layout != FEATURE_LAYOUT:
+            raise ValueError(f"this DLRM was built for dense feature layout {cfg.feature_layout}; this build computes "
+                             f"layout {FEATURE_LAYOUT} (trainers.dlrm.model.FEATURE_LAYOUT): retrain it")
         self.cfg = cfg
         self.n_dense = len(dense_feature_names(cfg))
         track = track_collisions and cfg.ids == "hash"  # with "mch" the model owns the id -> row map
@@ -138,6 +173,11 @@ class Featurizer:
         self.lum_versions: Counter[str] = Counter()  # examples per LUM model version: shows refreshes arriving
         if cfg.features == "lum":
             self.cond_index = {c: k for k, c in enumerate(cfg.lum_conditions)}
+            # category -> the configured condition that fixes it (the first, if several do)
+            self.cat_index: dict[int, int] = {}
+            for k, c in enumerate(cfg.lum_conditions):
+                if (cat := condition_category(c)) is not None:
+                    self.cat_index.setdefault(cat, k)
         self._scenario_ids: dict[str, int] = {}
 
     def scenario_id(self, s: str) -> int:
@@ -195,8 +235,12 @@ class Featurizer:
         dense[:, 0] = np.log1p(raw["position"])
         dense[:, 1] = np.log1p(hist_len)
         dense[:, 2] = has_query
+        row = np.repeat(np.arange(B), hist_len)  # history entry -> its example
+        dense[:, 3] = np.log1p(np.bincount(row, raw["history_items"] == raw["item_id"][row], minlength=B))
+        same_cat = np.bincount(row, raw["history_categories"] == raw["category_id"][row], minlength=B)
+        dense[:, 4] = same_cat / np.maximum(hist_len, 1)
         if cfg.features == "lum":
-            dense[:, 3:] = lum_dense(*lum)
+            dense[:, len(BASELINE_DENSE):] = lum_dense(*lum, direct=cfg.lum_inputs == "full")
         return torch.from_numpy(dense), sparse
 
     def lum_arrays(self, examples: list[TrainingExample]) -> LumArrays:
@@ -210,6 +254,8 @@ class Featurizer:
         u_ok = np.zeros((B, K), dtype=np.float32)
         item = np.zeros((B, D), dtype=np.float32)
         i_ok = np.zeros(B, dtype=np.float32)
+        cat = np.zeros((B, D), dtype=np.float32)
+        cat_ok = np.zeros(B, dtype=np.float32)
         own = np.fromiter((self.cond_index.get(f"scenario={ex.scenario}", -1) for ex in examples),
                           dtype=np.int64, count=B)  # the example's own scenario condition, -1 if not configured
         conds, full = self.cfg.lum_conditions, K * D + D
@@ -222,16 +268,30 @@ class Featurizer:
                 fast.append(b)
                 raws.append(raw)
                 continue
-            self._lum_slow(ex, b, U, u_ok, item, i_ok)
+            self._lum_slow(ex, b, U, u_ok, item, i_ok, cat, cat_ok)
         if fast:
             flat = np.frombuffer(b"".join(raws), dtype="<f8").reshape(len(fast), full)
             U[fast] = flat[:, :K * D].reshape(-1, K, D)
             item[fast] = flat[:, K * D:]
             u_ok[fast] = 1.0
             i_ok[fast] = 1.0
-        return LumArrays(U, u_ok, item, i_ok, own)
+        categories = np.fromiter(map(_CATEGORY, examples), dtype=np.int64, count=B)
+        return self.own_category(LumArrays(U, u_ok, item, i_ok, own, cat, cat_ok), categories)
 
-    def _lum_slow(self, ex: TrainingExample, b: int, U, u_ok, item, i_ok) -> None:
+    def own_category(self, lum: LumArrays, categories: np.ndarray) -> LumArrays:
+        """Fill the own-category inputs of rows that lack them from the configured condition naming the row's
+        category (training and serving alike)."""
+        U, u_ok = lum.user, lum.user_ok
+        B, _, D = U.shape
+        cat = np.zeros((B, D), dtype=np.float32) if lum.cat is None else lum.cat
+        cat_ok = np.zeros(B, dtype=np.float32) if lum.cat_ok is None else lum.cat_ok
+        if self.cat_index:
+            k = np.fromiter((self.cat_index.get(c, -1) for c in categories.tolist()), dtype=np.int64, count=B)
+            rows = np.flatnonzero((k >= 0) & (cat_ok == 0))
+            cat[rows], cat_ok[rows] = U[rows, k[rows]], u_ok[rows, k[rows]]
+        return lum._replace(cat=cat, cat_ok=cat_ok)
+
+    def _lum_slow(self, ex: TrainingExample, b: int, U, u_ok, item, i_ok, cat, cat_ok) -> None:
         K, D, st = len(self.cfg.lum_conditions), self.cfg.lum_dim, self.lum_stats
         if ex.lum_user is None:
             st["user_absent"] += 1
@@ -239,6 +299,12 @@ class Featurizer:
             seen = 0
             for name, vec in zip(ex.lum_conditions, ex.lum_user):
                 k = self.cond_index.get(name)
+                if name == TARGET_CATEGORY or (k is None and condition_category(name) == ex.category_id):
+                    if len(vec) != D:  # the candidate's own-category vector (per-candidate group query)
+                        st["user_dim_mismatch"] += 1
+                    elif not cat_ok[b] or name == TARGET_CATEGORY:
+                        cat[b], cat_ok[b] = vec, 1.0
+                    continue
                 if k is None:
                     st["condition_not_configured"] += 1
                 elif len(vec) != D:

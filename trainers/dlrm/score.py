@@ -63,7 +63,7 @@ class Scorer:
         meta = read_meta(checkpoint_dir)
         if meta is None:
             raise SystemExit(f"no checkpoint in {checkpoint_dir}")
-        cfg = DLRMConfig(**meta["config"])
+        cfg = DLRMConfig.from_saved(meta["config"])
         model = build_model(cfg)
         state = {"model": model.state_dict()}
         dcp.load(state, checkpoint_id=str(latest_checkpoint(checkpoint_dir)), no_dist=True)
@@ -82,7 +82,8 @@ class Scorer:
                "scenario": np.full(N, self.featurizer.scenario_id(scenario), dtype=np.int64),
                "position": np.zeros(N, dtype=np.int64),
                "history_items": np.tile(hist_i, N), "history_categories": np.tile(hist_c, N)}
-        lum = self._lum(user_id, scenario, cand[:, 0], store) if self.cfg.features == "lum" else None
+        lum = (self.featurizer.own_category(self._lum(user_id, scenario, cand[:, 0], store), cand[:, 1])
+               if self.cfg.features == "lum" else None)
         dense, sparse = self.featurizer.encode(raw, np.full(N, len(hist_i), dtype=np.int64),
                                                np.full(N, query is not None, dtype=np.float32), lum)
         self.model.eval()

@@ -132,7 +132,7 @@ _fsync_write = atomic_write
 # Fields that may differ between the saved and the requested model: sharding is re-planned on load, and LUM
 # sizes left unset (None) are taken from the checkpoint.
 _RESHARDABLE = {"sharding"}
-_FROM_CHECKPOINT_IF_UNSET = {"lum_conditions", "lum_dim"}
+_FROM_CHECKPOINT_IF_UNSET = {"lum_conditions", "lum_dim", "prior_ctr"}
 
 
 def config_differences(saved: DLRMConfig, requested: DLRMConfig) -> list[str]:
@@ -414,7 +414,7 @@ class Trainer:
         meta = json.loads((path / "meta.json").read_text())
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"checkpoint format {meta.get('format')!r}, this build reads {CHECKPOINT_FORMAT}")
-        saved = DLRMConfig(**meta["config"])
+        saved = DLRMConfig.from_saved(meta["config"])
         diffs = config_differences(saved, self.cfg)
         if diffs:
             raise Refuse(f"{self.dir} holds a different model than requested; refusing to resume ("

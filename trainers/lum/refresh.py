@@ -20,7 +20,9 @@ Under torchrun (``lum refresh --nproc N``) rank 0 reads the topic and hands ever
 answers users r, r+N, ... and its share of the items; rank 0 stores the offsets only after every rank has
 delivered. The published vectors are those of one process.
 Settings: ``LUM_REFRESH_*`` (``RefreshSettings``). Conditions are separated by ';' (a condition may
-contain ',', e.g. ``category=17,behavior=buy``).
+contain ',', e.g. ``category=17,behavior=buy``). ``LUM_REFRESH_TOP_CATEGORIES=N`` also publishes, per user,
+``LUM_REFRESH_CATEGORY_BASE`` refined by each of the user's N most frequent recent categories
+(``behavior=buy,category=17``): the DLRM matches a candidate against the one of its own category.
 Metrics on ``LUM_METRICS_PORT`` (rank r: + r; ``schemas.metrics``, job ``refresh``): users and items refreshed,
 refresh seconds, the served model version (``lum_model_info``) and its checkpoint's age.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +65,11 @@ class RefreshSettings(BaseSettings):
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda'")
     group: str = Field("lum-refresh", description="consumer group id (offsets live in the state file)")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default); 1 on shared small hosts")
+    top_categories: int = Field(0, ge=0, le=32,
+                                description="also publish CATEGORY_BASE,category=c for each user's N most frequent "
+                                            "recent categories (the DLRM's own-category interest match); 0: off")
+    category_base: str = Field("any", description="the condition those per-category queries refine "
+                                                  "(e.g. 'behavior=buy': the label-aligned one)")
 
     @field_validator("conditions")
     @classmethod
@@ -71,6 +79,14 @@ class RefreshSettings(BaseSettings):
             raise ValueError("no conditions")
         for name in names:
             parse_condition(name)  # raises with the reason
+        return v
+
+    @field_validator("category_base")
+    @classmethod
+    def _parse_base(cls, v: str) -> str:
+        parse_condition(v)  # raises with the reason
+        if any(p.partition("=")[0].strip() == "category" for p in v.split(",")):
+            raise ValueError("category_base must not fix a category (each published query adds its own)")
         return v
 
     def condition_list(self) -> list[str]:
@@ -136,6 +152,21 @@ def category_conditions(base: str, categories: list[list[int]]) -> tuple[np.ndar
     return out, cols
 
 
+def top_category_conditions(seqs: list[Seq], base: str, n: int, recent: int
+                            ) -> tuple[np.ndarray, list[list[tuple[str, int]]]]:
+    """Per user, ``base`` refined by each of the ``n`` most frequent categories of the last ``recent`` events
+    (ties: the most recent first): (U, n', n_kinds) conditions for ``condition_outputs`` (one group-query pass)
+    and per user [(condition name, column)], names like ``behavior=buy,category=17``: what the DLRM's
+    featurizer matches against a candidate's category (``trainers.dlrm.features``)."""
+    prefix = "" if base.strip() in ("", "any", "*") else base.strip() + ","
+    tops = []
+    for s in seqs:
+        cats = s.cats[-recent:].tolist()[::-1]  # newest first: Counter keeps first-seen order among ties
+        tops.append([c for c, _ in Counter(cats).most_common(n)])
+    conds, cols = category_conditions(prefix.rstrip(",") or "any", tops)
+    return conds, [[(f"{prefix}category={c}", k) for c, k in col.items()] for col in cols]
+
+
 def state_path(checkpoint: str | Path, settings: RefreshSettings) -> Path:
     if settings.state_file:
         return Path(settings.state_file)
@@ -193,10 +224,17 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     for b in range(0, len(mine), settings.users_per_batch):
         chunk = mine[b:b + settings.users_per_batch]
         vecs = condition_outputs(model, chunk, conds, settings.users_per_batch, device).tolist()  # (u, K, D)
-        for seq, v in zip(chunk, vecs):
+        per_cat: list[list[tuple[str, list[float]]]] = [[] for _ in chunk]
+        if settings.top_categories and model.cfg.use_conditions:
+            qc, cols = top_category_conditions(chunk, settings.category_base, settings.top_categories,
+                                               model.cfg.max_pairs)
+            cv = condition_outputs(model, chunk, qc, settings.users_per_batch, device).tolist()
+            per_cat = [[(name, v[k]) for name, k in col if name not in names] for col, v in zip(cols, cv)]
+        for seq, v, extra in zip(chunk, vecs, per_cat):
             msg = LumFeatures(user_id=seq.user_id, model_version=version, computed_at_ms=now,
                               as_of_ms=as_of[seq.user_id], trained_until_ms=trained_until,
-                              conditions=[ConditionOutput(condition=n, vector=x) for n, x in zip(names, v)])
+                              conditions=[ConditionOutput(condition=n, vector=x) for n, x in
+                                          [*zip(names, v), *extra]])
             publisher.produce(feat_topic, LUM_FEATURES.encode(msg), key_of(seq.user_id))
         if time.perf_counter() - last_log > 10:
             last_log = time.perf_counter()

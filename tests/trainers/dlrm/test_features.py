@@ -67,7 +67,7 @@ def test_lum_inputs_by_name_with_explicit_flags():
     assert row[col["lum_user[scenario=home][0]"]] == 1 and row[col["lum_user[scenario=search][1]"]] == 1
     assert row[col["lum_user_present[scenario=home]"]] == 1 and row[col["lum_item_present"]] == 1
     assert np.isclose(row[col["cos[scenario=home]"]], 1.0) and np.isclose(row[col["cos[scenario=search]"]], 0.0)
-    assert np.isclose(row[col["dot[scenario=home]"]], 2 / np.sqrt(4))
+    assert not any(n.startswith("dot[") for n in names)  # cos/sqrt(D) of unit vectors: a redundant input
     assert np.isclose(row[col["cos[scenario]"]], 1.0) and row[col["scenario_condition_present"]] == 1
     lum_cols = [i for n, i in col.items() if not n.startswith(("log1p", "has_query"))]
     assert (d[1, lum_cols] == 0).all()  # absent: zeros, and every flag says so
@@ -87,3 +87,107 @@ def test_sparse_batch_shapes_and_history_truncation():
         assert int(jt.values().min()) >= 0 and int(jt.values().max()) < cfg.table_rows[
             {"history_items": "item", "history_categories": "category", "user_id": "user", "item_id": "item",
              "category_id": "category", "scenario": "scenario", "position": "position"}[f]]
+
+
+def test_own_category_match_from_a_per_candidate_vector_or_a_condition_naming_the_category():
+    """Interest matching with the target's own category (paper 4.3): an example's ``target_category`` vector
+    (per-candidate group query) wins; else its condition naming the target's category, configured or not."""
+    fz = Featurizer(DLRMConfig.preset("debug", features="lum", lum_dim=4,
+                                      lum_conditions=["behavior=buy", "behavior=buy,category=3"]))
+    col = {n: i for i, n in enumerate(dense_feature_names(fz.cfg))}
+    item = [1, 0, 0, 0]
+    exs = [
+        _ex(lum_conditions=["behavior=buy", "behavior=buy,category=3", "target_category"],
+            lum_user=[[0, 1, 0, 0], [0, 0, 1, 0], [1, 1, 0, 0]], lum_item=item, lum_model_version="v"),
+        _ex(lum_conditions=["behavior=buy", "behavior=buy,category=3"],  # the configured list (fast path too)
+            lum_user=[[0, 1, 0, 0], [1, 0, 0, 0]], lum_item=item, lum_model_version="v"),
+        _ex(category_id=9, lum_conditions=["behavior=buy", "behavior=buy,category=3", "category=9"],
+            lum_user=[[0, 1, 0, 0], [1, 0, 0, 0], [-1, 0, 0, 0]], lum_item=item, lum_model_version="v"),
+        _ex(category_id=5, lum_conditions=["behavior=buy", "behavior=buy,category=3"],
+            lum_user=[[0, 1, 0, 0], [1, 0, 0, 0]], lum_item=item, lum_model_version="v"),
+    ]
+    d = fz(exs).dense.numpy()
+    cos, flag = d[:, col["cos[category]"]], d[:, col["category_condition_present"]]
+    assert np.allclose(cos, [np.sqrt(0.5), 1.0, -1.0, 0.0], atol=1e-6) and (flag == [1, 1, 1, 0]).all()
+    assert (d[0, [col[f"lum_user[category][{j}]"] for j in range(4)]] == [1, 1, 0, 0]).all()
+    assert fz.lum_stats["condition_not_configured"] == 0  # the own-category vectors are used, not dropped
+
+
+def test_a_model_of_another_feature_layout_is_refused_with_the_reason():
+    import pytest
+
+    old = DLRMConfig.from_saved(_cfg().model_dump(exclude={"feature_layout"}))  # written before layouts existed
+    assert old.feature_layout == 1
+    with pytest.raises(ValueError, match="layout 1.*retrain"):
+        Featurizer(old)
+    with pytest.raises(ValueError, match="target_category"):
+        DLRMConfig.preset("debug", features="lum", lum_dim=4, lum_conditions=["any", "target_category"])
+
+
+def test_target_in_history_inputs():
+    """Pooled history bags cannot say whether the target is among them: two dense inputs do."""
+    fz = Featurizer(DLRMConfig.preset("debug"))
+    col = {n: i for i, n in enumerate(dense_feature_names(fz.cfg))}
+    exs = [_ex(item_id=5, category_id=1), _ex(item_id=7, category_id=9, history_items=[], history_categories=[]),
+           _ex(item_id=6, category_id=2, history_items=[6, 6, 5, 6], history_categories=[2, 2, 1, 3])]
+    d = fz(exs).dense.numpy()
+    assert np.allclose(d[:, col["log1p_target_in_history"]], np.log1p([1, 0, 3]))
+    assert np.allclose(d[:, col["target_category_share"]], [2 / 3, 0, 2 / 4])
+
+
+def test_untrained_model_predicts_the_base_rate_of_the_first_batch():
+    """On 3% positives a model starting at p=0.5 pays log loss that a pass or two never wins back: the output
+    bias starts at the logit of ``prior_ctr``, taken from the first batch when unset."""
+    import torch
+
+    from trainers.dlrm.features import resolve_lum_dims
+    from trainers.dlrm.model import build_model
+
+    exs = synthetic_examples(2000, seed=3)
+    rng = np.random.default_rng(0)
+    exs = [ex.model_copy(update={"label": int(rng.random() < 0.03)}) for ex in exs]
+    cfg = resolve_lum_dims(DLRMConfig.preset("debug"), exs)
+    rate = np.mean([ex.label for ex in exs])
+    assert cfg.prior_ctr == rate
+    assert resolve_lum_dims(DLRMConfig.preset("debug"), exs[:1]).prior_ctr in (0.5,)  # one example: kept off 0/1
+    fz = Featurizer(cfg)
+    fb = fz(exs)
+    with torch.no_grad():
+        p = torch.sigmoid(build_model(cfg)(fb.dense, fb.sparse)).squeeze(-1).numpy()
+    assert abs(p.mean() - rate) < 0.01 and p.max() < 0.1
+    y = fb.labels.numpy()
+    const = -np.mean(y * np.log(rate) + (1 - y) * np.log(1 - rate))
+    assert -np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)) < const + 0.01
+
+
+def test_a_checkpoint_of_the_old_feature_layout_is_refused_on_resume(tmp_path):
+    """A checkpoint written before layout 2 (its config has no ``feature_layout``) holds a model over other
+    dense inputs: resuming it is refused, naming the field, instead of failing on tensor shapes."""
+    import json
+
+    import pytest
+
+    from trainers.checkpoint import Refuse
+    from trainers.dlrm.train import Trainer, latest_checkpoint
+
+    cfg = DLRMConfig.preset("debug", features="lum")
+    t = Trainer(cfg, tmp_path)
+    t.train_batch(synthetic_examples(100, seed=11))
+    t.checkpoint()
+    meta_path = latest_checkpoint(tmp_path) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["config"]["feature_layout"] == 2 and meta["config"]["prior_ctr"] is not None
+    del meta["config"]["feature_layout"]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(Refuse, match="feature_layout: saved 1, requested 2"):
+        Trainer(cfg, tmp_path)
+
+
+def test_match_only_lum_inputs_keep_similarities_and_flags():
+    full, match = (Featurizer(_cfg(lum_inputs=k)) for k in ("full", "match"))
+    ex = _ex(lum_conditions=["scenario=home", "scenario=search"], lum_user=[[1, 0, 0, 0], [0, 1, 0, 0]],
+             lum_item=[1, 1, 0, 0], lum_model_version="v")
+    a, b = full([ex]).dense.numpy()[0], match([ex]).dense.numpy()[0]
+    na, nb = dense_feature_names(full.cfg), dense_feature_names(match.cfg)
+    assert len(nb) == len(b) and not any(n.startswith(("lum_user[", "lum_item[")) for n in nb)
+    assert {n: b[i] for i, n in enumerate(nb)} == {n: a[na.index(n)] for n in nb}  # the same values, fewer

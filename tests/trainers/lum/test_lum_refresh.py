@@ -199,3 +199,40 @@ def test_refresh_under_torchrun_equals_one_process(kafka, tmp_path, monkeypatch)
             np.testing.assert_allclose(c1.vector, c2.vector, atol=1e-5)
     assert sorted(e.item_id for e in items2) == sorted(e.item_id for e in items1) == list(range(500))
     assert json.loads((two / "refresh-state.json").read_text())["offsets"]  # rank 0 stored the offsets
+
+
+def test_per_category_queries_feed_the_dlrm_own_category_match():
+    """``LUM_REFRESH_TOP_CATEGORIES``: each user's most frequent recent categories, queried in one group-query
+    pass, published as ``base,category=c``; the DLRM takes a candidate's own-category vector from them."""
+    from schemas.events import TrainingExample
+    from schemas.tokenize import parse_condition
+    from trainers.dlrm.features import Featurizer
+    from trainers.dlrm.model import DLRMConfig, dense_feature_names
+    from trainers.lum.packing import Seq
+    from trainers.lum.refresh import condition_outputs, top_category_conditions
+
+    torch.manual_seed(0)
+    model = LumModel(PRESETS["debug"]).eval()
+    cats = np.array([5, 5, 9, 3, 9, 9, 5, 3])  # 5 and 9 three times each, 5 more recently
+    seqs = [Seq(1, np.zeros((8, len(CONDITION_KINDS)), np.int64), np.arange(100, 108), cats),
+            Seq(2, np.zeros((3, len(CONDITION_KINDS)), np.int64), np.arange(200, 203), np.array([4, 4, 4]))]
+    qc, cols = top_category_conditions(seqs, "behavior=buy", 2, recent=100)
+    assert cols == [[("behavior=buy,category=5", 0), ("behavior=buy,category=9", 1)],
+                    [("behavior=buy,category=4", 0)]]
+    assert top_category_conditions(seqs, "any", 1, recent=2)[1][0] == [("category=3", 0)]  # the last 2 only
+    got = condition_outputs(model, seqs, qc)
+    one = condition_outputs(model, seqs[:1], np.array([parse_condition("behavior=buy,category=5")]))
+    assert torch.allclose(got[0, 0], one[0, 0], atol=1e-5)  # group query = asking that condition alone
+    with pytest.raises(SettingsError, match="LUM_REFRESH_CATEGORY_BASE"):
+        load(RefreshSettings, category_base="category=3")
+
+    fz = Featurizer(DLRMConfig.preset("debug", features="lum", lum_conditions=["behavior=buy"],
+                                      lum_dim=model.cfg.d_model))
+    names = ["behavior=buy"] + [n for n, _ in cols[0]]
+    vecs = [got[0, 1].tolist(), got[0, 0].tolist(), got[0, 1].tolist()]
+    ex = TrainingExample(example_id="e", request_id="r", user_id=1, item_id=7, category_id=5, position=0,
+                         scenario="home", event_time_ms=T0, label=1, history_items=[], history_categories=[],
+                         lum_model_version="v", lum_conditions=names, lum_user=vecs, lum_item=vecs[1])
+    d = fz([ex]).dense.numpy()[0]
+    col = {n: i for i, n in enumerate(dense_feature_names(fz.cfg))}
+    assert d[col["category_condition_present"]] == 1 and np.isclose(d[col["cos[category]"]], 1.0, atol=1e-5)
