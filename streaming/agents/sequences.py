@@ -385,6 +385,9 @@ class SequenceLogic:
         ``TAIL_PAIRS``, and a row landing inside the window, or a base longer than the cap (a lowered cap),
         folds at once with ``merge``'s rules."""
         cap = self.cap
+        if index is None and tail is None and len(new) == 1:  # a new user's first event (most, with many users)
+            store.put(tail_key(user), encode_value(user, new))
+            return True
         if index is not None:
             newest, bkeys = sx.snapshot_keys(index)
         else:
