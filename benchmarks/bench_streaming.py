@@ -6,7 +6,7 @@
 
 One run, one broker, the same pre-produced ``behaviors`` events for every consumer (each in a fresh consumer
 group; the agent runs get identical copies under their own topic prefix, so that each starts with an empty
-``user-sequences`` topic): a plain confluent-kafka consumer (the client's ceiling), a no-op Faust agent (Faust's ceiling), the
+``sequence-deltas`` topic): a plain confluent-kafka consumer (the client's ceiling), a no-op Faust agent (Faust's ceiling), the
 sequence agent on the batch worker with 1 worker (in this process) and 2 workers (processes), and the joiner
 over a synthetic impressions + behaviors stream. ``--json`` keys: plain_consumer, faust_noop, sequences_faust,
 sequences_worker_1, sequences_worker_2 (total), joiner_worker, joiner_faust. Then a cProfile of the sequence agent says what bounds it. Rates are
@@ -211,8 +211,8 @@ def main() -> None:
         runs = iter(range(100))
 
         def fresh() -> tuple[KafkaSettings, int]:
-            """Its own copy of the same events (same seed): each agent run starts with an empty
-            user-sequences topic, else it would rebuild the previous run's output and find nothing to do."""
+            """Its own copy of the same events (same seed): each agent run starts with empty
+            export topics, else it would rebuild the previous run's output and find nothing to do."""
             kafka = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix=f"bench{next(runs)}-")
             create_topics(kafka, ALL_TOPICS)
             return kafka, produce_behaviors(kafka, n, users)
@@ -290,8 +290,9 @@ def profile_shares(prof: cProfile.Profile) -> list[tuple[str, float]]:
     stats = pstats.Stats(prof).stats  # (file, line, function) -> (cc, nc, tottime, cumtime, callers)
     groups = {"decode + validate JSON (pydantic field validator)": ("sequences.py", "decode"),
               "tokenize a batch (blake2b event keys, condition ids)": ("tokenize.py", "tokenize_rows"),
-              "merge with stored sequences, dedup, sort, cap, encode (numpy)": ("sequences.py", "_merge_all"),
-              "produce to user-sequences": ("worker.py", "send"),
+              "merge into each user's tail or base, dedup, cap, encode (per user)": ("sequences.py", "_apply"),
+              "encode the deltas (varint pairs)": ("seqexport.py", "encode_delta"),
+              "produce to sequence-deltas": ("worker.py", "send"),
               "RocksDB multi-get + WriteBatch": ("~", "<method 'get' of 'builtins.Rdict' objects>|"
                                                       "<method 'write' of 'builtins.Rdict' objects>"),
               "producer flush (wait for the broker)": ("~", "<method 'flush' of 'cimpl.Producer' objects>"),
