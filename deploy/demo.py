@@ -239,6 +239,9 @@ class Demo:
             sample = self._first_lum_features(kafka)
             os.environ |= {"LUM_DLRM_LUM_CONDITIONS": ";".join(c.condition for c in sample.conditions),
                            "LUM_DLRM_LUM_DIM": str(len(sample.conditions[0].vector))}
+            # A two-hour stream (~120k examples) is too short to fit the vectors as ~100 direct inputs: the
+            # similarities and presence flags carry the interest match (LUM_DLRM_LUM_INPUTS=full to compare).
+            os.environ.setdefault("LUM_DLRM_LUM_INPUTS", "match")
             self.say(f"  LUM features {sample.model_version}: {len(sample.conditions)} conditions "
                      f"x {len(sample.conditions[0].vector)} dims")
         with self._phase("live stream"):

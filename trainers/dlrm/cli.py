@@ -37,6 +37,8 @@ class DLRMSettings(BaseSettings):
     lum_conditions: Annotated[list[str] | None, NoDecode] = Field(
         None, description="LUM conditions, ';'-separated like LUM_REFRESH_CONDITIONS; default: the first example's")
     lum_dim: int | None = Field(None, ge=1, description="LUM vector size; default: first example's")
+    lum_inputs: Literal["full", "match"] = Field("full", description="--features lum: 'full' (vectors, similarities, "
+                                                 "flags) or 'match' (similarities and flags only: few dense inputs)")
     sharding: Literal["table_wise", "column_wise"] = Field("table_wise", description="embedding table sharding")
     record_example_ids: bool = Field(False, description="log trained example ids per checkpoint (audits, tests)")
     dedup_horizon: int = Field(1_000_000, ge=1, description="re-delivered examples are dropped if their first "
@@ -102,7 +104,7 @@ def _train(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     cfg = DLRMConfig.preset(s.preset, features=args.features, lum_conditions=s.lum_conditions, lum_dim=s.lum_dim,
-                            sharding=s.sharding, ids=s.ids, mch_eviction=s.mch_eviction,
+                            lum_inputs=s.lum_inputs, sharding=s.sharding, ids=s.ids, mch_eviction=s.mch_eviction,
                             mch_eviction_interval=s.mch_eviction_interval)
     trainer = Trainer(cfg, args.checkpoint_dir, window_ms=s.window_minutes * 60_000,
                       every_batches=s.checkpoint_every_batches, every_s=s.checkpoint_every_s,
