@@ -107,9 +107,13 @@ class KafkaSettings(BaseSettings):
                                        "compression.type": "lz4"} | overrides
 
     def consumer_config(self, group_id: str, **overrides: object) -> dict[str, object]:
+        # 16 MB of prefetched messages per consumer (librdkafka's default is 64 MB): a consumer that lags keeps
+        # its queue full, so this bounds its memory; 16 MB is ~80k events, far more than a batch needs.
+        # LUM_KAFKA_EXTRA may change it; it may not change the group and commit keys below.
+        tunable = {"queued.max.messages.kbytes": 16384}
         base = {"group.id": group_id, "enable.auto.commit": False, "auto.offset.reset": "earliest"}
         profile = EMBEDDED_PROFILE if self.profile == "embedded" else {}
-        return self.client_config() | base | profile | overrides
+        return tunable | self.client_config() | base | profile | overrides
 
     def aiokafka_security(self) -> dict[str, object]:
         """The same security settings in aiokafka/Faust terms (Faust's ``broker_credentials`` input)."""

@@ -58,3 +58,12 @@ def test_password_is_secret_in_reprs_and_errors_but_reaches_the_client(monkeypat
 def test_dead_letter_limit_is_bounded(monkeypatch):
     assert load(KafkaSettings).dead_letter_max_bytes == 64 * 1024
     assert "LUM_KAFKA_DEAD_LETTER_MAX_BYTES" in _error(monkeypatch, LUM_KAFKA_DEAD_LETTER_MAX_BYTES="5000000")
+
+
+def test_consumer_prefetch_is_bounded_and_tunable_but_commit_keys_are_not(monkeypatch):
+    """A lagging consumer fills its prefetch queue: it is bounded (16 MB, not librdkafka's 64 MB) so an agent's
+    memory stays flat; LUM_KAFKA_EXTRA may change it, never the group/commit keys that offsets depend on."""
+    assert load(KafkaSettings).consumer_config("g")["queued.max.messages.kbytes"] == 16384
+    monkeypatch.setenv("LUM_KAFKA_EXTRA", '{"queued.max.messages.kbytes": 4096, "enable.auto.commit": true}')
+    cfg = load(KafkaSettings).consumer_config("g")
+    assert cfg["queued.max.messages.kbytes"] == 4096 and cfg["enable.auto.commit"] is False
