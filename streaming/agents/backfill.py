@@ -88,20 +88,25 @@ def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int
         if batch[p]:
             apply(p)
     out.flush()
-    tombstones = 0
+    tombstones = users = 0
+
+    def counted(rows):  # the rebuilt users, counted as they are published (one read of each store)
+        nonlocal users
+        for row in rows:
+            users += 1
+            yield row
+
     for p in parts:  # the new base: every rebuilt user, tombstones for users without events since from_ms
         mine = [u for u, q in old_users.items() if q == p]
         have = {u for u, _ in read_sequences(stores[p], mine)}
         gone = [u for u in mine if u not in have]
-        rows = read_sequences(stores[p])
-        publish_reset(settings, out, p, rows, gone, delta_ends.get(p, 0))
+        publish_reset(settings, out, p, counted(read_sequences(stores[p])), gone, delta_ends.get(p, 0))
         tombstones += len(gone)
     for p in parts:
         stores[p].commit({BEHAVIORS.name: ends[p]})
     committer = group_consumer(settings, group)
     committer.commit(offsets=[TopicPartition(src, p, o) for p, o in ends.items()], asynchronous=False)
     committer.close()
-    users = sum(1 for p in parts for _ in read_sequences(stores[p]))
     for store in stores.values():
         store.close()
     log.info("backfill: %d users rebuilt, %d tombstones, offsets %s", users, tombstones, ends)
