@@ -14,9 +14,15 @@ Each checkpoint is a directory ``DIR/step-NNNNNNNN`` holding ``model.pt`` (model
 ``items.npz`` (the items it was trained on: the only ones whose vectors mean anything) and ``meta.json``
 (config, tokenizer version, step, Kafka offsets and event-time range trained on, model version); ``DIR/latest``
 names the newest. Settings: ``LUM_PRETRAIN_*`` (see ``PretrainSettings``). CUDA with bf16 autocast when
-present (logits stay fp32). Under torchrun: DDP (gloo on CPU, NCCL on GPU); each rank takes its share of
-every global batch, so the global batch does not depend on the world size, and checkpoints hold plain
-(unwrapped) state that loads at any world size.
+present (logits stay fp32). Under torchrun (gloo on CPU, NCCL on GPU), ``LUM_PRETRAIN_PARALLEL`` picks DDP
+(replicated model) or FSDP2 (``fully_shard``: each transformer block, then the root holding the embeddings
+and the head; blocks keep bf16 parameters with fp32 gradient reduction on CUDA, fp32 on CPU); ``auto`` is FSDP
+for the ``base``/``large`` presets on GPU, DDP otherwise. Each rank takes its share of every global batch and
+the loss is weighted by each rank's share of the trained positions, so the global batch and the loss do not
+depend on the world size. Checkpoints hold plain (unsharded) model and optimizer state in one file, gathered
+from the shards under FSDP, so a checkpoint written at any world size loads at any other (or in one process).
+
+    LUM_PRETRAIN_PARALLEL=fsdp lum pretrain --nproc 2 --preset debug --source movielens:PATH --out runs/lum
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -58,38 +65,142 @@ class PretrainSettings(BaseSettings):
                                                         "default: on when under 1% of pairs repeat an item")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default); 1 where other processes "
                                               "share few cores: 2 contended threads ran ~30x slower than 1 here")
+    parallel: Literal["auto", "ddp", "fsdp"] = Field(
+        "auto", description="under torchrun: 'ddp' (replicated model), 'fsdp' (FSDP2, sharded parameters, "
+                            "gradients and optimizer state) or 'auto' (fsdp for the base/large presets on GPU, "
+                            "else ddp)")
+
+
+FSDP_PRESETS = ("base", "large")  # what ``parallel=auto`` shards (on GPU)
+
+
+def parallel_mode(setting: str, cfg: LumConfig, device: str, world: int, distributed: bool) -> str:
+    """'none' (no process group, or DDP at world size 1), 'ddp' or 'fsdp' (FSDP also runs at world size 1:
+    the same code path and mixed precision as at N)."""
+    if not distributed:
+        return "none"
+    if setting == "auto":
+        setting = "fsdp" if device.startswith("cuda") and cfg.name in FSDP_PRESETS else "ddp"
+    if setting not in ("ddp", "fsdp"):
+        raise ValueError(f"LUM_PRETRAIN_PARALLEL={setting!r}: expected auto, ddp or fsdp")
+    return "none" if setting == "ddp" and world == 1 else setting
 
 
 def pick_device(name: str = "auto") -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
+def param_groups(model: LumModel) -> list[list[str]]:
+    """Parameter names of the optimizer's groups (with weight decay, without), in its order."""
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    decay = [n for n in names if params[n].dim() >= 2 and "tokens." not in n]
+    return [decay, [n for n in names if n not in set(decay)]]
+
+
 def make_optimizer(model: LumModel) -> torch.optim.Optimizer:
-    cfg = model.cfg
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "tokens." not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "tokens." not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr)
+    params = dict(model.named_parameters())
+    decay, rest = param_groups(model)
+    return torch.optim.AdamW([{"params": [params[n] for n in decay], "weight_decay": model.cfg.weight_decay},
+                              {"params": [params[n] for n in rest], "weight_decay": 0.0}], lr=model.cfg.lr)
+
+
+# --- FSDP2 ------------------------------------------------------------------------------------------
+# The checkpoint format stays torch's own optimizer ``state_dict`` (parameters numbered in ``param_groups``
+# order); torch.distributed.checkpoint's helpers name parameters instead. These two translate.
+def optimizer_state_by_name(state: dict, model: LumModel) -> dict:
+    names = [n for g in param_groups(model) for n in g]
+    ids = [i for g in state["param_groups"] for i in g["params"]]
+    if len(ids) != len(names):
+        raise ValueError(f"optimizer state holds {len(ids)} parameters, the model has {len(names)}")
+    name = dict(zip(ids, names))
+    return {"state": {name[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [name[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def optimizer_state_by_number(state: dict) -> dict:
+    number = {n: i for i, n in enumerate(n for g in state["param_groups"] for n in g["params"])}
+    return {"state": {number[n]: v for n, v in state["state"].items()},
+            "param_groups": [{**g, "params": [number[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+
+def shard(model: LumModel, optimizer: torch.optim.Optimizer | None, device: str
+          ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """FSDP2 over the process group: each block, then a root holding the rest (embeddings, final norm, head) and
+    computing the loss. Returns (the root, an optimizer over the shards holding ``optimizer``'s state).
+
+    On CUDA the blocks compute with bf16 parameters and reduce gradients in fp32; the root keeps fp32
+    parameters (autocast still runs its matmuls in bf16) because the loss's item and user vectors must be fp32,
+    exactly as without FSDP. ``model`` is sharded in place and must be plain (not sharded yet).
+    """
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    saved = optimizer_state_by_name(optimizer.state_dict(), model) if optimizer and optimizer.state else None
+    mesh = init_device_mesh(torch.device(device).type, (dist.get_world_size(),))
+    bf16 = torch.device(device).type == "cuda"
+    blocks = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=blocks)
+    root = fully_shard(_Loss(model, dist.get_world_size()), mesh=mesh)
+    optimizer = make_optimizer(model)
+    if saved is not None:  # every rank holds the full state; each keeps its shard
+        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+    return root, optimizer
+
+
+_FULL = {"full_state_dict": True, "cpu_offload": True}
+
+
+def full_model_state(model: LumModel) -> dict:
+    """The ``state_dict`` of an FSDP-sharded ``model`` as plain tensors on rank 0's CPU ({} on the other ranks).
+    A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(**_FULL))
+
+
+def full_optimizer_state(model: LumModel, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer ``state_dict`` (checkpoint format: parameters numbered) of an FSDP-sharded ``model``, on rank
+    0's CPU ({} on the other ranks). A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(**_FULL))
+    return optimizer_state_by_number(state) if state else {}
 
 
 def train(cfg: LumConfig, batches: Iterable, max_steps: int, model: LumModel | None = None,
           optimizer: torch.optim.Optimizer | None = None, step: int = 0, device: str = "cpu",
           log_every: int = 50, on_step: Callable[[int, LumModel, torch.optim.Optimizer], bool | None] | None = None,
-          seed: int = 0, ddp: bool = False, losses: list[float] | None = None,
+          seed: int = 0, parallel: str = "none", losses: list[float] | None = None,
           ) -> tuple[LumModel, torch.optim.Optimizer, int, list[float]]:
     """Run optimizer steps until ``max_steps`` or until ``on_step`` returns True; returns (model, optimizer,
-    step, losses). ``ddp``: the process group is up; gradients are averaged across ranks."""
+    step, losses: the global batch's loss, equal on every rank).
+
+    ``parallel`` (the process group is up unless 'none'): 'ddp' replicates ``model``; 'fsdp' shards it in
+    place (``shard``: ``optimizer``'s state carries over into the returned optimizer over the shards)."""
+    import torch.distributed as dist
+
     if model is None:
         torch.manual_seed(seed)
         model = LumModel(cfg)
     device = str(device)
     model.to(device).train()
-    optimizer = optimizer or make_optimizer(model)
-    loss_fn: torch.nn.Module = _Loss(model)
-    if ddp:
+    world = dist.get_world_size() if parallel != "none" else 1
+    if parallel == "fsdp":
+        loss_fn, optimizer = shard(model, optimizer, device)
+    else:
+        optimizer = optimizer or make_optimizer(model)
+        loss_fn = _Loss(model, world)
+    if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         loss_fn = DistributedDataParallel(loss_fn, find_unused_parameters=not cfg.use_conditions)
+    elif parallel != "none" and parallel != "fsdp":
+        raise ValueError(f"parallel={parallel!r}: expected none, ddp or fsdp")
     bf16 = device.startswith("cuda")
     losses = [] if losses is None else losses
     t0, tokens = time.perf_counter(), 0
@@ -113,7 +224,11 @@ def train(cfg: LumConfig, batches: Iterable, max_steps: int, model: LumModel | N
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             step += 1
-            losses.append(float(loss.detach()))
+            loss = loss.detach()
+            if world > 1:  # each rank's loss is weighted by its share: their mean is the global batch's loss
+                dist.all_reduce(loss)
+                loss /= world
+            losses.append(float(loss))
             tokens += batch.real_tokens
             if step % log_every == 0 or step == max_steps:
                 dt = time.perf_counter() - t0
@@ -129,14 +244,27 @@ def train(cfg: LumConfig, batches: Iterable, max_steps: int, model: LumModel | N
 
 
 class _Loss(torch.nn.Module):
-    """The loss as a module, so DDP sees one forward per step (candidate item vectors included)."""
+    """The loss as a module, so DDP and FSDP see one forward per step (candidate item vectors included).
 
-    def __init__(self, model: LumModel):
+    At world size N each rank's mean loss is scaled by N x its share of the global batch's trained positions:
+    averaging gradients over ranks then gives exactly the gradient of the global batch's mean loss (ranks'
+    rows hold different numbers of targets), the same as one process on the whole batch.
+    """
+
+    def __init__(self, model: LumModel, world: int = 1):
         super().__init__()
-        self.model = model
+        self.model, self.world = model, world
 
     def forward(self, batch) -> torch.Tensor:
-        return lum_loss(self.model, batch)
+        loss = lum_loss(self.model, batch)
+        if self.world == 1:
+            return loss
+        import torch.distributed as dist
+
+        n = batch.target[:, :-1].sum().to(loss.dtype)  # this rank's trained positions (what lum_loss averages)
+        total = n.clone()
+        dist.all_reduce(total)
+        return loss * (n * self.world / total)
 
 
 # --- Checkpoints ------------------------------------------------------------------------------------
@@ -158,17 +286,19 @@ def vocabulary(seqs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return ids, cats[::-1][last], counts
 
 
-def save_checkpoint(out: str | Path, model: LumModel, optimizer: torch.optim.Optimizer | None, step: int,
+def save_checkpoint(out: str | Path, model: LumModel, optimizer: torch.optim.Optimizer | dict | None, step: int,
                     offsets: dict[int, int] | None = None, keep: int = 3, extra: dict | None = None,
                     items: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> Path:
-    """Write ``DIR/step-N`` atomically. ``items``: the vocabulary trained on (``vocabulary``);
+    """Write ``DIR/step-N`` atomically. ``model``: plain (unsharded); ``optimizer``: an optimizer over it or its
+    ``state_dict`` (``full_optimizer_state`` under FSDP). ``items``: the vocabulary trained on (``vocabulary``);
     ``extra``: more meta, e.g. ``trained_from_ms``/``trained_until_ms`` (event-time range trained on)."""
     out = Path(out)
     d = out / f"step-{step:08d}"
     tmp = out / f".tmp-step-{step:08d}"
     tmp.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict() if optimizer else None},
-               tmp / "model.pt")
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.state_dict()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer or None}, tmp / "model.pt")
     if items is not None:
         np.savez(tmp / "items.npz", ids=items[0], cats=items[1], counts=items[2])
     meta = {"config": model.cfg.model_dump(), "tokenizer_version": TOKENIZER_VERSION, "step": step,
@@ -241,12 +371,17 @@ def auto_preset(n_pairs: int, cuda: bool) -> str:
 def fit(cfg: LumConfig, train_seqs, val_seqs, *, max_steps: int, eval_every: int = 100, patience: int = 5,
         exclude_seen: bool = False, catalog=None, seed: int = 0, device: str = "cpu", log_every: int = 50,
         model: LumModel | None = None, optimizer=None, start: int = 0, rank: int = 0, world: int = 1,
-        on_improve: Callable[[int, LumModel, torch.optim.Optimizer, dict], None] | None = None,
-        ) -> tuple[LumModel, torch.optim.Optimizer, int, int, list[dict]]:
+        parallel: str = "ddp",
+        on_improve: Callable[[int, LumModel, torch.optim.Optimizer | dict, dict], None] | None = None,
+        ) -> tuple[LumModel, torch.optim.Optimizer | dict, int, int, list[dict]]:
     """Train with early stopping on validation NDCG@10.
 
     Returns (model holding the best weights, optimizer, last step, best step, validation history
     [{step, loss, ndcg@10, hr@10}]). Rank 0 validates and tells the others whether to stop.
+    ``parallel``: 'ddp' (at world size > 1) or 'fsdp' (at any world size; needs the process group). Under
+    FSDP rank 0 validates a plain copy gathered from the shards; the model returned is that copy holding the
+    best weights and the optimizer is the gathered ``state_dict`` of the last step (rank 0; the other ranks get
+    their shards and {}): what ``save_checkpoint`` and ``evaluate`` take.
     """
     import copy
 
@@ -255,33 +390,50 @@ def fit(cfg: LumConfig, train_seqs, val_seqs, *, max_steps: int, eval_every: int
     from .data import train_batches
     from .evaluate import evaluate
 
+    mode = "fsdp" if parallel == "fsdp" else ("ddp" if world > 1 else "none")
+    fsdp = mode == "fsdp"
+    plain = LumModel(cfg).to(device) if fsdp and rank == 0 else None  # rank 0's unsharded copy
     best: dict = {"ndcg": -1.0, "step": start, "state": None}
     history: list[dict] = []
     losses: list[float] = []
     bad = 0
 
+    def unsharded(m: LumModel) -> LumModel:
+        """What rank 0 can evaluate and save alone. Under FSDP a collective: every rank calls it."""
+        if not fsdp:
+            return m
+        state = full_model_state(m)
+        if rank == 0:
+            plain.load_state_dict(state)
+        return plain
+
     def validate(step: int, m: LumModel, opt) -> bool:
         nonlocal bad
-        stop = torch.zeros(1)
+        whole = unsharded(m)
+        flags = torch.zeros(2, device=device)  # improved, stop (on the device: NCCL broadcasts device tensors)
+        h: dict = {}
         if rank == 0:
-            v = evaluate(m, val_seqs, train_seqs, exclude_seen=exclude_seen, device=device, catalog=catalog)
+            v = evaluate(whole, val_seqs, train_seqs, exclude_seen=exclude_seen, device=device, catalog=catalog)
             tail = losses[-max(1, eval_every):]
             h = {"step": step, "loss": float(np.mean(tail)) if tail else float("nan"), "ndcg@10": v["ndcg@10"],
                  "hr@10": v["hr@10"]}
             history.append(h)
             if v["ndcg@10"] > best["ndcg"]:
-                best.update(ndcg=v["ndcg@10"], step=step, state=copy.deepcopy(m.state_dict()))
+                best.update(ndcg=v["ndcg@10"], step=step, state=copy.deepcopy(whole.state_dict()))
                 bad = 0
-                if on_improve is not None:
-                    on_improve(step, m, opt, h)
+                flags[0] = 1
             else:
                 bad += 1
             log.info("validation @%d: loss %.4f ndcg@10 %.4f hr@10 %.4f (best %.4f @%d)%s", step, h["loss"],
                      v["ndcg@10"], v["hr@10"], best["ndcg"], best["step"], " -> stop" if bad >= patience else "")
-            stop[0] = float(bad >= patience)
+            flags[1] = float(bad >= patience)
         if world > 1:
-            dist.broadcast(stop, 0)
-        return bool(stop[0])
+            dist.broadcast(flags, 0)
+        if flags[0] and on_improve is not None:
+            o = full_optimizer_state(m, opt) if fsdp else opt  # every rank gathers; rank 0 saves
+            if rank == 0:
+                on_improve(step, whole, o, h)
+        return bool(flags[1])
 
     def on_step(step: int, m: LumModel, opt) -> bool:
         return bool(eval_every and val_seqs and step % eval_every == 0 and validate(step, m, opt))
@@ -289,12 +441,15 @@ def fit(cfg: LumConfig, train_seqs, val_seqs, *, max_steps: int, eval_every: int
     model, optimizer, step, _ = train(
         cfg, train_batches(train_seqs, cfg, seed + start, rank=rank, world=world), max_steps, model=model,
         optimizer=optimizer, step=start, device=device, log_every=log_every, on_step=on_step, seed=seed,
-        ddp=world > 1, losses=losses)
+        parallel=mode, losses=losses)
     if val_seqs and (not eval_every or (step % eval_every and bad < patience)):
         validate(step, model, optimizer)  # the last steps count too
+    if fsdp:
+        optimizer = full_optimizer_state(model, optimizer)
+        model = unsharded(model) if best["state"] is None else (plain if rank == 0 else model)
     if best["state"] is not None and rank == 0:
         model.load_state_dict(best["state"])
-    if world > 1:  # every rank ends with rank 0's (best) weights
+    if mode == "ddp":  # every rank ends with rank 0's (best) weights
         for t in model.state_dict().values():
             dist.broadcast(t, 0)
     return model, optimizer, step, (best["step"] if best["state"] is not None else step), history
@@ -323,6 +478,8 @@ def run(preset: str | None, source: str, out: str, max_steps: int | None = None,
         raise SystemExit(f"unknown preset {preset!r}; choose one of auto, {', '.join(PRESETS)}")
     rank, world, dev = launch.init()
     device = str(dev) if launch.under_torchrun() else pick_device(s.device)
+    import torch.distributed as dist
+
     if s.threads:
         torch.set_num_threads(s.threads)
     steps = max_steps or s.max_steps
@@ -333,8 +490,6 @@ def run(preset: str | None, source: str, out: str, max_steps: int | None = None,
     if rank == 0:  # one reader: every rank trains on exactly the same sequences (a topic may grow meanwhile)
         shared = [(*load_source(source, kafka, s.kafka_idle_timeout_s, span), span)]
     if world > 1:
-        import torch.distributed as dist
-
         dist.broadcast_object_list(shared, 0)
     seqs, offsets, span = shared[0]
     train_seqs, val_seqs, test_seqs = split_users(seqs)
@@ -360,9 +515,10 @@ def run(preset: str | None, source: str, out: str, max_steps: int | None = None,
         model, opt, meta = load_checkpoint(out, device)
         cfg, start = model.cfg, meta["step"]
         log.info("resuming %s from step %d (%s)", meta["path"], start, meta["model_version"])
-    log.info("%s on %s, world size %d", describe(model), device, world)
+    mode = parallel_mode(s.parallel, cfg, device, world, dist.is_initialized())
+    log.info("%s on %s, world size %d%s", describe(model), device, world, f", {mode}" if mode != "none" else "")
     items = vocabulary(train_seqs)
-    extra = {"source": source, "world_size": world, **span}
+    extra = {"source": source, "world_size": world, "parallel": mode, **span}
 
     def on_improve(step: int, m: LumModel, o, h: dict) -> None:
         save_checkpoint(out, m, o, step, offsets, s.keep_checkpoints, extra=extra | {"validation": h}, items=items)
@@ -370,7 +526,7 @@ def run(preset: str | None, source: str, out: str, max_steps: int | None = None,
     model, opt, step, best_step, history = fit(
         cfg, train_seqs, val_seqs, max_steps=steps, eval_every=s.eval_every, patience=s.patience,
         exclude_seen=exclude_seen, catalog=catalog, seed=s.seed, device=device, log_every=s.log_every,
-        model=model, optimizer=opt, start=start, rank=rank, world=world,
+        model=model, optimizer=opt, start=start, rank=rank, world=world, parallel=mode,
         on_improve=on_improve if s.checkpoint_best else None)
     metrics: dict[str, float] = {}
     if rank == 0:
