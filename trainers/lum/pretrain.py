@@ -403,8 +403,9 @@ def fit(cfg: LumConfig, train_seqs, val_seqs, *, max_steps: int, eval_every: int
         if not fsdp:
             return m
         state = full_model_state(m)
-        if rank == 0:
-            plain.load_state_dict(state)
+        if rank != 0:
+            return m
+        plain.load_state_dict(state)
         return plain
 
     def validate(step: int, m: LumModel, opt) -> bool:
@@ -444,9 +445,9 @@ def fit(cfg: LumConfig, train_seqs, val_seqs, *, max_steps: int, eval_every: int
         parallel=mode, losses=losses)
     if val_seqs and (not eval_every or (step % eval_every and bad < patience)):
         validate(step, model, optimizer)  # the last steps count too
-    if fsdp:
+    if fsdp:  # (collectives: the same calls on every rank, whatever rank 0 alone knows about the best step)
         optimizer = full_optimizer_state(model, optimizer)
-        model = unsharded(model) if best["state"] is None else (plain if rank == 0 else model)
+        model = unsharded(model)
     if best["state"] is not None and rank == 0:
         model.load_state_dict(best["state"])
     if mode == "ddp":  # every rank ends with rank 0's (best) weights

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +20,7 @@ from streaming.producers.synthetic import SyntheticConfig, SyntheticStream
 from trainers.lum.data import leave_last_out, sequences_from_events, train_batches
 from trainers.lum.evaluate import evaluate
 from trainers.lum.model import PRESETS, lum_loss
-from trainers.lum.pretrain import load_checkpoint, save_checkpoint, train
+from trainers.lum.pretrain import PretrainSettings, load_checkpoint, parallel_mode, save_checkpoint, train
 
 CFG = PRESETS["debug"]
 
@@ -104,31 +109,112 @@ def test_rank_batches_make_up_the_global_batch(synthetic):
     assert all(torch.equal(p.cand_item, whole.cand_item) for p in parts)  # one candidate set for all ranks
 
 
-@pytest.mark.slow
-def test_pretrain_under_torchrun_and_checkpoint_loads_in_one_process(tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+def _ratings(path: Path) -> str:
+    """60 users x 12 ratings of 80 items as an amazon:PATH source."""
     rng = np.random.default_rng(0)
     rows = [f"u{u},i{int(rng.integers(0, 80))},{int(rng.integers(1, 6))},{1_400_000_000 + 100 * u + t}"
             for u in range(60) for t in range(12)]
-    (tmp_path / "ratings.csv").write_text("\n".join(rows) + "\n")
+    path.write_text("\n".join(rows) + "\n")
+    return f"amazon:{path}"
+
+
+@pytest.mark.slow
+def test_pretrain_under_torchrun_and_checkpoint_loads_in_one_process(tmp_path):
+    source = _ratings(tmp_path / "ratings.csv")
     out = tmp_path / "ckpt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LUM_PRETRAIN_EVAL_EVERY": "4", "LUM_PRETRAIN_LOG_EVERY": "2"}
     r = subprocess.run([str(Path(sys.executable).parent / "lum"), "pretrain", "--nproc", "2", "--preset", "debug",
-                        "--source", f"amazon:{tmp_path / 'ratings.csv'}", "--out", str(out), "--max-steps", "8"],
+                        "--source", source, "--out", str(out), "--max-steps", "8"],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "world size 2" in r.stderr and r.stdout.count("final eval @") == 1  # rank 0 reports
+    assert "world size 2, ddp" in r.stderr and r.stdout.count("final eval @") == 1  # rank 0 reports
     model, opt, meta = load_checkpoint(out)  # written at 2 ranks, loaded in one process
     # The newest event the run read (held-out pairs included: they chose the stopping step).
     assert meta["world_size"] == 2 and meta["trained_until_ms"] == (1_400_000_000 + 100 * 59 + 11) * 1000
     assert (Path(meta["path"]) / "items.npz").exists()
     from trainers.lum.data import load_source, split_users
 
-    seqs, _ = load_source(f"amazon:{tmp_path / 'ratings.csv'}")
+    seqs, _ = load_source(source)
     tr, _, te = split_users(seqs)
     m = evaluate(model, te, tr)
     assert 0 <= m["hr@10"] <= 1 and m["users"] == 60
+
+
+_STEP = re.compile(r"step (\d+)/(\d+) loss (\d+\.\d+)")
+
+
+def _losses(lines) -> dict[tuple[int, int], float]:
+    """(step, max steps) -> the loss a progress line reports; every rank must report the same."""
+    seen: dict[tuple[int, int], set[float]] = {}
+    for m in _STEP.finditer("\n".join(lines)):
+        seen.setdefault((int(m[1]), int(m[2])), set()).add(float(m[3]))
+    assert all(len(v) == 1 for v in seen.values()), seen  # the loss of the global batch, equal on every rank
+    return {k: v.pop() for k, v in seen.items()}
+
+
+def _close_checkpoints(a: Path, b: Path, step: int) -> None:
+    """Same weights and optimizer state (moments and step) within float tolerance."""
+    m1, o1, meta1 = load_checkpoint(a)
+    m2, o2, meta2 = load_checkpoint(b)
+    assert meta1["step"] == meta2["step"] == step
+    for (k, x), y in zip(m1.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4, msg=k)
+    s1, s2 = o1.state_dict(), o2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"] and s1["state"].keys() == s2["state"].keys()
+    for i, st in s1["state"].items():
+        assert float(st["step"]) == float(s2["state"][i]["step"]) == step
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(st[k], s2["state"][i][k], rtol=1e-3, atol=1e-6, msg=f"{i} {k}")
+
+
+@pytest.mark.slow
+def test_fsdp_at_two_ranks_equals_one_process_and_checkpoints_move_between_world_sizes(tmp_path, monkeypatch,
+                                                                                      caplog):
+    """FSDP (2 CPU ranks, gloo) trains the same global batches as one process: the same losses step by step.
+    Its checkpoint resumes in one process, a one-process checkpoint resumes under FSDP, and both continue alike
+    with step and optimizer moments carried."""
+    source = _ratings(tmp_path / "ratings.csv")
+    one, two = tmp_path / "one", tmp_path / "two"
+    for k, v in {"LUM_PRETRAIN_EVAL_EVERY": "0", "LUM_PRETRAIN_LOG_EVERY": "1"}.items():
+        monkeypatch.setenv(k, v)
+    caplog.set_level("INFO", logger="trainers.lum.pretrain")
+    assert lum(["pretrain", "--preset", "debug", "--source", source, "--out", str(one), "--max-steps", "6"]) == 0
+    # One torchrun launch, two jobs: FSDP from scratch into `two`, then the one-process checkpoint resumed.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LUM_PRETRAIN_PARALLEL": "fsdp", "LUM_PRETRAIN_THREADS": "1"}
+    jobs = [["debug", str(two), 6, False], [None, str(one), 9, True]]
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(Path(__file__).with_name("pretrain_ranks.py")), source, json.dumps(jobs)],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("world size 2, fsdp") == 4  # two ranks, two jobs
+    assert lum(["pretrain", "--source", source, "--out", str(two), "--max-steps", "9", "--resume"]) == 0
+    ranks = _losses(r.stderr.splitlines())
+    single = _losses(rec.getMessage() for rec in caplog.records)
+    fresh = [(s, 6) for s in range(1, 7)]
+    resumed = [(s, 9) for s in range(7, 10)]
+    assert sorted(ranks) == sorted(single) == fresh + resumed
+    # Same global batch at 1 and 2 ranks: the printed (4-decimal) losses agree.
+    assert [ranks[k] for k in fresh] == pytest.approx([single[k] for k in fresh], abs=2e-4)
+    # The checkpoint gathered from FSDP's shards holds what one process holds, in the same one-file format.
+    assert json.loads((two / "step-00000006" / "meta.json").read_text())["parallel"] == "fsdp"
+    _close_checkpoints(one / "step-00000006", two / "step-00000006", 6)
+    # 1 -> 2 (FSDP, in `one`) and 2 -> 1 (in `two`) continue alike from step 6 with their optimizer moments.
+    assert [ranks[k] for k in resumed] == pytest.approx([single[k] for k in resumed], abs=2e-4)
+    _close_checkpoints(one, two, 9)
+    assert load_checkpoint(one)[2]["world_size"] == 2 and load_checkpoint(two)[2]["world_size"] == 1
+
+
+def test_parallel_mode_setting(monkeypatch):
+    debug, base = PRESETS["debug"], PRESETS["base"]
+    assert parallel_mode("auto", base, "cuda:0", 8, True) == "fsdp"  # large presets on GPU shard
+    assert parallel_mode("auto", base, "cpu", 2, True) == "ddp"
+    assert parallel_mode("auto", debug, "cuda:0", 2, True) == "ddp"
+    assert parallel_mode("fsdp", debug, "cpu", 2, True) == "fsdp"
+    assert parallel_mode("fsdp", debug, "cpu", 1, True) == "fsdp"  # FSDP's path (and precision) at world size 1
+    assert parallel_mode("ddp", debug, "cpu", 1, True) == "none"
+    assert parallel_mode("fsdp", debug, "cpu", 1, False) == "none"  # no process group: one plain process
+    from schemas.settings import SettingsError, load
+
+    monkeypatch.setenv("LUM_PRETRAIN_PARALLEL", "zero3")
+    with pytest.raises(SettingsError, match="LUM_PRETRAIN_PARALLEL"):
+        load(PretrainSettings)
