@@ -120,8 +120,10 @@ def optimizer_state_by_name(state: dict, model: LumModel) -> dict:
 
 def optimizer_state_by_number(state: dict) -> dict:
     number = {n: i for i, n in enumerate(n for g in state["param_groups"] for n in g["params"])}
-    return {"state": {number[n]: v for n, v in state["state"].items()},
-            "param_groups": [{**g, "params": [number[n] for n in g["params"]]} for g in state["param_groups"]]}
+    # (torch keeps pairs such as AdamW's betas as tuples; the gathered copy holds lists)
+    groups = [{k: tuple(v) if isinstance(v, list) else v for k, v in g.items()} | {"params": [number[n] for n in
+              g["params"]]} for g in state["param_groups"]]
+    return {"state": {number[n]: v for n, v in state["state"].items()}, "param_groups": groups}
 
 
 def shard(model: LumModel, optimizer: torch.optim.Optimizer | None, device: str

@@ -157,8 +157,11 @@ def _close_checkpoints(a: Path, b: Path, step: int) -> None:
     m1, o1, meta1 = load_checkpoint(a)
     m2, o2, meta2 = load_checkpoint(b)
     assert meta1["step"] == meta2["step"] == step
+    d = m1.cfg.d_model
     for (k, x), y in zip(m1.state_dict().items(), m2.state_dict().values()):
-        torch.testing.assert_close(x, y, rtol=1e-3, atol=1e-4, msg=k)
+        if k.endswith("qkv.bias"):  # attention ignores the key bias: its gradient is rounding noise, which
+            x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])  # Adam scales up to +-lr steps
+        torch.testing.assert_close(x, y, rtol=1e-3, atol=2e-5, msg=k)
     s1, s2 = o1.state_dict(), o2.state_dict()
     assert s1["param_groups"] == s2["param_groups"] and s1["state"].keys() == s2["state"].keys()
     for i, st in s1["state"].items():
