@@ -109,11 +109,12 @@ def test_rank_batches_make_up_the_global_batch(synthetic):
     assert all(torch.equal(p.cand_item, whole.cand_item) for p in parts)  # one candidate set for all ranks
 
 
-def _ratings(path: Path) -> str:
-    """60 users x 12 ratings of 80 items as an amazon:PATH source."""
+def _ratings(path: Path, varied: bool = False) -> str:
+    """60 users x 12 ratings of 80 items as an amazon:PATH source; ``varied``: 4 to 20 ratings per user (ranks'
+    rows then hold different numbers of targets)."""
     rng = np.random.default_rng(0)
     rows = [f"u{u},i{int(rng.integers(0, 80))},{int(rng.integers(1, 6))},{1_400_000_000 + 100 * u + t}"
-            for u in range(60) for t in range(12)]
+            for u in range(60) for t in range(4 + u % 17 if varied else 12)]
     path.write_text("\n".join(rows) + "\n")
     return f"amazon:{path}"
 
@@ -176,7 +177,7 @@ def test_fsdp_at_two_ranks_equals_one_process_and_checkpoints_move_between_world
     """FSDP (2 CPU ranks, gloo) trains the same global batches as one process: the same losses step by step.
     Its checkpoint resumes in one process, a one-process checkpoint resumes under FSDP, and both continue alike
     with step and optimizer moments carried."""
-    source = _ratings(tmp_path / "ratings.csv")
+    source = _ratings(tmp_path / "ratings.csv", varied=True)
     one, two = tmp_path / "one", tmp_path / "two"
     for k, v in {"LUM_PRETRAIN_EVAL_EVERY": "0", "LUM_PRETRAIN_LOG_EVERY": "1"}.items():
         monkeypatch.setenv(k, v)
@@ -198,6 +199,9 @@ def test_fsdp_at_two_ranks_equals_one_process_and_checkpoints_move_between_world
     assert sorted(ranks) == sorted(single) == fresh + resumed
     # Same global batch at 1 and 2 ranks: the printed (4-decimal) losses agree.
     assert [ranks[k] for k in fresh] == pytest.approx([single[k] for k in fresh], abs=2e-4)
+    loss6 = [json.loads((d / "step-00000006" / "meta.json").read_text())["validation_history"][-1]["loss"]
+             for d in (one, two)]  # at full precision: each rank's loss counts by its share of the targets
+    assert loss6[1] == pytest.approx(loss6[0], rel=1e-5, abs=0)  # (unweighted: 4e-4 apart)
     # The checkpoint gathered from FSDP's shards holds what one process holds, in the same one-file format.
     assert json.loads((two / "step-00000006" / "meta.json").read_text())["parallel"] == "fsdp"
     _close_checkpoints(one / "step-00000006", two / "step-00000006", 6)
