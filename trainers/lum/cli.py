@@ -6,6 +6,7 @@
     lum refresh --checkpoint runs/lum --once
     lum refresh --checkpoint runs/lum --every 10
     lum pretrain --nproc 2 ...    # = torchrun --standalone --nproc-per-node 2 .venv/bin/lum pretrain ...
+    LUM_PRETRAIN_PARALLEL=fsdp lum pretrain --nproc 2 ...   # FSDP2 instead of DDP (auto: FSDP for base/large on GPU)
     lum refresh --nproc 2 ...     # users split across ranks, same output as one process
 """
 
@@ -19,7 +20,8 @@ def register(sub, common) -> None:
     p.add_argument("--preset", default=None, help="model preset: debug, small, base, large "
                                                  "(default: auto, sized to the data; the choice is printed)")
     p.add_argument("--source", required=True, help="kafka | movielens:PATH | taobao:PATH | amazon:PATH")
-    p.add_argument("--nproc", type=int, default=None, help="processes: re-run under torchrun with N ranks (DDP)")
+    p.add_argument("--nproc", type=int, default=None, help="processes: re-run under torchrun with N ranks "
+                                                                 "(DDP or FSDP: $LUM_PRETRAIN_PARALLEL)")
     p.add_argument("--out", required=True, help="checkpoint directory")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default $LUM_PRETRAIN_MAX_STEPS)")
     p.add_argument("--exclude-seen", action="store_true", default=None,
