@@ -92,10 +92,10 @@ def pick_device(name: str = "auto") -> str:
 
 def param_groups(model: LumModel) -> list[list[str]]:
     """Parameter names of the optimizer's groups (with weight decay, without), in its order."""
-    names = [n for n, _ in model.named_parameters()]
-    params = dict(model.named_parameters())
-    decay = [n for n in names if params[n].dim() >= 2 and "tokens." not in n]
-    return [decay, [n for n in names if n not in set(decay)]]
+    named = list(model.named_parameters())
+    decay = [n for n, p in named if p.dim() >= 2 and "tokens." not in n]
+    kept = set(decay)
+    return [decay, [n for n, _ in named if n not in kept]]
 
 
 def make_optimizer(model: LumModel) -> torch.optim.Optimizer:
@@ -186,6 +186,8 @@ def train(cfg: LumConfig, batches: Iterable, max_steps: int, model: LumModel | N
     place (``shard``: ``optimizer``'s state carries over into the returned optimizer over the shards)."""
     import torch.distributed as dist
 
+    if parallel not in ("none", "ddp", "fsdp"):
+        raise ValueError(f"parallel={parallel!r}: expected none, ddp or fsdp")
     if model is None:
         torch.manual_seed(seed)
         model = LumModel(cfg)
@@ -201,8 +203,6 @@ def train(cfg: LumConfig, batches: Iterable, max_steps: int, model: LumModel | N
         from torch.nn.parallel import DistributedDataParallel
 
         loss_fn = DistributedDataParallel(loss_fn, find_unused_parameters=not cfg.use_conditions)
-    elif parallel != "none" and parallel != "fsdp":
-        raise ValueError(f"parallel={parallel!r}: expected none, ddp or fsdp")
     bf16 = device.startswith("cuda")
     losses = [] if losses is None else losses
     t0, tokens = time.perf_counter(), 0
