@@ -53,10 +53,11 @@ def bench_step(preset: str, n: int, batch: int, lum_dim: int, ids: str = "hash")
     trainer = Trainer(DLRMConfig.preset(preset, features="lum", ids=ids))
     bs = _batches(exs, batch)
     trainer.train_batch(bs[0])  # build + warm up
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for b in bs[1:]:
         trainer.train_batch(b)
     with_feat = (len(exs) - len(bs[0])) / (time.perf_counter() - t)
+    with_feat_cpu = 1e6 * (time.process_time() - c) / (len(exs) - len(bs[0]))
     fbs = [trainer.featurizer(b) for b in bs[1:]]
     t = time.perf_counter()
     for fb in fbs:  # the step alone: forward, loss, backward (fused embedding update), Adam
@@ -67,7 +68,7 @@ def bench_step(preset: str, n: int, batch: int, lum_dim: int, ids: str = "hash")
         trainer.opt.step()
     step_only = sum(len(fb) for fb in fbs) / (time.perf_counter() - t)
     return {"preset": preset, "ids": ids, "batch": batch, "D": lum_dim, "step_only": step_only,
-            "with_featurize": with_feat}
+            "with_featurize": with_feat, "with_featurize_cpu_us": with_feat_cpu}
 
 
 def bench_kafka(n: int, batch: int, prefetch: int = 4, decoder_process: bool | None = None) -> dict:
@@ -92,10 +93,11 @@ def bench_kafka(n: int, batch: int, prefetch: int = 4, decoder_process: bool | N
 
         class Timed(Trainer):  # when the first step starts, the last one ends, and time in checkpoints
             def train_batch(self, b, **kw):
-                if b.examples and "first" not in times:
-                    times["first"], times["first_n"] = time.perf_counter(), len(b.examples)
                 out = super().train_batch(b, **kw)
-                times["last_step"] = time.perf_counter()
+                now = time.perf_counter()
+                if b.examples and "first" not in times:  # the clock starts when the first step has ended
+                    times["first"], times["first_n"], times["first_cpu"] = now, self.examples, time.process_time()
+                times["last_step"], times["last_cpu"] = now, time.process_time()
                 return out
 
             def checkpoint(self, *a, **kw):
@@ -116,11 +118,15 @@ def bench_kafka(n: int, batch: int, prefetch: int = 4, decoder_process: bool | N
         end = time.perf_counter()
         src.close()
         assert trainer.examples == n, (trainer.examples, n)
-        # After the first batch: from its step to the end of the last step (checkpoints in between count; the
-        # final one, after the stream ended, is reported apart).
+        # After the first batch: from the end of its step to the end of the last step, the examples trained in
+        # between (checkpoints in between count; the final one, after the stream ended, is reported apart).
+        # cpu_us_per_ex: this process's CPU (all threads) per example over the same span, less noisy than ex/s
+        # on a shared machine (the broker's CPU is not in it).
+        trained = trainer.examples - times["first_n"]
         return {"examples": n, "batch": batch, "decoder_process": getattr(src, "decoder_process", False),
                 "incl_join": n / (end - t), "checkpoint_s": times["ckpt"],
-                "after_first_batch": (n - times["first_n"]) / (times["last_step"] - times["first"])}
+                "after_first_batch": trained / (times["last_step"] - times["first"]),
+                "cpu_us_per_ex": 1e6 * (times["last_cpu"] - times["first_cpu"]) / trained}
 
 
 def bench_scoring(lum_dim: int, conditions: int, reps: int) -> list[dict]:
@@ -222,7 +228,12 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller runs (about a minute)")
     ap.add_argument("--json", metavar="OUT", help="write the headline figures as JSON")
     ap.add_argument("--skip-scoring", action="store_true", help="leave out the scoring latency table")
+    ap.add_argument("--only", default="step,kafka,collisions,auc,scoring",
+                    help="comma-separated parts to run (kafka alone also runs the debug step it is compared with)")
     args = ap.parse_args()
+    only = set(args.only.split(","))
+    if args.skip_scoring:
+        only.discard("scoring")
     from schemas.logs import setup_logging
 
     setup_logging("WARNING")  # also drops fbgemm/torchrec per-table INFO dumps
@@ -230,40 +241,48 @@ def main() -> int:
     res: dict = {}
     print("## training step (synthetic examples from the wire format, features=lum, K=3)")
     print("| preset | ids | batch | LUM D | step only ex/s | featurize + step ex/s | ratio |\n|---|---|---|---|---|---|---|")
-    for preset, d, ids in (("debug", 32, "hash"), ("debug", 32, "mch"), ("base", 32, "hash")):
+    steps = (("debug", 32, "hash"), ("debug", 32, "mch"), ("base", 32, "hash")) if "step" in only else \
+        (("debug", 32, "hash"),) if "kafka" in only else ()
+    for preset, d, ids in steps:
         r = bench_step(preset, 10_000 if q else 40_000, 512, d, ids)
         print(f"| {r['preset']} | {ids} | {r['batch']} | {r['D']} | {r['step_only']:,.0f} | "
               f"{r['with_featurize']:,.0f} | {r['with_featurize'] / r['step_only']:.2f} |")
         if (preset, ids) == ("debug", "hash"):
             res["step_ex_s"], res["featurize_step_ex_s"] = r["step_only"], r["with_featurize"]
+            res["featurize_step_cpu_us_per_ex"] = r["with_featurize_cpu_us"]
         if (preset, ids) == ("debug", "mch"):
             res["mch_step_ex_s"], res["mch_featurize_step_ex_s"] = r["step_only"], r["with_featurize"]
-    print("\n## end to end from Kafka (embedded broker, lum train's path, debug preset, D=32)")
-    r = bench_kafka(10_000 if q else 50_000, 512)
-    res["kafka_e2e_ex_s"], res["kafka_incl_join_ex_s"] = r["after_first_batch"], r["incl_join"]
-    res["kafka_checkpoint_s"], res["kafka_decoder_process"] = r["checkpoint_s"], r["decoder_process"]
-    print("| examples | batch | decoding | ex/s incl. group join and checkpoints | checkpoint s | ex/s after first "
-          "batch (to last step) | vs featurize + step |\n|---|---|---|---|---|---|---|")
-    print(f"| {r['examples']:,} | {r['batch']} | {'child process' if r['decoder_process'] else 'reader thread'} | "
-          f"{r['incl_join']:,.0f} | {r['checkpoint_s']:.1f} | {r['after_first_batch']:,.0f} | "
-          f"{r['after_first_batch'] / res['featurize_step_ex_s']:.2f} |")
-    print("\n## rows shared by distinct random 63-bit ids in one table of 2^20 rows (share of ids)")
-    print("| distinct ids | hashing | hashing, uniform expectation | managed collisions (MCH, LRU) | MCH ids/s |\n|---|---|---|---|---|")
-    for n in (100_000, 1_000_000):
-        h = bench_collisions(n, 1 << 20)
-        m = bench_mch_collisions(n, 1 << 20)
-        print(f"| {n:,} | {h['collision_rate']:.4f} | {h['expected_rate']:.4f} | {m['collision_rate']:.4f} | "
-              f"{m['ids_per_s']:,.0f} |")
-        key = "1m" if n == 1_000_000 else "100k"
-        res[f"shared_rows_{key}"], res[f"shared_rows_{key}_hash"] = m["collision_rate"], h["collision_rate"]
-    print("\n## hashing vs managed collisions on the synthetic stream (debug tables, baseline features, 2k users, "
-          "5k items, batch 256; mean ± std over seeds)")
-    a = bench_auc(10_000 if q else 30_000, 3)
-    res["auc"] = a
-    print("| ids | progressive AUC | featurize + step ex/s |\n|---|---|---|")
-    for ids, v in a.items():
-        print(f"| {ids} | {v['auc_mean']:.4f} ± {v['auc_std']:.4f} | {v['ex_s_mean']:,.0f} ± {v['ex_s_std']:,.0f} |")
-    if not args.skip_scoring:
+    if "kafka" in only:
+        print("\n## end to end from Kafka (embedded broker, lum train's path, debug preset, D=32)")
+        r = bench_kafka(10_000 if q else 50_000, 512)
+        res["kafka_e2e_ex_s"], res["kafka_incl_join_ex_s"] = r["after_first_batch"], r["incl_join"]
+        res["kafka_checkpoint_s"], res["kafka_decoder_process"] = r["checkpoint_s"], r["decoder_process"]
+        res["kafka_cpu_us_per_ex"] = r["cpu_us_per_ex"]
+        print("| examples | batch | decoding | ex/s incl. group join and checkpoints | checkpoint s | ex/s after first "
+              "batch (to last step) | vs featurize + step | CPU us/ex: e2e, featurize + step |\n|---|---|---|---|---|---|---|---|")
+        print(f"| {r['examples']:,} | {r['batch']} | {'child process' if r['decoder_process'] else 'reader thread'} | "
+              f"{r['incl_join']:,.0f} | {r['checkpoint_s']:.1f} | {r['after_first_batch']:,.0f} | "
+              f"{r['after_first_batch'] / res['featurize_step_ex_s']:.2f} | {r['cpu_us_per_ex']:.1f}, "
+              f"{res['featurize_step_cpu_us_per_ex']:.1f} |")
+    if "collisions" in only:
+        print("\n## rows shared by distinct random 63-bit ids in one table of 2^20 rows (share of ids)")
+        print("| distinct ids | hashing | hashing, uniform expectation | managed collisions (MCH, LRU) | MCH ids/s |\n|---|---|---|---|---|")
+        for n in (100_000, 1_000_000):
+            h = bench_collisions(n, 1 << 20)
+            m = bench_mch_collisions(n, 1 << 20)
+            print(f"| {n:,} | {h['collision_rate']:.4f} | {h['expected_rate']:.4f} | {m['collision_rate']:.4f} | "
+                  f"{m['ids_per_s']:,.0f} |")
+            key = "1m" if n == 1_000_000 else "100k"
+            res[f"shared_rows_{key}"], res[f"shared_rows_{key}_hash"] = m["collision_rate"], h["collision_rate"]
+    if "auc" in only:
+        print("\n## hashing vs managed collisions on the synthetic stream (debug tables, baseline features, 2k users, "
+              "5k items, batch 256; mean ± std over seeds)")
+        a = bench_auc(10_000 if q else 30_000, 3)
+        res["auc"] = a
+        print("| ids | progressive AUC | featurize + step ex/s |\n|---|---|---|")
+        for ids, v in a.items():
+            print(f"| {ids} | {v['auc_mean']:.4f} ± {v['auc_std']:.4f} | {v['ex_s_mean']:,.0f} ± {v['ex_s_std']:,.0f} |")
+    if "scoring" in only:
         print("\n## scoring 100 candidates (one user), CPU, batch of 100 rows")
         print("| model | K conditions | LUM D | dense inputs | p50 ms | p99 ms |\n|---|---|---|---|---|---|")
         for d, k in ((32, 3), (320, 3), (32, 30)):
