@@ -17,7 +17,9 @@ values. Sizes, bounds and finiteness of the binary parts are checked as the mode
 Vectors are float64 on the wire (values round-trip exactly, as in JSON; 8 bytes against ~19 characters) and
 must be finite. The decoded example keeps those bytes so that a trainer can stack a batch's vectors with one
 ``np.frombuffer``; ``decode_many(..., lazy_vectors=True)`` goes further and returns ``LazyVectors``, which build
-the Python lists only if read. Version-1 JSON still decodes.
+the Python lists only if read, and checks a whole fetch at once: the heads parsed in one call and validated a
+column at a time with the model's own field annotations, the binary parts read with numpy; a message it cannot
+vouch for is decoded on its own (same result, same reason). Version-1 JSON still decodes.
 """
 
 from __future__ import annotations

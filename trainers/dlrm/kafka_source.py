@@ -9,10 +9,13 @@ Where to start: the checkpoint's offsets are the truth (the model state matches 
 checkpoint does not know start at the group's committed offset, else at the earliest. Committed offsets
 therefore never run ahead of the durable model; they exist for lag monitoring and as a fallback.
 
-Each fetch (up to a batch of messages) is decoded in one call, in a child process (``trainers.dlrm.decoder``;
-by default where more than 2 CPUs are available) while this side takes the previous fetch and fetches the next,
-so decoding overlaps the trainer's step instead of taking turns with it for the GIL. Examples come as ``schemas.codec.LazyVectors``:
-fields checked like the model's, LUM vectors left as their float64 bytes, which the featurizer stacks per batch.
+Each fetch (up to a batch of messages) is decoded in one call (``decode_many``: heads parsed together and
+checked a column at a time), in the trainer's prefetch thread, or in a child process (``trainers.dlrm.decoder``;
+by default where more than 2 CPUs are available) while this side takes the previous fetch and fetches the next.
+A fetch is handled as columns (partitions, offsets, values; C-level maps, no per-message Python), and the dedup
+keys of a batch are computed here too, so the step's thread only looks them up. Examples come as
+``schemas.codec.LazyVectors``: fields checked like the model's, LUM vectors left as their float64 bytes, which
+the featurizer stacks per batch.
 
 Undecodable or invalid messages (non-finite vectors included) go to dead-letters and are skipped; their
 offsets still advance with the batch they were found in. ``dead_letter_batch`` sends a whole batch (the trainer
@@ -213,7 +216,7 @@ class KafkaExamples:
     def _batch(self) -> Batch:
         # The dedup keys here, in the reader thread, so that the step's thread only looks them up.
         b = Batch(self._examples, dict(self.positions), self._sources,
-                  keys=list(map(RecentIds.key, map(_EXAMPLE_ID, self._examples))))
+                  keys=RecentIds.keys(map(_EXAMPLE_ID, self._examples)))
         self._examples, self._sources, self._batch_t0 = [], [], time.monotonic()
         return b
 

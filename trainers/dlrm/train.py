@@ -33,7 +33,8 @@ step's decisions (checkpoint now, stop), so every rank steps in lockstep. The me
 Integrity:
 - re-delivered examples (the joiner is at-least-once) are dropped by example id: the ids of the last
   ``dedup_horizon`` trained examples are remembered (8-byte hashes, bounded memory) and kept in the checkpoint;
-  a duplicate arriving more than that many examples after its first copy is trained again;
+  a duplicate arriving more than that many examples after its first copy is trained again (a source may
+  hand over the hashes with the batch, ``Batch.keys``, computed off the step's thread);
 - a step whose loss is not finite on any rank is skipped on all ranks before backward (nothing is updated),
   counted (``skipped_batches``) and its examples go to ``on_bad_batch`` (the Kafka adapter dead-letters them);
 - start-up loads the newest checkpoint that loads (``trainers.checkpoint``; an unusable one is skipped with a
@@ -97,6 +98,13 @@ class RecentIds:
     @staticmethod
     def key(example_id: str) -> int:
         return int.from_bytes(hashlib.blake2b(example_id.encode(), digest_size=8).digest(), "little")
+
+    @staticmethod
+    def keys(example_ids: Iterable[str]) -> list[int]:
+        """``key`` of each id (the digests of a batch become ints in one numpy call)."""
+        blake2b = hashlib.blake2b
+        digests = b"".join([blake2b(i.encode(), digest_size=8).digest() for i in example_ids])
+        return np.frombuffer(digests, dtype="<u8").tolist()
 
     def add(self, k: int) -> None:
         self.add_many((k,))
@@ -248,7 +256,7 @@ class Trainer:
             batch = Batch(list(batch))
         keys = batch.keys
         if keys is None or len(keys) != len(batch.examples):
-            keys = [RecentIds.key(ex.example_id) for ex in batch.examples]
+            keys = RecentIds.keys([ex.example_id for ex in batch.examples])
         if self.seen.members.isdisjoint(keys) and len(set(keys)) == len(keys):  # the usual case: set operations
             keep = range(len(keys))
         else:
