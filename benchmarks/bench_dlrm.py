@@ -1,17 +1,22 @@
 """DLRM trainer and scorer figures on this machine (CPU).
 
-    .venv/bin/python benchmarks/bench_dlrm.py [--quick] [--json OUT]
+    .venv/bin/python benchmarks/bench_dlrm.py [--quick] [--json OUT] [--only step,kafka,collisions,auc,scoring]
+                                              [--rounds 3] [--decoder-process auto|yes|no] [--skip-scoring]
 
 Prints: training examples/s of the step alone (pre-featurized batches) and with featurization (examples as
 the trainer receives them: decoded from the wire format); end to end from Kafka (embedded broker started
 here, examples produced first, ``lum train``'s path and default checkpoint cadence: consumer group, prefetch
-thread, decoder process, dedup, featurize, train, checkpoints, offset commits, --until-caught-up; examples/s from
-the first step to the end of the last, and the time spent in checkpoints, the final one included); rows shared by distinct ids with hashing
-and with TorchRec's managed collisions (MCH) at 100k and 1M ids; progressive AUC and examples/s of hashing
-vs managed collisions on the synthetic stream (several seeds); scoring latency p50/p99 for 100 candidates.
-``--json OUT`` writes the headline figures (``step_ex_s``, ``featurize_step_ex_s``, ``kafka_e2e_ex_s``:
-debug preset, batch 512, after the first batch; ``kafka_checkpoint_s``; ``shared_rows_1m``: MCH; and more). Other processes share
-the 2 cores: figures are noisy.
+thread, optional decoder process, dedup, featurize, train, checkpoints, offset commits, --until-caught-up;
+examples/s from the end of the first step to the end of the last, so neither the group join nor the producer
+nor the first batch counts; the time spent in checkpoints, the final one included, apart), in ``--rounds``
+rounds each right after a featurize + step run on the same examples, so that both see the same load, with
+the process's CPU per example beside (less noisy than examples/s where other processes share the cores); rows
+shared by distinct ids with hashing and with TorchRec's managed collisions (MCH) at 100k and 1M ids;
+progressive AUC and examples/s of hashing vs managed collisions on the synthetic stream (several seeds);
+scoring latency p50/p99 for 100 candidates. ``--json OUT`` writes the headline figures (``step_ex_s``,
+``featurize_step_ex_s``, ``kafka_e2e_ex_s``: debug preset, batch 512, after the first batch, the best round;
+``kafka_e2e_ratio``; ``kafka_cpu_us_per_ex``; ``kafka_checkpoint_s``; ``shared_rows_1m``: MCH; and more).
+Other processes share the 2 cores: figures are noisy.
 """
 
 from __future__ import annotations
@@ -53,10 +58,11 @@ def bench_step(preset: str, n: int, batch: int, lum_dim: int, ids: str = "hash")
     trainer = Trainer(DLRMConfig.preset(preset, features="lum", ids=ids))
     bs = _batches(exs, batch)
     trainer.train_batch(bs[0])  # build + warm up
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     for b in bs[1:]:
         trainer.train_batch(b)
     with_feat = (len(exs) - len(bs[0])) / (time.perf_counter() - t)
+    with_feat_cpu = 1e6 * (time.process_time() - c) / (len(exs) - len(bs[0]))
     fbs = [trainer.featurizer(b) for b in bs[1:]]
     t = time.perf_counter()
     for fb in fbs:  # the step alone: forward, loss, backward (fused embedding update), Adam
@@ -67,10 +73,24 @@ def bench_step(preset: str, n: int, batch: int, lum_dim: int, ids: str = "hash")
         trainer.opt.step()
     step_only = sum(len(fb) for fb in fbs) / (time.perf_counter() - t)
     return {"preset": preset, "ids": ids, "batch": batch, "D": lum_dim, "step_only": step_only,
-            "with_featurize": with_feat}
+            "with_featurize": with_feat, "with_featurize_cpu_us": with_feat_cpu}
 
 
-def bench_kafka(n: int, batch: int, prefetch: int = 4, decoder_process: bool | None = None) -> dict:
+def bench_featurize_step(bs: list, preset: str = "debug") -> dict:
+    """Featurize + step on a fresh trainer (examples/s and CPU us/ex after the first batch)."""
+    trainer = Trainer(DLRMConfig.preset(preset, features="lum"))
+    trainer.train_batch(bs[0])  # build + warm up
+    t, c = time.perf_counter(), time.process_time()
+    for b in bs[1:]:
+        trainer.train_batch(b)
+    n = sum(len(b) for b in bs[1:])
+    return {"ex_s": n / (time.perf_counter() - t), "cpu_us_per_ex": 1e6 * (time.process_time() - c) / n}
+
+
+def bench_kafka(n: int, batch: int, rounds: int = 3, prefetch: int = 4, decoder_process: bool | None = None) -> dict:
+    """End to end from Kafka, ``rounds`` times (a new consumer group and checkpoint directory each), each round
+    right after a featurize + step run on the same examples (decoded from the wire): on a shared machine the two
+    then see the same load. Returns every round and the best of each measure."""
     from schemas.settings import KafkaSettings
     from schemas.topics import ALL_TOPICS, TRAINING_EXAMPLES, key_of
     from streaming.broker import EmbeddedBroker
@@ -79,8 +99,10 @@ def bench_kafka(n: int, batch: int, prefetch: int = 4, decoder_process: bool | N
     from trainers.dlrm.kafka_source import KafkaExamples
 
     exs = synthetic_examples(n, seed=2, lum_dim=32)
+    wire = _batches(_wire(exs), batch)
     cadence = DLRMSettings.model_fields  # lum train's default checkpoint cadence
-    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as d:
+    runs = []
+    with EmbeddedBroker() as broker:
         kafka = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix="bench-")
         create_topics(kafka, ALL_TOPICS)
         p = Output(kafka, **{"linger.ms": 20})
@@ -88,39 +110,51 @@ def bench_kafka(n: int, batch: int, prefetch: int = 4, decoder_process: bool | N
         for ex in exs:
             p.produce(topic, key=key_of(ex.user_id), value=TRAINING_EXAMPLES.encode(ex))
         p.flush(60)
-        times: dict = {"ckpt": 0.0}
+        for r in range(rounds):
+            fs = bench_featurize_step(wire)
+            times: dict = {"ckpt": 0.0}
 
-        class Timed(Trainer):  # when the first step starts, the last one ends, and time in checkpoints
-            def train_batch(self, b, **kw):
-                if b.examples and "first" not in times:
-                    times["first"], times["first_n"] = time.perf_counter(), len(b.examples)
-                out = super().train_batch(b, **kw)
-                times["last_step"] = time.perf_counter()
-                return out
+            class Timed(Trainer):  # when the first step ends, the last one ends, and time in checkpoints
+                def train_batch(self, b, **kw):
+                    out = super().train_batch(b, **kw)
+                    now = time.perf_counter()
+                    if b.examples and "first" not in times:  # the clock starts when the first step has ended
+                        times["first"], times["first_n"], times["first_cpu"] = now, self.examples, time.process_time()
+                    times["last_step"], times["last_cpu"] = now, time.process_time()
+                    return out
 
-            def checkpoint(self, *a, **kw):
-                t0 = time.perf_counter()
-                try:
-                    return super().checkpoint(*a, **kw)
-                finally:
-                    times["ckpt"] += time.perf_counter() - t0
+                def checkpoint(self, *a, **kw):
+                    t0 = time.perf_counter()
+                    try:
+                        return super().checkpoint(*a, **kw)
+                    finally:
+                        times["ckpt"] += time.perf_counter() - t0
 
-        trainer = Timed(DLRMConfig.preset("debug", features="lum"), d,
-                        every_batches=cadence["checkpoint_every_batches"].default,
-                        every_s=cadence["checkpoint_every_s"].default)
-        trainer.ensure_model(exs[:1])  # imports torchrec and builds DMP outside the timed part
-        src = KafkaExamples(kafka, "bench-dlrm", batch, until_caught_up=True, idle_timeout_s=5,
-                            **({} if decoder_process is None else {"decoder_process": decoder_process}))
-        t = time.perf_counter()
-        trainer.fit(src, on_durable=src.commit, prefetch=prefetch)
-        end = time.perf_counter()
-        src.close()
-        assert trainer.examples == n, (trainer.examples, n)
-        # After the first batch: from its step to the end of the last step (checkpoints in between count; the
-        # final one, after the stream ended, is reported apart).
-        return {"examples": n, "batch": batch, "decoder_process": getattr(src, "decoder_process", False),
-                "incl_join": n / (end - t), "checkpoint_s": times["ckpt"],
-                "after_first_batch": (n - times["first_n"]) / (times["last_step"] - times["first"])}
+            with tempfile.TemporaryDirectory() as d:
+                trainer = Timed(DLRMConfig.preset("debug", features="lum"), d,
+                                every_batches=cadence["checkpoint_every_batches"].default,
+                                every_s=cadence["checkpoint_every_s"].default)
+                trainer.ensure_model(exs[:1])  # imports torchrec and builds DMP outside the timed part
+                src = KafkaExamples(kafka, f"bench-dlrm-{r}", batch, until_caught_up=True, idle_timeout_s=5,
+                                    recorder=trainer.rec,  # as lum train
+                                    **({} if decoder_process is None else {"decoder_process": decoder_process}))
+                t = time.perf_counter()
+                trainer.fit(src, on_durable=src.commit, prefetch=prefetch)
+                end = time.perf_counter()
+                src.close()
+            assert trainer.examples == n, (trainer.examples, n)
+            # After the first batch: from the end of its step to the end of the last step, the examples trained in
+            # between (checkpoints in between count; the final one, after the stream ended, is reported apart).
+            # cpu_us_per_ex: this process's CPU (all threads) per example over the same span, less noisy than
+            # ex/s on a shared machine (the broker's CPU is not in it).
+            trained = trainer.examples - times["first_n"]
+            runs.append({"featurize_step_ex_s": fs["ex_s"], "featurize_step_cpu_us_per_ex": fs["cpu_us_per_ex"],
+                         "incl_join": n / (end - t), "checkpoint_s": times["ckpt"],
+                         "after_first_batch": trained / (times["last_step"] - times["first"]),
+                         "cpu_us_per_ex": 1e6 * (times["last_cpu"] - times["first_cpu"]) / trained})
+    best = {k: (min if "cpu" in k or k == "checkpoint_s" else max)(r[k] for r in runs) for k in runs[0]}
+    return {"examples": n, "batch": batch, "decoder_process": getattr(src, "decoder_process", False),
+            "runs": runs, **best}
 
 
 def bench_scoring(lum_dim: int, conditions: int, reps: int) -> list[dict]:
@@ -222,48 +256,74 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="smaller runs (about a minute)")
     ap.add_argument("--json", metavar="OUT", help="write the headline figures as JSON")
     ap.add_argument("--skip-scoring", action="store_true", help="leave out the scoring latency table")
+    ap.add_argument("--only", default="step,kafka,collisions,auc,scoring", help="comma-separated parts to run")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating featurize + step / Kafka rounds")
+    ap.add_argument("--decoder-process", choices=["auto", "yes", "no"], default="auto",
+                    help="decode in a child process (auto: where more than 2 CPUs are available)")
     args = ap.parse_args()
+    only = set(args.only.split(","))
+    if args.skip_scoring:
+        only.discard("scoring")
     from schemas.logs import setup_logging
 
     setup_logging("WARNING")  # also drops fbgemm/torchrec per-table INFO dumps
     q = args.quick
     res: dict = {}
-    print("## training step (synthetic examples from the wire format, features=lum, K=3)")
-    print("| preset | ids | batch | LUM D | step only ex/s | featurize + step ex/s | ratio |\n|---|---|---|---|---|---|---|")
-    for preset, d, ids in (("debug", 32, "hash"), ("debug", 32, "mch"), ("base", 32, "hash")):
+    steps = (("debug", 32, "hash"), ("debug", 32, "mch"), ("base", 32, "hash")) if "step" in only else ()
+    if steps:
+        print("## training step (synthetic examples from the wire format, features=lum, K=3)")
+        print("| preset | ids | batch | LUM D | step only ex/s | featurize + step ex/s | ratio |\n"
+              "|---|---|---|---|---|---|---|")
+    for preset, d, ids in steps:
         r = bench_step(preset, 10_000 if q else 40_000, 512, d, ids)
         print(f"| {r['preset']} | {ids} | {r['batch']} | {r['D']} | {r['step_only']:,.0f} | "
               f"{r['with_featurize']:,.0f} | {r['with_featurize'] / r['step_only']:.2f} |")
         if (preset, ids) == ("debug", "hash"):
             res["step_ex_s"], res["featurize_step_ex_s"] = r["step_only"], r["with_featurize"]
+            res["featurize_step_cpu_us_per_ex"] = r["with_featurize_cpu_us"]
         if (preset, ids) == ("debug", "mch"):
             res["mch_step_ex_s"], res["mch_featurize_step_ex_s"] = r["step_only"], r["with_featurize"]
-    print("\n## end to end from Kafka (embedded broker, lum train's path, debug preset, D=32)")
-    r = bench_kafka(10_000 if q else 50_000, 512)
-    res["kafka_e2e_ex_s"], res["kafka_incl_join_ex_s"] = r["after_first_batch"], r["incl_join"]
-    res["kafka_checkpoint_s"], res["kafka_decoder_process"] = r["checkpoint_s"], r["decoder_process"]
-    print("| examples | batch | decoding | ex/s incl. group join and checkpoints | checkpoint s | ex/s after first "
-          "batch (to last step) | vs featurize + step |\n|---|---|---|---|---|---|---|")
-    print(f"| {r['examples']:,} | {r['batch']} | {'child process' if r['decoder_process'] else 'reader thread'} | "
-          f"{r['incl_join']:,.0f} | {r['checkpoint_s']:.1f} | {r['after_first_batch']:,.0f} | "
-          f"{r['after_first_batch'] / res['featurize_step_ex_s']:.2f} |")
-    print("\n## rows shared by distinct random 63-bit ids in one table of 2^20 rows (share of ids)")
-    print("| distinct ids | hashing | hashing, uniform expectation | managed collisions (MCH, LRU) | MCH ids/s |\n|---|---|---|---|---|")
-    for n in (100_000, 1_000_000):
-        h = bench_collisions(n, 1 << 20)
-        m = bench_mch_collisions(n, 1 << 20)
-        print(f"| {n:,} | {h['collision_rate']:.4f} | {h['expected_rate']:.4f} | {m['collision_rate']:.4f} | "
-              f"{m['ids_per_s']:,.0f} |")
-        key = "1m" if n == 1_000_000 else "100k"
-        res[f"shared_rows_{key}"], res[f"shared_rows_{key}_hash"] = m["collision_rate"], h["collision_rate"]
-    print("\n## hashing vs managed collisions on the synthetic stream (debug tables, baseline features, 2k users, "
-          "5k items, batch 256; mean ± std over seeds)")
-    a = bench_auc(10_000 if q else 30_000, 3)
-    res["auc"] = a
-    print("| ids | progressive AUC | featurize + step ex/s |\n|---|---|---|")
-    for ids, v in a.items():
-        print(f"| {ids} | {v['auc_mean']:.4f} ± {v['auc_std']:.4f} | {v['ex_s_mean']:,.0f} ± {v['ex_s_std']:,.0f} |")
-    if not args.skip_scoring:
+    if "kafka" in only:
+        print("\n## end to end from Kafka (embedded broker, lum train's path, debug preset, D=32), each round right "
+              "after a featurize + step run (same examples, same load)")
+        dp = {"auto": None, "yes": True, "no": False}[args.decoder_process]
+        r = bench_kafka(10_000 if q else 50_000, 512, rounds=args.rounds, decoder_process=dp)
+        print("| round | featurize + step ex/s | e2e ex/s after first batch | ratio | CPU us/ex: featurize + step, e2e | "
+              "e2e ex/s incl. group join and checkpoints | checkpoint s |\n|---|---|---|---|---|---|---|")
+        for i, x in enumerate(r["runs"] + [r]):
+            print(f"| {i + 1 if i < len(r['runs']) else 'best'} | {x['featurize_step_ex_s']:,.0f} | "
+                  f"{x['after_first_batch']:,.0f} | {x['after_first_batch'] / x['featurize_step_ex_s']:.2f} | "
+                  f"{x['featurize_step_cpu_us_per_ex']:.1f}, {x['cpu_us_per_ex']:.1f} | {x['incl_join']:,.0f} | "
+                  f"{x['checkpoint_s']:.1f} |")
+        print(f"decoding: {'child process' if r['decoder_process'] else 'reader thread'}; load average "
+              f"{os.getloadavg()[0]:.1f}")
+        # Headline figures: the best of the alternating rounds (the step table's run counts as one more).
+        res["featurize_step_ex_s"] = max(res.get("featurize_step_ex_s", 0), r["featurize_step_ex_s"])
+        res["kafka_e2e_ex_s"], res["kafka_incl_join_ex_s"] = r["after_first_batch"], r["incl_join"]
+        res["kafka_e2e_ratio"] = r["after_first_batch"] / res["featurize_step_ex_s"]
+        res["kafka_cpu_us_per_ex"], res["kafka_featurize_step_cpu_us_per_ex"] = \
+            r["cpu_us_per_ex"], r["featurize_step_cpu_us_per_ex"]
+        res["kafka_checkpoint_s"], res["kafka_decoder_process"] = r["checkpoint_s"], r["decoder_process"]
+        res["kafka_rounds"] = r["runs"]
+    if "collisions" in only:
+        print("\n## rows shared by distinct random 63-bit ids in one table of 2^20 rows (share of ids)")
+        print("| distinct ids | hashing | hashing, uniform expectation | managed collisions (MCH, LRU) | MCH ids/s |\n|---|---|---|---|---|")
+        for n in (100_000, 1_000_000):
+            h = bench_collisions(n, 1 << 20)
+            m = bench_mch_collisions(n, 1 << 20)
+            print(f"| {n:,} | {h['collision_rate']:.4f} | {h['expected_rate']:.4f} | {m['collision_rate']:.4f} | "
+                  f"{m['ids_per_s']:,.0f} |")
+            key = "1m" if n == 1_000_000 else "100k"
+            res[f"shared_rows_{key}"], res[f"shared_rows_{key}_hash"] = m["collision_rate"], h["collision_rate"]
+    if "auc" in only:
+        print("\n## hashing vs managed collisions on the synthetic stream (debug tables, baseline features, 2k users, "
+              "5k items, batch 256; mean ± std over seeds)")
+        a = bench_auc(10_000 if q else 30_000, 3)
+        res["auc"] = a
+        print("| ids | progressive AUC | featurize + step ex/s |\n|---|---|---|")
+        for ids, v in a.items():
+            print(f"| {ids} | {v['auc_mean']:.4f} ± {v['auc_std']:.4f} | {v['ex_s_mean']:,.0f} ± {v['ex_s_std']:,.0f} |")
+    if "scoring" in only:
         print("\n## scoring 100 candidates (one user), CPU, batch of 100 rows")
         print("| model | K conditions | LUM D | dense inputs | p50 ms | p99 ms |\n|---|---|---|---|---|---|")
         for d, k in ((32, 3), (320, 3), (32, 30)):

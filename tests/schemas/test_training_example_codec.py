@@ -97,3 +97,99 @@ def test_encode_from_parts_equals_the_model_encoding(fields):
     assert data == TRAINING_EXAMPLES.encode(ex)
     with pytest.raises(ValueError, match="head fields"):
         codec.encode_training_example(dict(reversed(head.items())), 0, b"", None, None, b"")
+
+
+def _with_head(data: bytes, edit) -> bytes:
+    """``data`` (binary layout) with its JSON head replaced by ``edit(head)``; the head length is rewritten."""
+    (n,) = struct.unpack_from("<I", data, 3)
+    head = edit(data[7:7 + n])
+    return data[:3] + struct.pack("<I", len(head)) + head + data[7 + n:]
+
+
+def _variants() -> list[bytes]:
+    """Valid messages of every shape, and broken ones of every kind the decoder checks."""
+    good = [TrainingExample(**BASE | LUM | {"example_id": f"r/{i}"}) for i in range(3)]
+    good += [TrainingExample(**BASE), TrainingExample(**BASE | {"lum_item": [1.5, 2.5]}),
+             TrainingExample(**BASE | LUM | {"lum_item": None, "query": 'q"\\ ünï 😀', "example_id": "é/\u2028"}),
+             TrainingExample(**BASE | {"history_items": [], "history_categories": []}),
+             TrainingExample(**BASE | LUM | {"lum_conditions": ["a"], "lum_user": [[1.0] * 5]})]
+    datas = [TRAINING_EXAMPLES.encode(e) for e in good]
+    d = datas[0]
+    sub = lambda a, b: lambda h: h.replace(a, b, 1)  # noqa: E731
+    broken = [
+        _with_head(d, sub(b'"position":1', b'"position":1001')),
+        _with_head(d, sub(b'"position":1', b'"position":1.0')),
+        _with_head(d, sub(b'"position":1', b'"position":true')),
+        _with_head(d, sub(b'"label":1', b'"label":2')),
+        _with_head(d, sub(b'"label":1', b'"label":true')),
+        _with_head(d, sub(b'"user_id":7', b'"user_id":-7')),
+        _with_head(d, sub(b'"user_id":7', b'"user_id":9223372036854775808')),
+        _with_head(d, sub(b'"scenario":"home"', b'"scenario":"ho me"')),
+        _with_head(d, sub(b'"scenario":"home"', b'"scenario":7')),
+        _with_head(d, sub(b'"example_id":"r/0"', b'"example_id":""')),
+        _with_head(d, sub(b'"lum_conditions":["scenario=home","scenario=search"]', b'"lum_conditions":["x"]')),
+        _with_head(d, sub(b'"lum_item":[0.0]', b'"lum_item":[0]')),
+        _with_head(d, sub(b'"lum_item":[0.0]', b'"lum_item":[NaN]')),
+        _with_head(d, sub(b'"lum_user":[[0.0],[0.0]]', b'"lum_user":[[0.0],[]]')),
+        _with_head(d, sub(b'"event_time_ms":1767225600000', b'"event_time_ms":1767225600')),
+        d[:-8] + struct.pack("<d", math.inf),  # non-finite vector value
+        d[:-2],  # truncated vectors
+        d[:9],  # truncated history
+        d + b"\0" * 8,  # trailing bytes
+    ]
+    hist = bytearray(datas[0])  # a negative history id
+    at = 7 + struct.unpack_from("<I", hist, 3)[0] + 2
+    hist[at:at + 8] = struct.pack("<q", -1)
+    broken.append(bytes(hist))
+    # Messages that send a whole fetch to the per-message path (the column path cannot line them up).
+    odd = [_with_head(d, sub(b'"request_id":"r",', b'')),  # a required field missing
+           _with_head(d, sub(b'"query":null', b'"query":null,"extra":1')),  # an unknown field
+           _with_head(d, sub(b'"query":null,', b'')),  # an optional field absent: still valid
+           _with_head(d, lambda h: h[:-1]),  # not JSON
+           _with_head(d, lambda h: b"[1]"),  # not an object
+           bytes((d[0], d[1], 3)) + d[3:],  # a future version
+           b"", b"garbage", _v1(good[1])]
+    return datas + broken + odd, len(datas + broken)
+
+
+def test_batch_decoding_agrees_with_the_model_message_by_message():
+    """``decode_many(lazy_vectors=True)`` validates a fetch column by column; every message must still come out
+    exactly as ``decode`` gives it (the same example, or a DecodeError with the same reason), whatever else the
+    fetch holds."""
+    datas, lined_up = _variants()
+    expected = []
+    for data in datas:
+        try:
+            expected.append(codec.decode(TrainingExample, data))
+        except codec.DecodeError as e:
+            expected.append(e)
+    assert len(set(datas)) == len(datas)  # every edit applied
+    assert sum(isinstance(e, codec.DecodeError) for e in expected) >= 20
+    rng = random.Random(0)
+    for trial in range(4):  # whole fetches, shuffled, and each message alone
+        order = list(range(len(datas)))
+        rng.shuffle(order)
+        for batch in ([order] if trial else [[i] for i in order]) + [[i for i in order if i < lined_up]]:
+            out = codec.decode_many(TrainingExample, [datas[i] for i in batch], lazy_vectors=True)
+            for i, got in zip(batch, out):
+                want = expected[i]
+                if isinstance(want, codec.DecodeError):
+                    assert isinstance(got, codec.DecodeError) and str(got) == str(want), (i, got, want)
+                elif datas[i][1] == codec.FORMAT_JSON:  # version 1 comes back as the model
+                    assert got == want
+                else:
+                    assert isinstance(got, codec.LazyVectors), (i, got)
+                    assert got.to_model() == want
+                    assert got.__pydantic_private__.get("_lum_f64", b"") == \
+                        (want.__pydantic_private__ or {}).get("_lum_f64", b"")
+                    assert (got.history_items, got.lum_conditions, got.lum_user) == \
+                        (want.history_items, want.lum_conditions, want.lum_user)
+
+
+def test_batch_decoding_of_a_clean_fetch_takes_the_column_path(monkeypatch):
+    """The column path accepts a fetch of valid messages on its own (nothing falls back to per-message)."""
+    datas = _variants()[0][:8]
+    monkeypatch.setattr(codec, "_decode_one", lambda *a: pytest.fail("per-message path used"))
+    monkeypatch.setattr(codec, "_list_adapter", lambda *a: pytest.fail("per-message path used"))
+    out = codec.decode_many(TrainingExample, datas * 3, lazy_vectors=True)
+    assert all(isinstance(x, codec.LazyVectors) for x in out)

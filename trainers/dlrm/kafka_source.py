@@ -9,10 +9,13 @@ Where to start: the checkpoint's offsets are the truth (the model state matches 
 checkpoint does not know start at the group's committed offset, else at the earliest. Committed offsets
 therefore never run ahead of the durable model; they exist for lag monitoring and as a fallback.
 
-Each fetch (up to a batch of messages) is decoded in one call, in a child process (``trainers.dlrm.decoder``;
-by default where more than 2 CPUs are available) while this side takes the previous fetch and fetches the next,
-so decoding overlaps the trainer's step instead of taking turns with it for the GIL. Examples come as ``schemas.codec.LazyVectors``:
-fields checked like the model's, LUM vectors left as their float64 bytes, which the featurizer stacks per batch.
+Each fetch (up to a batch of messages) is decoded in one call (``decode_many``: heads parsed together and
+checked a column at a time), in the trainer's prefetch thread, or in a child process (``trainers.dlrm.decoder``;
+by default where more than 2 CPUs are available) while this side takes the previous fetch and fetches the next.
+A fetch is handled as columns (partitions, offsets, values; C-level maps, no per-message Python), and the dedup
+keys of a batch are computed here too, so the step's thread only looks them up. Examples come as
+``schemas.codec.LazyVectors``: fields checked like the model's, LUM vectors left as their float64 bytes, which
+the featurizer stacks per batch.
 
 Undecodable or invalid messages (non-finite vectors included) go to dead-letters and are skipped; their
 offsets still advance with the batch they were found in. ``dead_letter_batch`` sends a whole batch (the trainer
@@ -34,9 +37,12 @@ import logging
 import os
 import time
 from collections import Counter, deque
+from itertools import repeat
+from operator import attrgetter
 from collections.abc import Iterator
+from typing import NamedTuple
 
-from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, Message, TopicPartition
 
 from schemas.codec import LazyVectors, decode_many
 from schemas.events import TrainingExample
@@ -45,10 +51,19 @@ from schemas.topics import TRAINING_EXAMPLES, key_of
 from streaming.kafka import DeadLetters, Output, group_consumer
 
 from .decoder import DecoderProcess
-from .train import Batch
+from .train import Batch, RecentIds
 
 log = logging.getLogger(__name__)
 DECODE_AHEAD = 1  # fetches the decoder process may hold beyond the one being taken
+_EXAMPLE_ID = attrgetter("example_id")
+
+
+class _Fetch(NamedTuple):
+    msgs: list[Message]
+    parts: list[int]
+    offsets: list[int]
+    nexts: list[int]  # offset + 1
+    values: list[bytes | None]
 
 
 class KafkaExamples:
@@ -122,23 +137,15 @@ class KafkaExamples:
                 want = self._left()  # at the end of the topic, no waiting for a batch that cannot fill
                 msgs = self.consumer.consume(num_messages=max(want, 1), timeout=0.2 if want else 0.01)
                 now = time.monotonic()
-                good = []
-                for msg in msgs:
-                    if msg.error():
-                        if msg.error().code() != KafkaError._PARTITION_EOF:
-                            log.warning("consumer error: %s", msg.error())
-                        continue
-                    good.append(msg)
-                    self.fetched_to[msg.partition()] = msg.offset() + 1
-                if good:
+                fetch = self._columns(msgs)
+                if fetch is not None:
                     last_msg_t = now
-                    values = [m.value() for m in good]
                     if self.decoder is None:
-                        yield from self._take(good, decode_many(TrainingExample, values, lazy_vectors=True))
+                        yield from self._take(fetch, decode_many(TrainingExample, fetch.values, lazy_vectors=True))
                     else:  # the child decodes this fetch while we take the previous one and fetch the next
-                        self.decoder.submit(values)
-                        fetched.append(good)
-                while fetched and (len(fetched) > DECODE_AHEAD or not good):
+                        self.decoder.submit(fetch.values)
+                        fetched.append(fetch)
+                while fetched and (len(fetched) > DECODE_AHEAD or fetch is None):
                     yield from self._take(fetched.popleft(), self.decoder.result())
                 at_end = self.until_caught_up and self._caught_up()  # records each end as soon as a fetch shows it
                 caught_up = self.until_caught_up and not fetched and bool(
@@ -161,29 +168,60 @@ class KafkaExamples:
         return min(self.batch_size, sum(max(self.targets[p] - self.fetched_to.get(p, self.positions[p]), 0)
                                         for p in self.assigned))
 
-    def _take(self, msgs: list, decoded: list) -> Iterator[Batch]:
+    def _columns(self, msgs: list) -> _Fetch | None:
+        """A fetch's data messages as columns (C-level maps, no per-message Python); errors are logged."""
+        if not msgs:
+            return None
+        errors = list(map(Message.error, msgs))
+        if errors.count(None) != len(msgs):
+            for e in errors:
+                if e is not None and e.code() != KafkaError._PARTITION_EOF:
+                    log.warning("consumer error: %s", e)
+            msgs = [m for m, e in zip(msgs, errors) if e is None]
+            if not msgs:
+                return None
+        parts, offsets = list(map(Message.partition, msgs)), list(map(Message.offset, msgs))
+        nexts = [o + 1 for o in offsets]
+        self.fetched_to.update(zip(parts, nexts))
+        return _Fetch(msgs, parts, offsets, nexts, list(map(Message.value, msgs)))
+
+    def _take(self, fetch: _Fetch, decoded: list) -> Iterator[Batch]:
         """Account decoded messages in order: examples to the batch, bad ones to dead-letters; a full batch is
         yielded at once, so its offsets cover exactly the messages taken so far."""
-        for msg, ex in zip(msgs, decoded):
-            self.positions[msg.partition()] = msg.offset() + 1
-            self.consumed += 1
-            if isinstance(ex, Exception):
-                self.dead.send_message(msg, ex)
-            else:
-                self._examples.append(ex)
-                self._sources.append((msg.partition(), msg.offset()))
+        n, parts, offsets, nexts = len(decoded), fetch.parts, fetch.offsets, fetch.nexts
+        self.consumed += n
+        if sum(map(isinstance, decoded, repeat(Exception))):  # rare: message by message
+            for msg, p, o, ex in zip(fetch.msgs, parts, offsets, decoded):
+                self.positions[p] = o + 1
+                if isinstance(ex, Exception):
+                    self.dead.send_message(msg, ex)
+                else:
+                    self._examples.append(ex)
+                    self._sources.append((p, o))
+                    if len(self._examples) >= self.batch_size:
+                        yield self._batch()
+        else:  # slices up to each batch boundary
+            i = 0
+            while i < n:
+                j = min(n, i + self.batch_size - len(self._examples))
+                self._examples += decoded[i:j]
+                self._sources += zip(parts[i:j], offsets[i:j])
+                self.positions.update(zip(parts[i:j], nexts[i:j]))  # in fetch order: the last one per partition
+                i = j
                 if len(self._examples) >= self.batch_size:
                     yield self._batch()
         if self.rec is not None:
-            self._record(msgs)
+            self._record(parts)
 
     def _batch(self) -> Batch:
-        b = Batch(self._examples, dict(self.positions), self._sources)
+        # The dedup keys here, in the reader thread, so that the step's thread only looks them up.
+        b = Batch(self._examples, dict(self.positions), self._sources,
+                  keys=RecentIds.keys(map(_EXAMPLE_ID, self._examples)))
         self._examples, self._sources, self._batch_t0 = [], [], time.monotonic()
         return b
 
-    def _record(self, msgs) -> None:
-        for p, n in Counter(m.partition() for m in msgs).items():
+    def _record(self, parts: list[int]) -> None:
+        for p, n in Counter(parts).items():
             self.rec.consumed(TRAINING_EXAMPLES.name, p, n)
         for p in self.assigned & set(self.positions):  # cached: the high-water mark the last fetch carried
             hi = self.consumer.get_watermark_offsets(TopicPartition(self.topic, p), cached=True)[1]

@@ -33,7 +33,8 @@ step's decisions (checkpoint now, stop), so every rank steps in lockstep. The me
 Integrity:
 - re-delivered examples (the joiner is at-least-once) are dropped by example id: the ids of the last
   ``dedup_horizon`` trained examples are remembered (8-byte hashes, bounded memory) and kept in the checkpoint;
-  a duplicate arriving more than that many examples after its first copy is trained again;
+  a duplicate arriving more than that many examples after its first copy is trained again (a source may
+  hand over the hashes with the batch, ``Batch.keys``, computed off the step's thread);
 - a step whose loss is not finite on any rank is skipped on all ranks before backward (nothing is updated),
   counted (``skipped_batches``) and its examples go to ``on_bad_batch`` (the Kafka adapter dead-letters them);
 - start-up loads the newest checkpoint that loads (``trainers.checkpoint``; an unusable one is skipped with a
@@ -83,6 +84,7 @@ class Batch:
     offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset once this batch is trained
     sources: list[tuple[int, int]] | None = None  # (partition, offset) of each example, for dead letters
     weights: list[float] | None = None  # 0 for padding rows (world size > 1); None: all 1
+    keys: list[int] | None = None  # RecentIds.key of each example, if the source computed them
 
 
 class RecentIds:
@@ -97,10 +99,20 @@ class RecentIds:
     def key(example_id: str) -> int:
         return int.from_bytes(hashlib.blake2b(example_id.encode(), digest_size=8).digest(), "little")
 
+    @staticmethod
+    def keys(example_ids: Iterable[str]) -> list[int]:
+        """``key`` of each id (the digests of a batch become ints in one numpy call)."""
+        blake2b = hashlib.blake2b
+        digests = b"".join([blake2b(i.encode(), digest_size=8).digest() for i in example_ids])
+        return np.frombuffer(digests, dtype="<u8").tolist()
+
     def add(self, k: int) -> None:
-        self.order.append(k)
-        self.members.add(k)
-        while len(self.order) > self.horizon:
+        self.add_many((k,))
+
+    def add_many(self, ks: list[int] | tuple[int, ...]) -> None:
+        self.order.extend(ks)
+        self.members.update(ks)
+        for _ in range(len(self.order) - self.horizon):
             self.members.discard(self.order.popleft())
 
     def __contains__(self, k: int) -> bool:
@@ -112,8 +124,7 @@ class RecentIds:
     @classmethod
     def from_array(cls, horizon: int, a: np.ndarray) -> RecentIds:
         r = cls(horizon)
-        for k in a.tolist()[-horizon:]:
-            r.add(int(k))
+        r.add_many(a.tolist()[-horizon:])
         return r
 
 
@@ -243,15 +254,18 @@ class Trainer:
         """Drop examples already trained (within the dedup horizon) or repeated inside this batch."""
         if not isinstance(batch, Batch):
             batch = Batch(list(batch))
-        keep, keys = [], []
-        fresh = set()
-        for i, ex in enumerate(batch.examples):
-            k = RecentIds.key(ex.example_id)
-            if k in self.seen or k in fresh:
-                continue
-            fresh.add(k)
-            keep.append(i)
-            keys.append(k)
+        keys = batch.keys
+        if keys is None or len(keys) != len(batch.examples):
+            keys = RecentIds.keys([ex.example_id for ex in batch.examples])
+        if self.seen.members.isdisjoint(keys) and len(set(keys)) == len(keys):  # the usual case: set operations
+            keep = range(len(keys))
+        else:
+            keep, fresh = [], set()
+            for i, k in enumerate(keys):
+                if k not in self.seen and k not in fresh:
+                    fresh.add(k)
+                    keep.append(i)
+            keys = [keys[i] for i in keep]
         dropped = len(batch.examples) - len(keep)
         if dropped:
             log.info("dropping %d re-delivered example(s)", dropped)
@@ -304,8 +318,7 @@ class Trainer:
         real = np.ones(len(fb), dtype=bool) if batch.weights is None else np.asarray(batch.weights) > 0
         probs = torch.sigmoid(logits.detach()).cpu().numpy()
         self.metrics.update(probs[real], fb.labels.numpy()[real], fb.event_time_ms[real])
-        for k in getattr(batch, "_keys", ()):
-            self.seen.add(k)
+        self.seen.add_many(getattr(batch, "_keys", ()))
         self.step += 1
         self.examples += getattr(batch, "n_global", int(real.sum()))  # all ranks count the global batch
         self.rec.trained(int(real.sum()))  # this rank's share: summed over workers it is the global count

@@ -17,6 +17,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -231,3 +232,61 @@ def test_decoded_fetch_crosses_the_process_boundary_intact():
             assert got.__pydantic_private__["_lum_f64"] == \
                 struct.pack(f"<{sum(map(len, ex.lum_user)) + len(ex.lum_item)}d", *sum(ex.lum_user, []), *ex.lum_item)
         assert TRAINING_EXAMPLES.encode(got.to_model()) == TRAINING_EXAMPLES.encode(ex)
+
+
+class _Msg:
+    def __init__(self, p: int, o: int):
+        self.p, self.o = p, o
+
+    def partition(self) -> int:
+        return self.p
+
+    def offset(self) -> int:
+        return self.o
+
+
+def _accounting(fetches: list[list[tuple[int, int, object]]], batch_size: int):
+    """Batches of ``KafkaExamples._take`` over decoded fetches of (partition, offset, result), without a broker."""
+    from trainers.dlrm.kafka_source import _Fetch
+
+    src = object.__new__(KafkaExamples)  # only the accounting state
+    src.batch_size, src.positions, src.consumed, src.rec = batch_size, {}, 0, None
+    src._examples, src._sources, src._batch_t0 = [], [], 0.0
+    src.dead = type("Dead", (), {"send_message": lambda self, msg, err: None})()
+    out = []
+    for f in fetches:
+        parts, offs = [p for p, _, _ in f], [o for _, o, _ in f]
+        fetch = _Fetch([_Msg(p, o) for p, o in zip(parts, offs)], parts, offs, [o + 1 for o in offs], [])
+        out += list(src._take(fetch, [r for _, _, r in f]))
+    return out, src
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_batches_cut_inside_fetches_carry_the_offsets_of_what_they_took(bad):
+    """Each batch's offsets are, per partition, one past the last message taken up to it (dead letters included);
+    the same whether a fetch is taken in slices (no bad message) or message by message."""
+    from schemas.codec import DecodeError
+
+    fetches, i = [], 0
+    for size in (5, 7, 1, 6):
+        f = []
+        for _ in range(size):
+            p = i % 3  # interleaved partitions, offsets rising in each
+            ex = DecodeError("x") if bad and i in (4, 11) else SimpleNamespace(example_id=f"e{i}")
+            f.append((p, 100 + i // 3, ex))
+            i += 1
+        fetches.append(f)
+    batches, src = _accounting(fetches, batch_size=4)
+    flat = [m for f in fetches for m in f]
+    good = [m for m in flat if not isinstance(m[2], DecodeError)]
+    assert [ex for b in batches for ex in b.examples] == [r for _, _, r in good[:len(batches) * 4]]
+    assert all(len(b.examples) == 4 for b in batches)
+    for b in batches:
+        last = flat.index(next(m for m in good if m[2] == b.examples[-1]))
+        want: dict[int, int] = {}
+        for p, o, _ in flat[:last + 1]:
+            want[p] = o + 1
+        assert b.offsets == want
+        assert b.sources == [(p, o) for p, o, r in good if r in b.examples]
+    assert src.consumed == len(flat)
+    assert src.positions == {p: max(o for q, o, _ in flat if q == p) + 1 for p in range(3)}
