@@ -67,8 +67,9 @@ from pydantic_core import SchemaValidator
 from schemas import seqexport as sx
 from schemas.codec import DecodeError
 from schemas.events import BehaviorEvent
-from schemas.tokenize import COL_KEY, COL_TIME, ROW_WIDTH, UserSequence, encode_rows, tokenize, tokenize_rows
-from schemas.seqexport import encode_delta, encode_snapshot, fold_partition_records
+from schemas.tokenize import (COL_KEY, COL_TIME, ROW_WIDTH, UserSequence, append_rows, encode_rows, encode_rows_many,
+                              record_rows, tokenize, tokenize_rows)
+from schemas.seqexport import encode_delta, encode_deltas_one, encode_snapshot, fold_partition_records
 from schemas.topics import BEHAVIORS, SEQUENCE_DELTAS, USER_SEQUENCES, key_of
 
 from .store import Emit, Reader, Record, Store
@@ -86,6 +87,7 @@ META = b"\x00"  # the store's layout and cap record; sorts before every user key
 # Key prefixes, each kind in its own key range so that a lookup reads blocks of its kind only (a tail read
 # never decompresses a neighbour's 26 KB base); tails sort first (a scan of (key, value) pairs buffers them).
 TAIL, BASE, INDEX = b"a", b"b", b"c"
+INDEX_TAG = b"Lk\x01\x00\x00\x00\x00\x00"  # an index record's first 8 bytes (format "k", version 1)
 _FEW = 16  # new rows of a user per batch up to which plain Python beats numpy's set operations
 _NO_ROWS = np.zeros((0, ROW_WIDTH), dtype=np.int64)
 _BEHAVIORS_HEADER = BEHAVIORS.encode(BehaviorEvent(event_id="x", user_id=0, item_id=0, category_id=0, behavior="view",
@@ -122,13 +124,21 @@ def index_key(user_id: int) -> bytes:
 
 
 def _put_base(store: Store, user: int, rows: np.ndarray) -> None:
-    """The base and its index: the same compact record with only the event keys kept (other columns zero,
-    the base's newest event time in its header; 8 B per pair, read as a view): what every event reads,
-    where the base (26 KB at 1,024 pairs) is read per fold."""
+    """The base and its index. The index is what every event reads (the base, 26 KB at 1,024 pairs, only
+    per fold): ``INDEX_TAG``, the base's newest event time, then its event keys oldest first, all int64
+    little endian: read as one view, written as one copy."""
     store.put(base_key(user), encode_snapshot(user, rows))
-    index = np.zeros_like(rows)
-    index[:, COL_KEY] = rows[:, COL_KEY]
-    store.put(index_key(user), encode_snapshot(user, index, int(rows[-1, COL_TIME])))
+    store.put(index_key(user), b"".join((INDEX_TAG, int(rows[-1, COL_TIME]).to_bytes(8, "little", signed=True),
+                                         rows[:, COL_KEY].astype("<i8").tobytes())))
+
+
+def _index(value: bytes) -> tuple[int, np.ndarray]:
+    """(newest event time, event keys oldest first: a read-only view) of a base's index record; the index of
+    earlier builds (a compact snapshot record with only the keys) still reads, and is rewritten at the fold."""
+    if value[:8] == INDEX_TAG:
+        a = np.frombuffer(value, dtype="<i8", offset=8)
+        return int(a[0]), a[1:]
+    return sx.snapshot_keys(value)
 
 
 def encode_value(user_id: int, rows: np.ndarray) -> bytes:
@@ -212,6 +222,22 @@ def read_sequences(source: Store | Iterable[tuple[bytes, bytes]], users: Sequenc
             t = next(tails, None)
         if bu == user:
             b = next(bases, None)
+
+
+def _plain_groups(users: np.ndarray, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Per user group (rows grouped by user, ``starts``/``ends``): whether its rows have distinct event keys
+    and are in strictly increasing (time, key) order, i.e. already a sequence."""
+    ok = np.ones(len(starts), dtype=bool)
+    if len(rows) < 2:
+        return ok
+    same = users[1:] == users[:-1]
+    t, k = rows[:, COL_TIME], rows[:, COL_KEY]
+    bad = same & ~((t[1:] > t[:-1]) | ((t[1:] == t[:-1]) & (k[1:] > k[:-1])))
+    by_key = np.lexsort((k, users))  # equal keys of one user become neighbours
+    dup = (users[by_key][1:] == users[by_key][:-1]) & (k[by_key][1:] == k[by_key][:-1])
+    at = np.concatenate((np.nonzero(bad)[0] + 1, by_key[1:][dup]))
+    ok[np.searchsorted(starts, at, side="right") - 1] = False
+    return ok
 
 
 def merge(cur: np.ndarray | None, new: np.ndarray, cap: int) -> np.ndarray | None:
@@ -363,18 +389,82 @@ class SequenceLogic:
         forced = set(users[np.asarray(offsets) < republish_below].tolist()) if offsets[0] < republish_below else ()
         # Group by user: rows of one user contiguous, in arrival order within the user.
         order = np.argsort(users, kind="stable")
-        rows = rows[order]
-        uniq, starts = np.unique(users[order], return_index=True)
-        ends = np.append(starts[1:], len(rows)).tolist()
-        uniq_l, starts_l = uniq.tolist(), starts.tolist()
+        rows, users = rows[order], users[order]
+        uniq, starts = np.unique(users, return_index=True)
+        ends = np.append(starts[1:], len(rows))
+        uniq_l, starts_l, ends_l = uniq.tolist(), starts.tolist(), ends.tolist()
         values = store.get_many([k for u in uniq_l for k in (index_key(u), tail_key(u))])
-        send, sent = emit.send, 0
+        changed = [False] * len(uniq_l)
+        # Users without stored state whose rows are distinct and in (time, key) order (most new users): their
+        # tails are the rows as they are, encoded in one pass. The rest: per user.
+        plain = _plain_groups(users, rows, starts, ends)
+        new_users = [i for i, p in enumerate(plain.tolist()) if p and values[2 * i] is None
+                     and values[2 * i + 1] is None and ends_l[i] - starts_l[i] <= TAIL_PAIRS]
+        if new_users:
+            tails = encode_rows_many([uniq_l[i] for i in new_users], rows, [starts_l[i] for i in new_users],
+                                     [ends_l[i] for i in new_users], _SEQ_PREFIX)
+            store.update({tail_key(uniq_l[i]): v for i, v in zip(new_users, tails)})
+            for i in new_users:
+                changed[i] = True
+        cap, new_set = self.cap, set(new_users)
+        key_rows, time_rows = rows[:, COL_KEY].tolist(), rows[:, COL_TIME].tolist()
         for i, user in enumerate(uniq_l):
-            new = rows[starts_l[i]:ends[i]]
-            if self._apply(store, user, values[2 * i], values[2 * i + 1], new) or user in forced:
-                send(SEQUENCE_DELTAS, encode_delta(user, new, self.cap), key_of(user), partition)  # this batch's pairs
-                sent += 1
-        self.counts["sequences_published_total"] += sent
+            if i in new_set:
+                continue
+            s, e = starts_l[i], ends_l[i]
+            if e - s == 1:  # one event of a user with state (most, with many users): the append, inline
+                done = self._append_one(store, user, values[2 * i], values[2 * i + 1], rows[s:e], time_rows[s],
+                                        key_rows[s], cap)
+                if done is not None:
+                    changed[i] = done
+                    continue
+            changed[i] = self._apply(store, user, values[2 * i], values[2 * i + 1], rows[s:e])
+        if forced:
+            changed = [c or u in forced for c, u in zip(changed, uniq_l)]
+        sent = [i for i, c in enumerate(changed) if c]
+        if not sent:
+            return
+        # This batch's pairs of each changed user: the one-pair deltas in one vectorised pass.
+        one = [i for i in sent if ends_l[i] - starts_l[i] == 1]
+        deltas = dict(zip(one, encode_deltas_one(uniq[one], rows[starts[one]], cap))) if one else {}
+        send = emit.send
+        for i in sent:
+            user = uniq_l[i]
+            value = deltas.get(i)
+            if value is None:
+                value = encode_delta(user, rows[starts_l[i]:ends_l[i]], cap)
+            send(SEQUENCE_DELTAS, value, key_of(user), partition)
+        self.counts["sequences_published_total"] += len(sent)
+
+    @staticmethod
+    def _append_one(store: Store, user: int, index: bytes | None, tail: bytes | None, new: np.ndarray, t: int,
+                    k: int, cap: int) -> bool | None:
+        """``_apply`` of one new row (time ``t``, key ``k``) in its common cases, without decoding anything:
+        a duplicate of the window (False), or a row after every stored one that fits the tail (True). None:
+        any other case, for ``_apply``."""
+        trows = record_rows(tail, len(_SEQ_PREFIX)) if tail is not None else _NO_ROWS
+        if trows is None:  # a tail of an older tokenizer version
+            return None
+        if index is not None:
+            newest, bkeys = _index(index)
+        else:
+            newest, bkeys = None, _NO_ROWS[:, COL_KEY]
+        nb, nt = len(bkeys), len(trows)
+        if nb > cap or nt >= TAIL_PAIRS:  # a lowered cap, or a fold: the general path
+            return None
+        in_base = max(0, min(nb, cap - nt))
+        if (trows[-cap:, COL_KEY] == k).any() or (in_base and (bkeys[nb - in_base:] == k).any()):
+            return False  # a duplicate of the window
+        if nt:
+            last = (int(trows[-1, COL_TIME]), int(trows[-1, COL_KEY]))
+        elif nb:
+            last = (newest, int(bkeys[-1]))
+        else:
+            last = None
+        if last is not None and (t, k) <= last:  # a late event: the general path
+            return None
+        store.put(tail_key(user), append_rows(tail, user, new, len(_SEQ_PREFIX)) if nt else encode_value(user, new))
+        return True
 
     def _apply(self, store: Store, user: int, index: bytes | None, tail: bytes | None, new: np.ndarray) -> bool:
         """Stage one user's new rows (arrival order); True if the user's sequence changed.
@@ -385,11 +475,8 @@ class SequenceLogic:
         ``TAIL_PAIRS``, and a row landing inside the window, or a base longer than the cap (a lowered cap),
         folds at once with ``merge``'s rules."""
         cap = self.cap
-        if index is None and tail is None and len(new) == 1:  # a new user's first event (most, with many users)
-            store.put(tail_key(user), encode_value(user, new))
-            return True
         if index is not None:
-            newest, bkeys = sx.snapshot_keys(index)
+            newest, bkeys = _index(index)
         else:
             newest, bkeys = None, _NO_ROWS[:, COL_KEY]
         trows = sx.decode(tail)[1] if tail is not None else _NO_ROWS
