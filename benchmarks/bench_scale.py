@@ -126,9 +126,9 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
     from schemas.events import BehaviorEvent
     from schemas.settings import KafkaSettings
     from schemas.seqexport import encode_snapshot
-    from schemas.tokenize import ROW_WIDTH
+    from schemas.tokenize import ROW_WIDTH, SEQ_HEADER_SIZE
     from schemas.topics import ALL_TOPICS, BEHAVIORS, DEAD_LETTERS, SEQUENCE_DELTAS, key_of
-    from streaming.agents.sequences import SequenceLogic, put_sequence
+    from streaming.agents.sequences import TAIL_PAIRS, SequenceLogic, put_sequence
     from streaming.agents.settings import AgentSettings
     from streaming.agents.store import RocksStore
     from streaming.agents.worker import state_identity
@@ -156,12 +156,14 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
         for i in range(0, len(mine), 500):
             chunk = mine[i:i + 500]
             rows = history_rows(rng, len(chunk), hist, ROW_WIDTH)
-            for u, r in zip(chunk.tolist(), rows):
-                put_sequence(store, u, r)
-            index = np.zeros_like(rows[0])
-            index[:, 1] = rows[0][:, 1]  # the base's index record: its keys (streaming.agents.sequences)
-            logical += (len(encode_snapshot(int(chunk[0]), rows[0])) + len(encode_snapshot(int(chunk[0]), index, 1))
-                        ) * len(chunk)  # the stored base and its index, sampled
+            # The steady state: each user's newest pairs in its append tail, uniformly 0..TAIL_PAIRS of them
+            # (a store that has run a while), so the stream pays its share of folds (one per TAIL_PAIRS + 1 events).
+            tails = rng.integers(0, TAIL_PAIRS + 1, len(chunk)) if hist > 1 else np.zeros(len(chunk), np.int64)
+            for u, r, k in zip(chunk.tolist(), rows, tails.tolist()):
+                put_sequence(store, u, r, tail=k)
+            k = int(tails[0])  # stored value bytes, sampled: base, its index (16 B + 8 B per pair), the tail
+            logical += (len(encode_snapshot(int(chunk[0]), rows[0][:hist - k])) + 16 + 8 * (hist - k)
+                        + 3 + SEQ_HEADER_SIZE + 64 * k) * len(chunk)
             store.commit({})
             del rows
         store.commit({BEHAVIORS.name: 0})

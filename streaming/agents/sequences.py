@@ -157,14 +157,18 @@ def _stored_rows(base: bytes | None, tail: bytes | None) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else _NO_ROWS
 
 
-def put_sequence(store: Store, user: int, rows: np.ndarray | None) -> None:
+def put_sequence(store: Store, user: int, rows: np.ndarray | None, tail: int = 0) -> None:
     """Stage a user's whole sequence (rows oldest first; None deletes it) as its base, in a store that holds
-    no tails (a rebuild after ``reset``, a benchmark's seed)."""
+    no tails (a rebuild after ``reset``, a benchmark's seed); ``tail`` (<= ``TAIL_PAIRS``): keep the newest
+    ``tail`` rows as the append tail instead (a store in its steady state, for benchmarks)."""
     if rows is None:
         store.delete(base_key(user))
         store.delete(index_key(user))
-    else:
-        _put_base(store, user, rows)
+        return
+    tail = min(tail, len(rows) - 1)
+    _put_base(store, user, rows[:len(rows) - tail] if tail > 0 else rows)
+    if tail > 0:
+        store.put(tail_key(user), encode_value(user, rows[len(rows) - tail:]))
 
 
 def read_sequences(source: Store | Iterable[tuple[bytes, bytes]], users: Sequence[int] | None = None
@@ -407,14 +411,13 @@ class SequenceLogic:
             for i in new_users:
                 changed[i] = True
         cap, new_set = self.cap, set(new_users)
-        key_rows, time_rows = rows[:, COL_KEY].tolist(), rows[:, COL_TIME].tolist()
+        plain_l = plain.tolist()
         for i, user in enumerate(uniq_l):
             if i in new_set:
                 continue
             s, e = starts_l[i], ends_l[i]
-            if e - s == 1:  # one event of a user with state (most, with many users): the append, inline
-                done = self._append_one(store, user, values[2 * i], values[2 * i + 1], rows[s:e], time_rows[s],
-                                        key_rows[s], cap)
+            if plain_l[i]:  # in order and distinct (most): the append, inline
+                done = self._append(store, user, values[2 * i], values[2 * i + 1], rows[s:e], cap)
                 if done is not None:
                     changed[i] = done
                     continue
@@ -437,11 +440,11 @@ class SequenceLogic:
         self.counts["sequences_published_total"] += len(sent)
 
     @staticmethod
-    def _append_one(store: Store, user: int, index: bytes | None, tail: bytes | None, new: np.ndarray, t: int,
-                    k: int, cap: int) -> bool | None:
-        """``_apply`` of one new row (time ``t``, key ``k``) in its common cases, without decoding anything:
-        a duplicate of the window (False), or a row after every stored one that fits the tail (True). None:
-        any other case, for ``_apply``."""
+    def _append(store: Store, user: int, index: bytes | None, tail: bytes | None, new: np.ndarray, cap: int
+                ) -> bool | None:
+        """``_apply`` in its common cases without decoding anything, for ``new`` rows that are already a
+        sequence (distinct, in (time, key) order): one duplicate of the window (False, for one row), or rows
+        after every stored one that fit in the tail (True). None: any other case, for ``_apply``."""
         trows = record_rows(tail, len(_SEQ_PREFIX)) if tail is not None else _NO_ROWS
         if trows is None:  # a tail of an older tokenizer version
             return None
@@ -449,19 +452,21 @@ class SequenceLogic:
             newest, bkeys = _index(index)
         else:
             newest, bkeys = None, _NO_ROWS[:, COL_KEY]
-        nb, nt = len(bkeys), len(trows)
-        if nb > cap or nt >= TAIL_PAIRS:  # a lowered cap, or a fold: the general path
+        nb, nt, k = len(bkeys), len(trows), len(new)
+        if nb > cap or nt + k > TAIL_PAIRS:  # a lowered cap, or a fold: the general path
             return None
         in_base = max(0, min(nb, cap - nt))
-        if (trows[-cap:, COL_KEY] == k).any() or (in_base and (bkeys[nb - in_base:] == k).any()):
-            return False  # a duplicate of the window
+        keys = new[:, COL_KEY] if k > 1 else new[0, COL_KEY]
+        tkeys, wkeys = trows[-cap:, COL_KEY], bkeys[nb - in_base:]
+        if k > 1:
+            tkeys, wkeys = tkeys[:, None], wkeys[:, None]
+        if (tkeys == keys).any() or (in_base and (wkeys == keys).any()):
+            return False if k == 1 else None  # a duplicate of the window
+        t0, k0 = int(new[0, COL_TIME]), int(new[0, COL_KEY])
         if nt:
-            last = (int(trows[-1, COL_TIME]), int(trows[-1, COL_KEY]))
-        elif nb:
-            last = (newest, int(bkeys[-1]))
-        else:
-            last = None
-        if last is not None and (t, k) <= last:  # a late event: the general path
+            if (t0, k0) <= (int(trows[-1, COL_TIME]), int(trows[-1, COL_KEY])):
+                return None  # a late event: the general path
+        elif nb and (t0, k0) <= (newest, int(bkeys[-1])):
             return None
         store.put(tail_key(user), append_rows(tail, user, new, len(_SEQ_PREFIX)) if nt else encode_value(user, new))
         return True
