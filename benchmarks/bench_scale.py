@@ -128,7 +128,7 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
     from schemas.seqexport import encode_snapshot
     from schemas.tokenize import ROW_WIDTH, SEQ_HEADER_SIZE
     from schemas.topics import ALL_TOPICS, BEHAVIORS, DEAD_LETTERS, SEQUENCE_DELTAS, key_of
-    from streaming.agents.sequences import TAIL_PAIRS, SequenceLogic, put_sequence
+    from streaming.agents.sequences import TAIL_PAIRS, SequenceLogic, encode_value, put_sequence, tail_key
     from streaming.agents.settings import AgentSettings
     from streaming.agents.store import RocksStore
     from streaming.agents.worker import state_identity
@@ -160,7 +160,9 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
             # (a store that has run a while), so the stream pays its share of folds (one per TAIL_PAIRS + 1 events).
             tails = rng.integers(0, TAIL_PAIRS + 1, len(chunk)) if hist > 1 else np.zeros(len(chunk), np.int64)
             for u, r, k in zip(chunk.tolist(), rows, tails.tolist()):
-                put_sequence(store, u, r, tail=k)
+                put_sequence(store, u, r[:hist - k])
+                if k:
+                    store.put(tail_key(u), encode_value(u, r[hist - k:]))
             k = int(tails[0])  # stored value bytes, sampled: base, its index (16 B + 8 B per pair), the tail
             logical += (len(encode_snapshot(int(chunk[0]), rows[0][:hist - k])) + 16 + 8 * (hist - k)
                         + 3 + SEQ_HEADER_SIZE + 64 * k) * len(chunk)

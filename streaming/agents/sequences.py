@@ -157,18 +157,14 @@ def _stored_rows(base: bytes | None, tail: bytes | None) -> np.ndarray:
     return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else _NO_ROWS
 
 
-def put_sequence(store: Store, user: int, rows: np.ndarray | None, tail: int = 0) -> None:
+def put_sequence(store: Store, user: int, rows: np.ndarray | None) -> None:
     """Stage a user's whole sequence (rows oldest first; None deletes it) as its base, in a store that holds
-    no tails (a rebuild after ``reset``, a benchmark's seed); ``tail`` (<= ``TAIL_PAIRS``): keep the newest
-    ``tail`` rows as the append tail instead (a store in its steady state, for benchmarks)."""
+    no tails (a rebuild after ``reset``, a benchmark's seed)."""
     if rows is None:
         store.delete(base_key(user))
         store.delete(index_key(user))
-        return
-    tail = min(tail, len(rows) - 1)
-    _put_base(store, user, rows[:len(rows) - tail] if tail > 0 else rows)
-    if tail > 0:
-        store.put(tail_key(user), encode_value(user, rows[len(rows) - tail:]))
+    else:
+        _put_base(store, user, rows)
 
 
 def read_sequences(source: Store | Iterable[tuple[bytes, bytes]], users: Sequence[int] | None = None
