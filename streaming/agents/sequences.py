@@ -8,14 +8,16 @@ client or RocksDB type appears here; the runtime (``streaming.agents.worker``) h
 
 State (store layout 2). Per ``behaviors`` partition, per user (id as 8 bytes big endian) a capped BASE
 (key ``b|user``, the compact ``user-sequences`` record of ``schemas.seqexport``) with its INDEX (key
-``c|user``: the same record with only the event keys, other columns zero, and the newest event time), and a
-short append TAIL (key ``a|user``, at most ``TAIL_PAIRS`` pairs in the fixed layout of
+``c|user``: ``INDEX_TAG``, the base's newest event time, its event keys; int64, read as one view; stores of
+earlier builds hold it as a compact record with only the keys, which still reads and is rewritten at the
+next fold), and a short append TAIL (key ``a|user``, at most ``TAIL_PAIRS`` pairs in the fixed layout of
 ``USER_SEQUENCES.encode``, codec version 1); the user's sequence is the last ``LUM_AGENT_MAX_PAIRS`` rows of
 base + tail. An event reads the index and the tail; one newer than the user's newest pair rewrites only the
-tail; a full tail, a late event landing inside the sequence, or a lowered cap reads the base and folds the
-tail into it. So bytes and CPU per event do not grow with the history beyond reading the index (8 B per pair,
-incompressible: a copy) and a view of its event keys (the duplicate check). Key ``\\x00`` records the layout
-version and the cap: a store of another layout or cap is rebuilt from the export on assignment.
+tail (its bytes copied, nothing decoded); a full tail, a late event landing inside the sequence, or a lowered
+cap reads the base and folds the tail into it. So bytes and CPU per event do not grow with the history beyond
+reading the index (8 B per pair, incompressible: a copy) and one comparison of the new key with its keys (the
+duplicate check). Key ``\\x00`` records the layout version and the cap: a store of another layout or cap is
+rebuilt from the export on assignment.
 ``read_sequences`` is the one reader of this state (backfill, tools, tests). The store's committed position of
 ``behaviors`` says which offsets the state covers.
 
@@ -31,9 +33,12 @@ tokenizer version are read in the current layout (new kinds ANY) and rewritten o
 
 Batch path (one call per partition and batch): the batch is validated record by record with the
 ``BehaviorEvent`` schema's own field validator (no model objects), tokenized at once
-(``schemas.tokenize.tokenize_rows``), grouped by user with numpy; one multi-get of the users' bases and tails,
-then per user a few array operations on the tail and a read-only view of the base's keys. Writes are staged in
-the store, which commits them once per batch.
+(``schemas.tokenize.tokenize_rows``), grouped by user with numpy; one multi-get of the users' indexes and
+tails. Users without state whose rows are already a sequence (distinct, in order: most new users) get their
+tails in one encoding pass; other users whose rows are in order append them to the tail as bytes after one
+duplicate comparison; the rest (duplicates, late events, folds) take the general per-user merge. One-pair
+deltas (most, with many users) are encoded in one vectorised pass. Writes are staged in the store, which
+commits them once per batch.
 
 Export (``schemas.seqexport`` is the contract, ``streaming.kafka.sequences`` the one reader): per batch, ONE
 ``sequence-deltas`` record per changed user carrying that batch's pairs of the user and the cap (key = user id,
