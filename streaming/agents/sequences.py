@@ -8,16 +8,16 @@ client or RocksDB type appears here; the runtime (``streaming.agents.worker``) h
 
 State (store layout 2). Per ``behaviors`` partition, per user (id as 8 bytes big endian) a capped BASE
 (key ``b|user``, the compact ``user-sequences`` record of ``schemas.seqexport``) with its INDEX (key
-``c|user``: ``INDEX_TAG``, the base's newest event time, its event keys; int64, read as one view; stores of
-earlier builds hold it as a compact record with only the keys, which still reads and is rewritten at the
-next fold), and a short append TAIL (key ``a|user``, at most ``TAIL_PAIRS`` pairs in the fixed layout of
-``USER_SEQUENCES.encode``, codec version 1); the user's sequence is the last ``LUM_AGENT_MAX_PAIRS`` rows of
-base + tail. An event reads the index and the tail; one newer than the user's newest pair rewrites only the
-tail (its bytes copied, nothing decoded); a full tail, a late event landing inside the sequence, or a lowered
-cap reads the base and folds the tail into it. So bytes and CPU per event do not grow with the history beyond
-reading the index (8 B per pair, incompressible: a copy) and one comparison of the new key with its keys (the
-duplicate check). Key ``\\x00`` records the layout version and the cap: a store of another layout or cap is
-rebuilt from the export on assignment.
+``c|user``: the base's newest pair and a Bloom filter of its event keys, 2 KB at 1,024 pairs) and KEYS (key
+``k|user``: the event keys, int64; stores of earlier builds hold the keys in the index, which still reads
+and is rewritten at the next fold), and a short append TAIL (key ``a|user``, at most ``TAIL_PAIRS`` pairs
+in the fixed layout of ``USER_SEQUENCES.encode``, codec version 1); the user's sequence is the last
+``LUM_AGENT_MAX_PAIRS`` rows of base + tail. An event reads the index and the tail, and the keys only when
+the filter cannot rule out a duplicate (a retry, or < 0.3% false positives); one newer than the user's
+newest pair rewrites only the tail (its bytes copied, nothing decoded); a full tail, a late event landing
+inside the sequence, or a lowered cap reads the base and folds the tail into it. So bytes and CPU per event
+do not grow with the history beyond reading the filter (2-4 B per pair). Key ``\\x00`` records the layout
+version and the cap: a store of another layout or cap is rebuilt from the export on assignment.
 ``read_sequences`` is the one reader of this state (backfill, tools, tests). The store's committed position of
 ``behaviors`` says which offsets the state covers.
 
@@ -91,8 +91,13 @@ LAYOUT = 2  # of the store (1: one fixed-layout value per user under the bare us
 META = b"\x00"  # the store's layout and cap record; sorts before every user key
 # Key prefixes, each kind in its own key range so that a lookup reads blocks of its kind only (a tail read
 # never decompresses a neighbour's 26 KB base); tails sort first (a scan of (key, value) pairs buffers them).
-TAIL, BASE, INDEX = b"a", b"b", b"c"
-INDEX_TAG = b"Lk\x01\x00\x00\x00\x00\x00"  # an index record's first 8 bytes (format "k", version 1)
+TAIL, BASE, INDEX, KEYS = b"a", b"b", b"c", b"k"
+INDEX_TAG = b"Lk\x02\x00\x00\x00\x00\x00"  # an index record's first 8 bytes (format "k", version 2)
+_INDEX_HEAD = 32  # tag, newest event time, newest event key, number of keys; then the filter
+# Bloom filter of a base's event keys (already uniform 63-bit hashes): 4 multiplicative hashes into a power of
+# two >= 16 bits per key (< 0.3% false positives): 2 KB at 1,024 pairs where the keys are 8 KB.
+_BLOOM_MULT = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93)
+_M64 = (1 << 64) - 1
 _FEW = 16  # new rows of a user per batch up to which plain Python beats numpy's set operations
 _NO_ROWS = np.zeros((0, ROW_WIDTH), dtype=np.int64)
 _BEHAVIORS_HEADER = BEHAVIORS.encode(BehaviorEvent(event_id="x", user_id=0, item_id=0, category_id=0, behavior="view",
@@ -128,22 +133,63 @@ def index_key(user_id: int) -> bytes:
     return INDEX + user_id.to_bytes(8, "big")
 
 
+def keys_key(user_id: int) -> bytes:
+    return KEYS + user_id.to_bytes(8, "big")
+
+
+def _bloom(keys: np.ndarray) -> bytes:
+    m = max(64, 1 << (16 * len(keys) - 1).bit_length())
+    shift = np.uint64(65 - m.bit_length())
+    bits = np.zeros(m, dtype=bool)
+    u = keys.astype(np.int64).view(np.uint64)
+    with np.errstate(over="ignore"):
+        for c in _BLOOM_MULT:
+            bits[(u * np.uint64(c)) >> shift] = True
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def _maybe_in_base(index: bytes, key: int) -> bool:
+    """False when ``key`` is certainly not among the base's keys (the index's filter)."""
+    shift = 65 - ((len(index) - _INDEX_HEAD) * 8).bit_length()
+    key &= _M64
+    for c in _BLOOM_MULT:
+        p = ((key * c) & _M64) >> shift
+        if not (index[_INDEX_HEAD + (p >> 3)] >> (p & 7)) & 1:
+            return False
+    return True
+
+
 def _put_base(store: Store, user: int, rows: np.ndarray) -> None:
-    """The base and its index. The index is what every event reads (the base, 26 KB at 1,024 pairs, only
-    per fold): ``INDEX_TAG``, the base's newest event time, then its event keys oldest first, all int64
-    little endian: read as one view, written as one copy."""
+    """The base, its event keys (int64, oldest first: 8 B per pair, read only when needed) and its index, what
+    every event reads: ``INDEX_TAG``, the newest pair's event time and key, the number of keys, and a Bloom
+    filter of the keys (2-4 B per pair, where a key takes 8): a new key that the filter rules out needs no key read."""
+    keys = rows[:, COL_KEY].astype("<i8")
     store.put(base_key(user), encode_snapshot(user, rows))
-    store.put(index_key(user), b"".join((INDEX_TAG, int(rows[-1, COL_TIME]).to_bytes(8, "little", signed=True),
-                                         rows[:, COL_KEY].astype("<i8").tobytes())))
+    store.put(keys_key(user), keys.tobytes())
+    head = np.array([int(rows[-1, COL_TIME]), int(keys[-1]), len(keys)], dtype="<i8").tobytes()
+    store.put(index_key(user), b"".join((INDEX_TAG, head, _bloom(keys))))
 
 
-def _index(value: bytes) -> tuple[int, np.ndarray]:
-    """(newest event time, event keys oldest first: a read-only view) of a base's index record; the index of
-    earlier builds (a compact snapshot record with only the keys) still reads, and is rewritten at the fold."""
-    if value[:8] == INDEX_TAG:
-        a = np.frombuffer(value, dtype="<i8", offset=8)
-        return int(a[0]), a[1:]
+def _newest(index: bytes) -> tuple[int, int, int]:
+    """(newest event time, newest event key, number of keys) of the base, from its index (any version)."""
+    if index[:8] == INDEX_TAG:
+        t, k, n = np.frombuffer(index, dtype="<i8", count=3, offset=8).tolist()
+        return t, k, n
+    newest, keys = _old_index(index)
+    return newest, int(keys[-1]), len(keys)
+
+
+def _old_index(value: bytes) -> tuple[int, np.ndarray]:
+    """(newest time, keys) of an index of earlier builds (a compact snapshot record with only the keys): it
+    still reads, and is rewritten at the next fold."""
     return sx.snapshot_keys(value)
+
+
+def _base_keys(store: Store, user: int, index: bytes) -> tuple[int, np.ndarray]:
+    """(newest event time, event keys oldest first: a read-only view) of a user's base."""
+    if index[:8] == INDEX_TAG:
+        return _newest(index)[0], np.frombuffer(store.get(keys_key(user)), dtype="<i8")
+    return _old_index(index)
 
 
 def encode_value(user_id: int, rows: np.ndarray) -> bytes:
@@ -168,6 +214,7 @@ def put_sequence(store: Store, user: int, rows: np.ndarray | None) -> None:
     if rows is None:
         store.delete(base_key(user))
         store.delete(index_key(user))
+        store.delete(keys_key(user))
     else:
         _put_base(store, user, rows)
 
@@ -449,25 +496,24 @@ class SequenceLogic:
         trows = record_rows(tail, len(_SEQ_PREFIX)) if tail is not None else _NO_ROWS
         if trows is None:  # a tail of an older tokenizer version
             return None
-        if index is not None:
-            newest, bkeys = _index(index)
-        else:
-            newest, bkeys = None, _NO_ROWS[:, COL_KEY]
-        nb, nt, k = len(bkeys), len(trows), len(new)
+        newest, last, nb = _newest(index) if index is not None else (None, None, 0)
+        nt, k = len(trows), len(new)
         if nb > cap or nt + k > TAIL_PAIRS:  # a lowered cap, or a fold: the general path
             return None
         in_base = max(0, min(nb, cap - nt))
         keys = new[:, COL_KEY] if k > 1 else new[0, COL_KEY]
-        tkeys, wkeys = trows[-cap:, COL_KEY], bkeys[nb - in_base:]
-        if k > 1:
-            tkeys, wkeys = tkeys[:, None], wkeys[:, None]
-        if (tkeys == keys).any() or (in_base and (wkeys == keys).any()):
+        tkeys = trows[-cap:, COL_KEY]
+        if (tkeys[:, None] == keys).any() if k > 1 else (tkeys == keys).any():
             return False if k == 1 else None  # a duplicate of the window
+        if in_base and (index[:8] != INDEX_TAG or any(_maybe_in_base(index, x) for x in new[:, COL_KEY].tolist())):
+            wkeys = _base_keys(store, user, index)[1][nb - in_base:]  # the filter could not rule them out
+            if (wkeys[:, None] == keys).any() if k > 1 else (wkeys == keys).any():
+                return False if k == 1 else None
         t0, k0 = int(new[0, COL_TIME]), int(new[0, COL_KEY])
         if nt:
             if (t0, k0) <= (int(trows[-1, COL_TIME]), int(trows[-1, COL_KEY])):
                 return None  # a late event: the general path
-        elif nb and (t0, k0) <= (newest, int(bkeys[-1])):
+        elif nb and (t0, k0) <= (newest, last):
             return None
         store.put(tail_key(user), append_rows(tail, user, new, len(_SEQ_PREFIX)) if nt else encode_value(user, new))
         return True
@@ -482,7 +528,7 @@ class SequenceLogic:
         folds at once with ``merge``'s rules."""
         cap = self.cap
         if index is not None:
-            newest, bkeys = _index(index)
+            newest, bkeys = _base_keys(store, user, index)
         else:
             newest, bkeys = None, _NO_ROWS[:, COL_KEY]
         trows = sx.decode(tail)[1] if tail is not None else _NO_ROWS

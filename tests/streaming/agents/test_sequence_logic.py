@@ -399,3 +399,18 @@ def test_many_new_users_take_the_batch_path_with_the_same_state_and_deltas_as_on
     assert {u: v for u, v in batched.data.items() if u[:1] == seqmod.TAIL} == \
         {u: v for u, v in run([sorted(events, key=lambda e: (e.user_id, e.event_time_ms))])[1].data.items()
          if u[:1] == seqmod.TAIL}
+
+
+@pytest.mark.parametrize("n", [1, 50, 1024, 3000])
+def test_the_base_key_filter_never_misses_a_key_and_rarely_admits_others(n):
+    rng = np.random.default_rng(n)
+    keys = rng.integers(0, 2**63 - 1, n)
+    store = MemoryStore()
+    rows = np.zeros((n, tk.ROW_WIDTH), np.int64)
+    rows[:, tk.COL_KEY], rows[:, tk.COL_TIME] = keys, np.arange(n)
+    seqmod._put_base(store, 1, rows)
+    index = store._staged[seqmod.index_key(1)]
+    assert all(seqmod._maybe_in_base(index, k) for k in keys.tolist())
+    others = rng.integers(0, 2**63 - 1, 20_000).tolist()
+    assert sum(seqmod._maybe_in_base(index, k) for k in others) < 0.01 * len(others)
+    assert len(index) <= 32 + max(8, 32 * n // 8)  # at most half of the keys' 8 B each
