@@ -22,7 +22,7 @@ Printed per size and agent:
                           for the sequence agent also what the previous full-sequence export would have written
     state B/user          the agent's RocksDB on disk per seeded user after seeding (base, index, tail) and
                           after the run (+ the run's tails, folds, not yet compacted versions), and the value
-                          bytes (base + index + tail)
+                          bytes (base, index, keys, tail)
     RSS                   peak resident memory of the process
     reader                the refresh side: a local view of the same mature histories folding the run's deltas
                           (deltas and changed users per CPU-second)
@@ -131,10 +131,10 @@ def run_worker(agent: str, kafka, cfg, total: int, timeout_s: float = 900) -> di
 def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist: int, events: int, seed: int):
     from schemas.events import BehaviorEvent
     from schemas.settings import KafkaSettings
-    from schemas.seqexport import encode_snapshot
-    from schemas.tokenize import ROW_WIDTH, SEQ_HEADER_SIZE
+    from schemas.tokenize import ROW_WIDTH
     from schemas.topics import ALL_TOPICS, BEHAVIORS, DEAD_LETTERS, SEQUENCE_DELTAS, key_of
-    from streaming.agents.sequences import TAIL_PAIRS, SequenceLogic, encode_value, put_sequence, tail_key
+    from streaming.agents.sequences import (BASE, INDEX, KEYS, TAIL, TAIL_PAIRS, SequenceLogic, encode_value,
+                                            put_sequence, tail_key)
     from streaming.agents.settings import AgentSettings
     from streaming.agents.store import RocksStore
     from streaming.agents.worker import state_identity
@@ -169,9 +169,9 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
                 put_sequence(store, u, r[:hist - k])
                 if k:
                     store.put(tail_key(u), encode_value(u, r[hist - k:]))
-            k = int(tails[0])  # stored value bytes, sampled: base, its index (16 B + 8 B per pair), the tail
-            logical += (len(encode_snapshot(int(chunk[0]), rows[0][:hist - k])) + 16 + 8 * (hist - k)
-                        + 3 + SEQ_HEADER_SIZE + 64 * k) * len(chunk)
+            first = int(chunk[0])  # stored value bytes, sampled: every record the agent keeps for the user
+            logical += sum(len(v or b"") for v in store.get_many([k + first.to_bytes(8, "big") for k in
+                                                                  (TAIL, BASE, INDEX, KEYS)])) * len(chunk)
             store.commit({})
             del rows
         store.commit({BEHAVIORS.name: 0})
