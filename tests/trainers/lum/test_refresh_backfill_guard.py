@@ -103,4 +103,4 @@ def test_a_backfill_starting_during_the_read_discards_the_run(kafka, checkpoint,
     assert not (checkpoint / STATE_FILE).exists()
     export.mark_backfill(kafka, 1_800_000_000_000, finished=True)
     assert export.backfill_state(kafka) == (1_800_000_000_000,) * 2  # finished: refresh runs again
-    assert refresh_once(checkpoint, kafka, load(RefreshSettings))["users"]
+    assert refresh_once(checkpoint, kafka, load(RefreshSettings))["full"] and (checkpoint / STATE_FILE).exists()
