@@ -286,3 +286,30 @@ def decode_rows_many(records: list[bytes], skip: int = 0) -> tuple[_np.ndarray, 
         lens.append(n)
     rows = _np.frombuffer(b"".join(parts), dtype="<i8").reshape(-1, ROW_WIDTH)
     return rows, lens
+
+
+_CURRENT_HEAD = _SEQ_HEADER.pack(_SEQ_MAGIC, _SEQ_CODEC, TOKENIZER_VERSION, len(CONDITION_KINDS), 0, 0, 0)[:8]
+
+
+def record_rows(data: bytes, skip: int = 0) -> _np.ndarray | None:
+    """A read-only (n, ROW_WIDTH) view of the rows of a binary sequence record of the CURRENT tokenizer
+    version (after ``skip`` leading bytes), without parsing the rest of its header; None for anything else
+    (an older version, a bad record: ``decode_rows`` reads or rejects those)."""
+    body = len(data) - skip - SEQ_HEADER_SIZE
+    if body < 0 or body % (ROW_WIDTH * 8) or data[skip:skip + 8] != _CURRENT_HEAD:
+        return None
+    if int.from_bytes(data[skip + SEQ_HEADER_SIZE - 4:skip + SEQ_HEADER_SIZE], "little") * ROW_WIDTH * 8 != body:
+        return None
+    return _np.frombuffer(data, dtype="<i8", offset=skip + SEQ_HEADER_SIZE).reshape(-1, ROW_WIDTH)
+
+
+def append_rows(data: bytes, user_id: int, rows: _np.ndarray, skip: int = 0) -> bytes:
+    """``data[:skip] + encode_rows(user_id, stored + rows)`` where ``stored`` are the rows of the record
+    ``data[skip:]`` (any version): a current record's pairs are copied as bytes, not decoded."""
+    old = record_rows(data, skip)
+    if old is None:
+        return data[:skip] + encode_rows(user_id, _np.concatenate((decode_rows(memoryview(data)[skip:])[2], rows)))
+    n = len(old) + len(rows)
+    updated = int(rows[-1, COL_TIME]) if len(rows) else int(old[-1, COL_TIME]) if len(old) else 0
+    head = _SEQ_HEADER.pack(_SEQ_MAGIC, _SEQ_CODEC, TOKENIZER_VERSION, len(CONDITION_KINDS), user_id, updated, n)
+    return b"".join((data[:skip], head, data[skip + SEQ_HEADER_SIZE:], rows.astype("<i8", copy=False).tobytes()))

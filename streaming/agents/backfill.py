@@ -8,11 +8,14 @@ or after TIME (default: all) into fresh state stores where the agents keep their
 (``streaming.kafka.sequences.publish_reset``: every rebuilt user's full sequence to ``user-sequences``, a
 tombstone for users that had a sequence but no event since TIME, and markers past every older delta),
 and sets the agent group's offsets to the end of what it read, so that ``lum agents`` continues from there.
+From its start to its end it marks the export as being rebuilt (``streaming.kafka.sequences.mark_backfill``):
+``lum refresh`` refuses to read it meanwhile, and after an interrupted backfill until one completes.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from confluent_kafka import TopicPartition
@@ -25,7 +28,7 @@ from schemas.topics import BEHAVIORS
 
 from ..kafka import DeadLetters, Output, group_consumer, partitions_of, read_to_end, reader
 from .runtime import Crash
-from ..kafka.sequences import export_users, publish_reset
+from ..kafka.sequences import export_users, mark_backfill, publish_reset
 from .sequences import SequenceLogic, read_sequences
 from .settings import AgentSettings
 from .store import Record, RocksStore
@@ -40,6 +43,8 @@ def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int
 
     group = settings.topic_prefix + cfg.sequences_group
     check_group_idle(settings, group)
+    started_ms = int(time.time() * 1000)
+    mark_backfill(settings, started_ms, finished=False)  # readers (lum refresh) refuse the export until the end
     out = Output(settings)
     emit = KafkaEmit(out, settings, DeadLetters(out, settings, "backfill-sequences"), Crash())
     logic = SequenceLogic.from_settings(cfg)
@@ -109,5 +114,6 @@ def backfill_sequences(settings: KafkaSettings, cfg: AgentSettings, from_ms: int
     committer.close()
     for store in stores.values():
         store.close()
+    mark_backfill(settings, started_ms, finished=True)
     log.info("backfill: %d users rebuilt, %d tombstones, offsets %s", users, tombstones, ends)
     return {"users": users, "tombstones": tombstones, "events": kept}

@@ -8,13 +8,15 @@ client or RocksDB type appears here; the runtime (``streaming.agents.worker``) h
 
 State (store layout 2). Per ``behaviors`` partition, per user (id as 8 bytes big endian) a capped BASE
 (key ``b|user``, the compact ``user-sequences`` record of ``schemas.seqexport``) with its INDEX (key
-``c|user``: the same record with only the event keys, other columns zero, and the newest event time), and a
-short append TAIL (key ``a|user``, at most ``TAIL_PAIRS`` pairs in the fixed layout of
-``USER_SEQUENCES.encode``, codec version 1); the user's sequence is the last ``LUM_AGENT_MAX_PAIRS`` rows of
-base + tail. An event reads the index and the tail; one newer than the user's newest pair rewrites only the
-tail; a full tail, a late event landing inside the sequence, or a lowered cap reads the base and folds the
-tail into it. So bytes and CPU per event do not grow with the history beyond reading the index (8 B per pair,
-incompressible: a copy) and a view of its event keys (the duplicate check). Key ``\\x00`` records the layout
+``c|user``: the base's newest pair and a Bloom filter of its event keys, 2 KB at 1,024 pairs) and KEYS (key
+``k|user``: the event keys, int64; stores of earlier builds hold the keys in the index, which still reads
+and is rewritten at the next fold), and a short append TAIL (key ``a|user``, at most ``TAIL_PAIRS`` pairs
+in the fixed layout of ``USER_SEQUENCES.encode``, codec version 1); the user's sequence is the last
+``LUM_AGENT_MAX_PAIRS`` rows of base + tail. An event reads the index and the tail, and the keys only when
+the filter cannot rule out a duplicate (a retry, or < 0.3% false positives); one newer than the user's
+newest pair rewrites only the tail (its bytes copied, nothing decoded); a full tail, a late event landing
+inside the sequence, or a lowered cap reads the base and folds the tail into it. So bytes and CPU per event
+do not grow with the history beyond reading the filter (2-4 B per pair). Key ``\\x00`` records the layout
 version and the cap: a store of another layout or cap is rebuilt from the export on assignment.
 ``read_sequences`` is the one reader of this state (backfill, tools, tests). The store's committed position of
 ``behaviors`` says which offsets the state covers.
@@ -31,9 +33,12 @@ tokenizer version are read in the current layout (new kinds ANY) and rewritten o
 
 Batch path (one call per partition and batch): the batch is validated record by record with the
 ``BehaviorEvent`` schema's own field validator (no model objects), tokenized at once
-(``schemas.tokenize.tokenize_rows``), grouped by user with numpy; one multi-get of the users' bases and tails,
-then per user a few array operations on the tail and a read-only view of the base's keys. Writes are staged in
-the store, which commits them once per batch.
+(``schemas.tokenize.tokenize_rows``), grouped by user with numpy; one multi-get of the users' indexes and
+tails. Users without state whose rows are already a sequence (distinct, in order: most new users) get their
+tails in one encoding pass; other users whose rows are in order append them to the tail as bytes after one
+duplicate comparison; the rest (duplicates, late events, folds) take the general per-user merge. One-pair
+deltas (most, with many users) are encoded in one vectorised pass. Writes are staged in the store, which
+commits them once per batch.
 
 Export (``schemas.seqexport`` is the contract, ``streaming.kafka.sequences`` the one reader): per batch, ONE
 ``sequence-deltas`` record per changed user carrying that batch's pairs of the user and the cap (key = user id,
@@ -67,8 +72,9 @@ from pydantic_core import SchemaValidator
 from schemas import seqexport as sx
 from schemas.codec import DecodeError
 from schemas.events import BehaviorEvent
-from schemas.tokenize import COL_KEY, COL_TIME, ROW_WIDTH, UserSequence, encode_rows, tokenize, tokenize_rows
-from schemas.seqexport import encode_delta, encode_snapshot, fold_partition_records
+from schemas.tokenize import (COL_KEY, COL_TIME, ROW_WIDTH, UserSequence, append_rows, encode_rows, encode_rows_many,
+                              record_rows, tokenize, tokenize_rows)
+from schemas.seqexport import encode_delta, encode_deltas_one, encode_snapshot, fold_partition_records
 from schemas.topics import BEHAVIORS, SEQUENCE_DELTAS, USER_SEQUENCES, key_of
 
 from .store import Emit, Reader, Record, Store
@@ -85,7 +91,13 @@ LAYOUT = 2  # of the store (1: one fixed-layout value per user under the bare us
 META = b"\x00"  # the store's layout and cap record; sorts before every user key
 # Key prefixes, each kind in its own key range so that a lookup reads blocks of its kind only (a tail read
 # never decompresses a neighbour's 26 KB base); tails sort first (a scan of (key, value) pairs buffers them).
-TAIL, BASE, INDEX = b"a", b"b", b"c"
+TAIL, BASE, INDEX, KEYS = b"a", b"b", b"c", b"k"
+INDEX_TAG = b"Lk\x02\x00\x00\x00\x00\x00"  # an index record's first 8 bytes (format "k", version 2)
+_INDEX_HEAD = 32  # tag, newest event time, newest event key, number of keys; then the filter
+# Bloom filter of a base's event keys (already uniform 63-bit hashes): 4 multiplicative hashes into a power of
+# two >= 16 bits per key (< 0.3% false positives): 2 KB at 1,024 pairs where the keys are 8 KB.
+_BLOOM_MULT = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93)
+_M64 = (1 << 64) - 1
 _FEW = 16  # new rows of a user per batch up to which plain Python beats numpy's set operations
 _NO_ROWS = np.zeros((0, ROW_WIDTH), dtype=np.int64)
 _BEHAVIORS_HEADER = BEHAVIORS.encode(BehaviorEvent(event_id="x", user_id=0, item_id=0, category_id=0, behavior="view",
@@ -121,14 +133,63 @@ def index_key(user_id: int) -> bytes:
     return INDEX + user_id.to_bytes(8, "big")
 
 
+def keys_key(user_id: int) -> bytes:
+    return KEYS + user_id.to_bytes(8, "big")
+
+
+def _bloom(keys: np.ndarray) -> bytes:
+    m = max(64, 1 << (16 * len(keys) - 1).bit_length())
+    shift = np.uint64(65 - m.bit_length())
+    bits = np.zeros(m, dtype=bool)
+    u = keys.astype(np.int64).view(np.uint64)
+    with np.errstate(over="ignore"):
+        for c in _BLOOM_MULT:
+            bits[(u * np.uint64(c)) >> shift] = True
+    return np.packbits(bits, bitorder="little").tobytes()
+
+
+def _maybe_in_base(index: bytes, key: int) -> bool:
+    """False when ``key`` is certainly not among the base's keys (the index's filter)."""
+    shift = 65 - ((len(index) - _INDEX_HEAD) * 8).bit_length()
+    key &= _M64
+    for c in _BLOOM_MULT:
+        p = ((key * c) & _M64) >> shift
+        if not (index[_INDEX_HEAD + (p >> 3)] >> (p & 7)) & 1:
+            return False
+    return True
+
+
 def _put_base(store: Store, user: int, rows: np.ndarray) -> None:
-    """The base and its index: the same compact record with only the event keys kept (other columns zero,
-    the base's newest event time in its header; 8 B per pair, read as a view): what every event reads,
-    where the base (26 KB at 1,024 pairs) is read per fold."""
+    """The base, its event keys (int64, oldest first: 8 B per pair, read only when needed) and its index, what
+    every event reads: ``INDEX_TAG``, the newest pair's event time and key, the number of keys, and a Bloom
+    filter of the keys (2-4 B per pair, where a key takes 8): a new key that the filter rules out needs no key read."""
+    keys = rows[:, COL_KEY].astype("<i8")
     store.put(base_key(user), encode_snapshot(user, rows))
-    index = np.zeros_like(rows)
-    index[:, COL_KEY] = rows[:, COL_KEY]
-    store.put(index_key(user), encode_snapshot(user, index, int(rows[-1, COL_TIME])))
+    store.put(keys_key(user), keys.tobytes())
+    head = np.array([int(rows[-1, COL_TIME]), int(keys[-1]), len(keys)], dtype="<i8").tobytes()
+    store.put(index_key(user), b"".join((INDEX_TAG, head, _bloom(keys))))
+
+
+def _newest(index: bytes) -> tuple[int, int, int]:
+    """(newest event time, newest event key, number of keys) of the base, from its index (any version)."""
+    if index[:8] == INDEX_TAG:
+        t, k, n = np.frombuffer(index, dtype="<i8", count=3, offset=8).tolist()
+        return t, k, n
+    newest, keys = _old_index(index)
+    return newest, int(keys[-1]), len(keys)
+
+
+def _old_index(value: bytes) -> tuple[int, np.ndarray]:
+    """(newest time, keys) of an index of earlier builds (a compact snapshot record with only the keys): it
+    still reads, and is rewritten at the next fold."""
+    return sx.snapshot_keys(value)
+
+
+def _base_keys(store: Store, user: int, index: bytes) -> tuple[int, np.ndarray]:
+    """(newest event time, event keys oldest first: a read-only view) of a user's base."""
+    if index[:8] == INDEX_TAG:
+        return _newest(index)[0], np.frombuffer(store.get(keys_key(user)), dtype="<i8")
+    return _old_index(index)
 
 
 def encode_value(user_id: int, rows: np.ndarray) -> bytes:
@@ -153,6 +214,7 @@ def put_sequence(store: Store, user: int, rows: np.ndarray | None) -> None:
     if rows is None:
         store.delete(base_key(user))
         store.delete(index_key(user))
+        store.delete(keys_key(user))
     else:
         _put_base(store, user, rows)
 
@@ -212,6 +274,22 @@ def read_sequences(source: Store | Iterable[tuple[bytes, bytes]], users: Sequenc
             t = next(tails, None)
         if bu == user:
             b = next(bases, None)
+
+
+def _plain_groups(users: np.ndarray, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Per user group (rows grouped by user, ``starts``/``ends``): whether its rows have distinct event keys
+    and are in strictly increasing (time, key) order, i.e. already a sequence."""
+    ok = np.ones(len(starts), dtype=bool)
+    if len(rows) < 2:
+        return ok
+    same = users[1:] == users[:-1]
+    t, k = rows[:, COL_TIME], rows[:, COL_KEY]
+    bad = same & ~((t[1:] > t[:-1]) | ((t[1:] == t[:-1]) & (k[1:] > k[:-1])))
+    by_key = np.lexsort((k, users))  # equal keys of one user become neighbours
+    dup = (users[by_key][1:] == users[by_key][:-1]) & (k[by_key][1:] == k[by_key][:-1])
+    at = np.concatenate((np.nonzero(bad)[0] + 1, by_key[1:][dup]))
+    ok[np.searchsorted(starts, at, side="right") - 1] = False
+    return ok
 
 
 def merge(cur: np.ndarray | None, new: np.ndarray, cap: int) -> np.ndarray | None:
@@ -363,18 +441,82 @@ class SequenceLogic:
         forced = set(users[np.asarray(offsets) < republish_below].tolist()) if offsets[0] < republish_below else ()
         # Group by user: rows of one user contiguous, in arrival order within the user.
         order = np.argsort(users, kind="stable")
-        rows = rows[order]
-        uniq, starts = np.unique(users[order], return_index=True)
-        ends = np.append(starts[1:], len(rows)).tolist()
-        uniq_l, starts_l = uniq.tolist(), starts.tolist()
+        rows, users = rows[order], users[order]
+        uniq, starts = np.unique(users, return_index=True)
+        ends = np.append(starts[1:], len(rows))
+        uniq_l, starts_l, ends_l = uniq.tolist(), starts.tolist(), ends.tolist()
         values = store.get_many([k for u in uniq_l for k in (index_key(u), tail_key(u))])
-        send, sent = emit.send, 0
+        changed = [False] * len(uniq_l)
+        # Users without stored state whose rows are distinct and in (time, key) order (most new users): their
+        # tails are the rows as they are, encoded in one pass. The rest: per user.
+        plain = _plain_groups(users, rows, starts, ends)
+        new_users = [i for i, p in enumerate(plain.tolist()) if p and values[2 * i] is None
+                     and values[2 * i + 1] is None and ends_l[i] - starts_l[i] <= TAIL_PAIRS]
+        if new_users:
+            tails = encode_rows_many([uniq_l[i] for i in new_users], rows, [starts_l[i] for i in new_users],
+                                     [ends_l[i] for i in new_users], _SEQ_PREFIX)
+            store.update({tail_key(uniq_l[i]): v for i, v in zip(new_users, tails)})
+            for i in new_users:
+                changed[i] = True
+        cap, new_set = self.cap, set(new_users)
+        plain_l = plain.tolist()
         for i, user in enumerate(uniq_l):
-            new = rows[starts_l[i]:ends[i]]
-            if self._apply(store, user, values[2 * i], values[2 * i + 1], new) or user in forced:
-                send(SEQUENCE_DELTAS, encode_delta(user, new, self.cap), key_of(user), partition)  # this batch's pairs
-                sent += 1
-        self.counts["sequences_published_total"] += sent
+            if i in new_set:
+                continue
+            s, e = starts_l[i], ends_l[i]
+            if plain_l[i]:  # in order and distinct (most): the append, inline
+                done = self._append(store, user, values[2 * i], values[2 * i + 1], rows[s:e], cap)
+                if done is not None:
+                    changed[i] = done
+                    continue
+            changed[i] = self._apply(store, user, values[2 * i], values[2 * i + 1], rows[s:e])
+        if forced:
+            changed = [c or u in forced for c, u in zip(changed, uniq_l)]
+        sent = [i for i, c in enumerate(changed) if c]
+        if not sent:
+            return
+        # This batch's pairs of each changed user: the one-pair deltas in one vectorised pass.
+        one = [i for i in sent if ends_l[i] - starts_l[i] == 1]
+        deltas = dict(zip(one, encode_deltas_one(uniq[one], rows[starts[one]], cap))) if one else {}
+        send = emit.send
+        for i in sent:
+            user = uniq_l[i]
+            value = deltas.get(i)
+            if value is None:
+                value = encode_delta(user, rows[starts_l[i]:ends_l[i]], cap)
+            send(SEQUENCE_DELTAS, value, key_of(user), partition)
+        self.counts["sequences_published_total"] += len(sent)
+
+    @staticmethod
+    def _append(store: Store, user: int, index: bytes | None, tail: bytes | None, new: np.ndarray, cap: int
+                ) -> bool | None:
+        """``_apply`` in its common cases without decoding anything, for ``new`` rows that are already a
+        sequence (distinct, in (time, key) order): one duplicate of the window (False, for one row), or rows
+        after every stored one that fit in the tail (True). None: any other case, for ``_apply``."""
+        trows = record_rows(tail, len(_SEQ_PREFIX)) if tail is not None else _NO_ROWS
+        if trows is None:  # a tail of an older tokenizer version
+            return None
+        newest, last, nb = _newest(index) if index is not None else (None, None, 0)
+        nt, k = len(trows), len(new)
+        if nb > cap or nt + k > TAIL_PAIRS:  # a lowered cap, or a fold: the general path
+            return None
+        in_base = max(0, min(nb, cap - nt))
+        keys = new[:, COL_KEY] if k > 1 else new[0, COL_KEY]
+        tkeys = trows[-cap:, COL_KEY]
+        if (tkeys[:, None] == keys).any() if k > 1 else (tkeys == keys).any():
+            return False if k == 1 else None  # a duplicate of the window
+        if in_base and (index[:8] != INDEX_TAG or any(_maybe_in_base(index, x) for x in new[:, COL_KEY].tolist())):
+            wkeys = _base_keys(store, user, index)[1][nb - in_base:]  # the filter could not rule them out
+            if (wkeys[:, None] == keys).any() if k > 1 else (wkeys == keys).any():
+                return False if k == 1 else None
+        t0, k0 = int(new[0, COL_TIME]), int(new[0, COL_KEY])
+        if nt:
+            if (t0, k0) <= (int(trows[-1, COL_TIME]), int(trows[-1, COL_KEY])):
+                return None  # a late event: the general path
+        elif nb and (t0, k0) <= (newest, last):
+            return None
+        store.put(tail_key(user), append_rows(tail, user, new, len(_SEQ_PREFIX)) if nt else encode_value(user, new))
+        return True
 
     def _apply(self, store: Store, user: int, index: bytes | None, tail: bytes | None, new: np.ndarray) -> bool:
         """Stage one user's new rows (arrival order); True if the user's sequence changed.
@@ -385,11 +527,8 @@ class SequenceLogic:
         ``TAIL_PAIRS``, and a row landing inside the window, or a base longer than the cap (a lowered cap),
         folds at once with ``merge``'s rules."""
         cap = self.cap
-        if index is None and tail is None and len(new) == 1:  # a new user's first event (most, with many users)
-            store.put(tail_key(user), encode_value(user, new))
-            return True
         if index is not None:
-            newest, bkeys = sx.snapshot_keys(index)
+            newest, bkeys = _base_keys(store, user, index)
         else:
             newest, bkeys = None, _NO_ROWS[:, COL_KEY]
         trows = sx.decode(tail)[1] if tail is not None else _NO_ROWS

@@ -258,3 +258,68 @@ def publish_reset(kafka: KafkaSettings, out, partition: int, rows, gone, delta_e
     out.produce(topic, value=sx.encode_marker(partition, delta_end), key=sx.marker_key(partition), partition=partition)
     out.flush()
     return n
+
+
+# --- the backfill's mark: readers refuse a half-rebuilt export -------------------------------------------
+# ``lum backfill sequences`` rewrites the export in place (deltas while it replays, then a new snapshot base):
+# a reader in between sees some users rebuilt and others not. It marks its run in the committed offsets of
+# consumer group BACKFILL_GROUP (durable, and no record that export readers must skip; Kafka's offset
+# metadata would be the natural place, but the embedded broker drops it): partition 0 of ``user-sequences``
+# holds the start time (ms) of the latest backfill started, partition 0 of ``sequence-deltas`` that of the
+# latest one finished. Started later than finished: one is running, or was interrupted (then its rerun clears
+# the mark: the export stays half-rebuilt until then).
+BACKFILL_GROUP = "lum-backfill-sequences"
+
+
+class BackfillRunning(RuntimeError):
+    """The sequence export is being rebuilt by ``lum backfill sequences``."""
+
+
+def _backfill_partitions(kafka: KafkaSettings):
+    from confluent_kafka import TopicPartition
+
+    return [TopicPartition(kafka.topic(USER_SEQUENCES), 0), TopicPartition(kafka.topic(SEQUENCE_DELTAS), 0)]
+
+
+def backfill_state(kafka: KafkaSettings) -> tuple[int, int]:
+    """(start ms of the latest backfill started, of the latest finished); 0 where none."""
+    from .reader import group_consumer
+
+    c = group_consumer(kafka, kafka.topic_prefix + BACKFILL_GROUP)
+    try:
+        got = c.committed(_backfill_partitions(kafka), timeout=30)
+    finally:
+        c.close()
+    return tuple(max(0, tp.offset) if tp.error is None else 0 for tp in got)  # type: ignore[return-value]
+
+
+def mark_backfill(kafka: KafkaSettings, started_ms: int, finished: bool) -> None:
+    """Record that the backfill started at ``started_ms`` began (``finished=False``) or completed."""
+    from confluent_kafka import TopicPartition
+
+    from .reader import group_consumer
+
+    tp = _backfill_partitions(kafka)[1 if finished else 0]
+    c = group_consumer(kafka, kafka.topic_prefix + BACKFILL_GROUP)
+    try:
+        c.commit(offsets=[TopicPartition(tp.topic, 0, started_ms)], asynchronous=False)
+    finally:
+        c.close()
+
+
+def check_no_backfill(kafka: KafkaSettings, before: tuple[int, int] | None = None) -> tuple[int, int]:
+    """Raise ``BackfillRunning`` (saying what to do) if a backfill is rebuilding the export now, or, given the
+    ``before`` state of an earlier call, if one started since; returns the state."""
+    state = backfill_state(kafka)
+    started, finished = state
+    group = kafka.topic_prefix + BACKFILL_GROUP
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started / 1000))
+    if started > finished:
+        raise BackfillRunning(
+            f"`lum backfill sequences` has been rebuilding the sequence export since {when} (consumer group "
+            f"{group}): refusing to read a half-rebuilt export. Wait until it finishes; if it was interrupted, "
+            "run it again (the export stays half-rebuilt until a backfill completes).")
+    if before is not None and state != before:
+        raise BackfillRunning(f"`lum backfill sequences` (started {when}, consumer group {group}) rebuilt the "
+                              "sequence export while it was being read: nothing was used; run again.")
+    return state

@@ -15,6 +15,8 @@ model was trained on, from the checkpoint) and, when the model version is new to
 ``ItemEmbedding`` of every item the model was trained on (the checkpoint's ``items.npz``; items it never saw
 get none: their hashed rows mean nothing) to ``item-embeddings``; flush; then store the new offsets. A crash
 before the state is written repeats the run (at-least-once; the topics are compacted, so repeats are harmless).
+While ``lum backfill sequences`` rebuilds the export (or if one started during the read) the run refuses
+with ``BackfillRunning`` naming it, before publishing anything; ``--every`` retries at the next period.
 
 Under torchrun (``lum refresh --nproc N``) rank 0 reads the topic and hands every rank the same users; rank r
 answers users r, r+N, ... and its share of the items; rank 0 stores the offsets only after every rank has
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -182,7 +185,7 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     from streaming.kafka import DeadLetters, Output
     from trainers import launch
 
-    from streaming.kafka.sequences import changed_since
+    from streaming.kafka.sequences import BackfillRunning, changed_since, check_no_backfill
 
     from .pretrain import load_checkpoint, load_items, pick_device
 
@@ -204,14 +207,21 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
         state = json.loads(spath.read_text()) if spath.exists() else {}
         same = state.get("model_version") == version and state.get("topic") == topic
         start = state.get("offsets") if same else None
-        # The export's one reader; a local fold next to the state file makes incremental reads cost the deltas only.
-        seqs, offsets = changed_since(kafka, start, spath.parent / VIEW_DIR,
-                                      DeadLetters(publisher, kafka, "lum-refresh"), settings.idle_timeout_s)
-        users = sorted((Seq.from_user_sequence(s) for s in seqs.values() if s.pairs), key=lambda s: s.user_id)
-        as_of = {s.user_id: max(p.event_time_ms for p in s.pairs) for s in seqs.values() if s.pairs}
-        shared = [(same, offsets, users, as_of)]
+        try:  # never from a half-rebuilt export: a backfill running before or during the read refuses the run
+            backfill = check_no_backfill(kafka)
+            # The export's one reader; a local fold next to the state file makes incremental reads cost the deltas only.
+            seqs, offsets = changed_since(kafka, start, spath.parent / VIEW_DIR,
+                                          DeadLetters(publisher, kafka, "lum-refresh"), settings.idle_timeout_s)
+            check_no_backfill(kafka, backfill)
+            users = sorted((Seq.from_user_sequence(s) for s in seqs.values() if s.pairs), key=lambda s: s.user_id)
+            as_of = {s.user_id: max(p.event_time_ms for p in s.pairs) for s in seqs.values() if s.pairs}
+            shared = [(same, offsets, users, as_of)]
+        except BackfillRunning as e:
+            shared = [e]
     if world > 1:
         dist.broadcast_object_list(shared, 0)
+    if isinstance(shared[0], BackfillRunning):  # every rank stops, nothing published, offsets not stored
+        raise shared[0]
     same, offsets, users, as_of = shared[0]
     mine = users[rank::world]
     log.info("refresh %s: %d changed users, %d on rank %d/%d (%s)", version, len(users), len(mine), rank, world,
@@ -300,15 +310,22 @@ def run(checkpoint: str, once: bool, every_minutes: float | None, kafka: KafkaSe
         r = refresh_once(checkpoint, kafka, settings)
         rec.refreshed(r["model_version"], len(r["users"]), r["items"], r["seconds"], r.get("saved_at"))
 
+    from streaming.kafka.sequences import BackfillRunning
+
     if once or not every_minutes:
         try:
             refresh()
+        except BackfillRunning as e:
+            print(f"lum refresh: refusing: {e}", file=sys.stderr)
+            return 1
         finally:
             launch.shutdown()
         return 0
     while True:
         try:
             refresh()
+        except BackfillRunning as e:  # wait for the backfill: the next period reads the rebuilt export
+            log.warning("lum refresh: refusing: %s Retrying at the next period.", e)
         except Exception:  # a periodic job outlives one failed run (broker away, checkpoint being written)
             log.exception("refresh failed; retrying at the next period")
         log.info("next refresh in %.1f min", every_minutes)

@@ -368,3 +368,49 @@ def test_a_lowered_cap_rebuilds_the_store_and_trims_a_sequence_at_its_next_event
     assert published(_merged([emit1, emit])) == expected_sequences(five, cap=3)
     _, store, emit = run([[ev(10, 1, 99_000)]], cap=7, store=store, read=export_reader(emit1, emit))  # raised
     assert state(store) == expected_sequences(five[2:] + [ev(10, 1, 99_000)], cap=7)
+
+
+def test_a_base_index_of_the_earlier_format_still_reads_and_is_rewritten_at_the_fold(monkeypatch):
+    """Stores written before the index became a raw key array hold it as a compact snapshot record with
+    only the keys: events read it as before (duplicates, order), and the next fold writes the new format."""
+    monkeypatch.setattr(seqmod, "TAIL_PAIRS", 2)
+    first = [ev(i, 4, i * 1000) for i in range(5)]
+    _, store, _ = run([first])  # five rows: over the tail, so a base
+    rows = dict(read_sequences(store))[4]
+    index = np.zeros_like(rows)
+    index[:, tk.COL_KEY] = rows[:, tk.COL_KEY]
+    store.put(seqmod.index_key(4), sx.encode_snapshot(4, index, int(rows[-1, tk.COL_TIME])))
+    store.commit({})
+    later = [first[2], ev(5, 4, 5000), first[0], ev(6, 4, 6000), ev(7, 4, 3500), ev(8, 4, 8000)]
+    _, store, emit = run([[e] for e in later], store=store)
+    assert state(store) == expected_sequences(first + later)
+    assert len(emit.sent) == 4  # the duplicates published nothing
+    assert store.data[seqmod.index_key(4)][:8] == seqmod.INDEX_TAG
+
+
+def test_many_new_users_take_the_batch_path_with_the_same_state_and_deltas_as_one_by_one():
+    rng = random.Random(5)
+    events = [ev(i, rng.randrange(300), t=rng.randrange(40) * 1000, item=rng.randrange(9)) for i in range(900)]
+    events += [rng.choice(events) for _ in range(50)]
+    _, batched, emit = run([events])
+    _, single, emit1 = run([[e] for e in events])
+    assert state(batched) == state(single) == expected_sequences(events)
+    assert published(emit) == expected_sequences(events)
+    assert {u: v for u, v in batched.data.items() if u[:1] == seqmod.TAIL} == \
+        {u: v for u, v in run([sorted(events, key=lambda e: (e.user_id, e.event_time_ms))])[1].data.items()
+         if u[:1] == seqmod.TAIL}
+
+
+@pytest.mark.parametrize("n", [1, 50, 1024, 3000])
+def test_the_base_key_filter_never_misses_a_key_and_rarely_admits_others(n):
+    rng = np.random.default_rng(n)
+    keys = rng.integers(0, 2**63 - 1, n)
+    store = MemoryStore()
+    rows = np.zeros((n, tk.ROW_WIDTH), np.int64)
+    rows[:, tk.COL_KEY], rows[:, tk.COL_TIME] = keys, np.arange(n)
+    seqmod._put_base(store, 1, rows)
+    index = store._staged[seqmod.index_key(1)]
+    assert all(seqmod._maybe_in_base(index, k) for k in keys.tolist())
+    others = rng.integers(0, 2**63 - 1, 20_000).tolist()
+    assert sum(seqmod._maybe_in_base(index, k) for k in others) < 0.01 * len(others)
+    assert len(index) <= 32 + max(8, 32 * n // 8)  # at most half of the keys' 8 B each

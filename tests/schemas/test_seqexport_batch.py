@@ -1,0 +1,43 @@
+"""Batch encoders give the bytes of their one-record counterparts (the export and the store stay byte-identical)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import schemas.tokenize as tk
+from schemas import seqexport as sx
+
+
+@pytest.mark.parametrize("cap", [1, 127, 128, 1024, 100_000])
+def test_one_pair_deltas_in_one_pass_equal_encode_delta(cap):
+    rng = np.random.default_rng(cap)
+    n = 600
+    rows = rng.integers(-2**63, 2**63 - 1, (n, sx.ROW), dtype=np.int64, endpoint=True)  # every width, signs
+    rows[::3] = rng.integers(-300, 300, (len(rows[::3]), sx.ROW))
+    rows[1::3, 0] = 1_767_225_600_000 + np.arange(len(rows[1::3]))
+    rows[5] = 0
+    users = rng.integers(0, 2**63 - 1, n)
+    users[::2] = rng.integers(0, 1000, len(users[::2]))
+    users[7] = 0
+    want = [sx.encode_delta(int(u), rows[i:i + 1], cap) for i, u in enumerate(users.tolist())]
+    assert sx.encode_deltas_one(users, rows, cap) == want
+    assert sx.encode_deltas_one(users[:0], rows[:0], cap) == []
+
+
+def test_append_rows_equals_encoding_the_concatenation_for_current_and_older_records(monkeypatch):
+    rng = np.random.default_rng(0)
+    old = rng.integers(0, 2**62, (5, tk.ROW_WIDTH))
+    new = rng.integers(0, 2**62, (2, tk.ROW_WIDTH))
+    prefix = b"Ls\x01"
+    record = prefix + tk.encode_rows(7, old)
+    assert tk.append_rows(record, 7, new, skip=3) == prefix + tk.encode_rows(7, np.concatenate((old, new)))
+    assert (tk.record_rows(record, 3) == old).all()
+    assert tk.append_rows(prefix + tk.encode_rows(7, old[:0]), 7, new, 3) == prefix + tk.encode_rows(7, new)
+    # A record of an older tokenizer version (one kind fewer) is decoded, not copied.
+    monkeypatch.setitem(tk.KINDS_BY_VERSION, 0, tk.KINDS_BY_VERSION[tk.TOKENIZER_VERSION] - 1)
+    short = np.delete(old, tk.ROW_WIDTH - 3, axis=1)  # the last condition kind missing
+    older = tk._SEQ_HEADER.pack(b"LSEQ", 1, 0, len(tk.CONDITION_KINDS) - 1, 7, 0, 5) + short.tobytes()
+    assert tk.record_rows(older) is None
+    widened = np.insert(short, tk.ROW_WIDTH - 3, tk.ANY, axis=1)
+    assert tk.append_rows(older, 7, new) == tk.encode_rows(7, np.concatenate((widened, new)))
