@@ -6,7 +6,7 @@ Pure logic (``SequenceLogic``) over the runtime-neutral contract of ``streaming.
 ``Record``s of ``behaviors`` in, a ``Store`` per partition, an ``Emit`` for outputs and dead letters. No Kafka
 client or RocksDB type appears here; the runtime (``streaming.agents.worker``) hosts it.
 
-State (store layout 2). Per ``behaviors`` partition, per user (id as 8 bytes big endian) a capped BASE
+State (store layout 3). Per ``behaviors`` partition, per user (id as 8 bytes big endian) a capped BASE
 (key ``b|user``, the compact ``user-sequences`` record of ``schemas.seqexport``) with its INDEX (key
 ``c|user``: the base's newest pair and a Bloom filter of its event keys, 2 KB at 1,024 pairs) and KEYS (key
 ``k|user``: the event keys, int64; stores of earlier builds hold the keys in the index, which still reads
@@ -17,7 +17,9 @@ the filter cannot rule out a duplicate (a retry, or < 0.3% false positives); one
 newest pair rewrites only the tail (its bytes copied, nothing decoded); a full tail, a late event landing
 inside the sequence, or a lowered cap reads the base and folds the tail into it. So bytes and CPU per event
 do not grow with the history beyond reading the filter (2-4 B per pair). Key ``\\x00`` records the layout
-version and the cap: a store of another layout or cap is rebuilt from the export on assignment.
+version and the cap: a store of another layout or cap is rebuilt from the export on assignment, except
+layout 2 (keys in the index), which reads as it is and is marked 3, so that a rolled-back build (layout 2)
+rebuilds rather than misread the new index.
 ``read_sequences`` is the one reader of this state (backfill, tools, tests). The store's committed position of
 ``behaviors`` says which offsets the state covers.
 
@@ -87,7 +89,9 @@ EXPORT = {USER_SEQUENCES.name: USER_SEQUENCES, SEQUENCE_DELTAS.name: SEQUENCE_DE
 # Pairs appended after a user's base before they are folded into it. Bytes rewritten per event are about
 # 64 B x TAIL/2 (the tail) + base / TAIL (the folds): smallest near 32 for a 26 KB base (1,024 pairs).
 TAIL_PAIRS = 32
-LAYOUT = 2  # of the store (1: one fixed-layout value per user under the bare user id)
+LAYOUT = 3  # of the store (1: one value per user under the bare user id; 2: keys inside the index)
+UPGRADES = (2,)  # layouts this build reads as they are (marked LAYOUT at the next commit); older builds that
+# see LAYOUT rebuild from the export instead of misreading the index
 META = b"\x00"  # the store's layout and cap record; sorts before every user key
 # Key prefixes, each kind in its own key range so that a lookup reads blocks of its kind only (a tail read
 # never decompresses a neighbour's 26 KB base); tails sort first (a scan of (key, value) pairs buffers them).
@@ -198,8 +202,8 @@ def encode_value(user_id: int, rows: np.ndarray) -> bytes:
     return _SEQ_PREFIX + encode_rows(user_id, rows)
 
 
-def _meta(cap: int) -> bytes:
-    return json.dumps({"layout": LAYOUT, "cap": cap}, sort_keys=True).encode()
+def _meta(cap: int, layout: int = LAYOUT) -> bytes:
+    return json.dumps({"layout": layout, "cap": cap}, sort_keys=True).encode()
 
 
 def _stored_rows(base: bytes | None, tail: bytes | None) -> np.ndarray:
@@ -349,6 +353,9 @@ class SequenceLogic:
         start = committed.get(BEHAVIORS.name) or 0
         local = store.positions().get(BEHAVIORS.name)
         meta = store.get(META)
+        if meta in {_meta(self.cap, old) for old in UPGRADES}:
+            store.put(META, _meta(self.cap))
+            meta = _meta(self.cap)
         why = ("missing" if local is None else f"behind ({local} < {start})" if local < start
                else None if meta == _meta(self.cap) else f"of layout/cap {(meta or b'layout 1').decode()}")
         if why:

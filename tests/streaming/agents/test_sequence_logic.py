@@ -388,6 +388,24 @@ def test_a_base_index_of_the_earlier_format_still_reads_and_is_rewritten_at_the_
     assert store.data[seqmod.index_key(4)][:8] == seqmod.INDEX_TAG
 
 
+def test_a_layout_2_store_is_kept_and_marked_so_that_a_rolled_back_build_rebuilds_it():
+    """Layout 2 (keys inside the index) reads as it is: no rebuild on upgrade, but the store is marked with the
+    current layout, which a layout-2 build does not accept (it rebuilds instead of misreading the new index)."""
+    e = [ev(i, i % 3, i * 1000) for i in range(9)]
+    _, store, _ = run([e])
+    store.put(META, seqmod._meta(1024, layout=2))
+    store.commit({"behaviors": 9})
+
+    def no_rebuild(*_):
+        raise AssertionError("rebuilt")
+
+    logic = SequenceLogic(clock=lambda: NOW_S)
+    logic.assign(0, store, {"behaviors": 9}, MemoryEmit(), no_rebuild)
+    store.commit({"behaviors": 9})
+    assert store.data[META] == seqmod._meta(1024) != seqmod._meta(1024, layout=2)
+    assert state(store) == expected_sequences(e)
+
+
 def test_many_new_users_take_the_batch_path_with_the_same_state_and_deltas_as_one_by_one():
     rng = random.Random(5)
     events = [ev(i, rng.randrange(300), t=rng.randrange(40) * 1000, item=rng.randrange(9)) for i in range(900)]
