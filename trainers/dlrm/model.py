@@ -43,8 +43,9 @@ TABLES: tuple[str, ...] = ("user", "item", "category", "scenario", "position")
 BASELINE_DENSE: tuple[str, ...] = ("log1p_position", "log1p_history_len", "has_query", "log1p_target_in_history",
                                    "target_category_share")
 # Version of the dense layout. 1: + dot[c] per condition (= cos/sqrt(D): both vectors are unit, redundant) and
-# the own-scenario match; 2: + target-in-history inputs; no dot; own-scenario and own-category matches.
-FEATURE_LAYOUT = 2
+# the own-scenario match; 2: + target-in-history inputs; no dot; own-scenario and own-category matches;
+# 3: direct vectors scaled to unit norm / sqrt(D) (``features.direct_block``).
+FEATURE_LAYOUT = 3
 # The LUM condition slot holding the target's own-category vector (paper 4.3, interest matching): filled from
 # an example's ``target_category`` vector (a per-candidate group query) or, failing that, from its condition
 # that names the target's category (e.g. ``behavior=buy,category=17`` published by ``lum refresh``).
