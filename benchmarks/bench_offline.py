@@ -10,8 +10,9 @@ The protocol is written out in benchmarks/README.md; in short, for each user, ol
                            the same item tokens (id + category), each trained to convergence with the same early
                            stopping (validation = each user's second-to-last event of this segment, NDCG@10);
                            retrieval is measured on each user's last event of this segment (full ranking)
-    next 30%            -> DLRM training examples; user vectors = query over the events before them
-    last 20%            -> DLRM test examples (never trained on); user vectors = query over the events before them
+    next 30%            -> DLRM training examples; user vectors = query over the user's events before each
+                           example (re-queried every --refresh-every events of the user, as a refresh job would)
+    last 20%            -> DLRM test examples (never trained on); user vectors the same way
 Arms on the same examples and budget, one paired run per seed (seed = transformer init and DLRM init):
 DLRM alone; DLRM + SASRec user vector (the control: "any pre-trained user vector"); DLRM + LUM (label-aligned
 conditions, e.g. behavior=liked / behavior=buy, and the candidate's own category by group query). A data

@@ -93,6 +93,9 @@ def test_user_vectors_are_queried_over_the_events_before_each_example(bench):
         assert np.allclose(view.users[(1, j)][0], want, atol=1e-5)
     assert not np.allclose(view.users[(1, 2)][0], view.users[(1, 5)][0])
     assert set(view.target) == {(1, 2), (1, 4), (1, 5)}
+    every2 = bench.make_view(model, users, ["any"], "behavior=liked", np.array([10]), {1: [2, 5]}, refresh_every=2)
+    want = condition_outputs(model, [full[:4]], np.array([parse_condition("any")])).numpy()[0, 0]
+    assert np.allclose(every2.users[(1, 5)][0], want, atol=1e-5)  # as of the user's refresh after 4 events
 
 
 def test_segments_partition_each_user(bench):
