@@ -10,8 +10,9 @@ The protocol is written out in benchmarks/README.md; in short, for each user, ol
                            the same item tokens (id + category), each trained to convergence with the same early
                            stopping (validation = each user's second-to-last event of this segment, NDCG@10);
                            retrieval is measured on each user's last event of this segment (full ranking)
-    next 30%            -> DLRM training examples; user vectors = query over the events before them
-    last 20%            -> DLRM test examples (never trained on); user vectors = query over the events before them
+    next 30%            -> DLRM training examples; user vectors = query over the user's events before each
+                           example (re-queried every --refresh-every events of the user, as a refresh job would)
+    last 20%            -> DLRM test examples (never trained on); user vectors the same way
 Arms on the same examples and budget, one paired run per seed (seed = transformer init and DLRM init):
 DLRM alone; DLRM + SASRec user vector (the control: "any pre-trained user vector"); DLRM + LUM (label-aligned
 conditions, e.g. behavior=liked / behavior=buy, and the candidate's own category by group query). A data
@@ -22,6 +23,7 @@ Timings are wall-clock on a shared machine (other processes may use the cores).
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import logging
 import math
@@ -80,6 +82,8 @@ class Settings:
     max_users: int = 0  # 0: all users (smoke tests take a few)
     retrieval: bool = True
     lum_inputs: str = "full"  # DLRMConfig.lum_inputs: "full" (vectors + similarities) or "match" (similarities)
+    ablate_inputs: bool = False  # also score both LUM arms with the other ``lum_inputs`` mode
+    refresh_every: int = 10  # user vectors are re-queried every N events of the user (1: before every example)
     table_rows: dict | None = None  # per data set: DLRM hash rows >= 2x its distinct ids (``table_rows_for``)
 
 
@@ -157,38 +161,73 @@ def conditions_for(dataset_kind: str) -> list[str]:
 
 @dataclass
 class View:
-    """What the refresh job would have published at one moment: per-user vectors and item vectors."""
+    """What the refresh job would have attached to each example: the model's group-query outputs over the
+    user's events strictly before the example (point in time), and the item vectors."""
 
     version: str
     conditions: list[str]
-    users: dict[int, list[list[float]]]  # user -> one vector per condition (users without any prior event absent)
-    target: dict[tuple[int, int], list[float]]  # (user, category) -> own-category query vector
+    users: dict[tuple[int, int], list[list[float]]]  # (user, event index) -> one vector per condition
+    target: dict[tuple[int, int], list[float]]  # (user, event index) -> own-category query vector
     items: dict[int, list[float]]  # only items the model was trained on: others are absent, never "present"
 
 
-def make_view(model: LumModel, prefixes: dict[int, list[BehaviorEvent]], conditions: list[str],
-              candidates: dict[int, list[tuple[int, int]]], base: str, trained_items: np.ndarray) -> View:
-    """Group query over each user's prefix: fixed conditions, then ``base`` + each candidate's own category."""
+def make_view(model: LumModel, users: dict[int, list[BehaviorEvent]], conditions: list[str], base: str,
+              trained_items: np.ndarray, wanted: dict[int, list[int]], refresh_every: int = 1) -> View:
+    """Per example (user u, event index j in ``wanted[u]``): the group query over u's events strictly earlier
+    than event j (``as_of < t``, as the stream's joiner attaches features), cut back to the last refresh (every
+    ``refresh_every`` events of the user), under the fixed ``conditions`` and ``base`` + the example's own
+    category (interest matching, paper 4.3); and the item vector of every example's item the model was
+    trained on.
+
+    One vector per example's moment, not one per user frozen over a whole segment: a frozen vector is an
+    identifier of the user that the DLRM's dense layers memorize, and it covers only events the transformer was
+    trained on while the test vectors cover events it never saw (Taobao sample, SASRec vector, one seed:
+    test AUC 0.646 frozen, 0.685 point in time).
+    """
     version = model_version(model, 0)
-    seqs = sequences_from_events(e for p in prefixes.values() for e in p)
-    conds = np.array([parse_condition(c) for c in conditions], dtype=np.int64)
-    vecs = condition_outputs(model, seqs, conds).tolist() if seqs else []
-    users = {s.user_id: v for s, v in zip(seqs, vecs)}
+    use_cond = model.cfg.use_conditions  # an items-only model answers every condition alike
+    fixed = np.array([parse_condition(c) for c in conditions], dtype=np.int64)
+    K = len(conditions)
+    seqs, groups = [], []  # one query per (user, refresh point): the examples it serves and their categories
+    for u, js in wanted.items():
+        evs = users[u]
+        if not js:
+            continue
+        full = sequences_from_events(evs)[0]
+        if len(full) != len(evs):  # replayed events counted once: rebuild each prefix instead of slicing
+            full = None
+        times = [e.event_time_ms for e in evs]
+        at: dict[int, list[int]] = {}
+        for j in js:
+            p = bisect.bisect_left(times, times[j], 0, j + 1)  # events strictly before event j's time
+            p -= p % refresh_every  # as of the user's last refresh
+            if p > 0:  # nothing known yet: absent
+                at.setdefault(p, []).append(j)
+        for p, members in at.items():
+            seqs.append(full[:p] if full is not None else sequences_from_events(evs[:p])[0])
+            groups.append((u, members, [evs[j].category_id for j in members]))
+    users_out: dict[tuple[int, int], list[list[float]]] = {}
     target: dict[tuple[int, int], list[float]] = {}
-    if seqs and model.cfg.use_conditions:  # an items-only model answers every condition alike
-        per_user = [[c for _, c in candidates.get(s.user_id, [])] for s in seqs]
-        qc, cols = category_conditions(f"{base}", per_user)
-        tv = condition_outputs(model, seqs, qc).tolist()
-        for s, col, v in zip(seqs, cols, tv):
-            for cat, k in col.items():
-                target[(s.user_id, cat)] = v[k]
-    pairs = sorted({p for c in candidates.values() for p in c})
+    if seqs:
+        q = np.repeat(fixed[None], len(seqs), axis=0)
+        cols: list[dict[int, int]] = [{} for _ in seqs]
+        if use_cond:
+            qc, cols = category_conditions(base, [g[2] for g in groups])  # base + each own category
+            q = np.concatenate([q, qc], axis=1)
+        out = condition_outputs(model, seqs, q).numpy()
+        for (u, members, cats), col, v in zip(groups, cols, out):
+            fixed_v = v[:K].tolist()
+            for j, c in zip(members, cats):
+                users_out[(u, j)] = fixed_v
+                if use_cond:
+                    target[(u, j)] = v[K + col[c]].tolist()
     known = set(trained_items.tolist())
-    pairs = [(i, c) for i, c in pairs if i in known]
+    pairs = sorted({(e.item_id, e.category_id) for u, js in wanted.items() for e in (users[u][j] for j in js)
+                    if e.item_id in known})
     with torch.no_grad():
         iv = model.item_vectors(torch.tensor([i for i, _ in pairs], dtype=torch.long),
                                 torch.tensor([c for _, c in pairs], dtype=torch.long)).tolist() if pairs else []
-    return View(version, conditions, users, target, {i: v for (i, _), v in zip(pairs, iv)})
+    return View(version, conditions, users_out, target, {i: v for (i, _), v in zip(pairs, iv)})
 
 
 def examples(users: dict[int, list[BehaviorEvent]], kind: str, bounds: Callable[[int], tuple[int, int]],
@@ -200,15 +239,15 @@ def examples(users: dict[int, list[BehaviorEvent]], kind: str, bounds: Callable[
     for u, evs in users.items():
         lo, hi = bounds(len(evs))
         labels = labels_for(evs, kind, hi)
-        uv = view.users.get(u) if view else None
         for j in range(lo, hi):
             if labels[j] is None:
                 continue
             e, past = evs[j], evs[max(0, j - HISTORY):j]  # strictly earlier behaviors of this user
             names = vecs = None
+            uv = view.users.get((u, j)) if view else None
             if uv is not None:
                 names, vecs = list(view.conditions), list(uv)
-                tv = view.target.get((u, e.category_id))
+                tv = view.target.get((u, j))
                 if tv is not None:
                     names.append(TARGET_CATEGORY)
                     vecs.append(tv)
@@ -223,13 +262,13 @@ def examples(users: dict[int, list[BehaviorEvent]], kind: str, bounds: Callable[
     return out
 
 
-def candidates_of(users: dict[int, list[BehaviorEvent]], kind: str, bounds) -> dict[int, list[tuple[int, int]]]:
-    """(item, category) of every example a user has in the segment ``bounds`` selects."""
-    out: dict[int, list[tuple[int, int]]] = {}
+def example_indices(users: dict[int, list[BehaviorEvent]], kind: str, bounds) -> dict[int, list[int]]:
+    """Event indices of every example a user has in the segment ``bounds`` selects."""
+    out: dict[int, list[int]] = {}
     for u, evs in users.items():
         lo, hi = bounds(len(evs))
         labels = labels_for(evs, kind, hi)
-        out[u] = [(evs[j].item_id, evs[j].category_id) for j in range(lo, hi) if labels[j] is not None]
+        out[u] = [j for j in range(lo, hi) if labels[j] is not None]
     return out
 
 
@@ -356,7 +395,6 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
     sas_cfg = lum_cfg.model_copy(update={"name": f"{lum_cfg.name}-sasrec", "use_conditions": False,
                                          "row_len": lum_cfg.row_len // 2})  # same pairs per row
     prefix1 = {u: evs[:cut_points(len(evs), s.cuts)[0]] for u, evs in users.items()}
-    prefix2 = {u: evs[:cut_points(len(evs), s.cuts)[1]] for u, evs in users.items()}
     pre_seqs = sequences_from_events(sorted((e for p in prefix1.values() for e in p), key=lambda e: e.event_time_ms))
     tr, va, te = split_users(pre_seqs)
     if not te or not va:
@@ -375,13 +413,16 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
             raise Skip(f"the {part} segment has no examples")
         if len(set(labels)) < 2:
             raise Skip(f"the {part} segment has only label {labels[0]} ({len(labels)} examples): AUC undefined")
-    cands = {p: candidates_of(users, kind, b) for p, b in (("train", train_b), ("test", test_b), ("fit", fit_b),
-                                                          ("val", val_b))}
+    wanted = {u: a + b for (u, a), b in zip(example_indices(users, kind, train_b).items(),
+                                            example_indices(users, kind, test_b).values())}
     conditions = conditions_for(kind)
     base = label_condition(kind)
     res["conditions"] = conditions + [f"{TARGET_CATEGORY} ({base},category=<candidate's>)"]
 
     arms = {"dlrm": [], "dlrm_sasrec": [], "dlrm_lum": []}
+    other = {"full": "match", "match": "full"}[s.lum_inputs]
+    if s.ablate_inputs:  # the same vectors through the other DLRM input mode (cheap: no pre-training)
+        arms |= {f"dlrm_sasrec_{other}": [], f"dlrm_lum_{other}": []}
     ll = {k: [] for k in arms}
     ret: dict[str, list] = {"lum": [], "sasrec": []}
     epochs: dict[str, int] = {}
@@ -399,23 +440,22 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
                          arm, seed, m["hr@10"], m["ndcg@10"], m["cond_hr@10"], m["pop_hr@10"], m["pop_cond_hr@10"])
         for arm in ("lum", "sasrec") if not (s.pretrain_once and views) else ():  # same models: same views
             conds = conditions if arm == "lum" else ["any"]
-            views[arm] = {
-                "1": make_view(models[arm], prefix1, conds, {u: cands["train"][u] + cands["fit"][u] + cands["val"][u]
-                                                              for u in users}, base, trained_items),
-                "2": make_view(models[arm], prefix2, conds, cands["test"], base, trained_items)}
+            views[arm] = make_view(models[arm], users, conds, base, trained_items, wanted, s.refresh_every)
         for arm, feats, view in (("dlrm", "baseline", None), ("dlrm_sasrec", "lum", "sasrec"),
-                                 ("dlrm_lum", "lum", "lum")):
-            v1 = views[view]["1"] if view else None
-            v2 = views[view]["2"] if view else None
+                                 ("dlrm_lum", "lum", "lum")) + ((
+                (f"dlrm_sasrec_{other}", "lum", "sasrec"), (f"dlrm_lum_{other}", "lum", "lum"))
+                if s.ablate_inputs else ()):
+            sa = replace(s, lum_inputs=other) if arm.endswith(other) else s
+            v1 = v2 = views[view] if view else None  # point in time: one vector per example
             train, test = examples(users, kind, train_b, v1), examples(users, kind, test_b, v2)
             if arm not in epochs:  # epochs chosen once per arm on segment 2's validation tail, first seed
                 sel = dlrm_run(feats, examples(users, kind, fit_b, v1), {"val": examples(users, kind, val_b, v1)},
-                               s, seed, s.max_epochs, each_epoch=True)
+                               sa, seed, s.max_epochs, each_epoch=True)
                 val_ll = [m["logloss"] for m in sel["val"]]  # early stopping on validation log loss
                 if not np.isfinite([m["auc"] for m in sel["val"]]).any():
                     raise Skip(f"DLRM validation AUC undefined for {arm} (a label class missing)")
                 epochs[arm] = 1 + int(np.argmin(val_ll))
-            r = dlrm_run(feats, train, {"test": test}, s, seed, epochs[arm])
+            r = dlrm_run(feats, train, {"test": test}, sa, seed, epochs[arm])
             arms[arm].append(r["test"][-1]["auc"])
             ll[arm].append(r["test"][-1]["logloss"])
             if seed == s.seeds[0]:
@@ -430,6 +470,10 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
     res["paired"] = {"lum_vs_dlrm": paired_t(arms["dlrm_lum"], arms["dlrm"]),
                      "lum_vs_sasrec": paired_t(arms["dlrm_lum"], arms["dlrm_sasrec"]),
                      "sasrec_vs_dlrm": paired_t(arms["dlrm_sasrec"], arms["dlrm"])}
+    if s.ablate_inputs:
+        res["paired"] |= {f"lum_{other}_vs_dlrm": paired_t(arms[f"dlrm_lum_{other}"], arms["dlrm"]),
+                          f"lum_{other}_vs_sasrec_{other}": paired_t(arms[f"dlrm_lum_{other}"],
+                                                                     arms[f"dlrm_sasrec_{other}"])}
     if s.retrieval:
         mean = lambda arm, k: float(np.mean([m[k] for m in ret[arm]]))  # noqa: E731
         res.update(lum_hr10=mean("lum", "hr@10"), sasrec_hr10=mean("sasrec", "hr@10"),
@@ -526,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="train the transformers once (first seed) and vary only the DLRM seed (faster, weaker)")
     ap.add_argument("--lum-inputs", choices=("full", "match"), default="full",
                     help="DLRM inputs from a pre-trained model: vectors + similarities, or similarities only")
+    ap.add_argument("--ablate-inputs", action="store_true",
+                    help="also score the SASRec and LUM arms with the other --lum-inputs mode (same vectors)")
+    ap.add_argument("--refresh-every", type=int, default=None,
+                    help="re-query each user's vectors every N of their events (default 10; 1: before every example)")
     ap.add_argument("--max-users", type=int, default=0, help="first N users only (0: all)")
     ap.add_argument("--no-retrieval", action="store_true", help="skip the retrieval evaluation")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "offline.md"))
@@ -543,6 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                 eval_every=args.eval_every or s.eval_every, patience=args.patience or s.patience,
                 retrieval=not args.no_retrieval, max_epochs=args.max_epochs or s.max_epochs,
                 max_users=args.max_users, pretrain_once=args.pretrain_once, lum_inputs=args.lum_inputs,
+                ablate_inputs=args.ablate_inputs, refresh_every=args.refresh_every or s.refresh_every,
                 seeds=tuple(int(x) for x in args.seeds.split(",")) if args.seeds else s.seeds)
     if s.lum_preset not in PRESETS:
         ap.error(f"unknown preset {s.lum_preset!r}; known: {', '.join(PRESETS)}")

@@ -48,8 +48,8 @@ def test_movielens_label_is_rating_at_least_4(bench):
 
 def test_examples_are_point_in_time(bench):
     users = {u: [ev(n, 100 * u + n, "rate", user=u, rating=float(1 + n % 5)) for n in range(10)] for u in (1, 2)}
-    view = bench.View("v1", ["any"], users={1: [[1.0, 0.0]]}, target={(1, 105 % 3): [0.0, 1.0]},
-                      items={101: [0.5, 0.5]})
+    view = bench.View("v1", ["any"], users={(1, j): [[1.0, float(j)]] for j in range(1, 10)},
+                      target={(1, 5): [0.0, 1.0]}, items={101: [0.5, 0.5]})
     train = bench.examples(users, "movielens", bench.segment_bounds("train", (0.5, 0.8)), view)
     test = bench.examples(users, "movielens", bench.segment_bounds("test", (0.5, 0.8)), view)
     assert sorted(x.event_time_ms for x in train) == [x.event_time_ms for x in train]  # stream order
@@ -58,13 +58,44 @@ def test_examples_are_point_in_time(bench):
         for x in segment:
             n = x.item_id % 100
             assert x.history_items == [100 * x.user_id + j for j in range(n)]  # strictly earlier events only
+            if x.user_id == 1:  # each example carries the vector of its own moment
+                assert x.lum_user[0] == [1.0, float(n)]
     # User 2 has no LUM vector in this view: absent, not zeros; user 1 has it.
     assert all((x.lum_user is None) == (x.user_id == 2) for x in train)
     assert train[0].lum_model_version == "v1"
     # The candidate's own-category vector rides in its own slot, only where it exists.
-    own = [x for x in train if x.user_id == 1 and x.category_id == 105 % 3]
+    own = [x for x in train if x.user_id == 1 and x.item_id == 105]
     assert own and all(x.lum_conditions == ["any", bench.TARGET_CATEGORY] for x in own)
     assert all(x.lum_conditions == ["any"] for x in train if x.user_id == 1 and x not in own)
+
+
+def test_user_vectors_are_queried_over_the_events_before_each_example(bench):
+    """A vector per example over the user's events strictly earlier than it (as_of < t), not one vector per user
+    frozen over a segment: the frozen one identifies the user (the DLRM memorizes it) and covers only events the
+    transformer was trained on, while test vectors cover unseen ones (the Taobao sample lost 0.08 AUC)."""
+    import torch
+
+    from trainers.lum.data import sequences_from_events
+    from trainers.lum.model import PRESETS, LumModel
+    from schemas.tokenize import parse_condition
+    from trainers.lum.refresh import condition_outputs
+
+    torch.manual_seed(0)
+    model = LumModel(PRESETS["debug"]).eval()
+    evs = [ev(n, 10 + n, "rate", rating=4.0) for n in range(6)]
+    evs[4] = evs[4].model_copy(update={"event_time_ms": evs[3].event_time_ms})  # 3 and 4 share a time
+    users = {1: evs}
+    view = bench.make_view(model, users, ["any"], "behavior=liked", np.array([10, 11, 13]), {1: [0, 2, 4, 5]})
+    assert (1, 0) not in view.users  # nothing before the first event: absent
+    full = sequences_from_events(evs)[0]
+    for j, p in ((2, 2), (4, 3), (5, 5)):  # event 4's prefix stops before event 3 (same time: not yet known)
+        want = condition_outputs(model, [full[:p]], np.array([parse_condition("any")])).numpy()[0, 0]
+        assert np.allclose(view.users[(1, j)][0], want, atol=1e-5)
+    assert not np.allclose(view.users[(1, 2)][0], view.users[(1, 5)][0])
+    assert set(view.target) == {(1, 2), (1, 4), (1, 5)}
+    every2 = bench.make_view(model, users, ["any"], "behavior=liked", np.array([10]), {1: [2, 5]}, refresh_every=2)
+    want = condition_outputs(model, [full[:4]], np.array([parse_condition("any")])).numpy()[0, 0]
+    assert np.allclose(every2.users[(1, 5)][0], want, atol=1e-5)  # as of the user's refresh after 4 events
 
 
 def test_segments_partition_each_user(bench):
@@ -91,11 +122,10 @@ def test_items_never_pretrained_on_are_absent_not_present(bench):
 
     torch.manual_seed(0)
     model = LumModel(PRESETS["debug"]).eval()
-    users = {1: [ev(n, 10 + n, "rate", rating=4.0) for n in range(4)]}
-    cands = {1: [(10, 1), (11, 2), (99, 0)]}
-    view = bench.make_view(model, users, ["any"], cands, "behavior=liked", trained_items=np.array([10, 11]))
-    assert set(view.items) == {10, 11}  # 99 was never trained on: absent
-    assert set(view.target) == {(1, 1), (1, 2), (1, 0)} and len(view.users[1]) == 1
+    users = {1: [ev(n, [10, 11, 99, 12][n], "rate", rating=4.0) for n in range(4)]}
+    view = bench.make_view(model, users, ["any"], "behavior=liked", np.array([10, 11]), {1: [0, 1, 2, 3]})
+    assert set(view.items) == {10, 11}  # 99 and 12 were never trained on: absent
+    assert set(view.target) == {(1, 1), (1, 2), (1, 3)} and len(view.users[(1, 1)]) == 1
 
 
 def test_every_dlrm_epoch_trains_and_the_bias_starts_at_the_training_base_rate(bench):

@@ -7,7 +7,7 @@ import numpy as np
 
 from schemas.events import MAX_ID
 from trainers.dlrm.features import CollisionStats, Featurizer, hash_ids
-from trainers.dlrm.model import SPARSE_FEATURES, DLRMConfig, dense_feature_names
+from trainers.dlrm.model import FEATURE_LAYOUT, SPARSE_FEATURES, DLRMConfig, dense_feature_names
 from trainers.dlrm.synthetic import synthetic_examples
 
 
@@ -64,7 +64,8 @@ def test_lum_inputs_by_name_with_explicit_flags():
     d = fz(exs).dense.numpy()
     assert d.shape == (3, len(names))
     row = d[0]
-    assert row[col["lum_user[scenario=home][0]"]] == 1 and row[col["lum_user[scenario=search][1]"]] == 1
+    # direct inputs: unit norm / sqrt(D) (D = 4)
+    assert row[col["lum_user[scenario=home][0]"]] == 0.5 and row[col["lum_user[scenario=search][1]"]] == 0.5
     assert row[col["lum_user_present[scenario=home]"]] == 1 and row[col["lum_item_present"]] == 1
     assert np.isclose(row[col["cos[scenario=home]"]], 1.0) and np.isclose(row[col["cos[scenario=search]"]], 0.0)
     assert not any(n.startswith("dot[") for n in names)  # cos/sqrt(D) of unit vectors: a redundant input
@@ -109,7 +110,7 @@ def test_own_category_match_from_a_per_candidate_vector_or_a_condition_naming_th
     d = fz(exs).dense.numpy()
     cos, flag = d[:, col["cos[category]"]], d[:, col["category_condition_present"]]
     assert np.allclose(cos, [np.sqrt(0.5), 1.0, -1.0, 0.0], atol=1e-6) and (flag == [1, 1, 1, 0]).all()
-    assert (d[0, [col[f"lum_user[category][{j}]"] for j in range(4)]] == [1, 1, 0, 0]).all()
+    assert np.allclose(d[0, [col[f"lum_user[category][{j}]"] for j in range(4)]], np.array([1, 1, 0, 0]) / 8 ** 0.5)
     assert fz.lum_stats["condition_not_configured"] == 0  # the own-category vectors are used, not dropped
 
 
@@ -176,10 +177,10 @@ def test_a_checkpoint_of_the_old_feature_layout_is_refused_on_resume(tmp_path):
     t.checkpoint()
     meta_path = latest_checkpoint(tmp_path) / "meta.json"
     meta = json.loads(meta_path.read_text())
-    assert meta["config"]["feature_layout"] == 2 and meta["config"]["prior_ctr"] is not None
+    assert meta["config"]["feature_layout"] == FEATURE_LAYOUT and meta["config"]["prior_ctr"] is not None
     del meta["config"]["feature_layout"]
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(Refuse, match="feature_layout: saved 1, requested 2"):
+    with pytest.raises(Refuse, match=f"feature_layout: saved 1, requested {FEATURE_LAYOUT}"):
         Trainer(cfg, tmp_path)
 
 
@@ -191,3 +192,22 @@ def test_match_only_lum_inputs_keep_similarities_and_flags():
     na, nb = dense_feature_names(full.cfg), dense_feature_names(match.cfg)
     assert len(nb) == len(b) and not any(n.startswith(("lum_user[", "lum_item[")) for n in nb)
     assert {n: b[i] for i, n in enumerate(nb)} == {n: a[na.index(n)] for n in nb}  # the same values, fewer
+
+
+def test_each_direct_lum_vector_weighs_like_one_dense_feature_whatever_its_size():
+    """Adam moves each first-layer weight by ~lr whatever its input: raw unit vectors (L1 ~0.8 sqrt(D) each)
+    swamped the five baseline inputs (Taobao sample: -0.07 test AUC with the vectors); scaled, a vector's D
+    inputs have L1 <= 1, for any D and any norm the producer used."""
+    rng = np.random.default_rng(0)
+    for dim in (16, 256):
+        fz = Featurizer(DLRMConfig.preset("debug", features="lum", lum_dim=dim, lum_conditions=["any"]))
+        col = {n: i for i, n in enumerate(dense_feature_names(fz.cfg))}
+        v = rng.normal(size=(2, dim)) * [[1.0], [7.0]]  # one unit-ish, one large
+        exs = [_ex(lum_conditions=["any"], lum_user=[list(x)], lum_item=list(x), lum_model_version="v") for x in v]
+        d = fz(exs).dense.numpy()
+        for name in ("lum_user[any]", "lum_item"):
+            block = d[:, [col[f"{name}[{j}]"] for j in range(dim)]]
+            l1 = np.abs(block).sum(axis=1)
+            assert ((0.5 < l1) & (l1 <= 1.0)).all(), (dim, name, l1)
+            assert np.allclose(np.linalg.norm(block, axis=1), 1 / np.sqrt(dim), rtol=1e-4)
+        assert np.allclose(d[:, col["cos[any]"]], 1.0, atol=1e-5)  # similarities unchanged
