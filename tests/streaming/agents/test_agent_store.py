@@ -85,3 +85,30 @@ def test_memory_emit_records_sends_and_dead_letters():
     r = Record("behaviors", 0, 5, 0, None, b"junk")
     e.dead_letter(r, ValueError("bad"))
     assert e.sent == [("user-sequences", b"1", b"v", 2)] and e.dead == [(r, "bad")]
+
+
+def test_rocks_stores_of_a_process_share_one_bounded_memory_budget(tmp_path):
+    """Four stores (a worker's partitions) written well past the budget: their memtables together stay under
+    the write-buffer budget and the shared cache (data, index and filter blocks, memtable charge) under the
+    memory budget, instead of growing per store with the data."""
+    import os
+
+    from streaming.agents.store import rocks_memory
+
+    memory_mb, write_buffer_mb = 6, 2
+    stores = [RocksStore(tmp_path / f"p{p}", ID | {"partition": p}, sync=False, memory_mb=memory_mb,
+                         write_buffer_mb=write_buffer_mb) for p in range(4)]
+    peak = {"memtables": 0, "table_readers": 0, "cache": 0}
+    for batch in range(40):  # 4 stores x 40 batches x 200 KB = 32 MB written, 5x the budget
+        for s in stores:
+            keys = [f"u{batch:03d}-{i:04d}".encode() for i in range(200)]
+            s.update({k: os.urandom(1000) for k in keys})
+            s.commit({"behaviors": batch})
+            assert all(v is not None for v in s.get_many(keys[::7]))  # reads fill the block cache
+            s.get_many([f"u{b:03d}-0001".encode() for b in range(batch)])  # older blocks too
+        peak = {k: max(v, peak[k]) for k, v in rocks_memory(stores).items()}
+    for s in stores:
+        s.close()
+    assert peak["memtables"] <= 1.25 * (write_buffer_mb << 20), peak
+    assert peak["cache"] <= 1.1 * (memory_mb << 20), peak
+    assert peak["table_readers"] < 1 << 20, peak  # index and filter blocks are in the cache, not beside it
