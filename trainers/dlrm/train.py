@@ -32,7 +32,8 @@ step's decisions (checkpoint now, stop), so every rank steps in lockstep. The me
 
 Integrity:
 - re-delivered examples (the joiner is at-least-once) are dropped by example id: the ids of the last
-  ``dedup_horizon`` trained examples are remembered (8-byte hashes, bounded memory) and kept in the checkpoint;
+  ``dedup_horizon`` trained examples are remembered (8-byte hashes in fixed memory, ``trainers.dlrm.dedup``;
+  up to 1/16 more) and kept in the checkpoint;
   a duplicate arriving more than that many examples after its first copy is trained again;
 - a step whose loss is not finite on any rank is skipped on all ranks before backward (nothing is updated),
   counted (``skipped_batches``) and its examples go to ``on_bad_batch`` (the Kafka adapter dead-letters them);
@@ -43,7 +44,6 @@ Integrity:
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import math
@@ -54,7 +54,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +67,7 @@ from schemas.events import TrainingExample
 
 from ..checkpoint import Refuse, atomic_write, candidates, load_newest_good
 from ..checkpoint import latest as latest_checkpoint
+from .dedup import RecentIds
 from .features import Featurizer, resolve_lum_dims
 from .metrics import StreamingMetrics
 from .model import TABLES, DLRMConfig, build_model, mch_sharder, reset_evicted_rows_on_cpu
@@ -83,38 +83,6 @@ class Batch:
     offsets: dict[int, int] = field(default_factory=dict)  # partition -> next offset once this batch is trained
     sources: list[tuple[int, int]] | None = None  # (partition, offset) of each example, for dead letters
     weights: list[float] | None = None  # 0 for padding rows (world size > 1); None: all 1
-
-
-class RecentIds:
-    """The ids of the last ``horizon`` admitted examples (8-byte BLAKE2b of the id), oldest evicted first."""
-
-    def __init__(self, horizon: int):
-        self.horizon = horizon
-        self.order: deque[int] = deque()
-        self.members: set[int] = set()
-
-    @staticmethod
-    def key(example_id: str) -> int:
-        return int.from_bytes(hashlib.blake2b(example_id.encode(), digest_size=8).digest(), "little")
-
-    def add(self, k: int) -> None:
-        self.order.append(k)
-        self.members.add(k)
-        while len(self.order) > self.horizon:
-            self.members.discard(self.order.popleft())
-
-    def __contains__(self, k: int) -> bool:
-        return k in self.members
-
-    def to_array(self) -> np.ndarray:
-        return np.fromiter(self.order, dtype=np.uint64, count=len(self.order))
-
-    @classmethod
-    def from_array(cls, horizon: int, a: np.ndarray) -> RecentIds:
-        r = cls(horizon)
-        for k in a.tolist()[-horizon:]:
-            r.add(int(k))
-        return r
 
 
 def ensure_process_group() -> tuple[int, int]:
@@ -245,9 +213,9 @@ class Trainer:
             batch = Batch(list(batch))
         keep, keys = [], []
         fresh = set()
-        for i, ex in enumerate(batch.examples):
-            k = RecentIds.key(ex.example_id)
-            if k in self.seen or k in fresh:
+        all_keys = [RecentIds.key(ex.example_id) for ex in batch.examples]
+        for i, (k, known) in enumerate(zip(all_keys, self.seen.contains_many(all_keys).tolist())):
+            if known or k in fresh:
                 continue
             fresh.add(k)
             keep.append(i)
