@@ -1,16 +1,17 @@
 """Soak test: the whole streaming pipeline at a fixed event rate on the embedded broker, for minutes.
 
-    .venv/bin/python benchmarks/soak.py                        # 10 minutes, rate = half the measured agent rate
+    .venv/bin/python benchmarks/soak.py                        # 10 minutes, rate = half the measured pipeline rate
     .venv/bin/python benchmarks/soak.py --minutes 4 --rate 300 --json soak.json
 
 Starts the embedded broker, creates the topics, then runs as subprocesses (each in its own process group):
 ``lum produce synthetic --rate R`` (a fixed rate), ``lum agents`` (sequence agent and joiner) and one DLRM
-trainer (``lum train --features baseline --preset debug``). Without ``--rate``, R is half the agents' rate
-measured in the soak's own deployment (floor 200 events/s): 200,000 events are produced as fast as possible
-first, then the agents and the trainer start together and the agents' time to consume them (from their first
-commit to caught up), while the trainer trains on the joiner's output on the same cores, gives the rate; the
-agents and the trainer keep running and the soak's producer continues the same stream (``--skip``). The other
-half is the headroom for the producer, the broker and the machine's other load (printed with the rate).
+trainer (``lum train --features baseline --preset debug``). Without ``--rate``, R is half the rate the
+pipeline sustains as the soak deploys it (floor 200 events/s): the agents and the trainer start, 200,000 events
+are produced as fast as possible beside them, and the agents' time to take them in (from their first commit to
+caught up, the producer done), with the producer, the trainer and the broker on the same cores, gives the rate
+(the output says whether the agents or the producer were the limit, and the load average). The agents and the
+trainer keep running and the soak's producer continues the same stream (``--skip``). The other half is
+headroom: the machine's other load changes during the soak.
 
 It samples every 10 s and prints every minute and at the end: consumer-group lag (last, max so far; lag =
 fetched end offset - committed, from ``streaming.status``), the RSS (VmRSS) of every process it started and of
@@ -55,7 +56,7 @@ from streaming.kafka import create_topics  # noqa: E402
 LUM = str(Path(sys.executable).parent / "lum")
 SEED = 7
 USERS = 2000
-MEASURE_EVENTS = 200_000  # enough that the agents (tens of thousands of events/s) can be timed
+MEASURE_EVENTS = 200_000  # enough that the pipeline (thousands of events/s) can be timed
 RATE_FLOOR = 200.0
 SLOPE_SHARE = 0.02  # lag growth over the last half tolerated, as a share of the input rate
 BASE_S = 120.0  # RSS growth is judged from this point of the soak to its end
@@ -167,39 +168,43 @@ def kafka_figures(kafka: KafkaSettings) -> tuple[dict[str, int], dict[str, int]]
     return lag, {n: sum(e or 0 for e in ends[n].values()) for n in ends}
 
 
-def measure_agent_rate(procs: Procs, kafka: KafkaSettings, trainer_args: list[str],
-                       timeout: float = 300.0) -> float | None:
-    """Events/s the agents take in while deployed as the soak runs them: MEASURE_EVENTS pre-produced events,
-    the agents and the trainer started together (the trainer trains on the joiner's output meanwhile, on the
-    same cores), timed from the first commit seen (both agents assigned and consuming) to both groups caught
-    up; None when they were too quick to time. The agents and the trainer keep running into the soak."""
-    print(f"measuring the agent rate: producing {MEASURE_EVENTS} events, then timing the agents while the trainer "
-          "runs beside them ...", flush=True)
-    p = procs.start("produce-measure", ["produce", "synthetic", "--users", str(USERS), "--events",
-                                        str(MEASURE_EVENTS), "--rate", "0", "--seed", str(SEED)])
-    if p.wait(timeout) != 0:
-        raise RuntimeError(f"the measuring producer failed (see {procs.logs / 'produce-measure.log'})")
-    procs.procs.pop("produce-measure")
+def measure_pipeline_rate(procs: Procs, kafka: KafkaSettings, trainer_args: list[str],
+                          timeout: float = 300.0) -> float | None:
+    """Events/s the pipeline sustains as the soak deploys it: the agents and the trainer start, and the producer
+    sends MEASURE_EVENTS events as fast as it can beside them (all on the same cores); timed from the first
+    commit seen (both agents assigned and consuming) to both agent groups caught up once the producer is done.
+    The agents' progress is the joiner's (it reads both inputs); the producer may be the limit, which the
+    output says. None when they were too quick to time. The agents and the trainer keep running into the soak."""
+    print(f"measuring the pipeline rate: {MEASURE_EVENTS} events produced as fast as possible while the agents "
+          "and the trainer run ...", flush=True)
     procs.start("agents", ["agents"])
     procs.start("trainer", trainer_args)
-    t0 = done0 = None
+    producer = procs.start("produce-measure", ["produce", "synthetic", "--users", str(USERS), "--events",
+                                               str(MEASURE_EVENTS), "--rate", "0", "--seed", str(SEED)])
+    t0 = done0 = produced_at = lag_at_produced = None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         lag, sizes = kafka_figures(kafka)
         now = time.monotonic()
         seq, join = lag.get(GROUPS[0]), lag.get(GROUPS[1])
+        if produced_at is None and producer.poll() is not None:
+            if producer.returncode != 0:
+                raise RuntimeError(f"the measuring producer failed (see {procs.logs / 'produce-measure.log'})")
+            procs.procs.pop("produce-measure")
+            produced_at, lag_at_produced = now, join
         if seq is not None and join is not None:
-            # the joiner reads both inputs: its progress counts every event
             done = sizes.get(kafka.topic(BEHAVIORS), 0) + sizes.get(kafka.topic(IMPRESSIONS), 0) - join
             if t0 is None:
                 t0, done0 = now, done
-            if seq == 0 and join == 0:
+            if produced_at is not None and seq == 0 and join == 0:
                 if done - done0 < MEASURE_EVENTS / 4:
-                    print(f"  agents took in {MEASURE_EVENTS} events before they could be timed", flush=True)
+                    print(f"  the agents took in {MEASURE_EVENTS} events before they could be timed", flush=True)
                     return None
                 rate = (done - done0) / (now - t0)
-                print(f"  agents took in {done - done0} events in {now - t0:.1f}s beside the trainer: "
-                      f"{rate:.0f} events/s; load average {_load()}", flush=True)
+                limit = ("the producer was the limit: the agents kept up" if (lag_at_produced or 0) < MEASURE_EVENTS / 20
+                         else f"the agents were the limit: {lag_at_produced} events behind when the producer finished")
+                print(f"  the agents took in {done - done0} events in {now - t0:.1f}s: {rate:.0f} events/s ({limit}); "
+                      f"load average {_load()}", flush=True)
                 return rate
         time.sleep(0.2)
     raise RuntimeError(f"the agents did not catch up on {MEASURE_EVENTS} events within {timeout:.0f}s")
@@ -314,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="soak duration (default 10)")
     ap.add_argument("--rate", type=float, default=None, help="producer events/s (default: half the measured "
-                    f"agent rate, at least {RATE_FLOOR:.0f})")
+                    f"pipeline rate, at least {RATE_FLOOR:.0f})")
     ap.add_argument("--json", type=Path, default=None, help="write config, samples and verdicts here")
     ap.add_argument("--sample-s", type=float, default=10.0, help="seconds between samples (default 10)")
     ap.add_argument("--workdir", type=Path, default=None, help="state, checkpoints and logs (default: a temporary "
@@ -344,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         skip = 0
         trainer = ["train", "--features", "baseline", "--checkpoint-dir", str(ckpt), "--preset", "debug"]
         if args.rate is None:
-            measured = measure_agent_rate(procs, kafka, trainer)
+            measured = measure_pipeline_rate(procs, kafka, trainer)
             rate, skip = max(RATE_FLOOR, (measured or 0) / 2), MEASURE_EVENTS
         else:
             measured, rate = None, args.rate
@@ -355,9 +360,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "--skip", str(skip), "--rate", f"{rate:.1f}", "--seed", str(SEED)])
         procs.procs["broker"] = broker.proc
         print(f"soak: {args.minutes:g} min at {rate:.0f} events/s"
-              + (" (--rate)" if args.rate is not None else f" (half the agent rate measured beside the trainer, "
-                 f"{measured:.0f}/s; floor {RATE_FLOOR:.0f})" if measured else
-                 f" (agent rate not measured: floor {RATE_FLOOR:.0f})")
+              + (" (--rate)" if args.rate is not None else f" (half the pipeline rate measured with "
+                 f"every process of the soak running, {measured:.0f}/s; floor {RATE_FLOOR:.0f})" if measured else
+                 f" (pipeline rate not measured: floor {RATE_FLOOR:.0f})")
               + f"; sampling every {args.sample_s:g}s; load average {_load()}", flush=True)
 
         t0 = time.monotonic()
@@ -385,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'n/a ' if v['ok'] is None else 'PASS' if v['ok'] else 'FAIL'}  {v['goal']}: {v['detail']}")
         if args.json:
             args.json.write_text(json.dumps({"config": {"minutes": args.minutes, "rate": rate, "bootstrap": broker.bootstrap,
-                                                        "measured_agent_rate":
+                                                        "measured_pipeline_rate":
                                                         measured, "sample_s": args.sample_s, "users": USERS},
                                              "samples": samples, "verdicts": results}, indent=2))
         return 0 if all(v["ok"] is not False for v in results) else 1
