@@ -46,10 +46,10 @@ class AgentSettings(BaseSettings):
     crash_at: str = Field("", pattern=r"^([a-z_]+(:[0-9]+)?)?$",
                           description="TEST ONLY: kill the worker (SIGKILL) the n-th time it reaches the named "
                           "point (name[:n]; once per data directory); see streaming.agents.runtime.CRASH_POINTS")
-    rocksdb_memory_mb: int = Field(32, ge=4, le=1 << 20, description="RocksDB memory of one worker process, all its "
+    rocksdb_memory_mb: int = Field(16, ge=4, le=1 << 20, description="RocksDB memory of one worker process, all its "
                                    "stores together: one block cache holding data, index and filter blocks and "
                                    "the memtables' charge")
-    rocksdb_write_buffer_mb: int = Field(8, ge=1, le=1 << 20, description="memtables of one worker's stores "
+    rocksdb_write_buffer_mb: int = Field(4, ge=1, le=1 << 20, description="memtables of one worker's stores "
                                          "together, charged to LUM_AGENT_ROCKSDB_MEMORY_MB (writes wait for a "
                                          "flush past it); less than that budget")
     log_interval_s: float = Field(10.0, gt=0, description="seconds between throughput/lag log lines")
