@@ -50,8 +50,8 @@ class AgentSettings(BaseSettings):
                                    "stores together: one block cache holding data, index and filter blocks and "
                                    "the memtables' charge")
     rocksdb_write_buffer_mb: int = Field(4, ge=1, le=1 << 20, description="memtables of one worker's stores "
-                                         "together, charged to LUM_AGENT_ROCKSDB_MEMORY_MB (writes wait for a "
-                                         "flush past it); less than that budget")
+                                         "together, charged to LUM_AGENT_ROCKSDB_MEMORY_MB (reaching it triggers "
+                                         "a flush; writes never wait); less than that budget")
     log_interval_s: float = Field(10.0, gt=0, description="seconds between throughput/lag log lines")
 
     @model_validator(mode="after")

@@ -216,8 +216,10 @@ _DATA, _POS, _IDENTITY = b"d", b"p", b"\x00identity"
 # minutes, and a per-store bound multiplies by the partitions. So every store of a process shares ONE budget:
 # an LRU block cache of $LUM_AGENT_ROCKSDB_MEMORY_MB that holds the data blocks, the index and filter blocks
 # (charged to it instead of growing with the SST files) and, through a write-buffer manager, the memtables,
-# which all the stores together keep under $LUM_AGENT_ROCKSDB_WRITE_BUFFER_MB (writers stall for a flush past
-# it). The budget fills within the first minutes of streaming (deleted and compacted blocks count until
+# which all the stores together keep near $LUM_AGENT_ROCKSDB_WRITE_BUFFER_MB: reaching it triggers a flush. It is
+# a soft limit on purpose: with stalling on, a write to a store whose memtable is empty, while the other stores'
+# memtables hold the budget, waits for memory that only their (never coming) writes would flush: the worker hung
+# for good in benchmarks/soak.py. The budget fills within the first minutes of streaming (deleted and compacted blocks count until
 # evicted), after which RocksDB's share of the worker's memory stays flat.
 _shared: dict[tuple[int, int], tuple] = {}  # (memory, write buffers) in bytes -> (Cache, WriteBufferManager)
 
@@ -239,7 +241,7 @@ def rocks_options(memory_mb: int | None = None, write_buffer_mb: int | None = No
     budget = (memory_mb << 20, write_buffer_mb << 20)
     if budget not in _shared:
         cache = Cache(budget[0])
-        _shared[budget] = cache, WriteBufferManager.new_write_buffer_manager_with_cache(budget[1], True, cache)
+        _shared[budget] = cache, WriteBufferManager.new_write_buffer_manager_with_cache(budget[1], False, cache)
     cache, wbm = _shared[budget]
     opts = Options(raw_mode=True)
     opts.create_if_missing(True)
