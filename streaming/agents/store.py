@@ -216,8 +216,9 @@ _DATA, _POS, _IDENTITY = b"d", b"p", b"\x00identity"
 # minutes, and a per-store bound multiplies by the partitions. So every store of a process shares ONE budget:
 # an LRU block cache of $LUM_AGENT_ROCKSDB_MEMORY_MB that holds the data blocks, the index and filter blocks
 # (charged to it instead of growing with the SST files) and, through a write-buffer manager, the memtables,
-# which all the stores together keep near $LUM_AGENT_ROCKSDB_WRITE_BUFFER_MB: reaching it triggers a flush. It is
-# a soft limit on purpose: with stalling on, a write to a store whose memtable is empty, while the other stores'
+# which all the stores together keep near $LUM_AGENT_ROCKSDB_WRITE_BUFFER_MB: reaching it triggers a flush, and a
+# store holds at most two memtables of half of it (the hard bound: the budget per store). It is a soft limit on
+# purpose: with stalling on, a write to a store whose memtable is empty, while the other stores'
 # memtables hold the budget, waits for memory that only their (never coming) writes would flush: the worker hung
 # for good in benchmarks/soak.py. The budget fills within the first minutes of streaming (deleted and compacted blocks count until
 # evicted), after which RocksDB's share of the worker's memory stays flat.
