@@ -1,27 +1,31 @@
 """Soak test: the whole streaming pipeline at a fixed event rate on the embedded broker, for minutes.
 
-    .venv/bin/python benchmarks/soak.py                        # 10 minutes, rate = half the measured agent rate
+    .venv/bin/python benchmarks/soak.py                        # 10 minutes, rate = half the measured pipeline rate
     .venv/bin/python benchmarks/soak.py --minutes 4 --rate 300 --json soak.json
 
 Starts the embedded broker, creates the topics, then runs as subprocesses (each in its own process group):
 ``lum produce synthetic --rate R`` (a fixed rate), ``lum agents`` (sequence agent and joiner) and one DLRM
-trainer (``lum train --features baseline --preset debug``). Without ``--rate``, R is half the agents' measured
-rate (floor 200 events/s): 200,000 events are produced as fast as possible first, and the agents' time to
-consume them (from their first commit to caught up) gives the rate; the soak's producer then continues the
-same stream (``--skip``).
+trainer (``lum train --features baseline --preset debug``). Without ``--rate``, R is half the rate the
+pipeline sustains as the soak deploys it (floor 200 events/s): the agents and the trainer start, 200,000 events
+are produced as fast as possible beside them, and the agents' time to take them in (from their first commit to
+caught up, the producer done), with the producer, the trainer and the broker on the same cores, gives the rate
+(the output says whether the agents or the producer were the limit, and the load average). The agents and the
+trainer keep running and the soak's producer continues the same stream (``--skip``). The other half is
+headroom: the machine's other load changes during the soak.
 
 It samples every 10 s and prints every minute and at the end: consumer-group lag (last, max so far; lag =
-fetched end offset - committed, from ``streaming.status``), the RSS of each process tree (VmRSS summed over the
-process and its descendants) at start and now, the bytes under the agents' RocksDB data directory, the
-dead-letter count, the ``training-examples`` count and the examples in the trainer's last checkpoint.
-At the end, one verdict per goal:
+fetched end offset - committed, from ``streaming.status``), the RSS (VmRSS) of every process it started and of
+each of their descendants (``agents/joiner-1``: an agent worker) at the start, at 2 minutes and now, the bytes
+under the agents' RocksDB data directory, the dead-letter count, the ``training-examples`` count, the
+examples in the trainer's last checkpoint, and the load average. At the end, one verdict per goal:
 
 - lag bounded, per group: no upward trend over the last half. The peak lag of the last quarter must not exceed
   1.25x the peak of the third quarter plus 5 s worth of events (peaks, because the trainer commits only at a
   checkpoint, so its lag is a saw-tooth; the allowance absorbs batching), and the least-squares slope of the lag
   over the last half must stay under 2% of the input rate (a steady climb is falling behind).
-- RSS growth < 10% per process tree, from the sample at 2 minutes (or at half the run, if shorter) to the end.
-  The broker's RSS is shown but not judged: its memory storage keeps every record, so it grows by design.
+- RSS growth < 10% per process (the agents' supervisor and each worker apart), from the sample at 2 minutes
+  (or at half the run, if shorter) to the end. The broker's RSS is shown but not judged: its memory storage
+  keeps every record, so it grows by design.
 
 Every process it started is stopped on exit, Ctrl-C and SIGTERM included. ``--json OUT`` writes the config,
 the samples and the verdicts. The machine is usually shared: read rates and lags as noisy.
@@ -52,9 +56,10 @@ from streaming.kafka import create_topics  # noqa: E402
 LUM = str(Path(sys.executable).parent / "lum")
 SEED = 7
 USERS = 2000
-MEASURE_EVENTS = 200_000  # enough that the agents (tens of thousands of events/s) can be timed
+MEASURE_EVENTS = 200_000  # enough that the pipeline (thousands of events/s) can be timed
 RATE_FLOOR = 200.0
 SLOPE_SHARE = 0.02  # lag growth over the last half tolerated, as a share of the input rate
+BASE_S = 120.0  # RSS growth is judged from this point of the soak to its end
 GROUPS = ("lum-sequences", "lum-joiner", "lum-dlrm-baseline")
 MB = 1 << 20
 
@@ -109,19 +114,32 @@ def _children() -> dict[int, list[int]]:
     return kids
 
 
-def tree_rss(pid: int, kids: dict[int, list[int]]) -> int:
-    """VmRSS in bytes of a process and all its descendants (0 when it is gone)."""
-    total, todo = 0, [pid]
+def process_rss(name: str, pid: int, kids: dict[int, list[int]]) -> dict[str, int]:
+    """VmRSS in bytes of a started process and of each of its descendants, by name: ``name`` for the process
+    itself, ``name/<agent>-<index>`` for an agent worker (the same name across a restart), ``name/<pid>`` for
+    any other descendant. A process that is gone is left out."""
+    out, todo = {}, [(pid, name)]
     while todo:
-        p = todo.pop()
-        todo += kids.get(p, [])
+        p, n = todo.pop()
+        todo += [(c, f"{name}/{_child_name(c)}") for c in kids.get(p, [])]
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+                    out[n] = out.get(n, 0) + int(line.split()[1]) * 1024
         except OSError:
             pass
-    return total
+    return out
+
+
+def _child_name(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return str(pid)
+    if "-m" in argv and "--index" in argv:  # python -m streaming.agents.worker AGENT --index I
+        i = argv.index("-m")
+        return f"{argv[i + 2]}-{argv[argv.index('--index') + 1]}"
+    return str(pid)
 
 
 def dir_bytes(path: Path) -> int:
@@ -150,36 +168,50 @@ def kafka_figures(kafka: KafkaSettings) -> tuple[dict[str, int], dict[str, int]]
     return lag, {n: sum(e or 0 for e in ends[n].values()) for n in ends}
 
 
-def measure_agent_rate(procs: Procs, kafka: KafkaSettings, timeout: float = 240.0) -> float | None:
-    """Events/s the agents take in: MEASURE_EVENTS pre-produced events, from the first commit seen (both agents
-    assigned and consuming) to both groups caught up; None when they were too quick to time."""
-    print(f"measuring the agent rate: producing {MEASURE_EVENTS} events, then timing the agents ...", flush=True)
-    p = procs.start("produce-measure", ["produce", "synthetic", "--users", str(USERS), "--events",
-                                        str(MEASURE_EVENTS), "--rate", "0", "--seed", str(SEED)])
-    if p.wait(timeout) != 0:
-        raise RuntimeError(f"the measuring producer failed (see {procs.logs / 'produce-measure.log'})")
-    procs.procs.pop("produce-measure")
+def measure_pipeline_rate(procs: Procs, kafka: KafkaSettings, trainer_args: list[str],
+                          timeout: float = 300.0) -> float | None:
+    """Events/s the pipeline sustains as the soak deploys it: the agents and the trainer start, and the producer
+    sends MEASURE_EVENTS events as fast as it can beside them (all on the same cores); timed from the first
+    commit seen (both agents assigned and consuming) to both agent groups caught up once the producer is done.
+    The agents' progress is the joiner's (it reads both inputs); the producer may be the limit, which the
+    output says. None when they were too quick to time. The agents and the trainer keep running into the soak."""
+    print(f"measuring the pipeline rate: {MEASURE_EVENTS} events produced as fast as possible while the agents "
+          "and the trainer run ...", flush=True)
     procs.start("agents", ["agents"])
-    t0 = done0 = None
+    procs.start("trainer", trainer_args)
+    producer = procs.start("produce-measure", ["produce", "synthetic", "--users", str(USERS), "--events",
+                                               str(MEASURE_EVENTS), "--rate", "0", "--seed", str(SEED)])
+    t0 = done0 = produced_at = lag_at_produced = None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         lag, sizes = kafka_figures(kafka)
         now = time.monotonic()
         seq, join = lag.get(GROUPS[0]), lag.get(GROUPS[1])
+        if produced_at is None and producer.poll() is not None:
+            if producer.returncode != 0:
+                raise RuntimeError(f"the measuring producer failed (see {procs.logs / 'produce-measure.log'})")
+            procs.procs.pop("produce-measure")
+            produced_at, lag_at_produced = now, join
         if seq is not None and join is not None:
-            # the joiner reads both inputs: its progress counts every event
             done = sizes.get(kafka.topic(BEHAVIORS), 0) + sizes.get(kafka.topic(IMPRESSIONS), 0) - join
             if t0 is None:
                 t0, done0 = now, done
-            if seq == 0 and join == 0:
+            if produced_at is not None and seq == 0 and join == 0:
                 if done - done0 < MEASURE_EVENTS / 4:
-                    print(f"  agents took in {MEASURE_EVENTS} events before they could be timed", flush=True)
+                    print(f"  the agents took in {MEASURE_EVENTS} events before they could be timed", flush=True)
                     return None
                 rate = (done - done0) / (now - t0)
-                print(f"  agents took in {done - done0} events in {now - t0:.1f}s: {rate:.0f} events/s", flush=True)
+                limit = ("the producer was the limit: the agents kept up" if (lag_at_produced or 0) < MEASURE_EVENTS / 20
+                         else f"the agents were the limit: {lag_at_produced} events behind when the producer finished")
+                print(f"  the agents took in {done - done0} events in {now - t0:.1f}s: {rate:.0f} events/s ({limit}); "
+                      f"load average {_load()}", flush=True)
                 return rate
         time.sleep(0.2)
     raise RuntimeError(f"the agents did not catch up on {MEASURE_EVENTS} events within {timeout:.0f}s")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 # --- samples, tables and verdicts -----------------------------------------------------------------------------
@@ -188,9 +220,9 @@ def sample(t0: float, procs: Procs, kafka: KafkaSettings, data_dir: Path, ckpt: 
     kids = _children()
     trained = st.checkpoint(ckpt, time.time()).get("examples") if (ckpt / "LATEST").exists() else None
     return {"t_s": round(time.monotonic() - t0, 1), "lag": {g: lag.get(g) for g in GROUPS},
-            "rss": {n: tree_rss(p.pid, kids) for n, p in procs.procs.items()},
+            "rss": {k: v for n, p in procs.procs.items() for k, v in process_rss(n, p.pid, kids).items()},
             "alive": {n: p.poll() is None for n, p in procs.procs.items()},
-            "rocksdb_bytes": dir_bytes(data_dir), "dead_letters": sizes.get(kafka.topic(DEAD_LETTERS), 0),
+            "load_1m": round(os.getloadavg()[0], 2), "rocksdb_bytes": dir_bytes(data_dir), "dead_letters": sizes.get(kafka.topic(DEAD_LETTERS), 0),
             "training_examples": sizes.get(kafka.topic(TRAINING_EXAMPLES), 0), "trained_examples": trained,
             "events": sizes.get(kafka.topic(BEHAVIORS), 0) + sizes.get(kafka.topic(IMPRESSIONS), 0)}
 
@@ -201,15 +233,28 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     return ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
 
 
-def report(samples: list[dict], title: str) -> str:
+def base_sample(samples: list[dict], duration: float) -> dict | None:
+    """The sample RSS growth is measured from: the first at or after 2 minutes (half the run, if shorter)."""
+    return next((s for s in samples if s["t_s"] >= min(BASE_S, duration / 2)), None)
+
+
+def _alive(sample: dict, name: str) -> bool:
+    root = name.split("/")[0]
+    return bool(sample["alive"].get(root)) and name in sample["rss"]
+
+
+def report(samples: list[dict], title: str, duration: float) -> str:
     first, last = samples[0], samples[-1]
+    base = base_sample(samples, duration)
     lags = [[g, _n(last["lag"][g]), _n(max((s["lag"][g] for s in samples if s["lag"][g] is not None), default=None))]
             for g in GROUPS]
-    rss = [[n, f"{first['rss'].get(n, 0) / MB:.0f}", f"{last['rss'].get(n, 0) / MB:.0f}",
-            "yes" if last["alive"].get(n) else "NO"] for n in last["rss"]]
+    names = sorted({n for s in samples for n in s["rss"]}, key=lambda n: (n.split("/")[0] not in last["alive"], n))
+    mb = lambda s, n: "-" if s is None or n not in s["rss"] else f"{s['rss'][n] / MB:.0f}"  # noqa: E731
+    rss = [[n, mb(first, n), mb(base, n), mb(last, n), "yes" if _alive(last, n) else "NO"] for n in names]
     out = [f"--- {title}: t={last['t_s']:.0f}s, {last['events']} events produced ---"]
     out += _table(["consumer group", "lag last", "lag max"], lags)
-    out += _table(["process tree", "RSS MB at t=0", "RSS MB now", "alive"], rss)
+    out += _table(["process", "RSS MB t=0", f"at t={base['t_s']:.0f}s" if base else f"at t={min(BASE_S, duration / 2):.0f}s",
+                   "now", "alive"], rss)
     out.append(f"RocksDB {last['rocksdb_bytes'] / MB:.1f} MB | dead letters {last['dead_letters']} | "
                f"training examples {last['training_examples']} | trained (last checkpoint) "
                f"{_n(last['trained_examples'])}")
@@ -251,20 +296,19 @@ def verdicts(samples: list[dict], duration: float, rate: float, broker_memory: b
                               f"+ {allowance:.0f}); slope over last half {s:+.1f}/s vs bound "
                               f"{SLOPE_SHARE * rate:.0f}/s ({SLOPE_SHARE:.0%} of the rate); "
                               f"mean q3 {_mean(q3):.0f}, q4 {_mean(q4):.0f}"})
-    base_t = min(120.0, duration / 2)
-    base = next((s for s in samples if s["t_s"] >= base_t), samples[-1])
-    last = samples[-1]
-    for n in last["rss"]:
-        b, e = base["rss"].get(n, 0), last["rss"].get(n, 0)
+    base, last = base_sample(samples, duration) or samples[-1], samples[-1]
+    for n in sorted(base["rss"]):
+        b, e = base["rss"][n], last["rss"].get(n, 0)
+        goal = f"RSS growth < 10%: {n}"
         if n == "broker" and broker_memory:  # memory storage holds every record: it grows by design
-            out.append({"goal": f"RSS growth < 10%: {n}", "ok": None, "detail": f"not judged (memory storage): "
+            out.append({"goal": goal, "ok": None, "detail": f"not judged (memory storage): "
                         f"{b / MB:.0f} MB at t={base['t_s']:.0f}s -> {e / MB:.0f} MB at t={last['t_s']:.0f}s"})
             continue
-        if not last["alive"].get(n):
-            out.append({"goal": f"RSS growth < 10%: {n}", "ok": False, "detail": "process exited"})
+        if not _alive(last, n):
+            out.append({"goal": goal, "ok": False, "detail": "process exited"})
             continue
         growth = (e - b) / b if b else None
-        out.append({"goal": f"RSS growth < 10%: {n}", "ok": growth is not None and growth < 0.10,
+        out.append({"goal": goal, "ok": growth is not None and growth < 0.10,
                     "detail": f"{b / MB:.0f} MB at t={base['t_s']:.0f}s -> {e / MB:.0f} MB at t={last['t_s']:.0f}s "
                               f"({'-' if growth is None else f'{growth:+.1%}'})"})
     return out
@@ -275,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="soak duration (default 10)")
     ap.add_argument("--rate", type=float, default=None, help="producer events/s (default: half the measured "
-                    f"agent rate, at least {RATE_FLOOR:.0f})")
+                    f"pipeline rate, at least {RATE_FLOOR:.0f})")
     ap.add_argument("--json", type=Path, default=None, help="write config, samples and verdicts here")
     ap.add_argument("--sample-s", type=float, default=10.0, help="seconds between samples (default 10)")
     ap.add_argument("--workdir", type=Path, default=None, help="state, checkpoints and logs (default: a temporary "
@@ -303,21 +347,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"embedded broker at {broker.bootstrap}; work directory {work}", flush=True)
         procs = Procs(env, logs)
         skip = 0
+        trainer = ["train", "--features", "baseline", "--checkpoint-dir", str(ckpt), "--preset", "debug"]
         if args.rate is None:
-            measured = measure_agent_rate(procs, kafka)
+            measured = measure_pipeline_rate(procs, kafka, trainer)
             rate, skip = max(RATE_FLOOR, (measured or 0) / 2), MEASURE_EVENTS
         else:
             measured, rate = None, args.rate
             procs.start("agents", ["agents"])
+            procs.start("trainer", trainer)
         events = int(rate * (duration + 120))  # more than the soak needs: the producer never runs dry
         procs.start("producer", ["produce", "synthetic", "--users", str(USERS), "--events", str(events + skip),
                                  "--skip", str(skip), "--rate", f"{rate:.1f}", "--seed", str(SEED)])
-        procs.start("trainer", ["train", "--features", "baseline", "--checkpoint-dir", str(ckpt), "--preset", "debug"])
         procs.procs["broker"] = broker.proc
         print(f"soak: {args.minutes:g} min at {rate:.0f} events/s"
-              + (" (--rate)" if args.rate is not None else f" (half the measured agent rate {measured:.0f}/s, floor "
-                 f"{RATE_FLOOR:.0f})" if measured else f" (agent rate not measured: floor {RATE_FLOOR:.0f})")
-              + f"; sampling every {args.sample_s:g}s", flush=True)
+              + (" (--rate)" if args.rate is not None else f" (half the pipeline rate measured with "
+                 f"every process of the soak running, {measured:.0f}/s; floor {RATE_FLOOR:.0f})" if measured else
+                 f" (pipeline rate not measured: floor {RATE_FLOOR:.0f})")
+              + f"; sampling every {args.sample_s:g}s; load average {_load()}", flush=True)
 
         t0 = time.monotonic()
         samples = [sample(t0, procs, kafka, data_dir, ckpt)]
@@ -332,18 +378,19 @@ def main(argv: list[str] | None = None) -> int:
                   + f" examples={s['training_examples']}", file=sys.stderr, flush=True)
             done = time.monotonic() - t0 >= duration
             if s["t_s"] >= next_minute and not done:
-                print(report(samples, f"minute {int(s['t_s'] // 60)}"), flush=True)
+                print(report(samples, f"minute {int(s['t_s'] // 60)}", duration), flush=True)
                 next_minute = (s["t_s"] // 60 + 1) * 60
             if done:
                 break
-        print(report(samples, "end"), flush=True)
+        print(report(samples, "end", duration), flush=True)
+        print(f"load average (1, 5, 15 min) at the end: {_load()}")
         results = verdicts(samples, samples[-1]["t_s"], rate)
         print("verdicts:")
         for v in results:
             print(f"  {'n/a ' if v['ok'] is None else 'PASS' if v['ok'] else 'FAIL'}  {v['goal']}: {v['detail']}")
         if args.json:
             args.json.write_text(json.dumps({"config": {"minutes": args.minutes, "rate": rate, "bootstrap": broker.bootstrap,
-                                                        "measured_agent_rate":
+                                                        "measured_pipeline_rate":
                                                         measured, "sample_s": args.sample_s, "users": USERS},
                                              "samples": samples, "verdicts": results}, indent=2))
         return 0 if all(v["ok"] is not False for v in results) else 1

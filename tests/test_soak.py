@@ -38,7 +38,9 @@ def test_soak_smoke_stops_everything(tmp_path):
     report = json.loads(out.read_text())
     assert len(report["samples"]) >= 3
     last = report["samples"][-1]
-    assert set(last["rss"]) == {"agents", "producer", "trainer", "broker"}
+    assert set(last["alive"]) == {"agents", "producer", "trainer", "broker"}
+    assert {n for n in last["rss"] if "/" not in n} == set(last["alive"])
+    assert {"agents/sequences-0", "agents/joiner-1"} <= set(last["rss"]), last["rss"]  # each worker apart
     assert all(last["alive"].values()), last["alive"]
     assert last["events"] > 0 and last["rss"]["agents"] > 0
     # every child (they all inherit LUM_DATA_DIR under the work dir) and the broker are gone
@@ -48,14 +50,19 @@ def test_soak_smoke_stops_everything(tmp_path):
         assert s.connect_ex((host, int(port))) != 0
 
 
-def test_a_steady_climb_in_lag_fails_the_lag_verdict():
-    """Lag that climbs steadily but evenly stays under the peak rule (1.25 x q3 peak + 5 s of events); the
-    slope rule must still call it falling behind, while a flat saw-tooth passes."""
+def _soak():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("soak", ROOT / "benchmarks" / "soak.py")
     soak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)
+    return soak
+
+
+def test_a_steady_climb_in_lag_fails_the_lag_verdict():
+    """Lag that climbs steadily but evenly stays under the peak rule (1.25 x q3 peak + 5 s of events); the
+    slope rule must still call it falling behind, while a flat saw-tooth passes."""
+    soak = _soak()
     GROUPS, verdicts = soak.GROUPS, soak.verdicts
 
     def samples(lag_at):
@@ -67,3 +74,19 @@ def test_a_steady_climb_in_lag_fails_the_lag_verdict():
     flat = verdicts(samples(lambda t: 5000 + (3000 if t % 20 else 0)), 240, rate)
     assert [v["ok"] for v in climbing if v["goal"].startswith("lag")] == [False] * len(GROUPS)
     assert [v["ok"] for v in flat if v["goal"].startswith("lag")] == [True] * len(GROUPS)
+
+
+def test_rss_growth_is_judged_per_process_from_minute_two():
+    """Warm-up growth before 2 minutes is not judged; growth after it is, for each process on its own (a
+    growing worker fails even when its supervisor, or the tree's sum, would hide it)."""
+    soak = _soak()
+    MB = soak.MB
+
+    def rss(t):
+        return {"agents": 50 * MB, "agents/joiner-1": (100 + (t if t < 120 else 120)) * MB,  # warm-up only
+                "agents/sequences-0": (100 + max(0, t - 120) / 4) * MB,  # +25% after minute 2
+                "trainer": 400 * MB}
+    samples = [{"t_s": float(t), "lag": {g: 0 for g in soak.GROUPS}, "rss": rss(t),
+                "alive": {"agents": True, "trainer": True}} for t in range(0, 301, 10)]
+    ok = {v["goal"].split(": ", 1)[1]: v["ok"] for v in soak.verdicts(samples, 300, 1000.0) if "RSS" in v["goal"]}
+    assert ok == {"agents": True, "agents/joiner-1": True, "agents/sequences-0": False, "trainer": True}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -46,4 +46,17 @@ class AgentSettings(BaseSettings):
     crash_at: str = Field("", pattern=r"^([a-z_]+(:[0-9]+)?)?$",
                           description="TEST ONLY: kill the worker (SIGKILL) the n-th time it reaches the named "
                           "point (name[:n]; once per data directory); see streaming.agents.runtime.CRASH_POINTS")
+    rocksdb_memory_mb: int = Field(16, ge=4, le=1 << 20, description="RocksDB memory of one worker process, all its "
+                                   "stores together: one block cache holding data, index and filter blocks and "
+                                   "the memtables' charge")
+    rocksdb_write_buffer_mb: int = Field(4, ge=1, le=1 << 20, description="memtables of one worker's stores "
+                                         "together, charged to LUM_AGENT_ROCKSDB_MEMORY_MB (reaching it triggers "
+                                         "a flush; writes never wait); less than that budget")
     log_interval_s: float = Field(10.0, gt=0, description="seconds between throughput/lag log lines")
+
+    @model_validator(mode="after")
+    def _write_buffers_fit(self) -> AgentSettings:
+        if self.rocksdb_write_buffer_mb >= self.rocksdb_memory_mb:
+            raise ValueError(f"LUM_AGENT_ROCKSDB_WRITE_BUFFER_MB ({self.rocksdb_write_buffer_mb}) must be less than "
+                             f"LUM_AGENT_ROCKSDB_MEMORY_MB ({self.rocksdb_memory_mb}): the memtables are charged to it")
+        return self

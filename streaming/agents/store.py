@@ -211,30 +211,62 @@ class MemoryStore(Store):
 _DATA, _POS, _IDENTITY = b"d", b"p", b"\x00identity"
 
 
-# Bounded memory: a worker holds one store per partition, and RocksDB's defaults (64 MB memtables, two per
-# store, a cache per store) let a worker's memory climb for minutes before it levels off. Small memtables and
-# one block cache shared by every store of the process keep RSS flat (benchmarks/soak.py measures it).
-WRITE_BUFFER_BYTES = 8 << 20
-BLOCK_CACHE_BYTES = 64 << 20
-_cache = None
+# Bounded memory. A worker holds one store per partition; RocksDB's defaults (64 MB memtables, two per store,
+# a block cache per store, index and filter blocks held outside any cache) let a worker's memory climb for many
+# minutes, and a per-store bound multiplies by the partitions. So every store of a process shares ONE budget:
+# an LRU block cache of $LUM_AGENT_ROCKSDB_MEMORY_MB that holds the data blocks, the index and filter blocks
+# (charged to it instead of growing with the SST files) and, through a write-buffer manager, the memtables,
+# which all the stores together keep near $LUM_AGENT_ROCKSDB_WRITE_BUFFER_MB: reaching it triggers a flush, and a
+# store holds at most two memtables of half of it (the hard bound: the budget per store). It is a soft limit on
+# purpose: with stalling on, a write to a store whose memtable is empty, while the other stores'
+# memtables hold the budget, waits for memory that only their (never coming) writes would flush: the worker hung
+# for good in benchmarks/soak.py. The budget fills within the first minutes of streaming (deleted and compacted blocks count until
+# evicted), after which RocksDB's share of the worker's memory stays flat.
+_shared: dict[tuple[int, int], tuple] = {}  # (memory, write buffers) in bytes -> (Cache, WriteBufferManager)
 
 
-def rocks_options():
-    """RocksDB options of every agent store: raw keys, small memtables, the process's one block cache."""
-    global _cache
-    from rocksdict import BlockBasedOptions, Cache, Options
+def rocks_options(memory_mb: int | None = None, write_buffer_mb: int | None = None):
+    """RocksDB options of every agent store: raw keys and the process's one memory budget (see above).
 
-    if _cache is None:
-        _cache = Cache(BLOCK_CACHE_BYTES)
+    The sizes default to ``AgentSettings.rocksdb_memory_mb`` / ``rocksdb_write_buffer_mb`` (environment)."""
+    from rocksdict import BlockBasedOptions, Cache, Options, WriteBufferManager
+
+    if memory_mb is None or write_buffer_mb is None:
+        from schemas.settings import load
+
+        from .settings import AgentSettings
+
+        cfg = load(AgentSettings)
+        memory_mb = cfg.rocksdb_memory_mb if memory_mb is None else memory_mb
+        write_buffer_mb = cfg.rocksdb_write_buffer_mb if write_buffer_mb is None else write_buffer_mb
+    budget = (memory_mb << 20, write_buffer_mb << 20)
+    if budget not in _shared:
+        cache = Cache(budget[0])
+        _shared[budget] = cache, WriteBufferManager.new_write_buffer_manager_with_cache(budget[1], False, cache)
+    cache, wbm = _shared[budget]
     opts = Options(raw_mode=True)
     opts.create_if_missing(True)
-    opts.set_write_buffer_size(WRITE_BUFFER_BYTES)
+    opts.set_write_buffer_manager(wbm)
+    opts.set_write_buffer_size(budget[1] // 2)  # one store alone flushes at half the budget: two fit
     opts.set_max_write_buffer_number(2)
     table = BlockBasedOptions()
-    table.set_block_cache(_cache)
+    table.set_block_cache(cache)
+    table.set_cache_index_and_filter_blocks(True)
+    table.set_pin_l0_filter_and_index_blocks_in_cache(True)  # the hot L0 files' filters are not evicted
     table.set_bloom_filter(10, False)  # ~1% false positives: a get of an absent key (a new user) skips the SSTs
     opts.set_block_based_table_factory(table)
     return opts
+
+
+def rocks_memory(stores: Iterable[RocksStore]) -> dict[str, int]:
+    """RocksDB memory of ``stores`` in bytes: ``memtables`` (active and unflushed), ``table_readers`` (held
+    outside the cache), and ``cache`` (usage of the shared block cache, which includes the memtables' charge)."""
+    out = {"memtables": 0, "table_readers": 0}
+    for s in stores:
+        out["memtables"] += s.db.property_int_value("rocksdb.cur-size-all-mem-tables") or 0
+        out["table_readers"] += s.db.property_int_value("rocksdb.estimate-table-readers-mem") or 0
+    out["cache"] = sum(c.get_usage() for c, _ in _shared.values())
+    return out
 
 
 class RocksStore(Store):
@@ -243,11 +275,14 @@ class RocksStore(Store):
     ``identity`` (e.g. ``{"cluster": ..., "topics": ..., "partition": ...}``) is stored with the state; a
     database holding another identity, or none (an older layout), is deleted and started empty, with a
     warning, so that the logic rebuilds it rather than trusting state from another cluster or topic.
-    ``sync=True`` makes every commit durable against an OS crash (one fsync per batch).
+    ``sync=True`` makes every commit durable against an OS crash (one fsync per batch). ``memory_mb`` and
+    ``write_buffer_mb`` pick the process's shared RocksDB budget (default: from the environment).
     """
 
-    def __init__(self, path: Path | str, identity: Mapping[str, object] | None = None, sync: bool = True):
+    def __init__(self, path: Path | str, identity: Mapping[str, object] | None = None, sync: bool = True,
+                 memory_mb: int | None = None, write_buffer_mb: int | None = None):
         super().__init__()
+        self._budget = (memory_mb, write_buffer_mb)  # None: from the environment (``rocks_options``)
         from rocksdict import WriteOptions
 
         self.path = Path(path)
@@ -271,7 +306,7 @@ class RocksStore(Store):
         from rocksdict import Rdict
 
         self.path.mkdir(parents=True, exist_ok=True)
-        return Rdict(str(self.path), options=rocks_options())
+        return Rdict(str(self.path), options=rocks_options(*self._budget))
 
     def _has_any(self) -> bool:
         return next(iter(self.db.keys()), None) is not None

@@ -51,7 +51,8 @@ from schemas.topics import TRAINING_EXAMPLES, key_of
 from streaming.kafka import DeadLetters, Output, group_consumer
 
 from .decoder import DecoderProcess
-from .train import Batch, RecentIds
+from .dedup import RecentIds
+from .train import Batch
 
 log = logging.getLogger(__name__)
 DECODE_AHEAD = 1  # fetches the decoder process may hold beyond the one being taken

@@ -32,9 +32,10 @@ step's decisions (checkpoint now, stop), so every rank steps in lockstep. The me
 
 Integrity:
 - re-delivered examples (the joiner is at-least-once) are dropped by example id: the ids of the last
-  ``dedup_horizon`` trained examples are remembered (8-byte hashes, bounded memory) and kept in the checkpoint;
-  a duplicate arriving more than that many examples after its first copy is trained again (a source may
-  hand over the hashes with the batch, ``Batch.keys``, computed off the step's thread);
+  ``dedup_horizon`` trained examples are remembered (8-byte hashes in fixed memory, ``trainers.dlrm.dedup``;
+  up to 1/16 more) and kept in the checkpoint; a duplicate arriving more than that many examples after its
+  first copy is trained again (a source may hand over the hashes with the batch, ``Batch.keys``, computed off
+  the step's thread);
 - a step whose loss is not finite on any rank is skipped on all ranks before backward (nothing is updated),
   counted (``skipped_batches``) and its examples go to ``on_bad_batch`` (the Kafka adapter dead-letters them);
 - start-up loads the newest checkpoint that loads (``trainers.checkpoint``; an unusable one is skipped with a
@@ -44,7 +45,6 @@ Integrity:
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import logging
 import math
@@ -55,7 +55,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +68,7 @@ from schemas.events import TrainingExample
 
 from ..checkpoint import Refuse, atomic_write, candidates, load_newest_good
 from ..checkpoint import latest as latest_checkpoint
+from .dedup import RecentIds
 from .features import Featurizer, resolve_lum_dims
 from .metrics import StreamingMetrics
 from .model import TABLES, DLRMConfig, build_model, mch_sharder, reset_evicted_rows_on_cpu
@@ -85,47 +85,6 @@ class Batch:
     sources: list[tuple[int, int]] | None = None  # (partition, offset) of each example, for dead letters
     weights: list[float] | None = None  # 0 for padding rows (world size > 1); None: all 1
     keys: list[int] | None = None  # RecentIds.key of each example, if the source computed them
-
-
-class RecentIds:
-    """The ids of the last ``horizon`` admitted examples (8-byte BLAKE2b of the id), oldest evicted first."""
-
-    def __init__(self, horizon: int):
-        self.horizon = horizon
-        self.order: deque[int] = deque()
-        self.members: set[int] = set()
-
-    @staticmethod
-    def key(example_id: str) -> int:
-        return int.from_bytes(hashlib.blake2b(example_id.encode(), digest_size=8).digest(), "little")
-
-    @staticmethod
-    def keys(example_ids: Iterable[str]) -> list[int]:
-        """``key`` of each id (the digests of a batch become ints in one numpy call)."""
-        blake2b = hashlib.blake2b
-        digests = b"".join([blake2b(i.encode(), digest_size=8).digest() for i in example_ids])
-        return np.frombuffer(digests, dtype="<u8").tolist()
-
-    def add(self, k: int) -> None:
-        self.add_many((k,))
-
-    def add_many(self, ks: list[int] | tuple[int, ...]) -> None:
-        self.order.extend(ks)
-        self.members.update(ks)
-        for _ in range(len(self.order) - self.horizon):
-            self.members.discard(self.order.popleft())
-
-    def __contains__(self, k: int) -> bool:
-        return k in self.members
-
-    def to_array(self) -> np.ndarray:
-        return np.fromiter(self.order, dtype=np.uint64, count=len(self.order))
-
-    @classmethod
-    def from_array(cls, horizon: int, a: np.ndarray) -> RecentIds:
-        r = cls(horizon)
-        r.add_many(a.tolist()[-horizon:])
-        return r
 
 
 def ensure_process_group() -> tuple[int, int]:
@@ -257,12 +216,13 @@ class Trainer:
         keys = batch.keys
         if keys is None or len(keys) != len(batch.examples):
             keys = RecentIds.keys([ex.example_id for ex in batch.examples])
-        if self.seen.members.isdisjoint(keys) and len(set(keys)) == len(keys):  # the usual case: set operations
+        known = self.seen.contains_many(keys)
+        if not known.any() and len(set(keys)) == len(keys):  # the usual case: no per-example work
             keep = range(len(keys))
         else:
             keep, fresh = [], set()
-            for i, k in enumerate(keys):
-                if k not in self.seen and k not in fresh:
+            for i, (k, old) in enumerate(zip(keys, known.tolist())):
+                if not old and k not in fresh:
                     fresh.add(k)
                     keep.append(i)
             keys = [keys[i] for i in keep]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from streaming.agents.store import MemoryStore, RocksStore
@@ -85,3 +87,53 @@ def test_memory_emit_records_sends_and_dead_letters():
     r = Record("behaviors", 0, 5, 0, None, b"junk")
     e.dead_letter(r, ValueError("bad"))
     assert e.sent == [("user-sequences", b"1", b"v", 2)] and e.dead == [(r, "bad")]
+
+
+def test_rocks_stores_of_a_process_share_one_bounded_memory_budget(tmp_path):
+    """Four stores (a worker's partitions) written well past the budget: their memtables stay within the
+    write-buffer budget per store (two memtables of half of it at most; a flush is triggered when all together
+    reach it) and the shared cache (data, index and filter blocks) within the memory budget plus the memtables'
+    charge, instead of growing per store with the data."""
+    import os
+
+    from streaming.agents.store import rocks_memory
+
+    memory_mb, write_buffer_mb = 6, 2
+    stores = [RocksStore(tmp_path / f"p{p}", ID | {"partition": p}, sync=False, memory_mb=memory_mb,
+                         write_buffer_mb=write_buffer_mb) for p in range(4)]
+    peak = {"memtables": 0, "table_readers": 0, "cache": 0}
+    for batch in range(40):  # 4 stores x 40 batches x 200 KB = 32 MB written, 5x the budget
+        for s in stores:
+            keys = [f"u{batch:03d}-{i:04d}".encode() for i in range(200)]
+            s.update({k: os.urandom(1000) for k in keys})
+            s.commit({"behaviors": batch})
+            assert all(v is not None for v in s.get_many(keys[::7]))  # reads fill the block cache
+            s.get_many([f"u{b:03d}-0001".encode() for b in range(batch)])  # older blocks too
+        peak = {k: max(v, peak[k]) for k, v in rocks_memory(stores).items()}
+    for s in stores:
+        s.close()
+    assert peak["memtables"] <= 1.1 * len(stores) * (write_buffer_mb << 20), peak
+    assert peak["cache"] <= 1.1 * (memory_mb << 20) + peak["memtables"], peak
+    assert peak["table_readers"] < 1 << 20, peak  # index and filter blocks are in the cache, not beside it
+
+
+def test_a_store_with_an_empty_memtable_is_never_blocked_by_the_others_memory(tmp_path):
+    """Two stores fill the shared memtable budget, then a store with nothing in memory writes. With write
+    stalls on, RocksDB waits for memory only the first stores' flushes would free and hangs for good (holding
+    the GIL: hence a subprocess); the budget must be soft."""
+    import subprocess
+    import sys
+
+    code = f"""
+import os
+from streaming.agents.store import RocksStore
+stores = [RocksStore({str(tmp_path)!r} + f"/p{{p}}", {{"partition": p}}, sync=False, memory_mb=8, write_buffer_mb=2)
+          for p in range(4)]
+for p, kb in ((0, 920), (2, 920), (3, 300), (1, 50)):
+    stores[p].update({{f"{{p}}-{{i}}".encode(): os.urandom(1000) for i in range(kb)}})
+    stores[p].commit({{"behaviors": 1}})
+print("written")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parents[3])
+    assert r.returncode == 0 and "written" in r.stdout, r.stderr
