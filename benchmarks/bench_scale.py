@@ -164,7 +164,7 @@ def child_sequences(bootstrap: str, prefix: str, data_dir: str, users: int, hist
             rows = history_rows(rng, len(chunk), hist, ROW_WIDTH)
             # The steady state: each user's newest pairs in its append tail, uniformly 0..TAIL_PAIRS of them
             # (a store that has run a while), so the stream pays its share of folds (one per TAIL_PAIRS + 1 events).
-            tails = rng.integers(0, TAIL_PAIRS + 1, len(chunk)) if hist > 1 else np.zeros(len(chunk), np.int64)
+            tails = rng.integers(0, min(TAIL_PAIRS, hist - 1) + 1, len(chunk)) if hist > 1 else np.zeros(len(chunk), np.int64)
             for u, r, k in zip(chunk.tolist(), rows, tails.tolist()):
                 put_sequence(store, u, r[:hist - k])
                 if k:
