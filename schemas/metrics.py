@@ -21,6 +21,7 @@ Every process serves its own registry on its own port: worker i of ``lum agents`
 from __future__ import annotations
 
 import contextlib
+import http.client
 import logging
 import time
 import urllib.request
@@ -225,10 +226,13 @@ def serve(port: int | None = None, host: str | None = None, offset: int = 0) -> 
 
 def scrape(port: int, host: str = "127.0.0.1", timeout: float = 2.0) -> dict[tuple[str, tuple], float]:
     """One endpoint's samples as {(name, sorted label items): value}, parsed by prometheus_client's own
-    parser; empty when it does not answer (the process is not up yet, or gone)."""
+    parser; empty when it does not answer (the process is not up yet, or gone).
+
+    A connect to a local port in the ephemeral range that nobody listens on can connect to itself (TCP
+    simultaneous open) and read back its own request: that is "not up yet" too, not an error."""
     try:
         text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=timeout).read().decode()
-    except OSError:
+    except (OSError, http.client.HTTPException):
         return {}
     return parse(text)
 

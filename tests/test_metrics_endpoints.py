@@ -182,3 +182,22 @@ def test_refresh_serves_its_metrics(kafka, tmp_path):
     assert 0 < metrics.total(s, "lum_model_age_seconds", **job) < 240
     assert metrics.total(s, "lum_model_saved_timestamp_seconds", **job) == pytest.approx(meta["saved_at"], abs=1e-3)
     assert 0 <= metrics.total(s, "lum_refresh_age_seconds", **job) < 60
+
+
+def test_scrape_of_a_port_that_echoes_its_request_is_not_up_yet():
+    """A connect to an unused local ephemeral port can connect to itself and read its own request back
+    ("GET /metrics HTTP/1.1" as a status line); a poll that waits for a job to come up must see "not up"."""
+    import socket
+    import threading
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+
+        def echo():
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(conn.recv(65536))
+
+        threading.Thread(target=echo, daemon=True).start()
+        assert metrics.scrape(server.getsockname()[1]) == {}
