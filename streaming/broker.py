@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -42,8 +43,25 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def free_port() -> int:
-    with socket.socket() as s:
+def free_port(span: int = 16) -> int:
+    """A free local port ``p`` (``p .. p+span-1`` stay below the ephemeral range, for per-worker ports).
+
+    Below the ephemeral range because a client polling a port in it before the server listens can connect to
+    itself (TCP simultaneous open), read its own request back and hold the port the server is about to bind."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default; elsewhere the range starts higher
+    lo, hi = max(1024, low - 12000), low - span
+    for _ in range(200 if hi > lo else 0):
+        port = random.randrange(lo, hi)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every try taken: fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -8,6 +8,7 @@ prefix, so tests share one broker without seeing each other's data.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import itertools
 import os
 import subprocess
@@ -139,7 +140,7 @@ class RestartableBroker:
             try:
                 urllib.request.urlopen(url, timeout=1)
                 return
-            except OSError:
+            except (OSError, http.client.HTTPException):  # not up yet (or a self-connect that read itself)
                 time.sleep(0.1)
         self.moto.kill()
         pytest.fail(f"moto server did not answer on {url} within {timeout:.0f}s")
