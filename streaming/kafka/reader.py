@@ -48,6 +48,10 @@ def read_to_end(consumer: Consumer, topic: str, starts: dict[int, int] | None = 
     ``idle_timeout_s`` before that."""
     if starts is None:
         starts = {p: OFFSET_BEGINNING for p in partitions_of(consumer, topic)}
+    # A partition that holds nothing is skipped without a fetch: its end-of-partition event costs ~0.6 s, once
+    # per partition of every rebuild. Low >= high means empty on Kafka and on the embedded broker alike (whose
+    # "latest" is only an underestimate, never 0 for a partition that holds data).
+    starts = {p: o for p, o in starts.items() if _holds_data(consumer, topic, p)}
     if not starts:
         return
     consumer.assign([TopicPartition(topic, p, o) for p, o in starts.items()])
@@ -71,6 +75,11 @@ def read_to_end(consumer: Consumer, topic: str, starts: dict[int, int] | None = 
                     raise RuntimeError(f"{topic}: {err}")
     finally:
         consumer.unassign()
+
+
+def _holds_data(consumer: Consumer, topic: str, partition: int) -> bool:
+    low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=10, cached=False)
+    return high > low
 
 
 def snapshot(settings: KafkaSettings, topic: str, starts: dict[int, int] | None = None,
