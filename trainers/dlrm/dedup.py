@@ -37,7 +37,7 @@ class RecentIds:
 
     @staticmethod
     def key(example_id: str) -> int:
-        return int.from_bytes(hashlib.blake2b(example_id.encode(), digest_size=8).digest(), "little")
+        return RecentIds.keys([example_id])[0]
 
     @staticmethod
     def keys(example_ids: Iterable[str]) -> list[int]:
