@@ -154,25 +154,28 @@ def test_an_uninterrupted_run_gives_the_constructed_labels(kafka, kit, tmp_path)
     assert _examples(kafka) == set(truth.items())
 
 
-# after_flush is left out: for the joiner it is the state of before_commit (outputs delivered, offsets not).
-@pytest.mark.parametrize("point", ["assign", "mid_produce:1500", "after_state_write:30", "before_commit:30", "revoke"])
-def test_crash_at_each_point_then_restart_gives_the_examples_of_an_uninterrupted_run(kafka, kit, tmp_path, procs,
-                                                                                     point):
-    """Issue 9: killed (SIGKILL) at a named point of a batch, then restarted: no example lost, none relabelled
-    (the uninterrupted run's set is the ground truth, as the test above establishes)."""
-    events, truth = _join_stream(kit, requests=150)
+def test_crash_at_each_point_in_turn_then_restart_gives_the_examples_of_an_uninterrupted_run(kafka, kit, tmp_path,
+                                                                                           procs):
+    """Issue 9: killed (SIGKILL) at each named point of a batch, one worker after another, each restarted on
+    what the last one left: no example lost, none relabelled (the uninterrupted run's set is the ground
+    truth, as the test above establishes). after_flush is left out: for the joiner it is before_commit's
+    state (outputs delivered, offsets not)."""
+    events, truth = _join_stream(kit, requests=300)
     kit.produce(kafka, events)
     advance(kafka, kit, events[-1].event_time_ms - kit.T0 + 3 * W)
     env = {"LUM_DATA_DIR": str(tmp_path), "LUM_JOIN_WINDOW_MS": str(W), "LUM_AGENT_ALLOWED_LATENESS_MS": "1000",
-           "LUM_AGENT_BATCH_SIZE": "20", "LUM_AGENT_LOG_INTERVAL_S": "1", "LUM_AGENT_CRASH_AT": point}
-    procs.append(w1 := kit.ProcWorker("joiner", tmp_path / "w1.log", env))
-    if point == "revoke":  # a clean stop mid-stream runs the revoke callback
-        kit.wait_for(lambda: len(_examples(kafka)) > 0, timeout=60, what="first examples")
-        w1.proc.terminate()
-    assert w1.proc.wait(90) == -9, w1.text()[-2000:]
-    procs.append(w2 := kit.ProcWorker("joiner", tmp_path / "w2.log", env))  # the marker: it fires once
-    kit.wait_for(lambda: "assigned partitions" in w2.text(), timeout=60, what="restarted worker assigned")
+           "LUM_AGENT_BATCH_SIZE": "20", "LUM_AGENT_LOG_INTERVAL_S": "1"}
+    for i, spec in enumerate(["assign", "mid_produce:500", "after_state_write:10", "before_commit:10", "revoke"]):
+        procs.append(w := kit.ProcWorker("joiner", tmp_path / f"w{i}.log", env | {"LUM_AGENT_CRASH_AT": spec}))
+        if spec == "revoke":  # a clean stop mid-stream runs the revoke callback
+            kit.wait_for(lambda: "assigned partitions" in w.text(), timeout=60, what="worker assigned")
+            w.proc.terminate()
+        assert w.proc.wait(90) == -9, w.text()[-2000:]
+        assert f"LUM_AGENT_CRASH_AT={spec}" in w.text()
+        assert len({eid for eid, _ in _examples(kafka)}) < len(truth), f"the stream ended before {spec}"
+    procs.append(w := kit.ProcWorker("joiner", tmp_path / "last.log", env))
+    kit.wait_for(lambda: "assigned partitions" in w.text(), timeout=60, what="last worker assigned")
     kit.wait_for(lambda: len({eid for eid, _ in _examples(kafka)}) >= len(truth), timeout=120,
-                 what="every example after the restart")
-    assert w2.stop() == 0, w2.text()[-3000:]
+                 what="every example after the restarts")
+    assert w.stop() == 0, w.text()[-3000:]
     assert _examples(kafka) == set(truth.items())
