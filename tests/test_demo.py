@@ -23,7 +23,8 @@ def test_demo_runs_every_stage_and_cleans_up(tmp_path):
     out = tmp_path / "demo"
     env = os.environ | {"LUM_DEMO_OUT": str(out), "LUM_DEMO_USERS": "200", "LUM_DEMO_ITEMS": "400",
                         "LUM_DEMO_WARMUP_EVENTS": "4000", "LUM_DEMO_STREAM_EVENTS": "6000", "LUM_DEMO_RATE": "0",
-                        "LUM_DEMO_LUM_STEPS": "40", "LUM_DEMO_MINUTES": "5"}
+                        "LUM_DEMO_LUM_STEPS": "40", "LUM_DEMO_MINUTES": "5",
+                        "LUM_DLRM_PRESET": "debug"}  # the stages, not the model size: 1M-row tables cost ~40 s
     env.pop("LUM_KAFKA_BOOTSTRAP", None)  # its own embedded broker
     env.pop("LUM_KAFKA_TOPIC_PREFIX", None)
     done = subprocess.run([sys.executable, "-m", "deploy.cli", "demo"], capture_output=True, text=True, env=env,
