@@ -251,32 +251,44 @@ def _get_pairs_py(buf: bytes, pos: int, n: int, n_kinds: int) -> tuple[np.ndarra
     return np.array(cols, dtype=np.int64).T.reshape(n, ROW), pos
 
 
+def _get_column_into(buf: bytes, pos: int, out: np.ndarray) -> int:
+    """``_get_column`` written into ``out`` (a contiguous int64 row of ``len(out)`` values): no temporaries."""
+    lo, width, pos = _column_header(buf, pos, len(out))
+    if width == 0:
+        out.fill(lo)
+        return pos
+    span = np.frombuffer(buf, dtype=_WIDTHS[width], count=len(out), offset=pos)
+    np.add(span, np.uint64(lo & 0xFFFFFFFFFFFFFFFF), out=out.view(np.uint64), casting="unsafe")  # wraps as int64
+    return pos + len(out) * width
+
+
 def _get_pairs(buf: bytes, pos: int, n_kinds: int) -> tuple[np.ndarray, int]:
     n, pos = _get_varint(buf, pos)
     if 0 < n < _SMALL:
         return _get_pairs_py(buf, pos, n, n_kinds)
-    rows = np.zeros((n, ROW), dtype=np.int64)  # kinds newer than the record's tokenizer stay ANY (0)
     if not n:
-        return rows, pos
-    d, pos = _get_column(buf, pos, n)
-    rows[:, 0] = np.cumsum(d)
+        return np.zeros((0, ROW), dtype=np.int64), pos
+    cols = np.zeros((ROW, n), dtype=np.int64)  # one contiguous row per column; kinds newer than the record's
+    pos = _get_column_into(buf, pos, cols[0])  # tokenizer stay ANY (0)
+    np.cumsum(cols[0], out=cols[0])
     if pos + 8 * n > len(buf):
         raise ValueError("truncated event keys")
-    rows[:, 1] = np.frombuffer(buf, dtype="<i8", count=n, offset=pos)
+    cols[1] = np.frombuffer(buf, dtype="<i8", count=n, offset=pos)
     pos += 8 * n
+    idx = np.empty(n, dtype=np.int64)
     for k in range(n_kinds):
         m, pos = _get_varint(buf, pos)
         if pos + 8 * m > len(buf):
             raise ValueError("truncated condition dictionary")
         values = np.frombuffer(buf, dtype="<i8", count=m, offset=pos)
         pos += 8 * m
-        idx, pos = _get_column(buf, pos, n)
+        pos = _get_column_into(buf, pos, idx)
         if m == 0 or idx.min() < 0 or idx.max() >= m:
             raise ValueError("condition index out of range")
-        rows[:, 2 + k] = values[idx]
-    rows[:, 2 + len(CONDITION_KINDS)], pos = _get_column(buf, pos, n)
-    rows[:, 3 + len(CONDITION_KINDS)], pos = _get_column(buf, pos, n)
-    return rows, pos
+        np.take(values, idx, out=cols[2 + k])
+    pos = _get_column_into(buf, pos, cols[2 + len(CONDITION_KINDS)])
+    pos = _get_column_into(buf, pos, cols[3 + len(CONDITION_KINDS)])
+    return np.ascontiguousarray(cols.T), pos
 
 
 def _kinds_header(out: bytearray) -> None:
