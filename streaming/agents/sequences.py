@@ -37,10 +37,13 @@ Batch path (one call per partition and batch): the batch is validated record by 
 ``BehaviorEvent`` schema's own field validator (no model objects), tokenized at once
 (``schemas.tokenize.tokenize_rows``), grouped by user with numpy; one multi-get of the users' indexes and
 tails. Users without state whose rows are already a sequence (distinct, in order: most new users) get their
-tails in one encoding pass; other users whose rows are in order append them to the tail as bytes after one
-duplicate comparison; the rest (duplicates, late events, folds) take the general per-user merge. One-pair
-deltas (most, with many users) are encoded in one vectorised pass. Writes are staged in the store, which
-commits them once per batch.
+tails in one encoding pass; users with state and ONE new row (most users, with many users) are decided
+together with numpy (duplicate of the tail, the index's filter, order) and get their tails appended as bytes
+in one pass (``_append_ones``); other users whose rows are in order append them to the tail as bytes after
+one duplicate comparison; the rest (a key the filter cannot rule out, late events, folds) take the general
+per-user merge. One-pair deltas (most, with many users) are encoded in one vectorised pass and the batch's
+deltas are handed to the emit in one call (``send_many`` where the runtime has it). Writes are staged in the
+store, which commits them once per batch.
 
 Export (``schemas.seqexport`` is the contract, ``streaming.kafka.sequences`` the one reader): per batch, ONE
 ``sequence-deltas`` record per changed user carrying that batch's pairs of the user and the cap (key = user id,
