@@ -49,7 +49,8 @@ def test_record_rows_and_append_of_many_records_equal_their_one_record_counterpa
     stored = [rng.integers(-2**62, 2**62, (n, tk.ROW_WIDTH)) for n in (3, 0, 1, 7)]
     records = [prefix + tk.encode_rows(10 + i, r) for i, r in enumerate(stored)]
     monkeypatch.setitem(tk.KINDS_BY_VERSION, 0, tk.KINDS_BY_VERSION[tk.TOKENIZER_VERSION] - 1)
-    older = prefix + tk._SEQ_HEADER.pack(b"LSEQ", 1, 0, len(tk.CONDITION_KINDS) - 1, 9, 0, 1) + bytes(8 * (tk.ROW_WIDTH - 1))
+    older = prefix + tk._SEQ_HEADER.pack(b"LSEQ", 1, 0, len(tk.CONDITION_KINDS) - 1, 9, 0, 1)
+    older += bytes(8 * (tk.ROW_WIDTH - 1))  # a record of an older tokenizer version (one kind fewer)
     bad = records[0][:-8]  # a truncated record
     many = [records[0], None, older, records[1], bad, records[2], records[3]]
     rows, counts = tk.record_rows_many(many, 3)
