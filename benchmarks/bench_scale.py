@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/bench_scale.py --quick                               # 3,000 events a size
     .venv/bin/python benchmarks/bench_scale.py --sizes 1e6x1024 --events 20000       # one size
     .venv/bin/python benchmarks/bench_scale.py --refresh ...      # + LUM refresh FLOPs per user (large preset)
+    .venv/bin/python benchmarks/bench_scale.py --profile runs/prof ...   # + cProfile of each worker (slower)
 
 Sizes (users x mature history in pairs): 1e3x50, 1e5x500, 1e6x1024. State is pre-seeded directly in the
 agents' stores (never streamed through Kafka), then ``--events`` new events (default 20,000) for users drawn
@@ -118,7 +119,15 @@ def run_worker(agent: str, kafka, cfg, total: int, timeout_s: float = 900) -> di
         w.stop_event.set()
 
     threading.Thread(target=watch, daemon=True).start()
-    w.run()
+    prof = os.environ.get("BENCH_SCALE_PROFILE")  # --profile: cProfile of the worker's thread, stats to this file
+    if prof:
+        import cProfile
+
+        pr = cProfile.Profile()
+        pr.runcall(w.run)
+        pr.dump_stats(prof)
+    else:
+        w.run()
     wall = w.last_event_at - w.first_event_at
     cpu = w.cpu_last - w.cpu_first
     first_batch = min(cfg.batch_size, total)  # rates exclude the first batch (timed from its end)
@@ -366,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--refresh", action="store_true",
                     help="also count the LUM refresh FLOPs per user at 1,024 pairs (large preset; minutes on CPU)")
+    ap.add_argument("--profile", type=Path, help="write cProfile stats of each worker to DIR/<agent>-<size>.prof")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--child-args", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -389,8 +399,12 @@ def main(argv: list[str] | None = None) -> int:
                 kw = {"bootstrap": broker.bootstrap, "prefix": f"scale-{size}-{agent}-", "data_dir": f"{tmp}/{size}",
                       "users": users, "hist": hist, "events": events, "seed": 0}
                 load = os.getloadavg()[0]  # a shared machine: the load says how far to trust the rates
+                env = os.environ.copy()
+                if args.profile:
+                    args.profile.mkdir(parents=True, exist_ok=True)
+                    env["BENCH_SCALE_PROFILE"] = str(args.profile.resolve() / f"{agent}-{size}.prof")
                 proc = subprocess.run([sys.executable, __file__, "--child", agent, "--child-args", json.dumps(kw)],
-                                      cwd=ROOT, capture_output=True, text=True, timeout=1800)
+                                      cwd=ROOT, capture_output=True, text=True, timeout=1800, env=env)
                 load = (load, os.getloadavg()[0])
                 for line in proc.stdout.splitlines():
                     if line.startswith("RESULT "):

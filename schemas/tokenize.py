@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence as _Sequence
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -313,3 +314,44 @@ def append_rows(data: bytes, user_id: int, rows: _np.ndarray, skip: int = 0) -> 
     updated = int(rows[-1, COL_TIME]) if len(rows) else int(old[-1, COL_TIME]) if len(old) else 0
     head = _SEQ_HEADER.pack(_SEQ_MAGIC, _SEQ_CODEC, TOKENIZER_VERSION, len(CONDITION_KINDS), user_id, updated, n)
     return b"".join((data[:skip], head, data[skip + SEQ_HEADER_SIZE:], rows.astype("<i8", copy=False).tobytes()))
+
+
+def record_rows_many(records: _Sequence[bytes | None], skip: int = 0) -> tuple[_np.ndarray, _np.ndarray]:
+    """``record_rows`` of many records at once: the rows of every record of the CURRENT tokenizer version
+    concatenated ((total, ROW_WIDTH) int64) and each record's number of rows, -1 for one that ``record_rows``
+    would not read (another version, a bad record) and 0 for None. One copy of the bodies, no per-pair work."""
+    width, size, head = ROW_WIDTH * 8, SEQ_HEADER_SIZE, _CURRENT_HEAD
+    counts, parts = [], []
+    for data in records:
+        if data is None:
+            counts.append(0)
+            continue
+        body = len(data) - skip - size
+        n = int.from_bytes(data[skip + size - 4:skip + size], "little") if body >= 0 else -1
+        if n * width != body or data[skip:skip + 8] != head:
+            counts.append(-1)
+            continue
+        counts.append(n)
+        parts.append(memoryview(data)[skip + size:])
+    rows = _np.frombuffer(b"".join(parts), dtype="<i8").reshape(-1, ROW_WIDTH)
+    return rows, _np.array(counts, dtype=_np.int64)
+
+
+def append_row_many(records: _Sequence[bytes | None], user_ids: _Sequence[int], rows: _np.ndarray,
+                    skip: int = 0, prefix: bytes = b"") -> list[bytes]:
+    """``append_rows(records[i], user_ids[i], rows[i:i + 1], skip)`` for every i whose record is of the
+    CURRENT version (``record_rows`` reads it), and ``prefix + encode_rows(user_ids[i], rows[i:i + 1])`` where
+    it is None: the stored pairs copied as bytes, one header packed per record."""
+    data = _np.ascontiguousarray(rows, dtype="<i8").tobytes()
+    width, size, pack = ROW_WIDTH * 8, SEQ_HEADER_SIZE, _SEQ_HEADER.pack
+    magic, n_kinds, times = _SEQ_MAGIC, len(CONDITION_KINDS), rows[:, COL_TIME].tolist()
+    out = []
+    for i, (rec, user) in enumerate(zip(records, user_ids)):
+        row = data[i * width:(i + 1) * width]
+        if rec is None:
+            out.append(prefix + pack(magic, _SEQ_CODEC, TOKENIZER_VERSION, n_kinds, user, times[i], 1) + row)
+        else:
+            n = (len(rec) - skip - size) // width + 1
+            out.append(b"".join((rec[:skip], pack(magic, _SEQ_CODEC, TOKENIZER_VERSION, n_kinds, user, times[i], n),
+                                 rec[skip + size:], row)))
+    return out

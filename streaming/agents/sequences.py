@@ -37,10 +37,13 @@ Batch path (one call per partition and batch): the batch is validated record by 
 ``BehaviorEvent`` schema's own field validator (no model objects), tokenized at once
 (``schemas.tokenize.tokenize_rows``), grouped by user with numpy; one multi-get of the users' indexes and
 tails. Users without state whose rows are already a sequence (distinct, in order: most new users) get their
-tails in one encoding pass; other users whose rows are in order append them to the tail as bytes after one
-duplicate comparison; the rest (duplicates, late events, folds) take the general per-user merge. One-pair
-deltas (most, with many users) are encoded in one vectorised pass. Writes are staged in the store, which
-commits them once per batch.
+tails in one encoding pass; users with state and ONE new row (most users, with many users) are decided
+together with numpy (duplicate of the tail, the index's filter, order) and get their tails appended as bytes
+in one pass (``_append_ones``); other users whose rows are in order append them to the tail as bytes after
+one duplicate comparison; the rest (a key the filter cannot rule out, late events, folds) take the general
+per-user merge. One-pair deltas (most, with many users) are encoded in one vectorised pass and the batch's
+deltas are handed to the emit in one call (``send_many`` where the runtime has it). Writes are staged in the
+store, which commits them once per batch.
 
 Export (``schemas.seqexport`` is the contract, ``streaming.kafka.sequences`` the one reader): per batch, ONE
 ``sequence-deltas`` record per changed user carrying that batch's pairs of the user and the cap (key = user id,
@@ -74,8 +77,8 @@ from pydantic_core import SchemaValidator
 from schemas import seqexport as sx
 from schemas.codec import DecodeError
 from schemas.events import BehaviorEvent
-from schemas.tokenize import (COL_KEY, COL_TIME, ROW_WIDTH, UserSequence, append_rows, encode_rows, encode_rows_many,
-                              record_rows, tokenize, tokenize_rows)
+from schemas.tokenize import (COL_KEY, COL_TIME, ROW_WIDTH, UserSequence, append_row_many, append_rows, encode_rows,
+                              encode_rows_many, record_rows, record_rows_many, tokenize, tokenize_rows)
 from schemas.seqexport import encode_delta, encode_deltas_one, encode_snapshot, fold_partition_records
 from schemas.topics import BEHAVIORS, SEQUENCE_DELTAS, USER_SEQUENCES, key_of
 
@@ -104,6 +107,7 @@ _BLOOM_MULT = (0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E
 _M64 = (1 << 64) - 1
 _FEW = 16  # new rows of a user per batch up to which plain Python beats numpy's set operations
 _NO_ROWS = np.zeros((0, ROW_WIDTH), dtype=np.int64)
+_NO_HEAD = bytes(_INDEX_HEAD - 8)  # (newest time, newest key, number of keys) of a user without a base: zeros
 _BEHAVIORS_HEADER = BEHAVIORS.encode(BehaviorEvent(event_id="x", user_id=0, item_id=0, category_id=0, behavior="view",
                                                    scenario="x", event_time_ms=1_000_000_000_000))[:3]
 _SEQ_PREFIX = USER_SEQUENCES.encode(UserSequence(0, 0, []))[:3]  # the codec's format header, version 1
@@ -467,6 +471,15 @@ class SequenceLogic:
                 changed[i] = True
         cap, new_set = self.cap, set(new_users)
         plain_l = plain.tolist()
+        # One in-order row of a user with state (most users, with many users): the append, vectorised.
+        ones = [i for i in range(len(uniq_l)) if plain_l[i] and ends_l[i] - starts_l[i] == 1 and i not in new_set]
+        if ones:
+            for i, done in zip(ones, self._append_ones(store, [uniq_l[i] for i in ones], rows[starts[ones]],
+                                                       [values[2 * i] for i in ones],
+                                                       [values[2 * i + 1] for i in ones], cap)):
+                if done is not None:
+                    changed[i] = done
+                    new_set.add(i)
         for i, user in enumerate(uniq_l):
             if i in new_set:
                 continue
@@ -485,14 +498,74 @@ class SequenceLogic:
         # This batch's pairs of each changed user: the one-pair deltas in one vectorised pass.
         one = [i for i in sent if ends_l[i] - starts_l[i] == 1]
         deltas = dict(zip(one, encode_deltas_one(uniq[one], rows[starts[one]], cap))) if one else {}
-        send = emit.send
-        for i in sent:
-            user = uniq_l[i]
-            value = deltas.get(i)
-            if value is None:
-                value = encode_delta(user, rows[starts_l[i]:ends_l[i]], cap)
-            send(SEQUENCE_DELTAS, value, key_of(user), partition)
+        out = [deltas.get(i) or encode_delta(uniq_l[i], rows[starts_l[i]:ends_l[i]], cap) for i in sent]
+        keys = [key_of(uniq_l[i]) for i in sent]
+        send_many = getattr(emit, "send_many", None)  # the worker's emit: one call for the batch
+        if send_many is not None:
+            send_many(SEQUENCE_DELTAS, out, keys, partition)
+        else:
+            for value, key in zip(out, keys):
+                emit.send(SEQUENCE_DELTAS, value, key, partition)
         self.counts["sequences_published_total"] += len(sent)
+
+    @staticmethod
+    def _append_ones(store: Store, users: list[int], new: np.ndarray, indexes: list[bytes | None],
+                     tails: list[bytes | None], cap: int) -> list[bool | None]:
+        """``_append`` of many users with ONE new row each (``new[i]`` for ``users[i]``) at once: the same
+        result per user (False: a duplicate in the tail; True: appended to the tail, staged), or None where
+        ``_append`` must decide alone (the filter cannot rule out a duplicate in the base, a late row, a
+        fold, a lowered cap, a record of another version)."""
+        n = len(users)
+        trows, nt = record_rows_many(tails, len(_SEQ_PREFIX))
+        tagged = [ix is not None and ix[:8] == INDEX_TAG for ix in indexes]
+        head = np.frombuffer(b"".join([ix[8:_INDEX_HEAD] if t else _NO_HEAD for ix, t in zip(indexes, tagged)]),
+                             dtype="<i8").reshape(n, 3)
+        newest, last, nb = head[:, 0], head[:, 1], head[:, 2]
+        ok = (nt >= 0) & (nt + 1 <= TAIL_PAIRS) & (nb <= cap) & np.array(
+            [t or ix is None for ix, t in zip(indexes, tagged)], dtype=bool)
+        t0, k0 = new[:, COL_TIME], new[:, COL_KEY]
+        # Duplicates of the tail's rows inside the window (its last ``cap``).
+        cnt = np.maximum(nt, 0)
+        owner = np.repeat(np.arange(n), cnt)
+        first = np.cumsum(cnt) - cnt
+        pos = np.arange(len(trows)) - first[owner]
+        hit = (pos >= (cnt - cap)[owner]) & (trows[:, COL_KEY] == k0[owner])
+        dup = ok & (np.bincount(owner[hit], minlength=n) > 0)
+        # Base rows inside the window: a duplicate there is ruled out by the index's filter, or left to _append.
+        in_base = np.maximum(0, np.minimum(nb, cap - cnt))
+        check = np.nonzero(ok & ~dup & (in_base > 0))[0]
+        maybe = np.zeros(n, dtype=bool)
+        if len(check):
+            blooms = [indexes[i] for i in check.tolist()]
+            lens = np.array([len(b) - _INDEX_HEAD for b in blooms], dtype=np.int64)
+            starts = np.cumsum(lens) - lens
+            bits = np.frombuffer(b"".join([b[_INDEX_HEAD:] for b in blooms]), dtype=np.uint8)
+            shift = (65 - np.array([(8 * m).bit_length() for m in lens.tolist()])).astype(np.uint64)
+            key = k0[check].view(np.uint64)
+            all_set = np.ones(len(check), dtype=bool)
+            with np.errstate(over="ignore"):
+                for c in _BLOOM_MULT:
+                    p = (key * np.uint64(c)) >> shift
+                    all_set &= ((bits[starts + (p >> np.uint64(3)).astype(np.int64)] >> (p & np.uint64(7))) & 1) == 1
+            maybe[check] = all_set
+        # Order: after the tail's newest row, or the base's newest pair when the tail is empty.
+        lt = np.maximum(first + cnt - 1, 0)
+        if len(trows):
+            tt, tk = trows[lt, COL_TIME], trows[lt, COL_KEY]
+        else:
+            tt = tk = np.zeros(n, dtype=np.int64)
+        after_tail = (t0 > tt) | ((t0 == tt) & (k0 > tk))
+        after_base = (t0 > newest) | ((t0 == newest) & (k0 > last))
+        in_order = np.where(cnt > 0, after_tail, (nb == 0) | after_base)
+        app = np.nonzero(ok & ~dup & ~maybe & in_order)[0].tolist()
+        if app:
+            values = append_row_many([tails[i] for i in app], [users[i] for i in app], new[app], len(_SEQ_PREFIX),
+                                     _SEQ_PREFIX)
+            store.update({tail_key(users[i]): v for i, v in zip(app, values)})
+        out: list[bool | None] = [False if d else None for d in dup.tolist()]
+        for i in app:
+            out[i] = True
+        return out
 
     @staticmethod
     def _append(store: Store, user: int, index: bytes | None, tail: bytes | None, new: np.ndarray, cap: int

@@ -212,3 +212,28 @@ def test_catch_up_in_chunks_equals_the_definition(chunk):
                                       put, chunk=chunk)
     assert not bad and changed == set(want) and state.deltas == {0: len(deltas)} and state.markers == {0: cut}
     assert_equal(store, want)
+
+
+@pytest.mark.parametrize("n", [8, 9, 300, 1024, 5000])
+def test_vector_record_encoder_writes_the_bytes_of_the_plain_one(n, monkeypatch):
+    """The columnar encoder of long records (snapshots, folds) against the plain-Python one, byte for byte:
+    every width, signs and int64 extremes, repeated and distinct condition ids, equal and wrapping times."""
+    rng = np.random.default_rng(n)
+    big = np.iinfo(np.int64)
+    for case in range(4):
+        rows = rng.integers(big.min, big.max, (n, sx.ROW), dtype=np.int64, endpoint=True)
+        if case == 1:  # realistic: times a minute apart, few conditions, small items
+            rows[:, 0] = 1_767_225_600_000 + 60_000 * np.arange(n)
+            rows[:, 2:-2] = rng.integers(0, 4, (n, sx.ROW - 4)) * (2**61 + 7)
+            rows[:, -2:] = rng.integers(0, 300, (n, 2))
+        elif case == 2:  # constant columns (width 0) and extremes
+            rows[:, 2:] = big.max
+            rows[::2, 0] = big.min
+        elif case == 3:
+            rows[:, 2] = rng.integers(-2, 2, n)
+            rows[:, -1] = rng.integers(0, 70_000, n)
+        fast = sx.encode_snapshot(3, rows)
+        monkeypatch.setattr(sx, "_SMALL", 10**9)
+        assert sx.encode_snapshot(3, rows) == fast, case
+        monkeypatch.setattr(sx, "_SMALL", 8)
+        np.testing.assert_array_equal(sx.decode(fast)[1], rows)

@@ -41,3 +41,23 @@ def test_append_rows_equals_encoding_the_concatenation_for_current_and_older_rec
     assert tk.record_rows(older) is None
     widened = np.insert(short, tk.ROW_WIDTH - 3, tk.ANY, axis=1)
     assert tk.append_rows(older, 7, new) == tk.encode_rows(7, np.concatenate((widened, new)))
+
+
+def test_record_rows_and_append_of_many_records_equal_their_one_record_counterparts(monkeypatch):
+    rng = np.random.default_rng(1)
+    prefix = b"Ls\x01"
+    stored = [rng.integers(-2**62, 2**62, (n, tk.ROW_WIDTH)) for n in (3, 0, 1, 7)]
+    records = [prefix + tk.encode_rows(10 + i, r) for i, r in enumerate(stored)]
+    monkeypatch.setitem(tk.KINDS_BY_VERSION, 0, tk.KINDS_BY_VERSION[tk.TOKENIZER_VERSION] - 1)
+    older = prefix + tk._SEQ_HEADER.pack(b"LSEQ", 1, 0, len(tk.CONDITION_KINDS) - 1, 9, 0, 1)
+    older += bytes(8 * (tk.ROW_WIDTH - 1))  # a record of an older tokenizer version (one kind fewer)
+    bad = records[0][:-8]  # a truncated record
+    many = [records[0], None, older, records[1], bad, records[2], records[3]]
+    rows, counts = tk.record_rows_many(many, 3)
+    assert counts.tolist() == [3, 0, -1, 0, -1, 1, 7]
+    assert [tk.record_rows(r, 3) is None for r in many if r is not None] == [False, True, False, True, False, False]
+    assert (rows == np.concatenate(stored)).all()
+    new = rng.integers(-2**62, 2**62, (4, tk.ROW_WIDTH))
+    got = tk.append_row_many([records[0], None, records[1], records[3]], [10, 5, 11, 13], new, 3, prefix)
+    assert got == [tk.append_rows(records[0], 10, new[:1], 3), prefix + tk.encode_rows(5, new[1:2]),
+                   tk.append_rows(records[1], 11, new[2:3], 3), tk.append_rows(records[3], 13, new[3:], 3)]

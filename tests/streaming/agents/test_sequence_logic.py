@@ -432,3 +432,48 @@ def test_the_base_key_filter_never_misses_a_key_and_rarely_admits_others(n):
     others = rng.integers(0, 2**63 - 1, 20_000).tolist()
     assert sum(seqmod._maybe_in_base(index, k) for k in others) < 0.01 * len(others)
     assert len(index) <= 32 + max(8, 32 * n // 8)  # at most half of the keys' 8 B each
+
+
+@pytest.mark.parametrize("cap", [3, 8, 1024])
+def test_one_row_appends_of_many_users_at_once_equal_the_per_user_append(cap, monkeypatch):
+    """The vectorised path for users with one new row (most users, with many users) decides exactly what the
+    per-user ``_append`` decides (duplicate, appended with the same tail bytes) or leaves the user to it:
+    users of every state (none, tail only, base only, base + tail, full tail, an index of the earlier format),
+    with duplicates of the tail and the base (also with a later time), late and in-order rows."""
+    monkeypatch.setattr(seqmod, "TAIL_PAIRS", 4)
+    rng = random.Random(cap)
+    history = [ev(i, rng.randrange(60), t=i * 1000, eid=f"h{i}") for i in range(1500)]
+    _, store, _ = run(split(history, rng, most=20), cap=cap)
+    for u in (3, 4):  # their indexes as earlier builds wrote them: a compact snapshot record with the keys
+        if seqmod.index_key(u) in store.data:
+            store.data[seqmod.index_key(u)] = store.data[base_key(u)]
+    users, new = [], []
+    for u in range(65):  # 60 with state, 5 without
+        stored = [e for e in history if e.user_id == u]
+        kind = rng.choice(["new", "new", "late", "dup", "dup_recent", "retry"])
+        if kind == "retry" and stored:  # a stored event's id with a later time: in order, yet a duplicate
+            e = ev(5000 + u, u, t=2_000_000 + u, eid=rng.choice(stored).event_id)
+        elif kind == "dup" and stored:
+            e = rng.choice(stored)
+        elif kind == "dup_recent" and stored:
+            e = stored[-1]
+        elif kind == "late" and stored:
+            e = ev(5000 + u, u, t=rng.randrange(1500) * 1000 + 1)
+        else:
+            e = ev(5000 + u, u, t=2_000_000 + u)
+        users.append(u)
+        new.append(e)
+    rows = tk.tokenize_rows(new)
+    values = store.get_many([k for u in users for k in (seqmod.index_key(u), tail_key(u))])
+    indexes, tails = values[0::2], values[1::2]
+    got = SequenceLogic._append_ones(store, users, rows, indexes, tails, cap)
+    vector = dict(store._staged)
+    store.discard()
+    for i, u in enumerate(users):
+        want = SequenceLogic._append(store, u, indexes[i], tails[i], rows[i:i + 1], cap)
+        if got[i] is not None:
+            assert got[i] == want, (u, got[i], want)
+            assert vector.get(tail_key(u)) == store._staged.get(tail_key(u)), u
+        store.discard()
+    assert set(vector) == {tail_key(u) for u, g in zip(users, got) if g}
+    assert got.count(True) > 10 and got.count(False) >= 3  # the common cases are decided here
