@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import struct
 import sys
+from math import isfinite
 from array import array
 from collections.abc import Iterator, Sequence
 from itertools import repeat
@@ -408,6 +409,8 @@ def _decode_v3(model: type[M], data: bytes) -> M:
     hist = array("q", data[at:at + 16 * nh])
     raw = bytes(data[at + 16 * nh:])
     values, vecs, s = array("d", raw).tolist(), [], 0
+    if not all(map(isfinite, values)):
+        raise DecodeError(f"invalid {name}: non-finite value in a LUM vector")
     for d in dims:
         vecs.append(values[s:s + d])
         s += d
