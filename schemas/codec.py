@@ -13,9 +13,10 @@ reads at its step's pace, so it is binary (little-endian throughout):
 - version 3, ``b"L" b"b" 3``: a fixed 50-byte head ``<qqqqHBBHHHHHHH``: user_id, item_id, category_id,
   event_time_ms (int64), position (u16), label (u8), flags (u8: 1 query, 2 lum_model_version, 4 lum_conditions
   and lum_user, 8 lum_item present; no other bit), history length H, condition count C, then the byte lengths of
-  example_id, request_id, scenario, query, lum_model_version (u16 each; 0 for an absent one); then those strings
-  (UTF-8), C u16 condition-name lengths and the names, H int64 item ids, H int64 category ids, one u16 size per
-  vector (the C user vectors in order, then the item vector) and their float64 values, and nothing after.
+  example_id, request_id, scenario, query, lum_model_version (u16 each; 0 for an absent one); then C u16
+  condition-name lengths, one u16 size per vector (the C user vectors in order, then the item vector), the five
+  strings (UTF-8), the condition names, H int64 item ids, H int64 category ids and the vectors' float64 values,
+  and nothing after.
 - version 2, ``b"L" b"v" 2`` (still read): u32 length + a JSON head (the model without the history lists, each LUM
   vector replaced by the placeholder ``[0.0]``), then u16 H, H int64 item ids, H int64 category ids, one u16 size
   per vector and their float64 values.
@@ -33,6 +34,7 @@ trainer featurizes those columns directly.
 
 from __future__ import annotations
 
+import re
 import struct
 import sys
 from math import isfinite
@@ -330,8 +332,6 @@ F_QUERY, F_VERSION, F_USER, F_ITEM = 1, 2, 4, 8
 _STRINGS = (("example_id", 1, 256), ("request_id", 1, 128), ("scenario", 1, 64), ("query", 0, 256),
             ("lum_model_version", 0, 128))
 _CONDITION_CHARS = 128
-_SCENARIO_BYTES = np.zeros(256, dtype=bool)  # the ``Name`` pattern [A-Za-z0-9_.:-]
-_SCENARIO_BYTES[np.frombuffer(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-", np.uint8)] = True
 
 
 def encode_training_example(head: dict[str, object], n_history: int, history: bytes,
@@ -658,26 +658,30 @@ def _v3_columns(datas: list[bytes]) -> ExampleColumns | np.ndarray:
     ok &= p_vec + 8 * np.bincount(d_row, dims, minlength=n).astype(np.int64) == ends
     if not ok.all():
         return ok
-    # Strings: UTF-8, their lengths in characters, the scenario's pattern.
+    # Strings. Example ids (one per example) as one UTF-8 text cut per row; the others repeat (scenarios, model
+    # versions, condition lists, requests and queries shared by examples), so each distinct value is checked and
+    # decoded once, found by its key: the field's length (and presence flag) and bytes.
     cols: dict = {}
-    at = s_pos
-    for f, lo, hi in _STRINGS:
-        strs, chars = _strings(buf, at, sl[f], ok)
-        if strs is None:
-            return ok
-        ok &= (chars >= lo) & (chars <= hi)
-        cols[f] = strs
-        at = at + sl[f]
-    sc = buf[_ranges(s_pos + sl["example_id"] + sl["request_id"], sl["scenario"])]
-    if not _SCENARIO_BYTES[sc].all():
-        ok &= np.bincount(np.repeat(np.arange(n), sl["scenario"]), ~_SCENARIO_BYTES[sc], minlength=n) == 0
-    n_off = _offsets(nc)
-    names, chars = _strings(buf, np.repeat(p_names, nc) + _within(clen, nc, n_off), clen,
-                            np.ones(len(clen), dtype=bool))
-    if names is None:
-        ok &= np.bincount(s_row[is_name], ~chars, minlength=n) == 0  # chars: the pieces not refused
+    ids, chars = _strings(buf, s_pos, sl["example_id"], ok)
+    if ids is None:
         return ok
-    ok &= np.bincount(s_row[is_name], chars > _CONDITION_CHARS, minlength=n) == 0
+    ok &= (chars >= 1) & (chars <= 256)
+    cols["example_id"] = ids
+    at = s_pos + sl["example_id"]
+    flags_col = {"query": has_q, "lum_model_version": has_mv}
+    for f, lo, hi in _STRINGS[1:]:
+        flag = flags_col.get(f)
+        prefix = [_u16_col(sl[f])] + ([] if flag is None else [flag.astype(np.uint8)[:, None]])
+        parse = _TEXT_PARSERS[f, flag is not None]
+        values = _distinct(buf, np.hstack(prefix), [(at, sl[f])], parse, ok)
+        if values is None:
+            return ok
+        cols[f] = values
+        at = at + sl[f]
+    cols["lum_conditions"] = _distinct(buf, np.hstack([_u16_col(nc), user.astype(np.uint8)[:, None]]),
+                                       [(starts + _AT, 2 * nc), (p_names, name_bytes)], _parse_conditions, ok)
+    if cols["lum_conditions"] is None:
+        return ok
     # History ids (non-negative int64) and vector values (finite).
     ints = buf[_ranges(p_hist, 16 * nh)].view("<i8")
     if len(ints) and ints.min() < 0:
@@ -696,20 +700,82 @@ def _v3_columns(datas: list[bytes]) -> ExampleColumns | np.ndarray:
     first = in_row < np.repeat(nh, 2 * nh)
     out = {f: head[f].astype(np.int64) for f in ExampleColumns.INTS}
     out.update(cols)
-    out["query"] = [s if q else None for s, q in zip(cols["query"], has_q.tolist())]
-    out["lum_model_version"] = [s if v else None for s, v in zip(cols["lum_model_version"], has_mv.tolist())]
-    no = n_off.tolist()
-    out["lum_conditions"] = [names[a:b] if u else None for a, b, u in zip(no, no[1:], user.tolist())]
     d_off = _offsets(nv)
     return ExampleColumns(**out, hist_off=h_off, history_items=ints[first], history_categories=ints[~first],
                           n_user=np.where(user, nc, -1), has_item=item, dims_off=d_off, dims=dims,
                           vec_off=vec_off, vectors=vectors)
 
 
-def _within(lens: np.ndarray, counts: np.ndarray, off: np.ndarray) -> np.ndarray:
-    """For pieces of sizes ``lens`` grouped ``counts`` per row (row starts ``off``): each piece's offset in its row."""
-    c = _offsets(lens)
-    return c[:-1] - np.repeat(c[off[:-1]], counts)
+_BAD = object()  # a distinct value that breaks a bound
+_MAX_KEYS = 1 << 25  # bytes of keys built per column at most (beyond: message by message)
+
+
+def _u16_col(a: np.ndarray) -> np.ndarray:
+    return a.astype("<u2").view(np.uint8).reshape(len(a), 2)
+
+
+def _distinct(buf: np.ndarray, prefix: np.ndarray, segs: list, parse, ok: np.ndarray) -> list | None:
+    """Per row, ``parse(key)``: the key is the row's ``prefix`` bytes followed by its segments' bytes (``segs``:
+    (positions, lengths) per row), zero-padded to the longest; each distinct key is parsed once. Rows whose value
+    is ``_BAD`` are cleared in ``ok``; None (all cleared) if the keys would be too large."""
+    n, k = prefix.shape
+    total = sum(ln for _, ln in segs)
+    w = k + int(total.max())
+    if n * w > _MAX_KEYS:
+        ok[:] = False
+        return None
+    mat = np.zeros((n, w), dtype=np.uint8)
+    mat[:, :k] = prefix
+    col = np.full(n, k, dtype=np.int64)
+    for pos, ln in segs:
+        if ln.any():
+            rows = np.repeat(np.arange(n), ln)
+            mat[rows, np.repeat(col - _offsets(ln)[:-1], ln) + np.arange(int(ln.sum()))] = buf[_ranges(pos, ln)]
+        col = col + ln
+    keys, codes = np.unique(mat.view(np.dtype((np.void, w))).ravel(), return_inverse=True)
+    table = [parse(key.tobytes()) for key in keys]
+    bad = [j for j, v in enumerate(table) if v is _BAD]
+    if bad:
+        ok &= ~np.isin(codes, bad)
+    return list(map(table.__getitem__, codes.ravel().tolist()))
+
+
+def _text_parser(lo: int, hi: int, flagged: bool, pattern=None):
+    """Key (u16 length, [presence flag,] UTF-8 bytes) -> the string (None: absent), ``_BAD`` if out of bounds."""
+    k = 3 if flagged else 2
+
+    def parse(key: bytes):
+        if flagged and not key[2]:
+            return None
+        try:
+            s = key[k:k + (key[0] | key[1] << 8)].decode()
+        except UnicodeDecodeError:
+            return _BAD
+        return s if lo <= len(s) <= hi and (pattern is None or pattern(s)) else _BAD
+    return parse
+
+
+_TEXT_PARSERS = {(f, flagged): _text_parser(lo, hi, flagged, re.compile(r"[A-Za-z0-9_.:-]+").fullmatch
+                                            if f == "scenario" else None)
+                 for f, lo, hi in _STRINGS for flagged in (False, True)}
+
+
+def _parse_conditions(key: bytes):
+    """Key (u16 count C, user flag, C u16 lengths, the names) -> the condition list (None: absent), or ``_BAD``."""
+    if not key[2]:
+        return None
+    nc = key[0] | key[1] << 8
+    at, names = 3 + 2 * nc, []
+    for ln in struct.unpack_from(f"<{nc}H", key, 3):
+        try:
+            s = key[at:at + ln].decode()
+        except UnicodeDecodeError:
+            return _BAD
+        if len(s) > _CONDITION_CHARS:
+            return _BAD
+        names.append(s)
+        at += ln
+    return names
 
 
 def _strings(buf: np.ndarray, pos: np.ndarray, lens: np.ndarray, ok: np.ndarray):
