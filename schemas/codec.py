@@ -715,36 +715,51 @@ def _u16_col(a: np.ndarray) -> np.ndarray:
 
 
 def _distinct(buf: np.ndarray, prefix: np.ndarray, segs: list, parse, ok: np.ndarray) -> list | None:
-    """Per row, ``parse(key)``: the key is the row's ``prefix`` bytes followed by its segments' bytes (``segs``:
-    (positions, lengths) per row), zero-padded to the longest; each distinct key is parsed once. Rows whose value
+    """Per row, ``parse(key, *where)``: the key is the row's ``prefix`` bytes followed by its segments' bytes
+    (``segs``: (positions, lengths) per row), each zero-padded to its longest (``where``: the segments' starts in
+    the key); each distinct key is parsed once. Rows whose value
     is ``_BAD`` are cleared in ``ok``; None (all cleared) if the keys would be too large."""
-    n, k = prefix.shape
-    total = sum(ln for _, ln in segs)
-    w = k + int(total.max())
+    n = len(prefix)
+    parts, seg_at = [prefix], []
+    for pos, ln in segs:
+        w = int(ln.max())
+        seg_at.append(sum(m.shape[1] for m in parts))  # where the segment starts in a key
+        if w:
+            at = np.arange(w)
+            m = buf[np.minimum(pos[:, None] + at, len(buf) - 1)]
+            m[at >= ln[:, None]] = 0
+            parts.append(m)
+    w = sum(m.shape[1] for m in parts)
     if n * w > _MAX_KEYS:
         ok[:] = False
         return None
-    mat = np.zeros((n, w), dtype=np.uint8)
-    mat[:, :k] = prefix
-    col = np.full(n, k, dtype=np.int64)
-    for pos, ln in segs:
-        if ln.any():
-            rows = np.repeat(np.arange(n), ln)
-            mat[rows, np.repeat(col - _offsets(ln)[:-1], ln) + np.arange(int(ln.sum()))] = buf[_ranges(pos, ln)]
-        col = col + ln
-    keys, codes = np.unique(mat.view(np.dtype((np.void, w))).ravel(), return_inverse=True)
-    table = [parse(key.tobytes()) for key in keys]
+    pad = -w % 8
+    mat = np.hstack(parts + [np.zeros((n, pad), dtype=np.uint8)] if pad else parts)
+    if (mat == mat[0]).all():  # the usual column of a batch: one value (a model version, a condition list)
+        codes, keys = np.zeros(n, dtype=np.int64), [mat[0].tobytes()]
+    else:  # a 64-bit hash of each key, the rows of each hash then compared with its first one
+        words = mat.view("<u8")
+        h = (words * _MIX[:words.shape[1]]).sum(axis=1, dtype=np.uint64)
+        _, first, codes = np.unique(h, return_index=True, return_inverse=True)
+        codes = codes.ravel()
+        if not (mat == mat[first[codes]]).all():  # a hash collision: sort the keys themselves
+            _, first, codes = np.unique(mat.view(np.dtype((np.void, w + pad))).ravel(), return_index=True,
+                                        return_inverse=True)
+            codes = codes.ravel()
+        keys = [mat[i].tobytes() for i in first.tolist()]
+    table = [parse(key, *seg_at) for key in keys]
     bad = [j for j, v in enumerate(table) if v is _BAD]
     if bad:
         ok &= ~np.isin(codes, bad)
-    return list(map(table.__getitem__, codes.ravel().tolist()))
+    return list(map(table.__getitem__, codes.tolist())) if len(table) > 1 else [table[0]] * n
+
+
+_MIX = np.random.default_rng(0x4C554D).integers(1, 2**63, size=(_MAX_KEYS >> 12) + 64, dtype=np.uint64) | np.uint64(1)
 
 
 def _text_parser(lo: int, hi: int, flagged: bool, pattern=None):
     """Key (u16 length, [presence flag,] UTF-8 bytes) -> the string (None: absent), ``_BAD`` if out of bounds."""
-    k = 3 if flagged else 2
-
-    def parse(key: bytes):
+    def parse(key: bytes, k: int):
         if flagged and not key[2]:
             return None
         try:
@@ -760,13 +775,12 @@ _TEXT_PARSERS = {(f, flagged): _text_parser(lo, hi, flagged, re.compile(r"[A-Za-
                  for f, lo, hi in _STRINGS for flagged in (False, True)}
 
 
-def _parse_conditions(key: bytes):
+def _parse_conditions(key: bytes, sizes_at: int, at: int = 0):
     """Key (u16 count C, user flag, C u16 lengths, the names) -> the condition list (None: absent), or ``_BAD``."""
     if not key[2]:
         return None
-    nc = key[0] | key[1] << 8
-    at, names = 3 + 2 * nc, []
-    for ln in struct.unpack_from(f"<{nc}H", key, 3):
+    nc, names = key[0] | key[1] << 8, []
+    for ln in struct.unpack_from(f"<{nc}H", key, sizes_at):
         try:
             s = key[at:at + ln].decode()
         except UnicodeDecodeError:
