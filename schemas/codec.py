@@ -516,7 +516,9 @@ class ExampleColumns(Sequence):
         if not parts:
             return cls.empty()
         out = {c: np.concatenate([getattr(p, c) for p in parts]) for c in (*cls.INTS, *cls.ROWS)}
-        out.update({c: [x for p in parts for x in getattr(p, c)] for c in cls.LISTS})
+        for c in cls.LISTS:
+            cs = [getattr(p, c) for p in parts]
+            out[c] = _Text.concat(cs) if all(isinstance(x, _Text) for x in cs) else [x for y in cs for x in y]
         for off_name, names in cls.RAGGED:
             offs = [getattr(p, off_name) for p in parts]
             shift = np.cumsum([0] + [o[-1] for o in offs[:-1]])
@@ -568,6 +570,13 @@ class ExampleColumns(Sequence):
         return LazyVectors(fields, self.vectors[self.vec_off[i]:self.vec_off[i + 1]].tobytes(),
                            tuple(self.dims[self.dims_off[i]:self.dims_off[i + 1]].tolist()),
                            None if n_user < 0 else n_user, bool(self.has_item[i]))
+
+    def present(self, column: str) -> np.ndarray:
+        """Where ``column`` (a string field) is not None, as a bool array."""
+        col = getattr(self, column)
+        if isinstance(col, _Text):
+            return col.is_present()
+        return np.fromiter((x is not None for x in col), dtype=bool, count=len(col))
 
     def to_models(self) -> list[TrainingExample]:
         return [r.to_model() for r in self]
@@ -668,9 +677,18 @@ def _v3_columns(datas: list[bytes]) -> ExampleColumns | np.ndarray:
     ok &= (chars >= 1) & (chars <= 256)
     cols["example_id"] = ids
     at = s_pos + sl["example_id"]
-    flags_col = {"query": has_q, "lum_model_version": has_mv}
     for f, lo, hi in _STRINGS[1:]:
-        flag = flags_col.get(f)
+        if f in ("request_id", "query"):  # mostly distinct, never read by the trainer: checked, kept as bytes
+            text, chars = _strings(buf, at, sl[f], ok, lazy=True)
+            if text is None:
+                return ok
+            ok &= (chars >= lo) & (chars <= hi)
+            if f == "query":
+                text.present = has_q
+            cols[f] = text
+            at = at + sl[f]
+            continue
+        flag = has_mv if f == "lum_model_version" else None
         prefix = [_u16_col(sl[f])] + ([] if flag is None else [flag.astype(np.uint8)[:, None]])
         parse = _TEXT_PARSERS[f, flag is not None]
         values = _distinct(buf, np.hstack(prefix), [(at, sl[f])], parse, ok)
@@ -686,7 +704,8 @@ def _v3_columns(datas: list[bytes]) -> ExampleColumns | np.ndarray:
     ints = buf[_ranges(p_hist, 16 * nh)].view("<i8")
     if len(ints) and ints.min() < 0:
         ok &= np.bincount(np.repeat(np.arange(n), 2 * nh), ints < 0, minlength=n) == 0
-    vectors = np.frombuffer(b"".join([joined[a:b] for a, b in zip(p_vec.tolist(), ends.tolist())]), dtype="<f8")
+    mem = memoryview(joined)
+    vectors = np.frombuffer(b"".join([mem[a:b] for a, b in zip(p_vec.tolist(), ends.tolist())]), dtype="<f8")
     vec_len = (ends - p_vec) // 8
     vec_off = _offsets(vec_len)
     fin = np.isfinite(vectors)
@@ -792,15 +811,18 @@ def _parse_conditions(key: bytes, sizes_at: int, at: int = 0):
     return names
 
 
-def _strings(buf: np.ndarray, pos: np.ndarray, lens: np.ndarray, ok: np.ndarray):
-    """The UTF-8 strings at ``[pos, pos + lens)``: (strings, characters of each). Not UTF-8: (None, a mask of the
-    strings that are), with those also cleared in ``ok`` where ``ok`` has one entry per string."""
+def _strings(buf: np.ndarray, pos: np.ndarray, lens: np.ndarray, ok: np.ndarray, lazy: bool = False):
+    """The UTF-8 strings at ``[pos, pos + lens)``: (strings, characters of each); ``lazy``: the strings as a
+    ``_Text`` (checked, decoded when read). Not UTF-8: (None, a mask of the strings that are), with those also
+    cleared in ``ok`` where ``ok`` has one entry per string."""
     n = len(pos)
     off = _offsets(lens)
     if off[-1] == 0:
-        return [""] * n, lens
+        return (_Text(b"", off) if lazy else [""] * n), lens
     raw = buf[_ranges(pos, lens)]
     if raw.max() < 0x80:
+        if lazy:
+            return _Text(raw.tobytes(), off), lens
         text, coff, chars = raw.tobytes().decode("ascii"), off.tolist(), lens
     else:
         lead = (raw & 0xC0) != 0x80
@@ -818,8 +840,52 @@ def _strings(buf: np.ndarray, pos: np.ndarray, lens: np.ndarray, ok: np.ndarray)
             ok &= good
             return None, good
         chars = np.bincount(np.repeat(np.arange(n), lens), lead, minlength=n).astype(np.int64)
+        if lazy:
+            return _Text(raw.tobytes(), off), chars
         coff = _offsets(chars).tolist()
     return [text[a:b] for a, b in zip(coff, coff[1:])], chars
+
+
+class _Text(Sequence):
+    """A column of strings kept as their (checked) UTF-8 bytes, each decoded when read: for fields the trainer
+    never reads (request ids, queries: only whether one is present). ``present``: False where the value is None."""
+
+    def __init__(self, data: bytes, off: np.ndarray, present: np.ndarray | None = None):
+        self.data, self.off, self.present = data, off, present
+
+    def __len__(self) -> int:
+        return len(self.off) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            a, b, step = i.indices(len(self))
+            if step != 1 or b < a:
+                return [self[k] for k in range(a, b, step)]
+            return _Text(self.data, self.off[a:b + 1], None if self.present is None else self.present[a:b])
+        if self.present is not None and not self.present[i]:
+            return None
+        return self.data[self.off[i]:self.off[i + 1]].decode()
+
+    def __iter__(self):
+        return iter([self[i] for i in range(len(self))])
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def is_present(self) -> np.ndarray:
+        return np.ones(len(self), dtype=bool) if self.present is None else self.present
+
+    @classmethod
+    def concat(cls, parts: list[_Text]) -> _Text:
+        offs = [p.off - p.off[0] for p in parts]
+        shift = np.cumsum([0] + [o[-1] for o in offs[:-1]])
+        return cls(b"".join([p.data[p.off[0]:p.off[-1]] for p in parts]),
+                   np.concatenate([offs[0][:1]] + [o[1:] + s for o, s in zip(offs, shift)]),
+                   None if all(p.present is None for p in parts) else np.concatenate([p.is_present() for p in parts]))
+
+    def __reduce__(self):  # only this column's bytes
+        a, b = int(self.off[0]), int(self.off[-1])
+        return _Text, (self.data[a:b], self.off - a, self.present)
 
 
 def _utf8(b: bytes) -> bool:

@@ -238,7 +238,7 @@ class Featurizer:
         raw = {"user_id": c.user_id, "item_id": c.item_id, "category_id": c.category_id,
                "scenario": np.fromiter(map(self.scenario_id, c.scenario), dtype=np.int64, count=B),
                "position": c.position, "history_items": items, "history_categories": cats}
-        has_query = np.fromiter((q is not None for q in c.query), dtype=np.float32, count=B)
+        has_query = c.present("query").astype(np.float32)
         lum = self.lum_columns(c) if self.cfg.features == "lum" else None
         dense, sparse = self.encode(raw, hist_len, has_query, lum)
         return FeatureBatch(dense, sparse, torch.from_numpy(c.label.astype(np.float32)), c.event_time_ms.copy(),
