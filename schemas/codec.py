@@ -329,6 +329,7 @@ assert _HEAD_DTYPE.itemsize == _HEAD.size
 _AT = 3 + _HEAD.size  # where the u16 sizes start
 F_QUERY, F_VERSION, F_USER, F_ITEM = 1, 2, 4, 8
 # The strings in wire order, with the model's bounds in characters (min, max; a query present has at least one).
+_BAD = object()  # a distinct value that breaks a bound
 _STRINGS = (("example_id", 1, 256), ("request_id", 1, 128), ("scenario", 1, 64), ("query", 0, 256),
             ("lum_model_version", 0, 128))
 _CONDITION_CHARS = 128
@@ -688,18 +689,11 @@ def _v3_columns(datas: list[bytes]) -> ExampleColumns | np.ndarray:
             cols[f] = text
             at = at + sl[f]
             continue
-        flag = has_mv if f == "lum_model_version" else None
-        prefix = [_u16_col(sl[f])] + ([] if flag is None else [flag.astype(np.uint8)[:, None]])
-        parse = _TEXT_PARSERS[f, flag is not None]
-        values = _distinct(buf, np.hstack(prefix), [(at, sl[f])], parse, ok)
-        if values is None:
-            return ok
-        cols[f] = values
+        cols[f] = _distinct(joined, [(at, at + sl[f])], _TEXT_PARSERS[f], ok,
+                            has_mv if f == "lum_model_version" else None)
         at = at + sl[f]
-    cols["lum_conditions"] = _distinct(buf, np.hstack([_u16_col(nc), user.astype(np.uint8)[:, None]]),
-                                       [(starts + _AT, 2 * nc), (p_names, name_bytes)], _parse_conditions, ok)
-    if cols["lum_conditions"] is None:
-        return ok
+    cols["lum_conditions"] = _distinct(joined, [(starts + _AT, starts + _AT + 2 * nc), (p_names, p_hist)],
+                                       _parse_conditions, ok, user)
     # History ids (non-negative int64) and vector values (finite).
     ints = buf[_ranges(p_hist, 16 * nh)].view("<i8")
     if len(ints) and ints.min() < 0:
@@ -725,90 +719,53 @@ def _v3_columns(datas: list[bytes]) -> ExampleColumns | np.ndarray:
                           vec_off=vec_off, vectors=vectors)
 
 
-_BAD = object()  # a distinct value that breaks a bound
-_MAX_KEYS = 1 << 25  # bytes of keys built per column at most (beyond: message by message)
 
 
-def _u16_col(a: np.ndarray) -> np.ndarray:
-    return a.astype("<u2").view(np.uint8).reshape(len(a), 2)
+def _distinct(joined: bytes, segs: list, parse, ok: np.ndarray, present: np.ndarray | None = None) -> list:
+    """Per row, ``parse(*key)``, the key being the bytes of the row's segments (``segs``: (starts, ends) arrays),
+    parsed once per distinct key (C-level maps over the rows); None where ``present`` is False. Rows whose value is
+    ``_BAD`` are cleared in ``ok``."""
+    cols = [list(map(joined.__getitem__, map(slice, a.tolist(), b.tolist()))) for a, b in segs]
+    keys = cols[0] if len(cols) == 1 else list(zip(*cols))
+    table = dict.fromkeys(keys)
+    for k in table:
+        table[k] = parse(k) if len(cols) == 1 else parse(*k)
+    values = list(map(table.__getitem__, keys))
+    if present is not None and not present.all():
+        values = [v if p else None for v, p in zip(values, present.tolist())]
+    if any(v is _BAD for v in table.values()):
+        ok &= np.fromiter((v is not _BAD for v in values), dtype=bool, count=len(values))
+    return values
 
 
-def _distinct(buf: np.ndarray, prefix: np.ndarray, segs: list, parse, ok: np.ndarray) -> list | None:
-    """Per row, ``parse(key, *where)``: the key is the row's ``prefix`` bytes followed by its segments' bytes
-    (``segs``: (positions, lengths) per row), each zero-padded to its longest (``where``: the segments' starts in
-    the key); each distinct key is parsed once. Rows whose value
-    is ``_BAD`` are cleared in ``ok``; None (all cleared) if the keys would be too large."""
-    n = len(prefix)
-    parts, seg_at = [prefix], []
-    for pos, ln in segs:
-        w = int(ln.max())
-        seg_at.append(sum(m.shape[1] for m in parts))  # where the segment starts in a key
-        if w:
-            at = np.arange(w)
-            m = buf[np.minimum(pos[:, None] + at, len(buf) - 1)]
-            m[at >= ln[:, None]] = 0
-            parts.append(m)
-    w = sum(m.shape[1] for m in parts)
-    if n * w > _MAX_KEYS:
-        ok[:] = False
-        return None
-    pad = -w % 8
-    mat = np.hstack(parts + [np.zeros((n, pad), dtype=np.uint8)] if pad else parts)
-    if (mat == mat[0]).all():  # the usual column of a batch: one value (a model version, a condition list)
-        codes, keys = np.zeros(n, dtype=np.int64), [mat[0].tobytes()]
-    else:  # a 64-bit hash of each key, the rows of each hash then compared with its first one
-        words = mat.view("<u8")
-        h = (words * _MIX[:words.shape[1]]).sum(axis=1, dtype=np.uint64)
-        _, first, codes = np.unique(h, return_index=True, return_inverse=True)
-        codes = codes.ravel()
-        if not (mat == mat[first[codes]]).all():  # a hash collision: sort the keys themselves
-            _, first, codes = np.unique(mat.view(np.dtype((np.void, w + pad))).ravel(), return_index=True,
-                                        return_inverse=True)
-            codes = codes.ravel()
-        keys = [mat[i].tobytes() for i in first.tolist()]
-    table = [parse(key, *seg_at) for key in keys]
-    bad = [j for j, v in enumerate(table) if v is _BAD]
-    if bad:
-        ok &= ~np.isin(codes, bad)
-    return list(map(table.__getitem__, codes.tolist())) if len(table) > 1 else [table[0]] * n
-
-
-_MIX = np.random.default_rng(0x4C554D).integers(1, 2**63, size=(_MAX_KEYS >> 12) + 64, dtype=np.uint64) | np.uint64(1)
-
-
-def _text_parser(lo: int, hi: int, flagged: bool, pattern=None):
-    """Key (u16 length, [presence flag,] UTF-8 bytes) -> the string (None: absent), ``_BAD`` if out of bounds."""
-    def parse(key: bytes, k: int):
-        if flagged and not key[2]:
-            return None
+def _text_parser(lo: int, hi: int, pattern=None):
+    """UTF-8 bytes -> the string, or ``_BAD`` if not UTF-8 or out of bounds."""
+    def parse(data: bytes):
         try:
-            s = key[k:k + (key[0] | key[1] << 8)].decode()
+            s = data.decode()
         except UnicodeDecodeError:
             return _BAD
         return s if lo <= len(s) <= hi and (pattern is None or pattern(s)) else _BAD
     return parse
 
 
-_TEXT_PARSERS = {(f, flagged): _text_parser(lo, hi, flagged, re.compile(r"[A-Za-z0-9_.:-]+").fullmatch
-                                            if f == "scenario" else None)
-                 for f, lo, hi in _STRINGS for flagged in (False, True)}
+_TEXT_PARSERS = {f: _text_parser(lo, hi, re.compile(r"[A-Za-z0-9_.:-]+").fullmatch if f == "scenario" else None)
+                 for f, lo, hi in _STRINGS}
 
 
-def _parse_conditions(key: bytes, sizes_at: int, at: int = 0):
-    """Key (u16 count C, user flag, C u16 lengths, the names) -> the condition list (None: absent), or ``_BAD``."""
-    if not key[2]:
-        return None
-    nc, names = key[0] | key[1] << 8, []
-    for ln in struct.unpack_from(f"<{nc}H", key, sizes_at):
+def _parse_conditions(sizes: bytes, names: bytes):
+    """The u16 name lengths and the names -> the condition list, or ``_BAD``."""
+    out, at = [], 0
+    for ln in struct.unpack(f"<{len(sizes) // 2}H", sizes):
         try:
-            s = key[at:at + ln].decode()
+            s = names[at:at + ln].decode()
         except UnicodeDecodeError:
             return _BAD
         if len(s) > _CONDITION_CHARS:
             return _BAD
-        names.append(s)
+        out.append(s)
         at += ln
-    return names
+    return out
 
 
 def _strings(buf: np.ndarray, pos: np.ndarray, lens: np.ndarray, ok: np.ndarray, lazy: bool = False):
