@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
 from operator import attrgetter
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -272,8 +273,13 @@ class Featurizer:
         item[rows] = flat[:, K * D:]
         u_ok[rows] = 1.0
         i_ok[rows] = 1.0
-        for b in np.flatnonzero(~fast).tolist():
-            self._lum_slow(c[b], b, U, u_ok, item, i_ok, cat, cat_ok)
+        for b in np.flatnonzero(~fast).tolist():  # the row's vectors as views of the flat values
+            vecs = np.split(c.vectors[c.vec_off[b]:c.vec_off[b + 1]],
+                            np.cumsum(c.dims[c.dims_off[b]:c.dims_off[b + 1]])[:-1])
+            nu = int(c.n_user[b])
+            row = SimpleNamespace(lum_conditions=c.lum_conditions[b], lum_user=vecs[:nu] if nu >= 0 else None,
+                                  lum_item=vecs[-1] if c.has_item[b] else None, category_id=int(c.category_id[b]))
+            self._lum_slow(row, b, U, u_ok, item, i_ok, cat, cat_ok)
         return self.own_category(LumArrays(U, u_ok, item, i_ok, own, cat, cat_ok), c.category_id)
 
     def encode(self, raw: dict[str, np.ndarray], hist_len: np.ndarray, has_query: np.ndarray,
