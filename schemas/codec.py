@@ -446,8 +446,9 @@ def _ranges(pos: np.ndarray, lens: np.ndarray) -> np.ndarray:
 class ExampleColumns(Sequence):
     """Many ``TrainingExample``s as columns: what ``decode_columns`` returns, and what the DLRM featurizes.
 
-    Integer fields are int64 arrays; strings are lists (``query``/``lum_model_version`` None where absent,
-    ``lum_conditions`` a list per row or None: read-only, rows may share one); the histories are flat int64 arrays
+    Integer fields are int64 arrays; strings are sequences (lists, or for ``request_id``/``query`` a ``_Text``
+    decoding each on read; ``query``/``lum_model_version`` None where absent, see ``present``; ``lum_conditions``
+    a list per row or None: read-only, rows may share one); the histories are flat int64 arrays
     cut by ``hist_off``; the LUM vectors are one flat float64 array cut per row by ``vec_off`` into the sizes
     ``dims`` (cut by ``dims_off``: the ``n_user`` user vectors, -1 for None, then the item vector where
     ``has_item``). Indexing gives a row as ``LazyVectors`` (built on demand, for the rare reader that wants one), a
@@ -593,11 +594,14 @@ def decode_columns(datas: list[bytes | None]) -> tuple[ExampleColumns, dict[int,
     idx = [i for i, d in enumerate(datas) if d and d[:3] == _START]
     cols = None
     while idx:
-        r = _v3_columns([datas[i] for i in idx])
+        try:
+            r = _v3_columns([datas[i] for i in idx])
+        except Exception:  # noqa: BLE001  (an unforeseen corruption: message by message, never a crash)
+            r = np.zeros(len(idx), dtype=bool)
         if isinstance(r, ExampleColumns):
             cols = r
             break
-        idx = [i for i, k in zip(idx, r.tolist()) if k]
+        idx = [i for i, k in zip(idx, r.tolist()) if k] if not r.all() else []
     if len(idx) == len(datas):
         return cols if cols is not None else ExampleColumns.empty(), {}
     done, errors, objs, where = set(idx), {}, [], []
