@@ -368,7 +368,8 @@ def _encode_v3(ex: TrainingExample) -> bytes:
         raw = array("d", [x for v in [*(user or ()), *(() if item is None else (item,))] for x in v]).tobytes()
     return encode_training_example({f: getattr(ex, f) for f in EXAMPLE_HEAD_FIELDS}, len(ex.history_items),
                                    array("q", ex.history_items).tobytes() + array("q", ex.history_categories).tobytes(),
-                                   None if user is None else [len(v) for v in user], None if item is None else len(item),
+                                   None if user is None else [len(v) for v in user],
+                                   None if item is None else len(item),
                                    raw)
 
 
@@ -591,7 +592,7 @@ def decode_columns(datas: list[bytes | None]) -> tuple[ExampleColumns, dict[int,
     cannot vouch for runs again without them, and those, with any other message (older versions, a bad header),
     are decoded one at a time: the model (added to the columns in its place) or the ``DecodeError`` of ``decode``.
     """
-    idx = [i for i, d in enumerate(datas) if d and d[:3] == _START]
+    idx = list(range(len(datas))) if all(datas) else [i for i, d in enumerate(datas) if d]  # headers: in the pass
     cols = None
     while idx:
         try:

@@ -25,7 +25,8 @@ BASE = dict(example_id="r/1", request_id="r", user_id=7, item_id=8, category_id=
             event_time_ms=T, label=1, history_items=[1, 2], history_categories=[3, 3])
 LUM = dict(lum_model_version="v", lum_conditions=["scenario=home", "scenario=search"],
            lum_user=[[0.5, -1.25, 3.0], [1.0, 2.0, 4.0]], lum_item=[0.25, 0.125, -8.0])
-SHAPES = [BASE, BASE | LUM, BASE | {"lum_item": [1.5]}, BASE | LUM | {"lum_item": None, "query": 'q"\\ ünï 😀\t\n\x01'},
+SHAPES = [BASE, BASE | LUM, BASE | {"lum_item": [1.5]},
+          BASE | LUM | {"lum_item": None, "query": 'q"\\ ünï 😀\t\n\x01'},
           BASE | {"history_items": [], "history_categories": [], "example_id": "é/\u2028", "label": 0},
           BASE | {"lum_model_version": "", "lum_conditions": [], "lum_user": []}]
 
@@ -134,7 +135,7 @@ def _random_example(rng: random.Random, i: int) -> TrainingExample:
     nh = rng.choice([0, 1, 5, 256])
     k = rng.choice([None, 0, 1, 3])
     d = rng.choice([1, 4, 32])
-    f = dict(example_id=_text(rng, 1, 256, _UNI) + str(i)[:0], request_id=_text(rng, 1, 128, _UNI),
+    f = dict(example_id=_text(rng, 1, 256, _UNI), request_id=_text(rng, 1, 128, _UNI),
              user_id=rng.choice([0, 2**63 - 1, rng.getrandbits(63)]), item_id=rng.getrandbits(63),
              category_id=rng.getrandbits(20), position=rng.choice([0, 1000, rng.randint(0, 1000)]),
              scenario=_text(rng, 1, 64, "azAZ09_.:-"), query=rng.choice([None, _text(rng, 1, 256, _UNI)]),
@@ -142,7 +143,8 @@ def _random_example(rng: random.Random, i: int) -> TrainingExample:
              history_items=[rng.getrandbits(63) for _ in range(nh)], history_categories=[rng.getrandbits(8)] * nh,
              lum_model_version=rng.choice([None, "", _text(rng, 0, 128, _UNI)]),
              lum_conditions=None if k is None else [_text(rng, 0, 128, _UNI) for _ in range(k)],
-             lum_user=None if k is None else [[rng.gauss(0, 1) for _ in range(rng.choice([d, d, 2]))] for _ in range(k)],
+             lum_user=None if k is None else [[rng.gauss(0, 1) for _ in range(rng.choice([d, d, 2]))]
+                                              for _ in range(k)],
              lum_item=rng.choice([None, [rng.gauss(0, 1) for _ in range(d)], [-0.0] * 1024]))
     return TrainingExample(**f)
 
