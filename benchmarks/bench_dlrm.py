@@ -4,7 +4,7 @@
                                               [--rounds 3] [--decoder-process auto|yes|no] [--skip-scoring]
 
 Prints: training examples/s of the step alone (pre-featurized batches) and with featurization (examples as
-the trainer receives them: decoded from the wire format); end to end from Kafka (embedded broker started
+the Kafka trainer receives them: each batch's messages decoded together into ``schemas.codec.ExampleColumns``); end to end from Kafka (embedded broker started
 here, examples produced first, ``lum train``'s path and default checkpoint cadence: consumer group, prefetch
 thread, optional decoder process, dedup, featurize, train, checkpoints, offset commits, --until-caught-up;
 examples/s from the end of the first step to the end of the last, so neither the group join nor the producer
@@ -47,22 +47,43 @@ def _batches(exs, b):
 
 
 def _wire(exs):
-    """The examples as a trainer receives them: encoded and decoded with the topic's codec."""
+    """The examples encoded and decoded one by one with the topic's codec (models)."""
     from schemas.topics import TRAINING_EXAMPLES
 
     return [TRAINING_EXAMPLES.decode(TRAINING_EXAMPLES.encode(e)) for e in exs]
 
 
+def _admit(cols):
+    """A batch of columns as the Kafka source hands it over: with its dedup keys (computed in the timed part)."""
+    from trainers.dlrm.dedup import RecentIds
+    from trainers.dlrm.train import Batch
+
+    return Batch(cols, keys=RecentIds.keys(cols.example_id))
+
+
+def _wire_batches(exs, b):
+    """Batches as the Kafka trainer receives them: each batch's messages decoded together into columns."""
+    from schemas.codec import decode_columns
+    from schemas.topics import TRAINING_EXAMPLES
+
+    out = []
+    for part in _batches(exs, b):
+        cols, errors = decode_columns([TRAINING_EXAMPLES.encode(e) for e in part])
+        assert not errors, errors
+        out.append(cols)
+    return out
+
+
 def bench_step(preset: str, n: int, batch: int, lum_dim: int, ids: str = "hash") -> dict:
-    exs = _wire(synthetic_examples(n, seed=1, lum_dim=lum_dim))
+    bs = _wire_batches(synthetic_examples(n, seed=1, lum_dim=lum_dim), batch)
+    n = sum(map(len, bs))
     trainer = Trainer(DLRMConfig.preset(preset, features="lum", ids=ids))
-    bs = _batches(exs, batch)
-    trainer.train_batch(bs[0])  # build + warm up
+    trainer.train_batch(_admit(bs[0]))  # build + warm up
     t, c = time.perf_counter(), time.process_time()
     for b in bs[1:]:
-        trainer.train_batch(b)
-    with_feat = (len(exs) - len(bs[0])) / (time.perf_counter() - t)
-    with_feat_cpu = 1e6 * (time.process_time() - c) / (len(exs) - len(bs[0]))
+        trainer.train_batch(_admit(b))
+    with_feat = (n - len(bs[0])) / (time.perf_counter() - t)
+    with_feat_cpu = 1e6 * (time.process_time() - c) / (n - len(bs[0]))
     fbs = [trainer.featurizer(b) for b in bs[1:]]
     t = time.perf_counter()
     for fb in fbs:  # the step alone: forward, loss, backward (fused embedding update), Adam
@@ -79,10 +100,10 @@ def bench_step(preset: str, n: int, batch: int, lum_dim: int, ids: str = "hash")
 def bench_featurize_step(bs: list, preset: str = "debug") -> dict:
     """Featurize + step on a fresh trainer (examples/s and CPU us/ex after the first batch)."""
     trainer = Trainer(DLRMConfig.preset(preset, features="lum"))
-    trainer.train_batch(bs[0])  # build + warm up
+    trainer.train_batch(_admit(bs[0]))  # build + warm up
     t, c = time.perf_counter(), time.process_time()
     for b in bs[1:]:
-        trainer.train_batch(b)
+        trainer.train_batch(_admit(b))
     n = sum(len(b) for b in bs[1:])
     return {"ex_s": n / (time.perf_counter() - t), "cpu_us_per_ex": 1e6 * (time.process_time() - c) / n}
 
@@ -99,7 +120,7 @@ def bench_kafka(n: int, batch: int, rounds: int = 3, prefetch: int = 4, decoder_
     from trainers.dlrm.kafka_source import KafkaExamples
 
     exs = synthetic_examples(n, seed=2, lum_dim=32)
-    wire = _batches(_wire(exs), batch)
+    wire = _wire_batches(exs, batch)
     cadence = DLRMSettings.model_fields  # lum train's default checkpoint cadence
     runs = []
     with EmbeddedBroker() as broker:

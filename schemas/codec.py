@@ -1,48 +1,60 @@
 """Message encoding with a format header, so that a reader can tell formats and schema versions apart.
 
 Every value lum-stream writes starts with three bytes: ``b"L"``, a format byte (``b"j"`` JSON, ``b"s"`` the
-binary sequence codec of ``schemas.tokenize``, ``b"v"`` JSON scalars + binary vectors) and the schema version
-(u8), followed by the payload. A reader refuses what it does not know with a ``DecodeError`` that says why;
-consumers send such messages to the dead-letter topic instead of crashing.
+binary sequence codec of ``schemas.tokenize``, ``b"v"`` JSON scalars + binary vectors, ``b"b"`` all binary) and
+the schema version (u8), followed by the payload. A reader refuses what it does not know with a ``DecodeError``
+that says why; consumers send such messages to the dead-letter topic instead of crashing.
 
 JSON goes through pydantic-core (Rust): ~440k encodes/s and ~190k strict decodes/s for a ``BehaviorEvent``
 on one idle core (``benchmarks/bench_foundation.py``), several times what an agent worker processes (~30k
-events/s), so the human-readable format costs the agents little. A ``TrainingExample`` carries K+1 LUM vectors
-and two history lists, whose JSON dominates its size and decode time, so from schema version 2 it is written as ``b"L" b"v" 2`` + u32 length + JSON + vectors (little-endian): the JSON
-is the whole model without the history lists and with each LUM vector replaced by the placeholder ``[0.0]`` (so
-pydantic validates every other field and the vector counts as usual), then u16 history length H, H int64 item ids,
-H int64 category ids, one u16 size per vector (the user vectors in order, then the item vector) and their float64
-values. Sizes, bounds and finiteness of the binary parts are checked as the model declares them.
+events/s), so the human-readable format costs the agents little. A ``TrainingExample`` is what the DLRM trainer
+reads at its step's pace, so it is binary (little-endian throughout):
 
-Vectors are float64 on the wire (values round-trip exactly, as in JSON; 8 bytes against ~19 characters) and
-must be finite. The decoded example keeps those bytes so that a trainer can stack a batch's vectors with one
-``np.frombuffer``; ``decode_many(..., lazy_vectors=True)`` goes further and returns ``LazyVectors``, which build
-the Python lists only if read, and checks a whole fetch at once: the heads parsed in one call and validated a
-column at a time with the model's own field annotations, the binary parts read with numpy; a message it cannot
-vouch for is decoded on its own (same result, same reason). Version-1 JSON still decodes.
+- version 3, ``b"L" b"b" 3``: a fixed 50-byte head ``<qqqqHBBHHHHHHH``: user_id, item_id, category_id,
+  event_time_ms (int64), position (u16), label (u8), flags (u8: 1 query, 2 lum_model_version, 4 lum_conditions
+  and lum_user, 8 lum_item present; no other bit), history length H, condition count C, then the byte lengths of
+  example_id, request_id, scenario, query, lum_model_version (u16 each; 0 for an absent one); then C u16
+  condition-name lengths, one u16 size per vector (the C user vectors in order, then the item vector), the five
+  strings (UTF-8), the condition names, H int64 item ids, H int64 category ids and the vectors' float64 values,
+  and nothing after.
+- version 2, ``b"L" b"v" 2`` (still read): u32 length + a JSON head (the model without the history lists, each LUM
+  vector replaced by the placeholder ``[0.0]``), then u16 H, H int64 item ids, H int64 category ids, one u16 size
+  per vector and their float64 values.
+- version 1, ``b"L" b"j" 1`` (still read): the model's JSON.
+
+Vectors are float64 on the wire (values round-trip exactly; 8 bytes against ~19 characters of JSON) and must be
+finite. Every bound the model declares (ids, times, string lengths in characters, the scenario's pattern, list
+sizes, finiteness) is checked at decode, and a message that breaks one, or the layout, is a ``DecodeError``.
+``decode`` gives the model (its LUM vectors' wire bytes kept, so that a trainer can stack a batch with one
+``np.frombuffer``). ``decode_columns`` decodes a whole fetch into ``ExampleColumns``, numpy columns with no
+per-message object: every check runs a column at a time, and a message it cannot vouch for is decoded on its own
+(the model, or the same ``DecodeError`` as ``decode``: the one-message decoder is the reference). The DLRM
+trainer featurizes those columns directly.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 import sys
+from math import isfinite
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from itertools import repeat
-from operator import itemgetter
 from typing import TypeVar
 
+import numpy as np
 from pydantic import BaseModel, ValidationError
-from pydantic_core import to_json
 
-from .events import MAX_HISTORY, MAX_VECTOR_DIM, TrainingExample
+from .events import MAX_CONDITIONS, MAX_HISTORY, MAX_TIME_MS, MAX_VECTOR_DIM, MIN_TIME_MS, TrainingExample
 from .tokenize import UserSequence, decode_sequence, encode_sequence
 
 MAGIC = 0x4C  # "L"
 FORMAT_JSON = 0x6A  # "j"
 FORMAT_SEQUENCE = 0x73  # "s"
 FORMAT_VECTORS = 0x76  # "v": JSON scalars + float64 vectors (TrainingExample v2)
-_NONE = 0xFFFF
+FORMAT_BINARY = 0x62  # "b": all binary (TrainingExample v3)
+V2 = 2  # the version of the FORMAT_VECTORS layout
 assert sys.byteorder == "little" and array("d").itemsize == 8  # the vector layout is native float64 LE
 _BINARY_FIELDS = {"lum_user", "lum_item", "history_items", "history_categories"}
 
@@ -53,14 +65,14 @@ class DecodeError(ValueError):
     """A message that cannot be decoded or validated; ``str(err)`` is the reason for the dead letter."""
 
 
-def _binary_vectors(model: type[BaseModel]) -> bool:
-    return model.__name__ == "TrainingExample" and model.SCHEMA_VERSION >= 2  # type: ignore[attr-defined]
+def _is_example(model: type[BaseModel]) -> bool:
+    return model is TrainingExample
 
 
 def encode(value: BaseModel) -> bytes:
+    if type(value) is TrainingExample:
+        return _encode_v3(value)
     version = type(value).SCHEMA_VERSION  # type: ignore[attr-defined]
-    if _binary_vectors(type(value)):
-        return _encode_vectors(value, version)
     return bytes((MAGIC, FORMAT_JSON, version)) + value.__pydantic_serializer__.to_json(value)
 
 
@@ -70,10 +82,12 @@ def decode(model: type[M], data: bytes | None) -> M:
     if len(data) < 3 or data[0] != MAGIC:
         raise DecodeError(f"missing lum format header (first bytes {bytes(data[:8])!r})")
     version = model.SCHEMA_VERSION  # type: ignore[attr-defined]
-    if data[1] == FORMAT_VECTORS and _binary_vectors(model):
-        if data[2] != version:
-            raise DecodeError(f"unknown schema version {data[2]} for {model.__name__} (binary vectors)")
-        return _decode_vectors(model, data)
+    if _is_example(model) and data[1] in (FORMAT_BINARY, FORMAT_VECTORS):
+        fmt, v = (3, _decode_v3) if data[1] == FORMAT_BINARY else (V2, _decode_vectors)
+        if data[2] != fmt:
+            raise DecodeError(f"unknown schema version {data[2]} for {model.__name__} (format {chr(data[1])!r} "
+                              f"is version {fmt})")
+        return v(model, data)
     if data[1] != FORMAT_JSON:
         raise DecodeError(f"format {chr(data[1])!r} is not JSON (expected {model.__name__})")
     # JSON: the current version, or an older one the model declares readable (``READS_VERSIONS``: newer
@@ -87,20 +101,23 @@ def decode(model: type[M], data: bytes | None) -> M:
         raise DecodeError(_short(e, model)) from None
 
 
-def _encode_vectors(value: BaseModel, version: int) -> bytes:
+# ------------------------------------------------------------------------------------ TrainingExample v2 (read)
+
+def _encode_v2(value: BaseModel) -> bytes:
+    """The version-2 bytes of ``value`` (no longer written; kept to test that they still decode)."""
     user, item = value.lum_user, value.lum_item  # type: ignore[attr-defined]
     head = value.__pydantic_serializer__.to_json(value, exclude=_BINARY_FIELDS)
     vecs = [*(user or ()), *([item] if item is not None else ())]
     hist_i, hist_c = value.history_items, value.history_categories  # type: ignore[attr-defined]
-    return _vectors_frame(version, head, len(hist_i), array("q", hist_i).tobytes() + array("q", hist_c).tobytes(),
+    return _vectors_frame(head, len(hist_i), array("q", hist_i).tobytes() + array("q", hist_c).tobytes(),
                           None if user is None else [len(v) for v in user], None if item is None else len(item),
                           array("d", [x for v in vecs for x in v]).tobytes())
 
 
-def _vectors_frame(version: int, head: bytes, n_history: int, history: bytes, user_dims: Sequence[int] | None,
+def _vectors_frame(head: bytes, n_history: int, history: bytes, user_dims: Sequence[int] | None,
                    item_dim: int | None, vectors: bytes) -> bytes:
-    """The binary-vectors layout (module docstring) from its parts: ``head`` the JSON without the binary fields."""
-    start = bytes((MAGIC, FORMAT_VECTORS, version))
+    """The version-2 layout from its parts: ``head`` the JSON without the binary fields."""
+    start = bytes((MAGIC, FORMAT_VECTORS, V2))
     if user_dims is None and item_dim is None:
         return b"".join((start, _U32(len(head)), head, _U16(n_history), history))
     extra = b""
@@ -114,20 +131,6 @@ def _vectors_frame(version: int, head: bytes, n_history: int, history: bytes, us
 
 
 _U32, _U16 = struct.Struct("<I").pack, struct.Struct("<H").pack
-EXAMPLE_HEAD_FIELDS: tuple[str, ...] = tuple(f for f in TrainingExample.model_fields if f not in _BINARY_FIELDS)
-_EXAMPLE_VERSION = TrainingExample.SCHEMA_VERSION
-
-
-def encode_training_example(head: dict[str, object], n_history: int, history: bytes,
-                            user_dims: Sequence[int] | None, item_dim: int | None, vectors: bytes) -> bytes:
-    """``encode(TrainingExample(...))``, byte for byte, from parts already in wire form and without a model object
-    (the joiner's hot path; the caller vouches that the values are valid): ``head`` the JSON fields, keys exactly
-    ``EXAMPLE_HEAD_FIELDS`` in that order; ``history`` the ``n_history`` item ids then as many category ids,
-    int64 little-endian; ``vectors`` float64 little-endian: the user vectors (sizes ``user_dims``; None: no LUM
-    features), then the item vector (size ``item_dim``; None: none)."""
-    if tuple(head) != EXAMPLE_HEAD_FIELDS:
-        raise ValueError(f"TrainingExample head fields {tuple(head)}, expected {EXAMPLE_HEAD_FIELDS}")
-    return _vectors_frame(_EXAMPLE_VERSION, to_json(head), n_history, history, user_dims, item_dim, vectors)
 
 
 def _split(name: str, data: bytes) -> tuple[bytes, int]:
@@ -312,35 +315,584 @@ def _decode_vectors(model: type[M], data: bytes) -> M:
     return _attach_vectors(ex, data, at)
 
 
+# ------------------------------------------------------------------------------------ TrainingExample v3
+
+EXAMPLE_HEAD_FIELDS: tuple[str, ...] = tuple(f for f in TrainingExample.model_fields if f not in _BINARY_FIELDS)
+V3 = 3
+_START = bytes((MAGIC, FORMAT_BINARY, V3))
+_HEAD = struct.Struct("<qqqqHBBHHHHHHH")
+_HEAD_DTYPE = np.dtype([("user_id", "<i8"), ("item_id", "<i8"), ("category_id", "<i8"), ("event_time_ms", "<i8"),
+                        ("position", "<u2"), ("label", "u1"), ("flags", "u1"), ("n_history", "<u2"),
+                        ("n_cond", "<u2"), ("example_id", "<u2"), ("request_id", "<u2"), ("scenario", "<u2"),
+                        ("query", "<u2"), ("lum_model_version", "<u2")])
+assert _HEAD_DTYPE.itemsize == _HEAD.size
+_AT = 3 + _HEAD.size  # where the u16 sizes start
+F_QUERY, F_VERSION, F_USER, F_ITEM = 1, 2, 4, 8
+# The strings in wire order, with the model's bounds in characters (min, max; a query present has at least one).
+_BAD = object()  # a distinct value that breaks a bound
+_STRINGS = (("example_id", 1, 256), ("request_id", 1, 128), ("scenario", 1, 64), ("query", 0, 256),
+            ("lum_model_version", 0, 128))
+_CONDITION_CHARS = 128
+
+
+def encode_training_example(head: dict[str, object], n_history: int, history: bytes,
+                            user_dims: Sequence[int] | None, item_dim: int | None, vectors: bytes) -> bytes:
+    """``encode(TrainingExample(...))``, byte for byte, from parts already in wire form and without a model object
+    (the joiner's hot path; the caller vouches that the values are valid): ``head`` the other fields, keys exactly
+    ``EXAMPLE_HEAD_FIELDS`` in that order; ``history`` the ``n_history`` item ids then as many category ids,
+    int64 little-endian; ``vectors`` float64 little-endian: the user vectors (sizes ``user_dims``, one per
+    ``lum_conditions`` entry; None: no LUM features), then the item vector (size ``item_dim``; None: none)."""
+    if tuple(head) != EXAMPLE_HEAD_FIELDS:
+        raise ValueError(f"TrainingExample head fields {tuple(head)}, expected {EXAMPLE_HEAD_FIELDS}")
+    conds, q, mv = head["lum_conditions"], head["query"], head["lum_model_version"]
+    if (conds is None) != (user_dims is None) or conds is not None and len(conds) != len(user_dims):
+        raise ValueError("TrainingExample: one user vector size per lum_conditions entry, both or neither")
+    strs = [head["example_id"].encode(), head["request_id"].encode(), head["scenario"].encode(),
+            b"" if q is None else q.encode(), b"" if mv is None else mv.encode()]
+    names = [c.encode() for c in conds or ()]
+    dims = [*(user_dims or ()), *(() if item_dim is None else (item_dim,))]
+    flags = (q is not None) | (mv is not None) << 1 | (conds is not None) << 2 | (item_dim is not None) << 3
+    try:
+        fixed = _HEAD.pack(head["user_id"], head["item_id"], head["category_id"], head["event_time_ms"],
+                           head["position"], head["label"], flags, n_history, len(names), *map(len, strs))
+        sizes = struct.pack(f"<{len(names) + len(dims)}H", *map(len, names), *dims)
+    except struct.error as e:  # a value outside the model's bounds
+        raise ValueError(f"TrainingExample does not fit the binary layout: {e}") from None
+    return b"".join((_START, fixed, sizes, *strs, *names, history, vectors))
+
+
+def _encode_v3(ex: TrainingExample) -> bytes:
+    user, item = ex.lum_user, ex.lum_item
+    raw = (ex.__pydantic_private__ or {}).get("_lum_f64")  # the decoded bytes: the same values
+    if raw is None:
+        raw = array("d", [x for v in [*(user or ()), *(() if item is None else (item,))] for x in v]).tobytes()
+    return encode_training_example({f: getattr(ex, f) for f in EXAMPLE_HEAD_FIELDS}, len(ex.history_items),
+                                   array("q", ex.history_items).tobytes() + array("q", ex.history_categories).tobytes(),
+                                   None if user is None else [len(v) for v in user],
+                                   None if item is None else len(item),
+                                   raw)
+
+
+def _decode_v3(model: type[M], data: bytes) -> M:
+    """One version-3 message: the layout read here, every value checked by the model itself (the reference that
+    ``decode_columns`` agrees with)."""
+    name, size = model.__name__, len(data)
+    if size < _AT:
+        raise DecodeError(f"truncated {name}: fixed head ({size} bytes)")
+    uid, iid, cid, t, pos, label, flags, nh, nc, *lens = _HEAD.unpack_from(data, 3)
+    if flags >= 16:
+        raise DecodeError(f"invalid {name}: unknown flags {flags:#04x}")
+    user, item = flags & F_USER, flags & F_ITEM
+    if nc and not user:
+        raise DecodeError(f"invalid {name}: {nc} lum_conditions without lum_user")
+    if lens[3] and not flags & F_QUERY or lens[4] and not flags & F_VERSION:
+        raise DecodeError(f"invalid {name}: bytes for an absent query or lum_model_version")
+    if nh > MAX_HISTORY or nc > MAX_CONDITIONS:
+        raise DecodeError(f"invalid {name}: history of {nh} entries (at most {MAX_HISTORY}) or {nc} conditions "
+                          f"(at most {MAX_CONDITIONS})")
+    nv = (nc if user else 0) + (1 if item else 0)
+    at = _AT + 2 * (nc + nv)
+    if size < at:
+        raise DecodeError(f"truncated {name}: sizes")
+    sizes = struct.unpack_from(f"<{nc + nv}H", data, _AT)
+    clens, dims = sizes[:nc], sizes[nc:]
+    if dims and (min(dims) < 1 or max(dims) > MAX_VECTOR_DIM):
+        raise DecodeError(f"invalid {name}: vector size outside 1..{MAX_VECTOR_DIM}: {list(dims)}")
+    need = at + sum(lens) + sum(clens) + 16 * nh + 8 * sum(dims)
+    if size != need:
+        raise DecodeError(f"invalid {name}: {size} bytes, the layout says {need}")
+    strs = []
+    for (field, _, _), n in zip((*_STRINGS, *repeat(("lum_conditions", 0, 0), nc)), (*lens, *clens)):
+        try:
+            strs.append(bytes(data[at:at + n]).decode())
+        except UnicodeDecodeError:
+            raise DecodeError(f"invalid {name}: {field}: not UTF-8") from None
+        at += n
+    hist = array("q", data[at:at + 16 * nh])
+    raw = bytes(data[at + 16 * nh:])
+    values, vecs, s = array("d", raw).tolist(), [], 0
+    if not all(map(isfinite, values)):
+        raise DecodeError(f"invalid {name}: non-finite value in a LUM vector")
+    for d in dims:
+        vecs.append(values[s:s + d])
+        s += d
+    fields = {"example_id": strs[0], "request_id": strs[1], "user_id": uid, "item_id": iid, "category_id": cid,
+              "position": pos, "scenario": strs[2], "query": strs[3] if flags & F_QUERY else None,
+              "event_time_ms": t, "label": label, "history_items": hist[:nh].tolist(),
+              "history_categories": hist[nh:].tolist(),
+              "lum_model_version": strs[4] if flags & F_VERSION else None,
+              "lum_conditions": strs[5:] if user else None, "lum_user": vecs[:nc] if user else None,
+              "lum_item": vecs[-1] if item else None}
+    try:
+        ex = model.model_validate(fields)
+    except ValidationError as e:
+        raise DecodeError(_short(e, model)) from None
+    if raw:
+        object.__setattr__(ex, "__pydantic_private__", {"_lum_f64": raw})  # see TrainingExample
+    return ex
+
+
+def _offsets(lens: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lens) + 1, dtype=np.int64)
+    np.cumsum(lens, out=out[1:])
+    return out
+
+
+def _ranges(pos: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """The indices ``pos[i] .. pos[i] + lens[i] - 1`` of every row, concatenated."""
+    off = _offsets(lens)
+    return np.repeat(pos - off[:-1], lens) + np.arange(off[-1])
+
+
+class ExampleColumns(Sequence):
+    """Many ``TrainingExample``s as columns: what ``decode_columns`` returns, and what the DLRM featurizes.
+
+    Integer fields are int64 arrays; strings are sequences (lists, or for ``request_id``/``query`` a ``_Text``
+    decoding each on read; ``query``/``lum_model_version`` None where absent, see ``present``; ``lum_conditions``
+    a list per row or None: read-only, rows may share one); the histories are flat int64 arrays
+    cut by ``hist_off``; the LUM vectors are one flat float64 array cut per row by ``vec_off`` into the sizes
+    ``dims`` (cut by ``dims_off``: the ``n_user`` user vectors, -1 for None, then the item vector where
+    ``has_item``). Indexing gives a row as ``LazyVectors`` (built on demand, for the rare reader that wants one), a
+    slice gives columns; ``take``, ``concat`` and ``from_examples`` build new ones. Pickles as its arrays.
+    """
+
+    INTS = ("user_id", "item_id", "category_id", "position", "event_time_ms", "label")
+    LISTS = ("example_id", "request_id", "scenario", "query", "lum_model_version", "lum_conditions")
+    RAGGED = (("hist_off", ("history_items", "history_categories")), ("dims_off", ("dims",)),
+              ("vec_off", ("vectors",)))
+    ROWS = ("n_user", "has_item")
+
+    def __init__(self, **cols):
+        self.__dict__.update(cols)
+
+    def __len__(self) -> int:
+        return len(self.example_id)
+
+    @classmethod
+    def empty(cls) -> ExampleColumns:
+        z = np.zeros(0, dtype=np.int64)
+        return cls(**{c: z for c in cls.INTS}, **{c: [] for c in cls.LISTS}, n_user=z, has_item=z.astype(bool),
+                   **{o: np.zeros(1, dtype=np.int64) for o, _ in cls.RAGGED}, history_items=z, history_categories=z,
+                   dims=z, vectors=z.astype(np.float64))
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            a, b, step = i.indices(len(self))
+            if step != 1 or b <= a:
+                return self.take(np.arange(a, b, step, dtype=np.int64))
+            out = {c: getattr(self, c)[a:b] for c in (*self.INTS, *self.LISTS, *self.ROWS)}
+            for off_name, names in self.RAGGED:
+                off = getattr(self, off_name)
+                out[off_name] = off[a:b + 1] - off[a]
+                out.update({v: getattr(self, v)[off[a]:off[b]] for v in names})
+            return ExampleColumns(**out)
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError(i)
+        return self.row(i % n)
+
+    def __iter__(self) -> Iterator[LazyVectors]:
+        return map(self.row, range(len(self)))
+
+    def __add__(self, other):  # padding at world size > 1 appends rows
+        other = other if isinstance(other, ExampleColumns) else ExampleColumns.from_examples(list(other))
+        return ExampleColumns.concat([self, other])
+
+    def take(self, idx) -> ExampleColumns:
+        idx = np.asarray(idx, dtype=np.int64)
+        il = idx.tolist()
+        out = {c: getattr(self, c)[idx] for c in (*self.INTS, *self.ROWS)}
+        out.update({c: [getattr(self, c)[k] for k in il] for c in self.LISTS})
+        for off_name, names in self.RAGGED:
+            off = getattr(self, off_name)
+            lens = (off[1:] - off[:-1])[idx]
+            out[off_name] = _offsets(lens)
+            src = _ranges(off[:-1][idx], lens)
+            out.update({v: getattr(self, v)[src] for v in names})
+        return ExampleColumns(**out)
+
+    @classmethod
+    def concat(cls, parts: list[ExampleColumns]) -> ExampleColumns:
+        parts = [p for p in parts if len(p)] or parts[:1]
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return cls.empty()
+        out = {c: np.concatenate([getattr(p, c) for p in parts]) for c in (*cls.INTS, *cls.ROWS)}
+        for c in cls.LISTS:
+            cs = [getattr(p, c) for p in parts]
+            out[c] = _Text.concat(cs) if all(isinstance(x, _Text) for x in cs) else [x for y in cs for x in y]
+        for off_name, names in cls.RAGGED:
+            offs = [getattr(p, off_name) for p in parts]
+            shift = np.cumsum([0] + [o[-1] for o in offs[:-1]])
+            out[off_name] = np.concatenate([offs[0][:1]] + [o[1:] + s for o, s in zip(offs, shift)])
+            out.update({v: np.concatenate([getattr(p, v) for p in parts]) for v in names})
+        return cls(**out)
+
+    @classmethod
+    def from_examples(cls, exs: list) -> ExampleColumns:
+        """From models or ``LazyVectors`` (the slow path: examples decoded from older versions, padding rows)."""
+        n = len(exs)
+        out = {c: np.fromiter((getattr(e, c) for e in exs), dtype=np.int64, count=n) for c in cls.INTS}
+        out.update({c: [getattr(e, c) for e in exs] for c in cls.LISTS})
+        out["lum_conditions"] = [None if c is None else list(c) for c in out["lum_conditions"]]
+        hist_i, hist_c = [e.history_items for e in exs], [e.history_categories for e in exs]
+        out["hist_off"] = _offsets(np.fromiter(map(len, hist_i), dtype=np.int64, count=n))
+        out["history_items"] = np.array([x for h in hist_i for x in h], dtype=np.int64)
+        out["history_categories"] = np.array([x for h in hist_c for x in h], dtype=np.int64)
+        raws, dims, n_user, has_item = [], [], [], []
+        for e in exs:
+            if isinstance(e, LazyVectors):
+                raws.append(e._raw)
+                dims.append(e._dims)
+                n_user.append(-1 if e._n_user is None else e._n_user)
+                has_item.append(e._has_item)
+                continue
+            vecs = [*(e.lum_user or ()), *(() if e.lum_item is None else (e.lum_item,))]
+            raws.append(array("d", [x for v in vecs for x in v]).tobytes())
+            dims.append(tuple(map(len, vecs)))
+            n_user.append(-1 if e.lum_user is None else len(e.lum_user))
+            has_item.append(e.lum_item is not None)
+        out["dims_off"] = _offsets(np.fromiter(map(len, dims), dtype=np.int64, count=n))
+        out["dims"] = np.array([d for ds in dims for d in ds], dtype=np.int64)
+        out["vectors"] = np.frombuffer(b"".join(raws), dtype="<f8")
+        out["vec_off"] = _offsets(np.fromiter((len(r) // 8 for r in raws), dtype=np.int64, count=n))
+        out["n_user"], out["has_item"] = np.array(n_user, dtype=np.int64), np.array(has_item, dtype=bool)
+        return cls(**out)
+
+    def row(self, i: int) -> LazyVectors:
+        h0, h1 = int(self.hist_off[i]), int(self.hist_off[i + 1])
+        fields = {c: getattr(self, c)[i] for c in self.LISTS}
+        fields.update({c: int(getattr(self, c)[i]) for c in self.INTS})
+        if fields["lum_conditions"] is not None:
+            fields["lum_conditions"] = list(fields["lum_conditions"])
+        fields["history_items"] = self.history_items[h0:h1].tolist()
+        fields["history_categories"] = self.history_categories[h0:h1].tolist()
+        fields = {f: fields[f] for f in TrainingExample.model_fields if f in fields}  # the model's order
+        n_user = int(self.n_user[i])
+        return LazyVectors(fields, self.vectors[self.vec_off[i]:self.vec_off[i + 1]].tobytes(),
+                           tuple(self.dims[self.dims_off[i]:self.dims_off[i + 1]].tolist()),
+                           None if n_user < 0 else n_user, bool(self.has_item[i]))
+
+    def present(self, column: str) -> np.ndarray:
+        """Where ``column`` (a string field) is not None, as a bool array."""
+        col = getattr(self, column)
+        if isinstance(col, _Text):
+            return col.is_present()
+        return np.fromiter((x is not None for x in col), dtype=bool, count=len(col))
+
+    def to_models(self) -> list[TrainingExample]:
+        return [r.to_model() for r in self]
+
+
+def decode_columns(datas: list[bytes | None]) -> tuple[ExampleColumns, dict[int, DecodeError]]:
+    """The messages of a fetch: (the examples among them, in order, as columns; {index: DecodeError} of the others).
+
+    Version-3 messages are checked and converted a column at a time (``_v3_columns``); a pass that finds messages it
+    cannot vouch for runs again without them, and those, with any other message (older versions, a bad header),
+    are decoded one at a time: the model (added to the columns in its place) or the ``DecodeError`` of ``decode``.
+    """
+    idx = list(range(len(datas))) if all(datas) else [i for i, d in enumerate(datas) if d]  # headers: in the pass
+    cols = None
+    while idx:
+        try:
+            r = _v3_columns([datas[i] for i in idx])
+        except Exception:  # noqa: BLE001  (an unforeseen corruption: message by message, never a crash)
+            r = np.zeros(len(idx), dtype=bool)
+        if isinstance(r, ExampleColumns):
+            cols = r
+            break
+        idx = [i for i, k in zip(idx, r.tolist()) if k] if not r.all() else []
+    if len(idx) == len(datas):
+        return cols if cols is not None else ExampleColumns.empty(), {}
+    done, errors, objs, where = set(idx), {}, [], []
+    for i, d in enumerate(datas):
+        if i not in done:
+            x = _decode_one(TrainingExample, d)
+            if isinstance(x, DecodeError):
+                errors[i] = x
+            else:
+                objs.append(x)
+                where.append(i)
+    if objs:
+        more = ExampleColumns.from_examples(objs)
+        if cols is None:
+            cols = more
+        else:
+            cols = ExampleColumns.concat([cols, more]).take(np.argsort(np.array(idx + where), kind="stable"))
+    return cols if cols is not None else ExampleColumns.empty(), errors
+
+
+def _v3_columns(datas: list[bytes]) -> ExampleColumns | np.ndarray:
+    """Version-3 messages as columns if every check passes for every one; else a mask of those not yet refused
+    (the caller runs again on those). The checks are ``_decode_v3``'s and the model's, a column at a time."""
+    n = len(datas)
+    lens = np.fromiter(map(len, datas), dtype=np.int64, count=n)
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    joined = b"".join(datas)
+    buf = np.frombuffer(joined, dtype=np.uint8)
+    ok = lens >= _AT
+    if not ok.all():
+        return ok
+    raw_head = buf[starts[:, None] + np.arange(_AT)]
+    ok &= (raw_head[:, 0] == MAGIC) & (raw_head[:, 1] == FORMAT_BINARY) & (raw_head[:, 2] == V3)
+    head = np.ascontiguousarray(raw_head[:, 3:]).view(_HEAD_DTYPE)[:, 0]
+    flags = head["flags"]
+    nh, nc = head["n_history"].astype(np.int64), head["n_cond"].astype(np.int64)
+    user, item, has_q, has_mv = ((flags & f) != 0 for f in (F_USER, F_ITEM, F_QUERY, F_VERSION))
+    sl = {f: head[f].astype(np.int64) for f, _, _ in _STRINGS}
+    t = head["event_time_ms"]
+    ok &= ((head["user_id"] >= 0) & (head["item_id"] >= 0) & (head["category_id"] >= 0) & (t >= MIN_TIME_MS)
+           & (t <= MAX_TIME_MS) & (head["position"] <= 1000) & (head["label"] <= 1) & (flags < 16)
+           & (nh <= MAX_HISTORY) & (nc <= MAX_CONDITIONS) & (user | (nc == 0)) & (has_q | (sl["query"] == 0))
+           & (has_mv | (sl["lum_model_version"] == 0)) & (~has_q | (sl["query"] > 0)))
+    for f, lo, hi in _STRINGS:  # in bytes: at least lo characters, at most 4 bytes each (the count comes later)
+        ok &= (sl[f] >= lo) & (sl[f] <= 4 * hi)
+    nv = np.where(user, nc, 0) + item
+    ns = nc + nv
+    s_pos = starts + _AT + 2 * ns
+    ok &= s_pos <= ends
+    if not ok.all():
+        return ok
+    # The u16 sizes: C condition-name lengths, then the vector sizes.
+    s_row = np.repeat(np.arange(n), ns)
+    k = np.arange(len(s_row)) - np.repeat(_offsets(ns)[:-1], ns)
+    p = np.repeat(starts + _AT, ns) + 2 * k
+    sizes = buf[p].astype(np.int64) | buf[p + 1].astype(np.int64) << 8
+    is_name = k < nc[s_row]
+    clen, dims = sizes[is_name], sizes[~is_name]
+    d_row = s_row[~is_name]
+    name_bytes = np.bincount(s_row[is_name], clen, minlength=n).astype(np.int64)
+    ok &= np.bincount(d_row, (dims < 1) | (dims > MAX_VECTOR_DIM), minlength=n) == 0
+    ok &= (clen <= 4 * _CONDITION_CHARS).all() or np.bincount(s_row[is_name], clen > 4 * _CONDITION_CHARS,
+                                                                  minlength=n) == 0
+    p_names = s_pos + sum(sl.values())
+    p_hist = p_names + name_bytes
+    p_vec = p_hist + 16 * nh
+    ok &= p_vec + 8 * np.bincount(d_row, dims, minlength=n).astype(np.int64) == ends
+    if not ok.all():
+        return ok
+    # Strings. Example ids (one per example) as one UTF-8 text cut per row; the others repeat (scenarios, model
+    # versions, condition lists, requests and queries shared by examples), so each distinct value is checked and
+    # decoded once, found by its key: the field's length (and presence flag) and bytes.
+    cols: dict = {}
+    ids, chars = _strings(buf, s_pos, sl["example_id"], ok)
+    if ids is None:
+        return ok
+    ok &= (chars >= 1) & (chars <= 256)
+    cols["example_id"] = ids
+    at = s_pos + sl["example_id"]
+    for f, lo, hi in _STRINGS[1:]:
+        if f in ("request_id", "query"):  # mostly distinct, never read by the trainer: checked, kept as bytes
+            text, chars = _strings(buf, at, sl[f], ok, lazy=True)
+            if text is None:
+                return ok
+            ok &= (chars >= lo) & (chars <= hi)
+            if f == "query":
+                text.present = has_q
+            cols[f] = text
+            at = at + sl[f]
+            continue
+        cols[f] = _distinct(joined, [(at, at + sl[f])], _TEXT_PARSERS[f], ok,
+                            has_mv if f == "lum_model_version" else None)
+        at = at + sl[f]
+    cols["lum_conditions"] = _distinct(joined, [(starts + _AT, starts + _AT + 2 * nc), (p_names, p_hist)],
+                                       _parse_conditions, ok, user)
+    # History ids (non-negative int64) and vector values (finite).
+    ints = buf[_ranges(p_hist, 16 * nh)].view("<i8")
+    if len(ints) and ints.min() < 0:
+        ok &= np.bincount(np.repeat(np.arange(n), 2 * nh), ints < 0, minlength=n) == 0
+    mem = memoryview(joined)
+    vectors = np.frombuffer(b"".join([mem[a:b] for a, b in zip(p_vec.tolist(), ends.tolist())]), dtype="<f8")
+    vec_len = (ends - p_vec) // 8
+    vec_off = _offsets(vec_len)
+    fin = np.isfinite(vectors)
+    if not fin.all():
+        ok &= np.bincount(np.repeat(np.arange(n), vec_len), ~fin, minlength=n) == 0
+    if not ok.all():
+        return ok
+    # Accepted: the columns.
+    h_off = _offsets(nh)
+    in_row = np.arange(2 * int(h_off[-1])) - np.repeat(2 * h_off[:-1], 2 * nh)
+    first = in_row < np.repeat(nh, 2 * nh)
+    out = {f: head[f].astype(np.int64) for f in ExampleColumns.INTS}
+    out.update(cols)
+    d_off = _offsets(nv)
+    return ExampleColumns(**out, hist_off=h_off, history_items=ints[first], history_categories=ints[~first],
+                          n_user=np.where(user, nc, -1), has_item=item, dims_off=d_off, dims=dims,
+                          vec_off=vec_off, vectors=vectors)
+
+
+
+
+def _distinct(joined: bytes, segs: list, parse, ok: np.ndarray, present: np.ndarray | None = None) -> list:
+    """Per row, ``parse(*key)``, the key being the bytes of the row's segments (``segs``: (starts, ends) arrays),
+    parsed once per distinct key (C-level maps over the rows); None where ``present`` is False. Rows whose value is
+    ``_BAD`` are cleared in ``ok``."""
+    cols = [list(map(joined.__getitem__, map(slice, a.tolist(), b.tolist()))) for a, b in segs]
+    keys = cols[0] if len(cols) == 1 else list(zip(*cols))
+    table = dict.fromkeys(keys)
+    for k in table:
+        table[k] = parse(k) if len(cols) == 1 else parse(*k)
+    values = list(map(table.__getitem__, keys))
+    if present is not None and not present.all():
+        values = [v if p else None for v, p in zip(values, present.tolist())]
+    if any(v is _BAD for v in table.values()):
+        ok &= np.fromiter((v is not _BAD for v in values), dtype=bool, count=len(values))
+    return values
+
+
+def _text_parser(lo: int, hi: int, pattern=None):
+    """UTF-8 bytes -> the string, or ``_BAD`` if not UTF-8 or out of bounds."""
+    def parse(data: bytes):
+        try:
+            s = data.decode()
+        except UnicodeDecodeError:
+            return _BAD
+        return s if lo <= len(s) <= hi and (pattern is None or pattern(s)) else _BAD
+    return parse
+
+
+_TEXT_PARSERS = {f: _text_parser(lo, hi, re.compile(r"[A-Za-z0-9_.:-]+").fullmatch if f == "scenario" else None)
+                 for f, lo, hi in _STRINGS}
+
+
+def _parse_conditions(sizes: bytes, names: bytes):
+    """The u16 name lengths and the names -> the condition list, or ``_BAD``."""
+    out, at = [], 0
+    for ln in struct.unpack(f"<{len(sizes) // 2}H", sizes):
+        try:
+            s = names[at:at + ln].decode()
+        except UnicodeDecodeError:
+            return _BAD
+        if len(s) > _CONDITION_CHARS:
+            return _BAD
+        out.append(s)
+        at += ln
+    return out
+
+
+def _strings(buf: np.ndarray, pos: np.ndarray, lens: np.ndarray, ok: np.ndarray, lazy: bool = False):
+    """The UTF-8 strings at ``[pos, pos + lens)``: (strings, characters of each); ``lazy``: the strings as a
+    ``_Text`` (checked, decoded when read). Not UTF-8: (None, a mask of the strings that are), with those also
+    cleared in ``ok`` where ``ok`` has one entry per string."""
+    n = len(pos)
+    off = _offsets(lens)
+    if off[-1] == 0:
+        return (_Text(b"", off) if lazy else [""] * n), lens
+    raw = buf[_ranges(pos, lens)]
+    if raw.max() < 0x80:
+        if lazy:
+            return _Text(raw.tobytes(), off), lens
+        text, coff, chars = raw.tobytes().decode("ascii"), off.tolist(), lens
+    else:
+        lead = (raw & 0xC0) != 0x80
+        # A string may not start inside a character; then the concatenation is UTF-8 if and only if each one is.
+        good = (lens == 0) | lead[np.minimum(off[:-1], len(raw) - 1)]
+        text = None
+        if good.all():
+            try:
+                text = raw.tobytes().decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+        if text is None:
+            good &= np.array([_utf8(raw[a:b].tobytes()) for a, b in zip(off[:-1].tolist(), off[1:].tolist())],
+                             dtype=bool)
+            ok &= good
+            return None, good
+        chars = np.bincount(np.repeat(np.arange(n), lens), lead, minlength=n).astype(np.int64)
+        if lazy:
+            return _Text(raw.tobytes(), off), chars
+        coff = _offsets(chars).tolist()
+    return [text[a:b] for a, b in zip(coff, coff[1:])], chars
+
+
+class _Text(Sequence):
+    """A column of strings kept as their (checked) UTF-8 bytes, each decoded when read: for fields the trainer
+    never reads (request ids, queries: only whether one is present). ``present``: False where the value is None."""
+
+    def __init__(self, data: bytes, off: np.ndarray, present: np.ndarray | None = None):
+        self.data, self.off, self.present = data, off, present
+
+    def __len__(self) -> int:
+        return len(self.off) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            a, b, step = i.indices(len(self))
+            if step != 1 or b < a:
+                return [self[k] for k in range(a, b, step)]
+            return _Text(self.data, self.off[a:b + 1], None if self.present is None else self.present[a:b])
+        if self.present is not None and not self.present[i]:
+            return None
+        return self.data[self.off[i]:self.off[i + 1]].decode()
+
+    def __iter__(self):
+        return iter([self[i] for i in range(len(self))])
+
+    def __eq__(self, other) -> bool:
+        return list(self) == list(other)
+
+    def is_present(self) -> np.ndarray:
+        return np.ones(len(self), dtype=bool) if self.present is None else self.present
+
+    @classmethod
+    def concat(cls, parts: list[_Text]) -> _Text:
+        offs = [p.off - p.off[0] for p in parts]
+        shift = np.cumsum([0] + [o[-1] for o in offs[:-1]])
+        return cls(b"".join([p.data[p.off[0]:p.off[-1]] for p in parts]),
+                   np.concatenate([offs[0][:1]] + [o[1:] + s for o, s in zip(offs, shift)]),
+                   None if all(p.present is None for p in parts) else np.concatenate([p.is_present() for p in parts]))
+
+    def __reduce__(self):  # only this column's bytes
+        a, b = int(self.off[0]), int(self.off[-1])
+        return _Text, (self.data[a:b], self.off - a, self.present)
+
+
+def _utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+# ------------------------------------------------------------------------------------ many messages
+
 def decode_many(model: type[M], datas: list[bytes | None], chunk: int = 64,
                 lazy_vectors: bool = False) -> list[M | DecodeError]:
     """``decode`` of many messages: each result is the model or the ``DecodeError`` of that message.
 
-    Binary-vector messages: their JSON heads are validated ``chunk`` at a time in one pydantic call (per-call
-    overhead is most of a small message's cost; a bounded call also lets other threads take the GIL soon), a
-    chunk that fails is retried one message at a time; the vector parts of all of them are checked and converted
-    together (``_attach_many``). Any other message (JSON, a bad header) is decoded on its own. ``lazy_vectors``:
-    binary ones come back as ``LazyVectors`` (checked, not converted), the others as models.
+    ``TrainingExample`` version 3 with ``lazy_vectors``: ``decode_columns``'s rows (``LazyVectors``). Version 2:
+    the JSON heads validated ``chunk`` at a time in one pydantic call (a chunk that fails is retried one message at
+    a time), the vector parts of all of them checked together (``_attach_many``); ``lazy_vectors``: as
+    ``LazyVectors``. Anything else is decoded on its own.
     """
     out: list = [None] * len(datas)
-    version = getattr(model, "SCHEMA_VERSION", None)
-    fast: list[tuple[int, bytes, bytes, int]] = []  # (index, data, JSON head, offset of the vector part)
-    binary = _binary_vectors(model)
-    todo = enumerate(datas)
-    if lazy_vectors and binary and datas:
-        todo = _lazy_columns(datas, out)  # what it cannot vouch for takes the per-message path below
-    for i, d in todo:
-        if binary and d and len(d) >= 7 and d[0] == MAGIC and d[1] == FORMAT_VECTORS and d[2] == version:
-            try:
-                fast.append((i, d, *_split(model.__name__, d)))
+    example = _is_example(model)
+    v2: list[tuple[int, bytes, bytes, int]] = []  # (index, data, JSON head, offset of the vector part)
+    v3: list[int] = []
+    for i, d in enumerate(datas):
+        if example and d and len(d) >= 3 and d[0] == MAGIC:
+            if lazy_vectors and d[1] == FORMAT_BINARY and d[2] == V3:
+                v3.append(i)
                 continue
-            except DecodeError as e:
-                out[i] = e
+            if d[1] == FORMAT_VECTORS and d[2] == V2:
+                try:
+                    v2.append((i, d, *_split(model.__name__, d)))
+                except DecodeError as e:
+                    out[i] = e
                 continue
         out[i] = _decode_one(model, d)
+    if v3:
+        cols, errors = decode_columns([datas[i] for i in v3])
+        rows = iter(cols)
+        for j, i in enumerate(v3):
+            out[i] = errors[j] if j in errors else next(rows)
     attach = []
-    for c in range(0, len(fast), chunk):
-        part = fast[c:c + chunk]
+    for c in range(0, len(v2), chunk):
+        part = v2[c:c + chunk]
         try:
             heads = _list_adapter(model).validate_json(b"[" + b",".join(h for _, _, h, _ in part) + b"]")
         except ValidationError:
@@ -359,177 +911,6 @@ def decode_many(model: type[M], datas: list[bytes | None], chunk: int = 64,
     for (i, *_), r in zip(attach, done):
         out[i] = r
     return out
-
-
-_HEAD_KEYS = tuple(f for f in TrainingExample.model_fields if f not in _BINARY_FIELDS)  # the encoder's key order
-_PLACEHOLDERS = ("lum_user", "lum_item")
-_HEAD_GETTER = itemgetter(*_HEAD_KEYS)
-_HEAD_KEYS_SET, _HEAD_ALLOWED = set(_HEAD_KEYS), set(_HEAD_KEYS) | {"lum_user", "lum_item"}
-_column_adapters: dict = {}
-
-
-def _column_adapter(name: str):
-    """A strict validator of a list of values of the ``TrainingExample`` field ``name``: its own annotation."""
-    if name not in _column_adapters:
-        from typing import Annotated
-
-        from pydantic import ConfigDict, TypeAdapter
-
-        f = TrainingExample.model_fields[name]
-        ann = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
-        _column_adapters[name] = TypeAdapter(list[ann], config=ConfigDict(strict=True))
-    return _column_adapters[name]
-
-
-def _lazy_columns(datas: list[bytes | None], out: list) -> list[tuple[int, bytes | None]]:
-    """Binary ``TrainingExample`` messages as ``LazyVectors`` (into ``out``), checked a column at a time.
-
-    The heads of all messages are parsed in one JSON call; each field's column is checked in one call of a strict
-    validator built from the model's own annotation; the headers and the layouts of the binary parts of all
-    messages are read and checked together with numpy. A message is accepted here only if every check passes; the
-    others are returned as (index, data) for the per-message path, which decodes them exactly as ``decode`` does or
-    gives the model's own reason (a head with other keys than the encoder writes sends every message there).
-    Checking message by message costs several times as much: this is the trainer's hot path.
-    """
-    import numpy as np
-    from pydantic_core import from_json
-
-    everything = list(enumerate(datas))
-    if not all(datas):  # None or empty: the per-message path names it
-        return _subset(datas, out, [k for k, d in enumerate(datas) if d])
-    n = len(datas)
-    ends = np.cumsum(np.fromiter(map(len, datas), dtype=np.int64, count=n))
-    starts = ends - np.fromiter(map(len, datas), dtype=np.int64, count=n)
-    buf = np.frombuffer(b"".join(datas), dtype=np.uint8)
-    top = len(buf) - 7  # reads at clipped positions stay inside (the ``ok`` mask drops those messages anyway)
-    if top < 0:
-        return everything
-    s = np.minimum(starts, top)
-    ok = (ends - starts >= 7) & (buf[s] == MAGIC) & (buf[s + 1] == FORMAT_VECTORS) & (buf[s + 2] == _EXAMPLE_VERSION)
-    head_len = buf[s + 3].astype(np.int64) | buf[s + 4].astype(np.int64) << 8 | buf[s + 5].astype(np.int64) << 16 \
-        | buf[s + 6].astype(np.int64) << 24
-    at = starts + 7 + head_len  # the history size
-    ok &= at <= ends
-    if not ok.all():
-        return _subset(datas, out, np.flatnonzero(ok).tolist())
-    local_at = (at - starts).tolist()
-    heads_json = [d[7:a] for d, a in zip(datas, local_at)]
-    try:
-        heads = from_json(b"[" + b",".join(heads_json) + b"]", allow_inf_nan=False)
-    except ValueError:  # find the messages whose head does not parse; the others go on
-        return _subset(datas, out, [k for k, h in enumerate(heads_json) if _parses(h)])
-    try:
-        rows = list(map(_HEAD_GETTER, heads))  # KeyError: a field missing; TypeError: not an object
-    except (KeyError, TypeError):
-        return _subset(datas, out, [k for k, h in enumerate(heads) if type(h) is dict and _HEAD_KEYS_SET <= h.keys()])
-    user = list(map(dict.get, heads, repeat("lum_user")))
-    item = list(map(dict.get, heads, repeat("lum_item")))
-    present = sum(map(dict.__contains__, heads, repeat("lum_user"))) + sum(map(dict.__contains__, heads,
-                                                                             repeat("lum_item")))
-    if sum(map(len, heads)) != len(_HEAD_KEYS) * n + present:  # some head has a key the encoder never writes
-        return _subset(datas, out, [k for k, h in enumerate(heads) if h.keys() <= _HEAD_ALLOWED])
-    cols = dict(zip(_HEAD_KEYS, map(list, zip(*rows))))
-    for name, col in (*cols.items(), ("lum_user", user), ("lum_item", item)):
-        where = None
-        if name in _PLACEHOLDERS:  # absent or null: no vector; only the others are checked
-            where = [k for k, v in enumerate(col) if v is not None]
-            col = [col[k] for k in where]
-        try:
-            _column_adapter(name).validate_python(col, strict=True)
-        except ValidationError as e:
-            locs = [err["loc"][0] for err in e.errors(include_url=False) if err["loc"]]
-            ok[[where[k] for k in locs] if where is not None else locs] = False
-    # The model's consistency check: conditions and user vectors both present or absent, one vector each.
-    n_user = [-1 if u is None else len(u) for u in user]
-    ok &= np.array(n_user) == np.array([-1 if c is None else len(c) for c in cols["lum_conditions"]])
-    # The binary part: u16 history size H, H item ids, H category ids, the vector sizes, the vectors.
-    at = np.minimum(at, top)
-    nh = buf[at].astype(np.int64) | buf[at + 1].astype(np.int64) << 8
-    hist = at + 2
-    dpos = hist + 16 * nh
-    nv = np.maximum(n_user, 0) + np.array([v is not None for v in item])
-    vpos = dpos + 2 * nv
-    ok &= (nh <= MAX_HISTORY) & (vpos <= ends)
-    nv[~ok] = 0
-    row = np.repeat(np.arange(n), nv)
-    p = np.minimum(np.repeat(dpos, nv) + 2 * (np.arange(len(row)) - np.repeat(np.cumsum(nv) - nv, nv)), top)
-    dims = buf[p].astype(np.int64) | buf[p + 1].astype(np.int64) << 8
-    ok &= np.bincount(row, (dims < 1) | (dims > MAX_VECTOR_DIM), minlength=n) == 0
-    ok &= ends - vpos == 8 * np.bincount(row, dims, minlength=n).astype(np.int64)
-    keep = np.flatnonzero(ok)
-    if not len(keep):
-        return everything
-    # History ids and vector values of the messages still accepted, checked together.
-    ks = keep.tolist()
-    mine = [datas[k] for k in ks] if len(ks) < n else datas
-    hist_l, dpos_l, vpos_l = ((x - starts)[keep].tolist() for x in (hist, dpos, vpos))
-    ints = np.frombuffer(b"".join([d[a:b] for d, a, b in zip(mine, hist_l, dpos_l)]), dtype="<i8")
-    raws = [d[v:] for d, v in zip(mine, vpos_l)]
-    flat = np.frombuffer(b"".join(raws), dtype="<f8")
-    sizes = (ends - vpos)[keep] // 8
-    h_len = nh[keep]
-    fine = np.ones(len(ks), dtype=bool)
-    if len(flat):
-        has = sizes > 0
-        fine[has] = np.logical_and.reduceat(np.isfinite(flat), (np.cumsum(sizes) - sizes)[has])
-    if len(ints) and ints.min() < 0:  # int64: never above MAX_ID
-        fine &= np.bincount(np.repeat(np.arange(len(ks)), 2 * h_len), ints < 0, minlength=len(ks)) == 0
-    if not fine.all():
-        sel = np.flatnonzero(fine).tolist()
-        ks, raws, h_len = [ks[j] for j in sel], [raws[j] for j in sel], h_len[sel]
-        ints = np.concatenate([ints[o:o + 2 * h] for o, h in zip((np.cumsum(2 * nh[keep]) - 2 * nh[keep])[sel],
-                                                                   h_len)]) if sel else ints[:0]
-    if not ks:
-        return everything
-    # The parsed heads become the LazyVectors' attribute dicts: placeholders out, history and vector part in.
-    ids, o_hist = ints.tolist(), (np.cumsum(2 * h_len) - 2 * h_len).tolist()
-    h_sel = list(zip(o_hist, h_len.tolist()))
-    extra = {"history_items": [ids[o:o + h] for o, h in h_sel],
-             "history_categories": [ids[o + h:o + 2 * h] for o, h in h_sel]}
-    nv0 = int(nv[0])
-    if (nv == nv0).all() and (nv0 == 0 or (dims.reshape(n, nv0) == dims[:nv0]).all()):  # the usual fetch
-        extra["_dims"] = repeat(tuple(dims[:nv0].tolist()))
-    else:
-        d_list, d_off, nv_l = dims.tolist(), (np.cumsum(nv) - nv).tolist(), nv.tolist()
-        extra["_dims"] = [tuple(d_list[d_off[k]:d_off[k] + nv_l[k]]) for k in ks]
-    extra["_raw"] = raws
-    extra["_n_user"] = [None if n_user[k] < 0 else n_user[k] for k in ks]
-    extra["_has_item"] = [item[k] is not None for k in ks]
-    extra["_vecs"] = repeat(None)
-    names = tuple(extra)
-    new = LazyVectors.__new__
-    for k, values in zip(ks, zip(*extra.values())):
-        f = heads[k]
-        if len(f) > len(_HEAD_KEYS):
-            f.pop("lum_user", None)
-            f.pop("lum_item", None)
-        f.update(zip(names, values))
-        ex = out[k] = new(LazyVectors)
-        ex.__dict__ = f
-    if len(ks) == n:
-        return []
-    done = set(ks)
-    return [x for x in everything if x[0] not in done]
-
-
-def _subset(datas: list[bytes], out: list, keep: list[int]) -> list[tuple[int, bytes | None]]:
-    """``_lazy_columns`` of the messages ``keep`` only (the others failed a check that spans the whole fetch)."""
-    part: list = [None] * len(keep)
-    if keep and len(keep) < len(datas):
-        _lazy_columns([datas[k] for k in keep], part)
-    for k, r in zip(keep, part):
-        out[k] = r
-    return [(k, d) for k, d in enumerate(datas) if out[k] is None]
-
-
-def _parses(head: bytes) -> bool:
-    from pydantic_core import from_json
-
-    try:
-        from_json(head, allow_inf_nan=False)
-        return True
-    except ValueError:
-        return False
 
 
 def _decode_one(model: type[M], data: bytes | None) -> M | DecodeError:

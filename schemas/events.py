@@ -119,12 +119,12 @@ class TrainingExample(_Event):
     user's behavior before the impression time only (no leakage). LUM fields are ``None`` when no LUM
     features existed for the user or item at join time: absent, never silently zero; vectors are finite.
 
-    Version 2: the codec writes it in a compact binary layout (scalars as JSON, vectors as float64), see
-    ``schemas.codec``; version-1 JSON messages still decode.
+    Version 3: the codec writes it all binary (fixed-width head, length-prefixed strings, float64 vectors), see
+    ``schemas.codec``; version-2 (JSON head + binary vectors) and version-1 (JSON) messages still decode.
     """
 
-    SCHEMA_VERSION: ClassVar[int] = 2
-    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1,)  # version-1 JSON still decodes
+    SCHEMA_VERSION: ClassVar[int] = 3
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1, 2)  # the codec tells them apart by the header
 
     example_id: Annotated[str, Field(min_length=1, max_length=256)]  # request_id/item_id: the dedup key
     request_id: Annotated[str, Field(min_length=1, max_length=128)]
@@ -140,7 +140,8 @@ class TrainingExample(_Event):
     history_items: Annotated[list[Id], Field(default_factory=list, max_length=MAX_HISTORY)]  # most recent last
     history_categories: Annotated[list[Id], Field(default_factory=list, max_length=MAX_HISTORY)]
     lum_model_version: Annotated[str, Field(max_length=128)] | None = None
-    lum_conditions: Annotated[list[str], Field(max_length=MAX_CONDITIONS)] | None = None
+    lum_conditions: Annotated[list[Annotated[str, Field(max_length=128)]],  # names bounded as ConditionOutput's
+                              Field(max_length=MAX_CONDITIONS)] | None = None
     lum_user: Annotated[list[FiniteVector], Field(max_length=MAX_CONDITIONS)] | None = None  # per condition
     lum_item: FiniteVector | None = None
     # The binary decoder also leaves the LUM vectors' wire bytes (float64 little-endian, user vectors in order,

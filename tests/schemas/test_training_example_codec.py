@@ -1,195 +1,257 @@
-"""TrainingExample v2: compact binary vectors that readers tell apart from v1 JSON (which still decodes);
-non-finite or out-of-range vectors are refused at decode (a DecodeError: the consumer dead-letters them)."""
+"""TrainingExample v3: all binary, told apart from v2 (JSON head + binary vectors) and v1 (JSON) by the header,
+which still decode. ``decode_columns`` decodes a fetch a column at a time and must agree, message for message,
+with ``decode`` (the model, or the same DecodeError): malformed input of every kind is refused, never a crash."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import pickle
 import random
 import struct
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from schemas import codec
 from schemas.events import TrainingExample
 from schemas.topics import TRAINING_EXAMPLES
 
+GOLDEN = Path(__file__).parent / "golden"
+T = 1_767_225_600_000
 BASE = dict(example_id="r/1", request_id="r", user_id=7, item_id=8, category_id=9, position=1, scenario="home",
-            event_time_ms=1_767_225_600_000, label=1, history_items=[1, 2], history_categories=[3, 3])
+            event_time_ms=T, label=1, history_items=[1, 2], history_categories=[3, 3])
 LUM = dict(lum_model_version="v", lum_conditions=["scenario=home", "scenario=search"],
            lum_user=[[0.5, -1.25, 3.0], [1.0, 2.0, 4.0]], lum_item=[0.25, 0.125, -8.0])
+SHAPES = [BASE, BASE | LUM, BASE | {"lum_item": [1.5]},
+          BASE | LUM | {"lum_item": None, "query": 'q"\\ ünï 😀\t\n\x01'},
+          BASE | {"history_items": [], "history_categories": [], "example_id": "é/\u2028", "label": 0},
+          BASE | {"lum_model_version": "", "lum_conditions": [], "lum_user": []}]
 
 
 def _v1(ex: TrainingExample) -> bytes:
     return bytes((codec.MAGIC, codec.FORMAT_JSON, 1)) + ex.model_dump_json().encode()
 
 
-@pytest.mark.parametrize("fields", [BASE, BASE | LUM, BASE | {"lum_item": [1.5]}])
-def test_binary_roundtrip_and_v1_json_still_decodes(fields):
+def _decode_each(datas):
+    out = []
+    for d in datas:
+        try:
+            out.append(codec.decode(TrainingExample, d))
+        except codec.DecodeError as e:
+            out.append(e)
+    return out
+
+
+def _pack(ex: TrainingExample | None = None, *, header=b"Lb\x03", tail=b"", **edit) -> bytes:
+    """The version-3 layout written out here, independently of the codec, from ``ex``'s fields with ``edit``
+    applied (raw values: bytes for strings, any ints, counts and sizes that need not match)."""
+    f = (ex or TrainingExample(**BASE | LUM)).model_dump()
+    enc = lambda s: s if isinstance(s, bytes) or s is None else s.encode()  # noqa: E731
+    v = {k: enc(f[k]) for k in ("example_id", "request_id", "scenario", "query", "lum_model_version")}
+    v["names"] = None if f["lum_conditions"] is None else [enc(c) for c in f["lum_conditions"]]
+    v.update(user=f["lum_user"], item=f["lum_item"], hist=f["history_items"] + f["history_categories"])
+    v.update({k: f[k] for k in ("user_id", "item_id", "category_id", "event_time_ms", "position", "label")})
+    v.update(edit)
+    vecs = [*(v["user"] or ()), *(() if v["item"] is None else (v["item"],))]
+    flags = v.get("flags", (v["query"] is not None) | (v["lum_model_version"] is not None) << 1
+                   | (v["names"] is not None) << 2 | (v["item"] is not None) << 3)
+    names = v["names"] or []
+    strs = [v[k] or b"" for k in ("example_id", "request_id", "scenario", "query", "lum_model_version")]
+    nh = v.get("n_history", len(v["hist"]) // 2)
+    dims = v.get("dims", [len(x) for x in vecs])
+    head = struct.pack("<qqqqHBBHH5H", v["user_id"], v["item_id"], v["category_id"], v["event_time_ms"],
+                       v["position"], v["label"], flags, nh, v.get("n_cond", len(names)),
+                       *v.get("lens", [len(s) for s in strs]))
+    return b"".join([header, head, struct.pack(f"<{len(names) + len(dims)}H", *map(len, names), *dims), *strs,
+                     *names, struct.pack(f"<{len(v['hist'])}q", *v["hist"]),
+                     v.get("vector_bytes", struct.pack(f"<{sum(map(len, vecs))}d", *[x for y in vecs for x in y])),
+                     tail])
+
+
+@pytest.mark.parametrize("fields", SHAPES)
+def test_v3_roundtrip_and_layout(fields):
     ex = TrainingExample(**fields)
     data = TRAINING_EXAMPLES.encode(ex)
-    assert data[:3] == bytes((codec.MAGIC, codec.FORMAT_VECTORS, 2))
-    assert TRAINING_EXAMPLES.decode(data) == ex
+    assert data[:3] == bytes((codec.MAGIC, codec.FORMAT_BINARY, 3)) and TrainingExample.SCHEMA_VERSION == 3
+    assert data == _pack(ex)  # the documented layout, written independently
+    got = TRAINING_EXAMPLES.decode(data)
+    assert got == ex and TRAINING_EXAMPLES.encode(got) == data
     assert TRAINING_EXAMPLES.decode(_v1(ex)) == ex
 
 
-def test_binary_is_compact_and_exact():
-    rng = random.Random(0)
-    ex = TrainingExample(**BASE, lum_model_version="v", lum_conditions=["a", "b", "c"],
-                         lum_user=[[rng.gauss(0, 1) for _ in range(32)] for _ in range(3)],
-                         lum_item=[rng.gauss(0, 1) for _ in range(32)])
-    data = TRAINING_EXAMPLES.encode(ex)
-    assert len(data) < 0.6 * len(_v1(ex))
-    assert TRAINING_EXAMPLES.decode(data) == ex  # float64: exact, like JSON
+def test_golden_v3_bytes():
+    golden = GOLDEN / "training_example_v3.json"
+    cases = json.loads((GOLDEN / "training_example_v2.json").read_text())
+    got = [{"model": c["model"], "hex": TRAINING_EXAMPLES.encode(TrainingExample(**c["model"])).hex()} for c in cases]
+    if os.environ.get("LUM_REGEN_GOLDEN"):
+        golden.write_text(json.dumps(got, indent=1, ensure_ascii=False) + "\n")
+    assert got == json.loads(golden.read_text()), "the v3 layout changed: bump TrainingExample.SCHEMA_VERSION"
 
 
-@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-Infinity", "1e400"])
-def test_non_finite_json_vectors_are_refused(bad):
-    ex = TrainingExample(**BASE | LUM)
-    data = _v1(ex).replace(b"0.125", bad.encode(), 1)
-    with pytest.raises(codec.DecodeError, match="lum_item"):
-        TRAINING_EXAMPLES.decode(data)
+@pytest.mark.parametrize("version", [2, 3])
+def test_golden_bytes_decode_to_the_same_model_one_by_one_and_in_columns(version):
+    """Version-2 bytes written by the v2 encoder (and pinned v3 bytes) decode to the same model either way."""
+    cases = json.loads((GOLDEN / f"training_example_v{version}.json").read_text())
+    models = [TrainingExample(**c["model"]) for c in cases]
+    datas = [bytes.fromhex(c["hex"]) for c in cases]
+    assert all(d[1] == (codec.FORMAT_VECTORS if version == 2 else codec.FORMAT_BINARY) for d in datas)
+    assert _decode_each(datas) == models
+    cols, errors = codec.decode_columns(datas)
+    assert errors == {} and cols.to_models() == models
+    assert codec.decode_many(TrainingExample, datas) == models
+    assert [x.to_model() for x in codec.decode_many(TrainingExample, datas, lazy_vectors=True)] == models
 
 
-def test_non_finite_binary_vectors_and_corrupt_layouts_are_refused():
-    ex = TrainingExample(**BASE | LUM)
-    data = bytearray(TRAINING_EXAMPLES.encode(ex))
-    nan = bytearray(data)
-    nan[-8:] = struct.pack("<d", math.nan)
-    with pytest.raises(codec.DecodeError, match="non-finite"):
-        TRAINING_EXAMPLES.decode(bytes(nan))
-    with pytest.raises(codec.DecodeError, match="vector bytes"):
-        TRAINING_EXAMPLES.decode(bytes(data[:-2]))
-    with pytest.raises(codec.DecodeError):
-        TRAINING_EXAMPLES.decode(bytes(data[:9]))
-    other = bytearray(data)
-    other[2] = 3  # a future version: told apart, refused with the reason
-    with pytest.raises(codec.DecodeError, match="version 3"):
-        TRAINING_EXAMPLES.decode(bytes(other))
-
-
-def test_decode_many_isolates_a_bad_message():
-    good = [TrainingExample(**BASE | LUM | {"example_id": f"r/{i}"}) for i in range(5)]
-    datas = [TRAINING_EXAMPLES.encode(e) for e in good]
-    nan = bytearray(datas[2])
-    nan[-8:] = struct.pack("<d", math.nan)
-    out = codec.decode_many(TrainingExample, [datas[0], datas[1], bytes(nan), datas[3], b"garbage", _v1(good[4])])
-    assert out[0] == good[0] and out[1] == good[1] and out[3] == good[3] and out[5] == good[4]
-    assert isinstance(out[2], codec.DecodeError) and "non-finite" in str(out[2])
-    assert isinstance(out[4], codec.DecodeError)
-    assert codec.decode_many(TrainingExample, datas) == good  # the one-call path
-
-
-@pytest.mark.parametrize("fields", [BASE, BASE | LUM, BASE | {"lum_item": [1.5]},
-                                    BASE | LUM | {"lum_item": None, "query": 'q"\\ ünï 😀\t\n\x01</'},
-                                    BASE | {"history_items": [], "history_categories": [], "example_id": "é/\u2028"}])
-def test_encode_from_parts_equals_the_model_encoding(fields):
+def test_encode_from_parts_equals_the_model_encoding():
     """The joiner's encoder (no model object) writes the same bytes as encoding the model."""
-    ex = TrainingExample(**fields)
-    user, item = ex.lum_user, ex.lum_item
-    head = {f: getattr(ex, f) for f in codec.EXAMPLE_HEAD_FIELDS}
-    floats = [x for v in [*(user or []), *([item] if item else [])] for x in v]
-    vectors = struct.pack(f"<{len(floats)}d", *floats)
-    data = codec.encode_training_example(head, len(ex.history_items),
-                                         struct.pack(f"<{2 * len(ex.history_items)}q", *ex.history_items,
-                                                     *ex.history_categories),
-                                         None if user is None else [len(v) for v in user],
-                                         None if item is None else len(item), vectors)
-    assert data == TRAINING_EXAMPLES.encode(ex)
+    for fields in SHAPES:
+        ex = TrainingExample(**fields)
+        user, item = ex.lum_user, ex.lum_item
+        head = {f: getattr(ex, f) for f in codec.EXAMPLE_HEAD_FIELDS}
+        floats = [x for v in [*(user or []), *([item] if item else [])] for x in v]
+        data = codec.encode_training_example(head, len(ex.history_items),
+                                             struct.pack(f"<{2 * len(ex.history_items)}q", *ex.history_items,
+                                                         *ex.history_categories),
+                                             None if user is None else [len(v) for v in user],
+                                             None if item is None else len(item), struct.pack(f"<{len(floats)}d",
+                                                                                              *floats))
+        assert data == TRAINING_EXAMPLES.encode(ex)
     with pytest.raises(ValueError, match="head fields"):
         codec.encode_training_example(dict(reversed(head.items())), 0, b"", None, None, b"")
 
 
-def _with_head(data: bytes, edit) -> bytes:
-    """``data`` (binary layout) with its JSON head replaced by ``edit(head)``; the head length is rewritten."""
-    (n,) = struct.unpack_from("<I", data, 3)
-    head = edit(data[7:7 + n])
-    return data[:3] + struct.pack("<I", len(head)) + head + data[7 + n:]
+def _text(rng: random.Random, lo: int, hi: int, alphabet: str) -> str:
+    n = rng.choice([lo, hi, rng.randint(lo, hi)])
+    return "".join(rng.choice(alphabet) for _ in range(n))
 
 
-def _variants() -> list[bytes]:
-    """Valid messages of every shape, and broken ones of every kind the decoder checks."""
-    good = [TrainingExample(**BASE | LUM | {"example_id": f"r/{i}"}) for i in range(3)]
-    good += [TrainingExample(**BASE), TrainingExample(**BASE | {"lum_item": [1.5, 2.5]}),
-             TrainingExample(**BASE | LUM | {"lum_item": None, "query": 'q"\\ ünï 😀', "example_id": "é/\u2028"}),
-             TrainingExample(**BASE | {"history_items": [], "history_categories": []}),
-             TrainingExample(**BASE | LUM | {"lum_conditions": ["a"], "lum_user": [[1.0] * 5]})]
-    datas = [TRAINING_EXAMPLES.encode(e) for e in good]
-    d = datas[0]
-    sub = lambda a, b: lambda h: h.replace(a, b, 1)  # noqa: E731
-    broken = [
-        _with_head(d, sub(b'"position":1', b'"position":1001')),
-        _with_head(d, sub(b'"position":1', b'"position":1.0')),
-        _with_head(d, sub(b'"position":1', b'"position":true')),
-        _with_head(d, sub(b'"label":1', b'"label":2')),
-        _with_head(d, sub(b'"label":1', b'"label":true')),
-        _with_head(d, sub(b'"user_id":7', b'"user_id":-7')),
-        _with_head(d, sub(b'"user_id":7', b'"user_id":9223372036854775808')),
-        _with_head(d, sub(b'"scenario":"home"', b'"scenario":"ho me"')),
-        _with_head(d, sub(b'"scenario":"home"', b'"scenario":7')),
-        _with_head(d, sub(b'"example_id":"r/0"', b'"example_id":""')),
-        _with_head(d, sub(b'"lum_conditions":["scenario=home","scenario=search"]', b'"lum_conditions":["x"]')),
-        _with_head(d, sub(b'"lum_item":[0.0]', b'"lum_item":[0]')),
-        _with_head(d, sub(b'"lum_item":[0.0]', b'"lum_item":[NaN]')),
-        _with_head(d, sub(b'"lum_user":[[0.0],[0.0]]', b'"lum_user":[[0.0],[]]')),
-        _with_head(d, sub(b'"event_time_ms":1767225600000', b'"event_time_ms":1767225600')),
-        d[:-8] + struct.pack("<d", math.inf),  # non-finite vector value
-        d[:-2],  # truncated vectors
-        d[:9],  # truncated history
-        d + b"\0" * 8,  # trailing bytes
+_UNI = "abcXYZ09/=_-. é€😀\u2028\x00\"\\"
+
+
+def _random_example(rng: random.Random, i: int) -> TrainingExample:
+    nh = rng.choice([0, 1, 5, 256])
+    k = rng.choice([None, 0, 1, 3])
+    d = rng.choice([1, 4, 32])
+    f = dict(example_id=_text(rng, 1, 256, _UNI), request_id=_text(rng, 1, 128, _UNI),
+             user_id=rng.choice([0, 2**63 - 1, rng.getrandbits(63)]), item_id=rng.getrandbits(63),
+             category_id=rng.getrandbits(20), position=rng.choice([0, 1000, rng.randint(0, 1000)]),
+             scenario=_text(rng, 1, 64, "azAZ09_.:-"), query=rng.choice([None, _text(rng, 1, 256, _UNI)]),
+             event_time_ms=rng.choice([631_152_000_000, 4_102_444_800_000, T + i]), label=rng.randint(0, 1),
+             history_items=[rng.getrandbits(63) for _ in range(nh)], history_categories=[rng.getrandbits(8)] * nh,
+             lum_model_version=rng.choice([None, "", _text(rng, 0, 128, _UNI)]),
+             lum_conditions=None if k is None else [_text(rng, 0, 128, _UNI) for _ in range(k)],
+             lum_user=None if k is None else [[rng.gauss(0, 1) for _ in range(rng.choice([d, d, 2]))]
+                                              for _ in range(k)],
+             lum_item=rng.choice([None, [rng.gauss(0, 1) for _ in range(d)], [-0.0] * 1024]))
+    return TrainingExample(**f)
+
+
+def _malformed() -> list[bytes]:
+    """Broken version-3 messages, one of each kind the decoder checks."""
+    ex = TrainingExample(**BASE | LUM)
+    good = _pack(ex)
+    nan = bytearray(good)
+    nan[-8:] = struct.pack("<d", math.nan)
+    return [
+        _pack(user_id=-7), _pack(item_id=-1), _pack(category_id=-(2**63)),  # ids: non-negative
+        _pack(event_time_ms=1_767_225_600), _pack(event_time_ms=4_102_444_800_001),  # seconds, not ms; far future
+        _pack(position=1001), _pack(label=2),
+        _pack(flags=0x1F), _pack(flags=0x80),  # unknown flag bits
+        _pack(query=b""),  # a query present is not empty
+        _pack(lens=[3, 1, 4, 0, 2]), _pack(flags=0x0E, lens=[3, 1, 4, 2, 1], query=b"qq"),  # lengths off
+        _pack(flags=0x0D),  # model-version bytes without its flag
+        _pack(flags=0x0B),  # conditions and user vectors without the flag
+        _pack(flags=0x06, item=None, user=None, names=[b"a"], dims=[]),  # conditions, no vectors
+        _pack(example_id=b""), _pack(example_id=b"x" * 257), _pack(example_id="é".encode() * 257),
+        _pack(request_id=b""), _pack(request_id=b"r" * 129), _pack(scenario=b""), _pack(scenario=b"s" * 65),
+        _pack(scenario=b"ho me"), _pack(scenario="hé".encode()), _pack(scenario=b"home\n"),
+        _pack(query=b"q" * 257), _pack(lum_model_version=b"m" * 129), _pack(names=[b"n" * 129, b"b"]),
+        _pack(example_id=b"\xff"), _pack(request_id=b"\xc3"), _pack(query=b"\xed\xa0\x80"),  # not UTF-8; surrogate
+        _pack(lum_model_version=b"\x80"), _pack(names=[b"ok", b"\xe2\x82"]),
+        _pack(example_id=b"r\xc3", request_id=b"\xa9r"),  # a character split across two fields: each is invalid
+        _pack(names=[b"\xc3", b"\xa9"]),
+        _pack(hist=[1, -2, 3, 3]), _pack(hist=[1, 2, 3, -1]),  # negative history ids
+        _pack(n_history=257, hist=[1] * 514), _pack(n_history=3),  # too long; count and data disagree
+        _pack(n_cond=65, names=[b"c"] * 65, user=[[1.0]] * 65),
+        _pack(dims=[3, 0, 3]), _pack(dims=[1025, 3, 3], vector_bytes=b"\0" * 8 * 1031), _pack(dims=[2, 4, 4]),
+        bytes(nan), good[:-8] + struct.pack("<d", -math.inf),  # non-finite values
+        good[:-1], good + b"\0", good[:60], good[:55], good[:20], good[:3],  # truncated, trailing bytes
+        _pack(header=b"Lb\x04"), _pack(header=b"Lv\x03"), _pack(header=b"Lj\x03"), _pack(header=b"Xb\x03"),
+        b"", None, b"L", b"garbage",
     ]
-    hist = bytearray(datas[0])  # a negative history id
-    at = 7 + struct.unpack_from("<I", hist, 3)[0] + 2
-    hist[at:at + 8] = struct.pack("<q", -1)
-    broken.append(bytes(hist))
-    # Messages that send a whole fetch to the per-message path (the column path cannot line them up).
-    odd = [_with_head(d, sub(b'"request_id":"r",', b'')),  # a required field missing
-           _with_head(d, sub(b'"query":null', b'"query":null,"extra":1')),  # an unknown field
-           _with_head(d, sub(b'"query":null,', b'')),  # an optional field absent: still valid
-           _with_head(d, lambda h: h[:-1]),  # not JSON
-           _with_head(d, lambda h: b"[1]"),  # not an object
-           bytes((d[0], d[1], 3)) + d[3:],  # a future version
-           b"", b"garbage", _v1(good[1])]
-    return datas + broken + odd, len(datas + broken)
 
 
-def test_batch_decoding_agrees_with_the_model_message_by_message():
-    """``decode_many(lazy_vectors=True)`` validates a fetch column by column; every message must still come out
-    exactly as ``decode`` gives it (the same example, or a DecodeError with the same reason), whatever else the
-    fetch holds."""
-    datas, lined_up = _variants()
-    expected = []
-    for data in datas:
-        try:
-            expected.append(codec.decode(TrainingExample, data))
-        except codec.DecodeError as e:
-            expected.append(e)
-    assert len(set(datas)) == len(datas)  # every edit applied
-    assert sum(isinstance(e, codec.DecodeError) for e in expected) >= 20
+def test_malformed_v3_messages_are_refused_alike_alone_and_in_a_fetch():
+    bad = _malformed()
+    expected = _decode_each(bad)
+    assert all(isinstance(e, codec.DecodeError) for e in expected), [
+        (i, e) for i, e in enumerate(expected) if not isinstance(e, codec.DecodeError)]
+    good = [TRAINING_EXAMPLES.encode(TrainingExample(**s | {"example_id": f"g{i}"})) for i, s in enumerate(SHAPES)]
+    datas = good + bad
+    cols, errors = codec.decode_columns(datas)
+    assert sorted(errors) == list(range(len(good), len(datas)))
+    assert {i - len(good): str(e) for i, e in errors.items()} == {i: str(e) for i, e in enumerate(expected)}
+    assert cols.to_models() == _decode_each(good)
+    for d, e in zip(bad, expected):  # each alone
+        c, err = codec.decode_columns([d])
+        assert len(c) == 0 and str(err[0]) == str(e)
+
+
+def test_columns_agree_with_one_by_one_decoding_on_random_examples():
+    """Random examples (every optional field absent or present, bounds, multi-byte text, vectors of mixed sizes),
+    with v2, v1 and broken messages among them, in shuffled fetches: the columns give each example exactly as
+    ``decode`` does (vector bytes included), and each refusal with ``decode``'s reason."""
     rng = random.Random(0)
-    for trial in range(4):  # whole fetches, shuffled, and each message alone
+    exs = [_random_example(rng, i) for i in range(300)]
+    datas = [TRAINING_EXAMPLES.encode(e) for e in exs]
+    datas += [codec._encode_v2(e) for e in exs[:20]] + [_v1(e) for e in exs[20:30]] + _malformed()
+    expected = _decode_each(datas)
+    assert sum(isinstance(e, codec.DecodeError) for e in expected) == len(_malformed())
+    for trial in range(4):
         order = list(range(len(datas)))
         rng.shuffle(order)
-        for batch in ([order] if trial else [[i] for i in order]) + [[i for i in order if i < lined_up]]:
-            out = codec.decode_many(TrainingExample, [datas[i] for i in batch], lazy_vectors=True)
-            for i, got in zip(batch, out):
-                want = expected[i]
-                if isinstance(want, codec.DecodeError):
-                    assert isinstance(got, codec.DecodeError) and str(got) == str(want), (i, got, want)
-                elif datas[i][1] == codec.FORMAT_JSON:  # version 1 comes back as the model
-                    assert got == want
-                else:
-                    assert isinstance(got, codec.LazyVectors), (i, got)
-                    assert got.to_model() == want
-                    assert got.__pydantic_private__.get("_lum_f64", b"") == \
-                        (want.__pydantic_private__ or {}).get("_lum_f64", b"")
-                    assert (got.history_items, got.lum_conditions, got.lum_user) == \
-                        (want.history_items, want.lum_conditions, want.lum_user)
+        batch = order[:rng.randint(1, len(order))] if trial else order
+        cols, errors = codec.decode_columns([datas[i] for i in batch])
+        rows = iter(range(len(cols)))
+        for j, i in enumerate(batch):
+            want = expected[i]
+            if isinstance(want, codec.DecodeError):
+                assert str(errors[j]) == str(want), (i, errors.get(j), want)
+                continue
+            r = next(rows)
+            got = cols[r]
+            assert got.to_model() == want
+            vecs = [x for v in [*(want.lum_user or ()), *([want.lum_item] if want.lum_item else [])] for x in v]
+            raw = struct.pack(f"<{len(vecs)}d", *vecs)
+            assert cols.vectors[cols.vec_off[r]:cols.vec_off[r + 1]].tobytes() == raw
+            assert (cols.user_id[r], cols.label[r], cols.scenario[r], cols.query[r], cols.lum_conditions[r]) == \
+                (want.user_id, want.label, want.scenario, want.query, want.lum_conditions)
+        assert next(rows, None) is None
 
 
-def test_batch_decoding_of_a_clean_fetch_takes_the_column_path(monkeypatch):
-    """The column path accepts a fetch of valid messages on its own (nothing falls back to per-message)."""
-    datas = _variants()[0][:8]
+def test_a_clean_fetch_takes_the_column_path(monkeypatch):
+    rng = random.Random(1)
+    datas = [TRAINING_EXAMPLES.encode(_random_example(rng, i)) for i in range(50)]
+    want = _decode_each(datas)
     monkeypatch.setattr(codec, "_decode_one", lambda *a: pytest.fail("per-message path used"))
-    monkeypatch.setattr(codec, "_list_adapter", lambda *a: pytest.fail("per-message path used"))
-    out = codec.decode_many(TrainingExample, datas * 3, lazy_vectors=True)
-    assert all(isinstance(x, codec.LazyVectors) for x in out)
+    cols, errors = codec.decode_columns(datas)
+    assert errors == {} and cols.to_models() == want
+
+
+def test_columns_slice_take_concat_and_pickle_like_their_rows():
+    rng = random.Random(2)
+    exs = [_random_example(rng, i) for i in range(40)]
+    cols, _ = codec.decode_columns([TRAINING_EXAMPLES.encode(e) for e in exs])
+    assert cols[5:17].to_models() == exs[5:17] and cols[::3].to_models() == exs[::3]
+    assert cols.take([9, 2, 2]).to_models() == [exs[9], exs[2], exs[2]]
+    assert codec.ExampleColumns.concat([cols[:10], cols[10:10], cols[10:]]).to_models() == exs
+    assert (cols[:3] + [cols[0]]).to_models() == exs[:3] + exs[:1]  # padding rows at world size > 1
+    assert pickle.loads(pickle.dumps(cols)).to_models() == exs
+    assert codec.ExampleColumns.from_examples(exs).to_models() == exs
+    assert len(codec.ExampleColumns.empty()) == 0 and cols[-1].to_model() == exs[-1]
+    with pytest.raises(IndexError):
+        cols[40]
+    assert isinstance(cols.vectors, np.ndarray) and cols.vectors.dtype == np.float64

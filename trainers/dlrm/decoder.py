@@ -2,15 +2,15 @@
 
     dec = DecoderProcess()        # starts ``python -m trainers.dlrm.decoder`` (it imports schemas only)
     dec.submit(values)            # the message values of one fetch (a few may be outstanding)
-    results = dec.result()        # the oldest submission's: LazyVectors or DecodeError per message, in order
+    cols, errors = dec.result()   # the oldest submission's ``schemas.codec.decode_columns``
     dec.close()                   # the child exits (it is killed if it has not within 5 s)
 
-Why a process: decoding (strict validation of each message's JSON head, vector checks) costs about as much CPU
-as the featurize + step it feeds and holds the GIL, so in a thread it takes turns with the step instead of
-overlapping it. The child ignores SIGINT and SIGTERM (the trainer's stop signals: the trainer finishes its batch,
-then closes the child) and exits when its stdin closes, so it never outlives the trainer, even one killed with
-SIGKILL. Framing, both ways: u64 length + pickle. A reader thread in the child takes requests off the pipe as
-they come, so neither side can block the other on a full pipe.
+Why a process: decoding holds the GIL, so in a thread it takes turns with the step instead of overlapping it
+(where a core is to spare; columnar decoding made it cheap enough that on 2 cores a thread is the default). The
+child ignores SIGINT and SIGTERM (the trainer's stop signals: the trainer finishes its batch, then closes the
+child) and exits when its stdin closes, so it never outlives the trainer, even one killed with SIGKILL. Framing,
+both ways: u64 length + pickle (the columns pickle as a few arrays and lists). A reader thread in the child takes
+requests off the pipe as they come, so neither side can block the other on a full pipe.
 """
 
 from __future__ import annotations
@@ -26,8 +26,6 @@ import threading
 from collections import deque
 from pathlib import Path
 from typing import BinaryIO
-
-from schemas.codec import LazyVectors
 
 _LEN = struct.Struct("<Q")
 ROOT = Path(__file__).resolve().parents[2]
@@ -46,34 +44,6 @@ def _write(f: BinaryIO, data: bytes) -> None:
     f.write(_LEN.pack(len(data)))
     f.write(data)
     f.flush()
-
-
-def pack(results: list) -> tuple:
-    """Decoded messages -> (attribute names, one tuple of values per ``LazyVectors``, {index: anything else}):
-    a tuple of plain values pickles at a fraction of an object's cost."""
-    rows, others, keys = [], {}, None
-    for i, r in enumerate(results):
-        if type(r) is LazyVectors:
-            k = tuple(r.__dict__)
-            if keys is None:
-                keys = k
-            if k == keys:
-                rows.append((i, tuple(r.__dict__.values())))
-                continue
-        others[i] = r  # DecodeError, a model decoded from JSON
-    return keys, rows, others, len(results)
-
-
-def unpack(packed: tuple) -> list:
-    keys, rows, others, n = packed
-    out: list = [None] * n
-    new = LazyVectors.__new__
-    for i, values in rows:
-        ex = out[i] = new(LazyVectors)
-        ex.__dict__ = dict(zip(keys, values))
-    for i, r in others.items():
-        out[i] = r
-    return out
 
 
 class DecoderProcess:
@@ -99,14 +69,14 @@ class DecoderProcess:
             raise self._died() from None
         self.pending.append(len(values))
 
-    def result(self) -> list:
+    def result(self) -> tuple:
         n = self.pending.popleft()
         data = _read(self.proc.stdout)
         if data is None:
             raise self._died()
-        out = unpack(pickle.loads(data))
-        assert len(out) == n, (len(out), n)
-        return out
+        cols, errors = pickle.loads(data)
+        assert len(cols) + len(errors) == n, (len(cols), len(errors), n)
+        return cols, errors
 
     def close(self) -> None:
         for f in (self.proc.stdin, self.proc.stdout):  # EOF for its reader; EPIPE for a reply in progress
@@ -126,8 +96,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     out = os.fdopen(os.dup(1), "wb")  # the replies; anything printed goes to stderr
     os.dup2(2, 1)
-    from schemas.codec import decode_many
-    from schemas.events import TrainingExample
+    from schemas.codec import decode_columns
 
     requests: queue.Queue[bytes | None] = queue.Queue()
 
@@ -140,9 +109,9 @@ def main() -> int:
 
     threading.Thread(target=take, daemon=True).start()
     while (data := requests.get()) is not None:
-        results = decode_many(TrainingExample, pickle.loads(data), lazy_vectors=True)
+        results = decode_columns(pickle.loads(data))
         try:
-            _write(out, pickle.dumps(pack(results), protocol=pickle.HIGHEST_PROTOCOL))
+            _write(out, pickle.dumps(results, protocol=pickle.HIGHEST_PROTOCOL))
         except BrokenPipeError:  # the trainer closed or died
             break
     try:

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
 from operator import attrgetter
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from schemas.codec import ExampleColumns
 from schemas.events import TrainingExample
 from schemas.tokenize import condition_id
 
@@ -200,9 +202,12 @@ class Featurizer:
             v = self._scenario_ids[s] = condition_id("scenario", s)  # the tokenizer's stable 63-bit hash
         return v
 
-    def __call__(self, examples: list[TrainingExample]) -> FeatureBatch:
+    def __call__(self, examples: list[TrainingExample] | ExampleColumns) -> FeatureBatch:
         """Batch-native: one C-level pass per column group (attrgetter + numpy), no per-example Python code
-        except for LUM vectors outside the binary fast path."""
+        except for LUM vectors outside the binary fast path. ``ExampleColumns`` (decoded from the wire by
+        ``schemas.codec.decode_columns``) are featurized from their columns."""
+        if isinstance(examples, ExampleColumns):
+            return self.from_columns(examples)
         B, H = len(examples), self.cfg.history_len
         cols = np.array(list(map(_SCALARS, examples)), dtype=np.int64).reshape(B, len(_SCALAR_NAMES))
         hist_items = [h[-H:] for h in map(_HIST_ITEMS, examples)]
@@ -222,6 +227,60 @@ class Featurizer:
         dense, sparse = self.encode(raw, hist_len, has_query, lum)
         labels = torch.from_numpy(cols[:, 5].astype(np.float32))
         return FeatureBatch(dense, sparse, labels, cols[:, 4].copy(), list(map(_EXAMPLE_ID, examples)))
+
+    def from_columns(self, c: ExampleColumns) -> FeatureBatch:
+        """``__call__`` of decoded columns: numpy over the batch, no per-example object."""
+        B, H = len(c), self.cfg.history_len
+        hist_len = np.diff(c.hist_off)
+        items, cats = c.history_items, c.history_categories
+        if B and hist_len.max() > H:  # the last H of each history (most recent last)
+            keep = np.repeat(c.hist_off[1:], hist_len) - np.arange(len(items)) <= H
+            items, cats, hist_len = items[keep], cats[keep], np.minimum(hist_len, H)
+        raw = {"user_id": c.user_id, "item_id": c.item_id, "category_id": c.category_id,
+               "scenario": np.fromiter(map(self.scenario_id, c.scenario), dtype=np.int64, count=B),
+               "position": c.position, "history_items": items, "history_categories": cats}
+        has_query = c.present("query").astype(np.float32)
+        lum = self.lum_columns(c) if self.cfg.features == "lum" else None
+        dense, sparse = self.encode(raw, hist_len, has_query, lum)
+        return FeatureBatch(dense, sparse, torch.from_numpy(c.label.astype(np.float32)), c.event_time_ms.copy(),
+                            list(c.example_id))
+
+    def lum_columns(self, c: ExampleColumns) -> LumArrays:
+        """``lum_arrays`` of decoded columns: rows whose conditions are exactly the configured list, with every
+        vector of size D and an item vector, are gathered from the flat float64 values at once; the others (rare)
+        go through the per-example path."""
+        K, D, B = len(self.cfg.lum_conditions), self.cfg.lum_dim, len(c)
+        conds, full = self.cfg.lum_conditions, K * D + D
+        self.lum_versions.update(v for v in c.lum_model_version if v is not None)
+        own = np.fromiter((self.cond_index.get(f"scenario={s}", -1) for s in c.scenario), dtype=np.int64, count=B)
+        n_vec = np.diff(c.dims_off)
+        same = np.fromiter((x == conds for x in c.lum_conditions), dtype=bool, count=B)
+        fast = same & c.has_item & (n_vec == K + 1) & (np.diff(c.vec_off) == full)
+        if fast.any():  # every vector of size D (the total alone could hide 31 + 33)
+            fast &= np.bincount(np.repeat(np.arange(B), n_vec), c.dims != D, minlength=B) == 0
+        U = np.zeros((B, K, D), dtype=np.float32)
+        u_ok = np.zeros((B, K), dtype=np.float32)
+        item = np.zeros((B, D), dtype=np.float32)
+        i_ok = np.zeros(B, dtype=np.float32)
+        cat = np.zeros((B, D), dtype=np.float32)
+        cat_ok = np.zeros(B, dtype=np.float32)
+        rows = np.flatnonzero(fast)
+        if len(rows) == B and len(c.vectors) == B * full:  # the usual batch: one reshape, no gather
+            flat = c.vectors.reshape(B, full)
+        else:
+            flat = c.vectors[c.vec_off[rows][:, None] + np.arange(full)]
+        U[rows] = flat[:, :K * D].reshape(-1, K, D)
+        item[rows] = flat[:, K * D:]
+        u_ok[rows] = 1.0
+        i_ok[rows] = 1.0
+        for b in np.flatnonzero(~fast).tolist():  # the row's vectors as views of the flat values
+            vecs = np.split(c.vectors[c.vec_off[b]:c.vec_off[b + 1]],
+                            np.cumsum(c.dims[c.dims_off[b]:c.dims_off[b + 1]])[:-1])
+            nu = int(c.n_user[b])
+            row = SimpleNamespace(lum_conditions=c.lum_conditions[b], lum_user=vecs[:nu] if nu >= 0 else None,
+                                  lum_item=vecs[-1] if c.has_item[b] else None, category_id=int(c.category_id[b]))
+            self._lum_slow(row, b, U, u_ok, item, i_ok, cat, cat_ok)
+        return self.own_category(LumArrays(U, u_ok, item, i_ok, own, cat, cat_ok), c.category_id)
 
     def encode(self, raw: dict[str, np.ndarray], hist_len: np.ndarray, has_query: np.ndarray,
                lum: LumArrays | None) -> tuple[torch.Tensor, object]:

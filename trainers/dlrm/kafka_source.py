@@ -9,13 +9,12 @@ Where to start: the checkpoint's offsets are the truth (the model state matches 
 checkpoint does not know start at the group's committed offset, else at the earliest. Committed offsets
 therefore never run ahead of the durable model; they exist for lag monitoring and as a fallback.
 
-Each fetch (up to a batch of messages) is decoded in one call (``decode_many``: heads parsed together and
-checked a column at a time), in the trainer's prefetch thread, or in a child process (``trainers.dlrm.decoder``;
-by default where more than 2 CPUs are available) while this side takes the previous fetch and fetches the next.
-A fetch is handled as columns (partitions, offsets, values; C-level maps, no per-message Python), and the dedup
-keys of a batch are computed here too, so the step's thread only looks them up. Examples come as
-``schemas.codec.LazyVectors``: fields checked like the model's, LUM vectors left as their float64 bytes, which
-the featurizer stacks per batch.
+Each fetch (up to a batch of messages) is decoded in one call (``schemas.codec.decode_columns``: every check a
+column at a time, no per-message object), in the trainer's prefetch thread, or in a child process
+(``trainers.dlrm.decoder``; by default where more than 2 CPUs are available) while this side takes the previous
+fetch and fetches the next. A batch is ``schemas.codec.ExampleColumns`` (column slices of its fetches, joined),
+which the featurizer reads directly; the fetch's partitions, offsets and values are columns too (C-level maps),
+and the dedup keys of a batch are computed here, so the step's thread only looks them up.
 
 Undecodable or invalid messages (non-finite vectors included) go to dead-letters and are skipped; their
 offsets still advance with the batch they were found in. ``dead_letter_batch`` sends a whole batch (the trainer
@@ -37,15 +36,12 @@ import logging
 import os
 import time
 from collections import Counter, deque
-from itertools import repeat
-from operator import attrgetter
 from collections.abc import Iterator
 from typing import NamedTuple
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, Message, TopicPartition
 
-from schemas.codec import LazyVectors, decode_many
-from schemas.events import TrainingExample
+from schemas.codec import ExampleColumns, LazyVectors, decode_columns
 from schemas.settings import KafkaSettings
 from schemas.topics import TRAINING_EXAMPLES, key_of
 from streaming.kafka import DeadLetters, Output, group_consumer
@@ -56,7 +52,6 @@ from .train import Batch
 
 log = logging.getLogger(__name__)
 DECODE_AHEAD = 1  # fetches the decoder process may hold beyond the one being taken
-_EXAMPLE_ID = attrgetter("example_id")
 
 
 class _Fetch(NamedTuple):
@@ -132,7 +127,7 @@ class KafkaExamples:
         self.decoder = DecoderProcess() if self.decoder_process else None
         fetched: deque = deque()  # fetches submitted to the decoder process, oldest first
         last_msg_t = self._batch_t0 = time.monotonic()
-        self._examples, self._sources = [], []
+        self._parts, self._n, self._sources = [], 0, []
         try:
             while not self.stop() and not self.revoked:
                 want = self._left()  # at the end of the topic, no waiting for a batch that cannot fill
@@ -142,7 +137,7 @@ class KafkaExamples:
                 if fetch is not None:
                     last_msg_t = now
                     if self.decoder is None:
-                        yield from self._take(fetch, decode_many(TrainingExample, fetch.values, lazy_vectors=True))
+                        yield from self._take(fetch, decode_columns(fetch.values))
                     else:  # the child decodes this fetch while we take the previous one and fetch the next
                         self.decoder.submit(fetch.values)
                         fetched.append(fetch)
@@ -186,39 +181,43 @@ class KafkaExamples:
         self.fetched_to.update(zip(parts, nexts))
         return _Fetch(msgs, parts, offsets, nexts, list(map(Message.value, msgs)))
 
-    def _take(self, fetch: _Fetch, decoded: list) -> Iterator[Batch]:
-        """Account decoded messages in order: examples to the batch, bad ones to dead-letters; a full batch is
-        yielded at once, so its offsets cover exactly the messages taken so far."""
-        n, parts, offsets, nexts = len(decoded), fetch.parts, fetch.offsets, fetch.nexts
+    def _take(self, fetch: _Fetch, decoded: tuple[ExampleColumns, dict]) -> Iterator[Batch]:
+        """Account a decoded fetch in order: examples to the batch (column slices), bad messages to dead-letters;
+        a full batch is yielded at once, so its offsets cover exactly the messages taken so far."""
+        cols, errors = decoded
+        n, parts, offsets = len(fetch.values), fetch.parts, fetch.offsets
         self.consumed += n
-        if sum(map(isinstance, decoded, repeat(Exception))):  # rare: message by message
-            for msg, p, o, ex in zip(fetch.msgs, parts, offsets, decoded):
-                self.positions[p] = o + 1
-                if isinstance(ex, Exception):
-                    self.dead.send_message(msg, ex)
-                else:
-                    self._examples.append(ex)
-                    self._sources.append((p, o))
-                    if len(self._examples) >= self.batch_size:
-                        yield self._batch()
-        else:  # slices up to each batch boundary
-            i = 0
-            while i < n:
-                j = min(n, i + self.batch_size - len(self._examples))
-                self._examples += decoded[i:j]
+        where = range(n) if not errors else [k for k in range(n) if k not in errors]  # each row's message
+        done = i = 0
+        while i < len(cols):
+            j = min(len(cols), i + self.batch_size - self._n)
+            end = where[j - 1] + 1
+            self._account(fetch, errors, done, end)
+            self._parts.append(cols if j - i == len(cols) else cols[i:j])
+            self._n += j - i
+            if not errors:
                 self._sources += zip(parts[i:j], offsets[i:j])
-                self.positions.update(zip(parts[i:j], nexts[i:j]))  # in fetch order: the last one per partition
-                i = j
-                if len(self._examples) >= self.batch_size:
-                    yield self._batch()
+            else:
+                self._sources += [(parts[k], offsets[k]) for k in where[i:j]]
+            done, i = end, j
+            if self._n >= self.batch_size:
+                yield self._batch()
+        self._account(fetch, errors, done, n)
         if self.rec is not None:
             self._record(parts)
 
+    def _account(self, fetch: _Fetch, errors: dict, a: int, b: int) -> None:
+        """Messages ``a..b-1`` of ``fetch`` are taken: the bad ones to dead-letters, the positions past them."""
+        for k in sorted(errors) if errors else ():
+            if a <= k < b:
+                self.dead.send_message(fetch.msgs[k], errors[k])
+        self.positions.update(zip(fetch.parts[a:b], fetch.nexts[a:b]))  # in fetch order: the last per partition
+
     def _batch(self) -> Batch:
         # The dedup keys here, in the reader thread, so that the step's thread only looks them up.
-        b = Batch(self._examples, dict(self.positions), self._sources,
-                  keys=RecentIds.keys(map(_EXAMPLE_ID, self._examples)))
-        self._examples, self._sources, self._batch_t0 = [], [], time.monotonic()
+        examples = ExampleColumns.concat(self._parts) if self._parts else ExampleColumns.empty()
+        b = Batch(examples, dict(self.positions), self._sources, keys=RecentIds.keys(examples.example_id))
+        self._parts, self._n, self._sources, self._batch_t0 = [], 0, [], time.monotonic()
         return b
 
     def _record(self, parts: list[int]) -> None:

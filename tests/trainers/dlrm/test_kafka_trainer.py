@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import pickle
 import signal
 import struct
 import subprocess
@@ -198,7 +197,7 @@ def _gone(pid: int, timeout: float) -> bool:
 def test_decoder_process_ignores_stop_signals_and_dies_with_its_trainer():
     script = ("import sys, time; from trainers.dlrm.decoder import DecoderProcess; d = DecoderProcess(); "
               "d.submit([b'x']); d.result(); print(d.proc.pid, flush=True); sys.stdin.readline(); "
-              "d.submit([b'x']); print(type(d.result()[0]).__name__, flush=True); time.sleep(60)")
+              "d.submit([b'x']); print(type(d.result()[1][0]).__name__, flush=True); time.sleep(60)")
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=os.environ | {"PYTHONPATH": str(ROOT)},
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -217,21 +216,25 @@ def test_decoder_process_ignores_stop_signals_and_dies_with_its_trainer():
 
 
 def test_decoded_fetch_crosses_the_process_boundary_intact():
-    from schemas.codec import DecodeError, decode_many
-    from schemas.events import TrainingExample
-    from trainers.dlrm.decoder import pack, unpack
+    from schemas.codec import DecodeError
+    from trainers.dlrm.decoder import DecoderProcess
 
     examples = synthetic_examples(50, seed=8)
     values = [TRAINING_EXAMPLES.encode(ex) for ex in examples] + [b"junk", _nan_binary(examples[1])]
-    out = unpack(pickle.loads(pickle.dumps(pack(decode_many(TrainingExample, values, lazy_vectors=True)))))
-    assert out[:50] == examples and all(isinstance(e, DecodeError) for e in out[50:])
-    for got, ex in zip(out, examples):  # what the featurizer reads
-        assert (got.lum_user, got.lum_item, got.history_items, got.lum_conditions) == \
-            (ex.lum_user, ex.lum_item, ex.history_items, ex.lum_conditions)
-        if ex.lum_user is not None:
-            assert got.__pydantic_private__["_lum_f64"] == \
-                struct.pack(f"<{sum(map(len, ex.lum_user)) + len(ex.lum_item)}d", *sum(ex.lum_user, []), *ex.lum_item)
-        assert TRAINING_EXAMPLES.encode(got.to_model()) == TRAINING_EXAMPLES.encode(ex)
+    dec = DecoderProcess()
+    try:
+        dec.submit(values)
+        cols, errors = dec.result()
+    finally:
+        dec.close()
+    assert sorted(errors) == [50, 51] and all(isinstance(e, DecodeError) for e in errors.values())
+    assert "non-finite" in str(errors[51])
+    assert cols.to_models() == examples
+    # What the featurizer reads: the vectors' float64 values in wire order, the histories, the conditions.
+    want = [x for ex in examples for v in [*(ex.lum_user or ()), *([ex.lum_item] if ex.lum_item else [])] for x in v]
+    assert cols.vectors.tolist() == want
+    assert cols.history_items.tolist() == [x for ex in examples for x in ex.history_items]
+    assert cols.lum_conditions == [ex.lum_conditions for ex in examples]
 
 
 class _Msg:
@@ -246,47 +249,54 @@ class _Msg:
 
 
 def _accounting(fetches: list[list[tuple[int, int, object]]], batch_size: int):
-    """Batches of ``KafkaExamples._take`` over decoded fetches of (partition, offset, result), without a broker."""
+    """Batches of ``KafkaExamples._take`` over decoded fetches of (partition, offset, example or DecodeError),
+    without a broker."""
+    from schemas.codec import DecodeError, ExampleColumns
     from trainers.dlrm.kafka_source import _Fetch
 
     src = object.__new__(KafkaExamples)  # only the accounting state
     src.batch_size, src.positions, src.consumed, src.rec = batch_size, {}, 0, None
-    src._examples, src._sources, src._batch_t0 = [], [], 0.0
+    src._parts, src._n, src._sources, src._batch_t0 = [], 0, [], 0.0
     src.dead = type("Dead", (), {"send_message": lambda self, msg, err: None})()
     out = []
     for f in fetches:
         parts, offs = [p for p, _, _ in f], [o for _, o, _ in f]
-        fetch = _Fetch([_Msg(p, o) for p, o in zip(parts, offs)], parts, offs, [o + 1 for o in offs], [])
-        out += list(src._take(fetch, [r for _, _, r in f]))
+        fetch = _Fetch([_Msg(p, o) for p, o in zip(parts, offs)], parts, offs, [o + 1 for o in offs], [None] * len(f))
+        errors = {k: r for k, (_, _, r) in enumerate(f) if isinstance(r, DecodeError)}
+        cols = ExampleColumns.from_examples([r for _, _, r in f if not isinstance(r, DecodeError)])
+        out += list(src._take(fetch, (cols, errors)))
     return out, src
 
 
 @pytest.mark.parametrize("bad", [False, True])
 def test_batches_cut_inside_fetches_carry_the_offsets_of_what_they_took(bad):
     """Each batch's offsets are, per partition, one past the last message taken up to it (dead letters included);
-    the same whether a fetch is taken in slices (no bad message) or message by message."""
+    the same whether a fetch holds bad messages or not."""
     from schemas.codec import DecodeError
 
     fetches, i = [], 0
+    exs = synthetic_examples(30, seed=3)
     for size in (5, 7, 1, 6):
         f = []
         for _ in range(size):
             p = i % 3  # interleaved partitions, offsets rising in each
-            ex = DecodeError("x") if bad and i in (4, 11) else SimpleNamespace(example_id=f"e{i}")
+            ex = DecodeError("x") if bad and i in (4, 11) else exs[i].model_copy(update={"example_id": f"e{i}"})
             f.append((p, 100 + i // 3, ex))
             i += 1
         fetches.append(f)
     batches, src = _accounting(fetches, batch_size=4)
     flat = [m for f in fetches for m in f]
     good = [m for m in flat if not isinstance(m[2], DecodeError)]
-    assert [ex for b in batches for ex in b.examples] == [r for _, _, r in good[:len(batches) * 4]]
+    ids = lambda rs: [r.example_id for r in rs]  # noqa: E731
+    assert [e for b in batches for e in b.examples.example_id] == ids(r for _, _, r in good[:len(batches) * 4])
     assert all(len(b.examples) == 4 for b in batches)
     for b in batches:
-        last = flat.index(next(m for m in good if m[2] == b.examples[-1]))
+        last = flat.index(next(m for m in good if m[2].example_id == b.examples.example_id[-1]))
         want: dict[int, int] = {}
         for p, o, _ in flat[:last + 1]:
             want[p] = o + 1
         assert b.offsets == want
-        assert b.sources == [(p, o) for p, o, r in good if r in b.examples]
+        assert b.sources == [(p, o) for p, o, r in good if r.example_id in b.examples.example_id]
+        assert b.examples.to_models() == [r for _, _, r in good if r.example_id in b.examples.example_id]
     assert src.consumed == len(flat)
     assert src.positions == {p: max(o for q, o, _ in flat if q == p) + 1 for p in range(3)}
