@@ -59,3 +59,17 @@ def test_training_queries_are_invisible_to_the_history():
     n = len(a)
     assert torch.allclose(ha[0, :n][real], hb[0, :n][real], atol=1e-5)
     assert not torch.allclose(ha[0, :n][~real], hb[0, :n][~real], atol=1e-3)
+
+
+def test_checkpoint_from_before_query_tokens_keeps_its_context(tmp_path):
+    import json
+
+    from trainers.lum.pretrain import load_checkpoint, save_checkpoint
+
+    old = PRESETS["debug"].model_copy(update={"query_tokens": False})
+    d = save_checkpoint(tmp_path, LumModel(old), None, 1)
+    meta = json.loads((d / "meta.json").read_text())
+    del meta["config"]["query_tokens"]  # written before the field existed
+    (d / "meta.json").write_text(json.dumps(meta))
+    model, _, _ = load_checkpoint(tmp_path)
+    assert not model.cfg.query_tokens and model.cfg.context_pairs == old.context_pairs == 31
