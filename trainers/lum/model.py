@@ -54,8 +54,8 @@ class LumConfig(BaseModel):
     logq: bool = Field(True, description="subtract log Q(candidate) from logits: the sampled-softmax correction")
     neg_samples: int = Field(256, ge=0, description="uniformly sampled negatives per batch, added to in-batch ones")
     # The unconditional question (nothing known about the next item) must be common among training queries:
-    # with two informative kinds (behavior, category) 0.75 asks it at 56% of them (0.5: 25%, which cost next-item
-    # HR@10 on ML-100K).
+    # with two informative kinds (behavior, category) 0.75 asks it at 56% of them, 0.5 at 25% (ML-100K, one
+    # seed, 100 steps: next-item HR@10 0.143 vs 0.132).
     cond_drop: float = Field(0.75, ge=0, le=1, description="chance each condition kind is set to 'any' in a "
                                                            "training query (or condition token, query_tokens off)")
     query_tokens: bool = Field(True, description="train with a hidden query token per pair (group query in "
