@@ -87,8 +87,9 @@ def throughput(seqs, preset: str, steps: int) -> tuple[float, int]:
 def packing(seqs, preset: str, sample: int) -> dict[str, float]:
     cfg = PRESETS[preset]
     rng = np.random.default_rng(0)
-    windows = [w for s in seqs for w in chunk(s, cfg.max_pairs)]
-    runs = [to_tokens(windows[i], drop=cfg.cond_drop, rng=rng) for i in rng.permutation(len(windows))]
+    windows = [w for s in seqs for w in chunk(s, cfg.window_pairs)]
+    runs = [to_tokens(windows[i], drop=cfg.cond_drop, rng=rng, queries=cfg.query_tokens)
+            for i in rng.permutation(len(windows))]
     real = sum(len(r) for r in runs)
     rows = pack_rows([len(r) for r in runs], cfg.row_len)
     rb = cfg.rows_per_batch

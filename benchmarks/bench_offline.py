@@ -393,7 +393,7 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
     res["dlrm_table_rows"] = s.table_rows
     lum_cfg = PRESETS[s.lum_preset]
     sas_cfg = lum_cfg.model_copy(update={"name": f"{lum_cfg.name}-sasrec", "use_conditions": False,
-                                         "row_len": lum_cfg.row_len // 2})  # same pairs per row
+                                         "row_len": lum_cfg.row_len // lum_cfg.tokens_per_pair})  # same pairs per row
     prefix1 = {u: evs[:cut_points(len(evs), s.cuts)[0]] for u, evs in users.items()}
     pre_seqs = sequences_from_events(sorted((e for p in prefix1.values() for e in p), key=lambda e: e.event_time_ms))
     tr, va, te = split_users(pre_seqs)

@@ -144,7 +144,7 @@ def train_batches(seqs: list[Seq], cfg: LumConfig, seed: int = 0, pool_rows: int
     sampler = Sampler(windows, cfg.neg_samples, np.random.default_rng(seed + 7919))
     while True:
         order = rng.permutation(len(windows))
-        runs = [to_tokens(windows[i], cfg.use_conditions, cfg.cond_drop, rng) for i in order]
+        runs = [to_tokens(windows[i], cfg.use_conditions, cfg.cond_drop, rng, cfg.query_tokens) for i in order]
         # Pack a pool at a time: large enough to fill rows tightly, small enough to keep batches mixed.
         pool_tokens = pool_rows * cfg.row_len
         start = 0

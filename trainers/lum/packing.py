@@ -47,32 +47,57 @@ class Seq:
 
 @dataclass
 class Tokens:
-    """One user's token run: kind (L,), cond (L, n_kinds), item (L,), cat (L,)."""
+    """One user's token run: kind (L,), cond (L, n_kinds), item (L,), cat (L,), and label (L,): the raw id of
+    the item each token is trained to predict, -1 where it is not a trained position."""
 
     kind: np.ndarray
     cond: np.ndarray
     item: np.ndarray
     cat: np.ndarray
+    label: np.ndarray | None = None  # None: no trained position (inference runs)
+
+    def __post_init__(self):
+        if self.label is None:
+            self.label = np.full(len(self.kind), -1, np.int64)
 
     def __len__(self) -> int:
         return len(self.kind)
 
 
 def to_tokens(seq: Seq, use_conditions: bool = True, drop: float = 0.0,
-              rng: np.random.Generator | None = None) -> Tokens:
-    """Interleave condition and item tokens; in training drop each condition kind to 'any' with chance ``drop``."""
+              rng: np.random.Generator | None = None, queries: bool = False) -> Tokens:
+    """Interleave condition and item tokens ``[c1, i1, c2, i2, ...]``; each condition token is trained to
+    predict its item (items-only: each item predicts the next one).
+
+    Training must teach the questions inference asks, where some condition kinds are unknown ('any': the next
+    item's category or behavior before the user acts), while the history inference reads has every condition.
+    ``queries=True`` (group query in training): each pair gets a query token ``q_k`` before ``c_k``, holding
+    ``c_k``'s conditions with each kind set to 'any' with chance ``drop``; it is hidden from every other token
+    (as inference's queries are), shares ``c_k``'s position and is the position trained to predict ``i_k``;
+    ``c_k`` keeps every condition and serves as history. ``queries=False``: the condition tokens themselves
+    are dropped and trained (history and questions alike lose conditions; on ML-100K this trained the
+    unconditional question on a quarter of the positions and cost next-item HR@10 against items-only).
+    """
     n = len(seq)
     if not use_conditions:
-        return Tokens(np.full(n, ITEM, np.int8), np.zeros((n, N_KINDS), np.int64), seq.items.copy(), seq.cats.copy())
+        label = np.append(seq.items[1:], -1).astype(np.int64)  # item t predicts item t+1
+        return Tokens(np.full(n, ITEM, np.int8), np.zeros((n, N_KINDS), np.int64), seq.items.copy(),
+                      seq.cats.copy(), label)
+    rng = rng or np.random.default_rng()
     conds = seq.conds
-    if drop > 0:
-        conds = np.where((rng or np.random.default_rng()).random(conds.shape) < drop, 0, conds)
-    kind = np.tile(np.array([COND, ITEM], np.int8), n)
-    cond = np.zeros((2 * n, N_KINDS), np.int64)
-    cond[0::2] = conds
-    item, cat = np.zeros(2 * n, np.int64), np.zeros(2 * n, np.int64)  # 0 at condition tokens: nothing to leak
-    item[1::2], cat[1::2] = seq.items, seq.cats
-    return Tokens(kind, cond, item, cat)
+    if drop > 0 and not queries:
+        conds = np.where(rng.random(conds.shape) < drop, 0, conds)
+    step = 3 if queries else 2  # tokens per pair: [q, c, i] or [c, i]
+    kind = np.tile(np.array([QUERY, COND, ITEM] if queries else [COND, ITEM], np.int8), n)
+    cond = np.zeros((step * n, N_KINDS), np.int64)
+    cond[step - 2::step] = conds
+    if queries:
+        cond[0::step] = np.where(rng.random(conds.shape) < drop, 0, conds)
+    item, cat = np.zeros(step * n, np.int64), np.zeros(step * n, np.int64)  # 0 at conditions: nothing to leak
+    item[step - 1::step], cat[step - 1::step] = seq.items, seq.cats
+    label = np.full(step * n, -1, np.int64)
+    label[0::step] = seq.items  # the query (or, without queries, the condition token) of pair k predicts item k
+    return Tokens(kind, cond, item, cat, label)
 
 
 def query_tokens(conditions: np.ndarray) -> Tokens:
@@ -96,7 +121,8 @@ class Batch:
     cat: torch.Tensor  # (B, T) int64
     pos: torch.Tensor  # (B, T) int64, restarts per segment
     seg: torch.Tensor  # (B, T) int64, -1 = pad
-    target: torch.Tensor  # (B, T) bool: the next token is an item of the same user (trained positions)
+    target: torch.Tensor  # (B, T) bool: trained positions (a label to predict)
+    label: torch.Tensor  # (B, T) int64: raw id of the item each trained position predicts (-1 elsewhere)
     packed: bool = True  # False: one user per row, right-padded: plain causal attention suffices
     # Loss candidates set by the training sampler (``trainers.lum.data``): distinct sorted ids, their categories
     # and log Q (chance to be a candidate). None: the loss uses the batch's own item tokens.
@@ -122,6 +148,7 @@ def make_batch(runs: list[Tokens], rows: list[list[int]], row_len: int, packed: 
     cat = np.zeros((B, row_len), np.int64)
     pos = np.zeros((B, row_len), np.int64)
     seg = np.full((B, row_len), -1, np.int64)
+    label = np.full((B, row_len), -1, np.int64)
     for r, members in enumerate(rows):
         t = 0
         for s, i in enumerate(members):
@@ -130,17 +157,15 @@ def make_batch(runs: list[Tokens], rows: list[list[int]], row_len: int, packed: 
                 raise ValueError(f"row {r} overflows: {t} + {L} > {row_len}")
             span = slice(t, t + L)
             kind[r, span], cond[r, span], item[r, span], cat[r, span] = run.kind, run.cond, run.item, run.cat
-            pos[r, t:t + L] = np.arange(L)
-            # Query tokens share the position right after the prefix: each is "the next condition".
-            q = run.kind == QUERY
-            pos[r, t:t + L][q] = int((~q).sum())
-            seg[r, t:t + L] = s
+            label[r, span] = run.label
+            # Positions restart per user and count the user's non-query tokens before a token: a query shares
+            # the position of the condition token it stands for ("the next condition").
+            real = run.kind != QUERY
+            pos[r, span] = np.cumsum(real) - real
+            seg[r, span] = s
             t += L
-    nxt_item = np.zeros_like(kind, dtype=bool)
-    nxt_item[:, :-1] = (kind[:, 1:] == ITEM) & (seg[:, 1:] == seg[:, :-1])
-    target = nxt_item & ((kind == COND) | (kind == ITEM))
     t = torch.from_numpy
-    return Batch(t(kind), t(cond), t(item), t(cat), t(pos), t(seg), t(target), packed)
+    return Batch(t(kind), t(cond), t(item), t(cat), t(pos), t(seg), t(label >= 0), t(label), packed)
 
 
 def pack_rows(lengths: list[int], row_len: int) -> list[list[int]]:

@@ -263,7 +263,7 @@ class _Loss(torch.nn.Module):
             return loss
         import torch.distributed as dist
 
-        n = batch.target[:, :-1].sum().to(loss.dtype)  # this rank's trained positions (what lum_loss averages)
+        n = batch.target.sum().to(loss.dtype)  # this rank's trained positions (what lum_loss averages)
         total = n.clone()
         dist.all_reduce(total)
         return loss * (n * self.world / total)
@@ -341,7 +341,8 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[LumModel, to
     meta = json.loads((d / "meta.json").read_text())
     if meta["tokenizer_version"] > TOKENIZER_VERSION:
         raise ValueError(f"{d}: tokenizer v{meta['tokenizer_version']} is newer than this build's v{TOKENIZER_VERSION}")
-    model = LumModel(LumConfig(**meta["config"])).to(device)
+    # (a checkpoint from before query tokens was trained without them: its windows were [c, i] pairs)
+    model = LumModel(LumConfig(**({"query_tokens": False} | meta["config"]))).to(device)
     state = torch.load(d / "model.pt", map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     optimizer = make_optimizer(model)

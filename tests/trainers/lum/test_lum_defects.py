@@ -10,7 +10,7 @@ import trainers.lum.evaluate as ev
 import trainers.lum.refresh as rf
 from schemas.tokenize import CONDITION_KINDS, condition_id
 from trainers.lum.data import Sampler, split_users, train_batches
-from trainers.lum.model import COND, ITEM, PRESETS, QUERY, LumModel, in_batch_candidates, info_nce, training_outputs
+from trainers.lum.model import ITEM, PRESETS, QUERY, LumModel, in_batch_candidates, info_nce, training_outputs
 from trainers.lum.packing import Seq, make_batch, pack_rows, to_tokens
 
 CFG = PRESETS["debug"]
@@ -55,7 +55,7 @@ def test_group_query_position_is_one_training_used(model, monkeypatch):
     trained: set[int] = set()
     for _ in range(10):
         b = next(it)
-        trained |= set(b.pos[b.target & (b.kind == COND)].tolist())
+        trained |= set(b.pos[b.target].tolist())
     seen = _capture_queries(monkeypatch, rf)
     rf.condition_outputs(model, seqs, np.zeros((2, K), np.int64))
     seen_eval = _capture_queries(monkeypatch, ev)
@@ -125,7 +125,7 @@ def test_logq_is_the_chance_to_be_a_candidate():
         q = 1 - (1 - freq) ** m * (1 - 1 / catalog) ** cfg.neg_samples
         cand = b.cand_item.numpy()
         assert np.array_equal(cand, np.unique(cand))  # distinct, sorted
-        assert set(b.item[b.target.roll(1, 1) & (b.kind == ITEM)].tolist()) <= set(cand.tolist())  # positives in
+        assert set(b.label[b.target].tolist()) <= set(cand.tolist())  # positives in
         np.testing.assert_allclose(np.exp(b.cand_logq.numpy()), q[cand], rtol=1e-4)
         hits[cand] += 1
         expected += q

@@ -78,7 +78,7 @@ def test_packed_loss_gradients_flow_and_logq_changes_loss(model):
 
 
 def test_group_query_equals_separate_passes(model):
-    seqs = random_seqs(5, seed=3, lo=1, hi=25)
+    seqs = random_seqs(5, seed=3, lo=1, hi=CFG.context_pairs)  # whole histories fit the context
     names = ["scenario=home", "scenario=search", "category=17,behavior=buy", "any", "query=red shoes",
              "behavior=view", "scenario=detail", "category=3"]
     conds = np.array([parse_condition(n) for n in names])
