@@ -229,6 +229,12 @@ class _Part:
         self.changes: dict[bytes, bytes | None] = {}  # this batch's writes (None: delete), in order: the changelog
         self.closing: list[tuple[int, bytes]] = []  # windows this batch opened: (deadline, closing-index key)
         self.forgets: list[bytes] = []  # forget-index keys this batch wrote, in order
+        # Where the next scan of each index starts (its first key that may still be due; None: the index's
+        # start). Everything before it was deleted by earlier batches: the scan seeks past their tombstones,
+        # which RocksDB would otherwise step over one by one on every batch until a compaction drops them.
+        self.cursor: dict[bytes, bytes | None] = {K.CLOSING: None, K.FORGET: None, K.ACTIVITY: None}
+        self.activity_low: bytes | None = None  # lowest activity-index key this batch wrote
+        self.positions: dict[str, int] = {}  # the store's committed positions at assign (the changelog's base)
 
     def put(self, key: bytes, value: bytes) -> None:
         self.changes[key] = value
@@ -403,6 +409,7 @@ class JoinLogic:
             local = store.positions()
         st = _Part(store, partition)
         st.load_meta()
+        st.positions = dict(local)
         for key, value in store.scan(K.OUTBOX):  # examples of a batch whose delivery may not have completed
             ex = TRAINING_EXAMPLES.decode(value)
             emit.send(TRAINING_EXAMPLES, value, key=key_of(ex.user_id))
@@ -457,14 +464,14 @@ class JoinLogic:
                     st.store.delete(key)
                 if self.cfg.changelog and self._last_emit is not None:
                     _send_many(self._last_emit, JOINER_CHANGELOG, [None] * len(st.outbox), st.outbox, st.partition)
-                st.store.commit({})
+                st.store.commit({}, sync=False)  # lost in an OS crash: the outbox is re-sent (at-least-once)
                 st.outbox = []
 
     # --- processing ---------------------------------------------------------------------------------------
     def process(self, partition: int, records: Sequence[Record], emit: Emit) -> None:
         st = self.parts[partition]
         self._last_emit = emit
-        st.changes, st.closing, st.forgets = {}, [], []
+        st.changes, st.closing, st.forgets, st.activity_low = {}, [], [], None
         for key in st.outbox:  # the previous batch was committed and delivered before this one was called
             st.delete(key)
         st.outbox = []
@@ -621,13 +628,17 @@ class JoinLogic:
         below = np.bincount(owner[rows[:, 0] < st.wm - self.cfg.window_ms], minlength=n)
         starts = ends - counts + np.maximum(np.maximum(below - self.cfg.history_len, counts - HISTORY_CAP), 0)
         data = rows.astype(">i8").tobytes()
-        ch, bucket = st.changes, self._bucket_ms
+        ch, bucket, low = st.changes, self._bucket_ms, st.activity_low
         for i, a, b, last in zip(changed.tolist(), starts[changed].tolist(), ends[changed].tolist(),
                                  rows[ends[changed] - 1, 0].tolist()):
             user = users[i]
             ch[b"h" + _u8(user)] = data[32 * a:32 * b]
             if b > a:
-                ch[K.activity(last // bucket, user)] = b""
+                key = K.activity(last // bucket, user)
+                ch[key] = b""
+                if low is None or key < low:
+                    low = key
+        st.activity_low = low
 
     def _features(self, st: _Part, f: LumFeatures, raw: bytes) -> None:
         """Keep ``f`` among the user's newest FEATURE_VERSIONS (a republish with the same as_of replaces)."""
@@ -640,7 +651,10 @@ class JoinLogic:
         self._touch(st, f.user_id, f.as_of_ms or f.computed_at_ms)
 
     def _touch(self, st: _Part, user: int, t: int) -> None:
-        st.put(K.activity(t // self._bucket_ms, user), b"")
+        key = K.activity(t // self._bucket_ms, user)
+        st.put(key, b"")
+        if st.activity_low is None or key < st.activity_low:
+            st.activity_low = key
 
     @property
     def _bucket_ms(self) -> int:
@@ -673,7 +687,9 @@ class JoinLogic:
         wm = st.wm
         # Closing-index keys due (their byte order is (deadline, example id) order): committed ones, by a
         # streamed scan, and the ones this batch wrote.
-        due = [k for k, _ in _until(st.store.scan(K.CLOSING), K.closing(wm + 1, ""))]
+        end = K.closing(wm + 1, "")
+        due = [k for k, _ in st.store.scan(K.CLOSING, st.cursor[K.CLOSING], end)]
+        st.cursor[K.CLOSING] = end  # every closing key before it is deleted by this batch
         due += [k for d, k in st.closing if d <= wm]
         if not due:
             return
@@ -741,7 +757,9 @@ class JoinLogic:
     def _forget(self, st: _Part) -> None:
         """Emitted ids and early clicks past their retention (event time) are forgotten."""
         wm = st.wm
-        due = [k for k, _ in _until(st.store.scan(K.FORGET), K.forget(wm + 1, b"", ""))]
+        end = K.forget(wm + 1, b"", "")
+        due = [k for k, _ in st.store.scan(K.FORGET, st.cursor[K.FORGET], end)]
+        st.cursor[K.FORGET] = end  # every forget key before it is deleted by this batch
         due += [k for k in st.forgets if _n(k[1:9]) <= wm]
         if not due:
             return
@@ -760,11 +778,19 @@ class JoinLogic:
 
     def _evict(self, st: _Part) -> None:
         """Users idle for longer than the state horizon (event time) lose their history and features."""
+        cursor, low = st.cursor[K.ACTIVITY], st.activity_low
+        if cursor is not None and low is not None and low < cursor:
+            st.cursor[K.ACTIVITY] = cursor = low  # an activity older than the cursor (a late event): seen next
         cutoff = st.wm - self.cfg.state_horizon_ms
         if cutoff <= 0:
             return
         last_bucket = cutoff // self._bucket_ms  # buckets before this one are entirely older than cutoff
-        entries = list(islice(_until(st.store.scan(K.ACTIVITY), K.activity(last_bucket, 0)), EVICT_PER_BATCH))
+        end = K.activity(last_bucket, 0)
+        entries = list(islice(st.store.scan(K.ACTIVITY, cursor, end), EVICT_PER_BATCH))
+        # Every entry before the new cursor is deleted now (the batch's own writes are scanned next batch).
+        st.cursor[K.ACTIVITY] = entries[-1][0] + b"\0" if len(entries) == EVICT_PER_BATCH else end
+        if low is not None and low < st.cursor[K.ACTIVITY]:
+            st.cursor[K.ACTIVITY] = low
         if not entries:
             return
         users = list(dict.fromkeys(K.parse_activity(key)[1] for key, _ in entries))
@@ -789,7 +815,7 @@ class JoinLogic:
         keys = [k for k in changes if k[:1] == K.OUTBOX]
         keys += [k for k in changes if k[:1] != K.OUTBOX]
         _send_many(emit, JOINER_CHANGELOG, [changes[k] for k in keys], keys, st.partition)
-        positions = st.store.positions() | st.next_offset
+        positions = st.positions | st.next_offset
         emit.send(JOINER_CHANGELOG, json.dumps(positions, sort_keys=True).encode(), key=K.POSITIONS,
                   partition=st.partition)
 
