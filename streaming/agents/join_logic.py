@@ -95,7 +95,9 @@ class JoinKeys:
     ``p<id>``                  pending impression: clicked flag (1 byte) + the impression's encoded bytes
     ``e<id>``                  emitted example id: label (1 byte) + window deadline (8)
     ``c<id>``                  click seen before its impression: click time (8) + the click's encoded bytes
-    ``o<id>``                  outbox: the encoded example of the last batch (re-sent by ``assign``)
+    ``o\0<n>``                 outbox: the last batch's examples, chunk n (4 bytes) of (key, encoded example)
+                               pairs, each as length (4) + bytes (re-sent by ``assign``); ``o<id>``: one
+                               example, the layout before chunks (still read)
     ``h<user>``                history: int64 rows (event time, event key, item, category), sorted
     ``f<user>``                the user's LUM feature versions (up to 4, by as_of; 0: unknown), each as
                                as_of (8), trained_until (8; 0: unknown), activity time (8), length (4), encoded
@@ -103,6 +105,9 @@ class JoinKeys:
     ``r<expiry><kind><id>``    index: emitted ids (kind e) and early clicks (kind c) to forget, by expiry
     ``x<bucket><user>``        index: users by last activity bucket, for eviction
     ``m<name>``                meta: watermark, reached time per stream, open windows
+
+    The indexes (``w``, ``r``, ``x``) are derived from the values they index, so the changelog leaves them
+    out (they were most of its records) and a rebuild derives them again (``JoinLogic._reindex``).
     """
 
     PENDING, EMITTED, EARLY, OUTBOX, HISTORY, FEATURES = b"p", b"e", b"c", b"o", b"h", b"f"
@@ -124,6 +129,12 @@ class JoinKeys:
     @staticmethod
     def outbox(eid: str) -> bytes:
         return b"o" + eid.encode()
+
+    @staticmethod
+    def outbox_chunk(n: int) -> bytes:
+        return b"o\0" + n.to_bytes(4, "big")
+
+    INDEXES = frozenset(b"wrx")  # first bytes of the derived keys (not in the changelog)
 
     @staticmethod
     def history(user: int) -> bytes:
@@ -273,6 +284,34 @@ class _Part:
             self.put(K.meta("reached:" + stream), _u8(t))
 
 
+OUTBOX_CHUNK_BYTES = 256 << 10  # an outbox chunk (a changelog message) stays far below Kafka's 1 MB default
+
+
+def _pack_outbox(keys: list[bytes], values: list[bytes]) -> list[bytes]:
+    """(key, example) pairs as chunks of length-prefixed bytes, each under ``OUTBOX_CHUNK_BYTES``."""
+    chunks, cur, size = [], [], 0
+    for k, v in zip(keys, values):
+        if cur and size + len(k) + len(v) + 8 > OUTBOX_CHUNK_BYTES:
+            chunks.append(b"".join(cur))
+            cur, size = [], 0
+        cur += (len(k).to_bytes(4, "big"), k, len(v).to_bytes(4, "big"), v)
+        size += len(k) + len(v) + 8
+    if cur:
+        chunks.append(b"".join(cur))
+    return chunks
+
+
+def _unpack_outbox(chunk: bytes) -> Iterator[tuple[bytes, bytes]]:
+    i = 0
+    while i < len(chunk):
+        n = _n(chunk[i:i + 4])
+        k = chunk[i + 4:i + 4 + n]
+        i += 4 + n
+        n = _n(chunk[i:i + 4])
+        yield k, chunk[i + 4:i + 4 + n]
+        i += 4 + n
+
+
 class _Version(NamedTuple):
     as_of: int  # 0: unknown (usable for any impression)
     trained_until: int  # 0: unknown
@@ -410,9 +449,15 @@ class JoinLogic:
         st = _Part(store, partition)
         st.load_meta()
         st.positions = dict(local)
+        resent = 0
         for key, value in store.scan(K.OUTBOX):  # examples of a batch whose delivery may not have completed
-            ex = TRAINING_EXAMPLES.decode(value)
-            emit.send(TRAINING_EXAMPLES, value, key=key_of(ex.user_id))
+            if key[1:2] == b"\0":
+                for k, v in _unpack_outbox(value):
+                    emit.send(TRAINING_EXAMPLES, v, key=k)
+                    resent += 1
+            else:  # one example (the layout before chunks)
+                emit.send(TRAINING_EXAMPLES, value, key=key_of(TRAINING_EXAMPLES.decode(value).user_id))
+                resent += 1
             st.outbox.append(key)
         self.parts[partition] = st
         starts = {t.name: local.get(t.name, committed.get(t.name) or 0) for t in self.inputs}
@@ -422,7 +467,7 @@ class JoinLogic:
                         "the state's positions", partition, still_behind)
         st.next_offset = dict(starts)
         log.info("joiner partition %d: watermark %d, %d open windows, resume at %s%s", partition, st.wm, st.open,
-                 starts, f", re-sent {len(st.outbox)} examples" if st.outbox else "")
+                 starts, f", re-sent {resent} examples" if resent else "")
         return starts
 
     def _restore(self, partition: int, store: Store, read: Reader, why: str) -> None:
@@ -448,9 +493,37 @@ class JoinLogic:
             n += 1
             if store.staged >= RESTORE_CHUNK:
                 store.commit({})  # bounded memory; positions come last, so a crash here restarts the rebuild
+        store.commit({})
+        self._reindex(store)
         store.commit(positions)
         self.counts["restored_keys_total"] += n
         log.info("joiner partition %d: rebuilt from %d changelog records, positions %s", partition, n, positions)
+
+    def _reindex(self, store: Store) -> None:
+        """Derive the indexes of a rebuilt store from the values they index (the changelog leaves them out):
+        windows to close from pending impressions, ids to forget from emitted ids and early clicks (by their
+        expiry), and each user's newest activity for eviction. Streamed, committed in chunks."""
+        retention, bucket = self.cfg.retention_ms, self._bucket_ms
+
+        def put(key: bytes) -> None:
+            store.put(key, b"")
+            if store.staged >= RESTORE_CHUNK:
+                store.commit({})
+
+        for key, value in store.scan(K.PENDING):
+            put(K.closing(_IMP_FIELDS(value[1:])["event_time_ms"] + self.cfg.window_ms, key[1:].decode()))
+        for key, value in store.scan(K.EMITTED):
+            put(K.forget(_n(value[1:9]) + retention, K.EMITTED, key[1:].decode()))
+        for key, value in store.scan(K.EARLY):
+            put(K.forget(_n(value[:8]) + retention, K.EARLY, key[1:].decode()))
+        for key, value in store.scan(K.HISTORY):
+            if value:
+                put(K.activity(_n(value[-32:-24]) // bucket, _n(key[1:9])))
+        for key, value in store.scan(K.FEATURES):
+            versions = _unpack_versions(value)
+            if versions:
+                put(K.activity(max(v.active for v in versions) // bucket, _n(key[1:9])))
+        store.commit({})
 
     def revoke(self, partition: int) -> None:
         self.parts.pop(partition, None)
@@ -706,7 +779,7 @@ class JoinLogic:
             ch[k] = None
         lum: dict[bytes, _Lum] = {}  # decoded feature versions of this batch
         values, keys = [], []
-        outbox, forgets = st.outbox.append, st.forgets.append
+        forgets = st.forgets.append
         hl, retention, items, counts = self.cfg.history_len, self.cfg.retention_ms, self.items, self.counts
         positives = too_new = other_version = 0
         for (k, pending), imp in zip(emitting, imps):
@@ -739,14 +812,16 @@ class JoinLogic:
                  "lum_conditions": conds}, n_hist, history, user_dims, item_dim, vectors)
             values.append(value)
             keys.append(user_keys[user])
-            ch[b"o" + e] = value
-            outbox(b"o" + e)
             ch[b"p" + e] = None
             ch[b"e" + e] = (b"\x01" if clicked else b"\x00") + deadline
             key = b"r" + (_n(deadline) + retention).to_bytes(8, "big") + b"e" + e
             ch[key] = b""
             forgets(key)
             positives += clicked
+        for i, chunk in enumerate(_pack_outbox(keys, values)):
+            key = K.outbox_chunk(i)
+            ch[key] = chunk
+            st.outbox.append(key)
         st.open -= len(emitting)
         counts["examples_total"] += len(emitting)
         counts["positives_total"] += positives
@@ -811,9 +886,13 @@ class JoinLogic:
     def _changelog(self, st: _Part, emit: Emit) -> None:
         """This batch's writes to the changelog, outbox first and the positions last: a partition of the
         changelog is written in order, so a restored position implies everything before it arrived."""
-        changes = st.changes
+        # The closed windows' pending-impression deletions right after the outbox: a rebuild from a changelog
+        # cut inside this batch then either re-sends an example (outbox) or re-closes its window, rarely both.
+        changes, indexes, head = st.changes, K.INDEXES, (K.OUTBOX, K.PENDING)
         keys = [k for k in changes if k[:1] == K.OUTBOX]
-        keys += [k for k in changes if k[:1] != K.OUTBOX]
+        keys += [k for k in changes if k[:1] == K.PENDING and changes[k] is None]
+        keys += [k for k in changes if k[0] not in indexes and (k[:1] not in head or k[:1] == K.PENDING
+                                                                and changes[k] is not None)]
         _send_many(emit, JOINER_CHANGELOG, [changes[k] for k in keys], keys, st.partition)
         positions = st.positions | st.next_offset
         emit.send(JOINER_CHANGELOG, json.dumps(positions, sort_keys=True).encode(), key=K.POSITIONS,
