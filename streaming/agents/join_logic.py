@@ -10,7 +10,10 @@ Every key the joiner stores is built and parsed by ``JoinKeys``; nothing else wr
 State is read from the store when a batch needs it (no partition is ever loaded whole into memory): pending
 impressions, emitted ids and early clicks are point reads; the windows to close, the ids to forget and the
 users to evict are found by streaming ordered index keys (deadline / expiry / activity time first), so
-``assign`` reads a handful of keys and every batch touches only what it changes.
+``assign`` reads a handful of keys and every batch touches only what it changes. Each index scan starts
+where the previous batch's deletions ended (``_Part.cursor``), so tombstones that RocksDB has not compacted
+yet are never stepped over again: per-event cost stays flat once windows close and retention and eviction
+run (``benchmarks/bench_join_mature.py`` measures it).
 
 Batch path (``process``, one call per partition and batch): impressions and behaviors are validated with
 their schema's own pydantic-core field validator into field dicts (no model objects; the codec says why
