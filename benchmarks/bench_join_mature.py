@@ -86,7 +86,7 @@ def rss_mb() -> float:
 
 
 def run(args) -> dict:
-    events = stream(args.events, args.users, args.seed)
+    events = stream(args.events, args.users, args.seed)[:args.limit]
     cfg = JoinConfig()
     logic = JoinLogic(cfg)
     offsets: dict[tuple[str, int], int] = Counter()
@@ -156,6 +156,7 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--events", type=int, default=1_500_000)
+    ap.add_argument("--limit", type=int, default=None, help="only the first N events of the (cached) stream")
     ap.add_argument("--users", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--batch", type=int, default=560, help="events per worker batch (the soak's ~2,800/s x 200 ms)")
