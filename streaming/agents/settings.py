@@ -49,9 +49,7 @@ class AgentSettings(BaseSettings):
     rocksdb_memory_mb: int = Field(16, ge=4, le=1 << 20, description="RocksDB memory of one worker process, all its "
                                    "stores together: one block cache holding data, index and filter blocks and "
                                    "the memtables' charge")
-    # 12 of 16: larger memtables absorb the joiner's per-batch rewrites (histories, pending impressions) before
-    # a flush; at 4 its L0->L1 compactions rewrote the growing state ever more often (benchmarks/bench_join_mature.py)
-    rocksdb_write_buffer_mb: int = Field(12, ge=1, le=1 << 20, description="memtables of one worker's stores "
+    rocksdb_write_buffer_mb: int = Field(4, ge=1, le=1 << 20, description="memtables of one worker's stores "
                                          "together, charged to LUM_AGENT_ROCKSDB_MEMORY_MB (reaching it triggers "
                                          "a flush; writes never wait); less than that budget")
     log_interval_s: float = Field(10.0, gt=0, description="seconds between throughput/lag log lines")
