@@ -126,7 +126,7 @@ class Worker:
             "partition.assignment.strategy": "range",  # co-partitioned inputs: partition p of each topic together
             "fetch.wait.max.ms": 50,
             # Prefetch bound: a worker behind its input would otherwise buffer up to librdkafka's default
-            # 64 MB of fetched messages, and its RSS would follow its lag (issue 9's soak).
+            # 64 MB of fetched messages on top of its state (batches need well under 1 MB).
             "queued.max.messages.kbytes": 16384})
         self.logical = {kafka.topic(t): t.name for t in logic.inputs}  # physical name -> registry name
         self.topic_names = list(self.logical)
