@@ -17,7 +17,9 @@ It samples every 10 s and prints every minute and at the end: consumer-group lag
 fetched end offset - committed, from ``streaming.status``), the RSS (VmRSS) of every process it started and of
 each of their descendants (``agents/joiner-1``: an agent worker) at the start, at 2 minutes and now, the bytes
 under the agents' RocksDB data directory, the dead-letter count, the ``training-examples`` count, the
-examples in the trainer's last checkpoint, and the load average. At the end, one verdict per goal:
+examples in the trainer's last checkpoint, the joiner's CPU per event (CPU seconds of its workers per event
+they consumed, over the last minute and since the start: steadier than lag when the machine's other load
+varies), and the load average. At the end, one verdict per goal:
 
 - lag bounded, per group: no upward trend over the last half. The peak lag of the last quarter must not exceed
   1.25x the peak of the third quarter plus 5 s worth of events (peaks, because the trainer commits only at a
@@ -131,6 +133,36 @@ def process_rss(name: str, pid: int, kids: dict[int, list[int]]) -> dict[str, in
     return out
 
 
+def process_cpu(name: str, pid: int, kids: dict[int, list[int]]) -> dict[str, float]:
+    """CPU seconds (user + system, all threads) of a started process and of each descendant, named as by
+    ``process_rss``."""
+    out, todo, tick = {}, [(pid, name)], os.sysconf("SC_CLK_TCK")
+    while todo:
+        p, n = todo.pop()
+        todo += [(c, f"{name}/{_child_name(c)}") for c in kids.get(p, [])]
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            out[n] = out.get(n, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        except (OSError, IndexError, ValueError):
+            pass
+    return out
+
+
+def cpu_per_event(samples: list[dict], group: str = "lum-joiner", prefix: str = "agents/joiner") -> list[tuple]:
+    """(t_s, CPU microseconds per event consumed) of the ``group``'s workers between consecutive samples: events
+    consumed = events produced - the group's lag. Steadier than lag on a shared machine (it does not count
+    the time the worker waited for a core)."""
+    out = []
+    for a, b in zip(samples, samples[1:]):
+        if a["lag"].get(group) is None or b["lag"].get(group) is None:
+            continue
+        cpu = lambda s: sum(v for k, v in s.get("cpu_s", {}).items() if k.startswith(prefix))  # noqa: E731
+        done = (b["events"] - b["lag"][group]) - (a["events"] - a["lag"][group])
+        if done > 0 and cpu(b) >= cpu(a):
+            out.append((b["t_s"], 1e6 * (cpu(b) - cpu(a)) / done))
+    return out
+
+
 def _child_name(pid: int) -> str:
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -221,6 +253,7 @@ def sample(t0: float, procs: Procs, kafka: KafkaSettings, data_dir: Path, ckpt: 
     trained = st.checkpoint(ckpt, time.time()).get("examples") if (ckpt / "LATEST").exists() else None
     return {"t_s": round(time.monotonic() - t0, 1), "lag": {g: lag.get(g) for g in GROUPS},
             "rss": {k: v for n, p in procs.procs.items() for k, v in process_rss(n, p.pid, kids).items()},
+            "cpu_s": {k: v for n, p in procs.procs.items() for k, v in process_cpu(n, p.pid, kids).items()},
             "alive": {n: p.poll() is None for n, p in procs.procs.items()},
             "load_1m": round(os.getloadavg()[0], 2), "rocksdb_bytes": dir_bytes(data_dir), "dead_letters": sizes.get(kafka.topic(DEAD_LETTERS), 0),
             "training_examples": sizes.get(kafka.topic(TRAINING_EXAMPLES), 0), "trained_examples": trained,
@@ -255,6 +288,12 @@ def report(samples: list[dict], title: str, duration: float) -> str:
     out += _table(["consumer group", "lag last", "lag max"], lags)
     out += _table(["process", "RSS MB t=0", f"at t={base['t_s']:.0f}s" if base else f"at t={min(BASE_S, duration / 2):.0f}s",
                    "now", "alive"], rss)
+    per_event = cpu_per_event(samples)
+    if per_event:
+        minute = [us for t, us in per_event if t > last["t_s"] - 60] or [per_event[-1][1]]
+        out.append(f"joiner CPU per event: {_mean(minute):.0f} us over the last minute, "
+                   f"{_mean([us for _, us in per_event]):.0f} us since the start (CPU of agents/joiner-* / events it "
+                   "consumed)")
     out.append(f"RocksDB {last['rocksdb_bytes'] / MB:.1f} MB | dead letters {last['dead_letters']} | "
                f"training examples {last['training_examples']} | trained (last checkpoint) "
                f"{_n(last['trained_examples'])}")
@@ -392,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps({"config": {"minutes": args.minutes, "rate": rate, "bootstrap": broker.bootstrap,
                                                         "measured_pipeline_rate":
                                                         measured, "sample_s": args.sample_s, "users": USERS},
-                                             "samples": samples, "verdicts": results}, indent=2))
+                                             "samples": samples, "verdicts": results,
+                                             "joiner_cpu_us_per_event": cpu_per_event(samples)}, indent=2))
         return 0 if all(v["ok"] is not False for v in results) else 1
     except KeyboardInterrupt:
         print("interrupted: stopping everything", file=sys.stderr, flush=True)

@@ -90,3 +90,15 @@ def test_rss_growth_is_judged_per_process_from_minute_two():
                 "alive": {"agents": True, "trainer": True}} for t in range(0, 301, 10)]
     ok = {v["goal"].split(": ", 1)[1]: v["ok"] for v in soak.verdicts(samples, 300, 1000.0) if "RSS" in v["goal"]}
     assert ok == {"agents": True, "agents/joiner-1": True, "agents/sequences-0": False, "trainer": True}
+
+
+def test_joiner_cpu_per_event_is_its_workers_cpu_per_event_consumed():
+    """CPU per event: the joiner workers' CPU seconds between samples over the events they consumed (produced -
+    lag), not the supervisor's or another agent's CPU."""
+    soak = _soak()
+
+    def sample(t, events, lag, cpu):
+        return {"t_s": t, "events": events, "lag": {g: lag for g in soak.GROUPS},
+                "cpu_s": {"agents": 99.0 * t, "agents/joiner-1": cpu, "agents/sequences-0": 50.0 * t}}
+    samples = [sample(0, 1000, 1000, 1.0), sample(10, 21_000, 1000, 2.0), sample(20, 41_000, 11_000, 2.5)]
+    assert soak.cpu_per_event(samples) == [(10, 50.0), (20, 50.0)]  # 1 s / 20,000 events; 0.5 s / 10,000

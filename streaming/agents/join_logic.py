@@ -10,7 +10,10 @@ Every key the joiner stores is built and parsed by ``JoinKeys``; nothing else wr
 State is read from the store when a batch needs it (no partition is ever loaded whole into memory): pending
 impressions, emitted ids and early clicks are point reads; the windows to close, the ids to forget and the
 users to evict are found by streaming ordered index keys (deadline / expiry / activity time first), so
-``assign`` reads a handful of keys and every batch touches only what it changes.
+``assign`` reads a handful of keys and every batch touches only what it changes. Each index scan starts
+where the previous batch's deletions ended (``_Part.cursor``), so tombstones that RocksDB has not compacted
+yet are never stepped over again: per-event cost stays flat once windows close and retention and eviction
+run (``benchmarks/bench_join_mature.py`` measures it).
 
 Batch path (``process``, one call per partition and batch): impressions and behaviors are validated with
 their schema's own pydantic-core field validator into field dicts (no model objects; the codec says why
@@ -95,7 +98,9 @@ class JoinKeys:
     ``p<id>``                  pending impression: clicked flag (1 byte) + the impression's encoded bytes
     ``e<id>``                  emitted example id: label (1 byte) + window deadline (8)
     ``c<id>``                  click seen before its impression: click time (8) + the click's encoded bytes
-    ``o<id>``                  outbox: the encoded example of the last batch (re-sent by ``assign``)
+    ``o\0<n>``                 outbox: the last batch's examples, chunk n (4 bytes) of (key, encoded example)
+                               pairs, each as length (4) + bytes (re-sent by ``assign``); ``o<id>``: one
+                               example, the layout before chunks (still read)
     ``h<user>``                history: int64 rows (event time, event key, item, category), sorted
     ``f<user>``                the user's LUM feature versions (up to 4, by as_of; 0: unknown), each as
                                as_of (8), trained_until (8; 0: unknown), activity time (8), length (4), encoded
@@ -103,6 +108,9 @@ class JoinKeys:
     ``r<expiry><kind><id>``    index: emitted ids (kind e) and early clicks (kind c) to forget, by expiry
     ``x<bucket><user>``        index: users by last activity bucket, for eviction
     ``m<name>``                meta: watermark, reached time per stream, open windows
+
+    The indexes (``w``, ``r``, ``x``) are derived from the values they index, so the changelog leaves them
+    out (they were most of its records) and a rebuild derives them again (``JoinLogic._reindex``).
     """
 
     PENDING, EMITTED, EARLY, OUTBOX, HISTORY, FEATURES = b"p", b"e", b"c", b"o", b"h", b"f"
@@ -124,6 +132,12 @@ class JoinKeys:
     @staticmethod
     def outbox(eid: str) -> bytes:
         return b"o" + eid.encode()
+
+    @staticmethod
+    def outbox_chunk(n: int) -> bytes:
+        return b"o\0" + n.to_bytes(4, "big")
+
+    INDEXES = frozenset(b"wrx")  # first bytes of the derived keys (not in the changelog)
 
     @staticmethod
     def history(user: int) -> bytes:
@@ -229,6 +243,12 @@ class _Part:
         self.changes: dict[bytes, bytes | None] = {}  # this batch's writes (None: delete), in order: the changelog
         self.closing: list[tuple[int, bytes]] = []  # windows this batch opened: (deadline, closing-index key)
         self.forgets: list[bytes] = []  # forget-index keys this batch wrote, in order
+        # Where the next scan of each index starts (its first key that may still be due; None: the index's
+        # start). Everything before it was deleted by earlier batches: the scan seeks past their tombstones,
+        # which RocksDB would otherwise step over one by one on every batch until a compaction drops them.
+        self.cursor: dict[bytes, bytes | None] = {K.CLOSING: None, K.FORGET: None, K.ACTIVITY: None}
+        self.activity_low: bytes | None = None  # lowest activity-index key this batch wrote
+        self.positions: dict[str, int] = {}  # the store's committed positions at assign (the changelog's base)
 
     def put(self, key: bytes, value: bytes) -> None:
         self.changes[key] = value
@@ -265,6 +285,34 @@ class _Part:
         self.put(K.meta("open"), _u8(self.open))
         for stream, t in self.reached.items():
             self.put(K.meta("reached:" + stream), _u8(t))
+
+
+OUTBOX_CHUNK_BYTES = 256 << 10  # an outbox chunk (a changelog message) stays far below Kafka's 1 MB default
+
+
+def _pack_outbox(keys: list[bytes], values: list[bytes]) -> list[bytes]:
+    """(key, example) pairs as chunks of length-prefixed bytes, each under ``OUTBOX_CHUNK_BYTES``."""
+    chunks, cur, size = [], [], 0
+    for k, v in zip(keys, values):
+        if cur and size + len(k) + len(v) + 8 > OUTBOX_CHUNK_BYTES:
+            chunks.append(b"".join(cur))
+            cur, size = [], 0
+        cur += (len(k).to_bytes(4, "big"), k, len(v).to_bytes(4, "big"), v)
+        size += len(k) + len(v) + 8
+    if cur:
+        chunks.append(b"".join(cur))
+    return chunks
+
+
+def _unpack_outbox(chunk: bytes) -> Iterator[tuple[bytes, bytes]]:
+    i = 0
+    while i < len(chunk):
+        n = _n(chunk[i:i + 4])
+        k = chunk[i + 4:i + 4 + n]
+        i += 4 + n
+        n = _n(chunk[i:i + 4])
+        yield k, chunk[i + 4:i + 4 + n]
+        i += 4 + n
 
 
 class _Version(NamedTuple):
@@ -403,9 +451,16 @@ class JoinLogic:
             local = store.positions()
         st = _Part(store, partition)
         st.load_meta()
+        st.positions = dict(local)
+        resent = 0
         for key, value in store.scan(K.OUTBOX):  # examples of a batch whose delivery may not have completed
-            ex = TRAINING_EXAMPLES.decode(value)
-            emit.send(TRAINING_EXAMPLES, value, key=key_of(ex.user_id))
+            if key[1:2] == b"\0":
+                for k, v in _unpack_outbox(value):
+                    emit.send(TRAINING_EXAMPLES, v, key=k)
+                    resent += 1
+            else:  # one example (the layout before chunks)
+                emit.send(TRAINING_EXAMPLES, value, key=key_of(TRAINING_EXAMPLES.decode(value).user_id))
+                resent += 1
             st.outbox.append(key)
         self.parts[partition] = st
         starts = {t.name: local.get(t.name, committed.get(t.name) or 0) for t in self.inputs}
@@ -415,7 +470,7 @@ class JoinLogic:
                         "the state's positions", partition, still_behind)
         st.next_offset = dict(starts)
         log.info("joiner partition %d: watermark %d, %d open windows, resume at %s%s", partition, st.wm, st.open,
-                 starts, f", re-sent {len(st.outbox)} examples" if st.outbox else "")
+                 starts, f", re-sent {resent} examples" if resent else "")
         return starts
 
     def _restore(self, partition: int, store: Store, read: Reader, why: str) -> None:
@@ -441,9 +496,37 @@ class JoinLogic:
             n += 1
             if store.staged >= RESTORE_CHUNK:
                 store.commit({})  # bounded memory; positions come last, so a crash here restarts the rebuild
+        store.commit({})
+        self._reindex(store)
         store.commit(positions)
         self.counts["restored_keys_total"] += n
         log.info("joiner partition %d: rebuilt from %d changelog records, positions %s", partition, n, positions)
+
+    def _reindex(self, store: Store) -> None:
+        """Derive the indexes of a rebuilt store from the values they index (the changelog leaves them out):
+        windows to close from pending impressions, ids to forget from emitted ids and early clicks (by their
+        expiry), and each user's newest activity for eviction. Streamed, committed in chunks."""
+        retention, bucket = self.cfg.retention_ms, self._bucket_ms
+
+        def put(key: bytes) -> None:
+            store.put(key, b"")
+            if store.staged >= RESTORE_CHUNK:
+                store.commit({})
+
+        for key, value in store.scan(K.PENDING):
+            put(K.closing(_IMP_FIELDS(value[1:])["event_time_ms"] + self.cfg.window_ms, key[1:].decode()))
+        for key, value in store.scan(K.EMITTED):
+            put(K.forget(_n(value[1:9]) + retention, K.EMITTED, key[1:].decode()))
+        for key, value in store.scan(K.EARLY):
+            put(K.forget(_n(value[:8]) + retention, K.EARLY, key[1:].decode()))
+        for key, value in store.scan(K.HISTORY):
+            if value:
+                put(K.activity(_n(value[-32:-24]) // bucket, _n(key[1:9])))
+        for key, value in store.scan(K.FEATURES):
+            versions = _unpack_versions(value)
+            if versions:
+                put(K.activity(max(v.active for v in versions) // bucket, _n(key[1:9])))
+        store.commit({})
 
     def revoke(self, partition: int) -> None:
         self.parts.pop(partition, None)
@@ -457,14 +540,14 @@ class JoinLogic:
                     st.store.delete(key)
                 if self.cfg.changelog and self._last_emit is not None:
                     _send_many(self._last_emit, JOINER_CHANGELOG, [None] * len(st.outbox), st.outbox, st.partition)
-                st.store.commit({})
+                st.store.commit({}, sync=False)  # lost in an OS crash: the outbox is re-sent (at-least-once)
                 st.outbox = []
 
     # --- processing ---------------------------------------------------------------------------------------
     def process(self, partition: int, records: Sequence[Record], emit: Emit) -> None:
         st = self.parts[partition]
         self._last_emit = emit
-        st.changes, st.closing, st.forgets = {}, [], []
+        st.changes, st.closing, st.forgets, st.activity_low = {}, [], [], None
         for key in st.outbox:  # the previous batch was committed and delivered before this one was called
             st.delete(key)
         st.outbox = []
@@ -621,13 +704,17 @@ class JoinLogic:
         below = np.bincount(owner[rows[:, 0] < st.wm - self.cfg.window_ms], minlength=n)
         starts = ends - counts + np.maximum(np.maximum(below - self.cfg.history_len, counts - HISTORY_CAP), 0)
         data = rows.astype(">i8").tobytes()
-        ch, bucket = st.changes, self._bucket_ms
+        ch, bucket, low = st.changes, self._bucket_ms, st.activity_low
         for i, a, b, last in zip(changed.tolist(), starts[changed].tolist(), ends[changed].tolist(),
                                  rows[ends[changed] - 1, 0].tolist()):
             user = users[i]
             ch[b"h" + _u8(user)] = data[32 * a:32 * b]
             if b > a:
-                ch[K.activity(last // bucket, user)] = b""
+                key = K.activity(last // bucket, user)
+                ch[key] = b""
+                if low is None or key < low:
+                    low = key
+        st.activity_low = low
 
     def _features(self, st: _Part, f: LumFeatures, raw: bytes) -> None:
         """Keep ``f`` among the user's newest FEATURE_VERSIONS (a republish with the same as_of replaces)."""
@@ -640,7 +727,10 @@ class JoinLogic:
         self._touch(st, f.user_id, f.as_of_ms or f.computed_at_ms)
 
     def _touch(self, st: _Part, user: int, t: int) -> None:
-        st.put(K.activity(t // self._bucket_ms, user), b"")
+        key = K.activity(t // self._bucket_ms, user)
+        st.put(key, b"")
+        if st.activity_low is None or key < st.activity_low:
+            st.activity_low = key
 
     @property
     def _bucket_ms(self) -> int:
@@ -673,7 +763,9 @@ class JoinLogic:
         wm = st.wm
         # Closing-index keys due (their byte order is (deadline, example id) order): committed ones, by a
         # streamed scan, and the ones this batch wrote.
-        due = [k for k, _ in _until(st.store.scan(K.CLOSING), K.closing(wm + 1, ""))]
+        end = K.closing(wm + 1, "")
+        due = [k for k, _ in st.store.scan(K.CLOSING, st.cursor[K.CLOSING], end)]
+        st.cursor[K.CLOSING] = end  # every closing key before it is deleted by this batch
         due += [k for d, k in st.closing if d <= wm]
         if not due:
             return
@@ -690,7 +782,7 @@ class JoinLogic:
             ch[k] = None
         lum: dict[bytes, _Lum] = {}  # decoded feature versions of this batch
         values, keys = [], []
-        outbox, forgets = st.outbox.append, st.forgets.append
+        forgets = st.forgets.append
         hl, retention, items, counts = self.cfg.history_len, self.cfg.retention_ms, self.items, self.counts
         positives = too_new = other_version = 0
         for (k, pending), imp in zip(emitting, imps):
@@ -723,14 +815,16 @@ class JoinLogic:
                  "lum_conditions": conds}, n_hist, history, user_dims, item_dim, vectors)
             values.append(value)
             keys.append(user_keys[user])
-            ch[b"o" + e] = value
-            outbox(b"o" + e)
             ch[b"p" + e] = None
             ch[b"e" + e] = (b"\x01" if clicked else b"\x00") + deadline
             key = b"r" + (_n(deadline) + retention).to_bytes(8, "big") + b"e" + e
             ch[key] = b""
             forgets(key)
             positives += clicked
+        for i, chunk in enumerate(_pack_outbox(keys, values)):
+            key = K.outbox_chunk(i)
+            ch[key] = chunk
+            st.outbox.append(key)
         st.open -= len(emitting)
         counts["examples_total"] += len(emitting)
         counts["positives_total"] += positives
@@ -741,7 +835,9 @@ class JoinLogic:
     def _forget(self, st: _Part) -> None:
         """Emitted ids and early clicks past their retention (event time) are forgotten."""
         wm = st.wm
-        due = [k for k, _ in _until(st.store.scan(K.FORGET), K.forget(wm + 1, b"", ""))]
+        end = K.forget(wm + 1, b"", "")
+        due = [k for k, _ in st.store.scan(K.FORGET, st.cursor[K.FORGET], end)]
+        st.cursor[K.FORGET] = end  # every forget key before it is deleted by this batch
         due += [k for k in st.forgets if _n(k[1:9]) <= wm]
         if not due:
             return
@@ -760,11 +856,19 @@ class JoinLogic:
 
     def _evict(self, st: _Part) -> None:
         """Users idle for longer than the state horizon (event time) lose their history and features."""
+        cursor, low = st.cursor[K.ACTIVITY], st.activity_low
+        if cursor is not None and low is not None and low < cursor:
+            st.cursor[K.ACTIVITY] = cursor = low  # an activity older than the cursor (a late event): seen next
         cutoff = st.wm - self.cfg.state_horizon_ms
         if cutoff <= 0:
             return
         last_bucket = cutoff // self._bucket_ms  # buckets before this one are entirely older than cutoff
-        entries = list(islice(_until(st.store.scan(K.ACTIVITY), K.activity(last_bucket, 0)), EVICT_PER_BATCH))
+        end = K.activity(last_bucket, 0)
+        entries = list(islice(st.store.scan(K.ACTIVITY, cursor, end), EVICT_PER_BATCH))
+        # Every entry before the new cursor is deleted now (the batch's own writes are scanned next batch).
+        st.cursor[K.ACTIVITY] = entries[-1][0] + b"\0" if len(entries) == EVICT_PER_BATCH else end
+        if low is not None and low < st.cursor[K.ACTIVITY]:
+            st.cursor[K.ACTIVITY] = low
         if not entries:
             return
         users = list(dict.fromkeys(K.parse_activity(key)[1] for key, _ in entries))
@@ -785,11 +889,15 @@ class JoinLogic:
     def _changelog(self, st: _Part, emit: Emit) -> None:
         """This batch's writes to the changelog, outbox first and the positions last: a partition of the
         changelog is written in order, so a restored position implies everything before it arrived."""
-        changes = st.changes
+        # The closed windows' pending-impression deletions right after the outbox: a rebuild from a changelog
+        # cut inside this batch then either re-sends an example (outbox) or re-closes its window, rarely both.
+        changes, indexes, head = st.changes, K.INDEXES, (K.OUTBOX, K.PENDING)
         keys = [k for k in changes if k[:1] == K.OUTBOX]
-        keys += [k for k in changes if k[:1] != K.OUTBOX]
+        keys += [k for k in changes if k[:1] == K.PENDING and changes[k] is None]
+        keys += [k for k in changes if k[0] not in indexes and (k[:1] not in head or k[:1] == K.PENDING
+                                                                and changes[k] is not None)]
         _send_many(emit, JOINER_CHANGELOG, [changes[k] for k in keys], keys, st.partition)
-        positions = st.store.positions() | st.next_offset
+        positions = st.positions | st.next_offset
         emit.send(JOINER_CHANGELOG, json.dumps(positions, sort_keys=True).encode(), key=K.POSITIONS,
                   partition=st.partition)
 

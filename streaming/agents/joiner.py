@@ -42,7 +42,9 @@ outbox on restart, so an example can be delivered twice only there (consumers ke
 
 Relocation: a changelog topic, not rewinding. Each batch's state changes (and the positions they reach)
 are also written to the compacted ``joiner-changelog`` topic, partition p, as part of the batch's outputs,
-so they are delivered before the offsets are committed. A worker that gets partition p without the data
+so they are delivered before the offsets are committed: values only (the indexes of windows to close, ids
+to forget and users to evict are derived again by a rebuild) and the batch's examples as one outbox record
+(chunked under 256 KB). A worker that gets partition p without the data
 (another host, a lost disk, state of another cluster) rebuilds the store from it, streaming, and resumes
 where the state ends; if the changelog ends before the group's offsets, it re-reads the inputs from there.
 Rewinding the inputs instead would need them kept for the retention plus the longest history a user

@@ -122,8 +122,10 @@ class Store:
             values = [staged[k] if k in staged else v for k, v in zip(keys, values)]
         return values
 
-    def scan(self, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
-        """Committed (key, value) pairs whose key starts with ``prefix``, in key order, streamed."""
+    def scan(self, prefix: bytes = b"", start: bytes | None = None,
+             end: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        """Committed (key, value) pairs whose key starts with ``prefix``, in key order, streamed; with ``start``
+        only keys >= it, with ``end`` only keys < it (a seek and a bound: deleted keys outside are never read)."""
         raise NotImplementedError
 
     def positions(self) -> dict[str, int]:
@@ -145,9 +147,13 @@ class Store:
     def staged(self) -> int:
         return len(self._staged)
 
-    def commit(self, positions: Mapping[str, int]) -> None:
-        """Apply the staged writes and set ``positions`` (others kept) in one atomic, durable write."""
-        self._write(self._staged, positions)
+    def commit(self, positions: Mapping[str, int], sync: bool = True) -> None:
+        """Apply the staged writes and set ``positions`` (others kept) in one atomic, durable write
+        (``sync=False``: atomic but not synced, for writes whose loss an OS crash may cost, e.g. a clean-up)."""
+        if sync:
+            self._write(self._staged, positions)
+        else:
+            self._write(self._staged, positions, sync=False)
         self._staged = {}
 
     def discard(self) -> None:
@@ -166,7 +172,7 @@ class Store:
     def _read_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         raise NotImplementedError
 
-    def _write(self, writes: Mapping[bytes, bytes | None], positions: Mapping[str, int]) -> None:
+    def _write(self, writes: Mapping[bytes, bytes | None], positions: Mapping[str, int], sync: bool = True) -> None:
         raise NotImplementedError
 
     def _clear(self) -> None:
@@ -185,15 +191,17 @@ class MemoryStore(Store):
     def _read_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         return [self.data.get(k) for k in keys]
 
-    def scan(self, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
-        for k in sorted(k for k in self.data if k.startswith(prefix)):
+    def scan(self, prefix: bytes = b"", start: bytes | None = None,
+             end: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        lo, hi = max(prefix, start or b""), end
+        for k in sorted(k for k in self.data if k.startswith(prefix) and k >= lo and (hi is None or k < hi)):
             if k in self.data:
                 yield k, self.data[k]
 
     def positions(self) -> dict[str, int]:
         return dict(self._positions)
 
-    def _write(self, writes: Mapping[bytes, bytes | None], positions: Mapping[str, int]) -> None:
+    def _write(self, writes: Mapping[bytes, bytes | None], positions: Mapping[str, int], sync: bool = True) -> None:
         for k, v in writes.items():
             if v is None:
                 self.data.pop(k, None)
@@ -289,6 +297,7 @@ class RocksStore(Store):
         self.identity = json.dumps(dict(identity or {}), sort_keys=True, default=str).encode()
         self._wo = WriteOptions()
         self._wo.sync = sync
+        self._wo_nosync = WriteOptions()
         self.db = self._open()
         found = self.db.get(_IDENTITY)
         self.discarded_on_open = False  # True when state of another identity was found and deleted
@@ -314,10 +323,16 @@ class RocksStore(Store):
     def _read_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
         return self.db.get([_DATA + k for k in keys])
 
-    def scan(self, prefix: bytes = b"") -> Iterator[tuple[bytes, bytes]]:
-        start = _DATA + prefix
-        for k, v in self.db.items(from_key=start):
-            if not k.startswith(start):
+    def scan(self, prefix: bytes = b"", start: bytes | None = None,
+             end: bytes | None = None) -> Iterator[tuple[bytes, bytes]]:
+        from rocksdict import ReadOptions
+
+        first = _DATA + prefix
+        ro = ReadOptions()  # bounds are raw bytes in a raw-mode database
+        if end is not None:  # the iterator stops there: it never reads on into (deleted) keys past the range
+            ro.set_iterate_upper_bound(_DATA + end)
+        for k, v in self.db.items(from_key=max(first, _DATA + start) if start else first, read_opt=ro):
+            if not k.startswith(first):
                 return
             yield k[1:], v
 
@@ -329,7 +344,7 @@ class RocksStore(Store):
             out[k[1:].decode()] = int.from_bytes(v, "big")
         return out
 
-    def _write(self, writes: Mapping[bytes, bytes | None], positions: Mapping[str, int]) -> None:
+    def _write(self, writes: Mapping[bytes, bytes | None], positions: Mapping[str, int], sync: bool = True) -> None:
         from rocksdict import WriteBatch
 
         wb = WriteBatch(raw_mode=True)
@@ -340,7 +355,7 @@ class RocksStore(Store):
                 wb.put(_DATA + k, v)
         for topic, off in positions.items():
             wb.put(_POS + topic.encode(), int(off).to_bytes(8, "big"))
-        self.db.write(wb, write_opt=self._wo)
+        self.db.write(wb, write_opt=self._wo if sync else self._wo_nosync)
 
     def _clear(self) -> None:
         self.db.close()

@@ -124,7 +124,10 @@ class Worker:
         self.root = Path(cfg.data_dir) / agent_name / self.group
         self.consumer = group_consumer(kafka, self.group, **{
             "partition.assignment.strategy": "range",  # co-partitioned inputs: partition p of each topic together
-            "fetch.wait.max.ms": 50})
+            "fetch.wait.max.ms": 50,
+            # Prefetch bound: a worker behind its input would otherwise buffer up to librdkafka's default
+            # 64 MB of fetched messages on top of its state (batches need well under 1 MB).
+            "queued.max.messages.kbytes": 16384})
         self.logical = {kafka.topic(t): t.name for t in logic.inputs}  # physical name -> registry name
         self.topic_names = list(self.logical)
         self.stores: dict[int, Store] = {}
