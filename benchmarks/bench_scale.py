@@ -257,9 +257,12 @@ def child_joiner(bootstrap: str, prefix: str, data_dir: str, users: int, hist: i
     from schemas.settings import KafkaSettings
     from schemas.topics import (ALL_TOPICS, BEHAVIORS, DEAD_LETTERS, IMPRESSIONS, LATE_CLICKS, TRAINING_EXAMPLES,
                                 key_of)
-    from streaming.agents.joiner import open_db
+    from schemas.topics import LUM_FEATURES
+    from streaming.agents.join_logic import JoinKeys
     from streaming.agents.settings import AgentSettings
-    from streaming.kafka import Output, create_topics
+    from streaming.agents.store import RocksStore
+    from streaming.agents.worker import state_identity
+    from streaming.kafka import Output, create_topics, reader
 
     kafka = KafkaSettings(bootstrap=bootstrap, topic_prefix=prefix)
     create_topics(kafka, ALL_TOPICS)
@@ -271,24 +274,27 @@ def child_joiner(bootstrap: str, prefix: str, data_dir: str, users: int, hist: i
     touched = np.unique(uid)
     keep = min(hist, cfg.history_len)  # the joiner prunes a user's history to history_len before open windows
 
+    # Seed: each touched user's history, in the store the worker will open (same identity, the worker's inputs).
     t0 = time.perf_counter()
+    inputs = (IMPRESSIONS, BEHAVIORS, LUM_FEATURES)
+    c = reader(kafka)
+    identity = state_identity(kafka, c, [kafka.topic(t) for t in inputs])
+    c.close()
     root = Path(data_dir) / "joiner" / (prefix + cfg.joiner_group)
     logical = 0
     for p in range(PARTS):
-        db = open_db(root / f"p{p}")
+        store = RocksStore(root / f"p{p}", identity | {"partition": p})
         mine = touched[touched % PARTS == p]
         for i in range(0, len(mine), 2000):
             chunk = mine[i:i + 2000]
             rows = history_rows(rng, len(chunk), keep, 8)[:, :, [0, 1, 6, 7]]  # (time, key, item, category)
-            from rocksdict import WriteBatch
-
-            wb = WriteBatch(raw_mode=True)
             for u, r in zip(chunk.tolist(), rows):
                 value = r.astype(">i8").tobytes()
-                wb.put(b"h" + u.to_bytes(8, "big"), value)
+                store.put(JoinKeys.history(u), value)
                 logical += len(value) + 9
-            db.write(wb)
-        db.close()
+            store.commit({})
+        store.commit({t.name: 0 for t in inputs})  # local state that covers the (empty) group offsets
+        store.close()
     seed_s = time.perf_counter() - t0
     disk = dir_bytes(root)
     print(f"    seeded {len(touched):,} users x {keep} history pairs in {seed_s:.0f}s", flush=True)
