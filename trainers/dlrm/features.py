@@ -17,6 +17,8 @@ of the wrong size is treated as absent. Every such case is counted in ``lum_stat
 vector (interest matching, paper 4.3) is the example's ``target_category`` vector (a per-candidate group
 query, ``trainers.lum.refresh.category_conditions``), else its condition naming the target's category
 (configured or not, e.g. ``behavior=buy,category=17`` from ``LUM_REFRESH_CONDITIONS``), else absent.
+Besides each condition's cosine with the item, the DLRM gets each condition's *contrast* (``contrast``): how the
+item lines up with the direction in which that condition moves the user's answer, at unit scale.
 """
 
 from __future__ import annotations
