@@ -10,8 +10,9 @@ user_id, item_id, category_id, scenario, position, history_items, history_catego
 Dense features (``dense_feature_names``): a few baseline scalars; with ``features="lum"`` also the LUM
 user vector of every configured condition (direct features), the target item's LUM embedding, the cosine
 similarity of each condition vector with the item vector, of the example's own scenario condition and of the
-target's own category condition (interest matching, ``TARGET_CATEGORY``), and explicit presence flags: an
-absent LUM input is zeros *and* a 0 flag. (A dot product would be cos/sqrt(D): LUM vectors are unit vectors.)
+target's own category condition (interest matching, ``TARGET_CATEGORY``), the contrast of each condition
+answer with the others (``features.contrast``), and explicit presence flags: an absent LUM input is zeros *and*
+a 0 flag. (A dot product would be cos/sqrt(D): LUM vectors are unit vectors.)
 The layout is versioned (``FEATURE_LAYOUT``, stored in the config): a checkpoint of another layout is refused.
 The output bias starts at the logit of ``prior_ctr`` (the first batch's positive share if unset).
 Ids -> rows: salted hashing (``ids="hash"``, rows shared by distinct ids) or TorchRec's managed collisions
@@ -44,8 +45,9 @@ BASELINE_DENSE: tuple[str, ...] = ("log1p_position", "log1p_history_len", "has_q
                                    "target_category_share")
 # Version of the dense layout. 1: + dot[c] per condition (= cos/sqrt(D): both vectors are unit, redundant) and
 # the own-scenario match; 2: + target-in-history inputs; no dot; own-scenario and own-category matches;
-# 3: direct vectors scaled to unit norm / sqrt(D) (``features.direct_block``).
-FEATURE_LAYOUT = 3
+# 3: direct vectors scaled to unit norm / sqrt(D) (``features.direct_block``); 4: + contrast[c] per condition and
+# contrast[category] (``features.contrast``).
+FEATURE_LAYOUT = 4
 # The LUM condition slot holding the target's own-category vector (paper 4.3, interest matching): filled from
 # an example's ``target_category`` vector (a per-candidate group query) or, failing that, from its condition
 # that names the target's category (e.g. ``behavior=buy,category=17`` published by ``lum refresh``).
@@ -141,6 +143,8 @@ def dense_feature_names(cfg: DLRMConfig) -> list[str]:
         names += ["cos[scenario]", "scenario_condition_present"]  # the example's own scenario condition
         names += [f"lum_user[category][{j}]" for j in range(d)]  # the target's own category condition
         names += ["cos[category]", "category_condition_present"]
+        # what each condition (and the own category) adds: sqrt(D) cos(u_c - mean of the conditions, item)
+        names += [f"contrast[{c}]" for c in conds] + ["contrast[category]"]
     return names
 
 

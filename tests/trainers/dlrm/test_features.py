@@ -211,3 +211,37 @@ def test_each_direct_lum_vector_weighs_like_one_dense_feature_whatever_its_size(
             assert ((0.5 < l1) & (l1 <= 1.0)).all(), (dim, name, l1)
             assert np.allclose(np.linalg.norm(block, axis=1), 1 / np.sqrt(dim), rtol=1e-4)
         assert np.allclose(d[:, col["cos[any]"]], 1.0, atol=1e-5)  # similarities unchanged
+
+
+def test_contrast_columns_give_each_condition_what_it_adds_at_unit_scale():
+    """contrast[c] = sqrt(D) cos(u_c - mean of the present condition vectors, item), any condition names: the
+    liked/disliked difference reaches the DLRM at unit scale even when the answers differ by ~1e-3."""
+    conds = ["any", "behavior=liked", "behavior=disliked"]
+    fz = Featurizer(DLRMConfig.preset("debug", features="lum", lum_dim=4, lum_conditions=conds))
+    col = {n: i for i, n in enumerate(dense_feature_names(fz.cfg))}
+    assert [n for n in col if n.startswith("contrast[")] == [f"contrast[{c}]" for c in conds] + ["contrast[category]"]
+    near = np.array([1.0, 1e-3, 0, 0]) / np.linalg.norm([1.0, 1e-3, 0, 0])  # "liked" barely moves the answer
+    exs = [
+        _ex(lum_conditions=[*conds, "target_category"],  # vectors at any norm: only directions count
+            lum_user=[[5, 0, 0, 0], [0.6, 0.8, 0, 0], [3, -4, 0, 0], [0, 1, 1, 0]], lum_item=[0, 2, 0, 0],
+            lum_model_version="v"),
+        _ex(lum_conditions=["any", "behavior=liked"], lum_user=[[1, 0, 0, 0], list(near)],
+            lum_item=[0, 1, 0, 0], lum_model_version="v"),
+        _ex(lum_conditions=["behavior=liked"], lum_user=[[0, 1, 0, 0]], lum_item=[0, 1, 0, 0],
+            lum_model_version="v"),  # one condition: nothing to contrast with
+        _ex(lum_conditions=conds, lum_user=[[1, 0, 0, 0]] * 3, lum_item=[0, 1, 0, 0],
+            lum_model_version="v"),  # identical answers: no direction, not noise
+    ]
+    d = fz(exs).dense.numpy()
+    con = d[:, [col[f"contrast[{c}]"] for c in conds]]
+    mean = np.array([1 + 0.6 + 0.6, 0, 0, 0]) / 3
+    diff = np.array([[1, 0, 0, 0], [0.6, 0.8, 0, 0], [0.6, -0.8, 0, 0]]) - mean
+    want = 2 * diff[:, 1] / np.linalg.norm(diff, axis=1)  # sqrt(D) cos(diff, e2)
+    assert np.allclose(con[0], want, atol=1e-5) and con[0, 1] > 1.9 and con[0, 0] == 0
+    cat_diff = np.array([0, 1, 1, 0]) / np.sqrt(2) - mean
+    assert np.isclose(d[0, col["contrast[category]"]], 2 * cat_diff[1] / np.linalg.norm(cat_diff), atol=1e-5)
+    # raw cosines 1e-3 apart, contrasts +-2 (sqrt(D)): the difference is visible to an MLP
+    assert abs(d[1, col["cos[behavior=liked]"]] - d[1, col["cos[any]"]]) < 2e-3
+    assert np.allclose(con[1], [-2, 2, 0], atol=1e-3)
+    assert (con[2] == 0).all() and d[2, col["contrast[category]"]] == 0
+    assert (con[3] == 0).all()
