@@ -112,6 +112,14 @@ def condition_category(name: str) -> int | None:
     return None
 
 
+def _empty_lum(B: int, K: int, D: int) -> tuple[np.ndarray, ...]:
+    """Zeroed LUM arrays of a batch: user vectors (B, K, D) and flags (B, K), item (B, D) and flag (B,),
+    own-category vector (B, D) and flag (B,); rows without a value stay absent."""
+    f = np.float32
+    return (np.zeros((B, K, D), f), np.zeros((B, K), f), np.zeros((B, D), f), np.zeros(B, f),
+            np.zeros((B, D), f), np.zeros(B, f))
+
+
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine over the last axis (0 where a side is all zeros)."""
     return np.einsum("...d,...d->...", a, b) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-8)
@@ -294,12 +302,7 @@ class Featurizer:
         fast = same & c.has_item & (n_vec == K + 1) & (np.diff(c.vec_off) == full)
         if fast.any():  # every vector of size D (the total alone could hide 31 + 33)
             fast &= np.bincount(np.repeat(np.arange(B), n_vec), c.dims != D, minlength=B) == 0
-        U = np.zeros((B, K, D), dtype=np.float32)
-        u_ok = np.zeros((B, K), dtype=np.float32)
-        item = np.zeros((B, D), dtype=np.float32)
-        i_ok = np.zeros(B, dtype=np.float32)
-        cat = np.zeros((B, D), dtype=np.float32)
-        cat_ok = np.zeros(B, dtype=np.float32)
+        U, u_ok, item, i_ok, cat, cat_ok = _empty_lum(B, K, D)
         rows = np.flatnonzero(fast)
         if len(rows) == B and len(c.vectors) == B * full:  # the usual batch: one reshape, no gather
             flat = c.vectors.reshape(B, full)
@@ -359,12 +362,7 @@ class Featurizer:
         with every vector of size D, are stacked with one ``np.frombuffer`` over their float64 bytes.
         """
         K, D, B = len(self.cfg.lum_conditions), self.cfg.lum_dim, len(examples)
-        U = np.zeros((B, K, D), dtype=np.float32)
-        u_ok = np.zeros((B, K), dtype=np.float32)
-        item = np.zeros((B, D), dtype=np.float32)
-        i_ok = np.zeros(B, dtype=np.float32)
-        cat = np.zeros((B, D), dtype=np.float32)
-        cat_ok = np.zeros(B, dtype=np.float32)
+        U, u_ok, item, i_ok, cat, cat_ok = _empty_lum(B, K, D)
         own = np.fromiter((self.cond_index.get(f"scenario={ex.scenario}", -1) for ex in examples),
                           dtype=np.int64, count=B)  # the example's own scenario condition, -1 if not configured
         conds, full = self.cfg.lum_conditions, K * D + D
