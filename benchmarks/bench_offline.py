@@ -85,6 +85,7 @@ class Settings:
     # "match" by default: 3 seeds, 250 steps, pretrain-once, +LUM test AUC ML-100K 0.7654 ± 0.0015 match vs
     # 0.7628 ± 0.0029 full; Taobao sample 0.7172 ± 0.0030 vs 0.6532 ± 0.0485 (the K+2 vectors make it unstable).
     lum_inputs: str = "match"
+    lum_contrast: bool = True  # DLRMConfig.lum_contrast (the figures in benchmarks/results were measured with it)
     ablate_inputs: bool = False  # also score both LUM arms with the other ``lum_inputs`` mode
     refresh_every: int = 10  # user vectors are re-queried every N events of the user (1: before every example)
     table_rows: dict | None = None  # per data set: DLRM hash rows >= 2x its distinct ids (``table_rows_for``)
@@ -345,7 +346,8 @@ def dlrm_run(features: str, train: list[TrainingExample], evals: dict[str, list[
     on them. Returns {eval name: [metrics per scored pass]}, train_s, progressive_auc, lum_inputs."""
     # The output bias starts at the training share of positives (the trainer would take the first batch's).
     prior = min(max(float(np.mean([x.label for x in train])), 1e-4), 1 - 1e-4) if train else None
-    cfg = DLRMConfig.preset(s.dlrm_preset, features=features, seed=seed, prior_ctr=prior, lum_inputs=s.lum_inputs)
+    cfg = DLRMConfig.preset(s.dlrm_preset, features=features, seed=seed, prior_ctr=prior, lum_inputs=s.lum_inputs,
+                             lum_contrast=s.lum_contrast)
     if s.table_rows:  # hash tables sized to the data: a test item sharing a trained item's row reads its noise
         cfg = cfg.model_copy(update={"table_rows": cfg.table_rows | {
             t: max(n, cfg.table_rows[t]) for t, n in s.table_rows.items()}})
@@ -573,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="train the transformers once (first seed) and vary only the DLRM seed (faster, weaker)")
     ap.add_argument("--lum-inputs", choices=("full", "match"), default=Settings.lum_inputs,
                     help="DLRM inputs from a pre-trained model: vectors + similarities, or similarities only")
+    ap.add_argument("--lum-contrast", action=argparse.BooleanOptionalAction, default=Settings.lum_contrast,
+                    help="also give the DLRM each condition's contrast with the others (DLRMConfig.lum_contrast)")
     ap.add_argument("--ablate-inputs", action="store_true",
                     help="also score the SASRec and LUM arms with the other --lum-inputs mode (same vectors)")
     ap.add_argument("--refresh-every", type=int, default=None,
@@ -594,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                 eval_every=args.eval_every or s.eval_every, patience=args.patience or s.patience,
                 retrieval=not args.no_retrieval, max_epochs=args.max_epochs or s.max_epochs,
                 max_users=args.max_users, pretrain_once=args.pretrain_once, lum_inputs=args.lum_inputs,
+                lum_contrast=args.lum_contrast,
                 ablate_inputs=args.ablate_inputs, refresh_every=args.refresh_every or s.refresh_every,
                 seeds=tuple(int(x) for x in args.seeds.split(",")) if args.seeds else s.seeds)
     if s.lum_preset not in PRESETS:

@@ -39,6 +39,8 @@ class DLRMSettings(BaseSettings):
     lum_dim: int | None = Field(None, ge=1, description="LUM vector size; default: first example's")
     lum_inputs: Literal["full", "match"] = Field("full", description="--features lum: 'full' (vectors, similarities, "
                                                  "flags) or 'match' (similarities and flags only: few dense inputs)")
+    lum_contrast: bool = Field(False, description="--features lum: also each condition's contrast with the others "
+                               "(sqrt(D) cos(u_c - mean, item)); helped ML-100K's 'match' inputs, cost the synthetic demo")
     sharding: Literal["table_wise", "column_wise"] = Field("table_wise", description="embedding table sharding")
     record_example_ids: bool = Field(False, description="log trained example ids per checkpoint (audits, tests)")
     dedup_horizon: int = Field(1_000_000, ge=1, description="re-delivered examples are dropped if their first "
@@ -104,7 +106,7 @@ def _train(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     cfg = DLRMConfig.preset(s.preset, features=args.features, lum_conditions=s.lum_conditions, lum_dim=s.lum_dim,
-                            lum_inputs=s.lum_inputs, sharding=s.sharding, ids=s.ids, mch_eviction=s.mch_eviction,
+                            lum_inputs=s.lum_inputs, lum_contrast=s.lum_contrast, sharding=s.sharding, ids=s.ids, mch_eviction=s.mch_eviction,
                             mch_eviction_interval=s.mch_eviction_interval)
     trainer = Trainer(cfg, args.checkpoint_dir, window_ms=s.window_minutes * 60_000,
                       every_batches=s.checkpoint_every_batches, every_s=s.checkpoint_every_s,

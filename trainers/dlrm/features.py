@@ -17,8 +17,9 @@ of the wrong size is treated as absent. Every such case is counted in ``lum_stat
 vector (interest matching, paper 4.3) is the example's ``target_category`` vector (a per-candidate group
 query, ``trainers.lum.refresh.category_conditions``), else its condition naming the target's category
 (configured or not, e.g. ``behavior=buy,category=17`` from ``LUM_REFRESH_CONDITIONS``), else absent.
-Besides each condition's cosine with the item, the DLRM gets each condition's *contrast* (``contrast``): how the
-item lines up with the direction in which that condition moves the user's answer, at unit scale.
+Besides each condition's cosine with the item, the DLRM can get each condition's *contrast* (``contrast``,
+``DLRMConfig.lum_contrast``): how the item lines up with the direction in which that condition moves the
+user's answer, at unit scale.
 """
 
 from __future__ import annotations
@@ -138,9 +139,9 @@ def direct_block(v: np.ndarray) -> np.ndarray:
 
 
 def lum_dense(U: np.ndarray, u_ok: np.ndarray, item: np.ndarray, i_ok: np.ndarray, own: np.ndarray,
-              cat: np.ndarray, cat_ok: np.ndarray, direct: bool = True) -> np.ndarray:
-    """(B, K*D + K + D + 1 + K + 2 + D + 2 + K + 1): direct features, flags, interest-matching similarities
-    (paper 4.3), the contrasts between condition answers (``contrast``), in the order of ``dense_feature_names``. Only cosines: a dot of unit vectors would repeat them (/sqrt(D))."""
+              cat: np.ndarray, cat_ok: np.ndarray, direct: bool = True, contrasts: bool = False) -> np.ndarray:
+    """(B, K*D + K + D + 1 + K + 2 + D + 2 [+ K + 1]): direct features, flags, interest-matching similarities
+    (paper 4.3), with ``contrasts`` the contrasts between condition answers (``contrast``), in the order of ``dense_feature_names``. Only cosines: a dot of unit vectors would repeat them (/sqrt(D))."""
     B, K, D = U.shape
     both = u_ok * i_ok[:, None]  # (B, K): a similarity exists only where both sides do
     cos = _cos(U, item[:, None, :]) * both
@@ -148,13 +149,13 @@ def lum_dense(U: np.ndarray, u_ok: np.ndarray, item: np.ndarray, i_ok: np.ndarra
     has_own = (own >= 0).astype(np.float32) * np.take_along_axis(both, at, 1)[:, 0]
     own_cos = np.take_along_axis(cos, at, 1)[:, 0] * has_own
     cat_cos = _cos(cat, item) * cat_ok * i_ok
-    con, con_cat = contrast(U, u_ok, item, i_ok, cat, cat_ok)
+    con, con_cat = contrast(U, u_ok, item, i_ok, cat, cat_ok) if contrasts else (cos[:, :0], cat_cos[:, None][:, :0])
     if not direct:  # lum_inputs="match": similarities and flags only
         U, item, cat = U[:, :, :0], item[:, :0], cat[:, :0]
     else:
         U, item, cat = direct_block(U), direct_block(item), direct_block(cat)
     return np.concatenate([U.reshape(B, -1), u_ok, item, i_ok[:, None], cos, own_cos[:, None],
-                           has_own[:, None], cat, cat_cos[:, None], cat_ok[:, None], con, con_cat[:, None]],
+                           has_own[:, None], cat, cat_cos[:, None], cat_ok[:, None], con, con_cat.reshape(B, -1)],
                           axis=1).astype(np.float32)
 
 
@@ -352,7 +353,7 @@ class Featurizer:
         same_cat = np.bincount(row, raw["history_categories"] == raw["category_id"][row], minlength=B)
         dense[:, 4] = same_cat / np.maximum(hist_len, 1)
         if cfg.features == "lum":
-            dense[:, len(BASELINE_DENSE):] = lum_dense(*lum, direct=cfg.lum_inputs == "full")
+            dense[:, len(BASELINE_DENSE):] = lum_dense(*lum, direct=cfg.lum_inputs == "full", contrasts=cfg.lum_contrast)
         return torch.from_numpy(dense), sparse
 
     def lum_arrays(self, examples: list[TrainingExample]) -> LumArrays:

@@ -10,9 +10,9 @@ user_id, item_id, category_id, scenario, position, history_items, history_catego
 Dense features (``dense_feature_names``): a few baseline scalars; with ``features="lum"`` also the LUM
 user vector of every configured condition (direct features), the target item's LUM embedding, the cosine
 similarity of each condition vector with the item vector, of the example's own scenario condition and of the
-target's own category condition (interest matching, ``TARGET_CATEGORY``), the contrast of each condition
-answer with the others (``features.contrast``), and explicit presence flags: an absent LUM input is zeros *and*
-a 0 flag. (A dot product would be cos/sqrt(D): LUM vectors are unit vectors.)
+target's own category condition (interest matching, ``TARGET_CATEGORY``), with ``lum_contrast`` the contrast
+of each condition answer with the others (``features.contrast``), and explicit presence flags: an absent LUM
+input is zeros *and* a 0 flag. (A dot product would be cos/sqrt(D): LUM vectors are unit vectors.)
 The layout is versioned (``FEATURE_LAYOUT``, stored in the config): a checkpoint of another layout is refused.
 The output bias starts at the logit of ``prior_ctr`` (the first batch's positive share if unset).
 Ids -> rows: salted hashing (``ids="hash"``, rows shared by distinct ids) or TorchRec's managed collisions
@@ -73,6 +73,9 @@ class DLRMConfig(BaseModel):
     # and their similarities; "match": only the similarities and presence flags (interest matching, ~K+6 inputs
     # instead of ~(K+2)*D). Unscaled raw vectors cost the Taobao sample 0.08 AUC (0.725 -> 0.645).
     lum_inputs: Literal["full", "match"] = "full"
+    # + contrast[c] per condition and contrast[category] (``features.contrast``): ML-100K `match` 0.7515 -> 0.7654
+    # AUC (3 seeds), but on the synthetic demo stream the LUM arm lost 0.01 AUC with them: off unless asked for.
+    lum_contrast: bool = False
     embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"  # fused (CPU: no Adam)
     # Embedding learning rate (fused, applied during backward). 0.05 memorized ids within one pass on real logs
     # (Taobao sample: test log loss above a constant predictor, AUC 0.53-0.59 over seeds); 0.01 keeps a pass
@@ -143,8 +146,8 @@ def dense_feature_names(cfg: DLRMConfig) -> list[str]:
         names += ["cos[scenario]", "scenario_condition_present"]  # the example's own scenario condition
         names += [f"lum_user[category][{j}]" for j in range(d)]  # the target's own category condition
         names += ["cos[category]", "category_condition_present"]
-        # what each condition (and the own category) adds: sqrt(D) cos(u_c - mean of the conditions, item)
-        names += [f"contrast[{c}]" for c in conds] + ["contrast[category]"]
+        if cfg.lum_contrast:  # what each condition (and the own category) adds: sqrt(D) cos(u_c - mean, item)
+            names += [f"contrast[{c}]" for c in conds] + ["contrast[category]"]
     return names
 
 

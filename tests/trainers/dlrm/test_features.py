@@ -217,7 +217,9 @@ def test_contrast_columns_give_each_condition_what_it_adds_at_unit_scale():
     """contrast[c] = sqrt(D) cos(u_c - mean of the present condition vectors, item), any condition names: the
     liked/disliked difference reaches the DLRM at unit scale even when the answers differ by ~1e-3."""
     conds = ["any", "behavior=liked", "behavior=disliked"]
-    fz = Featurizer(DLRMConfig.preset("debug", features="lum", lum_dim=4, lum_conditions=conds))
+    assert not [n for n in dense_feature_names(DLRMConfig.preset("debug", features="lum", lum_dim=4,
+                                                                 lum_conditions=conds)) if "contrast" in n]
+    fz = Featurizer(DLRMConfig.preset("debug", features="lum", lum_dim=4, lum_conditions=conds, lum_contrast=True))
     col = {n: i for i, n in enumerate(dense_feature_names(fz.cfg))}
     assert [n for n in col if n.startswith("contrast[")] == [f"contrast[{c}]" for c in conds] + ["contrast[category]"]
     near = np.array([1.0, 1e-3, 0, 0]) / np.linalg.norm([1.0, 1e-3, 0, 0])  # "liked" barely moves the answer
