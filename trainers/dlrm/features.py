@@ -141,7 +141,8 @@ def direct_block(v: np.ndarray) -> np.ndarray:
 def lum_dense(U: np.ndarray, u_ok: np.ndarray, item: np.ndarray, i_ok: np.ndarray, own: np.ndarray,
               cat: np.ndarray, cat_ok: np.ndarray, direct: bool = True, contrasts: bool = False) -> np.ndarray:
     """(B, K*D + K + D + 1 + K + 2 + D + 2 [+ K + 1]): direct features, flags, interest-matching similarities
-    (paper 4.3), with ``contrasts`` the contrasts between condition answers (``contrast``), in the order of ``dense_feature_names``. Only cosines: a dot of unit vectors would repeat them (/sqrt(D))."""
+    (paper 4.3), with ``contrasts`` the contrasts between condition answers (``contrast``), in the order of
+    ``dense_feature_names``. Only cosines: a dot of unit vectors would repeat them (/sqrt(D))."""
     B, K, D = U.shape
     both = u_ok * i_ok[:, None]  # (B, K): a similarity exists only where both sides do
     cos = _cos(U, item[:, None, :]) * both
@@ -149,13 +150,16 @@ def lum_dense(U: np.ndarray, u_ok: np.ndarray, item: np.ndarray, i_ok: np.ndarra
     has_own = (own >= 0).astype(np.float32) * np.take_along_axis(both, at, 1)[:, 0]
     own_cos = np.take_along_axis(cos, at, 1)[:, 0] * has_own
     cat_cos = _cos(cat, item) * cat_ok * i_ok
-    con, con_cat = contrast(U, u_ok, item, i_ok, cat, cat_ok) if contrasts else (cos[:, :0], cat_cos[:, None][:, :0])
+    extra = []
+    if contrasts:
+        con, con_cat = contrast(U, u_ok, item, i_ok, cat, cat_ok)
+        extra = [con, con_cat[:, None]]
     if not direct:  # lum_inputs="match": similarities and flags only
         U, item, cat = U[:, :, :0], item[:, :0], cat[:, :0]
     else:
         U, item, cat = direct_block(U), direct_block(item), direct_block(cat)
     return np.concatenate([U.reshape(B, -1), u_ok, item, i_ok[:, None], cos, own_cos[:, None],
-                           has_own[:, None], cat, cat_cos[:, None], cat_ok[:, None], con, con_cat.reshape(B, -1)],
+                           has_own[:, None], cat, cat_cos[:, None], cat_ok[:, None], *extra],
                           axis=1).astype(np.float32)
 
 
