@@ -42,7 +42,8 @@ import numpy as np
 from pydantic import ValidationError
 from pydantic_core import SchemaValidator
 
-from schemas.codec import FORMAT_JSON, MAGIC, DecodeError, encode_training_example
+from schemas.codec import (FORMAT_JSON, HISTORY_DTYPES, MAGIC, DecodeError, encode_training_example,
+                           history_widths)
 from schemas.events import ItemEmbedding, LumFeatures
 from schemas.tokenize import event_key
 from schemas.topics import (BEHAVIORS, IMPRESSIONS, ITEM_EMBEDDINGS, JOINER_CHANGELOG, LATE_CLICKS, LUM_FEATURES,
@@ -339,20 +340,37 @@ def _unpack_versions(value: bytes | None) -> list[_Version]:
 
 class _History:
     """A user's stored history rows (sorted) as examples need them: times, and item and category ids already
-    in wire form (int64 little-endian), so that an example's history is two byte slices."""
+    in wire form (``schemas.codec``'s version 4: each column at the fewest bytes that hold an example's window),
+    so that an example's history is two byte slices. The width codes are computed once per user and batch; a
+    window's width is the largest code in it (one value when all the user's ids have the same width)."""
 
-    __slots__ = ("times", "items", "cats")
+    __slots__ = ("times", "ids", "codes", "wire")
 
     def __init__(self, value: bytes | None):
         rows = np.frombuffer(value or b"", dtype=">i8").reshape(-1, 4)
         self.times = rows[:, 0].tolist()
-        self.items, self.cats = rows[:, 2].astype("<i8").tobytes(), rows[:, 3].astype("<i8").tobytes()
+        self.ids = rows[:, 2].astype(np.int64), rows[:, 3].astype(np.int64)
+        self.codes = []  # per column: its width code if the same for every row, else the list of them
+        for ids in self.ids:
+            codes = history_widths(ids)
+            lo, hi = (int(codes.min()), int(codes.max())) if len(codes) else (0, 0)
+            self.codes.append(hi if lo == hi else codes.tolist())
+        self.wire: dict[tuple[int, int], bytes] = {}  # (column, code) -> the column's ids at that width
 
-    def before(self, t: int, n: int) -> tuple[int, bytes]:
-        """(count, item ids + category ids) of the last ``n`` rows with time strictly before ``t``."""
+    def before(self, t: int, n: int) -> tuple[int, bytes, tuple[int, int]]:
+        """(count, item ids + category ids, their width codes) of the last ``n`` rows with time strictly
+        before ``t``."""
         end = bisect.bisect_left(self.times, t)
         a = max(0, end - n)
-        return end - a, self.items[8 * a:8 * end] + self.cats[8 * a:8 * end]
+        out, widths = [], []
+        for col, codes in enumerate(self.codes):
+            c = codes if isinstance(codes, int) else max(codes[a:end], default=0)
+            wire = self.wire.get((col, c))
+            if wire is None:
+                wire = self.wire[col, c] = self.ids[col].astype(HISTORY_DTYPES[c]).tobytes()
+            out.append(wire[a << c:end << c])
+            widths.append(c)
+        return end - a, out[0] + out[1], (widths[0], widths[1])
 
 
 class _Lum:
@@ -789,7 +807,7 @@ class JoinLogic:
             e, deadline = k[9:], k[1:9]
             clicked = pending[:1] == b"\x01"
             user, item_id, t = imp["user_id"], imp["item_id"], imp["event_time_ms"]
-            n_hist, history = hist[user].before(t, hl)
+            n_hist, history, widths = hist[user].before(t, hl)
             # Point in time: the newest version computed from events before t by a model trained before t.
             versions_u = versions[user]
             v = None
@@ -812,7 +830,7 @@ class JoinLogic:
                 {"example_id": e.decode(), "request_id": imp["request_id"], "user_id": user, "item_id": item_id,
                  "category_id": imp["category_id"], "position": imp["position"], "scenario": imp["scenario"],
                  "query": imp["query"], "event_time_ms": t, "label": 1 if clicked else 0, "lum_model_version": mv,
-                 "lum_conditions": conds}, n_hist, history, user_dims, item_dim, vectors)
+                 "lum_conditions": conds}, n_hist, history, user_dims, item_dim, vectors, widths=widths)
             values.append(value)
             keys.append(user_keys[user])
             ch[b"p" + e] = None
