@@ -326,7 +326,7 @@ def _decode_vectors(model: type[M], data: bytes) -> M:
 
 EXAMPLE_HEAD_FIELDS: tuple[str, ...] = tuple(f for f in TrainingExample.model_fields if f not in _BINARY_FIELDS)
 V3, V4 = 3, 4  # the versions of the FORMAT_BINARY layout: v4 = v3 with history columns at their width
-_START_V3, _START_V4 = bytes((MAGIC, FORMAT_BINARY, V3)), bytes((MAGIC, FORMAT_BINARY, V4))
+_START_V4 = bytes((MAGIC, FORMAT_BINARY, V4))
 _HEAD = struct.Struct("<qqqqHBBHHHHHHH")
 _HEAD_DTYPE = np.dtype([("user_id", "<i8"), ("item_id", "<i8"), ("category_id", "<i8"), ("event_time_ms", "<i8"),
                         ("position", "<u2"), ("label", "u1"), ("flags", "u1"), ("n_history", "<u2"),
@@ -334,6 +334,7 @@ _HEAD_DTYPE = np.dtype([("user_id", "<i8"), ("item_id", "<i8"), ("category_id", 
                         ("query", "<u2"), ("lum_model_version", "<u2")])
 assert _HEAD_DTYPE.itemsize == _HEAD.size
 _AT = 3 + _HEAD.size  # where the u16 sizes start
+_FLAGS_AT = _HEAD_DTYPE.fields["flags"][1]  # in the head
 F_QUERY, F_VERSION, F_USER, F_ITEM = 1, 2, 4, 8  # flags; v4: bits 4-5 the item, 6-7 the category width code
 # The strings in wire order, with the model's bounds in characters (min, max; a query present has at least one).
 _BAD = object()  # a distinct value that breaks a bound
@@ -372,13 +373,8 @@ def encode_training_example(head: dict[str, object], n_history: int, history: by
     ``user_dims``, one per ``lum_conditions`` entry; None: no LUM features), then the item vector (size
     ``item_dim``; None: none)."""
     wi, wc = widths
-    if not (0 <= wi <= 3 and 0 <= wc <= 3):
+    if (wi | wc) & -4:  # outside 0..3
         raise ValueError(f"TrainingExample history width codes {widths}: each 0..3")
-    return _encode_binary(_START_V4, head, n_history, history, user_dims, item_dim, vectors, wi << 4 | wc << 6)
-
-
-def _encode_binary(start: bytes, head: dict[str, object], n_history: int, history: bytes,
-                   user_dims: Sequence[int] | None, item_dim: int | None, vectors: bytes, width_bits: int) -> bytes:
     if tuple(head) != EXAMPLE_HEAD_FIELDS:
         raise ValueError(f"TrainingExample head fields {tuple(head)}, expected {EXAMPLE_HEAD_FIELDS}")
     conds, q, mv = head["lum_conditions"], head["query"], head["lum_model_version"]
@@ -389,14 +385,14 @@ def _encode_binary(start: bytes, head: dict[str, object], n_history: int, histor
     names = [c.encode() for c in conds or ()]
     dims = [*(user_dims or ()), *(() if item_dim is None else (item_dim,))]
     flags = ((q is not None) | (mv is not None) << 1 | (conds is not None) << 2 | (item_dim is not None) << 3
-             | width_bits)
+             | wi << 4 | wc << 6)
     try:
         fixed = _HEAD.pack(head["user_id"], head["item_id"], head["category_id"], head["event_time_ms"],
                            head["position"], head["label"], flags, n_history, len(names), *map(len, strs))
         sizes = struct.pack(f"<{len(names) + len(dims)}H", *map(len, names), *dims)
     except struct.error as e:  # a value outside the model's bounds
         raise ValueError(f"TrainingExample does not fit the binary layout: {e}") from None
-    return b"".join((start, fixed, sizes, *strs, *names, history, vectors))
+    return b"".join((_START_V4, fixed, sizes, *strs, *names, history, vectors))
 
 
 def _model_parts(ex: TrainingExample) -> tuple[dict, list[int] | None, int | None, bytes]:
@@ -418,10 +414,14 @@ def _encode_v4(ex: TrainingExample) -> bytes:
 
 
 def _encode_v3(ex: TrainingExample) -> bytes:
-    """The version-3 bytes of ``ex`` (no longer written; kept to test that they still decode)."""
+    """The version-3 bytes of ``ex`` (no longer written; kept to test that they still decode): version 4's with
+    both history columns 8 bytes wide, without the width bits."""
     head, user_dims, item_dim, raw = _model_parts(ex)
     history = array("q", ex.history_items).tobytes() + array("q", ex.history_categories).tobytes()
-    return _encode_binary(_START_V3, head, len(ex.history_items), history, user_dims, item_dim, raw, 0)
+    data = bytearray(encode_training_example(head, len(ex.history_items), history, user_dims, item_dim, raw,
+                                             widths=(3, 3)))
+    data[2], data[3 + _FLAGS_AT] = V3, data[3 + _FLAGS_AT] & 15
+    return bytes(data)
 
 
 def _decode_binary(model: type[M], data: bytes) -> M:
