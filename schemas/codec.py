@@ -682,8 +682,9 @@ def decode_columns(datas: list[bytes | None]) -> tuple[ExampleColumns, dict[int,
 
 
 def _binary_columns(datas: list[bytes]) -> ExampleColumns | np.ndarray:
-    """Version-3 messages as columns if every check passes for every one; else a mask of those not yet refused
-    (the caller runs again on those). The checks are ``_decode_binary``'s and the model's, a column at a time."""
+    """Version-3 and -4 messages as columns if every check passes for every one; else a mask of those not yet
+    refused (the caller runs again on those). The checks are ``_decode_binary``'s and the model's, a column at a
+    time; v3's history is v4's at width code 3 (8 bytes) for both columns."""
     n = len(datas)
     lens = np.fromiter(map(len, datas), dtype=np.int64, count=n)
     ends = np.cumsum(lens)
