@@ -10,7 +10,14 @@ on one idle core (``benchmarks/bench_foundation.py``), several times what an age
 events/s), so the human-readable format costs the agents little. A ``TrainingExample`` is what the DLRM trainer
 reads at its step's pace, so it is binary (little-endian throughout):
 
-- version 3, ``b"L" b"b" 3``: a fixed 50-byte head ``<qqqqHBBHHHHHHH``: user_id, item_id, category_id,
+- version 4, ``b"L" b"b" 4``: version 3's layout with compact history columns. The flags byte's high bits give
+  each history column's width: bits 4-5 the item ids', bits 6-7 the category ids' (code k: 2**k bytes, so 1, 2,
+  4 or 8), and the history is H item ids then H category ids, unsigned little-endian at those widths (8 bytes:
+  at most 2**63 - 1, as every id). The encoder writes the fewest bytes that hold the column's largest id (0 for
+  an empty history); a reader takes any width. An example's history of 50 synthetic ids (items < 2**16, categories
+  < 2**8) is 150 bytes instead of 800; 63-bit hashed ids stay 8 bytes. ``decode_columns`` reads a column with one
+  numpy gather per width present in the fetch.
+- version 3, ``b"L" b"b" 3`` (still read): a fixed 50-byte head ``<qqqqHBBHHHHHHH``: user_id, item_id, category_id,
   event_time_ms (int64), position (u16), label (u8), flags (u8: 1 query, 2 lum_model_version, 4 lum_conditions
   and lum_user, 8 lum_item present; no other bit), history length H, condition count C, then the byte lengths of
   example_id, request_id, scenario, query, lum_model_version (u16 each; 0 for an absent one); then C u16
@@ -53,7 +60,7 @@ MAGIC = 0x4C  # "L"
 FORMAT_JSON = 0x6A  # "j"
 FORMAT_SEQUENCE = 0x73  # "s"
 FORMAT_VECTORS = 0x76  # "v": JSON scalars + float64 vectors (TrainingExample v2)
-FORMAT_BINARY = 0x62  # "b": all binary (TrainingExample v3)
+FORMAT_BINARY = 0x62  # "b": all binary (TrainingExample v3, v4)
 V2 = 2  # the version of the FORMAT_VECTORS layout
 assert sys.byteorder == "little" and array("d").itemsize == 8  # the vector layout is native float64 LE
 _BINARY_FIELDS = {"lum_user", "lum_item", "history_items", "history_categories"}
@@ -71,7 +78,7 @@ def _is_example(model: type[BaseModel]) -> bool:
 
 def encode(value: BaseModel) -> bytes:
     if type(value) is TrainingExample:
-        return _encode_v3(value)
+        return _encode_v4(value)
     version = type(value).SCHEMA_VERSION  # type: ignore[attr-defined]
     return bytes((MAGIC, FORMAT_JSON, version)) + value.__pydantic_serializer__.to_json(value)
 
@@ -83,10 +90,10 @@ def decode(model: type[M], data: bytes | None) -> M:
         raise DecodeError(f"missing lum format header (first bytes {bytes(data[:8])!r})")
     version = model.SCHEMA_VERSION  # type: ignore[attr-defined]
     if _is_example(model) and data[1] in (FORMAT_BINARY, FORMAT_VECTORS):
-        fmt, v = (3, _decode_v3) if data[1] == FORMAT_BINARY else (V2, _decode_vectors)
-        if data[2] != fmt:
+        fmt, v = ((V3, V4), _decode_binary) if data[1] == FORMAT_BINARY else ((V2,), _decode_vectors)
+        if data[2] not in fmt:
             raise DecodeError(f"unknown schema version {data[2]} for {model.__name__} (format {chr(data[1])!r} "
-                              f"is version {fmt})")
+                              f"is version {' or '.join(map(str, fmt))})")
         return v(model, data)
     if data[1] != FORMAT_JSON:
         raise DecodeError(f"format {chr(data[1])!r} is not JSON (expected {model.__name__})")
@@ -315,11 +322,11 @@ def _decode_vectors(model: type[M], data: bytes) -> M:
     return _attach_vectors(ex, data, at)
 
 
-# ------------------------------------------------------------------------------------ TrainingExample v3
+# ------------------------------------------------------------------------------------ TrainingExample v3, v4
 
 EXAMPLE_HEAD_FIELDS: tuple[str, ...] = tuple(f for f in TrainingExample.model_fields if f not in _BINARY_FIELDS)
-V3 = 3
-_START = bytes((MAGIC, FORMAT_BINARY, V3))
+V3, V4 = 3, 4  # the versions of the FORMAT_BINARY layout: v4 = v3 with history columns at their width
+_START_V4 = bytes((MAGIC, FORMAT_BINARY, V4))
 _HEAD = struct.Struct("<qqqqHBBHHHHHHH")
 _HEAD_DTYPE = np.dtype([("user_id", "<i8"), ("item_id", "<i8"), ("category_id", "<i8"), ("event_time_ms", "<i8"),
                         ("position", "<u2"), ("label", "u1"), ("flags", "u1"), ("n_history", "<u2"),
@@ -327,7 +334,8 @@ _HEAD_DTYPE = np.dtype([("user_id", "<i8"), ("item_id", "<i8"), ("category_id", 
                         ("query", "<u2"), ("lum_model_version", "<u2")])
 assert _HEAD_DTYPE.itemsize == _HEAD.size
 _AT = 3 + _HEAD.size  # where the u16 sizes start
-F_QUERY, F_VERSION, F_USER, F_ITEM = 1, 2, 4, 8
+_FLAGS_AT = _HEAD_DTYPE.fields["flags"][1]  # in the head
+F_QUERY, F_VERSION, F_USER, F_ITEM = 1, 2, 4, 8  # flags; v4: bits 4-5 the item, 6-7 the category width code
 # The strings in wire order, with the model's bounds in characters (min, max; a query present has at least one).
 _BAD = object()  # a distinct value that breaks a bound
 _STRINGS = (("example_id", 1, 256), ("request_id", 1, 128), ("scenario", 1, 64), ("query", 0, 256),
@@ -335,13 +343,38 @@ _STRINGS = (("example_id", 1, 256), ("request_id", 1, 128), ("scenario", 1, 64),
 _CONDITION_CHARS = 128
 
 
+def history_width(values) -> int:
+    """The version-4 width code of a history column: 0, 1, 2, 3 for 1, 2, 4, 8 bytes, the fewest that hold its
+    largest value (``values`` non-negative ints; empty: 0)."""
+    m = max(values, default=0)
+    return 0 if m < 1 << 8 else 1 if m < 1 << 16 else 2 if m < 1 << 32 else 3
+
+
+def history_widths(values: np.ndarray) -> np.ndarray:
+    """``history_width`` of each value on its own (int64 array, non-negative), as an int64 array."""
+    return np.searchsorted(_WIDTH_LIMITS, values, side="right")
+
+
+_WIDTH_LIMITS = np.array([1 << 8, 1 << 16, 1 << 32], dtype=np.int64)
+# History ids by width code, for reading and writing; 8 bytes read signed: a negative one is refused.
+HISTORY_DTYPES = ("u1", "<u2", "<u4", "<i8")
+_WIDTH_TYPECODES = ("B", "H", "I", "q")  # the same, as ``array`` typecodes
+assert [array(c).itemsize for c in _WIDTH_TYPECODES] == [1, 2, 4, 8]
+
+
 def encode_training_example(head: dict[str, object], n_history: int, history: bytes,
-                            user_dims: Sequence[int] | None, item_dim: int | None, vectors: bytes) -> bytes:
+                            user_dims: Sequence[int] | None, item_dim: int | None, vectors: bytes, *,
+                            widths: tuple[int, int]) -> bytes:
     """``encode(TrainingExample(...))``, byte for byte, from parts already in wire form and without a model object
     (the joiner's hot path; the caller vouches that the values are valid): ``head`` the other fields, keys exactly
     ``EXAMPLE_HEAD_FIELDS`` in that order; ``history`` the ``n_history`` item ids then as many category ids,
-    int64 little-endian; ``vectors`` float64 little-endian: the user vectors (sizes ``user_dims``, one per
-    ``lum_conditions`` entry; None: no LUM features), then the item vector (size ``item_dim``; None: none)."""
+    unsigned little-endian at ``widths`` (the item and the category column's width codes, ``history_width``:
+    the fewest bytes that hold the column); ``vectors`` float64 little-endian: the user vectors (sizes
+    ``user_dims``, one per ``lum_conditions`` entry; None: no LUM features), then the item vector (size
+    ``item_dim``; None: none)."""
+    wi, wc = widths
+    if (wi | wc) & -4:  # outside 0..3
+        raise ValueError(f"TrainingExample history width codes {widths}: each 0..3")
     if tuple(head) != EXAMPLE_HEAD_FIELDS:
         raise ValueError(f"TrainingExample head fields {tuple(head)}, expected {EXAMPLE_HEAD_FIELDS}")
     conds, q, mv = head["lum_conditions"], head["query"], head["lum_model_version"]
@@ -351,37 +384,59 @@ def encode_training_example(head: dict[str, object], n_history: int, history: by
             b"" if q is None else q.encode(), b"" if mv is None else mv.encode()]
     names = [c.encode() for c in conds or ()]
     dims = [*(user_dims or ()), *(() if item_dim is None else (item_dim,))]
-    flags = (q is not None) | (mv is not None) << 1 | (conds is not None) << 2 | (item_dim is not None) << 3
+    flags = ((q is not None) | (mv is not None) << 1 | (conds is not None) << 2 | (item_dim is not None) << 3
+             | wi << 4 | wc << 6)
     try:
         fixed = _HEAD.pack(head["user_id"], head["item_id"], head["category_id"], head["event_time_ms"],
                            head["position"], head["label"], flags, n_history, len(names), *map(len, strs))
         sizes = struct.pack(f"<{len(names) + len(dims)}H", *map(len, names), *dims)
     except struct.error as e:  # a value outside the model's bounds
         raise ValueError(f"TrainingExample does not fit the binary layout: {e}") from None
-    return b"".join((_START, fixed, sizes, *strs, *names, history, vectors))
+    return b"".join((_START_V4, fixed, sizes, *strs, *names, history, vectors))
 
 
-def _encode_v3(ex: TrainingExample) -> bytes:
+def _model_parts(ex: TrainingExample) -> tuple[dict, list[int] | None, int | None, bytes]:
+    """(head, user_dims, item_dim, vector bytes) of a model, as ``encode_training_example`` takes them."""
     user, item = ex.lum_user, ex.lum_item
     raw = (ex.__pydantic_private__ or {}).get("_lum_f64")  # the decoded bytes: the same values
     if raw is None:
         raw = array("d", [x for v in [*(user or ()), *(() if item is None else (item,))] for x in v]).tobytes()
-    return encode_training_example({f: getattr(ex, f) for f in EXAMPLE_HEAD_FIELDS}, len(ex.history_items),
-                                   array("q", ex.history_items).tobytes() + array("q", ex.history_categories).tobytes(),
-                                   None if user is None else [len(v) for v in user],
-                                   None if item is None else len(item),
-                                   raw)
+    return ({f: getattr(ex, f) for f in EXAMPLE_HEAD_FIELDS}, None if user is None else [len(v) for v in user],
+            None if item is None else len(item), raw)
 
 
-def _decode_v3(model: type[M], data: bytes) -> M:
-    """One version-3 message: the layout read here, every value checked by the model itself (the reference that
-    ``decode_columns`` agrees with)."""
+def _encode_v4(ex: TrainingExample) -> bytes:
+    head, user_dims, item_dim, raw = _model_parts(ex)
+    wi, wc = history_width(ex.history_items), history_width(ex.history_categories)
+    history = (array(_WIDTH_TYPECODES[wi], ex.history_items).tobytes()
+               + array(_WIDTH_TYPECODES[wc], ex.history_categories).tobytes())
+    return encode_training_example(head, len(ex.history_items), history, user_dims, item_dim, raw, widths=(wi, wc))
+
+
+def _encode_v3(ex: TrainingExample) -> bytes:
+    """The version-3 bytes of ``ex`` (no longer written; kept to test that they still decode): version 4's with
+    both history columns 8 bytes wide, without the width bits."""
+    head, user_dims, item_dim, raw = _model_parts(ex)
+    history = array("q", ex.history_items).tobytes() + array("q", ex.history_categories).tobytes()
+    data = bytearray(encode_training_example(head, len(ex.history_items), history, user_dims, item_dim, raw,
+                                             widths=(3, 3)))
+    data[2], data[3 + _FLAGS_AT] = V3, data[3 + _FLAGS_AT] & 15
+    return bytes(data)
+
+
+def _decode_binary(model: type[M], data: bytes) -> M:
+    """One version-3 or version-4 message (the header says which): the layout read here, every value checked by
+    the model itself (the reference that ``decode_columns`` agrees with)."""
     name, size = model.__name__, len(data)
     if size < _AT:
         raise DecodeError(f"truncated {name}: fixed head ({size} bytes)")
     uid, iid, cid, t, pos, label, flags, nh, nc, *lens = _HEAD.unpack_from(data, 3)
-    if flags >= 16:
-        raise DecodeError(f"invalid {name}: unknown flags {flags:#04x}")
+    if data[2] == V3:
+        if flags >= 16:
+            raise DecodeError(f"invalid {name}: unknown flags {flags:#04x}")
+        wi = wc = 3
+    else:
+        wi, wc, flags = flags >> 4 & 3, flags >> 6, flags & 15
     user, item = flags & F_USER, flags & F_ITEM
     if nc and not user:
         raise DecodeError(f"invalid {name}: {nc} lum_conditions without lum_user")
@@ -398,7 +453,8 @@ def _decode_v3(model: type[M], data: bytes) -> M:
     clens, dims = sizes[:nc], sizes[nc:]
     if dims and (min(dims) < 1 or max(dims) > MAX_VECTOR_DIM):
         raise DecodeError(f"invalid {name}: vector size outside 1..{MAX_VECTOR_DIM}: {list(dims)}")
-    need = at + sum(lens) + sum(clens) + 16 * nh + 8 * sum(dims)
+    hi, hc = nh << wi, nh << wc  # the history columns' bytes
+    need = at + sum(lens) + sum(clens) + hi + hc + 8 * sum(dims)
     if size != need:
         raise DecodeError(f"invalid {name}: {size} bytes, the layout says {need}")
     strs = []
@@ -408,8 +464,9 @@ def _decode_v3(model: type[M], data: bytes) -> M:
         except UnicodeDecodeError:
             raise DecodeError(f"invalid {name}: {field}: not UTF-8") from None
         at += n
-    hist = array("q", data[at:at + 16 * nh])
-    raw = bytes(data[at + 16 * nh:])
+    hist_i = array(_WIDTH_TYPECODES[wi], data[at:at + hi]).tolist()
+    hist_c = array(_WIDTH_TYPECODES[wc], data[at + hi:at + hi + hc]).tolist()
+    raw = bytes(data[at + hi + hc:])
     values, vecs, s = array("d", raw).tolist(), [], 0
     if not all(map(isfinite, values)):
         raise DecodeError(f"invalid {name}: non-finite value in a LUM vector")
@@ -418,8 +475,8 @@ def _decode_v3(model: type[M], data: bytes) -> M:
         s += d
     fields = {"example_id": strs[0], "request_id": strs[1], "user_id": uid, "item_id": iid, "category_id": cid,
               "position": pos, "scenario": strs[2], "query": strs[3] if flags & F_QUERY else None,
-              "event_time_ms": t, "label": label, "history_items": hist[:nh].tolist(),
-              "history_categories": hist[nh:].tolist(),
+              "event_time_ms": t, "label": label, "history_items": hist_i,
+              "history_categories": hist_c,
               "lum_model_version": strs[4] if flags & F_VERSION else None,
               "lum_conditions": strs[5:] if user else None, "lum_user": vecs[:nc] if user else None,
               "lum_item": vecs[-1] if item else None}
@@ -588,15 +645,16 @@ class ExampleColumns(Sequence):
 def decode_columns(datas: list[bytes | None]) -> tuple[ExampleColumns, dict[int, DecodeError]]:
     """The messages of a fetch: (the examples among them, in order, as columns; {index: DecodeError} of the others).
 
-    Version-3 messages are checked and converted a column at a time (``_v3_columns``); a pass that finds messages it
-    cannot vouch for runs again without them, and those, with any other message (older versions, a bad header),
-    are decoded one at a time: the model (added to the columns in its place) or the ``DecodeError`` of ``decode``.
+    Version-3 and -4 messages are checked and converted a column at a time (``_binary_columns``); a pass that finds
+    messages it cannot vouch for runs again without them, and those, with any other message (older versions, a bad
+    header), are decoded one at a time: the model (added to the columns in its place) or the ``DecodeError`` of
+    ``decode``.
     """
     idx = list(range(len(datas))) if all(datas) else [i for i, d in enumerate(datas) if d]  # headers: in the pass
     cols = None
     while idx:
         try:
-            r = _v3_columns([datas[i] for i in idx])
+            r = _binary_columns([datas[i] for i in idx])
         except Exception:  # noqa: BLE001  (an unforeseen corruption: message by message, never a crash)
             r = np.zeros(len(idx), dtype=bool)
         if isinstance(r, ExampleColumns):
@@ -623,9 +681,10 @@ def decode_columns(datas: list[bytes | None]) -> tuple[ExampleColumns, dict[int,
     return cols if cols is not None else ExampleColumns.empty(), errors
 
 
-def _v3_columns(datas: list[bytes]) -> ExampleColumns | np.ndarray:
-    """Version-3 messages as columns if every check passes for every one; else a mask of those not yet refused
-    (the caller runs again on those). The checks are ``_decode_v3``'s and the model's, a column at a time."""
+def _binary_columns(datas: list[bytes]) -> ExampleColumns | np.ndarray:
+    """Version-3 and -4 messages as columns if every check passes for every one; else a mask of those not yet
+    refused (the caller runs again on those). The checks are ``_decode_binary``'s and the model's, a column at a
+    time; v3's history is v4's at width code 3 (8 bytes) for both columns."""
     n = len(datas)
     lens = np.fromiter(map(len, datas), dtype=np.int64, count=n)
     ends = np.cumsum(lens)
@@ -636,15 +695,20 @@ def _v3_columns(datas: list[bytes]) -> ExampleColumns | np.ndarray:
     if not ok.all():
         return ok
     raw_head = buf[starts[:, None] + np.arange(_AT)]
-    ok &= (raw_head[:, 0] == MAGIC) & (raw_head[:, 1] == FORMAT_BINARY) & (raw_head[:, 2] == V3)
+    v4 = raw_head[:, 2] == V4
+    ok &= (raw_head[:, 0] == MAGIC) & (raw_head[:, 1] == FORMAT_BINARY) & (v4 | (raw_head[:, 2] == V3))
     head = np.ascontiguousarray(raw_head[:, 3:]).view(_HEAD_DTYPE)[:, 0]
     flags = head["flags"]
+    ok &= v4 | (flags < 16)  # v3 has no width bits: its history is int64
+    wi = np.where(v4, flags >> 4 & 3, 3).astype(np.int64)  # width codes
+    wc = np.where(v4, flags >> 6, 3).astype(np.int64)
+    flags = flags & 15
     nh, nc = head["n_history"].astype(np.int64), head["n_cond"].astype(np.int64)
     user, item, has_q, has_mv = ((flags & f) != 0 for f in (F_USER, F_ITEM, F_QUERY, F_VERSION))
     sl = {f: head[f].astype(np.int64) for f, _, _ in _STRINGS}
     t = head["event_time_ms"]
     ok &= ((head["user_id"] >= 0) & (head["item_id"] >= 0) & (head["category_id"] >= 0) & (t >= MIN_TIME_MS)
-           & (t <= MAX_TIME_MS) & (head["position"] <= 1000) & (head["label"] <= 1) & (flags < 16)
+           & (t <= MAX_TIME_MS) & (head["position"] <= 1000) & (head["label"] <= 1)
            & (nh <= MAX_HISTORY) & (nc <= MAX_CONDITIONS) & (user | (nc == 0)) & (has_q | (sl["query"] == 0))
            & (has_mv | (sl["lum_model_version"] == 0)) & (~has_q | (sl["query"] > 0)))
     for f, lo, hi in _STRINGS:  # in bytes: at least lo characters, at most 4 bytes each (the count comes later)
@@ -669,7 +733,8 @@ def _v3_columns(datas: list[bytes]) -> ExampleColumns | np.ndarray:
                                                                   minlength=n) == 0
     p_names = s_pos + sum(sl.values())
     p_hist = p_names + name_bytes
-    p_vec = p_hist + 16 * nh
+    p_cat = p_hist + (nh << wi)
+    p_vec = p_cat + (nh << wc)
     ok &= p_vec + 8 * np.bincount(d_row, dims, minlength=n).astype(np.int64) == ends
     if not ok.all():
         return ok
@@ -699,10 +764,12 @@ def _v3_columns(datas: list[bytes]) -> ExampleColumns | np.ndarray:
         at = at + sl[f]
     cols["lum_conditions"] = _distinct(joined, [(starts + _AT, starts + _AT + 2 * nc), (p_names, p_hist)],
                                        _parse_conditions, ok, user)
-    # History ids (non-negative int64) and vector values (finite).
-    ints = buf[_ranges(p_hist, 16 * nh)].view("<i8")
-    if len(ints) and ints.min() < 0:
-        ok &= np.bincount(np.repeat(np.arange(n), 2 * nh), ints < 0, minlength=n) == 0
+    # History ids (unsigned at their width; 8 bytes: non-negative int64) and vector values (finite).
+    h_off = _offsets(nh)
+    hist_i, hist_c = _history_column(buf, p_hist, nh, wi, h_off), _history_column(buf, p_cat, nh, wc, h_off)
+    for ints in (hist_i, hist_c):
+        if len(ints) and ints.min() < 0:
+            ok &= np.bincount(np.repeat(np.arange(n), nh), ints < 0, minlength=n) == 0
     mem = memoryview(joined)
     vectors = np.frombuffer(b"".join([mem[a:b] for a, b in zip(p_vec.tolist(), ends.tolist())]), dtype="<f8")
     vec_len = (ends - p_vec) // 8
@@ -713,17 +780,29 @@ def _v3_columns(datas: list[bytes]) -> ExampleColumns | np.ndarray:
     if not ok.all():
         return ok
     # Accepted: the columns.
-    h_off = _offsets(nh)
-    in_row = np.arange(2 * int(h_off[-1])) - np.repeat(2 * h_off[:-1], 2 * nh)
-    first = in_row < np.repeat(nh, 2 * nh)
     out = {f: head[f].astype(np.int64) for f in ExampleColumns.INTS}
     out.update(cols)
     d_off = _offsets(nv)
-    return ExampleColumns(**out, hist_off=h_off, history_items=ints[first], history_categories=ints[~first],
+    return ExampleColumns(**out, hist_off=h_off, history_items=hist_i, history_categories=hist_c,
                           n_user=np.where(user, nc, -1), has_item=item, dims_off=d_off, dims=dims,
                           vec_off=vec_off, vectors=vectors)
 
 
+
+
+def _history_column(buf: np.ndarray, pos: np.ndarray, nh: np.ndarray, code: np.ndarray,
+                    off: np.ndarray) -> np.ndarray:
+    """One history column of every row (``nh`` ids at ``pos``, ``1 << code`` bytes each) as one int64 array cut by
+    ``off``: one gather per width present (a fetch from one joiner mostly has one)."""
+    present = np.unique(code[nh > 0]).tolist() if len(nh) else []
+    if len(present) <= 1:
+        c = present[0] if present else 3
+        return buf[_ranges(pos, nh << c)].view(HISTORY_DTYPES[c]).astype(np.int64, copy=False)
+    out = np.empty(int(off[-1]), dtype=np.int64)
+    for c in present:
+        rows = np.flatnonzero((code == c) & (nh > 0))
+        out[_ranges(off[rows], nh[rows])] = buf[_ranges(pos[rows], nh[rows] << c)].view(HISTORY_DTYPES[c])
+    return out
 
 
 def _distinct(joined: bytes, segs: list, parse, ok: np.ndarray, present: np.ndarray | None = None) -> list:
@@ -864,7 +943,7 @@ def decode_many(model: type[M], datas: list[bytes | None], chunk: int = 64,
                 lazy_vectors: bool = False) -> list[M | DecodeError]:
     """``decode`` of many messages: each result is the model or the ``DecodeError`` of that message.
 
-    ``TrainingExample`` version 3 with ``lazy_vectors``: ``decode_columns``'s rows (``LazyVectors``). Version 2:
+    ``TrainingExample`` versions 3 and 4 with ``lazy_vectors``: ``decode_columns``'s rows (``LazyVectors``). Version 2:
     the JSON heads validated ``chunk`` at a time in one pydantic call (a chunk that fails is retried one message at
     a time), the vector parts of all of them checked together (``_attach_many``); ``lazy_vectors``: as
     ``LazyVectors``. Anything else is decoded on its own.
@@ -872,11 +951,11 @@ def decode_many(model: type[M], datas: list[bytes | None], chunk: int = 64,
     out: list = [None] * len(datas)
     example = _is_example(model)
     v2: list[tuple[int, bytes, bytes, int]] = []  # (index, data, JSON head, offset of the vector part)
-    v3: list[int] = []
+    binary: list[int] = []
     for i, d in enumerate(datas):
         if example and d and len(d) >= 3 and d[0] == MAGIC:
-            if lazy_vectors and d[1] == FORMAT_BINARY and d[2] == V3:
-                v3.append(i)
+            if lazy_vectors and d[1] == FORMAT_BINARY and d[2] in (V3, V4):
+                binary.append(i)
                 continue
             if d[1] == FORMAT_VECTORS and d[2] == V2:
                 try:
@@ -885,10 +964,10 @@ def decode_many(model: type[M], datas: list[bytes | None], chunk: int = 64,
                     out[i] = e
                 continue
         out[i] = _decode_one(model, d)
-    if v3:
-        cols, errors = decode_columns([datas[i] for i in v3])
+    if binary:
+        cols, errors = decode_columns([datas[i] for i in binary])
         rows = iter(cols)
-        for j, i in enumerate(v3):
+        for j, i in enumerate(binary):
             out[i] = errors[j] if j in errors else next(rows)
     attach = []
     for c in range(0, len(v2), chunk):

@@ -119,12 +119,13 @@ class TrainingExample(_Event):
     user's behavior before the impression time only (no leakage). LUM fields are ``None`` when no LUM
     features existed for the user or item at join time: absent, never silently zero; vectors are finite.
 
-    Version 3: the codec writes it all binary (fixed-width head, length-prefixed strings, float64 vectors), see
-    ``schemas.codec``; version-2 (JSON head + binary vectors) and version-1 (JSON) messages still decode.
+    Version 4: the codec writes it all binary (fixed-width head, length-prefixed strings, each history column at
+    the fewest bytes per id that hold it, float64 vectors), see ``schemas.codec``; version-3 (the same with int64
+    history), version-2 (JSON head + binary vectors) and version-1 (JSON) messages still decode.
     """
 
-    SCHEMA_VERSION: ClassVar[int] = 3
-    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1, 2)  # the codec tells them apart by the header
+    SCHEMA_VERSION: ClassVar[int] = 4
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1, 2, 3)  # the codec tells them apart by the header
 
     example_id: Annotated[str, Field(min_length=1, max_length=256)]  # request_id/item_id: the dedup key
     request_id: Annotated[str, Field(min_length=1, max_length=128)]

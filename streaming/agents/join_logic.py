@@ -42,7 +42,8 @@ import numpy as np
 from pydantic import ValidationError
 from pydantic_core import SchemaValidator
 
-from schemas.codec import FORMAT_JSON, MAGIC, DecodeError, encode_training_example
+from schemas.codec import (FORMAT_JSON, HISTORY_DTYPES, MAGIC, DecodeError, encode_training_example,
+                           history_widths)
 from schemas.events import ItemEmbedding, LumFeatures
 from schemas.tokenize import event_key
 from schemas.topics import (BEHAVIORS, IMPRESSIONS, ITEM_EMBEDDINGS, JOINER_CHANGELOG, LATE_CLICKS, LUM_FEATURES,
@@ -337,22 +338,54 @@ def _unpack_versions(value: bytes | None) -> list[_Version]:
     return out
 
 
-class _History:
-    """A user's stored history rows (sorted) as examples need them: times, and item and category ids already
-    in wire form (int64 little-endian), so that an example's history is two byte slices."""
+class _Histories:
+    """The stored history rows (each user's sorted) of a batch's users as examples need them: times, and item and
+    category ids in wire form (``schemas.codec``'s version 4: each column at the fewest bytes that hold the
+    example's window), so that an example's history is two byte slices. An example's window is the last ``n``
+    rows of its user before its time, so each row's window widths (of the ``n`` rows up to it) are computed for all
+    users at once, a few numpy calls per batch and none per user or example; each column is converted once per
+    width that some window needs."""
 
-    __slots__ = ("times", "items", "cats")
+    __slots__ = ("n", "times", "cols", "codes", "wire", "spans")
 
-    def __init__(self, value: bytes | None):
-        rows = np.frombuffer(value or b"", dtype=">i8").reshape(-1, 4)
-        self.times = rows[:, 0].tolist()
-        self.items, self.cats = rows[:, 2].astype("<i8").tobytes(), rows[:, 3].astype("<i8").tobytes()
+    def __init__(self, values: list[bytes | None], n: int):
+        rows = np.frombuffer(b"".join(v for v in values if v), dtype=">i8").reshape(-1, 4).astype(np.int64)
+        counts = np.array([len(v) // 32 if v else 0 for v in values], dtype=np.int64)
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        self.n, self.times, self.cols = n, rows[:, 0].tolist(), (rows[:, 2], rows[:, 3])
+        lo = np.maximum(np.repeat(starts, counts), np.arange(len(rows)) - n + 1)  # each row's window start
+        self.codes = _window_widths(self.cols[0], lo) | _window_widths(self.cols[1], lo) << 2  # read per example
+        self.wire: dict[int, bytes] = {}  # width code (items) or 4 + width code (categories) -> the column
+        self.spans = list(zip(starts.tolist(), ends.tolist()))  # each user's rows
 
-    def before(self, t: int, n: int) -> tuple[int, bytes]:
-        """(count, item ids + category ids) of the last ``n`` rows with time strictly before ``t``."""
-        end = bisect.bisect_left(self.times, t)
-        a = max(0, end - n)
-        return end - a, self.items[8 * a:8 * end] + self.cats[8 * a:8 * end]
+    def before(self, span: tuple[int, int], t: int) -> tuple[int, bytes, tuple[int, int]]:
+        """(count, item ids + category ids, their width codes) of the last ``n`` of the user's rows (``span``)
+        with time strictly before ``t``."""
+        end = bisect.bisect_left(self.times, t, *span)
+        a = max(span[0], end - self.n)
+        if a == end:
+            return 0, b"", (0, 0)
+        w = self.codes.item(end - 1)
+        wi, wc = w & 3, w >> 2
+        items, cats = self.wire.get(wi), self.wire.get(4 + wc)
+        if items is None:
+            items = self.wire[wi] = self.cols[0].astype(HISTORY_DTYPES[wi]).tobytes()
+        if cats is None:
+            cats = self.wire[4 + wc] = self.cols[1].astype(HISTORY_DTYPES[wc]).tobytes()
+        return end - a, items[a << wi:end << wi] + cats[a << wc:end << wc], (wi, wc)
+
+
+def _window_widths(ids: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Per row i, the width code of ``ids[lo[i]:i + 1]`` (its largest id's): the codes at least k in the window
+    counted by prefix sums, for each k."""
+    codes = history_widths(ids)
+    out = np.zeros(len(ids), dtype=np.int64)
+    for k in range(1, int(codes.max(initial=0)) + 1):
+        at_least = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum(codes >= k, out=at_least[1:])
+        out += at_least[1:] > at_least[lo]
+    return out
 
 
 class _Lum:
@@ -774,7 +807,8 @@ class JoinLogic:
         emitting = [(k, v) for k, v in zip(due, pend) if v is not None]
         imps = [_IMP_FIELDS(v[1:]) for _, v in emitting]
         users = list(dict.fromkeys(i["user_id"] for i in imps))
-        hist = dict(zip(users, map(_History, st.get_many([K.history(u) for u in users]))))
+        hist = _Histories(st.get_many([K.history(u) for u in users]), self.cfg.history_len)
+        spans = dict(zip(users, hist.spans))
         versions = dict(zip(users, map(_unpack_versions, st.get_many([K.features(u) for u in users]))))
         user_keys = {u: key_of(u) for u in users}
         ch = st.changes
@@ -783,13 +817,13 @@ class JoinLogic:
         lum: dict[bytes, _Lum] = {}  # decoded feature versions of this batch
         values, keys = [], []
         forgets = st.forgets.append
-        hl, retention, items, counts = self.cfg.history_len, self.cfg.retention_ms, self.items, self.counts
+        retention, items, counts = self.cfg.retention_ms, self.items, self.counts
         positives = too_new = other_version = 0
         for (k, pending), imp in zip(emitting, imps):
             e, deadline = k[9:], k[1:9]
             clicked = pending[:1] == b"\x01"
             user, item_id, t = imp["user_id"], imp["item_id"], imp["event_time_ms"]
-            n_hist, history = hist[user].before(t, hl)
+            n_hist, history, widths = hist.before(spans[user], t)
             # Point in time: the newest version computed from events before t by a model trained before t.
             versions_u = versions[user]
             v = None
@@ -812,7 +846,7 @@ class JoinLogic:
                 {"example_id": e.decode(), "request_id": imp["request_id"], "user_id": user, "item_id": item_id,
                  "category_id": imp["category_id"], "position": imp["position"], "scenario": imp["scenario"],
                  "query": imp["query"], "event_time_ms": t, "label": 1 if clicked else 0, "lum_model_version": mv,
-                 "lum_conditions": conds}, n_hist, history, user_dims, item_dim, vectors)
+                 "lum_conditions": conds}, n_hist, history, user_dims, item_dim, vectors, widths=widths)
             values.append(value)
             keys.append(user_keys[user])
             ch[b"p" + e] = None

@@ -603,17 +603,18 @@ def _digests(log, state) -> dict[str, str]:
 # changed: emission order instead of example-id order); counts differ in ``restored_keys_total`` only (fewer
 # changelog records); the final state differs only by stale activity-index entries that a rebuild does not
 # re-create (it derives each user's newest activity, which is what eviction reads). Examples and changelog
-# re-pinned for TrainingExample v3 bytes (with the v2 encoder patched in, this run gives the previous pins).
+# re-pinned for TrainingExample v3 bytes (with the v2 encoder patched in, this run gives the previous pins), and
+# for v4 bytes (compact history; with a v3 encoder patched into the joiner's emit path, the previous pins).
 MIXED_EXPECTED = {
-    0: {"counts": "18:3b5450ca462b834c", "dead": "114:24af88fbcac7d02e", "joiner-changelog": "6020:5638b5c21bcf85e9",
+    0: {"counts": "18:3b5450ca462b834c", "dead": "114:24af88fbcac7d02e", "joiner-changelog": "6020:57b48033ec47e27c",
         "late-clicks": "157:712c5b51d85b3400", "starts": "3:83bab67adde2f36a", "state": "1770:7f45c33c2adc63e3",
-        "training-examples": "1506:f62a9e03e446f99f"},
-    1: {"counts": "15:9ac7f37ed5731f38", "dead": "139:8fa15e29cd313b95", "joiner-changelog": "5416:0435ee5102c68478",
+        "training-examples": "1506:d9ab2349fccd2304"},
+    1: {"counts": "15:9ac7f37ed5731f38", "dead": "139:8fa15e29cd313b95", "joiner-changelog": "5416:9b028f6946c92b2c",
         "late-clicks": "236:341afa12c925c207", "starts": "3:23788da33545d5b7", "state": "2006:80afe64d12d57541",
-        "training-examples": "1770:f66026179f253393"},
-    2: {"counts": "18:ad0d3b9ea92da453", "dead": "132:45b88882c539c8eb", "joiner-changelog": "6187:258ce2df574db789",
+        "training-examples": "1770:a3731e344bdf1cd6"},
+    2: {"counts": "18:ad0d3b9ea92da453", "dead": "132:45b88882c539c8eb", "joiner-changelog": "6187:7063a92c0233f5cb",
         "late-clicks": "121:cdab038541d9a0cb", "starts": "3:c78ccbb8cd9d5ce8", "state": "1732:055840dc83cb149f",
-        "training-examples": "1518:c654b00ec0fb2e1e"},
+        "training-examples": "1518:b1b25f8f8a9fc837"},
 }
 
 
