@@ -8,11 +8,12 @@ The soak's stream (``lum produce synthetic --users 2000 --seed 7``; ~12 events p
 24 h retention is reached after ~1M events) goes through ``JoinLogic`` on real ``RocksStore``s (4 partitions
 by user, synced commits, the worker's memory budget) in batches of ``--batch`` events, exactly as the worker
 drives it (process, commit, delivered), with the outputs counted instead of produced. Printed per window of
-``--window`` events: CPU microseconds per event (process time, all threads: RocksDB's compactions count; the main thread's
-alone; and wall, which also counts the synced writes),
-output messages per event (examples + changelog + late clicks: the producer calls the worker would make),
-the event time reached (hours), the keys in the stores and the RSS. Flat rows after the first day of event
-time are the goal (issue 9: the soak's joiner fell behind once retention and eviction started).
+``--window`` events: CPU microseconds per event (process time, all threads: RocksDB's compactions count; the
+main thread's alone; and wall, which also counts the synced writes), output messages per event (examples +
+changelog + late clicks: the producer calls the worker would make), the event time reached (hours), the keys
+and SST megabytes in the stores, the megabytes compactions wrote in the window (10 MB resolution), and the RSS.
+Flat rows after the first day of event time are the goal (issue 9: the soak's joiner fell behind once retention
+and eviction started).
 ``--profile-from N`` runs cProfile from event N to the end and prints its top functions.
 The encoded stream is cached under the temporary directory. The machine is shared: read microseconds +-20%.
 """
@@ -85,6 +86,17 @@ def rss_mb() -> float:
     return 0.0
 
 
+def rocks_sizes(stores) -> tuple[float, float]:
+    """(SST files, bytes written by compactions so far) of ``stores`` in MB (the latter 10 MB resolution)."""
+    sst = compacted = 0.0
+    for s in stores:
+        sst += (s.db.property_int_value("rocksdb.total-sst-files-size") or 0) / 2**20
+        for line in (s.db.property_value("rocksdb.stats") or "").splitlines():
+            if line.startswith("Cumulative compaction:"):  # "Cumulative compaction: 0.12 GB write, ..."
+                compacted += float(line.split()[2]) * 1024
+    return sst, compacted
+
+
 def run(args) -> dict:
     events = stream(args.events, args.users, args.seed)[:args.limit]
     cfg = JoinConfig()
@@ -99,6 +111,7 @@ def run(args) -> dict:
     rows, prof = [], None
     w_cpu, w_wall, w_n, w_msgs = time.process_time(), time.perf_counter(), 0, sum(emit.messages.values())
     w_main = time.thread_time()
+    w_compacted = 0.0
     t_first = None
     for i in range(0, len(events), args.batch):
         if args.profile_from is not None and prof is None and i >= args.profile_from:
@@ -122,17 +135,19 @@ def run(args) -> dict:
                 t_first = wm
             msgs = sum(emit.messages.values())
             keys = sum(int(s.db.property_int_value("rocksdb.estimate-num-keys") or 0) for s in stores.values())
+            sst, compacted = rocks_sizes(stores.values())
             row = {"events": min(i + args.batch, len(events)), "us_per_event": 1e6 * (cpu - w_cpu) / w_n,
                    "wall_us_per_event": 1e6 * (wall - w_wall) / w_n,
                    "main_thread_us_per_event": 1e6 * (main - w_main) / w_n,
                    "out_per_event": (msgs - w_msgs) / w_n, "event_hours": (wm - t_first) / 3600_000,
-                   "keys": keys, "rss_mb": rss_mb()}
+                   "keys": keys, "sst_mb": sst, "compaction_write_mb": compacted - w_compacted, "rss_mb": rss_mb()}
             rows.append(row)
             print(f"  {row['events']:>9,} events  {row['us_per_event']:6.1f} us/event (main thread {row['main_thread_us_per_event']:5.1f}, "
                   f"wall {row['wall_us_per_event']:6.1f})  "
                   f"{row['out_per_event']:5.2f} out msgs/event  event time +{row['event_hours']:5.1f} h  "
-                  f"~{keys:>9,} keys  RSS {row['rss_mb']:.0f} MB", flush=True)
-            w_cpu, w_wall, w_main, w_n, w_msgs = cpu, wall, main, 0, msgs
+                  f"~{keys:>9,} keys  SST {sst:4.0f} MB (compactions wrote {row['compaction_write_mb']:5.0f} MB)  "
+                  f"RSS {row['rss_mb']:.0f} MB", flush=True)
+            w_cpu, w_wall, w_main, w_n, w_msgs, w_compacted = cpu, wall, main, 0, msgs, compacted
     if prof is not None:
         prof.disable()
         s = io.StringIO()

@@ -257,6 +257,18 @@ def rocks_options(memory_mb: int | None = None, write_buffer_mb: int | None = No
     opts.set_write_buffer_manager(wbm)
     opts.set_write_buffer_size(budget[1] // 2)  # one store alone flushes at half the budget: two fit
     opts.set_max_write_buffer_number(2)
+    # Compaction. Every batch writes keys across the whole key space (histories, ids, indexes), so each
+    # compaction from L0 rewrites the whole last level, i.e. the state, once per level0_file_num_compaction_trigger
+    # flushes; with these small memtables (a flush is ~1 MB when four stores share the budget) and RocksDB's
+    # trigger of 4, that rewrite grew with the state into the joiner's largest CPU cost after a day of event time
+    # (benchmarks/bench_join_mature.py: ~50 us/event in RocksDB's threads, ~110 MB compacted per 100k events).
+    # 16 flushes per rewrite: ~45 MB, ~25 us/event; gets and scans see more L0 files (their filters are pinned).
+    opts.set_level_zero_file_num_compaction_trigger(16)
+    opts.set_level_zero_slowdown_writes_trigger(40)
+    opts.set_level_zero_stop_writes_trigger(60)
+    opts.set_memtable_prefix_bloom_ratio(0.1)  # a bloom filter of whole keys per memtable (its arena: in the
+    # budget): gets of absent keys (new ids, three per id) skip the memtables' skip lists
+    opts.set_memtable_whole_key_filtering(True)
     table = BlockBasedOptions()
     table.set_block_cache(cache)
     table.set_cache_index_and_filter_blocks(True)
