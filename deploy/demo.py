@@ -9,7 +9,9 @@ Phases (each a real ``lum`` process, as in production):
   2. agents               ``lum agents``: sequences, export, label join (runs to the end)
   3. warm-up stream       ``lum produce synthetic`` (LUM_DEMO_WARMUP_EVENTS)
   4. pre-train            ``lum pretrain --source kafka`` on the sequences seen so far
-  5. refresh              ``lum refresh`` publishes LUM features + item embeddings (repeated during 6)
+  5. refresh              ``lum refresh`` publishes LUM features + item embeddings (repeated during 6); the
+                          mean pairwise cosine of users' condition answers is printed: near 1, the
+                          conditions barely change the answer, so the DLRM gets one similarity K times
   6. live stream          more events, paced; the joiner now attaches LUM features (point in time) to the
                           examples; refreshes and incremental trainer rounds run while it streams
   7. trainers             ``lum train --features baseline`` and ``--features lum --until-caught-up``, in
@@ -163,6 +165,7 @@ class Demo:
         self.timings: dict[str, float] = {}
         self.broker = None
         self.refreshes = self.train_rounds = 0
+        self.agreement: float | None = None
         self.final_agents: dict[str, dict[str, float]] = {}
         self.peak: dict[str, float] = {}
         self._seen: dict[str, tuple[float, float]] = {}  # agent -> (time, events) of the last scrape
@@ -236,14 +239,19 @@ class Demo:
         with self._phase("refresh LUM features"):
             self._refresh()
             # The LUM trainer sizes its inputs from the features' contract: conditions and vector size.
-            sample = self._first_lum_features(kafka)
+            samples = self._lum_features_sample(kafka)
+            sample = samples[0]
             os.environ |= {"LUM_DLRM_LUM_CONDITIONS": ";".join(c.condition for c in sample.conditions),
                            "LUM_DLRM_LUM_DIM": str(len(sample.conditions[0].vector))}
             # A two-hour stream (~120k examples) is too short to fit the vectors as ~100 direct inputs: the
             # similarities and presence flags carry the interest match (LUM_DLRM_LUM_INPUTS=full to compare).
             os.environ.setdefault("LUM_DLRM_LUM_INPUTS", "match")
+            # How much the query condition changes a user's answer: near 1, the conditions ask one question
+            # (the DLRM gets K copies of one similarity), whatever the names say.
+            self.agreement = condition_agreement(samples)
             self.say(f"  LUM features {sample.model_version}: {len(sample.conditions)} conditions "
-                     f"x {len(sample.conditions[0].vector)} dims")
+                     f"x {len(sample.conditions[0].vector)} dims; answers' mean pairwise cosine "
+                     f"{_fmt(self.agreement)} over {len(samples)} users")
         with self._phase("live stream"):
             live = self.procs.start("produce-live", *produce, "--events", str(cfg.stream_events), "--rate",
                                     str(cfg.rate), "--skip", str(cfg.warmup_events))
@@ -298,18 +306,24 @@ class Demo:
             f"{f} {r.get('examples', 0):,} examples AUC {r.get('overall', {}).get('auc') or float('nan'):.4f}"
             for f, r in rows.items()))
 
-    def _first_lum_features(self, kafka):
+    def _lum_features_sample(self, kafka, n: int = 200) -> list:
+        """The first ``n`` LumFeatures the refresh published (at least one, else RuntimeError)."""
         from schemas.topics import LUM_FEATURES
         from streaming.kafka import read_to_end, reader
 
+        out = []
         consumer = reader(kafka)
         try:
             with contextlib.closing(read_to_end(consumer, kafka.topic(LUM_FEATURES), idle_timeout_s=30)) as msgs:
                 for msg in msgs:
-                    return LUM_FEATURES.decode(msg.value())
+                    out.append(LUM_FEATURES.decode(msg.value()))
+                    if len(out) >= n:
+                        break
         finally:
             consumer.close()
-        raise RuntimeError("the refresh job published no LUM features (see logs/refresh-1.log)")
+        if not out:
+            raise RuntimeError("the refresh job published no LUM features (see logs/refresh-1.log)")
+        return out
 
     def agent_metrics(self) -> dict[str, dict[str, float]]:
         """{agent: {figure: value}} from the workers' Prometheus endpoints (sequences, joiner), read with the
@@ -370,7 +384,8 @@ class Demo:
         print(f"| LUM pre-training | {self.cfg.lum_preset}, {self.cfg.lum_steps} steps | "
               f"{_last_match(logs / 'pretrain.log', 'tokens/s').rpartition(') ')[2]}; {pretrain} |")
         print(f"| LUM refresh | {self.refreshes} runs | last: "
-              f"{_last_match(logs / f'refresh-{self.refreshes}.log', 'refresh done: ').partition('refresh done: ')[2]} |")
+              f"{_last_match(logs / f'refresh-{self.refreshes}.log', 'refresh done: ').partition('refresh done: ')[2]}; "
+              f"conditions' answers agree: mean pairwise cosine {_fmt(self.agreement)} |")
         for f, r in trainers.items():
             o = r.get("overall", {})
             print(f"| DLRM {f} | {self.train_rounds} rounds, examples trained | {r.get('examples', 0):,}; "
@@ -384,6 +399,26 @@ class Demo:
             print("\n" + report.read_text())
         print(f"plot: {self.out / 'auc.png'}; logs: {logs}; total {time.monotonic() - self.start:.0f}s "
               f"(bound {self.cfg.minutes:.0f} min)")
+
+
+def condition_agreement(features: list) -> float | None:
+    """Mean over users of the mean pairwise cosine between a user's condition answers (``LumFeatures``): 1.0
+    when the conditions do not change the answer. None when no user has two answers."""
+    import numpy as np
+
+    per_user = []
+    for f in features:
+        v = np.array([c.vector for c in f.conditions], dtype=np.float64)
+        if len(v) < 2:
+            continue
+        v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+        sim = v @ v.T
+        per_user.append(sim[np.triu_indices(len(v), 1)].mean())
+    return float(np.mean(per_user)) if per_user else None
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
 
 
 def _last_match(path: Path, needle: str) -> str:
