@@ -1,6 +1,7 @@
 """The main job end to end, small: every stage runs, the summary and plot appear, nothing is left running."""
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -34,6 +35,7 @@ def test_demo_runs_every_stage_and_cleans_up(tmp_path):
                   "== DLRM trainers, last round", "== summary"):
         assert stage in done.stdout
     assert "| DLRM baseline |" in done.stdout and "| DLRM lum |" in done.stdout
+    assert re.search(r"conditions' answers agree: mean pairwise cosine -?\d\.\d{4} ", done.stdout)  # not n/a
     assert (out / "auc.png").stat().st_size > 10_000
     time.sleep(1)
     assert _ours(f"LUM_DEMO_OUT={out}".encode()) == [], "the demo left processes running"
