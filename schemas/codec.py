@@ -41,6 +41,7 @@ trainer featurizes those columns directly.
 
 from __future__ import annotations
 
+import bisect
 import re
 import struct
 import sys
@@ -346,8 +347,7 @@ _CONDITION_CHARS = 128
 def history_width(values) -> int:
     """The version-4 width code of a history column: 0, 1, 2, 3 for 1, 2, 4, 8 bytes, the fewest that hold its
     largest value (``values`` non-negative ints; empty: 0)."""
-    m = max(values, default=0)
-    return 0 if m < 1 << 8 else 1 if m < 1 << 16 else 2 if m < 1 << 32 else 3
+    return bisect.bisect_right(_WIDTH_LIMITS, max(values, default=0))
 
 
 def history_widths(values: np.ndarray) -> np.ndarray:
@@ -355,7 +355,7 @@ def history_widths(values: np.ndarray) -> np.ndarray:
     return np.searchsorted(_WIDTH_LIMITS, values, side="right")
 
 
-_WIDTH_LIMITS = np.array([1 << 8, 1 << 16, 1 << 32], dtype=np.int64)
+_WIDTH_LIMITS = (1 << 8, 1 << 16, 1 << 32)  # the first value each width code cannot hold (code 3: any id)
 # History ids by width code, for reading and writing; 8 bytes read signed: a negative one is refused.
 HISTORY_DTYPES = ("u1", "<u2", "<u4", "<i8")
 _WIDTH_TYPECODES = ("B", "H", "I", "q")  # the same, as ``array`` typecodes
