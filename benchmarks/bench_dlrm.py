@@ -280,7 +280,7 @@ def main() -> int:
     ap.add_argument("--only", default="step,kafka,collisions,auc,scoring", help="comma-separated parts to run")
     ap.add_argument("--rounds", type=int, default=3, help="alternating featurize + step / Kafka rounds")
     ap.add_argument("--decoder-process", choices=["auto", "yes", "no"], default="auto",
-                    help="decode in a child process (auto: where more than 2 CPUs are available)")
+                    help="decode in a child process (auto: where 2 or more CPUs are available)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     if args.skip_scoring:

@@ -72,6 +72,7 @@ class CollisionStats:
         self.rows, self.max_tracked = rows, max_tracked
         self.seen: set[int] = set()
         self.per_row = np.zeros(rows, dtype=np.int32)
+        self.colliding = 0  # ids in rows holding more than one (kept as ids arrive: ``report`` is O(1))
 
     def update(self, ids: np.ndarray, buckets: np.ndarray) -> None:
         if len(self.seen) >= self.max_tracked or ids.size == 0:
@@ -80,13 +81,15 @@ class CollisionStats:
         new = [i for i, v in enumerate(uniq.tolist()) if v not in self.seen]
         if new:
             self.seen.update(uniq[new].tolist())
-            np.add.at(self.per_row, buckets[idx[new]], 1)
+            rows, n = np.unique(buckets[idx[new]], return_counts=True)
+            old = self.per_row[rows]
+            self.colliding += int(np.where(old + n > 1, old + n, 0).sum() - np.where(old > 1, old, 0).sum())
+            self.per_row[rows] = old + n
 
     def report(self) -> dict[str, float | int]:
         n = len(self.seen)
-        colliding = int(self.per_row[self.per_row > 1].sum())
         expected = 1.0 - (1.0 - 1.0 / self.rows) ** max(n - 1, 0)  # P(another of n uniform ids shares my row)
-        return {"rows": self.rows, "distinct_ids": n, "collision_rate": colliding / n if n else 0.0,
+        return {"rows": self.rows, "distinct_ids": n, "collision_rate": self.colliding / n if n else 0.0,
                 "expected_rate": expected}
 
 
@@ -202,9 +205,62 @@ class FeatureBatch:
     labels: torch.Tensor  # (B,) float32
     event_time_ms: np.ndarray  # (B,) int64
     example_ids: list[str]
+    columns: FeatureColumns | None = None  # the arrays it was made of (what ``Featurizer.count`` counts)
 
     def __len__(self) -> int:
         return len(self.example_ids)
+
+
+def _kjt(rows: dict[str, np.ndarray], hist_len: np.ndarray):
+    from torchrec import KeyedJaggedTensor
+
+    ones = np.ones(len(hist_len), dtype=np.int64)
+    lengths = [hist_len if f.startswith("history_") else ones for f in SPARSE_FEATURES]
+    return KeyedJaggedTensor.from_lengths_sync(
+        keys=list(SPARSE_FEATURES), values=torch.from_numpy(np.concatenate([rows[f] for f in SPARSE_FEATURES])),
+        lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)))
+
+
+@dataclass
+class FeatureColumns:
+    """A batch's DLRM inputs as numpy arrays, before tensors: what ``Featurizer.columns`` computes and ``batch``
+    turns into a ``FeatureBatch``. Picklable and cut and joined by rows, like the fetches the Kafka adapter's
+    decoder process featurizes them from (beside the step)."""
+    rows: dict[str, np.ndarray]  # sparse feature -> table rows (history features: ``hist_len`` per example)
+    hist_len: np.ndarray  # (B,) int64
+    dense: np.ndarray  # (B, F) float32
+    labels: np.ndarray  # (B,) float32
+    event_time_ms: np.ndarray  # (B,) int64
+    example_ids: list[str]
+    versions: list[str | None]  # each example's LUM model version (``lum_versions`` counts them once trained)
+    odd: list[tuple[int, str, int]]  # (row, case, count): odd LUM inputs (``lum_stats`` counts them once trained)
+    collisions: dict | None = None  # the featurizing process's ``collision_report()``, where that is another one
+
+    def __len__(self) -> int:
+        return len(self.example_ids)
+
+    def cut(self, i: int, j: int) -> FeatureColumns:
+        h = np.concatenate(([0], np.cumsum(self.hist_len)))
+        return FeatureColumns({f: v[h[i]:h[j]] if f.startswith("history_") else v[i:j] for f, v in self.rows.items()},
+                              self.hist_len[i:j], self.dense[i:j], self.labels[i:j], self.event_time_ms[i:j],
+                              self.example_ids[i:j], self.versions[i:j],
+                              [(r - i, k, n) for r, k, n in self.odd if i <= r < j], self.collisions)
+
+    @staticmethod
+    def concat(parts: list[FeatureColumns]) -> FeatureColumns:
+        if len(parts) == 1:
+            return parts[0]
+        starts = np.cumsum([0] + [len(p) for p in parts[:-1]]).tolist()
+        cat = np.concatenate
+        return FeatureColumns({f: cat([p.rows[f] for p in parts]) for f in parts[0].rows},
+                              cat([p.hist_len for p in parts]), cat([p.dense for p in parts]),
+                              cat([p.labels for p in parts]), cat([p.event_time_ms for p in parts]),
+                              [i for p in parts for i in p.example_ids], [v for p in parts for v in p.versions],
+                              [(r + s, k, n) for p, s in zip(parts, starts) for r, k, n in p.odd], parts[-1].collisions)
+
+    def batch(self) -> FeatureBatch:
+        return FeatureBatch(torch.from_numpy(self.dense), _kjt(self.rows, self.hist_len),
+                            torch.from_numpy(self.labels), self.event_time_ms, self.example_ids, self)
 
 
 def resolve_lum_dims(cfg: DLRMConfig, examples: list[TrainingExample]) -> DLRMConfig:
@@ -226,7 +282,9 @@ def resolve_lum_dims(cfg: DLRMConfig, examples: list[TrainingExample]) -> DLRMCo
 
 
 class Featurizer:
-    def __init__(self, cfg: DLRMConfig, track_collisions: bool = True):
+    def __init__(self, cfg: DLRMConfig, track_collisions: bool = True, remote: bool = False):
+        """``remote``: this featurizer runs in a process of its own; what it featurizes carries its collision
+        figures, which the trainer's featurizer then reports (``count``)."""
         if cfg.feature_layout != FEATURE_LAYOUT:
             raise ValueError(f"this DLRM was built for dense feature layout {cfg.feature_layout}; this build computes "
                              f"layout {FEATURE_LAYOUT} (trainers.dlrm.model.FEATURE_LAYOUT): retrain it")
@@ -244,6 +302,7 @@ class Featurizer:
                 if (cat := condition_category(c)) is not None:
                     self.cat_index.setdefault(cat, k)
         self._scenario_ids: dict[str, int] = {}
+        self.remote, self.remote_collisions = remote, None
 
     def scenario_id(self, s: str) -> int:
         v = self._scenario_ids.get(s)
@@ -251,12 +310,27 @@ class Featurizer:
             v = self._scenario_ids[s] = condition_id("scenario", s)  # the tokenizer's stable 63-bit hash
         return v
 
-    def __call__(self, examples: list[TrainingExample] | ExampleColumns) -> FeatureBatch:
+    def __call__(self, examples: list[TrainingExample] | ExampleColumns, *, count: bool = True) -> FeatureBatch:
         """Batch-native: one C-level pass per column group (attrgetter + numpy), no per-example Python code
         except for LUM vectors outside the binary fast path. ``ExampleColumns`` (decoded from the wire by
-        ``schemas.codec.decode_columns``) are featurized from their columns."""
+        ``schemas.codec.decode_columns``) are featurized from their columns. ``count=False``: ``lum_stats`` and
+        ``lum_versions`` count the batch later, by ``count`` (once it is trained)."""
+        fb = self.columns(examples).batch()
+        if count:
+            self.count(fb.columns)
+        return fb
+
+    def count(self, fc: FeatureColumns) -> None:
+        self.lum_versions.update(v for v in fc.versions if v is not None)
+        for _, case, n in fc.odd:
+            self.lum_stats[case] += n
+        if fc.collisions is not None:  # featurized in another process, which tracked the ids
+            self.remote_collisions = fc.collisions
+
+    def columns(self, examples: list[TrainingExample] | ExampleColumns) -> FeatureColumns:
+        """The batch's inputs as numpy arrays (``FeatureColumns``); nothing is counted yet."""
         if isinstance(examples, ExampleColumns):
-            return self.from_columns(examples)
+            return self._from_columns(examples)
         B, H = len(examples), self.cfg.history_len
         cols = np.array(list(map(_SCALARS, examples)), dtype=np.int64).reshape(B, len(_SCALAR_NAMES))
         hist_items = [h[-H:] for h in map(_HIST_ITEMS, examples)]
@@ -272,13 +346,14 @@ class Featurizer:
             "history_categories": np.fromiter(chain.from_iterable(hist_cats), dtype=np.int64, count=n_hist),
         }
         has_query = np.fromiter((q is not None for q in map(_QUERY, examples)), dtype=np.float32, count=B)
-        lum = self.lum_arrays(examples) if self.cfg.features == "lum" else None
-        dense, sparse = self.encode(raw, hist_len, has_query, lum)
-        labels = torch.from_numpy(cols[:, 5].astype(np.float32))
-        return FeatureBatch(dense, sparse, labels, cols[:, 4].copy(), list(map(_EXAMPLE_ID, examples)))
+        odd: list[tuple[int, str, int]] = []
+        lum = self.lum_arrays(examples, odd) if self.cfg.features == "lum" else None
+        rows, dense = self.arrays(raw, hist_len, has_query, lum)
+        return FeatureColumns(rows, hist_len, dense, cols[:, 5].astype(np.float32), cols[:, 4].copy(),
+                              list(map(_EXAMPLE_ID, examples)), [ex.lum_model_version for ex in examples], odd,
+                              self._report_collisions())
 
-    def from_columns(self, c: ExampleColumns) -> FeatureBatch:
-        """``__call__`` of decoded columns: numpy over the batch, no per-example object."""
+    def _from_columns(self, c: ExampleColumns) -> FeatureColumns:
         B, H = len(c), self.cfg.history_len
         hist_len = np.diff(c.hist_off)
         items, cats = c.history_items, c.history_categories
@@ -289,18 +364,23 @@ class Featurizer:
                "scenario": np.fromiter(map(self.scenario_id, c.scenario), dtype=np.int64, count=B),
                "position": c.position, "history_items": items, "history_categories": cats}
         has_query = c.present("query").astype(np.float32)
-        lum = self.lum_columns(c) if self.cfg.features == "lum" else None
-        dense, sparse = self.encode(raw, hist_len, has_query, lum)
-        return FeatureBatch(dense, sparse, torch.from_numpy(c.label.astype(np.float32)), c.event_time_ms.copy(),
-                            list(c.example_id))
+        odd: list[tuple[int, str, int]] = []
+        lum = self.lum_columns(c, odd) if self.cfg.features == "lum" else None
+        rows, dense = self.arrays(raw, hist_len, has_query, lum)
+        return FeatureColumns(rows, hist_len, dense, c.label.astype(np.float32), c.event_time_ms.copy(),
+                              list(c.example_id), list(c.lum_model_version), odd, self._report_collisions())
 
-    def lum_columns(self, c: ExampleColumns) -> LumArrays:
+    def _report_collisions(self) -> dict | None:
+        """Where this featurizer runs in a process of its own (the Kafka adapter's decoder), its collision figures
+        travel with what it featurizes."""
+        return self.collision_report() if self.remote and self.collisions is not None else None
+
+    def lum_columns(self, c: ExampleColumns, odd: list) -> LumArrays:
         """``lum_arrays`` of decoded columns: rows whose conditions are exactly the configured list, with every
         vector of size D and an item vector, are gathered from the flat float64 values at once; the others (rare)
         go through the per-example path."""
         K, D, B = len(self.cfg.lum_conditions), self.cfg.lum_dim, len(c)
         conds, full = self.cfg.lum_conditions, K * D + D
-        self.lum_versions.update(v for v in c.lum_model_version if v is not None)
         own = np.fromiter((self.cond_index.get(f"scenario={s}", -1) for s in c.scenario), dtype=np.int64, count=B)
         n_vec = np.diff(c.dims_off)
         same = np.fromiter((x == conds for x in c.lum_conditions), dtype=bool, count=B)
@@ -323,31 +403,30 @@ class Featurizer:
             nu = int(c.n_user[b])
             row = SimpleNamespace(lum_conditions=c.lum_conditions[b], lum_user=vecs[:nu] if nu >= 0 else None,
                                   lum_item=vecs[-1] if c.has_item[b] else None, category_id=int(c.category_id[b]))
-            self._lum_slow(row, b, U, u_ok, item, i_ok, cat, cat_ok)
+            self._lum_slow(row, b, U, u_ok, item, i_ok, cat, cat_ok, odd)
         return self.own_category(LumArrays(U, u_ok, item, i_ok, own, cat, cat_ok), c.category_id)
 
     def encode(self, raw: dict[str, np.ndarray], hist_len: np.ndarray, has_query: np.ndarray,
                lum: LumArrays | None) -> tuple[torch.Tensor, object]:
         """Raw id columns (history flattened, ``hist_len`` per row) -> (dense (B, F), KJT). Shared with serving."""
-        from torchrec import KeyedJaggedTensor
+        rows, dense = self.arrays(raw, hist_len, has_query, lum)
+        return torch.from_numpy(dense), _kjt(rows, hist_len)
 
+    def arrays(self, raw: dict[str, np.ndarray], hist_len: np.ndarray, has_query: np.ndarray,
+               lum: LumArrays | None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """``encode`` as numpy: (table rows per sparse feature, dense (B, F))."""
         cfg, B = self.cfg, len(hist_len)
-        values, lengths = [], []
+        rows = {}
         for f in SPARSE_FEATURES:
             table = FEATURE_TABLE[f]
             if f == "position":  # small ints: clip into the table instead of hashing
-                rows = np.minimum(raw[f], cfg.table_rows[table] - 1)
+                rows[f] = np.minimum(raw[f], cfg.table_rows[table] - 1)
             elif cfg.ids == "mch":  # raw ids: the model's managed-collision modules assign rows
-                rows = raw[f]
+                rows[f] = raw[f]
             else:
-                rows = hash_ids(raw[f], cfg.table_rows[table], _SALT[table])
+                rows[f] = hash_ids(raw[f], cfg.table_rows[table], _SALT[table])
                 if self.collisions is not None:
-                    self.collisions[table].update(raw[f], rows)
-            values.append(rows)
-            lengths.append(hist_len if f.startswith("history_") else np.ones(B, dtype=np.int64))
-        sparse = KeyedJaggedTensor.from_lengths_sync(
-            keys=list(SPARSE_FEATURES), values=torch.from_numpy(np.concatenate(values)),
-            lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int32)))
+                    self.collisions[table].update(raw[f], rows[f])
         dense = np.zeros((B, self.n_dense), dtype=np.float32)
         dense[:, 0] = np.log1p(raw["position"])
         dense[:, 1] = np.log1p(hist_len)
@@ -358,9 +437,9 @@ class Featurizer:
         dense[:, 4] = same_cat / np.maximum(hist_len, 1)
         if cfg.features == "lum":
             dense[:, len(BASELINE_DENSE):] = lum_dense(*lum, direct=cfg.lum_inputs == "full", contrasts=cfg.lum_contrast)
-        return torch.from_numpy(dense), sparse
+        return rows, dense
 
-    def lum_arrays(self, examples: list[TrainingExample]) -> LumArrays:
+    def lum_arrays(self, examples: list[TrainingExample], odd: list) -> LumArrays:
         """Examples' LUM fields as arrays in the configured condition order; odd cases counted, never fatal.
 
         Fast path: examples decoded from the binary format whose conditions are exactly the configured list,
@@ -373,14 +452,12 @@ class Featurizer:
         conds, full = self.cfg.lum_conditions, K * D + D
         fast, raws = [], []
         for b, ex in enumerate(examples):
-            if ex.lum_model_version is not None:
-                self.lum_versions[ex.lum_model_version] += 1
             raw = ex.__pydantic_private__.get("_lum_f64") if ex.__pydantic_private__ else None
             if raw is not None and len(raw) == 8 * full and ex.lum_conditions == conds:
                 fast.append(b)
                 raws.append(raw)
                 continue
-            self._lum_slow(ex, b, U, u_ok, item, i_ok, cat, cat_ok)
+            self._lum_slow(ex, b, U, u_ok, item, i_ok, cat, cat_ok, odd)
         if fast:
             flat = np.frombuffer(b"".join(raws), dtype="<f8").reshape(len(fast), full)
             U[fast] = flat[:, :K * D].reshape(-1, K, D)
@@ -403,8 +480,9 @@ class Featurizer:
             cat[rows], cat_ok[rows] = U[rows, k[rows]], u_ok[rows, k[rows]]
         return lum._replace(cat=cat, cat_ok=cat_ok)
 
-    def _lum_slow(self, ex: TrainingExample, b: int, U, u_ok, item, i_ok, cat, cat_ok) -> None:
-        K, D, st = len(self.cfg.lum_conditions), self.cfg.lum_dim, self.lum_stats
+    def _lum_slow(self, ex: TrainingExample, b: int, U, u_ok, item, i_ok, cat, cat_ok, odd: list) -> None:
+        """Row ``b`` from its model fields; each odd case is appended to ``odd`` as (b, case, count)."""
+        K, D, st = len(self.cfg.lum_conditions), self.cfg.lum_dim, Counter()
         if ex.lum_user is None:
             st["user_absent"] += 1
         else:
@@ -431,6 +509,9 @@ class Featurizer:
             st["item_dim_mismatch"] += 1
         else:
             item[b], i_ok[b] = ex.lum_item, 1.0
+        odd += [(b, case, n) for case, n in st.items() if n]
 
     def collision_report(self) -> dict[str, dict]:
+        if self.remote_collisions is not None:
+            return self.remote_collisions
         return {t: s.report() for t, s in (self.collisions or {}).items() if t != "position"}

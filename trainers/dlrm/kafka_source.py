@@ -11,10 +11,13 @@ therefore never run ahead of the durable model; they exist for lag monitoring an
 
 Each fetch (up to a batch of messages) is decoded in one call (``schemas.codec.decode_columns``: every check a
 column at a time, no per-message object), in the trainer's prefetch thread, or in a child process
-(``trainers.dlrm.decoder``; by default where more than 2 CPUs are available) while this side takes the previous
+(``trainers.dlrm.decoder``; by default where 2 or more CPUs are available) while this side takes the previous
 fetch and fetches the next. A batch is ``schemas.codec.ExampleColumns`` (column slices of its fetches, joined),
 which the featurizer reads directly; the fetch's partitions, offsets and values are columns too (C-level maps),
-and the dedup keys of a batch are computed here, so the step's thread only looks them up.
+and the dedup keys are computed with the decoding (``decoder.decode_fetch``), so the step's thread only looks them
+up. Once the trainer's model exists it hands its config over (``featurize_with``) and the decoder process also
+featurizes each fetch (``features.FeatureColumns``, cut and joined with the columns): batches then arrive with
+their features, and the step's process only trains.
 
 Undecodable or invalid messages (non-finite vectors included) go to dead-letters and are skipped; their
 offsets still advance with the batch they were found in. ``dead_letter_batch`` sends a whole batch (the trainer
@@ -41,13 +44,13 @@ from typing import NamedTuple
 
 from confluent_kafka import OFFSET_INVALID, Consumer, KafkaError, Message, TopicPartition
 
-from schemas.codec import ExampleColumns, LazyVectors, decode_columns
+from schemas.codec import ExampleColumns, LazyVectors
 from schemas.settings import KafkaSettings
 from schemas.topics import TRAINING_EXAMPLES, key_of
 from streaming.kafka import DeadLetters, Output, group_consumer
 
-from .decoder import DecoderProcess
-from .dedup import RecentIds
+from .decoder import DecoderProcess, decode_fetch
+from .features import FeatureColumns
 from .train import Batch
 
 log = logging.getLogger(__name__)
@@ -82,9 +85,10 @@ class KafkaExamples:
         self.targets: dict[int, int] = {}  # partition -> high-water mark at first fetch (until_caught_up)
         self.revoked = self.closing = False
         self.consumed = 0
-        # None: a child process where there is a core to spare. On 2 cores (the step's, and the broker's and ours
-        # shared) its extra CPU, pickling both ways, costs more than the overlap gains (measured).
-        self.decoder_process = len(os.sched_getaffinity(0)) > 2 if decoder_process is None else decoder_process
+        # None: a child process wherever there is a second core. Decoding in the reading thread holds the GIL
+        # against the step's Python; on 2 cores (broker included) the child's ~0.25 core of decoding and pickling
+        # costs less than that (measured: end to end 0.86-0.96 of featurize + step against 0.71-0.76).
+        self.decoder_process = len(os.sched_getaffinity(0)) >= 2 if decoder_process is None else decoder_process
         self.decoder: DecoderProcess | None = None
 
     # -------------------------------------------------------------------------------- group membership
@@ -127,7 +131,7 @@ class KafkaExamples:
         self.decoder = DecoderProcess() if self.decoder_process else None
         fetched: deque = deque()  # fetches submitted to the decoder process, oldest first
         last_msg_t = self._batch_t0 = time.monotonic()
-        self._parts, self._n, self._sources = [], 0, []
+        self._parts, self._n, self._sources, self._keys, self._features = [], 0, [], [], []
         try:
             while not self.stop() and not self.revoked:
                 want = self._left()  # at the end of the topic, no waiting for a batch that cannot fill
@@ -137,7 +141,7 @@ class KafkaExamples:
                 if fetch is not None:
                     last_msg_t = now
                     if self.decoder is None:
-                        yield from self._take(fetch, decode_columns(fetch.values))
+                        yield from self._take(fetch, decode_fetch(fetch.values))
                     else:  # the child decodes this fetch while we take the previous one and fetch the next
                         self.decoder.submit(fetch.values)
                         fetched.append(fetch)
@@ -181,10 +185,16 @@ class KafkaExamples:
         self.fetched_to.update(zip(parts, nexts))
         return _Fetch(msgs, parts, offsets, nexts, list(map(Message.value, msgs)))
 
-    def _take(self, fetch: _Fetch, decoded: tuple[ExampleColumns, dict]) -> Iterator[Batch]:
+    def featurize_with(self, cfg) -> None:
+        """The trainer's model config, once it exists: the decoder process (if any) featurizes from now on, so
+        that batches arrive with their ``features``. Called from the thread that iterates this reader."""
+        if self.decoder is not None:
+            self.decoder.featurize_with(cfg)
+
+    def _take(self, fetch: _Fetch, decoded: tuple) -> Iterator[Batch]:
         """Account a decoded fetch in order: examples to the batch (column slices), bad messages to dead-letters;
         a full batch is yielded at once, so its offsets cover exactly the messages taken so far."""
-        cols, errors = decoded
+        cols, errors, keys, features = decoded
         n, parts, offsets = len(fetch.values), fetch.parts, fetch.offsets
         self.consumed += n
         where = range(n) if not errors else [k for k in range(n) if k not in errors]  # each row's message
@@ -193,8 +203,11 @@ class KafkaExamples:
             j = min(len(cols), i + self.batch_size - self._n)
             end = where[j - 1] + 1
             self._account(fetch, errors, done, end)
-            self._parts.append(cols if j - i == len(cols) else cols[i:j])
+            whole = j - i == len(cols)
+            self._parts.append(cols if whole else cols[i:j])
+            self._features.append(features if whole or features is None else features.cut(i, j))
             self._n += j - i
+            self._keys += keys[i:j]
             if not errors:
                 self._sources += zip(parts[i:j], offsets[i:j])
             else:
@@ -214,10 +227,12 @@ class KafkaExamples:
         self.positions.update(zip(fetch.parts[a:b], fetch.nexts[a:b]))  # in fetch order: the last per partition
 
     def _batch(self) -> Batch:
-        # The dedup keys here, in the reader thread, so that the step's thread only looks them up.
         examples = ExampleColumns.concat(self._parts) if self._parts else ExampleColumns.empty()
-        b = Batch(examples, dict(self.positions), self._sources, keys=RecentIds.keys(examples.example_id))
-        self._parts, self._n, self._sources, self._batch_t0 = [], 0, [], time.monotonic()
+        features = (FeatureColumns.concat(self._features).batch()
+                    if self._features and all(f is not None for f in self._features) else None)
+        b = Batch(examples, dict(self.positions), self._sources, keys=self._keys, features=features)
+        self._parts, self._n, self._sources, self._keys, self._features = [], 0, [], [], []
+        self._batch_t0 = time.monotonic()
         return b
 
     def _record(self, parts: list[int]) -> None:

@@ -5,8 +5,10 @@ checkpoints that hold everything needed to resume (config, model, optimizers, st
     train(cfg, batches, checkpoint_dir="ckpt/lum")      # batches: iterable of Batch or list[TrainingExample]
     torchrun --nproc-per-node 2 -m trainers.dlrm.train --demo DIR [--ids mch]   # DMP over 2 CPU processes (gloo)
 
-Batches are read ``prefetch`` ahead in a thread (fetching overlaps the step; the Kafka adapter, ``kafka_source``,
-can decode in a child process so that decoding does too). ``lum train`` wires the two together.
+Batches are read ``prefetch`` ahead in a thread, which at world size 1 also featurizes them once the model exists
+(fetching and featurizing overlap the step; the Kafka adapter, ``kafka_source``, can decode in a child process so
+that decoding does too; a batch from which admission then drops examples is featurized again, in the step).
+``lum train`` wires the two together.
 
 Progressive validation: each batch is scored by the model *before* it trains on that batch. The training
 forward pass already does exactly that (the fused embedding optimizer and Adam update only after the
@@ -69,7 +71,7 @@ from schemas.events import TrainingExample
 from ..checkpoint import Refuse, atomic_write, candidates, load_newest_good
 from ..checkpoint import latest as latest_checkpoint
 from .dedup import RecentIds
-from .features import Featurizer, resolve_lum_dims
+from .features import FeatureBatch, Featurizer, resolve_lum_dims
 from .metrics import StreamingMetrics
 from .model import TABLES, DLRMConfig, build_model, mch_sharder, reset_evicted_rows_on_cpu
 
@@ -85,6 +87,7 @@ class Batch:
     sources: list[tuple[int, int]] | None = None  # (partition, offset) of each example, for dead letters
     weights: list[float] | None = None  # 0 for padding rows (world size > 1); None: all 1
     keys: list[int] | None = None  # RecentIds.key of each example, if the source computed them
+    features: FeatureBatch | None = None  # the examples featurized ahead (prefetch thread or the source)
 
 
 def ensure_process_group() -> tuple[int, int]:
@@ -143,6 +146,7 @@ class Trainer:
         self.offsets: dict[int, int] = {}
         self.metrics = StreamingMetrics(window_ms)
         self._pending_ids: list[str] = []
+        self._featurizing = threading.Lock()  # the featurizer's state: used by the step's and the prefetch thread
         self._since_ckpt, self._last_ckpt_t, self._unsaved = 0, time.monotonic(), False
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -230,7 +234,7 @@ class Trainer:
         if dropped:
             log.info("dropping %d re-delivered example(s)", dropped)
             batch = Batch([batch.examples[i] for i in keep], batch.offsets,
-                          [batch.sources[i] for i in keep] if batch.sources else None)
+                          [batch.sources[i] for i in keep] if batch.sources else None)  # featurized again
         batch._keys, batch._dups = keys, dropped  # counted once trained (a checkpoint may come in between)
         return batch
 
@@ -250,7 +254,12 @@ class Trainer:
         if not batch.examples:  # e.g. every message was dead-lettered: only the offsets move
             return None
         self.ensure_model(batch.examples)
-        fb = self.featurizer(batch.examples)
+        fb = batch.features
+        with self._featurizing:
+            if fb is None:
+                fb = self.featurizer(batch.examples)
+            else:  # featurized ahead: counted now that it trains as it is
+                self.featurizer.count(fb.columns)
         self.model.train()
         dev = self.device
         dense, sparse, labels = ((fb.dense, fb.sparse, fb.labels) if dev.type == "cpu" else
@@ -429,7 +438,11 @@ class Trainer:
         ``batches`` is read on rank 0 only (other ranks may pass None), ``prefetch`` batches ahead in a thread
         so that fetching and decoding overlap the step; rank 0 decides and broadcasts every step.
         """
-        source = _Prefetch(iter(batches) if self.rank == 0 and batches is not None else iter(()), prefetch)
+        it = iter(batches) if self.rank == 0 and batches is not None else iter(())
+        if self.world == 1 and prefetch > 0:  # featurized in the prefetch thread too, beside the step
+            self._source, self._told_source = batches, False
+            it = map(self._featurize_ahead, it)
+        source = _Prefetch(it, prefetch)
         try:
             self._loop(source, on_durable, stop, progress_s)
         finally:
@@ -441,6 +454,20 @@ class Trainer:
         if unsaved[0]:
             self.checkpoint(on_durable)
         return self.metrics.overall()
+
+    def _featurize_ahead(self, batch):
+        """``batch`` with its features, once the model (and so the featurizer's config) exists; in the prefetch
+        thread (at world size > 1 each rank featurizes its own share after the split). A source that can
+        featurize beside the step (the Kafka adapter's decoder process: ``featurize_with``) is told the config."""
+        if self.featurizer is not None and not self._told_source:
+            self._told_source = True
+            tell = getattr(self._source, "featurize_with", None)
+            if tell is not None:
+                tell(self.cfg)
+        if isinstance(batch, Batch) and batch.features is None and self.featurizer is not None and len(batch.examples):
+            with self._featurizing:
+                batch.features = self.featurizer(batch.examples, count=False)
+        return batch
 
     def _loop(self, source: Iterator, on_durable, stop, progress_s: float) -> None:
         t0 = last = time.monotonic()

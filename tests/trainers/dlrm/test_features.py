@@ -247,3 +247,4 @@ def test_contrast_columns_give_each_condition_what_it_adds_at_unit_scale():
     assert np.allclose(con[1], [-2, 2, 0], atol=1e-3)
     assert (con[2] == 0).all() and d[2, col["contrast[category]"]] == 0
     assert (con[3] == 0).all()
+

@@ -42,6 +42,37 @@ def test_redelivered_examples_are_trained_once_across_a_restart(tmp_path):
     assert sorted(ids) == sorted(e.example_id for e in exs[:400])
 
 
+@pytest.mark.timeout(120)
+def test_features_computed_ahead_are_dropped_with_admitted_duplicates(tmp_path, monkeypatch):
+    """``fit``'s prefetch thread featurizes a batch before admission drops its re-delivered examples: the step
+    trains and counts exactly what it would have featurized itself."""
+    import threading
+
+    from trainers.dlrm.features import Featurizer
+
+    ahead = []
+    call = Featurizer.__call__
+    monkeypatch.setattr(Featurizer, "__call__", lambda self, exs, **kw: ahead.append(
+        threading.current_thread().name == "dlrm-prefetch") or call(self, exs, **kw))
+    exs = synthetic_examples(900, seed=11)
+    later = [exs[150:350] + exs[160:170], exs[350:500], exs[480:700], exs[700:900]]  # 60, 0, 20, 0 re-delivered
+    runs = []
+    for prefetch in (0, 2):
+        torch.manual_seed(0)
+        t = Trainer(CFG, tmp_path / str(prefetch), record_example_ids=True, dedup_horizon=10_000)
+        t.train_batch(exs[:200])  # the model exists: every later batch can be featurized ahead
+        t.fit([Batch(b) for b in later], prefetch=prefetch)
+        runs.append(t)
+    assert sum(ahead) == 4  # the run with a prefetch thread featurized each batch ahead
+    a, b = runs
+    assert a.examples == b.examples == 900 and a.duplicates == b.duplicates == 80
+    wa, wb = _weights(a), _weights(b)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert a.metrics.overall() == b.metrics.overall()
+    assert a.featurizer.lum_versions == b.featurizer.lum_versions  # nothing counted twice or for a dropped one
+    assert sum(a.featurizer.lum_versions.values()) == sum(e.lum_model_version is not None for e in exs)
+
+
 def test_dedup_horizon_is_bounded():
     t = Trainer(CFG, dedup_horizon=100)
     exs = synthetic_examples(600, seed=8)

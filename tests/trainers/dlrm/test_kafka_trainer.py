@@ -19,9 +19,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from schemas.topics import DEAD_LETTERS, TRAINING_EXAMPLES, key_of
+from trainers.dlrm.features import Featurizer, resolve_lum_dims
 from trainers.dlrm.kafka_source import KafkaExamples
 from trainers.dlrm.model import DLRMConfig
 from trainers.dlrm.synthetic import synthetic_examples
@@ -218,15 +220,24 @@ def test_decoder_process_ignores_stop_signals_and_dies_with_its_trainer():
 def test_decoded_fetch_crosses_the_process_boundary_intact():
     from schemas.codec import DecodeError
     from trainers.dlrm.decoder import DecoderProcess
+    from trainers.dlrm.dedup import RecentIds
 
     examples = synthetic_examples(50, seed=8)
     values = [TRAINING_EXAMPLES.encode(ex) for ex in examples] + [b"junk", _nan_binary(examples[1])]
+    cfg = resolve_lum_dims(DLRMConfig.preset("debug", features="lum"), examples)
     dec = DecoderProcess()
     try:
         dec.submit(values)
-        cols, errors = dec.result()
+        cols, errors, keys, features = dec.result()
+        assert features is None  # not told a model config yet
+        dec.featurize_with(cfg)
+        dec.submit(values)
+        *_, features = dec.result()
     finally:
         dec.close()
+    _assert_same_features(features.batch(), Featurizer(cfg)(examples))
+    assert features.collisions["item"]["distinct_ids"] > 0  # the child's collision figures travel along
+    assert keys == [RecentIds.key(ex.example_id) for ex in examples]  # the dedup keys come with the columns
     assert sorted(errors) == [50, 51] and all(isinstance(e, DecodeError) for e in errors.values())
     assert "non-finite" in str(errors[51])
     assert cols.to_models() == examples
@@ -248,15 +259,25 @@ class _Msg:
         return self.o
 
 
-def _accounting(fetches: list[list[tuple[int, int, object]]], batch_size: int):
+def _assert_same_features(got, want) -> None:
+    assert torch.equal(got.dense, want.dense) and torch.equal(got.labels, want.labels)
+    assert got.example_ids == want.example_ids and (got.event_time_ms == want.event_time_ms).all()
+    assert got.sparse.keys() == want.sparse.keys()
+    assert torch.equal(got.sparse.lengths(), want.sparse.lengths())
+    assert torch.equal(got.sparse.values(), want.sparse.values())
+    assert got.columns.versions == want.columns.versions and got.columns.odd == want.columns.odd
+
+
+def _accounting(fetches: list[list[tuple[int, int, object]]], batch_size: int, featurizer=None):
     """Batches of ``KafkaExamples._take`` over decoded fetches of (partition, offset, example or DecodeError),
     without a broker."""
     from schemas.codec import DecodeError, ExampleColumns
+    from trainers.dlrm.dedup import RecentIds
     from trainers.dlrm.kafka_source import _Fetch
 
     src = object.__new__(KafkaExamples)  # only the accounting state
     src.batch_size, src.positions, src.consumed, src.rec = batch_size, {}, 0, None
-    src._parts, src._n, src._sources, src._batch_t0 = [], 0, [], 0.0
+    src._parts, src._n, src._sources, src._keys, src._features, src._batch_t0 = [], 0, [], [], [], 0.0
     src.dead = type("Dead", (), {"send_message": lambda self, msg, err: None})()
     out = []
     for f in fetches:
@@ -264,7 +285,8 @@ def _accounting(fetches: list[list[tuple[int, int, object]]], batch_size: int):
         fetch = _Fetch([_Msg(p, o) for p, o in zip(parts, offs)], parts, offs, [o + 1 for o in offs], [None] * len(f))
         errors = {k: r for k, (_, _, r) in enumerate(f) if isinstance(r, DecodeError)}
         cols = ExampleColumns.from_examples([r for _, _, r in f if not isinstance(r, DecodeError)])
-        out += list(src._take(fetch, (cols, errors)))
+        features = featurizer.columns(cols) if featurizer is not None and len(cols) else None
+        out += list(src._take(fetch, (cols, errors, RecentIds.keys(cols.example_id), features)))
     return out, src
 
 
@@ -273,6 +295,7 @@ def test_batches_cut_inside_fetches_carry_the_offsets_of_what_they_took(bad):
     """Each batch's offsets are, per partition, one past the last message taken up to it (dead letters included);
     the same whether a fetch holds bad messages or not."""
     from schemas.codec import DecodeError
+    from trainers.dlrm.dedup import RecentIds
 
     fetches, i = [], 0
     exs = synthetic_examples(30, seed=3)
@@ -285,6 +308,11 @@ def test_batches_cut_inside_fetches_carry_the_offsets_of_what_they_took(bad):
             i += 1
         fetches.append(f)
     batches, src = _accounting(fetches, batch_size=4)
+    cfg = resolve_lum_dims(DLRMConfig.preset("debug", features="lum"), exs)
+    featurized, _ = _accounting(fetches, batch_size=4, featurizer=Featurizer(cfg))  # as the decoder process does
+    for a, b in zip(batches, featurized, strict=True):  # features cut and joined with their examples
+        assert a.features is None
+        _assert_same_features(b.features, Featurizer(cfg)(a.examples))
     flat = [m for f in fetches for m in f]
     good = [m for m in flat if not isinstance(m[2], DecodeError)]
     ids = lambda rs: [r.example_id for r in rs]  # noqa: E731
@@ -298,5 +326,6 @@ def test_batches_cut_inside_fetches_carry_the_offsets_of_what_they_took(bad):
         assert b.offsets == want
         assert b.sources == [(p, o) for p, o, r in good if r.example_id in b.examples.example_id]
         assert b.examples.to_models() == [r for _, _, r in good if r.example_id in b.examples.example_id]
+        assert b.keys == RecentIds.keys(b.examples.example_id)  # each example's dedup key, cut with it
     assert src.consumed == len(flat)
     assert src.positions == {p: max(o for q, o, _ in flat if q == p) + 1 for p in range(3)}
