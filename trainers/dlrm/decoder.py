@@ -17,6 +17,7 @@ requests off the pipe as they come, so neither side can block the other on a ful
 
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 import queue
@@ -127,6 +128,8 @@ def main() -> int:
                 return
 
     threading.Thread(target=take, daemon=True).start()
+    # The featurizer's imports (torch: seconds) while the trainer builds its model, not once it hands the config over
+    threading.Thread(target=importlib.import_module, args=("trainers.dlrm.features",), daemon=True).start()
     featurizer = None
     while (data := requests.get()) is not None:
         request = pickle.loads(data)
