@@ -105,12 +105,16 @@ class EmbeddedBroker:
             self.stop()
             raise TimeoutError(f"embedded broker did not answer on {self.bootstrap} within {timeout:.0f}s") from None
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 30.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s``: a broker on S3 storage may still be writing what it acknowledged
+        (slow under load), so the grace is generous and a kill is logged."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self.proc.wait(grace_s)
             except subprocess.TimeoutExpired:
+                log.warning("embedded broker (pid %d) still running %.0f s after SIGTERM: killed; what it had not "
+                            "persisted to %s is lost", self.proc.pid, grace_s, self.storage)
                 self.proc.kill()
                 self.proc.wait()
         self.proc = None

@@ -51,9 +51,10 @@ class DLRMSettings(BaseSettings):
     mch_eviction_interval: int = Field(10, ge=1, description="mch: steps between admissions of new ids (they share "
                                        "one residual row until then)")
     prefetch: int = Field(4, ge=0, description="batches read, decoded and featurized ahead of the step in a thread (0: none)")
-    decoder_process: bool | None = Field(None, description="decode fetched messages in a child process, beside the "
-                                         "step (false: in the reading thread, where it takes turns with the step; "
-                                         "default: a process where 2 or more CPUs are available)")
+    decoder_process: bool | None = Field(None, description="decode and featurize fetched messages in a child "
+                                         "process, beside the step (false: in the reading thread, where they take "
+                                         "turns with the step; default: a process where 2 or more CPUs are "
+                                         "available)")
     threads: int = Field(1, ge=1, description="torch intra-op threads; 1 avoids OpenMP spin-wait stalls on shared cores")
 
 

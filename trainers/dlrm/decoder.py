@@ -18,6 +18,7 @@ requests off the pipe as they come, so neither side can block the other on a ful
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import pickle
 import queue
@@ -30,6 +31,7 @@ from collections import deque
 from pathlib import Path
 from typing import BinaryIO
 
+log = logging.getLogger(__name__)
 _LEN = struct.Struct("<Q")
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,7 +59,12 @@ def decode_fetch(values: list[bytes | None], featurizer=None) -> tuple:
     from .dedup import RecentIds
 
     cols, errors = decode_columns(values)
-    features = featurizer.columns(cols) if featurizer is not None and len(cols) else None
+    features = None
+    if featurizer is not None and len(cols):
+        try:
+            features = featurizer.columns(cols)
+        except Exception:  # noqa: BLE001 - the trainer featurizes these itself (and reports what fails there)
+            log.exception("featurizing a fetch of %d examples failed; the trainer featurizes it", len(cols))
     return cols, errors, RecentIds.keys(cols.example_id), features
 
 

@@ -3,6 +3,7 @@
     from trainers.dlrm.features import Featurizer
     fz = Featurizer(cfg)
     batch = fz(examples)            # FeatureBatch(dense (B, F), sparse KJT, labels (B,), event_time_ms (B,))
+    cols = fz.columns(examples)     # the same as numpy FeatureColumns (picklable, cut/concat by rows); cols.batch()
     fz.collision_report()           # per table: distinct ids seen, share of them sharing a row, expected share
 
 Ids are arbitrary 64-bit values and new ones keep arriving, so each table is indexed by a salted 64-bit mix

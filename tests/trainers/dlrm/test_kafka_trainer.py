@@ -259,6 +259,19 @@ class _Msg:
         return self.o
 
 
+def test_a_fetch_the_decoder_process_cannot_featurize_comes_back_unfeaturized():
+    """The decoder process stays up; the trainer featurizes that batch itself (and reports what fails there)."""
+    from trainers.dlrm.decoder import decode_fetch
+
+    class Broken:
+        def columns(self, cols):
+            raise ValueError("boom")
+
+    examples = synthetic_examples(20, seed=4)
+    cols, errors, keys, features = decode_fetch([TRAINING_EXAMPLES.encode(ex) for ex in examples], Broken())
+    assert features is None and not errors and cols.to_models() == examples and len(keys) == 20
+
+
 def _assert_same_features(got, want) -> None:
     assert torch.equal(got.dense, want.dense) and torch.equal(got.labels, want.labels)
     assert got.example_ids == want.example_ids and (got.event_time_ms == want.event_time_ms).all()
