@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import chain
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -79,10 +79,11 @@ class CollisionStats:
         if len(self.seen) >= self.max_tracked or ids.size == 0:
             return
         uniq, idx = np.unique(ids, return_index=True)
-        new = [i for i, v in enumerate(uniq.tolist()) if v not in self.seen]
+        new = set(uniq.tolist()) - self.seen  # set algebra in C: no Python code per id
         if new:
-            self.seen.update(uniq[new].tolist())
-            rows, n = np.unique(buckets[idx[new]], return_counts=True)
+            self.seen |= new
+            at = idx[np.searchsorted(uniq, np.fromiter(new, dtype=uniq.dtype, count=len(new)))]
+            rows, n = np.unique(buckets[at], return_counts=True)
             old = self.per_row[rows]
             self.colliding += int(np.where(old + n > 1, old + n, 0).sum() - np.where(old > 1, old, 0).sum())
             self.per_row[rows] = old + n
@@ -398,13 +399,17 @@ class Featurizer:
         item[rows] = flat[:, K * D:]
         u_ok[rows] = 1.0
         i_ok[rows] = 1.0
-        for b in np.flatnonzero(~fast).tolist():  # the row's vectors as views of the flat values
+        bare = (c.n_user < 0) & ~c.has_item  # no LUM features at all (e.g. a user not refreshed yet): common
+        for b in np.flatnonzero(bare).tolist():
+            odd += [(b, "user_absent", 1), (b, "item_absent", 1)]  # what the per-example path counts for them
+        for b in np.flatnonzero(~fast & ~bare).tolist():  # the row's vectors as views of the flat values
             vecs = np.split(c.vectors[c.vec_off[b]:c.vec_off[b + 1]],
                             np.cumsum(c.dims[c.dims_off[b]:c.dims_off[b + 1]])[:-1])
             nu = int(c.n_user[b])
             row = SimpleNamespace(lum_conditions=c.lum_conditions[b], lum_user=vecs[:nu] if nu >= 0 else None,
                                   lum_item=vecs[-1] if c.has_item[b] else None, category_id=int(c.category_id[b]))
             self._lum_slow(row, b, U, u_ok, item, i_ok, cat, cat_ok, odd)
+        odd.sort(key=itemgetter(0))  # by row (stable: each row's cases in the per-example path's order)
         return self.own_category(LumArrays(U, u_ok, item, i_ok, own, cat, cat_ok), c.category_id)
 
     def encode(self, raw: dict[str, np.ndarray], hist_len: np.ndarray, has_query: np.ndarray,
