@@ -11,8 +11,8 @@ instead of overlapping it; in the child they run on the other core (on 2 cores s
 from Kafka at 0.88-1.11 of featurize + step in one thread, against 0.58-0.95 with both in the reading thread). The
 child ignores SIGINT and SIGTERM (the trainer's stop signals: the trainer finishes its batch, then closes the
 child) and exits when its stdin closes, so it never outlives the trainer, even one killed with SIGKILL. Framing,
-both ways: u64 length + pickle (the columns and features pickle as a few arrays and lists). A reader thread in the child takes
-requests off the pipe as they come, so neither side can block the other on a full pipe.
+both ways: u64 length + pickle (the columns and features pickle as a few arrays and lists). A reader thread in
+the child takes requests off the pipe as they come, so neither side can block the other on a full pipe.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main() -> int:
     featurizer = None
     while (data := requests.get()) is not None:
         request = pickle.loads(data)
-        if isinstance(request, dict):  # a DLRMConfig's fields: featurize from now on (torch imported only now)
+        if isinstance(request, dict):  # a DLRMConfig's fields: featurize from now on
             from .features import Featurizer
             from .model import DLRMConfig
 
