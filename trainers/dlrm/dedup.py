@@ -50,21 +50,27 @@ class RecentIds:
         return self.ring[c * self.chunk:(c + 1) * self.chunk]
 
     def add(self, k: int) -> None:
-        self.ring[self.cur * self.chunk + self.fill] = k
-        self.cur_set.add(k)
-        self.fill += 1
-        if self.fill == self.chunk:  # seal: sort it for searchsorted, start the oldest chunk over
-            self._chunk(self.cur).sort()
-            self.sealed.append(self.cur)
-            self.cur = (self.cur + 1) % (CHUNKS + 1)
-            if len(self.sealed) > CHUNKS:
-                self.sealed.pop(0)  # the chunk about to be overwritten: its ids are forgotten
-            self.fill = 0
-            self.cur_set = set()
+        self.add_many([k])
 
     def add_many(self, keys: Iterable[int]) -> None:
-        for k in keys:
-            self.add(k)
+        """Append ``keys`` in order, a slice of the chunk being filled at a time (no Python work per key)."""
+        keys = keys if isinstance(keys, list) else list(keys)
+        i = 0
+        while i < len(keys):
+            part = keys[i:i + self.chunk - self.fill]
+            start = self.cur * self.chunk + self.fill
+            self.ring[start:start + len(part)] = part
+            self.cur_set.update(part)
+            self.fill += len(part)
+            i += len(part)
+            if self.fill == self.chunk:  # seal: sort it for searchsorted, start the oldest chunk over
+                self._chunk(self.cur).sort()
+                self.sealed.append(self.cur)
+                self.cur = (self.cur + 1) % (CHUNKS + 1)
+                if len(self.sealed) > CHUNKS:
+                    self.sealed.pop(0)  # the chunk about to be overwritten: its ids are forgotten
+                self.fill = 0
+                self.cur_set = set()
 
     def contains_many(self, keys: Sequence[int]) -> np.ndarray:
         """One bool per key: remembered or not."""
