@@ -64,6 +64,15 @@ class DemoSettings(BaseSettings):
                       "(the demo deletes it on a rerun only if it created it; a folder holding other files is refused)")
 
 
+# What the demo's refresh asks the LUM (each one a LUM_REFRESH_* setting the user's environment overrides). The
+# label-aligned behavior ("click": what the DLRM predicts) and a plain view, two scenarios, and each user's five
+# most frequent recent categories refined by "click", for the candidate's own-category interest match (paper
+# 4.3). The refresh's default, one query per scenario, gets nearly one answer on this stream (scenarios come in
+# sessions, so the last pair already says it; mean pairwise cosine 0.9998) and gave the DLRM nothing the
+# baseline lacked: AUC -0.0008 vs +0.0096 with these (seed 0, same stream).
+REFRESH_QUERIES = {"LUM_REFRESH_CONDITIONS": "behavior=click;behavior=view;scenario=home;scenario=search",
+                   "LUM_REFRESH_TOP_CATEGORIES": "5", "LUM_REFRESH_CATEGORY_BASE": "behavior=click"}
+
 MARKER = ".lum-demo-run"
 
 
@@ -171,6 +180,7 @@ class Demo:
         self.broker = None
         self.refreshes = self.train_rounds = 0
         self.agreement: float | None = None
+        self.features_from_ms = 0
         self.final_agents: dict[str, dict[str, float]] = {}
         self.peak: dict[str, float] = {}
         self._seen: dict[str, tuple[float, float]] = {}  # agent -> (time, events) of the last scrape
@@ -242,21 +252,25 @@ class Demo:
             self.procs.run("pretrain", "pretrain", "--preset", cfg.lum_preset, "--source", "kafka", "--out",
                            str(self.out / "lum"), "--max-steps", str(cfg.lum_steps), timeout=self.left() * 0.4)
         with self._phase("refresh LUM features"):
+            for name, value in REFRESH_QUERIES.items():
+                os.environ.setdefault(name, value)
             self._refresh()
             # The LUM trainer sizes its inputs from the features' contract: conditions and vector size.
             samples = self._lum_features_sample(kafka)
             sample = samples[0]
-            os.environ |= {"LUM_DLRM_LUM_CONDITIONS": ";".join(c.condition for c in sample.conditions),
+            names = input_conditions(sample)
+            os.environ |= {"LUM_DLRM_LUM_CONDITIONS": ";".join(names),
                            "LUM_DLRM_LUM_DIM": str(len(sample.conditions[0].vector))}
             # A two-hour stream (~120k examples) is too short to fit the vectors as ~100 direct inputs: the
             # similarities and presence flags carry the interest match (LUM_DLRM_LUM_INPUTS=full to compare).
             os.environ.setdefault("LUM_DLRM_LUM_INPUTS", "match")
             # How much the query condition changes a user's answer: near 1, the conditions ask one question
             # (the DLRM gets K copies of one similarity), whatever the names say.
-            self.agreement = condition_agreement(samples)
-            self.say(f"  LUM features {sample.model_version}: {len(sample.conditions)} conditions "
-                     f"x {len(sample.conditions[0].vector)} dims; answers' mean pairwise cosine "
-                     f"{_fmt(self.agreement)} over {len(samples)} users")
+            self.agreement = condition_agreement(samples, names)
+            self.features_from_ms = max(f.as_of_ms for f in samples)  # the live stream's impressions come after
+            self.say(f"  LUM features {sample.model_version}: {len(names)} conditions ({'; '.join(names)}) "
+                     f"+ {len(sample.conditions) - len(names)} own-category queries x {len(sample.conditions[0].vector)} "
+                     f"dims; answers' mean pairwise cosine {_fmt(self.agreement)} over {len(samples)} users")
         with self._phase("live stream"):
             live = self.procs.start("produce-live", *produce, "--events", str(cfg.stream_events), "--rate",
                                     str(cfg.rate), "--skip", str(cfg.warmup_events))
@@ -356,6 +370,15 @@ class Demo:
     def _lag(m: dict[str, dict[str, float]]) -> float:
         return sum(a.get("lag", 0) for a in m.values())
 
+    def _lead(self) -> dict:
+        from trainers.dlrm.report import load_metrics
+
+        try:
+            runs = [load_metrics(self.out / f"dlrm-{f}")[1] for f in ("baseline", "lum")]
+        except SystemExit:  # a trainer wrote no metrics
+            return {"windows": 0}
+        return lead_once_features_exist(*runs, self.features_from_ms)
+
     def _wait_caught_up(self, timeout: float) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
@@ -396,6 +419,12 @@ class Demo:
             print(f"| DLRM {f} | {self.train_rounds} rounds, examples trained | {r.get('examples', 0):,}; "
                   f"last round {rates[f]}; AUC {o.get('auc') or float('nan'):.4f}, NE {o.get('ne') or float('nan'):.4f}, log loss "
                   f"{o.get('logloss') or float('nan'):.4f}, calibration {o.get('calibration') or float('nan'):.3f} |")
+        lead = self._lead()
+        if lead["windows"]:
+            d = lead["deltas"]
+            print(f"| DLRM lum vs baseline | event-time windows from the first LUM features ({_utc(lead['from_ms'])}) | "
+                  f"ahead in {lead['ahead']} of {lead['windows']}; AUC difference per window {min(d):+.4f} to "
+                  f"{max(d):+.4f} (mean {sum(d) / len(d):+.4f}) |")
         print("\n| phase | seconds |\n|---|---:|")
         for name, sec in self.timings.items():
             print(f"| {name} | {sec:.0f} |")
@@ -406,14 +435,40 @@ class Demo:
               f"(bound {self.cfg.minutes:.0f} min)")
 
 
-def condition_agreement(features: list) -> float | None:
-    """Mean over users of the mean pairwise cosine between a user's condition answers (``LumFeatures``): 1.0
-    when the conditions do not change the answer. None when no user has two answers."""
+def lead_once_features_exist(baseline: list[dict], lum: list[dict], from_ms: int) -> dict:
+    """The LUM arm's AUC minus the baseline's in each event-time window (``load_metrics`` rows) that starts at or
+    after ``from_ms`` (when the first LUM features exist; before it the LUM arm has no LUM inputs, and its gap
+    is the noise of a different model): {"from_ms", "windows", "ahead", "deltas"}."""
+    base = {w["window_start_ms"]: w["auc"] for w in baseline if w.get("auc") is not None}
+    deltas = [w["auc"] - base[w["window_start_ms"]] for w in lum
+              if w["window_start_ms"] >= from_ms and w.get("auc") is not None and w["window_start_ms"] in base]
+    return {"from_ms": from_ms, "windows": len(deltas), "ahead": sum(d > 0 for d in deltas), "deltas": deltas}
+
+
+def _utc(ms: int) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%H:%M")
+
+
+def input_conditions(features) -> list[str]:
+    """The conditions of a ``LumFeatures`` that the DLRM takes as inputs: all but the per-user category queries
+    (``LUM_REFRESH_TOP_CATEGORIES``), which differ between users and are matched to a candidate by its
+    category instead."""
+    from trainers.dlrm.features import condition_category
+
+    return [c.condition for c in features.conditions if condition_category(c.condition) is None]
+
+
+def condition_agreement(features: list, names: list[str] | None = None) -> float | None:
+    """Mean over users of the mean pairwise cosine between a user's condition answers (``LumFeatures``), over
+    the conditions in ``names`` (default: all): 1.0 when the conditions do not change the answer. None when
+    no user has two answers."""
     import numpy as np
 
     per_user = []
     for f in features:
-        v = np.array([c.vector for c in f.conditions], dtype=np.float64)
+        v = np.array([c.vector for c in f.conditions if names is None or c.condition in names], dtype=np.float64)
         if len(v) < 2:
             continue
         v /= np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)

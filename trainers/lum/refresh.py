@@ -22,7 +22,7 @@ Under torchrun (``lum refresh --nproc N``) rank 0 reads the topic and hands ever
 answers users r, r+N, ... and its share of the items; rank 0 stores the offsets only after every rank has
 delivered. The published vectors are those of one process.
 Settings: ``LUM_REFRESH_*`` (``RefreshSettings``). Conditions are separated by ';' (a condition may
-contain ',', e.g. ``category=17,behavior=buy``). ``LUM_REFRESH_TOP_CATEGORIES=N`` also publishes, per user,
+contain ',', e.g. ``category=17,behavior=buy``). ``LUM_REFRESH_TOP_CATEGORIES=N`` (default 5) also publishes, per user,
 ``LUM_REFRESH_CATEGORY_BASE`` refined by each of the user's N most frequent recent categories
 (``behavior=buy,category=17``): the DLRM matches a candidate against the one of its own category.
 Metrics on ``LUM_METRICS_PORT`` (rank r: + r; ``schemas.metrics``, job ``refresh``): users and items refreshed,
@@ -68,7 +68,9 @@ class RefreshSettings(BaseSettings):
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda'")
     group: str = Field("lum-refresh", description="consumer group id (offsets live in the state file)")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default); 1 on shared small hosts")
-    top_categories: int = Field(0, ge=0, le=32,
+    # On the synthetic demo these queries carry the LUM's lift (AUC +0.0096 and +0.0037 on two seeds; without
+    # them +0.0009 and -0.0008): the per-condition answers alone are nearly one vector there.
+    top_categories: int = Field(5, ge=0, le=32,
                                 description="also publish CATEGORY_BASE,category=c for each user's N most frequent "
                                             "recent categories (the DLRM's own-category interest match); 0: off")
     category_base: str = Field("any", description="the condition those per-category queries refine "
@@ -233,13 +235,18 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     last_log = time.perf_counter()
     for b in range(0, len(mine), settings.users_per_batch):
         chunk = mine[b:b + settings.users_per_batch]
-        vecs = condition_outputs(model, chunk, conds, settings.users_per_batch, device).tolist()  # (u, K, D)
         per_cat: list[list[tuple[str, list[float]]]] = [[] for _ in chunk]
         if settings.top_categories and model.cfg.use_conditions:
+            # One group-query pass answers the shared conditions and each user's category queries together.
             qc, cols = top_category_conditions(chunk, settings.category_base, settings.top_categories,
                                                model.cfg.max_pairs)
-            cv = condition_outputs(model, chunk, qc, settings.users_per_batch, device).tolist()
-            per_cat = [[(name, v[k]) for name, k in col if name not in names] for col, v in zip(cols, cv)]
+            both = np.concatenate([np.broadcast_to(conds, (len(chunk), *conds.shape)), qc], axis=1)
+            out = condition_outputs(model, chunk, both, settings.users_per_batch, device).tolist()  # (u, K + n, D)
+            K = len(names)
+            vecs = [v[:K] for v in out]
+            per_cat = [[(name, v[K + k]) for name, k in col if name not in names] for col, v in zip(cols, out)]
+        else:
+            vecs = condition_outputs(model, chunk, conds, settings.users_per_batch, device).tolist()  # (u, K, D)
         for seq, v, extra in zip(chunk, vecs, per_cat):
             msg = LumFeatures(user_id=seq.user_id, model_version=version, computed_at_ms=now,
                               as_of_ms=as_of[seq.user_id], trained_until_ms=trained_until,

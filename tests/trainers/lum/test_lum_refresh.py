@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -18,11 +19,12 @@ from deploy.cli import main as lum
 from schemas.codec import decode
 from schemas.events import DeadLetter, ItemEmbedding, LumFeatures
 from schemas.settings import SettingsError, load
-from schemas.tokenize import CONDITION_KINDS, TokenPair, UserSequence
+from schemas.tokenize import CONDITION_KINDS, TokenPair, UserSequence, parse_condition
 from schemas.topics import DEAD_LETTERS, ITEM_EMBEDDINGS, LUM_FEATURES, USER_SEQUENCES, key_of
 from trainers.lum.model import PRESETS, LumModel
 from trainers.lum.pretrain import load_checkpoint, save_checkpoint
-from trainers.lum.refresh import RefreshSettings, refresh_once
+from trainers.lum.packing import Seq
+from trainers.lum.refresh import RefreshSettings, condition_outputs, refresh_once
 
 CONDITIONS = "scenario=home;scenario=search;category=7,behavior=buy"
 T0 = 1_767_225_600_000
@@ -82,7 +84,15 @@ def test_refresh_publishes_changed_users_only_and_new_versions_everyone(kafka, t
     assert sorted(f.user_id for f in feats) == list(users)
     f = feats[0]
     assert f.model_version == version1
-    assert [c.condition for c in f.conditions] == CONDITIONS.split(";")
+    # The configured conditions, then (LUM_REFRESH_TOP_CATEGORIES, default 5) the user's most frequent recent
+    # categories, answered in the same group-query pass exactly as if asked alone.
+    names, K = [c.condition for c in f.conditions], len(CONDITIONS.split(";"))
+    assert names[:K] == CONDITIONS.split(";")
+    newest_first = [p.category_id for p in reversed(users[f.user_id].pairs)]
+    assert names[K:] == [f"category={c}" for c, _ in Counter(newest_first).most_common(5)]
+    alone = condition_outputs(model.eval(), [Seq.from_user_sequence(users[f.user_id])],
+                              np.array([[parse_condition(n)] for n in names]).transpose(1, 0, 2))
+    assert np.allclose(np.array([c.vector for c in f.conditions]), alone[0].numpy(), atol=1e-5)
     assert {len(c.vector) for c in f.conditions} == {PRESETS["debug"].d_model}
     # Point in time: each user's features say up to which event time they have seen.
     assert {f.user_id: f.as_of_ms for f in feats} == {u: s.pairs[-1].event_time_ms for u, s in users.items()}
