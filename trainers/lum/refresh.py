@@ -296,8 +296,9 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
         tmp.replace(spath)
     launch.barrier()
     dt = time.perf_counter() - t0
-    log.info("refresh done: %d users, %d items, %d conditions in %.1fs (%.0f users/s)", len(mine), len(ids),
-             len(names), dt, len(mine) / dt if dt else 0)
+    cats = f" + up to {settings.top_categories} own categories" if settings.top_categories and model.cfg.use_conditions else ""
+    log.info("refresh done: %d users, %d items, %d conditions%s in %.1fs (%.0f users/s)", len(mine), len(ids),
+             len(names), cats, dt, len(mine) / dt if dt else 0)
     return {"model_version": version, "full": not same, "users": [s.user_id for s in mine], "items": len(ids),
             "seconds": dt, "saved_at": meta.get("saved_at")}
 
