@@ -10,14 +10,16 @@ Phases (each a real ``lum`` process, as in production):
   2. agents               ``lum agents``: sequences, export, label join (runs to the end)
   3. warm-up stream       ``lum produce synthetic`` (LUM_DEMO_WARMUP_EVENTS)
   4. pre-train            ``lum pretrain --source kafka`` on the sequences seen so far
-  5. refresh              ``lum refresh`` publishes LUM features + item embeddings (repeated during 6); the
-                          mean pairwise cosine of users' condition answers is printed: near 1, the
-                          conditions barely change the answer, so the DLRM gets one similarity K times
+  5. refresh              ``lum refresh`` publishes LUM features + item embeddings (repeated during 6): the
+                          label-aligned and scenario conditions and each user's top categories
+                          (``REFRESH_QUERIES``); the mean pairwise cosine of users' answers to the shared
+                          conditions is printed: near 1, they barely change the answer
   6. live stream          more events, paced; the joiner now attaches LUM features (point in time) to the
                           examples; refreshes and incremental trainer rounds run while it streams
   7. trainers             ``lum train --features baseline`` and ``--features lum --until-caught-up``, in
                           separate consumer groups on the same examples: a round per interval, a last one at the end
-  8. report               summary table + AUC-over-time PNG (``lum report``)
+  8. report               summary table (with the LUM arm's lead in each window after the first features)
+                          + AUC-over-time PNG (``lum report``)
 Every process is stopped at the end, and on Ctrl-C.
 
 ``LUM_DEMO_OUT`` is the run folder. The demo only ever deletes a folder it created itself (it leaves a
