@@ -68,8 +68,8 @@ class RefreshSettings(BaseSettings):
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu' or 'cuda'")
     group: str = Field("lum-refresh", description="consumer group id (offsets live in the state file)")
     threads: int = Field(0, ge=0, description="torch CPU threads (0: torch's default); 1 on shared small hosts")
-    # On the synthetic demo these queries carry the LUM's lift (AUC +0.0096 and +0.0037 on two seeds; without
-    # them +0.0009 and -0.0008): the per-condition answers alone are nearly one vector there.
+    # On the synthetic demo these queries carry the LUM's lift (AUC +0.0096 and +0.0037 on seeds 0 and 1; on seed
+    # 0 without them, +0.0009 and -0.0008 for two condition lists): the shared answers are nearly one vector there.
     top_categories: int = Field(5, ge=0, le=32,
                                 description="also publish CATEGORY_BASE,category=c for each user's N most frequent "
                                             "recent categories (the DLRM's own-category interest match); 0: off")
