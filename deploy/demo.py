@@ -423,6 +423,8 @@ class Demo:
                   f"{o.get('logloss') or float('nan'):.4f}, calibration {o.get('calibration') or float('nan'):.3f} |")
         lead = self._lead()
         if lead["windows"]:
+            from trainers.dlrm.report import _utc
+
             d = lead["deltas"]
             print(f"| DLRM lum vs baseline | event-time windows from the first LUM features ({_utc(lead['from_ms'])}) | "
                   f"ahead in {lead['ahead']} of {lead['windows']}; AUC difference per window {min(d):+.4f} to "
@@ -445,12 +447,6 @@ def lead_once_features_exist(baseline: list[dict], lum: list[dict], from_ms: int
     deltas = [w["auc"] - base[w["window_start_ms"]] for w in lum
               if w["window_start_ms"] >= from_ms and w.get("auc") is not None and w["window_start_ms"] in base]
     return {"from_ms": from_ms, "windows": len(deltas), "ahead": sum(d > 0 for d in deltas), "deltas": deltas}
-
-
-def _utc(ms: int) -> str:
-    from datetime import datetime, timezone
-
-    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%H:%M")
 
 
 def input_conditions(features) -> list[str]:
