@@ -233,13 +233,13 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     trained_until = meta.get("trained_until_ms")
     feat_topic, item_topic = kafka.topic(LUM_FEATURES), kafka.topic(ITEM_EMBEDDINGS)
     last_log = time.perf_counter()
+    top = settings.top_categories if model.cfg.use_conditions else 0  # an items-only model answers no categories
     for b in range(0, len(mine), settings.users_per_batch):
         chunk = mine[b:b + settings.users_per_batch]
         per_cat: list[list[tuple[str, list[float]]]] = [[] for _ in chunk]
-        if settings.top_categories and model.cfg.use_conditions:
+        if top:
             # One group-query pass answers the shared conditions and each user's category queries together.
-            qc, cols = top_category_conditions(chunk, settings.category_base, settings.top_categories,
-                                               model.cfg.max_pairs)
+            qc, cols = top_category_conditions(chunk, settings.category_base, top, model.cfg.max_pairs)
             both = np.concatenate([np.broadcast_to(conds, (len(chunk), *conds.shape)), qc], axis=1)
             out = condition_outputs(model, chunk, both, settings.users_per_batch, device).tolist()  # (u, K + n, D)
             K = len(names)
@@ -296,9 +296,8 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
         tmp.replace(spath)
     launch.barrier()
     dt = time.perf_counter() - t0
-    cats = f" + up to {settings.top_categories} own categories" if settings.top_categories and model.cfg.use_conditions else ""
     log.info("refresh done: %d users, %d items, %d conditions%s in %.1fs (%.0f users/s)", len(mine), len(ids),
-             len(names), cats, dt, len(mine) / dt if dt else 0)
+             len(names), f" + up to {top} own categories" if top else "", dt, len(mine) / dt if dt else 0)
     return {"model_version": version, "full": not same, "users": [s.user_id for s in mine], "items": len(ids),
             "seconds": dt, "saved_at": meta.get("saved_at")}
 
