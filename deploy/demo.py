@@ -450,12 +450,10 @@ def lead_once_features_exist(baseline: list[dict], lum: list[dict], from_ms: int
 
 
 def input_conditions(features) -> list[str]:
-    """The conditions of a ``LumFeatures`` that the DLRM takes as inputs: all but the per-user category queries
-    (``LUM_REFRESH_TOP_CATEGORIES``), which differ between users and are matched to a candidate by its
-    category instead."""
-    from trainers.dlrm.features import condition_category
-
-    return [c.condition for c in features.conditions if condition_category(c.condition) is None]
+    """The conditions of a ``LumFeatures`` that the DLRM takes as inputs: all but the answers to the user's
+    own-category queries (``LUM_REFRESH_TOP_CATEGORIES``), which differ between users and are matched to a
+    candidate by its category instead."""
+    return [c.condition for c in features.conditions if c.own_category is None]
 
 
 def condition_agreement(features: list, names: list[str] | None = None) -> float | None:

@@ -78,10 +78,24 @@ class ConditionOutput(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
     condition: Annotated[str, Field(min_length=1, max_length=128)]  # e.g. "scenario=search"
     vector: Vector
+    # Set on the answers to the user's own-category queries (``lum refresh``'s top categories): the category
+    # answered. A consumer matches it only against candidates of that category (interest matching, paper 4.3).
+    own_category: Id | None = None
+
+
+# The name under which a TrainingExample carries the candidate's own-category answer (the joiner picks it from
+# the user's ``own_category`` outputs); the DLRM matches it against the candidate's item vector.
+TARGET_CATEGORY = "target_category"
 
 
 class LumFeatures(_Event):
-    """A user's precomputed LUM outputs, one per query condition (compacted topic ``lum-features``)."""
+    """A user's precomputed LUM outputs, one per query condition (compacted topic ``lum-features``).
+
+    Version 2: conditions may carry ``own_category``; version-1 messages (without it) still decode.
+    """
+
+    SCHEMA_VERSION: ClassVar[int] = 2
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1,)
 
     user_id: Id
     model_version: Annotated[str, Field(min_length=1, max_length=128)]

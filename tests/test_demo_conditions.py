@@ -38,12 +38,13 @@ def test_per_user_category_queries_are_not_dlrm_inputs_nor_counted_in_the_agreem
     f = LumFeatures(user_id=1, model_version="m", computed_at_ms=T, as_of_ms=T, conditions=[
         ConditionOutput(condition="behavior=click", vector=[1.0, 0.0]),
         ConditionOutput(condition="scenario=home", vector=[1.0, 0.0]),
-        ConditionOutput(condition="behavior=click,category=17", vector=[0.0, 1.0]),
-        ConditionOutput(condition="category=4", vector=[-1.0, 0.0])])
+        ConditionOutput(condition="behavior=click,category=17", vector=[0.0, 1.0], own_category=17),
+        ConditionOutput(condition="category=4", vector=[-1.0, 0.0], own_category=4),
+        ConditionOutput(condition="behavior=buy,category=3", vector=[1.0, 0.0])])  # configured: an input
     names = input_conditions(f)
-    assert names == ["behavior=click", "scenario=home"]
+    assert names == ["behavior=click", "scenario=home", "behavior=buy,category=3"]
     assert condition_agreement([f], names) == pytest.approx(1.0)
-    assert condition_agreement([f]) == pytest.approx(-1 / 6)  # all six pairs: 1, 0, -1, 0, -1, 0
+    assert condition_agreement([f]) == pytest.approx(0.0)  # all ten pairs: 1, 0, -1, 1, 0, -1, 1, 0, 0, -1
 
 
 def test_lead_counts_only_windows_from_the_first_features():

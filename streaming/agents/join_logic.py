@@ -44,7 +44,7 @@ from pydantic_core import SchemaValidator
 
 from schemas.codec import (FORMAT_JSON, HISTORY_DTYPES, MAGIC, DecodeError, encode_training_example,
                            history_widths)
-from schemas.events import ItemEmbedding, LumFeatures
+from schemas.events import TARGET_CATEGORY, ItemEmbedding, LumFeatures
 from schemas.tokenize import event_key
 from schemas.topics import (BEHAVIORS, IMPRESSIONS, ITEM_EMBEDDINGS, JOINER_CHANGELOG, LATE_CLICKS, LUM_FEATURES,
                             TRAINING_EXAMPLES, key_of)
@@ -389,15 +389,31 @@ def _window_widths(ids: np.ndarray, lo: np.ndarray) -> np.ndarray:
 
 
 class _Lum:
-    """One stored LUM feature version as examples carry it (decoded once per batch)."""
+    """One stored LUM feature version as examples carry it (decoded once per batch): the shared conditions'
+    vectors, and the own-category answers by category, of which an example carries only its candidate's."""
 
-    __slots__ = ("model_version", "conditions", "dims", "vectors")
+    __slots__ = ("model_version", "conditions", "dims", "vectors", "own")
 
     def __init__(self, f: LumFeatures):
         self.model_version = f.model_version
-        self.conditions = [c.condition for c in f.conditions]
-        self.dims = [len(c.vector) for c in f.conditions]
-        self.vectors = array("d", [x for c in f.conditions for x in c.vector]).tobytes()  # float64 LE (wire form)
+        shared = [c for c in f.conditions if c.own_category is None]
+        self.conditions = [c.condition for c in shared]
+        self.dims = [len(c.vector) for c in shared]
+        self.vectors = _f64([x for c in shared for x in c.vector])
+        self.own = {c.own_category: (len(c.vector), _f64(c.vector)) for c in f.conditions
+                    if c.own_category is not None}
+
+    def for_category(self, category: int) -> tuple[list[str], list[int], bytes]:
+        """(condition names, dims, float64 bytes) an example of a ``category`` candidate carries: the shared
+        conditions, then the user's answer for that category as ``TARGET_CATEGORY`` if there is one."""
+        own = self.own.get(category)
+        if own is None:
+            return self.conditions, self.dims, self.vectors
+        return [*self.conditions, TARGET_CATEGORY], [*self.dims, own[0]], self.vectors + own[1]
+
+
+def _f64(values) -> bytes:
+    return array("d", values).tobytes()  # float64 little-endian: the examples' wire form
 
 
 def _fields(topic) -> Callable[[bytes | None], dict]:
@@ -834,11 +850,12 @@ class JoinLogic:
             vectors = b""
             if v is not None:
                 f = lum.get(v.raw) or lum.setdefault(v.raw, _Lum(LUM_FEATURES.decode(v.raw)))
-                mv, conds, user_dims, vectors = f.model_version, f.conditions, f.dims, f.vectors
+                mv = f.model_version
+                conds, user_dims, vectors = f.for_category(imp["category_id"])
                 item = items.get(item_id, mv)  # the same model version, or none
                 if item is not None:
                     item_dim = len(item)
-                    vectors += array("d", item).tobytes()
+                    vectors += _f64(item)
                 elif any(items.get(item_id, ver) is not None for ver in items.by_version):
                     other_version += 1  # dropped rather than mixed
             # Built from validated inputs: encoded without a model object (the hot path).

@@ -62,3 +62,13 @@ def test_vectors_and_lists_are_bounded():
     with pytest.raises(ValueError):
         TrainingExample(**base, history_items=list(range(257)), history_categories=list(range(257)))
     assert TrainingExample(**base, lum_conditions=["any"], lum_user=[[0.1]], lum_item=[0.2]).label == 1
+
+
+def test_lum_features_v1_still_decode_and_v2_carry_own_category():
+    v1 = (b"Lj\x01" b'{"user_id":1,"model_version":"v","computed_at_ms":1767225600000,'
+          b'"conditions":[{"condition":"behavior=buy,category=4","vector":[0.5]}]}')
+    f = codec.decode(LumFeatures, v1)
+    assert f.conditions[0].own_category is None  # a v1 category condition is a shared (configured) one
+    own = f.model_copy(update={"conditions": [f.conditions[0].model_copy(update={"own_category": 4})]})
+    wire = codec.encode(own)
+    assert wire[:3] == b"Lj\x02" and codec.decode(LumFeatures, wire).conditions[0].own_category == 4

@@ -15,9 +15,10 @@ can share a row; ``CollisionStats`` measures how often, against the uniform-hash
 LUM inputs are taken by condition *name*: vectors are reordered to the configured condition list, a
 condition the example lacks is absent (zeros, flag 0), one it has beyond the list is ignored, and a vector
 of the wrong size is treated as absent. Every such case is counted in ``lum_stats``. The target's own-category
-vector (interest matching, paper 4.3) is the example's ``target_category`` vector (a per-candidate group
-query, ``trainers.lum.refresh.category_conditions``), else its condition naming the target's category
-(configured or not, e.g. ``behavior=buy,category=17`` from ``LUM_REFRESH_CONDITIONS``), else absent.
+vector (interest matching, paper 4.3) is the example's ``target_category`` vector (the joiner's pick of the
+user's answer for the candidate's category, or a per-candidate group query), else its condition naming the
+target's category (configured or not, e.g. ``behavior=buy,category=17`` from ``LUM_REFRESH_CONDITIONS``), else
+absent.
 Besides each condition's cosine with the item, the DLRM can get each condition's *contrast* (``contrast``,
 ``DLRMConfig.lum_contrast``): how the item lines up with the direction in which that condition moves the
 user's answer, at unit scale.
@@ -378,27 +379,31 @@ class Featurizer:
         return self.collision_report() if self.remote and self.collisions is not None else None
 
     def lum_columns(self, c: ExampleColumns, odd: list) -> LumArrays:
-        """``lum_arrays`` of decoded columns: rows whose conditions are exactly the configured list, with every
-        vector of size D and an item vector, are gathered from the flat float64 values at once; the others (rare)
-        go through the per-example path."""
+        """``lum_arrays`` of decoded columns: rows whose conditions are exactly the configured list (or that list
+        then ``TARGET_CATEGORY``), with every vector of size D and an item vector, are gathered from the flat
+        float64 values at once, per layout; the others (rare) go through the per-example path."""
         K, D, B = len(self.cfg.lum_conditions), self.cfg.lum_dim, len(c)
-        conds, full = self.cfg.lum_conditions, K * D + D
+        conds, with_cat = self.cfg.lum_conditions, [*self.cfg.lum_conditions, TARGET_CATEGORY]
         own = np.fromiter((self.cond_index.get(f"scenario={s}", -1) for s in c.scenario), dtype=np.int64, count=B)
         n_vec = np.diff(c.dims_off)
-        same = np.fromiter((x == conds for x in c.lum_conditions), dtype=bool, count=B)
-        fast = same & c.has_item & (n_vec == K + 1) & (np.diff(c.vec_off) == full)
+        extra = np.fromiter((0 if x == conds else 1 if x == with_cat else -1 for x in c.lum_conditions),
+                            dtype=np.int64, count=B)  # vectors past the configured ones: the own-category answer
+        fast = (extra >= 0) & c.has_item & (n_vec == K + 1 + extra) & (np.diff(c.vec_off) == (K + 1 + extra) * D)
         if fast.any():  # every vector of size D (the total alone could hide 31 + 33)
             fast &= np.bincount(np.repeat(np.arange(B), n_vec), c.dims != D, minlength=B) == 0
         U, u_ok, item, i_ok, cat, cat_ok = _empty_lum(B, K, D)
-        rows = np.flatnonzero(fast)
-        if len(rows) == B and len(c.vectors) == B * full:  # the usual batch: one reshape, no gather
-            flat = c.vectors.reshape(B, full)
-        else:
-            flat = c.vectors[c.vec_off[rows][:, None] + np.arange(full)]
-        U[rows] = flat[:, :K * D].reshape(-1, K, D)
-        item[rows] = flat[:, K * D:]
-        u_ok[rows] = 1.0
-        i_ok[rows] = 1.0
+        for n in (0, 1):
+            rows, width = np.flatnonzero(fast & (extra == n)), (K + 1 + n) * D
+            if not len(rows):
+                continue
+            if len(rows) == B and len(c.vectors) == B * width:  # the usual batch: one reshape, no gather
+                flat = c.vectors.reshape(B, K + 1 + n, D)
+            else:
+                flat = c.vectors[c.vec_off[rows][:, None] + np.arange(width)].reshape(-1, K + 1 + n, D)
+            U[rows], u_ok[rows] = flat[:, :K], 1.0
+            item[rows], i_ok[rows] = flat[:, -1], 1.0
+            if n:
+                cat[rows], cat_ok[rows] = flat[:, K], 1.0
         bare = (c.n_user < 0) & ~c.has_item  # no LUM features at all (e.g. a user not refreshed yet): common
         for b in np.flatnonzero(bare).tolist():
             odd += [(b, "user_absent", 1), (b, "item_absent", 1)]  # what the per-example path counts for them
@@ -449,27 +454,30 @@ class Featurizer:
         """Examples' LUM fields as arrays in the configured condition order; odd cases counted, never fatal.
 
         Fast path: examples decoded from the binary format whose conditions are exactly the configured list,
-        with every vector of size D, are stacked with one ``np.frombuffer`` over their float64 bytes.
+        or that list then ``TARGET_CATEGORY`` (the joiner's pick of the candidate's own-category answer), with
+        every vector of size D, are stacked with one ``np.frombuffer`` per layout over their float64 bytes.
         """
         K, D, B = len(self.cfg.lum_conditions), self.cfg.lum_dim, len(examples)
         U, u_ok, item, i_ok, cat, cat_ok = _empty_lum(B, K, D)
         own = np.fromiter((self.cond_index.get(f"scenario={ex.scenario}", -1) for ex in examples),
                           dtype=np.int64, count=B)  # the example's own scenario condition, -1 if not configured
-        conds, full = self.cfg.lum_conditions, K * D + D
-        fast, raws = [], []
+        conds = self.cfg.lum_conditions
+        layouts = {0: (conds, [], []), 1: ([*conds, TARGET_CATEGORY], [], [])}  # own-category vectors: rows, raws
         for b, ex in enumerate(examples):
             raw = ex.__pydantic_private__.get("_lum_f64") if ex.__pydantic_private__ else None
-            if raw is not None and len(raw) == 8 * full and ex.lum_conditions == conds:
-                fast.append(b)
-                raws.append(raw)
+            n = len(raw) // (8 * D) - K - 1 if raw is not None else -1
+            if n in layouts and len(raw) == 8 * D * (K + n + 1) and ex.lum_conditions == layouts[n][0]:
+                layouts[n][1].append(b)
+                layouts[n][2].append(raw)
                 continue
             self._lum_slow(ex, b, U, u_ok, item, i_ok, cat, cat_ok, odd)
-        if fast:
-            flat = np.frombuffer(b"".join(raws), dtype="<f8").reshape(len(fast), full)
-            U[fast] = flat[:, :K * D].reshape(-1, K, D)
-            item[fast] = flat[:, K * D:]
-            u_ok[fast] = 1.0
-            i_ok[fast] = 1.0
+        for n, (_, rows, raws) in layouts.items():
+            if rows:
+                flat = np.frombuffer(b"".join(raws), dtype="<f8").reshape(len(rows), K + n + 1, D)
+                U[rows], u_ok[rows] = flat[:, :K], 1.0
+                item[rows], i_ok[rows] = flat[:, -1], 1.0
+                if n:
+                    cat[rows], cat_ok[rows] = flat[:, K], 1.0
         categories = np.fromiter(map(_CATEGORY, examples), dtype=np.int64, count=B)
         return self.own_category(LumArrays(U, u_ok, item, i_ok, own, cat, cat_ok), categories)
 

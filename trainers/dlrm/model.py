@@ -28,6 +28,11 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# The own-category slot (paper 4.3, interest matching): filled from an example's TARGET_CATEGORY vector (the
+# joiner's pick among the user's own-category answers) or, failing that, from a condition naming the target's
+# category (e.g. ``behavior=buy,category=17``).
+from schemas.events import TARGET_CATEGORY  # noqa: F401 (re-exported)
+
 # ---------------------------------------------------------------------------------------------- config
 
 # Sparse feature -> embedding table. History bags share the tables of the target item and category, so a
@@ -48,10 +53,6 @@ BASELINE_DENSE: tuple[str, ...] = ("log1p_position", "log1p_history_len", "has_q
 # 3: direct vectors scaled to unit norm / sqrt(D) (``features.direct_block``); 4: + contrast[c] per condition and
 # contrast[category] (``features.contrast``).
 FEATURE_LAYOUT = 4
-# The LUM condition slot holding the target's own-category vector (paper 4.3, interest matching): filled from
-# an example's ``target_category`` vector (a per-candidate group query) or, failing that, from its condition
-# that names the target's category (e.g. ``behavior=buy,category=17`` published by ``lum refresh``).
-TARGET_CATEGORY = "target_category"
 
 
 class DLRMConfig(BaseModel):

@@ -27,14 +27,18 @@ from .model import DLRMConfig, build_model
 
 
 class LumStore:
-    """Latest LUM outputs per user ({condition: vector}) and embedding per item, as float32 arrays."""
+    """Latest LUM outputs per user ({condition: vector}, {own category: vector}) and embedding per item, as
+    float32 arrays."""
 
     def __init__(self):
-        self.users: dict[int, tuple[dict[str, int], np.ndarray]] = {}  # user -> (condition -> row, (K, D))
+        # user -> (condition -> row, own category -> row, (K, D)): rows of the user's answers
+        self.users: dict[int, tuple[dict[str, int], dict[int, int], np.ndarray]] = {}
         self.items: dict[int, np.ndarray] = {}  # item -> (D,)
 
     def put_user(self, f: LumFeatures) -> None:
-        self.users[f.user_id] = ({c.condition: k for k, c in enumerate(f.conditions)},
+        self.users[f.user_id] = ({c.condition: k for k, c in enumerate(f.conditions) if c.own_category is None},
+                                 {c.own_category: k for k, c in enumerate(f.conditions)
+                                  if c.own_category is not None},
                                  np.asarray([c.vector for c in f.conditions], dtype=np.float32))
 
     def put_item(self, e: ItemEmbedding) -> None:
@@ -82,7 +86,7 @@ class Scorer:
                "scenario": np.full(N, self.featurizer.scenario_id(scenario), dtype=np.int64),
                "position": np.zeros(N, dtype=np.int64),
                "history_items": np.tile(hist_i, N), "history_categories": np.tile(hist_c, N)}
-        lum = (self.featurizer.own_category(self._lum(user_id, scenario, cand[:, 0], store), cand[:, 1])
+        lum = (self.featurizer.own_category(self._lum(user_id, scenario, cand, store), cand[:, 1])
                if self.cfg.features == "lum" else None)
         dense, sparse = self.featurizer.encode(raw, np.full(N, len(hist_i), dtype=np.int64),
                                                np.full(N, query is not None, dtype=np.float32), lum)
@@ -90,22 +94,29 @@ class Scorer:
         logits = self.model(dense, sparse).squeeze(-1)  # (N,)
         return torch.sigmoid(logits).numpy()
 
-    def _lum(self, user_id: int, scenario: str, items: np.ndarray, store: LumStore | None) -> LumArrays:
-        K, D, N = len(self._order), self.cfg.lum_dim, len(items)
+    def _lum(self, user_id: int, scenario: str, cand: np.ndarray, store: LumStore | None) -> LumArrays:
+        """The LUM inputs of candidates ``cand`` (N, 2: item, category), as the joiner attaches them in training:
+        the configured conditions, the item vector, and the user's answer for each candidate's own category."""
+        K, D, N = len(self._order), self.cfg.lum_dim, len(cand)
         U = np.zeros((K, D), dtype=np.float32)
         u_ok = np.zeros(K, dtype=np.float32)
+        cat = np.zeros((N, D), dtype=np.float32)
+        cat_ok = np.zeros(N, dtype=np.float32)
         found = store.users.get(user_id) if store else None
-        if found is not None and found[1].shape[1] == D:  # reorder by name; absent conditions stay flagged 0
-            index, vecs = found
+        if found is not None and found[2].shape[1] == D:  # reorder by name; absent conditions stay flagged 0
+            index, by_category, vecs = found
             for k, c in enumerate(self._order):
                 if c in index:
                     U[k], u_ok[k] = vecs[index[c]], 1.0
+            for n, c in enumerate(cand[:, 1].tolist()):
+                if c in by_category:
+                    cat[n], cat_ok[n] = vecs[by_category[c]], 1.0
         item = np.zeros((N, D), dtype=np.float32)
         i_ok = np.zeros(N, dtype=np.float32)
-        for n, i in enumerate(items.tolist()):
+        for n, i in enumerate(cand[:, 0].tolist()):
             v = store.items.get(i) if store else None
             if v is not None and v.shape[0] == D:
                 item[n], i_ok[n] = v, 1.0
         own = self._order.index(f"scenario={scenario}") if f"scenario={scenario}" in self._order else -1
         return LumArrays(np.broadcast_to(U, (N, K, D)), np.broadcast_to(u_ok, (N, K)), item, i_ok,
-                         np.full(N, own, dtype=np.int64))
+                         np.full(N, own, dtype=np.int64), cat, cat_ok)

@@ -24,7 +24,8 @@ delivered. The published vectors are those of one process.
 Settings: ``LUM_REFRESH_*`` (``RefreshSettings``). Conditions are separated by ';' (a condition may
 contain ',', e.g. ``category=17,behavior=buy``). ``LUM_REFRESH_TOP_CATEGORIES=N`` (default 5) also publishes, per user,
 ``LUM_REFRESH_CATEGORY_BASE`` refined by each of the user's N most frequent recent categories
-(``behavior=buy,category=17``): the DLRM matches a candidate against the one of its own category.
+(``behavior=buy,category=17``, flagged ``own_category``): the joiner attaches to an example only the one of
+its candidate's category, which the DLRM matches against the candidate.
 Metrics on ``LUM_METRICS_PORT`` (rank r: + r; ``schemas.metrics``, job ``refresh``): users and items refreshed,
 refresh seconds, the served model version (``lum_model_info``) and its checkpoint's age.
 """
@@ -158,18 +159,18 @@ def category_conditions(base: str, categories: list[list[int]]) -> tuple[np.ndar
 
 
 def top_category_conditions(seqs: list[Seq], base: str, n: int, recent: int
-                            ) -> tuple[np.ndarray, list[list[tuple[str, int]]]]:
+                            ) -> tuple[np.ndarray, list[list[tuple[str, int, int]]]]:
     """Per user, ``base`` refined by each of the ``n`` most frequent categories of the last ``recent`` events
     (ties: the most recent first): (U, n', n_kinds) conditions for ``condition_outputs`` (one group-query pass)
-    and per user [(condition name, column)], names like ``behavior=buy,category=17``: what the DLRM's
-    featurizer matches against a candidate's category (``trainers.dlrm.features``)."""
+    and per user [(condition name, category, column)], names like ``behavior=buy,category=17``: published with
+    ``own_category`` set, so that the joiner and the scorer match each against candidates of its category."""
     prefix = "" if base.strip() in ("", "any", "*") else base.strip() + ","
     tops = []
     for s in seqs:
         cats = s.cats[-recent:].tolist()[::-1]  # newest first: Counter keeps first-seen order among ties
         tops.append([c for c, _ in Counter(cats).most_common(n)])
     conds, cols = category_conditions(prefix.rstrip(",") or "any", tops)
-    return conds, [[(f"{prefix}category={c}", k) for c, k in col.items()] for col in cols]
+    return conds, [[(f"{prefix}category={c}", c, k) for c, k in col.items()] for col in cols]
 
 
 def state_path(checkpoint: str | Path, settings: RefreshSettings) -> Path:
@@ -236,7 +237,7 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     top = settings.top_categories if model.cfg.use_conditions else 0  # an items-only model answers no categories
     for b in range(0, len(mine), settings.users_per_batch):
         chunk = mine[b:b + settings.users_per_batch]
-        per_cat: list[list[tuple[str, list[float]]]] = [[] for _ in chunk]
+        per_cat: list[list[ConditionOutput]] = [[] for _ in chunk]
         if top:
             # One group-query pass answers the shared conditions and each user's category queries together.
             qc, cols = top_category_conditions(chunk, settings.category_base, top, model.cfg.max_pairs)
@@ -244,14 +245,15 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
             out = condition_outputs(model, chunk, both, settings.users_per_batch, device).tolist()  # (u, K + n, D)
             K = len(names)
             vecs = [v[:K] for v in out]
-            per_cat = [[(name, v[K + k]) for name, k in col if name not in names] for col, v in zip(cols, out)]
+            per_cat = [[ConditionOutput(condition=name, vector=v[K + k], own_category=cat) for name, cat, k in col
+                        if name not in names] for col, v in zip(cols, out)]
         else:
             vecs = condition_outputs(model, chunk, conds, settings.users_per_batch, device).tolist()  # (u, K, D)
         for seq, v, extra in zip(chunk, vecs, per_cat):
             msg = LumFeatures(user_id=seq.user_id, model_version=version, computed_at_ms=now,
                               as_of_ms=as_of[seq.user_id], trained_until_ms=trained_until,
-                              conditions=[ConditionOutput(condition=n, vector=x) for n, x in
-                                          [*zip(names, v), *extra]])
+                              conditions=[*(ConditionOutput(condition=n, vector=x) for n, x in zip(names, v)),
+                                          *extra])
             publisher.produce(feat_topic, LUM_FEATURES.encode(msg), key_of(seq.user_id))
         if time.perf_counter() - last_log > 10:
             last_log = time.perf_counter()

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import pytest
 
-from schemas.events import (BehaviorEvent, ConditionOutput, ImpressionEvent, ItemEmbedding, LumFeatures,
+from schemas.events import (TARGET_CATEGORY, BehaviorEvent, ConditionOutput, ImpressionEvent, ItemEmbedding, LumFeatures,
                             TrainingExample)
 from schemas.topics import (BEHAVIORS, IMPRESSIONS, ITEM_EMBEDDINGS, JOINER_CHANGELOG, LATE_CLICKS, LUM_FEATURES,
                             TRAINING_EXAMPLES, key_of)
@@ -207,6 +207,23 @@ def test_item_vector_comes_from_the_user_features_model_version_or_not_at_all():
     assert ex["r1/11"].lum_item == [1.0]  # m1's vector, although m2 is newer
     assert ex["r1/12"].lum_item is None and ex["r1/12"].lum_model_version == "m1"  # only m2 has it: dropped
     assert h.logic.gauges()["item_vector_other_version_total"] == 1
+
+
+def test_an_example_carries_only_its_candidates_own_category_answer():
+    """The user's own-category answers (refresh's top categories) reach an example only for a candidate of that
+    category, as ``TARGET_CATEGORY``: not all of them on every example."""
+    h = Harness()
+    h.side(ItemEmbedding(item_id=11, category_id=4, model_version="m1", vector=[1.0, 2.0], computed_at_ms=T0))
+    h.batch(LumFeatures(user_id=1, model_version="m1", computed_at_ms=T0 + 400, as_of_ms=T0 + 400, conditions=[
+        ConditionOutput(condition="any", vector=[0.1, 0.2]),
+        ConditionOutput(condition="behavior=click,category=4", vector=[0.4, 0.4], own_category=4),
+        ConditionOutput(condition="behavior=click,category=5", vector=[0.5, 0.5], own_category=5)]))
+    h.batch(imp("r1", 1, 11, 1000), imp("r1", 1, 13, 1000))  # categories 11 % 7 = 4 and 13 % 7 = 6
+    h.tick(1000 + W)
+    ex = h.examples()
+    assert ex["r1/11"].lum_conditions == ["any", TARGET_CATEGORY]
+    assert ex["r1/11"].lum_user == [[0.1, 0.2], [0.4, 0.4]] and ex["r1/11"].lum_item == [1.0, 2.0]
+    assert ex["r1/13"].lum_conditions == ["any"] and ex["r1/13"].lum_user == [[0.1, 0.2]]
 
 
 def test_idle_stream_at_its_end_does_not_hold_the_watermark():
@@ -605,15 +622,18 @@ def _digests(log, state) -> dict[str, str]:
 # re-create (it derives each user's newest activity, which is what eviction reads). Examples and changelog
 # re-pinned for TrainingExample v3 bytes (with the v2 encoder patched in, this run gives the previous pins), and
 # for v4 bytes (compact history; with a v3 encoder patched into the joiner's emit path, the previous pins).
+# Dead letters, changelog and state re-pinned for LumFeatures v2 inputs (the stream's feature messages gained a
+# version byte and ``own_category: null``; examples, late clicks, starts and counts unchanged; with version 1
+# patched in, the dead letters equal the previous pins).
 MIXED_EXPECTED = {
-    0: {"counts": "18:3b5450ca462b834c", "dead": "114:24af88fbcac7d02e", "joiner-changelog": "6020:57b48033ec47e27c",
-        "late-clicks": "157:712c5b51d85b3400", "starts": "3:83bab67adde2f36a", "state": "1770:7f45c33c2adc63e3",
+    0: {"counts": "18:3b5450ca462b834c", "dead": "114:7135251e1869f66b", "joiner-changelog": "6020:167d910ea255ea3d",
+        "late-clicks": "157:712c5b51d85b3400", "starts": "3:83bab67adde2f36a", "state": "1770:56eda244cdd247b5",
         "training-examples": "1506:d9ab2349fccd2304"},
-    1: {"counts": "15:9ac7f37ed5731f38", "dead": "139:8fa15e29cd313b95", "joiner-changelog": "5416:9b028f6946c92b2c",
-        "late-clicks": "236:341afa12c925c207", "starts": "3:23788da33545d5b7", "state": "2006:80afe64d12d57541",
+    1: {"counts": "15:9ac7f37ed5731f38", "dead": "139:05d0ba7dd9768e11", "joiner-changelog": "5416:9edbb04402bd2194",
+        "late-clicks": "236:341afa12c925c207", "starts": "3:23788da33545d5b7", "state": "2006:ef236e5b5346caee",
         "training-examples": "1770:a3731e344bdf1cd6"},
-    2: {"counts": "18:ad0d3b9ea92da453", "dead": "132:45b88882c539c8eb", "joiner-changelog": "6187:7063a92c0233f5cb",
-        "late-clicks": "121:cdab038541d9a0cb", "starts": "3:c78ccbb8cd9d5ce8", "state": "1732:055840dc83cb149f",
+    2: {"counts": "18:ad0d3b9ea92da453", "dead": "132:82cc6889df64291b", "joiner-changelog": "6187:9a6c27eff4659280",
+        "late-clicks": "121:cdab038541d9a0cb", "starts": "3:c78ccbb8cd9d5ce8", "state": "1732:5e4b11c09d27744b",
         "training-examples": "1518:b1b25f8f8a9fc837"},
 }
 

@@ -89,7 +89,11 @@ def test_refresh_publishes_changed_users_only_and_new_versions_everyone(kafka, t
     names, K = [c.condition for c in f.conditions], len(CONDITIONS.split(";"))
     assert names[:K] == CONDITIONS.split(";")
     newest_first = [p.category_id for p in reversed(users[f.user_id].pairs)]
-    assert names[K:] == [f"category={c}" for c, _ in Counter(newest_first).most_common(5)]
+    top = [c for c, _ in Counter(newest_first).most_common(5)]
+    assert names[K:] == [f"category={c}" for c in top]
+    # Flagged with their category, so that consumers match each only against candidates of it; a configured
+    # condition that names a category ("category=7,behavior=buy") is a shared one.
+    assert [c.own_category for c in f.conditions] == [None] * K + top
     alone = condition_outputs(model.eval(), [Seq.from_user_sequence(users[f.user_id])],
                               np.array([[parse_condition(n)] for n in names]).transpose(1, 0, 2))
     assert np.allclose(np.array([c.vector for c in f.conditions]), alone[0].numpy(), atol=1e-5)
@@ -227,9 +231,9 @@ def test_per_category_queries_feed_the_dlrm_own_category_match():
     seqs = [Seq(1, np.zeros((8, len(CONDITION_KINDS)), np.int64), np.arange(100, 108), cats),
             Seq(2, np.zeros((3, len(CONDITION_KINDS)), np.int64), np.arange(200, 203), np.array([4, 4, 4]))]
     qc, cols = top_category_conditions(seqs, "behavior=buy", 2, recent=100)
-    assert cols == [[("behavior=buy,category=5", 0), ("behavior=buy,category=9", 1)],
-                    [("behavior=buy,category=4", 0)]]
-    assert top_category_conditions(seqs, "any", 1, recent=2)[1][0] == [("category=3", 0)]  # the last 2 only
+    assert cols == [[("behavior=buy,category=5", 5, 0), ("behavior=buy,category=9", 9, 1)],
+                    [("behavior=buy,category=4", 4, 0)]]
+    assert top_category_conditions(seqs, "any", 1, recent=2)[1][0] == [("category=3", 3, 0)]  # the last 2 only
     got = condition_outputs(model, seqs, qc)
     one = condition_outputs(model, seqs[:1], np.array([parse_condition("behavior=buy,category=5")]))
     assert torch.allclose(got[0, 0], one[0, 0], atol=1e-5)  # group query = asking that condition alone
@@ -238,7 +242,7 @@ def test_per_category_queries_feed_the_dlrm_own_category_match():
 
     fz = Featurizer(DLRMConfig.preset("debug", features="lum", lum_conditions=["behavior=buy"],
                                       lum_dim=model.cfg.d_model))
-    names = ["behavior=buy"] + [n for n, _ in cols[0]]
+    names = ["behavior=buy"] + [n for n, _, _ in cols[0]]
     vecs = [got[0, 1].tolist(), got[0, 0].tolist(), got[0, 1].tolist()]
     ex = TrainingExample(example_id="e", request_id="r", user_id=1, item_id=7, category_id=5, position=0,
                          scenario="home", event_time_ms=T0, label=1, history_items=[], history_categories=[],
