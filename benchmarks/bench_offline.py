@@ -51,7 +51,7 @@ from trainers.dlrm.train import Trainer  # noqa: E402
 from trainers.lum.data import repeat_share, sequences_from_events, split_users  # noqa: E402
 from trainers.lum.evaluate import catalog_of, evaluate  # noqa: E402
 from trainers.lum.model import PRESETS, LumModel  # noqa: E402
-from trainers.lum.pretrain import fit, model_version, vocabulary  # noqa: E402
+from trainers.lum.pretrain import PretrainSettings, fit, model_version, vocabulary  # noqa: E402
 from trainers.lum.refresh import category_conditions, condition_outputs  # noqa: E402
 
 log = logging.getLogger("bench_offline")
@@ -69,9 +69,12 @@ class Settings:
     """Everything a run depends on; printed with the results and written to the JSON."""
 
     lum_preset: str = "small"  # transformer width/depth (the SASRec-style model uses the same)
-    max_steps: int = 2000  # most optimizer steps per transformer (early stopping ends sooner)
-    eval_every: int = 50  # validate every N steps
-    patience: int = 4  # stop after N validations without a better NDCG@10
+    # `lum pretrain`'s own budget and early stopping: the benchmark measures what the product trains. (2,000 steps,
+    # eval every 50, patience 4 before: a 200-step window stopped transformers at noise dips of validation
+    # NDCG@10, see benchmarks/results/offline.md.)
+    max_steps: int = PretrainSettings.model_fields["max_steps"].default  # most steps (early stopping ends sooner)
+    eval_every: int = PretrainSettings.model_fields["eval_every"].default  # validate every N steps
+    patience: int = PretrainSettings.model_fields["patience"].default  # stop after N validations without a better one
     dlrm_preset: str = "debug"
     max_epochs: int = 4  # DLRM passes over segment 2: 1..max_epochs, chosen on a validation tail of segment 2
     val_share: float = 0.25  # each user's last quarter of segment 2 validates the epoch choice
