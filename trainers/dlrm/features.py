@@ -127,6 +127,15 @@ def _empty_lum(B: int, K: int, D: int) -> tuple[np.ndarray, ...]:
             np.zeros((B, D), f), np.zeros(B, f))
 
 
+def _fill_rows(flat: np.ndarray, rows, K: int, U, u_ok, item, i_ok, cat, cat_ok) -> None:
+    """Rows ``rows`` of a batch from their vectors in wire order, ``flat`` (len(rows), K [+ 1], D) then the item:
+    the K configured conditions, the own-category answer where the layout has one, the item vector."""
+    U[rows], u_ok[rows] = flat[:, :K], 1.0
+    item[rows], i_ok[rows] = flat[:, -1], 1.0
+    if flat.shape[1] > K + 1:
+        cat[rows], cat_ok[rows] = flat[:, K], 1.0
+
+
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine over the last axis (0 where a side is all zeros)."""
     return np.einsum("...d,...d->...", a, b) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1) + 1e-8)
@@ -400,10 +409,7 @@ class Featurizer:
                 flat = c.vectors.reshape(B, K + 1 + n, D)
             else:
                 flat = c.vectors[c.vec_off[rows][:, None] + np.arange(width)].reshape(-1, K + 1 + n, D)
-            U[rows], u_ok[rows] = flat[:, :K], 1.0
-            item[rows], i_ok[rows] = flat[:, -1], 1.0
-            if n:
-                cat[rows], cat_ok[rows] = flat[:, K], 1.0
+            _fill_rows(flat, rows, K, U, u_ok, item, i_ok, cat, cat_ok)
         bare = (c.n_user < 0) & ~c.has_item  # no LUM features at all (e.g. a user not refreshed yet): common
         for b in np.flatnonzero(bare).tolist():
             odd += [(b, "user_absent", 1), (b, "item_absent", 1)]  # what the per-example path counts for them
@@ -474,10 +480,7 @@ class Featurizer:
         for n, (_, rows, raws) in layouts.items():
             if rows:
                 flat = np.frombuffer(b"".join(raws), dtype="<f8").reshape(len(rows), K + n + 1, D)
-                U[rows], u_ok[rows] = flat[:, :K], 1.0
-                item[rows], i_ok[rows] = flat[:, -1], 1.0
-                if n:
-                    cat[rows], cat_ok[rows] = flat[:, K], 1.0
+                _fill_rows(flat, rows, K, U, u_ok, item, i_ok, cat, cat_ok)
         categories = np.fromiter(map(_CATEGORY, examples), dtype=np.int64, count=B)
         return self.own_category(LumArrays(U, u_ok, item, i_ok, own, cat, cat_ok), categories)
 
