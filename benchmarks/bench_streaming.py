@@ -290,9 +290,11 @@ def profile_shares(prof: cProfile.Profile) -> list[tuple[str, float]]:
     stats = pstats.Stats(prof).stats  # (file, line, function) -> (cc, nc, tottime, cumtime, callers)
     groups = {"decode + validate JSON (pydantic field validator)": ("sequences.py", "decode"),
               "tokenize a batch (blake2b event keys, condition ids)": ("tokenize.py", "tokenize_rows"),
-              "merge into each user's tail or base, dedup, cap, encode (per user)": ("sequences.py", "_apply"),
-              "encode the deltas (varint pairs)": ("seqexport.py", "encode_delta"),
-              "produce to sequence-deltas": ("worker.py", "send"),
+              "new users' tails, encoded in one pass": ("tokenize.py", "encode_rows_many"),
+              "append to or merge into stored users' tails and bases, dedup, cap": (
+                  "sequences.py", "_append_ones|_append|_apply"),
+              "encode the deltas (one vectorised pass per delta size)": ("seqexport.py", "encode_deltas"),
+              "produce to sequence-deltas": ("worker.py", "send|send_many"),
               "RocksDB multi-get + WriteBatch": ("~", "<method 'get' of 'builtins.Rdict' objects>|"
                                                       "<method 'write' of 'builtins.Rdict' objects>"),
               "producer flush (wait for the broker)": ("~", "<method 'flush' of 'cimpl.Producer' objects>"),

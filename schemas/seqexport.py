@@ -356,14 +356,20 @@ def encode_delta(user_id: int, rows: np.ndarray, cap: int) -> bytes:
     return bytes(out)
 
 
+_VARINT_LIMITS = np.array([1 << 7 * k for k in range(1, 10)], dtype=np.uint64)
+
+
 def _varints(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """LEB128 varints of uint64 values: (n, 10) uint8 bytes and each one's length (``_put_varint``'s bytes)."""
-    shifts = np.arange(0, 70, 7, dtype=np.uint64)
-    groups = (v[:, None] >> shifts[None, :]) & np.uint64(0x7F)
-    lens = np.maximum(1, 10 - np.argmax(((v[:, None] >> shifts[None, :]) != 0)[:, ::-1], axis=1))
-    lens[v == 0] = 1
-    cont = np.arange(10)[None, :] < (lens - 1)[:, None]
-    return (groups | (cont.astype(np.uint64) << np.uint64(7))).astype(np.uint8), lens
+    """LEB128 varints of uint64 values: (n, w) uint8 bytes and the mask of each one's bytes (``_put_varint``'s),
+    w the longest one's length."""
+    v = v.astype(np.uint64)
+    if not len(v) or v.max() < 0x80:  # one byte each (counts, small ids)
+        return v.astype(np.uint8)[:, None], np.ones((len(v), 1), dtype=bool)
+    lens = np.searchsorted(_VARINT_LIMITS, v, side="right") + 1
+    at = np.arange(int(lens.max()))
+    groups = (v[:, None] >> (7 * at).astype(np.uint64)) & np.uint64(0x7F)
+    cont = (at < (lens - 1)[:, None]).astype(np.uint64) << np.uint64(7)
+    return (groups | cont).astype(np.uint8), at < lens[:, None]
 
 
 def _zz_array(v: np.ndarray) -> np.ndarray:
@@ -371,12 +377,31 @@ def _zz_array(v: np.ndarray) -> np.ndarray:
     return (v.view(np.uint64) << np.uint64(1)) ^ (v >> 63).view(np.uint64)
 
 
-def encode_deltas_one(user_ids: np.ndarray, rows: np.ndarray, cap: int) -> list[bytes]:
-    """``encode_delta(user_ids[i], rows[i:i + 1], cap)`` for every i, in one vectorised pass (the common
-    delta with many users: one pair per changed user and batch). Same bytes as ``encode_delta``."""
+_BATCH_MAX = 64  # rows per delta in ``encode_deltas``' passes (its dictionaries compare m x m); larger: one by one
+
+
+def _bytes_block(v: np.ndarray, width: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(G, m) uint64 values as the first ``width[g]`` little-endian bytes of each: (G, 8m) bytes and mask."""
+    G, m = v.shape
+    w = int(width.max())  # bytes no row needs are left out before the mask
+    data = np.ascontiguousarray(v, dtype="<u8").view(np.uint8).reshape(G, m, 8)[:, :, :w].reshape(G, m * w)
+    return data, np.tile(np.arange(w), m)[None, :] < width[:, None]
+
+
+def _column_block(col: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``_put_column`` of each row of a (G, m) int64 array, as blocks of ``encode_deltas``."""
+    lo = col.min(axis=1)
+    span = col.view(np.uint64) - lo.view(np.uint64)[:, None]  # wrap-around: exact for the full int64 range
+    top = span.max(axis=1)
+    width = np.select([top == 0, top < 1 << 8, top < 1 << 16, top < 1 << 32], [0, 1, 2, 4], 8)
+    return [_varints(_zz_array(lo)), (width.astype(np.uint8)[:, None], np.ones((len(col), 1), dtype=bool)),
+            _bytes_block(span, width)]
+
+
+def _encode_deltas_one(user_ids: np.ndarray, rows: np.ndarray, cap: int) -> list[bytes]:
+    """``encode_deltas`` of one-pair deltas (the common one: one new pair per changed user and batch), whose
+    columns are each their own base (width 0): no sort, no dictionary, fixed bytes around the varints."""
     n = len(rows)
-    if not n:
-        return []
     n_kinds = rows.shape[1] - 4
     head = bytearray((MAGIC, FORMAT_DELTA, DELTA_VERSION))
     _kinds_header(head)
@@ -384,24 +409,77 @@ def encode_deltas_one(user_ids: np.ndarray, rows: np.ndarray, cap: int) -> list[
     _put_varint(after_user, cap)
     _put_varint(after_user, 1)
     le = np.ascontiguousarray(rows, dtype="<i8").view(np.uint8).reshape(n, -1, 8)
-
-    def fixed(b: bytes | bytearray) -> tuple[np.ndarray, np.ndarray]:
-        return np.tile(np.frombuffer(bytes(b), np.uint8), (n, 1)), np.full(n, len(b))
-
     z, o = np.zeros((n, 1), np.uint8), np.ones((n, 1), np.uint8)
-    blocks = [fixed(head), _varints(_zz_array(user_ids)), fixed(after_user), _varints(_zz_array(rows[:, 0])),
-              (np.concatenate((z, le[:, 1]), axis=1), np.full(n, 9))]
+    blocks = [_fixed(head, n), _varints(_zz_array(user_ids)), _fixed(after_user, n), _varints(_zz_array(rows[:, 0])),
+              (np.concatenate((z, le[:, 1]), axis=1), np.ones((n, 9), dtype=bool))]
     for k in range(n_kinds):
-        blocks.append((np.concatenate((o, le[:, 2 + k], z, z), axis=1), np.full(n, 11)))
+        blocks.append((np.concatenate((o, le[:, 2 + k], z, z), axis=1), np.ones((n, 11), dtype=bool)))
     for c in (2 + n_kinds, 3 + n_kinds):
-        v, lens = _varints(_zz_array(rows[:, c]))
-        blocks.append((v, lens))
-        blocks.append(fixed(b"\x00"))
-    data = np.concatenate([b for b, _ in blocks], axis=1)
-    mask = np.concatenate([np.arange(b.shape[1])[None, :] < lens[:, None] for b, lens in blocks], axis=1)
+        blocks += [_varints(_zz_array(rows[:, c])), _fixed(b"\x00", n)]
+    return _cut(blocks)
+
+
+def _fixed(b: bytes | bytearray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same bytes ``b`` in each of ``n`` rows, as a block."""
+    return np.tile(np.frombuffer(bytes(b), np.uint8), (n, 1)), np.ones((n, len(b)), dtype=bool)
+
+
+def _cut(blocks: list[tuple[np.ndarray, np.ndarray]]) -> list[bytes]:
+    """Each row's bytes: the blocks' (G, L) bytes where their masks are set, concatenated per row."""
+    data = np.concatenate([d for d, _ in blocks], axis=1)
+    mask = np.concatenate([k for _, k in blocks], axis=1)
     flat = data[mask].tobytes()
     ends = np.cumsum(mask.sum(axis=1)).tolist()
     return [flat[a:b] for a, b in zip([0] + ends[:-1], ends)]
+
+
+def encode_deltas(user_ids: np.ndarray, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray,
+                  cap: int) -> list[bytes]:
+    """``encode_delta(user_ids[i], rows[starts[i]:ends[i]], cap)`` for every i: the same bytes, in one
+    vectorised pass per delta size (an agent batch publishes one delta per changed user, most of a few pairs;
+    one by one they cost 7-60 us each)."""
+    starts, ends = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    sizes = ends - starts
+    out: list[bytes] = [b""] * len(sizes)
+    n_kinds = rows.shape[1] - 4
+    head = bytearray((MAGIC, FORMAT_DELTA, DELTA_VERSION))
+    _kinds_header(head)
+    for m in np.unique(sizes).tolist():
+        which = np.nonzero(sizes == m)[0]
+        if m == 0 or m > _BATCH_MAX:
+            for i in which.tolist():
+                out[i] = encode_delta(int(user_ids[i]), rows[starts[i]:ends[i]], cap)
+            continue
+        if m == 1:
+            for i, b in zip(which.tolist(), _encode_deltas_one(user_ids[which], rows[starts[which]], cap)):
+                out[i] = b
+            continue
+        G = len(which)
+        R = rows[starts[which][:, None] + np.arange(m)]  # (G, m, ROW)
+        order = np.lexsort((R[:, :, 1], R[:, :, 0]), axis=-1)  # (time, key) within each delta, as encode_delta
+        R = np.take_along_axis(R, order[:, :, None], axis=1)
+        after_user = bytearray()
+        _put_varint(after_user, cap)
+        _put_varint(after_user, m)
+
+        t = R[:, :, 0].copy()
+        t[:, 1:] = R[:, 1:, 0] - R[:, :-1, 0]  # int64 wrap-around, as _put_pairs
+        blocks = [_fixed(head, G), _varints(_zz_array(user_ids[which])), _fixed(after_user, G), *_column_block(t),
+                  _bytes_block(R[:, :, 1].view(np.uint64), np.full(G, 8))]
+        for k in range(n_kinds):  # dictionary: distinct values sorted, then each row's index among them
+            v = R[:, :, 2 + k]
+            srt = np.sort(v, axis=1)
+            first = np.ones((G, m), dtype=bool)
+            first[:, 1:] = srt[:, 1:] != srt[:, :-1]
+            idx = (first[:, None, :] & (srt[:, None, :] < v[:, :, None])).sum(axis=2)  # (G, m)
+            blocks += [_varints(first.sum(axis=1).astype(np.uint64)),
+                       (np.ascontiguousarray(srt, dtype="<i8").view(np.uint8).reshape(G, 8 * m),
+                        np.repeat(first, 8, axis=1)),
+                       *_column_block(idx.astype(np.int64))]
+        blocks += _column_block(R[:, :, 2 + n_kinds]) + _column_block(R[:, :, 3 + n_kinds])
+        for i, b in zip(which.tolist(), _cut(blocks)):
+            out[i] = b
+    return out
 
 
 def encode_marker(partition: int, delta_offset: int) -> bytes:

@@ -79,7 +79,7 @@ from schemas.codec import DecodeError
 from schemas.events import BehaviorEvent
 from schemas.tokenize import (COL_KEY, COL_TIME, ROW_WIDTH, UserSequence, append_row_many, append_rows, encode_rows,
                               encode_rows_many, record_rows, record_rows_many, tokenize, tokenize_rows)
-from schemas.seqexport import encode_delta, encode_deltas_one, encode_snapshot, fold_partition_records
+from schemas.seqexport import encode_deltas, encode_snapshot, fold_partition_records
 from schemas.topics import BEHAVIORS, SEQUENCE_DELTAS, USER_SEQUENCES, key_of
 
 from .store import Emit, Reader, Record, Store
@@ -495,10 +495,8 @@ class SequenceLogic:
         sent = [i for i, c in enumerate(changed) if c]
         if not sent:
             return
-        # This batch's pairs of each changed user: the one-pair deltas in one vectorised pass.
-        one = [i for i in sent if ends_l[i] - starts_l[i] == 1]
-        deltas = dict(zip(one, encode_deltas_one(uniq[one], rows[starts[one]], cap))) if one else {}
-        out = [deltas.get(i) or encode_delta(uniq_l[i], rows[starts_l[i]:ends_l[i]], cap) for i in sent]
+        # This batch's pairs of each changed user, in vectorised passes (one per delta size).
+        out = encode_deltas(uniq[sent], rows, starts[sent], ends[sent], cap)
         keys = [key_of(uniq_l[i]) for i in sent]
         send_many = getattr(emit, "send_many", None)  # the worker's emit: one call for the batch
         if send_many is not None:

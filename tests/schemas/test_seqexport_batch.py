@@ -10,19 +10,23 @@ from schemas import seqexport as sx
 
 
 @pytest.mark.parametrize("cap", [1, 127, 128, 1024, 100_000])
-def test_one_pair_deltas_in_one_pass_equal_encode_delta(cap):
+def test_deltas_in_one_pass_equal_encode_delta(cap):
     rng = np.random.default_rng(cap)
-    n = 600
+    sizes = np.concatenate((np.ones(300, dtype=np.int64), rng.integers(0, 9, 200), [20, 64, 65, 200]))
+    rng.shuffle(sizes)
+    n = int(sizes.sum())
     rows = rng.integers(-2**63, 2**63 - 1, (n, sx.ROW), dtype=np.int64, endpoint=True)  # every width, signs
-    rows[::3] = rng.integers(-300, 300, (len(rows[::3]), sx.ROW))
-    rows[1::3, 0] = 1_767_225_600_000 + np.arange(len(rows[1::3]))
+    rows[::3] = rng.integers(-300, 300, (len(rows[::3]), sx.ROW))  # repeated values: dictionaries, ties
+    rows[1::3, 0] = 1_767_225_600_000 + np.arange(len(rows[1::3])) // 2
     rows[5] = 0
-    users = rng.integers(0, 2**63 - 1, n)
+    users = rng.integers(0, 2**63 - 1, len(sizes))
     users[::2] = rng.integers(0, 1000, len(users[::2]))
     users[7] = 0
-    want = [sx.encode_delta(int(u), rows[i:i + 1], cap) for i, u in enumerate(users.tolist())]
-    assert sx.encode_deltas_one(users, rows, cap) == want
-    assert sx.encode_deltas_one(users[:0], rows[:0], cap) == []
+    ends = np.cumsum(sizes)
+    starts = ends - sizes
+    want = [sx.encode_delta(int(u), rows[a:b], cap) for u, a, b in zip(users.tolist(), starts, ends)]
+    assert sx.encode_deltas(users, rows, starts, ends, cap) == want
+    assert sx.encode_deltas(users[:0], rows[:0], starts[:0], ends[:0], cap) == []
 
 
 def test_append_rows_equals_encoding_the_concatenation_for_current_and_older_records(monkeypatch):
