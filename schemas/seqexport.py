@@ -30,7 +30,8 @@ Compact pair layout (snapshot codec version 2 and deltas). Columnar, little endi
             item_id, category_id.
     A numeric column is "frame of reference": varint(zigzag(min)) | width u8 in {0,1,2,4,8} | n x (v - min)
     as unsigned ``width``-byte integers. About 26 B per pair against 64 at 1,024 pairs (``benchmarks/bench_scale.py``).
-    Records under 8 pairs (most deltas) take a plain-Python path that writes and reads the same bytes.
+    Records under 8 pairs (most deltas) take a plain-Python path that writes and reads the same bytes; the
+    sequence agent encodes a batch's deltas together (``encode_deltas``: vectorised passes, the same bytes).
 """
 
 from __future__ import annotations
@@ -377,25 +378,69 @@ def _zz_array(v: np.ndarray) -> np.ndarray:
     return (v.view(np.uint64) << np.uint64(1)) ^ (v >> 63).view(np.uint64)
 
 
-_BATCH_MAX = 64  # rows per delta in ``encode_deltas``' passes (its dictionaries compare m x m); larger: one by one
+# Deltas of 2.._BATCH_MAX pairs are encoded in one padded pass (its dictionaries compare M x M) when a call has
+# at least _BATCH_MIN of them: the pass costs ~0.8 ms at a few dozen (numpy calls), one delta alone ~45 us.
+_BATCH_MAX, _BATCH_MIN = 64, 16
 
 
-def _bytes_block(v: np.ndarray, width: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(G, m) uint64 values as the first ``width[g]`` little-endian bytes of each: (G, 8m) bytes and mask."""
-    G, m = v.shape
-    w = int(width.max())  # bytes no row needs are left out before the mask
-    data = np.ascontiguousarray(v, dtype="<u8").view(np.uint8).reshape(G, m, 8)[:, :, :w].reshape(G, m * w)
-    return data, np.tile(np.arange(w), m)[None, :] < width[:, None]
+def _columns_blocks(cols: np.ndarray, valid: np.ndarray) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """``_put_column`` of each row of C columns at once: (G, C, M) int64 -> per column, its blocks
+    (varint of the minimum, width byte, values); entries where ``valid`` (G, M) is False are copies of valid
+    ones (they leave minima and widths alone) and their bytes are masked out."""
+    G, C, M = cols.shape
+    lo = cols.min(axis=2)  # (G, C)
+    span = cols.view(np.uint64) - lo.view(np.uint64)[:, :, None]  # wrap-around: exact for the full int64 range
+    top = span.max(axis=2)
+    width = np.select([top == 0, top < 1 << 8, top < 1 << 16, top < 1 << 32], [0, 1, 2, 4], 8)  # (G, C)
+    lo_bytes, lo_mask = _varints(_zz_array(lo.reshape(-1)))
+    lo_bytes, lo_mask = lo_bytes.reshape(G, C, -1), lo_mask.reshape(G, C, -1)
+    w = max(int(width.max()), 1)  # bytes no value needs are left out before the mask
+    data = np.ascontiguousarray(span, dtype="<u8").view(np.uint8).reshape(G, C, M, 8)[..., :w].reshape(G, C, M * w)
+    mask = (np.tile(np.arange(w), M)[None, None, :] < width[:, :, None]) & np.repeat(valid, w, axis=1)[:, None, :]
+    one = np.ones((G, 1), dtype=bool)
+    return [[(lo_bytes[:, c], lo_mask[:, c]), (width[:, c, None].astype(np.uint8), one), (data[:, c], mask[:, c])]
+            for c in range(C)]
 
 
-def _column_block(col: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``_put_column`` of each row of a (G, m) int64 array, as blocks of ``encode_deltas``."""
-    lo = col.min(axis=1)
-    span = col.view(np.uint64) - lo.view(np.uint64)[:, None]  # wrap-around: exact for the full int64 range
-    top = span.max(axis=1)
-    width = np.select([top == 0, top < 1 << 8, top < 1 << 16, top < 1 << 32], [0, 1, 2, 4], 8)
-    return [_varints(_zz_array(lo)), (width.astype(np.uint8)[:, None], np.ones((len(col), 1), dtype=bool)),
-            _bytes_block(span, width)]
+def _encode_deltas_multi(user_ids: np.ndarray, rows: np.ndarray, starts: np.ndarray, sizes: np.ndarray,
+                         cap: int) -> list[bytes]:
+    """``encode_deltas`` of deltas of 2.._BATCH_MAX pairs in one pass: each padded to the longest with copies
+    of its last (sorted) pair, so that minima, widths and dictionaries are its own, and the copies' bytes
+    masked out."""
+    G, M = len(sizes), int(sizes.max())
+    K = rows.shape[1] - 4  # condition kinds
+    valid = np.arange(M)[None, :] < sizes[:, None]  # (G, M)
+    last = np.minimum(np.arange(M)[None, :], sizes[:, None] - 1)[:, :, None]  # (G, M, 1): or the last valid
+
+    R = rows[starts[:, None] + last[:, :, 0]]  # (G, M, ROW)
+    order = np.lexsort((R[:, :, 1], R[:, :, 0], ~valid), axis=-1)  # (time, key) as encode_delta; copies last
+    R = np.take_along_axis(np.take_along_axis(R, order[:, :, None], axis=1), last, axis=1)
+    t = R[:, :, 0].copy()
+    t[:, 1:] = R[:, 1:, 0] - R[:, :-1, 0]  # int64 wrap-around, as _put_pairs
+    t = np.take_along_axis(t, last[:, :, 0], axis=1)  # a copy repeats the last difference, not 0
+    # Dictionaries of all kinds at once: distinct values sorted, then each pair's index among them.
+    v = R[:, :, 2:2 + K].transpose(0, 2, 1)  # (G, K, M)
+    srt = np.sort(v, axis=2)
+    first = np.ones((G, K, M), dtype=bool)
+    first[:, :, 1:] = srt[:, :, 1:] != srt[:, :, :-1]
+    idx = (first[:, :, None, :] & (srt[:, :, None, :] < v[:, :, :, None])).sum(axis=3)  # (G, K, M)
+    n_distinct, n_mask = _varints(first.sum(axis=2).reshape(-1))
+    n_distinct, n_mask = n_distinct.reshape(G, K, -1), n_mask.reshape(G, K, -1)
+    values = np.ascontiguousarray(srt, dtype="<i8").view(np.uint8).reshape(G, K, 8 * M)
+    values_mask = np.repeat(first, 8, axis=2)
+    cols = _columns_blocks(np.concatenate((t[:, None], idx, R[:, None, :, 2 + K], R[:, None, :, 3 + K]), axis=1),
+                           valid)  # time, index of each kind, item, category
+
+    head = bytearray((MAGIC, FORMAT_DELTA, DELTA_VERSION))
+    _kinds_header(head)
+    after_user = bytearray()
+    _put_varint(after_user, cap)
+    keys = np.ascontiguousarray(R[:, :, 1], dtype="<i8").view(np.uint8).reshape(G, 8 * M)
+    blocks = [_fixed(head, G), _varints(_zz_array(user_ids)), _fixed(after_user, G), _varints(sizes), *cols[0],
+              (keys, np.repeat(valid, 8, axis=1))]
+    for k in range(K):
+        blocks += [(n_distinct[:, k], n_mask[:, k]), (values[:, k], values_mask[:, k]), *cols[1 + k]]
+    return _cut(blocks + cols[1 + K] + cols[2 + K])
 
 
 def _encode_deltas_one(user_ids: np.ndarray, rows: np.ndarray, cap: int) -> list[bytes]:
@@ -435,50 +480,26 @@ def _cut(blocks: list[tuple[np.ndarray, np.ndarray]]) -> list[bytes]:
 
 def encode_deltas(user_ids: np.ndarray, rows: np.ndarray, starts: np.ndarray, ends: np.ndarray,
                   cap: int) -> list[bytes]:
-    """``encode_delta(user_ids[i], rows[starts[i]:ends[i]], cap)`` for every i: the same bytes, in one
-    vectorised pass per delta size (an agent batch publishes one delta per changed user, most of a few pairs;
-    one by one they cost 7-60 us each)."""
+    """``encode_delta(user_ids[i], rows[starts[i]:ends[i]], cap)`` for every i: the same bytes, the one-pair
+    deltas (most, with many users) in one vectorised pass and those of a few pairs (most, with active users) in
+    another: one by one they cost ~2 and ~45 us each."""
     starts, ends = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+    user_ids = np.asarray(user_ids, dtype=np.int64)
     sizes = ends - starts
     out: list[bytes] = [b""] * len(sizes)
-    n_kinds = rows.shape[1] - 4
-    head = bytearray((MAGIC, FORMAT_DELTA, DELTA_VERSION))
-    _kinds_header(head)
-    for m in np.unique(sizes).tolist():
-        which = np.nonzero(sizes == m)[0]
-        if m == 0 or m > _BATCH_MAX:
-            for i in which.tolist():
-                out[i] = encode_delta(int(user_ids[i]), rows[starts[i]:ends[i]], cap)
-            continue
-        if m == 1:
-            for i, b in zip(which.tolist(), _encode_deltas_one(user_ids[which], rows[starts[which]], cap)):
-                out[i] = b
-            continue
-        G = len(which)
-        R = rows[starts[which][:, None] + np.arange(m)]  # (G, m, ROW)
-        order = np.lexsort((R[:, :, 1], R[:, :, 0]), axis=-1)  # (time, key) within each delta, as encode_delta
-        R = np.take_along_axis(R, order[:, :, None], axis=1)
-        after_user = bytearray()
-        _put_varint(after_user, cap)
-        _put_varint(after_user, m)
-
-        t = R[:, :, 0].copy()
-        t[:, 1:] = R[:, 1:, 0] - R[:, :-1, 0]  # int64 wrap-around, as _put_pairs
-        blocks = [_fixed(head, G), _varints(_zz_array(user_ids[which])), _fixed(after_user, G), *_column_block(t),
-                  _bytes_block(R[:, :, 1].view(np.uint64), np.full(G, 8))]
-        for k in range(n_kinds):  # dictionary: distinct values sorted, then each row's index among them
-            v = R[:, :, 2 + k]
-            srt = np.sort(v, axis=1)
-            first = np.ones((G, m), dtype=bool)
-            first[:, 1:] = srt[:, 1:] != srt[:, :-1]
-            idx = (first[:, None, :] & (srt[:, None, :] < v[:, :, None])).sum(axis=2)  # (G, m)
-            blocks += [_varints(first.sum(axis=1).astype(np.uint64)),
-                       (np.ascontiguousarray(srt, dtype="<i8").view(np.uint8).reshape(G, 8 * m),
-                        np.repeat(first, 8, axis=1)),
-                       *_column_block(idx.astype(np.int64))]
-        blocks += _column_block(R[:, :, 2 + n_kinds]) + _column_block(R[:, :, 3 + n_kinds])
-        for i, b in zip(which.tolist(), _cut(blocks)):
-            out[i] = b
+    one = np.nonzero(sizes == 1)[0]
+    few = np.nonzero((sizes > 1) & (sizes <= _BATCH_MAX))[0]
+    if len(few) < _BATCH_MIN:
+        few = few[:0]
+    parts = [(one, _encode_deltas_one(user_ids[one], rows[starts[one]], cap) if len(one) else []),
+             (few, _encode_deltas_multi(user_ids[few], rows, starts[few], sizes[few], cap) if len(few) else [])]
+    for which, values in parts:
+        for i, v in zip(which.tolist(), values):
+            out[i] = v
+    done = np.zeros(len(sizes), dtype=bool)
+    done[one], done[few] = True, True
+    for i in np.nonzero(~done)[0].tolist():  # empty, long, or too few to pay for a pass
+        out[i] = encode_delta(int(user_ids[i]), rows[starts[i]:ends[i]], cap)
     return out
 
 
