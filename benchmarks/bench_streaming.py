@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/bench_streaming.py            # 200,000 behaviors over >= 100,000 users
     .venv/bin/python benchmarks/bench_streaming.py --quick    # 20,000 events, seconds
     .venv/bin/python benchmarks/bench_streaming.py --json OUT # also write the rates (events/s) as JSON
+    .venv/bin/python benchmarks/bench_streaming.py --logic    # the sequence agent's logic alone, no broker
 
 One run, one broker, the same pre-produced ``behaviors`` events for every consumer (each in a fresh consumer
 group; the agent runs get identical copies under their own topic prefix, so that each starts with an empty
@@ -70,24 +71,73 @@ def faust_noop_child(bootstrap: str, topic: str, n: int) -> None:
 
 
 # --- helpers -------------------------------------------------------------------------------------------
-def produce_behaviors(kafka: KafkaSettings, n: int, users: int, seed: int = 0) -> int:
-    from schemas.topics import key_of
-    from streaming.kafka import Output
+T0 = 1_767_225_600_000
 
+
+def behaviors(n: int, users: int, seed: int = 0):
+    """The benchmark's stream: ``n`` behaviors of users drawn uniformly from ``users``, Zipf items."""
     rng = np.random.default_rng(seed)
     uid = rng.integers(0, users, n)
     items = rng.zipf(1.3, n) % 100_000
     scen = rng.integers(0, 3, n)
+    for i in range(n):
+        yield BehaviorEvent(event_id=f"b{i}", user_id=int(uid[i]), item_id=int(items[i]),
+                            category_id=int(items[i]) % 500, behavior="view" if i % 5 else "click",
+                            scenario=("home", "search", "detail")[scen[i]], query="shoes" if scen[i] == 1 else None,
+                            event_time_ms=T0 + i * 10)
+
+
+def produce_behaviors(kafka: KafkaSettings, n: int, users: int, seed: int = 0) -> int:
+    from schemas.topics import key_of
+    from streaming.kafka import Output
+
     # No compression: aiokafka (Faust) needs the lz4 package for lz4 batches, and it is not installed here.
     p = Output(kafka, **{"compression.type": "none", "linger.ms": 20})
-    t0 = 1_767_225_600_000
-    for i in range(n):
-        e = BehaviorEvent(event_id=f"b{i}", user_id=int(uid[i]), item_id=int(items[i]), category_id=int(items[i]) % 500,
-                          behavior="view" if i % 5 else "click", scenario=("home", "search", "detail")[scen[i]],
-                          query="shoes" if scen[i] == 1 else None, event_time_ms=t0 + i * 10)
+    distinct = set()
+    for e in behaviors(n, users, seed):
         p.produce(kafka.topic(BEHAVIORS), value=BEHAVIORS.encode(e), key=key_of(e.user_id))  # ingest-time stamp
+        distinct.add(e.user_id)
     p.flush(60)
-    return len(np.unique(uid))
+    return len(distinct)
+
+
+def logic_rate(n: int, users: int, batch: int = 2000, partitions: int = 4) -> dict[str, float]:
+    """The sequence agent's logic alone over the same stream (no broker, in-memory store): CPU per event, and
+    the part spent encoding the deltas. The worker's batches of ``batch`` events, split by partition."""
+    import schemas.seqexport as sx
+    import streaming.agents.sequences as sq
+    from streaming.agents.store import MemoryEmit, MemoryStore, Record
+
+    values = [(e.user_id % partitions, BEHAVIORS.encode(e)) for e in behaviors(n, users)]
+    logic = sq.SequenceLogic(max_pairs=1024, clock=lambda: (T0 + 10 * 86_400_000) / 1000)
+    stores, emit = [MemoryStore() for _ in range(partitions)], MemoryEmit()
+    for p, store in enumerate(stores):
+        logic.assign(p, store, {}, emit, lambda topic, q: [])
+    spent = [0.0]
+
+    def timed(*a):
+        t = time.process_time()
+        out = sx.encode_deltas(*a)
+        spent[0] += time.process_time() - t
+        return out
+
+    offsets, cpu = [0] * partitions, 0.0
+    sq.encode_deltas = timed
+    try:
+        for b in range(0, n, batch):
+            by: dict[int, list] = {}
+            for p, v in values[b:b + batch]:
+                by.setdefault(p, []).append(Record(BEHAVIORS.name, p, offsets[p], T0, b"k", v))
+                offsets[p] += 1
+            t = time.process_time()
+            for p, recs in by.items():
+                logic.process(p, recs, emit)
+                stores[p].commit({BEHAVIORS.name: offsets[p]})
+            cpu += time.process_time() - t
+            emit.sent.clear()
+    finally:
+        sq.encode_deltas = sx.encode_deltas
+    return {"events_per_cpu_s": n / cpu, "us_per_event": 1e6 * cpu / n, "encode_us_per_event": 1e6 * spent[0] / n}
 
 
 def plain_consumer_rate(kafka: KafkaSettings, topic: str, n: int) -> float:
@@ -192,9 +242,23 @@ def main() -> None:
     ap.add_argument("--users", type=int)
     ap.add_argument("--faust-child", nargs=3, help=argparse.SUPPRESS)
     ap.add_argument("--json", metavar="OUT", help="write the rates (events/s) to this JSON file")
+    ap.add_argument("--logic", action="store_true", help="only the sequence agent's logic, no broker, at "
+                    "150,000 / 10,000 / 2,000 users (from one event per user and batch to many)")
     args = ap.parse_args()
     if args.faust_child:
         faust_noop_child(args.faust_child[0], args.faust_child[1], int(args.faust_child[2]))
+        return
+    if args.logic:
+        n = args.events or (20_000 if args.quick else 200_000)
+        out = {}
+        print(f"sequence agent logic, {n:,} events, batches of 2,000 over 4 partitions, in-memory store:")
+        for users in ([args.users] if args.users else [150_000, 10_000, 2_000]):
+            r = logic_rate(n, users)
+            out[f"logic_sequences_{users}_users"] = round(r["events_per_cpu_s"])
+            print(f"  {users:>7,} users: {r['events_per_cpu_s']:9,.0f} events per CPU-second ({r['us_per_event']:.1f} "
+                  f"us/event, of which encoding the deltas {r['encode_us_per_event']:.2f})", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(out | {"events": n}, indent=1) + "\n")
         return
     from schemas.logs import setup_logging
 
@@ -293,7 +357,7 @@ def profile_shares(prof: cProfile.Profile) -> list[tuple[str, float]]:
               "new users' tails, encoded in one pass": ("tokenize.py", "encode_rows_many"),
               "append to or merge into stored users' tails and bases, dedup, cap": (
                   "sequences.py", "_append_ones|_append|_apply"),
-              "encode the deltas (one vectorised pass per delta size)": ("seqexport.py", "encode_deltas"),
+              "encode the deltas (vectorised passes)": ("seqexport.py", "encode_deltas"),
               "produce to sequence-deltas": ("worker.py", "send|send_many"),
               "RocksDB multi-get + WriteBatch": ("~", "<method 'get' of 'builtins.Rdict' objects>|"
                                                       "<method 'write' of 'builtins.Rdict' objects>"),
