@@ -348,9 +348,15 @@ def snapshot_keys(data: bytes) -> tuple[int, np.ndarray]:
     return _unzz(newest), np.frombuffer(data, dtype="<i8", count=n, offset=pos)
 
 
-def encode_delta(user_id: int, rows: np.ndarray, cap: int) -> bytes:
+def _delta_head() -> bytearray:
+    """A delta record's first bytes: codec header and the tokenizer's kinds."""
     out = bytearray((MAGIC, FORMAT_DELTA, DELTA_VERSION))
     _kinds_header(out)
+    return out
+
+
+def encode_delta(user_id: int, rows: np.ndarray, cap: int) -> bytes:
+    out = _delta_head()
     _put_varint(out, _zz(user_id))
     _put_varint(out, cap)
     _put_pairs(out, rows[np.lexsort((rows[:, 1], rows[:, 0]))] if len(rows) > 1 else rows)  # small diffs
@@ -431,8 +437,7 @@ def _encode_deltas_multi(user_ids: np.ndarray, rows: np.ndarray, starts: np.ndar
     cols = _columns_blocks(np.concatenate((t[:, None], idx, R[:, None, :, 2 + K], R[:, None, :, 3 + K]), axis=1),
                            valid)  # time, index of each kind, item, category
 
-    head = bytearray((MAGIC, FORMAT_DELTA, DELTA_VERSION))
-    _kinds_header(head)
+    head = _delta_head()
     after_user = bytearray()
     _put_varint(after_user, cap)
     keys = np.ascontiguousarray(R[:, :, 1], dtype="<i8").view(np.uint8).reshape(G, 8 * M)
@@ -448,8 +453,7 @@ def _encode_deltas_one(user_ids: np.ndarray, rows: np.ndarray, cap: int) -> list
     columns are each their own base (width 0): no sort, no dictionary, fixed bytes around the varints."""
     n = len(rows)
     n_kinds = rows.shape[1] - 4
-    head = bytearray((MAGIC, FORMAT_DELTA, DELTA_VERSION))
-    _kinds_header(head)
+    head = _delta_head()
     after_user = bytearray()
     _put_varint(after_user, cap)
     _put_varint(after_user, 1)
@@ -486,20 +490,22 @@ def encode_deltas(user_ids: np.ndarray, rows: np.ndarray, starts: np.ndarray, en
     starts, ends = np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
     user_ids = np.asarray(user_ids, dtype=np.int64)
     sizes = ends - starts
-    out: list[bytes] = [b""] * len(sizes)
     one = np.nonzero(sizes == 1)[0]
     few = np.nonzero((sizes > 1) & (sizes <= _BATCH_MAX))[0]
     if len(few) < _BATCH_MIN:
         few = few[:0]
-    parts = [(one, _encode_deltas_one(user_ids[one], rows[starts[one]], cap) if len(one) else []),
-             (few, _encode_deltas_multi(user_ids[few], rows, starts[few], sizes[few], cap) if len(few) else [])]
-    for which, values in parts:
+    rest = np.setdiff1d(np.arange(len(sizes)), np.concatenate((one, few)))  # empty, long, or too few for a pass
+    out: list[bytes] = [b""] * len(sizes)
+
+    def put(which: np.ndarray, values: list[bytes]) -> None:
         for i, v in zip(which.tolist(), values):
             out[i] = v
-    done = np.zeros(len(sizes), dtype=bool)
-    done[one], done[few] = True, True
-    for i in np.nonzero(~done)[0].tolist():  # empty, long, or too few to pay for a pass
-        out[i] = encode_delta(int(user_ids[i]), rows[starts[i]:ends[i]], cap)
+
+    if len(one):
+        put(one, _encode_deltas_one(user_ids[one], rows[starts[one]], cap))
+    if len(few):
+        put(few, _encode_deltas_multi(user_ids[few], rows, starts[few], sizes[few], cap))
+    put(rest, [encode_delta(int(user_ids[i]), rows[starts[i]:ends[i]], cap) for i in rest.tolist()])
     return out
 
 

@@ -495,7 +495,7 @@ class SequenceLogic:
         sent = [i for i, c in enumerate(changed) if c]
         if not sent:
             return
-        # This batch's pairs of each changed user, in vectorised passes (one per delta size).
+        # This batch's pairs of each changed user, in vectorised passes (``encode_deltas``).
         out = encode_deltas(uniq[sent], rows, starts[sent], ends[sent], cap)
         keys = [key_of(uniq_l[i]) for i in sent]
         send_many = getattr(emit, "send_many", None)  # the worker's emit: one call for the batch
