@@ -117,9 +117,17 @@ class LumFeatures(_Event):
 
 
 class ItemEmbedding(_Event):
-    """An item's LUM item-token embedding, for interest matching (compacted topic ``item-embeddings``)."""
+    """An item's LUM item-token embedding, for interest matching (compacted topic ``item-embeddings``).
 
-    item_id: Id
+    Version 2: ``item_id`` None is a category's record: the embedding of any item of ``category_id`` that the
+    model version never trained on (a model trained with item-id dropout reads such an item as its category
+    alone); version-1 messages (every one an item's) still decode.
+    """
+
+    SCHEMA_VERSION: ClassVar[int] = 2
+    READS_VERSIONS: ClassVar[tuple[int, ...]] = (1,)
+
+    item_id: Id | None
     category_id: Id
     model_version: Annotated[str, Field(min_length=1, max_length=128)]
     vector: Vector

@@ -52,6 +52,12 @@ def key_of(entity_id: int) -> bytes:
     return str(entity_id).encode()
 
 
+def category_key(category_id: int) -> bytes:
+    """The ``item-embeddings`` key of a category's record (``ItemEmbedding.item_id`` None): apart from every
+    item's key, so that compaction keeps one per category and one per item."""
+    return b"category=" + key_of(category_id)
+
+
 BEHAVIORS = Topic("behaviors", "user_id", BehaviorEvent, 4, False, 7 * DAY_MS,
                   "user actions (views, clicks, carts, buys, ratings): the source of sequences and labels")
 IMPRESSIONS = Topic("impressions", "user_id", ImpressionEvent, 4, False, 7 * DAY_MS,
@@ -66,7 +72,8 @@ SEQUENCE_DELTAS = Topic("sequence-deltas", "user_id", Delta, 4, False, 7 * DAY_M
 LUM_FEATURES = Topic("lum-features", "user_id", LumFeatures, 4, True, None,
                      "each user's latest LUM condition outputs, written by the refresh job")
 ITEM_EMBEDDINGS = Topic("item-embeddings", "item_id", ItemEmbedding, 4, True, None,
-                        "each item's latest LUM item-token embedding, written by the refresh job")
+                        "each item's latest LUM item-token embedding (and each category's, for items the model never "
+                        "saw), written by the refresh job")
 LATE_CLICKS = Topic("late-clicks", "user_id", BehaviorEvent, 1, False, 7 * DAY_MS,
                     "clicks that arrived after their impression's attribution window closed")
 JOINER_CHANGELOG = Topic("joiner-changelog", "joiner state key (bytes)", bytes, 4, True, None,  # type: ignore[arg-type]

@@ -114,18 +114,26 @@ def test_exact_auc_and_logloss(bench):
     assert bench.logloss(np.full(4, 0.5), y) == pytest.approx(np.log(2))
 
 
-def test_items_never_pretrained_on_are_absent_not_present(bench):
+def test_items_never_pretrained_on_are_absent_or_their_category_never_their_hashed_rows(bench):
     # Defect 7: item vectors of items the LUM never saw (hashed rows shared with others) were flagged present.
     import torch
 
     from trainers.lum.model import PRESETS, LumModel
 
-    torch.manual_seed(0)
-    model = LumModel(PRESETS["debug"]).eval()
     users = {1: [ev(n, [10, 11, 99, 12][n], "rate", rating=4.0) for n in range(4)]}
+    torch.manual_seed(0)
+    model = LumModel(PRESETS["debug"].model_copy(update={"item_id_dropout": 0.0})).eval()
     view = bench.make_view(model, users, ["any"], "behavior=liked", np.array([10, 11]), {1: [0, 1, 2, 3]})
     assert set(view.items) == {10, 11}  # 99 and 12 were never trained on: absent
     assert set(view.target) == {(1, 1), (1, 2), (1, 3)} and len(view.users[(1, 1)]) == 1
+    # A model trained with item-id dropout reads them as their category alone.
+    model = LumModel(PRESETS["debug"].model_copy(update={"item_id_dropout": 0.1})).eval()
+    view = bench.make_view(model, users, ["any"], "behavior=liked", np.array([10, 11]), {1: [0, 1, 2, 3]})
+    cats = {e.item_id: e.category_id for e in users[1]}
+    with torch.no_grad():
+        for i in (10, 99):
+            want = model.item_vectors(torch.tensor([i]), torch.tensor([cats[i]]), torch.tensor([i == 10]))[0]
+            np.testing.assert_allclose(view.items[i], want.numpy(), atol=1e-6)
 
 
 def test_every_dlrm_epoch_trains_and_the_bias_starts_at_the_training_base_rate(bench):
@@ -192,5 +200,6 @@ def test_tiny_end_to_end_run(bench, data_dir, tmp_path):
     for key in ("lum_hr10", "sasrec_hr10", "pop_hr10", "lum_cond_hr10", "sasrec_cond_hr10"):
         assert 0 <= r[key] <= 1
     assert r["lum_inputs"]["dlrm_lum"].get("user_absent", 0) == 0  # the LUM inputs reached the DLRM
+    assert set(r["dlrm_lum_contrast"]) == {"dlrm_sasrec", "dlrm_lum"}  # chosen on the validation tail per arm
     text = (tmp_path / "r.md").read_text()
     assert "| ml |" in text and "+LUM AUC" in text

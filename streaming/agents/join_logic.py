@@ -190,21 +190,33 @@ class ItemVectors:
     def __init__(self, versions: int = ITEM_VERSIONS):
         self.keep = versions
         self.by_version: dict[str, dict[int, list[float]]] = {}
+        self.by_category: dict[str, dict[int, list[float]]] = {}  # version -> category -> new items' vector
         self.newest: dict[str, int] = {}  # version -> newest computed_at_ms seen
 
     def add(self, emb: ItemEmbedding) -> None:
-        self.by_version.setdefault(emb.model_version, {})[emb.item_id] = emb.vector
-        self.newest[emb.model_version] = max(self.newest.get(emb.model_version, 0), emb.computed_at_ms)
+        v = emb.model_version
+        if emb.item_id is None:  # a category's record: the vector of its items the version never trained on
+            self.by_category.setdefault(v, {})[emb.category_id] = emb.vector
+            self.by_version.setdefault(v, {})
+        else:
+            self.by_version.setdefault(v, {})[emb.item_id] = emb.vector
+        self.newest[v] = max(self.newest.get(v, 0), emb.computed_at_ms)
         if len(self.by_version) > self.keep:
             oldest = min(self.newest, key=self.newest.__getitem__)
             del self.by_version[oldest], self.newest[oldest]
+            self.by_category.pop(oldest, None)
             log.info("joiner: item embeddings of model version %s dropped (%d newer versions kept)", oldest, self.keep)
 
-    def get(self, item: int, version: str) -> list[float] | None:
-        return self.by_version.get(version, {}).get(item)
+    def get(self, item: int, version: str, category: int | None = None) -> list[float] | None:
+        """The item's vector under ``version``; for an item that version never trained on, its ``category``'s
+        record where the version has one."""
+        got = self.by_version.get(version, {}).get(item)
+        if got is None and category is not None:
+            return self.by_category.get(version, {}).get(category)
+        return got
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self.by_version.values())
+        return sum(len(v) for v in self.by_version.values()) + sum(len(v) for v in self.by_category.values())
 
 
 # --- watermark ----------------------------------------------------------------------------------------------
@@ -852,7 +864,7 @@ class JoinLogic:
                 f = lum.get(v.raw) or lum.setdefault(v.raw, _Lum(LUM_FEATURES.decode(v.raw)))
                 mv = f.model_version
                 conds, user_dims, vectors = f.for_category(imp["category_id"])
-                item = items.get(item_id, mv)  # the same model version, or none
+                item = items.get(item_id, mv, imp["category_id"])  # the same model version, or none
                 if item is not None:
                     item_dim = len(item)
                     vectors += _f64(item)

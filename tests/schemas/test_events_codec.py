@@ -4,7 +4,7 @@ import pytest
 
 from schemas import codec
 from schemas.codec import DecodeError
-from schemas.events import BehaviorEvent, LumFeatures, TrainingExample
+from schemas.events import BehaviorEvent, ItemEmbedding, LumFeatures, TrainingExample
 from schemas.topics import ALL_TOPICS, BEHAVIORS, BY_NAME
 
 GOOD = dict(event_id="e1", user_id=1, item_id=2, category_id=3, behavior="click", scenario="home",
@@ -62,6 +62,17 @@ def test_vectors_and_lists_are_bounded():
     with pytest.raises(ValueError):
         TrainingExample(**base, history_items=list(range(257)), history_categories=list(range(257)))
     assert TrainingExample(**base, lum_conditions=["any"], lum_user=[[0.1]], lum_item=[0.2]).label == 1
+
+
+def test_item_embeddings_v1_still_decode_and_v2_carry_category_records():
+    v1 = b'Lj\x01{"item_id":7,"category_id":4,"model_version":"v","vector":[0.5],"computed_at_ms":1767225600000}'
+    assert codec.decode(ItemEmbedding, v1).item_id == 7
+    cat = ItemEmbedding(item_id=None, category_id=4, model_version="v", vector=[0.5], computed_at_ms=1767225600000)
+    wire = codec.encode(cat)
+    assert wire[:3] == b"Lj\x02" and codec.decode(ItemEmbedding, wire) == cat
+    with pytest.raises(DecodeError):  # a record must say which it is: the item id is required, null or not
+        codec.decode(ItemEmbedding, b'Lj\x02{"category_id":4,"model_version":"v","vector":[0.5],'
+                                    b'"computed_at_ms":1767225600000}')
 
 
 def test_lum_features_v1_still_decode_and_v2_carry_own_category():

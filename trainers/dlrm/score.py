@@ -34,6 +34,7 @@ class LumStore:
         # user -> (condition -> row, own category -> row, (K, D)): rows of the user's answers
         self.users: dict[int, tuple[dict[str, int], dict[int, int], np.ndarray]] = {}
         self.items: dict[int, np.ndarray] = {}  # item -> (D,)
+        self.categories: dict[int, np.ndarray] = {}  # category -> (D,): its items the model never trained on
 
     def put_user(self, f: LumFeatures) -> None:
         self.users[f.user_id] = ({c.condition: k for k, c in enumerate(f.conditions) if c.own_category is None},
@@ -42,7 +43,16 @@ class LumStore:
                                  np.asarray([c.vector for c in f.conditions], dtype=np.float32))
 
     def put_item(self, e: ItemEmbedding) -> None:
-        self.items[e.item_id] = np.asarray(e.vector, dtype=np.float32)
+        vec = np.asarray(e.vector, dtype=np.float32)
+        if e.item_id is None:
+            self.categories[e.category_id] = vec
+        else:
+            self.items[e.item_id] = vec
+
+    def item(self, item_id: int, category_id: int) -> np.ndarray | None:
+        """The item's vector, or (an item the model never trained on) its category's, as the joiner attaches."""
+        got = self.items.get(item_id)
+        return self.categories.get(category_id) if got is None else got
 
 
 class Scorer:
@@ -113,8 +123,8 @@ class Scorer:
                     cat[n], cat_ok[n] = vecs[by_category[c]], 1.0
         item = np.zeros((N, D), dtype=np.float32)
         i_ok = np.zeros(N, dtype=np.float32)
-        for n, i in enumerate(cand[:, 0].tolist()):
-            v = store.items.get(i) if store else None
+        for n, (i, c) in enumerate(cand.tolist()):
+            v = store.item(i, c) if store else None
             if v is not None and v.shape[0] == D:
                 item[n], i_ok[n] = v, 1.0
         own = self._order.index(f"scenario={scenario}") if f"scenario={scenario}" in self._order else -1

@@ -49,6 +49,11 @@ class LumConfig(BaseModel):
     d_cat: int = Field(16, ge=4, description="category embedding width before projection")
     d_cond: int = Field(16, ge=4, description="per-kind condition embedding width before projection")
     use_conditions: bool = Field(True, description="False: SASRec-style baseline, items only, next-item loss")
+    # Real catalogs keep adding items (72-78% of the Taobao sample's ranking targets are absent from its
+    # pre-training segment): an item the model never trained on is read as its category alone, so training
+    # must show the model category-only items too.
+    item_id_dropout: float = Field(0.1, ge=0, lt=1, description="chance an item token or candidate loses its id "
+                                                                "embedding in training (category only)")
     # --- loss
     temperature: float = Field(0.07, gt=0, description="InfoNCE temperature on cosine similarity")
     logq: bool = Field(True, description="subtract log Q(candidate) from logits: the sampled-softmax correction")
@@ -94,10 +99,10 @@ class LumConfig(BaseModel):
 
 
 PRESETS: dict[str, LumConfig] = {
-    # CPU, seconds: tests.
+    # CPU, seconds: tests (no randomness in a step: runs at any world size follow one process step by step).
     "debug": LumConfig(name="debug", d_model=32, n_layers=2, n_heads=2, max_pairs=32, item_buckets=4099,
                        cat_buckets=257, cond_buckets=257, d_item=32, d_cat=8, d_cond=8, row_len=64,
-                       rows_per_batch=8, dropout=0.0, lr=3e-3, warmup_steps=10),
+                       rows_per_batch=8, dropout=0.0, item_id_dropout=0.0, lr=3e-3, warmup_steps=10),
     # CPU, minutes: MovieLens-100K, demo.
     "small": LumConfig(name="small", d_model=64, n_layers=2, n_heads=2, max_pairs=100, item_buckets=16_411,
                        cat_buckets=4099, cond_buckets=4099, d_item=64, d_cat=16, d_cond=16, row_len=256,
@@ -140,10 +145,13 @@ class TokenEncoder(nn.Module):
         for emb in (self.item, self.cat, self.cond):
             nn.init.normal_(emb.weight, std=0.02)
 
-    def items(self, item_ids: torch.Tensor, cat_ids: torch.Tensor) -> torch.Tensor:
-        """(...,) raw ids -> (..., D) item-token embeddings."""
+    def items(self, item_ids: torch.Tensor, cat_ids: torch.Tensor, known: torch.Tensor | None = None) -> torch.Tensor:
+        """(...,) raw ids -> (..., D) item-token embeddings. ``known`` (...,) False: the item's id is not used (an
+        item never trained on, or id dropout in training), its token is its category alone."""
         cfg = self.cfg
         e = sum(self.item(hash_ids(item_ids, cfg.item_buckets, s)) for s in range(cfg.item_hashes))
+        if known is not None:
+            e = e * known[..., None].to(e.dtype)
         return self.item_proj(torch.cat([e, self.cat(hash_ids(cat_ids, cfg.cat_buckets, 1))], -1))
 
     def conditions(self, cond_ids: torch.Tensor) -> torch.Tensor:
@@ -194,7 +202,8 @@ class LumModel(nn.Module):
     def embed(self, batch) -> torch.Tensor:
         """Token embeddings of a batch: (B, T, D)."""
         is_cond = (batch.kind == COND) | (batch.kind == QUERY)  # (B, T); the rest use the item encoder
-        items = self.tokens.items(batch.item[~is_cond], batch.cat[~is_cond])  # (N_items, D)
+        ids = batch.item[~is_cond]
+        items = self.tokens.items(ids, batch.cat[~is_cond], self.id_kept(ids))  # (N_items, D)
         x = items.new_zeros(*batch.kind.shape, self.cfg.d_model)  # (B, T, D)
         x[~is_cond] = items
         x[is_cond] = self.tokens.conditions(batch.cond[is_cond]).to(x.dtype)
@@ -210,15 +219,22 @@ class LumModel(nn.Module):
             x = block(x, mask)
         return self.ln_f(x)
 
+    def id_kept(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Training only: which of these item tokens keep their id (``item_id_dropout``); None keeps all."""
+        p = self.cfg.item_id_dropout
+        return torch.rand(ids.shape, device=ids.device) >= p if self.training and p > 0 else None
+
     def user_vectors(self, h: torch.Tensor) -> torch.Tensor:
         """Outputs at condition tokens -> unit vectors comparable with ``item_vectors`` (..., D), in fp32."""
         with torch.autocast(h.device.type, enabled=False):  # logits need fp32: bf16 cosines are off by ~1e-2
             return F.normalize(self.head(h.float()), dim=-1)
 
-    def item_vectors(self, item_ids: torch.Tensor, cat_ids: torch.Tensor) -> torch.Tensor:
-        """The item-token embedding e_i as a unit vector (..., D), fp32: what the loss and interest matching use."""
+    def item_vectors(self, item_ids: torch.Tensor, cat_ids: torch.Tensor,
+                     known: torch.Tensor | None = None) -> torch.Tensor:
+        """The item-token embedding e_i as a unit vector (..., D), fp32: what the loss and interest matching use.
+        ``known`` False: an item the model never trained on, represented by its category (``item_id_dropout``)."""
         with torch.autocast(item_ids.device.type, enabled=False):
-            return F.normalize(self.tokens.items(item_ids, cat_ids).float(), dim=-1)
+            return F.normalize(self.tokens.items(item_ids, cat_ids, known).float(), dim=-1)
 
 
 def visibility(seg: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
@@ -252,7 +268,8 @@ def info_nce(model: LumModel, user: torch.Tensor, pos_items: torch.Tensor, cand_
     subtracting it makes the sampled softmax a consistent estimate of the full softmax (logQ correction).
     """
     with torch.autocast(user.device.type, enabled=False):
-        logits = user.float() @ model.item_vectors(cand_items, cand_cats).T / temperature  # (N, C) fp32
+        cand = model.item_vectors(cand_items, cand_cats, model.id_kept(cand_items))  # (C, D)
+        logits = user.float() @ cand.T / temperature  # (N, C) fp32
         if cand_logq is not None:
             logits = logits - cand_logq.float()
         target = torch.searchsorted(cand_items, pos_items)

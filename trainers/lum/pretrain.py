@@ -341,8 +341,9 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> tuple[LumModel, to
     meta = json.loads((d / "meta.json").read_text())
     if meta["tokenizer_version"] > TOKENIZER_VERSION:
         raise ValueError(f"{d}: tokenizer v{meta['tokenizer_version']} is newer than this build's v{TOKENIZER_VERSION}")
-    # (a checkpoint from before query tokens was trained without them: its windows were [c, i] pairs)
-    model = LumModel(LumConfig(**({"query_tokens": False} | meta["config"]))).to(device)
+    # Checkpoints from before a field existed were trained without it: query tokens (their windows were [c, i]
+    # pairs) and item-id dropout (their category-only item vectors mean nothing).
+    model = LumModel(LumConfig(**({"query_tokens": False, "item_id_dropout": 0.0} | meta["config"]))).to(device)
     state = torch.load(d / "model.pt", map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     optimizer = make_optimizer(model)

@@ -13,7 +13,9 @@ conditions for those users with one group-query pass per batch of users;
 publish ``LumFeatures`` to ``lum-features`` (key = user id; ``trained_until_ms`` = the newest event time the
 model was trained on, from the checkpoint) and, when the model version is new to this state file, the
 ``ItemEmbedding`` of every item the model was trained on (the checkpoint's ``items.npz``; items it never saw
-get none: their hashed rows mean nothing) to ``item-embeddings``; flush; then store the new offsets. A crash
+get none: their hashed rows mean nothing) to ``item-embeddings``, and, for a model trained with item-id dropout,
+one record per category of those items (``item_id`` None, key ``category=<id>``): the vector of any item of
+that category the model never saw; flush; then store the new offsets. A crash
 before the state is written repeats the run (at-least-once; the topics are compacted, so repeats are harmless).
 While ``lum backfill sequences`` rebuilds the export (or if one started during the read) the run refuses
 with ``BackfillRunning`` naming it, before publishing anything; ``--every`` retries at the next period.
@@ -47,7 +49,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from schemas.events import ConditionOutput, ItemEmbedding, LumFeatures
 from schemas.settings import KafkaSettings
 from schemas.tokenize import parse_condition
-from schemas.topics import ITEM_EMBEDDINGS, LUM_FEATURES, USER_SEQUENCES, key_of
+from schemas.topics import ITEM_EMBEDDINGS, LUM_FEATURES, USER_SEQUENCES, category_key, key_of
 
 from .model import LumModel
 from .packing import Seq, group_query_batch, inference_prefix, make_batch, pack_rows, to_tokens
@@ -270,13 +272,22 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
             items.update(zip(s.items.tolist(), s.cats.tolist()))  # last category seen wins
         ids = np.fromiter(items.keys(), np.int64, len(items))
         cats = np.fromiter(items.values(), np.int64, len(items))
+    # A model trained with item-id dropout reads an item it never saw as its category: one record per category
+    # of its items serves every new item of it (the joiner's fallback within the same model version).
+    cold = np.zeros(0, np.int64)
+    if model.cfg.item_id_dropout > 0 and not same and vocab is not None:
+        cold = np.unique(vocab[1])[rank::world]
     with torch.no_grad():
-        for b in range(0, len(ids), 4096):
-            vecs = model.item_vectors(torch.as_tensor(ids[b:b + 4096], device=device),
-                                      torch.as_tensor(cats[b:b + 4096], device=device)).float().cpu().tolist()
-            for i, c, v in zip(ids[b:b + 4096].tolist(), cats[b:b + 4096].tolist(), vecs):
-                msg = ItemEmbedding(item_id=i, category_id=c, model_version=version, vector=v, computed_at_ms=now)
-                publisher.produce(item_topic, ITEM_EMBEDDINGS.encode(msg), key_of(i))
+        for rows, known in ((ids, True), (cold, False)):
+            for b in range(0, len(rows), 4096):
+                part = torch.as_tensor(rows[b:b + 4096], device=device)
+                i_t = part if known else torch.zeros_like(part)
+                c_t = torch.as_tensor(cats[b:b + 4096], device=device) if known else part
+                vecs = model.item_vectors(i_t, c_t, torch.full_like(part, known, dtype=torch.bool))
+                for i, c, v in zip(i_t.tolist(), c_t.tolist(), vecs.float().cpu().tolist()):
+                    msg = ItemEmbedding(item_id=i if known else None, category_id=c, model_version=version,
+                                        vector=v, computed_at_ms=now)
+                    publisher.produce(item_topic, ITEM_EMBEDDINGS.encode(msg), key_of(i) if known else category_key(c))
     failed = torch.zeros(1)
     try:
         publisher.flush()
@@ -298,8 +309,8 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
         tmp.replace(spath)
     launch.barrier()
     dt = time.perf_counter() - t0
-    log.info("refresh done: %d users, %d items, %d conditions%s in %.1fs (%.0f users/s)", len(mine), len(ids),
-             len(names), f" + up to {top} own categories" if top else "", dt, len(mine) / dt if dt else 0)
+    log.info("refresh done: %d users, %d items, %d categories for new items, %d conditions%s in %.1fs (%.0f users/s)",
+             len(mine), len(ids), len(cold), len(names), f" + up to {top} own categories" if top else "", dt, len(mine) / dt if dt else 0)
     return {"model_version": version, "full": not same, "users": [s.user_id for s in mine], "items": len(ids),
             "seconds": dt, "saved_at": meta.get("saved_at")}
 

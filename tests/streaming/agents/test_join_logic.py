@@ -209,6 +209,23 @@ def test_item_vector_comes_from_the_user_features_model_version_or_not_at_all():
     assert h.logic.gauges()["item_vector_other_version_total"] == 1
 
 
+def test_an_item_the_model_never_trained_on_gets_its_categorys_vector_of_the_same_version():
+    """A refresh of a model trained with item-id dropout publishes one record per category (``item_id`` None):
+    items without their own vector take it, from the user features' model version only; an item's own vector
+    wins over its category's."""
+    h = Harness()
+    h.side(ItemEmbedding(item_id=11, category_id=4, model_version="m1", vector=[1.0], computed_at_ms=T0))
+    h.side(ItemEmbedding(item_id=None, category_id=4, model_version="m1", vector=[4.0], computed_at_ms=T0))
+    h.side(ItemEmbedding(item_id=None, category_id=6, model_version="m2", vector=[6.0], computed_at_ms=T0))
+    h.batch(feats(1, "m1", 400))
+    # 11 (category 4, own vector), 18 (category 4, none of its own), 13 (category 6: only m2 has it)
+    h.batch(imp("r1", 1, 11, 1000), imp("r1", 1, 18, 1000), imp("r1", 1, 13, 1000))
+    h.tick(1000 + W)
+    ex = h.examples()
+    assert ex["r1/11"].lum_item == [1.0] and ex["r1/18"].lum_item == [4.0]
+    assert ex["r1/13"].lum_item is None and ex["r1/13"].lum_model_version == "m1"
+
+
 def test_an_example_carries_only_its_candidates_own_category_answer():
     """The user's own-category answers (refresh's top categories) reach an example only for a candidate of that
     category, as ``TARGET_CATEGORY``: not all of them on every example."""
@@ -624,15 +641,16 @@ def _digests(log, state) -> dict[str, str]:
 # for v4 bytes (compact history; with a v3 encoder patched into the joiner's emit path, the previous pins).
 # Dead letters, changelog and state re-pinned for LumFeatures v2 inputs (the stream's feature messages gained a
 # version byte and ``own_category: null``; examples, late clicks, starts and counts unchanged; with version 1
-# patched in, the dead letters equal the previous pins).
+# patched in, the dead letters equal the previous pins). Dead letters re-pinned for ItemEmbedding v2 (the
+# stream's bad item-embedding messages carry the new version byte; with version 1 patched in, the previous pins).
 MIXED_EXPECTED = {
-    0: {"counts": "18:3b5450ca462b834c", "dead": "114:7135251e1869f66b", "joiner-changelog": "6020:167d910ea255ea3d",
+    0: {"counts": "18:3b5450ca462b834c", "dead": "114:18452a45dc7b1a22", "joiner-changelog": "6020:167d910ea255ea3d",
         "late-clicks": "157:712c5b51d85b3400", "starts": "3:83bab67adde2f36a", "state": "1770:56eda244cdd247b5",
         "training-examples": "1506:d9ab2349fccd2304"},
-    1: {"counts": "15:9ac7f37ed5731f38", "dead": "139:05d0ba7dd9768e11", "joiner-changelog": "5416:9edbb04402bd2194",
+    1: {"counts": "15:9ac7f37ed5731f38", "dead": "139:88dd9b41cdc34425", "joiner-changelog": "5416:9edbb04402bd2194",
         "late-clicks": "236:341afa12c925c207", "starts": "3:23788da33545d5b7", "state": "2006:ef236e5b5346caee",
         "training-examples": "1770:a3731e344bdf1cd6"},
-    2: {"counts": "18:ad0d3b9ea92da453", "dead": "132:82cc6889df64291b", "joiner-changelog": "6187:9a6c27eff4659280",
+    2: {"counts": "18:ad0d3b9ea92da453", "dead": "132:ab712cc8c3db1ea3", "joiner-changelog": "6187:9a6c27eff4659280",
         "late-clicks": "121:cdab038541d9a0cb", "starts": "3:c78ccbb8cd9d5ce8", "state": "1732:5e4b11c09d27744b",
         "training-examples": "1518:b1b25f8f8a9fc837"},
 }

@@ -14,7 +14,7 @@ from trainers.dlrm.score import LumStore, Scorer
 T = 1_767_225_600_000
 
 
-def test_each_candidate_is_matched_with_the_users_answer_for_its_own_category():
+def test_each_candidate_is_matched_with_the_users_answer_for_its_own_category_and_its_item_vector():
     torch.manual_seed(0)
     cfg = DLRMConfig.preset("debug", features="lum", lum_conditions=["behavior=click"], lum_dim=4)
     model = build_model(cfg)
@@ -23,7 +23,8 @@ def test_each_candidate_is_matched_with_the_users_answer_for_its_own_category():
     store.put_user(LumFeatures(user_id=1, model_version="v", computed_at_ms=T, conditions=[
         ConditionOutput(condition="behavior=click", vector=click),
         ConditionOutput(condition="behavior=click,category=5", vector=own5, own_category=5)]))
-    for i, c in ((10, 5), (11, 6)):
+    # Item 11 has no vector of its own (the model never trained on it): its category's record serves it.
+    for i, c in ((10, 5), (None, 6)):
         store.put_item(ItemEmbedding(item_id=i, category_id=c, model_version="v", vector=item, computed_at_ms=T))
     served = Scorer(model, cfg).score(1, "home", [(10, 5), (11, 6)], store=store)
 

@@ -162,7 +162,7 @@ def test_refresh_publishes_every_trained_item_once_per_version_and_training_rang
     monkeypatch.setenv("LUM_REFRESH_IDLE_TIMEOUT_S", "3")
     settings = load(RefreshSettings)
     torch.manual_seed(0)
-    model = LumModel(PRESETS["debug"])
+    model = LumModel(PRESETS["debug"].model_copy(update={"item_id_dropout": 0.1}))
     # Trained on items 1000..1009 (none of them in the sequences read below); items 0..499 were never seen.
     vocab = (np.arange(1000, 1010), np.arange(10) % 3, np.ones(10, np.int64))
     save_checkpoint(tmp_path, model, None, step=1, items=vocab,
@@ -172,11 +172,24 @@ def test_refresh_publishes_every_trained_item_once_per_version_and_training_rang
     feats, feat_off = read_all(kafka, LUM_FEATURES)
     assert {f.trained_until_ms for f in feats} == {T0 - 1}
     items, item_off = read_all(kafka, ITEM_EMBEDDINGS)
-    assert sorted(e.item_id for e in items) == list(range(1000, 1010))  # unseen items are never "present"
+    cold = {e.category_id: e.vector for e in items if e.item_id is None}
+    # Unseen items are never "present" with their own (meaningless) hashed rows ...
+    assert sorted(e.item_id for e in items if e.item_id is not None) == list(range(1000, 1010))
+    # ... but a model trained with item-id dropout reads them as their category: one record per category.
+    assert model.cfg.item_id_dropout > 0 and sorted(cold) == [0, 1, 2]
+    with torch.no_grad():
+        want = model.item_vectors(torch.tensor([7, 7, 7]), torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.bool))
+    np.testing.assert_allclose([cold[c] for c in (0, 1, 2)], want.numpy(), atol=1e-6)
     # Same version, new users: their features, but no item is republished.
     produce_sequences(kafka, [user_sequence(9, 4)])
     assert refresh_once(tmp_path, kafka, settings)["items"] == 0
     assert read_all(kafka, ITEM_EMBEDDINGS, item_off)[0] == []
+    # A model trained without item-id dropout (or a checkpoint from before it, which loads with 0): no category
+    # records, its category-only vectors were never trained.
+    plain = LumModel(PRESETS["debug"])
+    save_checkpoint(tmp_path, plain, None, step=2, items=vocab)
+    assert refresh_once(tmp_path, kafka, settings)["items"] == 10
+    assert sorted(e.item_id for e in read_all(kafka, ITEM_EMBEDDINGS, item_off)[0]) == list(range(1000, 1010))
 
 
 @pytest.mark.slow
@@ -188,7 +201,7 @@ def test_refresh_under_torchrun_equals_one_process(kafka, tmp_path, monkeypatch)
     monkeypatch.setenv("LUM_REFRESH_CONDITIONS", CONDITIONS)
     monkeypatch.setenv("LUM_REFRESH_IDLE_TIMEOUT_S", "3")
     torch.manual_seed(0)
-    model = LumModel(PRESETS["debug"])
+    model = LumModel(PRESETS["debug"].model_copy(update={"item_id_dropout": 0.1}))
     vocab = (np.arange(0, 500), np.arange(500) % 20, np.ones(500, np.int64))
     one, two = tmp_path / "one", tmp_path / "two"
     for d in (one, two):
@@ -211,7 +224,9 @@ def test_refresh_under_torchrun_equals_one_process(kafka, tmp_path, monkeypatch)
     for f in double:
         for c1, c2 in zip(a[f.user_id].conditions, f.conditions):
             np.testing.assert_allclose(c1.vector, c2.vector, atol=1e-5)
-    assert sorted(e.item_id for e in items2) == sorted(e.item_id for e in items1) == list(range(500))
+    ids = [sorted(e.item_id for e in x if e.item_id is not None) for x in (items1, items2)]
+    assert ids[0] == ids[1] == list(range(500))
+    assert sorted(e.category_id for e in items2 if e.item_id is None) == list(range(20))  # shared by the ranks
     assert json.loads((two / "refresh-state.json").read_text())["offsets"]  # rank 0 stored the offsets
 
 
