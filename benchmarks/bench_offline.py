@@ -181,7 +181,7 @@ class View:
     conditions: list[str]
     users: dict[tuple[int, int], list[list[float]]]  # (user, event index) -> one vector per condition
     target: dict[tuple[int, int], list[float]]  # (user, event index) -> own-category query vector
-    items: dict[int, list[float]]  # items the model never trained on: their category's vector, or absent
+    items: dict[int, list[float]]  # item -> vector; one the model never trained on: its category's, or absent
 
 
 def make_view(model: LumModel, users: dict[int, list[BehaviorEvent]], conditions: list[str], base: str,
@@ -239,8 +239,8 @@ def make_view(model: LumModel, users: dict[int, list[BehaviorEvent]], conditions
     pairs = sorted({(e.item_id, e.category_id) for u, js in wanted.items() for e in (users[u][j] for j in js)
                     if cold_ok or e.item_id in trained})
     with torch.no_grad():
-        ids = torch.tensor([i for i, _ in pairs], dtype=torch.long)
-        iv = model.item_vectors(ids, torch.tensor([c for _, c in pairs], dtype=torch.long),
+        iv = model.item_vectors(torch.tensor([i for i, _ in pairs], dtype=torch.long),
+                                torch.tensor([c for _, c in pairs], dtype=torch.long),
                                 torch.tensor([i in trained for i, _ in pairs])).tolist() if pairs else []
     return View(version, conditions, users_out, target, {i: v for (i, _), v in zip(pairs, iv)})
 
@@ -444,7 +444,7 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
     ll = {k: [] for k in arms}
     ret: dict[str, list] = {"lum": [], "sasrec": []}
     epochs: dict[str, int] = {}
-    contrast: dict[str, bool | None] = {}
+    contrast: dict[str, bool] = {}
     runs_info = []
     models: dict = {}
     views: dict = {}

@@ -277,17 +277,17 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     cold = np.zeros(0, np.int64)
     if model.cfg.item_id_dropout > 0 and not same and vocab is not None:
         cold = np.unique(vocab[1])[rank::world]
+    # One pass over both: the items (id known), then the categories (no id: the category alone).
+    all_ids, all_cats = np.concatenate([ids, np.zeros_like(cold)]), np.concatenate([cats, cold])
+    known = np.arange(len(all_ids)) < len(ids)
     with torch.no_grad():
-        for rows, known in ((ids, True), (cold, False)):
-            for b in range(0, len(rows), 4096):
-                part = torch.as_tensor(rows[b:b + 4096], device=device)
-                i_t = part if known else torch.zeros_like(part)
-                c_t = torch.as_tensor(cats[b:b + 4096], device=device) if known else part
-                vecs = model.item_vectors(i_t, c_t, torch.full_like(part, known, dtype=torch.bool))
-                for i, c, v in zip(i_t.tolist(), c_t.tolist(), vecs.float().cpu().tolist()):
-                    msg = ItemEmbedding(item_id=i if known else None, category_id=c, model_version=version,
-                                        vector=v, computed_at_ms=now)
-                    publisher.produce(item_topic, ITEM_EMBEDDINGS.encode(msg), key_of(i) if known else category_key(c))
+        for b in range(0, len(all_ids), 4096):
+            i_b, c_b, k_b = all_ids[b:b + 4096], all_cats[b:b + 4096], known[b:b + 4096]
+            vecs = model.item_vectors(*(torch.as_tensor(x, device=device) for x in (i_b, c_b, k_b)))
+            for i, c, k, v in zip(i_b.tolist(), c_b.tolist(), k_b.tolist(), vecs.float().cpu().tolist()):
+                msg = ItemEmbedding(item_id=i if k else None, category_id=c, model_version=version, vector=v,
+                                    computed_at_ms=now)
+                publisher.produce(item_topic, ITEM_EMBEDDINGS.encode(msg), key_of(i) if k else category_key(c))
     failed = torch.zeros(1)
     try:
         publisher.flush()
