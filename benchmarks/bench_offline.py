@@ -75,6 +75,7 @@ class Settings:
     max_steps: int = PretrainSettings.model_fields["max_steps"].default  # most steps (early stopping ends sooner)
     eval_every: int = PretrainSettings.model_fields["eval_every"].default  # validate every N steps
     patience: int = PretrainSettings.model_fields["patience"].default  # stop after N validations without a better one
+    smooth_evals: int = PretrainSettings.model_fields["smooth_evals"].default  # ... of the mean of the last N
     dlrm_preset: str = "debug"
     max_epochs: int = 4  # DLRM passes over segment 2: 1..max_epochs, chosen on a validation tail of segment 2
     val_share: float = 0.25  # each user's last quarter of segment 2 validates the epoch choice
@@ -343,7 +344,8 @@ def pretrain(cfg, tr, va, catalog, exclude_seen: bool, s: Settings, seed: int, w
     t = time.perf_counter()
     torch.manual_seed(seed)
     model, _, last, best, history = fit(cfg, tr, va, max_steps=s.max_steps, eval_every=s.eval_every,
-                                        patience=s.patience, exclude_seen=exclude_seen, catalog=catalog,
+                                        patience=s.patience, smooth_evals=s.smooth_evals,
+                                        exclude_seen=exclude_seen, catalog=catalog,
                                         seed=seed, log_every=max(1, s.eval_every))
     facts = {"steps": last, "best_step": best, "seconds": time.perf_counter() - t, "history": history}
     log.info("%s seed %d: %d steps (best %d) in %.0fs", what, seed, last, best, facts["seconds"])

@@ -53,6 +53,9 @@ class PretrainSettings(BaseSettings):
     max_steps: int = Field(3000, ge=1, description="most optimizer steps (early stopping usually ends sooner)")
     eval_every: int = Field(100, ge=0, description="validate every N steps (0: only at the end, no early stopping)")
     patience: int = Field(5, ge=1, description="stop after N validations without a better NDCG@10")
+    smooth_evals: int = Field(3, ge=1, description="early stopping and the best weights follow the mean NDCG@10 of "
+                                                   "the last N validations, so that one lucky validation on a small "
+                                                   "set neither ends training nor is kept (1: each one alone)")
     log_every: int = Field(50, ge=1, description="progress line every N steps")
     checkpoint_best: bool = Field(True, description="checkpoint every new best validation (resumable); false: only "
                                                     "the final checkpoint")
@@ -373,12 +376,15 @@ def auto_preset(n_pairs: int, cuda: bool) -> str:
 
 
 def fit(cfg: LumConfig, train_seqs, val_seqs, *, max_steps: int, eval_every: int = 100, patience: int = 5,
-        exclude_seen: bool = False, catalog=None, seed: int = 0, device: str = "cpu", log_every: int = 50,
+        smooth_evals: int = 3, exclude_seen: bool = False, catalog=None, seed: int = 0, device: str = "cpu",
+        log_every: int = 50,
         model: LumModel | None = None, optimizer=None, start: int = 0, rank: int = 0, world: int = 1,
         parallel: str = "ddp",
         on_improve: Callable[[int, LumModel, torch.optim.Optimizer | dict, dict], None] | None = None,
         ) -> tuple[LumModel, torch.optim.Optimizer | dict, int, int, list[dict]]:
-    """Train with early stopping on validation NDCG@10.
+    """Train with early stopping on validation NDCG@10 (the mean of the last ``smooth_evals`` validations: on
+    ML-100K's 943 validation users one validation spiked +0.02 over its neighbours and ended a run at step 900
+    with test HR@10 0.18, where its other seeds trained to ~1,300 steps and 0.22).
 
     Returns (model holding the best weights, optimizer, last step, best step, validation history
     [{step, loss, ndcg@10, hr@10}]). Rank 0 validates and tells the others whether to stop.
@@ -423,14 +429,16 @@ def fit(cfg: LumConfig, train_seqs, val_seqs, *, max_steps: int, eval_every: int
             h = {"step": step, "loss": float(np.mean(tail)) if tail else float("nan"), "ndcg@10": v["ndcg@10"],
                  "hr@10": v["hr@10"]}
             history.append(h)
-            if v["ndcg@10"] > best["ndcg"]:
-                best.update(ndcg=v["ndcg@10"], step=step, state=copy.deepcopy(whole.state_dict()))
+            h["smoothed_ndcg@10"] = score = float(np.mean([x["ndcg@10"] for x in history[-smooth_evals:]]))
+            if score > best["ndcg"]:
+                best.update(ndcg=score, step=step, state=copy.deepcopy(whole.state_dict()))
                 bad = 0
                 flags[0] = 1
             else:
                 bad += 1
-            log.info("validation @%d: loss %.4f ndcg@10 %.4f hr@10 %.4f (best %.4f @%d)%s", step, h["loss"],
-                     v["ndcg@10"], v["hr@10"], best["ndcg"], best["step"], " -> stop" if bad >= patience else "")
+            log.info("validation @%d: loss %.4f ndcg@10 %.4f (mean of the last %d: %.4f) hr@10 %.4f (best %.4f @%d)%s",
+                     step, h["loss"], v["ndcg@10"], min(smooth_evals, len(history)), score, v["hr@10"], best["ndcg"],
+                     best["step"], " -> stop" if bad >= patience else "")
             flags[1] = float(bad >= patience)
         if world > 1:
             dist.broadcast(flags, 0)
@@ -530,7 +538,8 @@ def run(preset: str | None, source: str, out: str, max_steps: int | None = None,
 
     model, opt, step, best_step, history = fit(
         cfg, train_seqs, val_seqs, max_steps=steps, eval_every=s.eval_every, patience=s.patience,
-        exclude_seen=exclude_seen, catalog=catalog, seed=s.seed, device=device, log_every=s.log_every,
+        smooth_evals=s.smooth_evals, exclude_seen=exclude_seen, catalog=catalog, seed=s.seed, device=device,
+        log_every=s.log_every,
         model=model, optimizer=opt, start=start, rank=rank, world=world, parallel=mode,
         on_improve=on_improve if s.checkpoint_best else None)
     metrics: dict[str, float] = {}

@@ -52,6 +52,30 @@ def test_training_reports_progress_with_its_total(synthetic, caplog):
     assert last.startswith("pretrain: 4/4 steps (100.0%)") and "loss " in last, last
 
 
+# Validation NDCG@10 per validation: one lucky spike (0.10 at the 3rd), then steady improvement to 0.11.
+SCRIPTED_NDCG = [0.05, 0.06, 0.10, 0.07, 0.075, 0.08, 0.085, 0.09, 0.095, 0.10, 0.105, 0.11] + [0.11] * 20
+
+
+@pytest.mark.parametrize("smooth, stop, best", [(1, 8, 3), (3, 19, 14)])
+def test_early_stopping_follows_the_mean_of_recent_validations(synthetic, monkeypatch, smooth, stop, best):
+    """Alone, the spike is kept as the best model and ends training 5 validations later; averaged over the last 3
+    validations, training goes on and keeps the weights of the best average."""
+    import trainers.lum.evaluate as ev
+    from trainers.lum.pretrain import fit
+
+    scores = iter(SCRIPTED_NDCG)
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: {"ndcg@10": next(scores), "hr@10": 0.0})
+    improved = []
+    tr, _ = synthetic
+    model, _, step, best_step, history = fit(
+        CFG, tr, tr[:5], max_steps=len(SCRIPTED_NDCG), eval_every=1, patience=5, smooth_evals=smooth,
+        on_improve=lambda s, m, o, h: improved.append((s, {k: v.clone() for k, v in m.state_dict().items()})))
+    assert (step, best_step, improved[-1][0]) == (stop, best, best)
+    assert history[best - 1]["smoothed_ndcg@10"] == pytest.approx(np.mean(SCRIPTED_NDCG[max(0, best - smooth):best]))
+    kept = improved[-1][1]
+    assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())  # the best average's weights
+
+
 def test_checkpoint_rebuilds_model_optimizer_and_offsets(synthetic, tmp_path):
     tr, _ = synthetic
     batches = train_batches(tr, CFG, seed=1)
