@@ -203,3 +203,27 @@ def test_tiny_end_to_end_run(bench, data_dir, tmp_path):
     assert set(r["dlrm_lum_contrast"]) == {"dlrm_sasrec", "dlrm_lum"}  # chosen on the validation tail per arm
     text = (tmp_path / "r.md").read_text()
     assert "| ml |" in text and "+LUM AUC" in text
+
+
+@pytest.mark.parametrize("inits, chosen", [(1, True), (3, False)])
+def test_contrast_choice_follows_the_mean_of_several_dlrm_inits(bench, data_dir, monkeypatch, inits, chosen):
+    """With contrasts, one DLRM init validates far better than the other two (an erratic run); without, all three
+    validate alike and better on average. One init picks the contrasts; the mean of three does not."""
+    curves = {(True, 0): [0.70, 0.78], (True, 1): [0.60, 0.62], (True, 2): [0.60, 0.62]}
+    calls = []
+
+    def fake_dlrm_run(features, train, evals, s, seed, epochs, each_epoch=False):
+        if not each_epoch:  # the test run of the chosen setting
+            return {"test": [{"auc": 0.5, "logloss": 0.7}], "lum_inputs": {}}
+        calls.append((s.lum_contrast, seed))
+        aucs = curves.get((s.lum_contrast, seed), [0.70, 0.72])
+        return {"val": [{"auc": a, "logloss": 0.6 - 0.1 * i} for i, a in enumerate(aucs)]}
+
+    monkeypatch.setattr(bench, "dlrm_run", fake_dlrm_run)
+    events = list(bench.READERS["movielens"](data_dir / "ml-100k"))
+    r = bench.run_dataset("ml", "movielens", events, bench.Settings(
+        lum_preset="debug", max_steps=2, eval_every=1, max_users=30, retrieval=False, max_epochs=2,
+        select_inits=inits))
+    assert r["skipped"] is None, r["skipped"]
+    assert r["dlrm_lum_contrast"] == {"dlrm_sasrec": chosen, "dlrm_lum": chosen}
+    assert {seed for _, seed in calls} == set(range(inits))
