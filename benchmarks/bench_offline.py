@@ -94,9 +94,8 @@ class Settings:
     # The contrasts lift the LUM arm on ML-100K (+0.015 AUC) and sink it on the Taobao sample (-0.04 to -0.09),
     # where their train and test relations to the label disagree: a DLRM setting a user validates, as the epochs.
     lum_contrast: bool | None = None
-    # DLRM inits (the first N seeds) whose validation curves are averaged for those choices. 1 (before): the ML-100K
-    # contrast choice flipped between two runs on a 0.002 validation AUC difference, or on one init's erratic epoch,
-    # and moved an arm's test AUC by +-0.01.
+    # DLRM inits (the first N seeds) whose validation curves are averaged for those choices. 1 (before) let one init's
+    # erratic epoch or a 0.002 validation difference decide; with 3, ML-100K's plain DLRM takes 2 epochs, not 3.
     select_inits: int = 3
     ablate_inputs: bool = False  # also score both LUM arms with the other ``lum_inputs`` mode
     refresh_every: int = 10  # user vectors are re-queried every N events of the user (1: before every example)

@@ -8,7 +8,7 @@
 ``train(cfg, batches, ...)`` takes any iterable of packed batches (the Kafka reader is only one source).
 ``run`` holds out each user's last pair (test) and second-to-last (validation), evaluates validation
 NDCG@10 every ``eval_every`` steps, stops after ``patience`` evaluations without improvement and keeps the
-best weights. Without ``--preset`` it picks one sized to the data; ``exclude_seen`` defaults to on for data
+best weights, both judged on the mean of the last ``smooth_evals`` evaluations. Without ``--preset`` it picks one sized to the data; ``exclude_seen`` defaults to on for data
 without repeats (ratings); both choices are printed.
 Each checkpoint is a directory ``DIR/step-NNNNNNNN`` holding ``model.pt`` (model + optimizer state),
 ``items.npz`` (the items it was trained on: the only ones whose vectors mean anything) and ``meta.json``
@@ -377,9 +377,8 @@ def auto_preset(n_pairs: int, cuda: bool) -> str:
 
 def fit(cfg: LumConfig, train_seqs, val_seqs, *, max_steps: int, eval_every: int = 100, patience: int = 5,
         smooth_evals: int = 3, exclude_seen: bool = False, catalog=None, seed: int = 0, device: str = "cpu",
-        log_every: int = 50,
-        model: LumModel | None = None, optimizer=None, start: int = 0, rank: int = 0, world: int = 1,
-        parallel: str = "ddp",
+        log_every: int = 50, model: LumModel | None = None, optimizer=None, start: int = 0, rank: int = 0,
+        world: int = 1, parallel: str = "ddp",
         on_improve: Callable[[int, LumModel, torch.optim.Optimizer | dict, dict], None] | None = None,
         ) -> tuple[LumModel, torch.optim.Optimizer | dict, int, int, list[dict]]:
     """Train with early stopping on validation NDCG@10 (the mean of the last ``smooth_evals`` validations: on
@@ -387,7 +386,7 @@ def fit(cfg: LumConfig, train_seqs, val_seqs, *, max_steps: int, eval_every: int
     with test HR@10 0.18, where its other seeds trained to ~1,300 steps and 0.22).
 
     Returns (model holding the best weights, optimizer, last step, best step, validation history
-    [{step, loss, ndcg@10, hr@10}]). Rank 0 validates and tells the others whether to stop.
+    [{step, loss, ndcg@10, hr@10, smoothed_ndcg@10}]). Rank 0 validates and tells the others whether to stop.
     ``parallel``: 'ddp' (at world size > 1) or 'fsdp' (at any world size; needs the process group). Under
     FSDP rank 0 validates a plain copy gathered from the shards; the model returned is that copy holding the
     best weights and the optimizer is the gathered ``state_dict`` of the last step (rank 0; the other ranks get
@@ -539,8 +538,7 @@ def run(preset: str | None, source: str, out: str, max_steps: int | None = None,
     model, opt, step, best_step, history = fit(
         cfg, train_seqs, val_seqs, max_steps=steps, eval_every=s.eval_every, patience=s.patience,
         smooth_evals=s.smooth_evals, exclude_seen=exclude_seen, catalog=catalog, seed=s.seed, device=device,
-        log_every=s.log_every,
-        model=model, optimizer=opt, start=start, rank=rank, world=world, parallel=mode,
+        log_every=s.log_every, model=model, optimizer=opt, start=start, rank=rank, world=world, parallel=mode,
         on_improve=on_improve if s.checkpoint_best else None)
     metrics: dict[str, float] = {}
     if rank == 0:
