@@ -40,8 +40,8 @@ class DLRMSettings(BaseSettings):
     lum_inputs: Literal["full", "match"] = Field("full", description="--features lum: 'full' (vectors, similarities, "
                                                  "flags) or 'match' (similarities and flags only: few dense inputs)")
     lum_contrast: bool = Field(False, description="--features lum: also each condition's contrast with the others "
-                               "(sqrt(D) cos(u_c - mean, item)); helped ML-100K's 'match' inputs, cost the synthetic demo and "
-                               "the Taobao sample: validate it on your data")
+                               "(sqrt(D) cos(u_c - mean, item)); helped ML-100K's 'match' inputs, cost the synthetic "
+                               "demo and the Taobao sample: validate it on your data")
     sharding: Literal["table_wise", "column_wise"] = Field("table_wise", description="embedding table sharding")
     record_example_ids: bool = Field(False, description="log trained example ids per checkpoint (audits, tests)")
     dedup_horizon: int = Field(1_000_000, ge=1, description="re-delivered examples are dropped if their first "

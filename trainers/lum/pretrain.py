@@ -8,8 +8,9 @@
 ``train(cfg, batches, ...)`` takes any iterable of packed batches (the Kafka reader is only one source).
 ``run`` holds out each user's last pair (test) and second-to-last (validation), evaluates validation
 NDCG@10 every ``eval_every`` steps, stops after ``patience`` evaluations without improvement and keeps the
-best weights, both judged on the mean of the last ``smooth_evals`` evaluations. Without ``--preset`` it picks one sized to the data; ``exclude_seen`` defaults to on for data
-without repeats (ratings); both choices are printed.
+best weights, both judged on the mean of the last ``smooth_evals`` evaluations. Without ``--preset`` it picks
+one sized to the data; ``exclude_seen`` defaults to on for data without repeats (ratings); both choices are
+printed.
 Each checkpoint is a directory ``DIR/step-NNNNNNNN`` holding ``model.pt`` (model + optimizer state),
 ``items.npz`` (the items it was trained on: the only ones whose vectors mean anything) and ``meta.json``
 (config, tokenizer version, step, Kafka offsets and event-time range trained on, model version); ``DIR/latest``

@@ -310,7 +310,8 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
     launch.barrier()
     dt = time.perf_counter() - t0
     log.info("refresh done: %d users, %d items, %d categories for new items, %d conditions%s in %.1fs (%.0f users/s)",
-             len(mine), len(ids), len(cold), len(names), f" + up to {top} own categories" if top else "", dt, len(mine) / dt if dt else 0)
+             len(mine), len(ids), len(cold), len(names), f" + up to {top} own categories" if top else "", dt,
+             len(mine) / dt if dt else 0)
     return {"model_version": version, "full": not same, "users": [s.user_id for s in mine], "items": len(ids),
             "seconds": dt, "saved_at": meta.get("saved_at")}
 
