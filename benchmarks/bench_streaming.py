@@ -227,8 +227,10 @@ def two_workers_rate(kafka: KafkaSettings, n: int, data_dir: Path):
 
 
 def faust_rate(*child_args: str) -> float:
-    out = subprocess.run([sys.executable, __file__, *child_args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=900)
+    # Faust writes its data directory ("{app id}-data") into the working directory: a throwaway one.
+    with tempfile.TemporaryDirectory(prefix="bench-faust-") as cwd:
+        out = subprocess.run([sys.executable, __file__, *child_args], cwd=cwd, capture_output=True, text=True,
+                             timeout=900)
     for line in (out.stdout + out.stderr).splitlines():  # Faust redirects stdout into its log
         if '{"events"' in line:
             return json.loads(line[line.index('{"events"'):])["rate"]
