@@ -54,6 +54,9 @@ from trainers.lum.model import PRESETS, LumModel  # noqa: E402
 from trainers.lum.pretrain import PretrainSettings, fit, model_version, vocabulary  # noqa: E402
 from trainers.lum.refresh import category_conditions, condition_outputs  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from plot_offline import plot_results  # noqa: E402
+
 log = logging.getLogger("bench_offline")
 HISTORY = 50  # most recent previous behaviors kept in an example's history
 POSITIVE_BEHAVIORS = ("cart", "fav", "buy")  # Taobao: what turns an earlier page view into a positive
@@ -616,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="both transformers' item-id dropout (default: the preset's; 0: unseen items stay absent)")
     ap.add_argument("--max-users", type=int, default=0, help="first N users only (0: all)")
     ap.add_argument("--no-retrieval", action="store_true", help="skip the retrieval evaluation")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "offline.md"))
+    ap.add_argument("--out", default=str(ROOT / "runs" / "bench-offline" / "offline.md"),
+                    help="the tables (Markdown); the plot goes beside it (.png)")
     ap.add_argument("--json", default=None, metavar="OUT", help="write every figure as JSON")
     args = ap.parse_args(argv)
     from schemas.logs import setup_logging
@@ -664,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+    png = plot_results(results, out.with_suffix(".png"))
+    if png is not None:
+        log.info("wrote %s", png)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"settings": asdict(s), "datasets": {r["dataset"]: r for r in results},

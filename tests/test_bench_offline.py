@@ -203,6 +203,7 @@ def test_tiny_end_to_end_run(bench, data_dir, tmp_path):
     assert set(r["dlrm_lum_contrast"]) == {"dlrm_sasrec", "dlrm_lum"}  # chosen on the validation tail per arm
     text = (tmp_path / "r.md").read_text()
     assert "| ml |" in text and "+LUM AUC" in text
+    assert (tmp_path / "r.png").stat().st_size > 20_000  # the plot beside the tables
 
 
 @pytest.mark.parametrize("inits, chosen", [(1, True), (3, False)])

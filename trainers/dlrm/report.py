@@ -73,11 +73,9 @@ def _utc(ms: int) -> str:
 
 
 def _plot(runs, out: Path) -> None:
-    import matplotlib
+    from trainers.plots import pyplot
 
-    matplotlib.use("Agg")  # no display on servers
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for name, overall, windows in runs:
         pts = [(datetime.fromtimestamp(w["window_start_ms"] / 1000, tz=timezone.utc), w["auc"]) for w in windows

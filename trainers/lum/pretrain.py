@@ -549,5 +549,12 @@ def run(preset: str | None, source: str, out: str, max_steps: int | None = None,
                                        "exclude_seen": exclude_seen})
         print(f"final eval @{step} ({cfg.name}, {source}, best validation step {best_step}): "
               f"{format_metrics(metrics)}")
+        if history:
+            from trainers.plots import plot_validation
+
+            png = plot_validation(history, best_step, Path(out) / "validation.png",
+                                  f"lum pretrain ({cfg.name}, {source}): test HR@10 {metrics['hr@10']:.4f}, "
+                                  f"NDCG@10 {metrics['ndcg@10']:.4f}")
+            print(f"validation curves: {png}")
     launch.barrier()
     return metrics

@@ -109,6 +109,8 @@ def test_cli_pretrain_on_movielens_and_resume(data_dir, tmp_path, capsys, monkey
     assert "final eval @20" in out and "hr@10=" in out and "pop_hr@10=" in out
     meta = json.loads((tmp_path / (tmp_path / "latest").read_text() / "meta.json").read_text())
     assert meta["step"] == 20 and meta["eval"]["users"] == 200 and meta["eval"]["items"] == 1682
+    assert f"validation curves: {tmp_path / 'validation.png'}" in out
+    assert (tmp_path / "validation.png").stat().st_size > 10_000
     # --resume continues the newest checkpoint (step, optimizer) instead of starting over.
     assert lum(["pretrain", "--source", f"movielens:{data_dir / 'ml-100k'}", "--out", str(tmp_path),
                 "--max-steps", "25", "--resume"]) == 0
