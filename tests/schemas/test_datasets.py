@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from schemas.datasets import amazon_layout, read_amazon, read_movielens, read_taobao, stable_id
@@ -85,6 +88,43 @@ def test_taobao_ties_keep_log_order(tmp_path):
     # pv then buy of the same item in one second: the log's order, not (item, behavior) order.
     _write(tmp_path / "UserBehavior.csv", ["1,50,3,pv,1511544070", "1,20,3,pv,1511544070", "1,50,3,buy,1511544070"])
     assert [(e.item_id, e.behavior) for e in read_taobao(tmp_path)] == [(50, "view"), (20, "view"), (50, "buy")]
+
+
+def test_taobao_rows_are_held_as_columns(tmp_path):
+    """The whole log is held to sort it by time: as columns (~50 bytes a row), not a tuple per row (~290), so
+    that the full UserBehavior.csv (100M rows) fits in memory."""
+    n = 100_000
+    rng = np.random.default_rng(0)
+    u, i, c, t = (rng.integers(1, hi, n) for hi in (5_000, 10**6, 5_000, 10**6))
+    with open(tmp_path / "UserBehavior.csv", "w") as f:
+        f.writelines(f"{a},{b},{d},pv,{1_511_500_000 + e}\n" for a, b, d, e in zip(u, i, c, t))
+    tracemalloc.start()
+    try:
+        events = read_taobao(tmp_path)
+        first = next(events)  # every row is read and sorted before the first comes out
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert first.event_time_ms == (1_511_500_000 + int(t.min())) * 1000
+    assert peak / n < 120, f"{peak / n:.0f} bytes a row"
+    assert sum(1 for _ in events) == n - 1
+
+
+def test_rows_that_are_not_valid_events_are_skipped_and_named(tmp_path, caplog):
+    # A time in 1970 and a negative id (the full Taobao log has rows like these): skipped, counted, named.
+    _write(tmp_path / "UserBehavior.csv", ["1,50,3,pv,1511544070", "1,20,3,pv,0", "-2,20,3,pv,1511544071",
+                                           "1,60,3,buy,1511544072"])
+    with caplog.at_level(logging.WARNING, logger="schemas.datasets"):
+        assert [e.item_id for e in read_taobao(tmp_path)] == [50, 60]
+    text = caplog.text
+    assert "tb-2: event_time_ms" in text and "tb-3: user_id" in text and "skipped 2 of 4 rows" in text
+
+
+def test_a_malformed_movielens_line_names_its_file_and_line(tmp_path):
+    _write(tmp_path / "ratings.csv", ["userId,movieId,rating,timestamp", "1,2,4.0,1100000000", "1,3,oops,1100000001"])
+    _write(tmp_path / "movies.csv", ["movieId,title,genres", "2,A,Drama", "3,B,Comedy"])
+    with pytest.raises(ValueError, match=r"ratings.csv:3: expected user,item,rating,timestamp"):
+        list(read_movielens(tmp_path))
 
 
 def test_lum_produce_amazon(kafka, tmp_path, capsys):

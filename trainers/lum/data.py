@@ -12,12 +12,15 @@ them into ``Batch``es forever (an iterable for ``pretrain.train``).
 from __future__ import annotations
 
 import logging
+from array import array
 from collections.abc import Iterable, Iterator
+from itertools import chain
 
 import numpy as np
 import torch
 
 from schemas.events import BehaviorEvent
+from schemas.progress import progress
 from schemas.settings import KafkaSettings
 from schemas.tokenize import tokenize
 
@@ -30,26 +33,42 @@ log = logging.getLogger(__name__)
 
 def sequences_from_events(events: Iterable[BehaviorEvent], span: dict | None = None) -> list[Seq]:
     """Per-user sequences in event-time order (events must come time-ordered); replayed events counted once.
+    Users in order of their first event. Pairs are gathered as int64 columns (~140 bytes a pair at the peak,
+    48 kept, where a tuple per pair and a set of event keys took ~300), with a progress line every 10 s: the
+    20M MovieLens is read here in one process.
 
     ``span``: when given, filled with the event-time range read (``trained_from_ms``/``trained_until_ms``)."""
-    seen: set[int] = set()
-    rows: dict[int, list[tuple]] = {}
+    flat = array("q")  # per event: user, event key, conditions..., item, category
     lo, hi = None, None
-    for e in events:
-        p = tokenize(e)
-        if p.event_key in seen:
-            continue
-        seen.add(p.event_key)
-        rows.setdefault(e.user_id, []).append((*p.conditions, p.item_id, p.category_id))
-        lo = e.event_time_ms if lo is None else min(lo, e.event_time_ms)
-        hi = e.event_time_ms if hi is None else max(hi, e.event_time_ms)
+    width = 0
+    events = iter(events)
+    first = next(events, None)  # a file reader sorts its whole file first: the rate counts from here
+    with progress("read events", unit="events") as bar:
+        n = 0
+        for e in chain([first] if first is not None else [], events):
+            p = tokenize(e)
+            flat.extend((e.user_id, p.event_key, *p.conditions, p.item_id, p.category_id))
+            width = width or 4 + len(p.conditions)
+            lo = e.event_time_ms if lo is None else min(lo, e.event_time_ms)
+            hi = e.event_time_ms if hi is None else max(hi, e.event_time_ms)
+            n += 1
+            if n % 10_000 == 0:
+                bar.update(10_000)
+        bar.update(n % 10_000)
     if span is not None:
         span.update(trained_from_ms=lo, trained_until_ms=hi)
-    out = []
-    for user, r in rows.items():
-        a = np.asarray(r, dtype=np.int64)
-        out.append(Seq(user, a[:, :-2], a[:, -2], a[:, -1]))
-    return out
+    if not n:
+        return []
+    a = np.frombuffer(flat, dtype=np.int64).reshape(n, width)
+    keep = np.unique(a[:, 1], return_index=True)[1]  # the first of each event key: replays counted once
+    keep.sort()
+    order = keep[np.argsort(a[keep, 0], kind="stable")]  # by user; each user's pairs in input (time) order
+    user, conds, items, cats = a[order, 0], a[order, 2:-2], a[order, -2], a[order, -1]
+    del a, flat, keep  # the gathered columns go; the sequences keep 48 bytes a pair
+    users, starts, counts = np.unique(user, return_index=True, return_counts=True)
+    out = [Seq(u, conds[s:s + c], items[s:s + c], cats[s:s + c])
+           for u, s, c in zip(users.tolist(), starts.tolist(), counts.tolist())]
+    return [out[i] for i in np.argsort(order[starts], kind="stable")]  # users in order of their first event
 
 
 SOURCES = ("kafka", "movielens", "taobao", "amazon")
