@@ -28,7 +28,7 @@ Rows are sorted by (time, user, tie) in memory, as columns of machine numbers (~
 MovieLens takes about 1 GB, the full Taobao log's 100M rows about 4 GB); files are never assumed to be ordered.
 Ties within one user's second keep the file's order (Taobao) or a stable pseudo-random order (MovieLens,
 Amazon), never item-id order: a held-out "last" item that is the largest id of its second is an artifact
-sequence models learn. Reading logs one line when the rows are in and sorted.
+sequence models learn. Reading shows progress, and says how many rows it read and how long the sort took.
 """
 
 from __future__ import annotations
@@ -84,13 +84,25 @@ def _time_ordered(rows: Iterable[tuple], types: str, keys: int, what: str) -> It
     t0 = time.monotonic()
     cols = [array(t) for t in types]
     appends = [c.append for c in cols]
+    n = skipped = 0
     with progress(f"read {what}", unit="rows") as bar:
-        for n, row in enumerate(rows, 1):
-            for append, v in zip(appends, row):
-                append(v)
+        for row in rows:
+            try:
+                for append, v in zip(appends, row):
+                    append(v)
+            except OverflowError:  # not an event either: skipped like the rows _events refuses
+                for c in cols:
+                    del c[n:]
+                skipped += 1
+                if skipped <= 3:
+                    log.warning("%s: skipping a row with a number beyond 64 bits: %s", what, row)
+                continue
+            n += 1
             if n % 100_000 == 0:
                 bar.update(100_000)
-        bar.update(len(cols[0]) % 100_000)
+        bar.update(n % 100_000)
+    if skipped:
+        log.warning("%s: skipped %d rows with numbers beyond 64 bits", what, skipped)
     arrays = [np.frombuffer(c, dtype=c.typecode) if len(c) else np.zeros(0, c.typecode) for c in cols]
     order = np.lexsort(arrays[:keys][::-1])  # stable: the last key given is the primary one
     log.info("%s: %d rows read and sorted by time in %.1fs", what, len(order), time.monotonic() - t0)

@@ -112,12 +112,14 @@ def test_taobao_rows_are_held_as_columns(tmp_path):
 
 def test_rows_that_are_not_valid_events_are_skipped_and_named(tmp_path, caplog):
     # A time in 1970 and a negative id (the full Taobao log has rows like these): skipped, counted, named.
+    # A time beyond 64 bits cannot even be held for the sort: skipped before it.
     _write(tmp_path / "UserBehavior.csv", ["1,50,3,pv,1511544070", "1,20,3,pv,0", "-2,20,3,pv,1511544071",
-                                           "1,60,3,buy,1511544072"])
+                                           "1,70,3,pv,99999999999999999999", "1,60,3,buy,1511544072"])
     with caplog.at_level(logging.WARNING, logger="schemas.datasets"):
         assert [e.item_id for e in read_taobao(tmp_path)] == [50, 60]
     text = caplog.text
     assert "tb-2: event_time_ms" in text and "tb-3: user_id" in text and "skipped 2 of 4 rows" in text
+    assert "skipped 1 rows with numbers beyond 64 bits" in text
 
 
 def test_a_malformed_movielens_line_names_its_file_and_line(tmp_path):
