@@ -429,8 +429,13 @@ def fit(cfg: LumConfig, train_seqs, val_seqs, *, max_steps: int, eval_every: int
             h = {"step": step, "loss": float(np.mean(tail)) if tail else float("nan"), "ndcg@10": v["ndcg@10"],
                  "hr@10": v["hr@10"]}
             history.append(h)
-            h["smoothed_ndcg@10"] = score = float(np.mean([x["ndcg@10"] for x in history[-smooth_evals:]]))
-            if score > best["ndcg"]:
+            window = history[-smooth_evals:]
+            h["smoothed_ndcg@10"] = score = float(np.mean([x["ndcg@10"] for x in window]))
+            # Only full windows compete: a lone first validation that happens to be high would otherwise be
+            # kept and end training (ML-100K, 236 users: a LUM stopped at 600 steps keeping step 100's weights).
+            if len(window) < smooth_evals:
+                pass
+            elif score > best["ndcg"]:
                 best.update(ndcg=score, step=step, state=copy.deepcopy(whole.state_dict()))
                 bad = 0
                 flags[0] = 1

@@ -76,6 +76,25 @@ def test_early_stopping_follows_the_mean_of_recent_validations(synthetic, monkey
     assert all(torch.equal(v, kept[k]) for k, v in model.state_dict().items())  # the best average's weights
 
 
+# A lucky first validation, then a slow climb to 0.085 and a fall.
+LUCKY_FIRST = [0.08, 0.05, 0.06, 0.065, 0.07, 0.075, 0.078, 0.08, 0.082, 0.084, 0.085] + [0.06] * 10
+
+
+def test_a_first_validation_alone_is_not_compared_with_means(synthetic, monkeypatch):
+    """The mean of one validation is not a mean of 3: compared with the later means, the lucky first one was
+    kept as the best and ended training 5 validations later (step 6, weights of step 1)."""
+    import trainers.lum.evaluate as ev
+    from trainers.lum.pretrain import fit
+
+    scores = iter(LUCKY_FIRST)
+    monkeypatch.setattr(ev, "evaluate", lambda *a, **k: {"ndcg@10": next(scores), "hr@10": 0.0})
+    tr, _ = synthetic
+    _, _, step, best_step, history = fit(CFG, tr, tr[:5], max_steps=len(LUCKY_FIRST), eval_every=1, patience=5,
+                                         smooth_evals=3)
+    assert (step, best_step) == (16, 11)
+    assert history[10]["smoothed_ndcg@10"] == pytest.approx(np.mean([0.082, 0.084, 0.085]))
+
+
 def test_checkpoint_rebuilds_model_optimizer_and_offsets(synthetic, tmp_path):
     tr, _ = synthetic
     batches = train_batches(tr, CFG, seed=1)
