@@ -8,7 +8,8 @@
 ``train(cfg, batches, ...)`` takes any iterable of packed batches (the Kafka reader is only one source).
 ``run`` holds out each user's last pair (test) and second-to-last (validation), evaluates validation
 NDCG@10 every ``eval_every`` steps, stops after ``patience`` evaluations without improvement and keeps the
-best weights, both judged on the mean of the last ``smooth_evals`` evaluations. Without ``--preset`` it picks
+best weights, both judged on the mean of the last ``smooth_evals`` evaluations (once there are that many; a
+run too short for one full window keeps its last weights). Without ``--preset`` it picks
 one sized to the data; ``exclude_seen`` defaults to on for data without repeats (ratings); both choices are
 printed.
 Each checkpoint is a directory ``DIR/step-NNNNNNNN`` holding ``model.pt`` (model + optimizer state),
@@ -56,7 +57,8 @@ class PretrainSettings(BaseSettings):
     patience: int = Field(5, ge=1, description="stop after N validations without a better NDCG@10")
     smooth_evals: int = Field(3, ge=1, description="early stopping and the best weights follow the mean NDCG@10 of "
                                                    "the last N validations, so that one lucky validation on a small "
-                                                   "set neither ends training nor is kept (1: each one alone)")
+                                                   "set neither ends training nor is kept; the first N-1 compete with "
+                                                   "nothing (1: each one alone)")
     log_every: int = Field(50, ge=1, description="progress line every N steps")
     checkpoint_best: bool = Field(True, description="checkpoint every new best validation (resumable); false: only "
                                                     "the final checkpoint")
