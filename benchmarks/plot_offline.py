@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from trainers.plots import draw_validation, pyplot  # noqa: E402
+from trainers.plots import draw_validation, pyplot, save  # noqa: E402
 
 ARMS = (("dlrm_auc", "DLRM"), ("dlrm_sasrec_auc", "+SASRec"), ("dlrm_lum_auc", "+LUM"))
 RETRIEVAL = (("pop", "most popular"), ("sasrec", "SASRec"), ("lum", "LUM"))
@@ -93,7 +93,7 @@ def plot_results(results: list[dict], out: str | Path) -> Path | None:
             val.legend(fontsize=8)
         for ax in (auc, hr, val):
             ax.grid(alpha=0.3)
-    return _save(fig, plt, out)
+    return save(fig, out, dpi=100)
 
 
 def plot_learning_curve(runs: list[tuple[dict, dict]], out: str | Path) -> tuple[Path | None, list[str]]:
@@ -133,16 +133,7 @@ def plot_learning_curve(runs: list[tuple[dict, dict]], out: str | Path) -> tuple
             ax.set_xlabel("users")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-    return _save(fig, plt, out), left_out
-
-
-def _save(fig, plt, out: str | Path) -> Path:
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save(fig, out, dpi=100), left_out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import importlib.util
 import itertools
 import os
 import subprocess
@@ -24,6 +25,7 @@ from schemas.topics import ALL_TOPICS
 from streaming.kafka import create_topics
 from streaming.broker import EmbeddedBroker, free_port
 
+ROOT = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("LUM_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 _counter = itertools.count()
 
@@ -53,6 +55,21 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """load_benchmark("bench_offline") -> benchmarks/bench_offline.py as a module (the scripts are not a package;
+    registered under its name, so that its dataclasses resolve their module)."""
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +10,10 @@ import pytest
 
 from schemas.events import BehaviorEvent
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_offline.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_offline", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_offline"] = mod  # dataclasses resolve their module by name
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("bench_offline")
 
 
 T0 = 1_500_000_000_000

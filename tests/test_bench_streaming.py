@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 
 from schemas.topics import BEHAVIORS
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_streaming.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_streaming", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_streaming"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_benchmark):
+    return load_benchmark("bench_streaming")
 
 
 def test_faust_noop_rate_leaves_no_data_directory_behind(bench, kafka, tmp_path, monkeypatch):

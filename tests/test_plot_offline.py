@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "plot_offline.py"
-
 
 @pytest.fixture(scope="module")
-def plot():
-    spec = importlib.util.spec_from_file_location("plot_offline", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["plot_offline"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def plot(load_benchmark):
+    return load_benchmark("plot_offline")
 
 
 def result(name: str, users: int, lift: float = 0.0, skipped: str | None = None) -> dict:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,19 +52,14 @@ def test_soak_smoke_stops_everything(tmp_path):
         assert s.connect_ex((host, int(port))) != 0
 
 
-def _soak():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "benchmarks" / "soak.py")
-    soak = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(soak)
-    return soak
+@pytest.fixture(scope="module")
+def soak(load_benchmark):
+    return load_benchmark("soak")
 
 
-def test_a_steady_climb_in_lag_fails_the_lag_verdict():
+def test_a_steady_climb_in_lag_fails_the_lag_verdict(soak):
     """Lag that climbs steadily but evenly stays under the peak rule (1.25 x q3 peak + 5 s of events); the
     slope rule must still call it falling behind, while a flat saw-tooth passes."""
-    soak = _soak()
     series = (*soak.GROUPS, soak.POSITION)
 
     def samples(lag_at):
@@ -80,11 +77,10 @@ def test_a_steady_climb_in_lag_fails_the_lag_verdict():
     assert flat == {g: True for g in series}
 
 
-def test_trainer_checkpoint_saw_tooth_is_not_a_trend():
+def test_trainer_checkpoint_saw_tooth_is_not_a_trend(soak):
     """The trainer commits at checkpoints (every 60 s): sampled every 10-25 s, its committed lag's slope over
     the last half follows where samples fell on the teeth (the soak measured +60/s with the trainer caught up).
     It passes when its own lag stays flat, and fails when its own lag climbs, or is never reported."""
-    soak = _soak()
     # (t, committed lag) sampled from that soak's trainer (1,947 events/s; checkpoints every 60 s)
     committed = [(23, 9250), (35, 31200), (46, 45040), (59, 56580), (72, 69820), (86, 10550), (99, 24980),
                  (115, 38050), (131, 54600), (145, 9552), (157, 22762), (175, 35982), (193, 53582), (209, 10070),
@@ -104,10 +100,9 @@ def test_trainer_checkpoint_saw_tooth_is_not_a_trend():
     assert not trainer_ok(None)
 
 
-def test_rss_growth_is_judged_per_process_from_minute_two():
+def test_rss_growth_is_judged_per_process_from_minute_two(soak):
     """Warm-up growth before 2 minutes is not judged; growth after it is, for each process on its own (a
     growing worker fails even when its supervisor, or the tree's sum, would hide it)."""
-    soak = _soak()
     MB = soak.MB
 
     def rss(t):
@@ -120,10 +115,9 @@ def test_rss_growth_is_judged_per_process_from_minute_two():
     assert ok == {"agents": True, "agents/joiner-1": True, "agents/sequences-0": False, "trainer": True}
 
 
-def test_joiner_cpu_per_event_is_its_workers_cpu_per_event_consumed():
+def test_joiner_cpu_per_event_is_its_workers_cpu_per_event_consumed(soak):
     """CPU per event: the joiner workers' CPU seconds between samples over the events they consumed (produced -
     lag), not the supervisor's or another agent's CPU."""
-    soak = _soak()
 
     def sample(t, events, lag, cpu):
         return {"t_s": t, "events": events, "lag": {g: lag for g in soak.GROUPS},

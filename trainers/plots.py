@@ -21,6 +21,16 @@ def pyplot():
     return plt
 
 
+def save(fig, out: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write (creating the folder) and release ``fig``."""
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    pyplot().close(fig)
+    return out
+
+
 def draw_validation(ax, history: Sequence[Mapping], best_step: int | None, label: str, color=None,
                     key: str = "ndcg@10") -> None:
     """One run's validation ``key`` per step: each validation as points, the mean that early stopping follows
@@ -54,9 +64,4 @@ def plot_validation(history: Sequence[Mapping], best_step: int | None, out: str 
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=8, title=f"kept: step {best_step}", title_fontsize=8)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save(fig, out)

@@ -73,7 +73,7 @@ def _utc(ms: int) -> str:
 
 
 def _plot(runs, out: Path) -> None:
-    from trainers.plots import pyplot
+    from trainers.plots import pyplot, save
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 4.5))
@@ -89,6 +89,4 @@ def _plot(runs, out: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.autofmt_xdate()
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save(fig, out)
