@@ -103,7 +103,7 @@ def _time_ordered(rows: Iterable[tuple], types: str, keys: int, what: str) -> It
         bar.update(n % 100_000)
     if skipped:
         log.warning("%s: skipped %d rows with numbers beyond 64 bits", what, skipped)
-    arrays = [np.frombuffer(c, dtype=c.typecode) if len(c) else np.zeros(0, c.typecode) for c in cols]
+    arrays = [np.frombuffer(c, dtype=c.typecode) for c in cols]
     order = np.lexsort(arrays[:keys][::-1])  # stable: the last key given is the primary one
     log.info("%s: %d rows read and sorted by time in %.1fs", what, len(order), time.monotonic() - t0)
     chunk = 1 << 13
@@ -237,9 +237,8 @@ def read_taobao(path: str | Path, limit: int = 0) -> Iterator[BehaviorEvent]:
         with (gzip.open(f, "rt", newline="") if f.suffix == ".gz" else open(f, newline="")) as fh:
             for line_no, rec in enumerate(csv.reader(fh), 1):
                 try:
-                    if len(rec) != 5:
-                        raise ValueError
-                    yield int(rec[4]), int(rec[0]), line_no, int(rec[1]), int(rec[2]), codes[rec[3]]
+                    u, i, c, b, t = rec  # ValueError unless exactly 5 fields
+                    yield int(t), int(u), line_no, int(i), int(c), codes[b]
                 except (KeyError, ValueError):
                     raise ValueError(f"{f}:{line_no}: expected user,item,category,pv|cart|fav|buy,time; "
                                      f"got {rec!r}") from None

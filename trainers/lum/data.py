@@ -40,7 +40,6 @@ def sequences_from_events(events: Iterable[BehaviorEvent], span: dict | None = N
     ``span``: when given, filled with the event-time range read (``trained_from_ms``/``trained_until_ms``)."""
     flat = array("q")  # per event: user, event key, conditions..., item, category
     lo, hi = None, None
-    width = 0
     events = iter(events)
     first = next(events, None)  # a file reader sorts its whole file first: the rate counts from here
     with progress("read events", unit="events") as bar:
@@ -48,7 +47,6 @@ def sequences_from_events(events: Iterable[BehaviorEvent], span: dict | None = N
         for e in chain([first] if first is not None else [], events):
             p = tokenize(e)
             flat.extend((e.user_id, p.event_key, *p.conditions, p.item_id, p.category_id))
-            width = width or 4 + len(p.conditions)
             lo = e.event_time_ms if lo is None else min(lo, e.event_time_ms)
             hi = e.event_time_ms if hi is None else max(hi, e.event_time_ms)
             n += 1
@@ -59,7 +57,7 @@ def sequences_from_events(events: Iterable[BehaviorEvent], span: dict | None = N
         span.update(trained_from_ms=lo, trained_until_ms=hi)
     if not n:
         return []
-    a = np.frombuffer(flat, dtype=np.int64).reshape(n, width)
+    a = np.frombuffer(flat, dtype=np.int64).reshape(n, -1)
     keep = np.unique(a[:, 1], return_index=True)[1]  # the first of each event key: replays counted once
     keep.sort()
     order = keep[np.argsort(a[keep, 0], kind="stable")]  # by user; each user's pairs in input (time) order

@@ -435,14 +435,13 @@ def fit(cfg: LumConfig, train_seqs, val_seqs, *, max_steps: int, eval_every: int
             h["smoothed_ndcg@10"] = score = float(np.mean([x["ndcg@10"] for x in window]))
             # Only full windows compete: a lone first validation that happens to be high would otherwise be
             # kept and end training (ML-100K, 236 users: a LUM stopped at 600 steps keeping step 100's weights).
-            if len(window) < smooth_evals:
-                pass
-            elif score > best["ndcg"]:
-                best.update(ndcg=score, step=step, state=copy.deepcopy(whole.state_dict()))
-                bad = 0
-                flags[0] = 1
-            else:
-                bad += 1
+            if len(window) == smooth_evals:
+                if score > best["ndcg"]:
+                    best.update(ndcg=score, step=step, state=copy.deepcopy(whole.state_dict()))
+                    bad = 0
+                    flags[0] = 1
+                else:
+                    bad += 1
             log.info("validation @%d: loss %.4f ndcg@10 %.4f (mean of the last %d: %.4f) hr@10 %.4f (best %.4f @%d)%s",
                      step, h["loss"], v["ndcg@10"], min(smooth_evals, len(history)), score, v["hr@10"], best["ndcg"],
                      best["step"], " -> stop" if bad >= patience else "")
