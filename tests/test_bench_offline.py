@@ -177,6 +177,18 @@ def test_dataset_option_parsing(bench):
         bench.parse_dataset("ml=imdb:/x")
 
 
+def test_cuts_option(bench, data_dir, tmp_path, monkeypatch, capsys):
+    seen = []
+    monkeypatch.setattr(bench, "run_dataset", lambda name, kind, events, s: seen.append(s.cuts) or {
+        "dataset": name, "skipped": "not run"})
+    args = ["--dataset", f"ml=movielens:{data_dir / 'ml-100k'}", "--out", str(tmp_path / "r.md")]
+    assert bench.main(args + ["--cuts", "0.8,0.9"]) == 0 and seen == [(0.8, 0.9)]
+    for bad in ("0.9,0.8", "0.5", "a,b"):
+        with pytest.raises(SystemExit):
+            bench.main(args + ["--cuts", bad])
+        assert "--cuts" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_tiny_end_to_end_run(bench, data_dir, tmp_path):
     """The whole protocol on 60 MovieLens users with a debug LUM: every figure present and in range, JSON keys."""
@@ -220,3 +232,26 @@ def test_contrast_choice_follows_the_mean_of_several_dlrm_inits(bench, data_dir,
     assert r["skipped"] is None, r["skipped"]
     assert r["dlrm_lum_contrast"] == {"dlrm_sasrec": chosen, "dlrm_lum": chosen}
     assert {seed for _, seed in calls} == set(range(inits))
+
+
+def test_every_arm_trains_the_plain_dlrms_passes(bench, data_dir, monkeypatch):
+    """The plain DLRM validates best after 1 pass, the vector-fed arms after 3: every arm still trains 1 pass (the
+    same budget; per arm, a tail with a few dozen positives let noise give the Taobao LUM arm a collapsing 2nd)."""
+    trained = {}
+
+    def fake_dlrm_run(features, train, evals, s, seed, epochs, each_epoch=False):
+        if not each_epoch:  # the test run with the chosen passes
+            trained.setdefault(features, set()).add(epochs)
+            return {"test": [{"auc": 0.5, "logloss": 0.7}], "lum_inputs": {}}
+        best = 1 if features == "baseline" else 3
+        return {"val": [{"auc": 0.7, "logloss": 0.5 + abs(e - best) / 10} for e in range(1, epochs + 1)]}
+
+    monkeypatch.setattr(bench, "dlrm_run", fake_dlrm_run)
+    events = list(bench.READERS["movielens"](data_dir / "ml-100k"))
+    r = bench.run_dataset("ml", "movielens", events, bench.Settings(
+        lum_preset="debug", max_steps=2, eval_every=1, max_users=30, retrieval=False, max_epochs=4, seeds=(0, 1)))
+    assert r["skipped"] is None, r["skipped"]
+    assert r["dlrm_epochs"] == {"dlrm": 1, "dlrm_sasrec": 1, "dlrm_lum": 1}
+    assert trained == {"baseline": {1}, "lum": {1}}
+    assert r["dlrm_selection"]["dlrm"]["contrast=False"]["logloss"] == pytest.approx([0.5, 0.6, 0.7, 0.8])
+    assert set(r["dlrm_selection"]["dlrm_lum"]) == {"contrast=True", "contrast=False"}
