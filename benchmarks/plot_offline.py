@@ -1,6 +1,6 @@
 """Plots of offline benchmark results (``bench_offline.py --json``): the tables' figures as PNG.
 
-    .venv/bin/python benchmarks/plot_offline.py results/offline_select_inits.json --out offline.png
+    .venv/bin/python benchmarks/plot_offline.py results/offline_shared_passes.json --out offline.png
     .venv/bin/python benchmarks/plot_offline.py results/offline_learning_curve.json results/offline.json \\
         --learning-curve --out learning_curve.png
 
