@@ -82,7 +82,7 @@ class Settings:
     patience: int = PretrainSettings.model_fields["patience"].default  # stop after N validations without a better one
     smooth_evals: int = PretrainSettings.model_fields["smooth_evals"].default  # ... of the mean of the last N
     dlrm_preset: str = "debug"
-    max_epochs: int = 4  # DLRM passes over segment 2: 1..max_epochs, chosen on a validation tail of segment 2
+    max_epochs: int = 4  # most DLRM passes over segment 2; the plain DLRM's choice is every arm's (``choose``)
     val_share: float = 0.25  # each user's last quarter of segment 2 validates the epoch choice
     dlrm_batch: int = 256
     seeds: tuple[int, ...] = (0, 1, 2)  # one paired run per seed: transformers' and DLRMs' init
@@ -95,7 +95,7 @@ class Settings:
     # 0.7628 ± 0.0029 full; Taobao sample 0.7172 ± 0.0030 vs 0.6532 ± 0.0485 (the K+2 vectors make it unstable).
     lum_inputs: str = "match"
     # DLRMConfig.lum_contrast; None: chosen per arm on segment 2's validation tail (the first seed's transformers):
-    # each setting's epochs by validation log loss, then the setting with the better validation AUC there.
+    # the setting with the better validation AUC after the plain DLRM's passes (``choose``).
     # The contrasts lift the LUM arm on ML-100K (+0.015 AUC) and sink it on the Taobao sample (-0.04 to -0.09),
     # where their train and test relations to the label disagree: a DLRM setting a user validates, as the epochs.
     lum_contrast: bool | None = None
