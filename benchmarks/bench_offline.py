@@ -507,8 +507,8 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
             v1 = v2 = views[view] if view else None  # point in time: one vector per example
             train, test = examples(users, kind, train_b, v1), examples(users, kind, test_b, v2)
             if arm not in epochs:  # chosen once per arm on segment 2's validation tail (first seed's transformers)
-                epochs[arm], contrast[arm], selection[arm] = choose(arm, feats, sa, examples(users, kind, fit_b, v1),
-                                                                    examples(users, kind, val_b, v1), epochs.get("dlrm"))
+                fit, val = examples(users, kind, fit_b, v1), examples(users, kind, val_b, v1)
+                epochs[arm], contrast[arm], selection[arm] = choose(arm, feats, sa, fit, val, epochs.get("dlrm"))
             r = dlrm_run(feats, train, {"test": test}, replace(sa, lum_contrast=contrast[arm]), seed, epochs[arm])
             arms[arm].append(r["test"][-1]["auc"])
             ll[arm].append(r["test"][-1]["logloss"])
