@@ -7,15 +7,16 @@
 
 One run, one broker, the same pre-produced ``behaviors`` events for every consumer (each in a fresh consumer
 group; the agent runs get identical copies under their own topic prefix, so that each starts with an empty
-``sequence-deltas`` topic): a plain confluent-kafka consumer (the client's ceiling: the best of 3 reads), a no-op Faust agent (Faust's ceiling), the
-sequence agent on the batch worker with 1 worker (in this process) and 2 workers (processes), and the joiner
-over a synthetic impressions + behaviors stream. ``--json`` keys: plain_consumer, faust_noop, sequences_faust,
+``sequence-deltas`` topic): a plain confluent-kafka consumer (the client's ceiling: the best of 3 reads), a
+no-op Faust agent (Faust's ceiling), the sequence agent on the batch worker with 1 and 2 worker processes (as
+deployed), and the joiner over a synthetic impressions + behaviors stream, on both runtimes. Worker rates count
+while all of a row's workers run. ``--json`` keys: plain_consumer, faust_noop, sequences_faust,
 sequences_worker_1, sequences_worker_2 (total, while both run), joiner_worker, joiner_faust; also
-plain_consumer_reads, sequences_worker_2_span (from the first batch of either worker to the last of both, so
-it also counts one worker's late start) and cores_2_workers (the cores the 2 workers and the broker used while
-both ran: on a machine with few cores, what bounds the speed-up). Then a cProfile of the sequence agent says what bounds it. Worker rates
-are measured on worker processes (as deployed) while all of a row's workers run. The machine is shared (2 cores, other jobs running): read
-the figures as +-20%.
+plain_consumer_reads, sequences_worker_2_span (from the first batch of either worker to the last of both, so it
+also counts one worker's late start) and cores_2_workers (the cores the 2 workers and the broker used while both
+ran, and the machine's idle cores: on a machine with few cores, what bounds the speed-up). Then a cProfile of
+the sequence agent (in this process) says what bounds it. The machine is shared (2 cores, other jobs running):
+read the figures as +-20%.
 """
 
 from __future__ import annotations
@@ -174,6 +175,15 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
+def idle_seconds() -> float | None:
+    """CPU seconds the whole machine has spent idle (or waiting on I/O), all cores together (Linux's /proc)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")  # "cpu user nice system idle iowait"
+
+
 def profile_sequences(kafka: KafkaSettings, n: int, data_dir: Path) -> cProfile.Profile:
     """cProfile of the sequence agent on a worker in this process, from its first batch to ``n`` events."""
     from streaming.agents.settings import AgentSettings
@@ -222,7 +232,7 @@ def workers_rate(kafka: KafkaSettings, agent: str, n: int, data_dir: Path, worke
     # Port+i: one may collide with another process; free_port() is a best effort.
     procs = [subprocess.Popen([sys.executable, "-m", "streaming.agents.worker", agent, "--index", str(i),
                                "--log-level", "WARNING"], cwd=ROOT, env=env) for i in range(workers)]
-    samples = []  # (time, events per worker, CPU seconds per worker, the broker's CPU seconds)
+    samples = []  # (time, events per worker, CPU seconds per worker, the broker's CPU seconds, machine idle seconds)
     try:
         # All start together and join the same generation (Tansu waits ~3 s for members), so the
         # partitions are split from the first fetch. But one worker's first batch can come up to ~1 s after
@@ -232,7 +242,7 @@ def workers_rate(kafka: KafkaSettings, agent: str, n: int, data_dir: Path, worke
             ms = [metrics(port + i) for i in range(workers)]
             done = [int(m["events"]) for m in ms]
             samples.append((time.perf_counter(), done, [m["cpu_s"] for m in ms],
-                            cpu_seconds(broker_pid) if broker_pid else None))
+                            cpu_seconds(broker_pid) if broker_pid else None, idle_seconds()))
             if sum(done) >= n:
                 break
             if any(p.poll() is not None for p in procs):
@@ -253,15 +263,17 @@ def workers_rate(kafka: KafkaSettings, agent: str, n: int, data_dir: Path, worke
 
 def while_all_run(samples: list[tuple], final: list[int], min_s: float = 0.3) -> dict:
     """Total events/s and cores between the first and the last sample at which every worker had started and
-    none had finished (``samples``: (time, events per worker, CPU seconds per worker, the broker's CPU seconds
-    or None); ``final``: each worker's last count). ``overlap_s`` 0 and no cores where that is under ``min_s``."""
+    none had finished (``samples``: (time, events per worker, CPU seconds per worker, the broker's CPU seconds,
+    the machine's idle CPU seconds; either of the last two None where unknown); ``final``: each worker's last
+    count). ``overlap_s`` 0 and no cores where that is under ``min_s``."""
     both = [s for s in samples if all(0 < d < f for d, f in zip(s[1], final))]
     if len(both) < 2 or both[-1][0] - both[0][0] < min_s:
-        return {"rate": None, "overlap_s": 0.0, "cores": {"workers": None, "broker": None}}
-    (t0, d0, c0, b0), (t1, d1, c1, b1) = both[0], both[-1]
-    return {"rate": (sum(d1) - sum(d0)) / (t1 - t0), "overlap_s": t1 - t0,
-            "cores": {"workers": (sum(c1) - sum(c0)) / (t1 - t0),
-                      "broker": None if b0 is None else (b1 - b0) / (t1 - t0)}}
+        return {"rate": None, "overlap_s": 0.0, "cores": {"workers": None, "broker": None, "idle": None}}
+    (t0, d0, c0, b0, i0), (t1, d1, c1, b1, i1) = both[0], both[-1]
+    dt = t1 - t0
+    return {"rate": (sum(d1) - sum(d0)) / dt, "overlap_s": dt,
+            "cores": {"workers": (sum(c1) - sum(c0)) / dt, "broker": None if b0 is None else (b1 - b0) / dt,
+                      "idle": None if i0 is None else (i1 - i0) / dt}}
 
 
 def faust_rate(*child_args: str) -> float:

@@ -30,11 +30,12 @@ def test_two_workers_rate_is_taken_while_both_run(bench):
     for i in range(16):  # every 0.2 s from t = 0
         t = 0.2 * i
         done = [min(max(round(50_000 * (t - start)), 0), 100_000) for start in (0.0, 1.0)]
-        samples.append((t, done, [d / 60_000 for d in done], 0.05 * t))
+        samples.append((t, done, [d / 60_000 for d in done], 0.05 * t, 0.1 * t))
     run = bench.while_all_run(samples, [100_000, 100_000])
     assert run["rate"] == pytest.approx(100_000)
     assert run["overlap_s"] == pytest.approx(0.6)  # the samples at 1.2 .. 1.8 s: both started, neither done
     assert run["cores"]["workers"] == pytest.approx(100_000 / 60_000)
     assert run["cores"]["broker"] == pytest.approx(0.05)
+    assert run["cores"]["idle"] == pytest.approx(0.1)
     # Too short an overlap is not measured (the benchmark then reports the span).
     assert bench.while_all_run(samples[:8], [100_000, 100_000])["rate"] is None
