@@ -221,7 +221,8 @@ def workers_rate(kafka: KafkaSettings, agent: str, n: int, data_dir: Path, worke
     """``workers`` worker processes (``python -m streaming.agents.worker AGENT``, as deployed) in one group on
     the same topics: their total events/s while all run (``rate``; ``span_rate`` counts from the first batch of
     any to the last of all), events, partitions, events per CPU-second and the agent's outputs per worker, and
-    the cores the workers and the broker used while all ran. 1 worker is measured the same way as 2."""
+    the cores the workers and the broker used while all ran, and the machine's idle ones (``while_all_run``).
+    1 worker is measured the same way as 2."""
     from streaming.broker import free_port
 
     port = free_port()
@@ -439,7 +440,10 @@ def profile_shares(prof: cProfile.Profile) -> list[tuple[str, float]]:
     for what, (file, funcs) in groups.items():
         ct = sum(v[3] for (f, _, fn), v in stats.items() if f.endswith(file) and fn in funcs.split("|"))
         out.append((what, ct / total))
-    return out + [("other (batching by user, worker loop, ...)", 1 - sum(x for _, x in out))]
+    # The worker loop's own time (its callees are above): a Record per message, grouped by partition.
+    own = sum(v[2] for (f, _, fn), v in stats.items() if f.endswith("worker.py") and fn == "step")
+    out.append(("worker loop: a record per message, by partition", own / total))
+    return out + [("other (the agent's batching by user, keys, store commit, metrics, ...)", 1 - sum(x for _, x in out))]
 
 
 if __name__ == "__main__":
