@@ -43,6 +43,9 @@ from schemas.events import BehaviorEvent  # noqa: E402
 from schemas.settings import KafkaSettings  # noqa: E402
 from schemas.topics import ALL_TOPICS, BEHAVIORS  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from soak import process_cpu  # noqa: E402
+
 
 def _count(state: dict, added: int, n: int) -> None:
     """Count events in a Faust worker; print the rate (from the first event on) and exit after ``n``."""
@@ -166,15 +169,6 @@ def plain_consumer_rate(kafka: KafkaSettings, topic: str, n: int, reads: int = 3
     return max(rates), rates
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process ``pid`` so far (Linux's /proc; None elsewhere)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
-
-
 def idle_seconds() -> float | None:
     """CPU seconds the whole machine has spent idle (or waiting on I/O), all cores together (Linux's /proc)."""
     try:
@@ -243,7 +237,8 @@ def workers_rate(kafka: KafkaSettings, agent: str, n: int, data_dir: Path, worke
             ms = [metrics(port + i) for i in range(workers)]
             done = [int(m["events"]) for m in ms]
             samples.append((time.perf_counter(), done, [m["cpu_s"] for m in ms],
-                            cpu_seconds(broker_pid) if broker_pid else None, idle_seconds()))
+                            process_cpu("broker", broker_pid, {}).get("broker") if broker_pid else None,
+                            idle_seconds()))
             if sum(done) >= n:
                 break
             if any(p.poll() is not None for p in procs):
