@@ -134,6 +134,48 @@ class ItemEmbedding(_Event):
     computed_at_ms: TimeMs
 
 
+ITEM_VERSIONS = 4  # model versions whose item embeddings are served: kept by the joiner, the scorer and the topic
+
+
+class ItemVectors:
+    """Item embeddings per model version, the ``ITEM_VERSIONS`` newest (by ``computed_at_ms``): a user's features
+    are matched with the item vector of the SAME model version, never another one (interest matching across two
+    versions is meaningless). One rule for the joiner (training examples) and the scorer (serving).
+    ``convert`` turns a message's vector into what ``get`` returns (e.g. a float32 array)."""
+
+    def __init__(self, versions: int = ITEM_VERSIONS, convert=lambda v: v):
+        self.keep, self.convert = versions, convert
+        self.by_version: dict[str, dict[int, object]] = {}
+        self.by_category: dict[str, dict[int, object]] = {}  # version -> category -> its untrained items' vector
+        self.newest: dict[str, int] = {}  # version -> newest computed_at_ms seen
+        self.dropped: list[str] = []  # versions dropped, oldest first (for logs)
+
+    def add(self, emb: ItemEmbedding) -> None:
+        v = emb.model_version
+        if emb.item_id is None:  # a category's record: the vector of its items the version never trained on
+            self.by_category.setdefault(v, {})[emb.category_id] = self.convert(emb.vector)
+            self.by_version.setdefault(v, {})
+        else:
+            self.by_version.setdefault(v, {})[emb.item_id] = self.convert(emb.vector)
+        self.newest[v] = max(self.newest.get(v, 0), emb.computed_at_ms)
+        if len(self.by_version) > self.keep:
+            oldest = min(self.newest, key=self.newest.__getitem__)
+            del self.by_version[oldest], self.newest[oldest]
+            self.by_category.pop(oldest, None)
+            self.dropped.append(oldest)
+
+    def get(self, item: int, version: str, category: int | None = None):
+        """The item's vector under ``version``; for an item that version never trained on, its ``category``'s
+        record where the version has one; else None."""
+        got = self.by_version.get(version, {}).get(item)
+        if got is None and category is not None:
+            return self.by_category.get(version, {}).get(category)
+        return got
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self.by_version.values()) + sum(len(v) for v in self.by_category.values())
+
+
 class TrainingExample(_Event):
     """One impressed item with its label and point-in-time features (topic ``training-examples``).
 

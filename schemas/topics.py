@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel
 
 from . import codec, seqexport
-from .events import BehaviorEvent, DeadLetter, ImpressionEvent, ItemEmbedding, LumFeatures, TrainingExample
+from .events import (ITEM_VERSIONS, BehaviorEvent, DeadLetter, ImpressionEvent, ItemEmbedding, LumFeatures,
+                     TrainingExample)
 from .seqexport import Delta
 from .tokenize import UserSequence
 
@@ -52,10 +53,19 @@ def key_of(entity_id: int) -> bytes:
     return str(entity_id).encode()
 
 
-def category_key(category_id: int) -> bytes:
-    """The ``item-embeddings`` key of a category's record (``ItemEmbedding.item_id`` None): apart from every
-    item's key, so that compaction keeps one per category and one per item."""
-    return b"category=" + key_of(category_id)
+def item_key(model_version: str, item_id: int | None, category_id: int = 0) -> bytes:
+    """The ``item-embeddings`` key of an item's record under ``model_version`` (``<version>/<item id>``), or of a
+    category's (``item_id`` None: ``<version>/category=<id>``). One key per version, so that compaction keeps
+    every served version's vectors (user features of an older version are matched with that version's only);
+    the refresh job tombstones the keys of versions past the ``ITEM_VERSIONS`` newest."""
+    tail = key_of(item_id) if item_id is not None else b"category=" + key_of(category_id)
+    return model_version.encode() + b"/" + tail
+
+
+def item_key_version(key: bytes | None) -> str | None:
+    """The model version an ``item-embeddings`` key names (None: a key without one, written before keys had it)."""
+    version, sep, _ = (key or b"").rpartition(b"/")
+    return version.decode(errors="replace") if sep else None
 
 
 BEHAVIORS = Topic("behaviors", "user_id", BehaviorEvent, 4, False, 7 * DAY_MS,
@@ -71,9 +81,9 @@ SEQUENCE_DELTAS = Topic("sequence-deltas", "user_id", Delta, 4, False, 7 * DAY_M
                         "the pairs each sequence-agent batch added per user (schemas.seqexport), folded by readers")
 LUM_FEATURES = Topic("lum-features", "user_id", LumFeatures, 4, True, None,
                      "each user's latest LUM condition outputs, written by the refresh job")
-ITEM_EMBEDDINGS = Topic("item-embeddings", "item_id", ItemEmbedding, 4, True, None,
-                        "each item's latest LUM item-token embedding (and each category's, for items the model never "
-                        "saw), written by the refresh job")
+ITEM_EMBEDDINGS = Topic("item-embeddings", "model_version/item_id", ItemEmbedding, 4, True, None,
+                        "each item's LUM item-token embedding per served model version (and each category's, for items "
+                        "the model never saw), written by the refresh job")
 LATE_CLICKS = Topic("late-clicks", "user_id", BehaviorEvent, 1, False, 7 * DAY_MS,
                     "clicks that arrived after their impression's attribution window closed")
 JOINER_CHANGELOG = Topic("joiner-changelog", "joiner state key (bytes)", bytes, 4, True, None,  # type: ignore[arg-type]

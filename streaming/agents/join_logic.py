@@ -44,7 +44,7 @@ from pydantic_core import SchemaValidator
 
 from schemas.codec import (FORMAT_JSON, HISTORY_DTYPES, MAGIC, DecodeError, encode_training_example,
                            history_widths)
-from schemas.events import TARGET_CATEGORY, ItemEmbedding, LumFeatures
+from schemas.events import TARGET_CATEGORY, ItemVectors, LumFeatures
 from schemas.tokenize import event_key
 from schemas.topics import (BEHAVIORS, IMPRESSIONS, ITEM_EMBEDDINGS, JOINER_CHANGELOG, LATE_CLICKS, LUM_FEATURES,
                             TRAINING_EXAMPLES, key_of)
@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 
 HISTORY_CAP = 2048  # hard bound per user, even if a burst falls inside one window
 FEATURE_VERSIONS = 4  # LUM feature versions kept per user, to find the newest one older than an impression
-ITEM_VERSIONS = 4  # model versions whose item embeddings are kept (the versions user features may still carry)
 EVICT_PER_BATCH = 10_000  # activity-index entries examined per batch (bounds a batch's extra work)
 RESTORE_CHUNK = 20_000  # changelog records staged between two store commits during a rebuild
 
@@ -180,43 +179,6 @@ class JoinKeys:
 
 
 K = JoinKeys
-
-
-# --- item embeddings: a global table, per model version ----------------------------------------------------
-class ItemVectors:
-    """Item embeddings per model version, for the ``ITEM_VERSIONS`` newest versions (by ``computed_at_ms``):
-    an example takes the item vector of the SAME model version as its user features, never another one."""
-
-    def __init__(self, versions: int = ITEM_VERSIONS):
-        self.keep = versions
-        self.by_version: dict[str, dict[int, list[float]]] = {}
-        self.by_category: dict[str, dict[int, list[float]]] = {}  # version -> category -> new items' vector
-        self.newest: dict[str, int] = {}  # version -> newest computed_at_ms seen
-
-    def add(self, emb: ItemEmbedding) -> None:
-        v = emb.model_version
-        if emb.item_id is None:  # a category's record: the vector of its items the version never trained on
-            self.by_category.setdefault(v, {})[emb.category_id] = emb.vector
-            self.by_version.setdefault(v, {})
-        else:
-            self.by_version.setdefault(v, {})[emb.item_id] = emb.vector
-        self.newest[v] = max(self.newest.get(v, 0), emb.computed_at_ms)
-        if len(self.by_version) > self.keep:
-            oldest = min(self.newest, key=self.newest.__getitem__)
-            del self.by_version[oldest], self.newest[oldest]
-            self.by_category.pop(oldest, None)
-            log.info("joiner: item embeddings of model version %s dropped (%d newer versions kept)", oldest, self.keep)
-
-    def get(self, item: int, version: str, category: int | None = None) -> list[float] | None:
-        """The item's vector under ``version``; for an item that version never trained on, its ``category``'s
-        record where the version has one."""
-        got = self.by_version.get(version, {}).get(item)
-        if got is None and category is not None:
-            return self.by_category.get(version, {}).get(category)
-        return got
-
-    def __len__(self) -> int:
-        return sum(len(v) for v in self.by_version.values()) + sum(len(v) for v in self.by_category.values())
 
 
 # --- watermark ----------------------------------------------------------------------------------------------
@@ -494,10 +456,16 @@ class JoinLogic:
 
     # --- side input -----------------------------------------------------------------------------------------
     def side(self, record: Record, emit: Emit) -> None:
+        if record.value is None:  # a retired version's tombstone (for compaction): kept versions are by recency
+            return
         try:
             self.items.add(ITEM_EMBEDDINGS.decode(record.value))
         except DecodeError as e:
             emit.dead_letter(record, e)
+            return
+        while self.items.dropped:
+            log.info("joiner: item embeddings of model version %s dropped (%d newer versions kept)",
+                     self.items.dropped.pop(0), self.items.keep)
 
     # --- partition lifecycle ------------------------------------------------------------------------------
     def assign(self, partition: int, store: Store, committed: Mapping[str, int | None], emit: Emit,

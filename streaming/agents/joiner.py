@@ -6,7 +6,8 @@ The logic is ``streaming.agents.join_logic.JoinLogic`` (pure: records and a stat
 this module is its adapter for the batch worker (``JoinerLogic``: item embeddings read from Kafka, the
 worker's physical topic names). Inputs (consumer group ``LUM_AGENT_JOINER_GROUP``): ``impressions``,
 ``behaviors`` and ``lum-features``, all keyed by user id with the same partition count, so partition p of
-the three is one task with one store; ``item-embeddings`` (keyed by item) is read whole by every worker.
+the three is one task with one store; ``item-embeddings`` (keyed by model version and item) is read whole by
+every worker, skipping the tombstones of retired versions.
 
 Rules (event time; ``W`` = ``LUM_JOIN_WINDOW_MS``, ``L`` = ``LUM_AGENT_ALLOWED_LATENESS_MS``)
     * example_id = ``request_id/item_id``; an impression seen again (retry, replay) is ignored.
@@ -29,7 +30,8 @@ Rules (event time; ``W`` = ``LUM_JOIN_WINDOW_MS``, ``L`` = ``LUM_AGENT_ALLOWED_L
       strictly before t. LUM fields come from the newest ``LumFeatures`` of the user with ``as_of_ms`` < t
       AND ``trained_until_ms`` < t (the model itself never saw the labelled events); the last 4 versions
       are kept per user. The item vector is the item's embedding of the SAME model version (embeddings of
-      the 4 newest versions are kept); absent there, it is None rather than another version's. Of the
+      the 4 newest versions are kept, ``schemas.events.ItemVectors``); absent there, it is None rather than
+      another version's. Of the
       user's own-category answers (``own_category`` set) an example carries only its candidate's category's,
       named ``target_category``; the shared conditions it carries all.
     * Closed windows' ids are remembered for ``LUM_AGENT_JOIN_RETENTION_MS`` of event time (duplicates and

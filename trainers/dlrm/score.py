@@ -20,39 +20,36 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from schemas.events import ItemEmbedding, LumFeatures
+from schemas.events import ItemEmbedding, ItemVectors, LumFeatures
 
 from .features import Featurizer, LumArrays
 from .model import DLRMConfig, build_model
 
 
 class LumStore:
-    """Latest LUM outputs per user ({condition: vector}, {own category: vector}) and embedding per item, as
-    float32 arrays."""
+    """Latest LUM outputs per user ({condition: vector}, {own category: vector}, model version) and item embeddings
+    per model version (``schemas.events.ItemVectors``: a user is matched with its own version's item vectors, as
+    the joiner attaches them in training), as float32 arrays."""
 
     def __init__(self):
-        # user -> (condition -> row, own category -> row, (K, D)): rows of the user's answers
-        self.users: dict[int, tuple[dict[str, int], dict[int, int], np.ndarray]] = {}
-        self.items: dict[int, np.ndarray] = {}  # item -> (D,)
-        self.categories: dict[int, np.ndarray] = {}  # category -> (D,): its items the model never trained on
+        # user -> (condition -> row, own category -> row, (K, D), model version): rows of the user's answers
+        self.users: dict[int, tuple[dict[str, int], dict[int, int], np.ndarray, str]] = {}
+        self.items = ItemVectors(convert=lambda v: np.asarray(v, dtype=np.float32))
 
     def put_user(self, f: LumFeatures) -> None:
         self.users[f.user_id] = ({c.condition: k for k, c in enumerate(f.conditions) if c.own_category is None},
                                  {c.own_category: k for k, c in enumerate(f.conditions)
                                   if c.own_category is not None},
-                                 np.asarray([c.vector for c in f.conditions], dtype=np.float32))
+                                 np.asarray([c.vector for c in f.conditions], dtype=np.float32), f.model_version)
 
-    def put_item(self, e: ItemEmbedding) -> None:
-        vec = np.asarray(e.vector, dtype=np.float32)
-        if e.item_id is None:
-            self.categories[e.category_id] = vec
-        else:
-            self.items[e.item_id] = vec
+    def put_item(self, e: ItemEmbedding | None) -> None:
+        if e is not None:  # None: a retired version's tombstone
+            self.items.add(e)
 
-    def item(self, item_id: int, category_id: int) -> np.ndarray | None:
-        """The item's vector, or (an item the model never trained on) its category's, as the joiner attaches."""
-        got = self.items.get(item_id)
-        return self.categories.get(category_id) if got is None else got
+    def item(self, item_id: int, category_id: int, model_version: str) -> np.ndarray | None:
+        """The item's vector under ``model_version`` (the user's), or (an item that version never trained on) its
+        category's, as the joiner attaches them."""
+        return self.items.get(item_id, model_version, category_id)
 
 
 class Scorer:
@@ -113,8 +110,9 @@ class Scorer:
         cat = np.zeros((N, D), dtype=np.float32)
         cat_ok = np.zeros(N, dtype=np.float32)
         found = store.users.get(user_id) if store else None
+        version = found[3] if found is not None else None
         if found is not None and found[2].shape[1] == D:  # reorder by name; absent conditions stay flagged 0
-            index, by_category, vecs = found
+            index, by_category, vecs, _ = found
             for k, c in enumerate(self._order):
                 if c in index:
                     U[k], u_ok[k] = vecs[index[c]], 1.0
@@ -124,7 +122,7 @@ class Scorer:
         item = np.zeros((N, D), dtype=np.float32)
         i_ok = np.zeros(N, dtype=np.float32)
         for n, (i, c) in enumerate(cand.tolist()):
-            v = store.item(i, c) if store else None
+            v = store.item(i, c, version) if version is not None else None  # no user vector: nothing to match
             if v is not None and v.shape[0] == D:
                 item[n], i_ok[n] = v, 1.0
         own = self._order.index(f"scenario={scenario}") if f"scenario={scenario}" in self._order else -1

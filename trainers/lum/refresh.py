@@ -13,9 +13,12 @@ conditions for those users with one group-query pass per batch of users;
 publish ``LumFeatures`` to ``lum-features`` (key = user id; ``trained_until_ms`` = the newest event time the
 model was trained on, from the checkpoint) and, when the model version is new to this state file, the
 ``ItemEmbedding`` of every item the model was trained on (the checkpoint's ``items.npz``; items it never saw
-get none: their hashed rows mean nothing) to ``item-embeddings``, and, for a model trained with item-id dropout,
-one record per category of those items (``item_id`` None, key ``category=<id>``): the vector of any item of
-that category the model never saw; flush; then store the new offsets. A crash
+get none: their hashed rows mean nothing) to ``item-embeddings`` (key ``<model version>/<item id>``), and, for a
+model trained with item-id dropout, one record per category of those items (``item_id`` None, key
+``<model version>/category=<id>``): the vector of any item of that category the model never saw; flush; after a
+new model version, tombstone the records of every version but the ``ITEM_VERSIONS`` (4) newest
+(``retire_item_versions``: compaction then keeps the vectors of each version that user features may still carry,
+and only those); then store the new offsets. A crash
 before the state is written repeats the run (at-least-once; the topics are compacted, so repeats are harmless).
 While ``lum backfill sequences`` rebuilds the export (or if one started during the read) the run refuses
 with ``BackfillRunning`` naming it, before publishing anything; ``--every`` retries at the next period.
@@ -49,7 +52,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from schemas.events import ConditionOutput, ItemEmbedding, LumFeatures
 from schemas.settings import KafkaSettings
 from schemas.tokenize import parse_condition
-from schemas.topics import ITEM_EMBEDDINGS, LUM_FEATURES, USER_SEQUENCES, category_key, key_of
+from schemas.codec import DecodeError
+from schemas.events import ITEM_VERSIONS
+from schemas.topics import ITEM_EMBEDDINGS, LUM_FEATURES, USER_SEQUENCES, item_key, item_key_version, key_of
 
 from .model import LumModel
 from .packing import Seq, group_query_batch, inference_prefix, make_batch, pack_rows, to_tokens
@@ -287,7 +292,7 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
             for i, c, k, v in zip(i_b.tolist(), c_b.tolist(), k_b.tolist(), vecs.float().cpu().tolist()):
                 msg = ItemEmbedding(item_id=i if k else None, category_id=c, model_version=version, vector=v,
                                     computed_at_ms=now)
-                publisher.produce(item_topic, ITEM_EMBEDDINGS.encode(msg), key_of(i) if k else category_key(c))
+                publisher.produce(item_topic, ITEM_EMBEDDINGS.encode(msg), item_key(version, i if k else None, c))
     failed = torch.zeros(1)
     try:
         publisher.flush()
@@ -301,6 +306,12 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
         if failed[0]:
             raise RuntimeError(f"{int(failed[0])} rank(s) failed to deliver; offsets not stored")
 
+    retired: list[str] = []
+    if rank == 0 and not same:
+        try:  # housekeeping: a failure costs storage, not correctness (the joiner keeps the newest versions)
+            retired = retire_item_versions(kafka, publisher)
+        except Exception:
+            log.exception("retiring item-embedding versions failed (retried when the next model version is published)")
     if rank == 0:
         spath.parent.mkdir(parents=True, exist_ok=True)
         tmp = spath.with_suffix(".tmp")
@@ -313,7 +324,58 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
              len(mine), len(ids), len(cold), len(names), f" + up to {top} own categories" if top else "", dt,
              len(mine) / dt if dt else 0)
     return {"model_version": version, "full": not same, "users": [s.user_id for s in mine], "items": len(ids),
-            "seconds": dt, "saved_at": meta.get("saved_at")}
+            "seconds": dt, "saved_at": meta.get("saved_at"), "retired_versions": retired}
+
+
+def retire_item_versions(kafka: KafkaSettings, publisher, keep: int = ITEM_VERSIONS) -> list[str]:
+    """Tombstone the ``item-embeddings`` records of every model version but the ``keep`` newest (by their newest
+    record's timestamp: a run's publish time, as ``computed_at_ms``), so that compaction drops them. Two reads of
+    the topic (the versions, then the retired versions' live keys): run when a new model version has been
+    published. Keys written before keys named the version are judged by their latest value's version. Returns
+    the versions whose records were tombstoned now, oldest first."""
+    from streaming.kafka import read_to_end, reader
+
+    topic = kafka.topic(ITEM_EMBEDDINGS)
+
+    def records():
+        consumer = reader(kafka)
+        try:
+            for m in read_to_end(consumer, topic):
+                key, value = m.key(), m.value()
+                version = item_key_version(key)
+                if version is None and value:
+                    try:
+                        version = ITEM_EMBEDDINGS.decode(value).model_version
+                    except DecodeError:
+                        pass  # the joiner dead-letters it; nothing to retire
+                yield key, value, version, m.timestamp()[1]
+        finally:
+            consumer.close()
+
+    newest: dict[str, int] = {}
+    for _, value, version, ts in records():
+        if value and version is not None:
+            newest[version] = max(newest.get(version, 0), ts)
+    order = sorted(newest, key=newest.__getitem__)
+    retired = set(order[:max(len(order) - keep, 0)])
+    if not retired:
+        return []
+    live: dict[bytes, str] = {}  # key -> the retired version its latest value belongs to
+    for key, value, version, _ in records():
+        if item_key_version(key) is not None and version not in retired:
+            continue
+        if value and version in retired:
+            live[key] = version
+        else:  # a tombstone, or an unversioned key now holding a kept version
+            live.pop(key, None)
+    for key in live:
+        publisher.produce(topic, None, key)
+    publisher.flush()
+    done = [v for v in order if v in set(live.values())]
+    if done:
+        log.info("item-embeddings: %d records of %d retired model versions tombstoned (%s); %d newest kept",
+                 len(live), len(done), ", ".join(done), keep)
+    return done
 
 
 def run(checkpoint: str, once: bool, every_minutes: float | None, kafka: KafkaSettings,

@@ -209,6 +209,17 @@ def test_item_vector_comes_from_the_user_features_model_version_or_not_at_all():
     assert h.logic.gauges()["item_vector_other_version_total"] == 1
 
 
+def test_a_retired_versions_tombstone_on_item_embeddings_is_not_a_dead_letter():
+    """The refresh job tombstones the item-embeddings of retired model versions (for compaction): the side input
+    skips them, keeps what it holds, and dead-letters only what it cannot decode."""
+    h = Harness()
+    h.side(ItemEmbedding(item_id=11, category_id=4, model_version="m1", vector=[1.0], computed_at_ms=T0))
+    h.logic.side(Record(ITEM_EMBEDDINGS.name, 0, 1, 0, b"m0/11", None), h.emit)
+    assert h.emit.dead == [] and h.logic.items.get(11, "m1") == [1.0]
+    h.logic.side(Record(ITEM_EMBEDDINGS.name, 0, 2, 0, b"m0/12", b"garbage"), h.emit)
+    assert len(h.emit.dead) == 1
+
+
 def test_an_item_the_model_never_trained_on_gets_its_categorys_vector_of_the_same_version():
     """A refresh of a model trained with item-id dropout publishes one record per category (``item_id`` None):
     items without their own vector take it, from the user features' model version only; an item's own vector
@@ -643,14 +654,16 @@ def _digests(log, state) -> dict[str, str]:
 # version byte and ``own_category: null``; examples, late clicks, starts and counts unchanged; with version 1
 # patched in, the dead letters equal the previous pins). Dead letters re-pinned for ItemEmbedding v2 (the
 # stream's bad item-embedding messages carry the new version byte; with version 1 patched in, the previous pins).
+# Since item-embeddings tombstones (retired versions) are skipped, not dead-lettered: 4, 3, 3 fewer dead letters
+# (exactly the stream's empty item-embeddings records, one of them replayed), everything else unchanged.
 MIXED_EXPECTED = {
-    0: {"counts": "18:3b5450ca462b834c", "dead": "114:18452a45dc7b1a22", "joiner-changelog": "6020:167d910ea255ea3d",
+    0: {"counts": "18:3b5450ca462b834c", "dead": "110:1295a796ed0d0572", "joiner-changelog": "6020:167d910ea255ea3d",
         "late-clicks": "157:712c5b51d85b3400", "starts": "3:83bab67adde2f36a", "state": "1770:56eda244cdd247b5",
         "training-examples": "1506:d9ab2349fccd2304"},
-    1: {"counts": "15:9ac7f37ed5731f38", "dead": "139:88dd9b41cdc34425", "joiner-changelog": "5416:9edbb04402bd2194",
+    1: {"counts": "15:9ac7f37ed5731f38", "dead": "136:9e4d988b0e5edd64", "joiner-changelog": "5416:9edbb04402bd2194",
         "late-clicks": "236:341afa12c925c207", "starts": "3:23788da33545d5b7", "state": "2006:ef236e5b5346caee",
         "training-examples": "1770:a3731e344bdf1cd6"},
-    2: {"counts": "18:ad0d3b9ea92da453", "dead": "132:ab712cc8c3db1ea3", "joiner-changelog": "6187:9a6c27eff4659280",
+    2: {"counts": "18:ad0d3b9ea92da453", "dead": "129:3ea34bb2d63772a4", "joiner-changelog": "6187:9a6c27eff4659280",
         "late-clicks": "121:cdab038541d9a0cb", "starts": "3:c78ccbb8cd9d5ce8", "state": "1732:5e4b11c09d27744b",
         "training-examples": "1518:b1b25f8f8a9fc837"},
 }

@@ -39,3 +39,31 @@ def test_each_candidate_is_matched_with_the_users_answer_for_its_own_category_an
     with torch.no_grad():
         trained = torch.sigmoid(model(fb.dense, fb.sparse).squeeze(-1)).numpy()
     assert np.allclose(served, trained, atol=1e-6), (served, trained)
+
+
+def test_a_user_is_matched_with_the_item_vector_of_its_own_model_version():
+    """Serving attaches item vectors as the joiner does in training: of the user features' model version (an item
+    vector of another version is meaningless to match), and none for a user without features."""
+    torch.manual_seed(0)
+    cfg = DLRMConfig.preset("debug", features="lum", lum_conditions=["behavior=click"], lum_dim=4)
+    model = build_model(cfg)
+    user, old, new = [1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]
+    store = LumStore()
+    store.put_user(LumFeatures(user_id=1, model_version="old", computed_at_ms=T,
+                               conditions=[ConditionOutput(condition="behavior=click", vector=user)]))
+    store.put_item(ItemEmbedding(item_id=10, category_id=5, model_version="old", vector=old, computed_at_ms=T))
+    store.put_item(ItemEmbedding(item_id=10, category_id=5, model_version="new", vector=new, computed_at_ms=T + 1))
+    store.put_item(None)  # a retired version's tombstone
+    scorer = Scorer(model, cfg)
+
+    def joined(user_id, version, conds, vecs, item):  # what the joiner writes for this candidate
+        return TrainingExample(example_id="r/10", request_id="r", user_id=user_id, item_id=10, category_id=5,
+                               position=0, scenario="home", event_time_ms=T, label=0, lum_model_version=version,
+                               lum_conditions=conds, lum_user=vecs, lum_item=item)
+
+    fb = Featurizer(cfg)([joined(1, "old", ["behavior=click"], [user], old), joined(2, None, None, None, None)])
+    model.eval()
+    with torch.no_grad():
+        trained = torch.sigmoid(model(fb.dense, fb.sparse).squeeze(-1)).numpy()
+    served = [scorer.score(u, "home", [(10, 5)], store=store)[0] for u in (1, 2)]
+    assert np.allclose(served, trained, atol=1e-6), (served, trained)

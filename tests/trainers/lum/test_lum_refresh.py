@@ -192,6 +192,46 @@ def test_refresh_publishes_every_trained_item_once_per_version_and_training_rang
     assert sorted(e.item_id for e in read_all(kafka, ITEM_EMBEDDINGS, item_off)[0]) == list(range(1000, 1010))
 
 
+def test_item_embeddings_of_every_served_version_survive_compaction_and_retired_ones_do_not(kafka, tmp_path,
+                                                                                               monkeypatch):
+    """Compaction keeps the latest value per key: each model version's item vectors have keys of their own, so
+    the joiner (and the scorer), rebuilt from a compacted topic, still match users whose features are of an older
+    version; the versions past the newest kept are tombstoned."""
+    from schemas.events import ItemVectors
+    from streaming.kafka import Output, snapshot
+    from trainers.lum.refresh import retire_item_versions
+
+    monkeypatch.setenv("LUM_REFRESH_CONDITIONS", CONDITIONS)
+    monkeypatch.setenv("LUM_REFRESH_IDLE_TIMEOUT_S", "2")
+    settings = load(RefreshSettings)
+    torch.manual_seed(0)
+    model = LumModel(PRESETS["debug"])
+    vocab = (np.arange(1000, 1005), np.arange(5) % 2, np.ones(5, np.int64))
+    produce_sequences(kafka, [user_sequence(1, 4)])
+    versions = []
+    for step in (1, 2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01)
+        save_checkpoint(tmp_path, model, None, step=step, items=vocab)
+        versions.append(refresh_once(tmp_path, kafka, settings)["model_version"])
+
+    def compacted() -> ItemVectors:  # what a joiner reading the compacted topic from the start holds
+        items = ItemVectors()
+        for value in snapshot(kafka, kafka.topic(ITEM_EMBEDDINGS))[0].values():
+            items.add(decode(ItemEmbedding, value))
+        return items
+
+    items = compacted()
+    assert set(items.by_version) == set(versions) and all(len(items.by_version[v]) == 5 for v in versions)
+    assert items.get(1000, versions[0]) != items.get(1000, versions[1])
+    # Keep 1: the older version's records are tombstoned, the newer one's untouched; a second pass has nothing to do.
+    out = Output(kafka)
+    assert retire_item_versions(kafka, out, keep=1) == versions[:1]
+    assert set(compacted().by_version) == set(versions[1:]) and len(compacted().by_version[versions[1]]) == 5
+    assert retire_item_versions(kafka, out, keep=1) == []
+
+
 @pytest.mark.slow
 def test_refresh_under_torchrun_equals_one_process(kafka, tmp_path, monkeypatch):
     import subprocess
