@@ -521,19 +521,20 @@ def run(preset: str | None, source: str, out: str, max_steps: int | None = None,
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"{source}: {len(seqs)} users, {n_pairs} pairs, {len(catalog[0])} items, {rep:.1%} repeated items; "
         f"loaded in {time.perf_counter() - t0:.1f}s")
-    if cfg is None:
-        name = preset if preset not in (None, "auto") else auto_preset(n_pairs, device.startswith("cuda"))
-        cfg = PRESETS[name]
-        if preset in (None, "auto"):
-            say(f"preset: {name} (chosen for {n_pairs} pairs; --preset to override)")
-    say(f"exclude_seen: {exclude_seen} ({'set' if s.exclude_seen is not None else 'automatic: '}"
-        f"{'' if s.exclude_seen is not None else ('no repeats in the data' if exclude_seen else 'items repeat')})")
     torch.manual_seed(s.seed)
-    model, opt, start = LumModel(cfg), None, 0
-    if resume and any(Path(out).glob("step-*")):
+    if resume and any(Path(out).glob("step-*")):  # the checkpoint's config, whatever --preset says
         model, opt, meta = load_checkpoint(out, device)
         cfg, start = model.cfg, meta["step"]
-        log.info("resuming %s from step %d (%s)", meta["path"], start, meta["model_version"])
+        say(f"preset: {cfg.name} (the checkpoint resumed: {meta['path']}, step {start}, {meta['model_version']})")
+    else:
+        if cfg is None:
+            name = preset if preset not in (None, "auto") else auto_preset(n_pairs, device.startswith("cuda"))
+            cfg = PRESETS[name]
+            if preset in (None, "auto"):
+                say(f"preset: {name} (chosen for {n_pairs} pairs; --preset to override)")
+        model, opt, start = LumModel(cfg), None, 0
+    say(f"exclude_seen: {exclude_seen} ({'set' if s.exclude_seen is not None else 'automatic: '}"
+        f"{'' if s.exclude_seen is not None else ('no repeats in the data' if exclude_seen else 'items repeat')})")
     mode = parallel_mode(s.parallel, cfg, device, world, dist.is_initialized())
     log.info("%s on %s, world size %d%s", describe(model), device, world, f", {mode}" if mode != "none" else "")
     items = vocabulary(train_seqs)

@@ -20,7 +20,8 @@ from streaming.producers.synthetic import SyntheticConfig, SyntheticStream
 from trainers.lum.data import leave_last_out, sequences_from_events, train_batches
 from trainers.lum.evaluate import evaluate
 from trainers.lum.model import PRESETS, lum_loss
-from trainers.lum.pretrain import PretrainSettings, load_checkpoint, parallel_mode, save_checkpoint, train
+from trainers.lum.pretrain import (PretrainSettings, auto_preset, load_checkpoint, parallel_mode, save_checkpoint,
+                                  train)
 
 CFG = PRESETS["debug"]
 
@@ -133,10 +134,45 @@ def test_cli_pretrain_on_movielens_and_resume(data_dir, tmp_path, capsys, monkey
     # --resume continues the newest checkpoint (step, optimizer) instead of starting over.
     assert lum(["pretrain", "--source", f"movielens:{data_dir / 'ml-100k'}", "--out", str(tmp_path),
                 "--max-steps", "25", "--resume"]) == 0
-    assert "final eval @25 (debug" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "final eval @25 (debug" in out
+    # What it says it trains is the checkpoint's config, not the preset the data would get (small).
+    assert "preset: debug (the checkpoint resumed:" in out and "preset: small" not in out
     model, opt, meta2 = load_checkpoint(tmp_path)
     assert meta2["step"] == 25 and meta2["model_version"] != meta["model_version"]
     assert opt.state_dict()["state"][0]["step"] == 25
+
+
+def test_auto_preset_is_sized_to_the_data():
+    assert [auto_preset(n, cuda=False) for n in (500, 19_999, 20_000, 5_000_000)] == ["debug", "debug", "small", "small"]
+    assert [auto_preset(n, cuda=True) for n in (19_999, 999_999, 1_000_000)] == ["debug", "small", "base"]
+
+
+@pytest.mark.parametrize("repeats", [False, True])
+def test_pretrain_without_flags_picks_preset_and_seen_filter_from_the_data_and_says_so(tmp_path, capsys, repeats):
+    """No --preset, no --exclude-seen: a preset sized to the data, and seen items filtered on data without
+    repeats (ratings) but not on data where users come back to items (clicks); each choice is printed."""
+    rng = np.random.default_rng(0)
+    if repeats:  # Taobao layout: users view the same items again
+        rows = [f"{u},{int(rng.integers(1, 30))},{int(rng.integers(1, 5))},pv,{1_600_000_000 + 60 * t}"
+                for u in range(1, 41) for t in range(25)]
+        (tmp_path / "UserBehavior.csv").write_text("\n".join(rows) + "\n")
+        source = f"taobao:{tmp_path}"
+    else:  # MovieLens "latest" layout: each user rates an item once
+        rows = [f"{u},{i},{1 + (u * i) % 5}.0,{1_600_000_000 + 60 * k}" for u in range(1, 41)
+                for k, i in enumerate(rng.permutation(200)[:25].tolist())]
+        (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "\n".join(rows) + "\n")
+        (tmp_path / "movies.csv").write_text("movieId,title,genres\n" + "".join(
+            f"{i},m{i},{'Comedy' if i % 2 else 'Drama'}\n" for i in range(200)))
+        source = f"movielens:{tmp_path}"
+    assert lum(["pretrain", "--source", source, "--out", str(tmp_path / "out"), "--max-steps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "preset: debug (chosen for 1000 pairs; --preset to override)" in out
+    want = "exclude_seen: False (automatic: items repeat)" if repeats else \
+        "exclude_seen: True (automatic: no repeats in the data)"
+    assert want in out
+    meta = json.loads((tmp_path / "out" / (tmp_path / "out" / "latest").read_text() / "meta.json").read_text())
+    assert meta["exclude_seen"] is (not repeats)
 
 
 def test_bad_source_is_refused():
