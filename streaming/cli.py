@@ -5,7 +5,7 @@
     lum produce synthetic [--users U] [--items I] [--events N] [--rate R] [--seed S] [--skip N]
     lum produce movielens PATH [--speedup X]
     lum produce taobao PATH [--speedup X]
-    lum produce amazon PATH [--speedup X]
+    lum produce amazon PATH [--meta META_FILE] [--speedup X]
 """
 
 from __future__ import annotations
@@ -45,11 +45,15 @@ def register(sub, common) -> None:
                        ("taobao", "Taobao UserBehavior.csv"),
                        ("amazon", "Amazon reviews (2014/2018/2023 JSON lines or ratings CSV; a folder may add meta_*)")):
         s = src.add_parser(name, parents=[common], help=f"replay {what} in event-time order")
-        s.add_argument("path", help="folder (MovieLens) or file/folder (Taobao)")
+        s.add_argument("path", help="folder (MovieLens) or file/folder (Taobao, Amazon)")
         s.add_argument("--speedup", type=float, default=0, help="event-time speed-up factor (0: as fast as possible)")
         s.add_argument("--limit", type=int, default=0, help="stop after N events (0: all)")
         s.add_argument("--impressions", action="store_true",
                        help="also derive impressions and clicks (positive: rating >= 4 / later cart, fav or buy)")
+        if name == "amazon":
+            s.add_argument("--meta", help="metadata JSON lines (asin or parent_asin -> categories / category / "
+                                          "main_cat / main_category; plain or .gz): the items' categories "
+                                          "(default: a meta_* file in the PATH folder)")
         s.set_defaults(handler=_produce)
 
 

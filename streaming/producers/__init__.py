@@ -112,7 +112,8 @@ def main(args: argparse.Namespace, settings: KafkaSettings) -> int:
                         total=args.events)
     else:
         reader = {"movielens": read_movielens, "taobao": read_taobao, "amazon": read_amazon}[args.source]
-        events: Iterable = reader(args.path, limit=args.limit)
+        meta = {"meta": args.meta} if getattr(args, "meta", None) else {}
+        events: Iterable = reader(args.path, limit=args.limit, **meta)
         if args.impressions:
             events = with_impressions(events)
         stats = produce(settings, events, speedup=args.speedup, total=None if args.impressions else args.limit)

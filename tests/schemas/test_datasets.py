@@ -63,6 +63,23 @@ def test_read_amazon_every_layout(tmp_path, layout, gz):
     assert cats[stable_id("amazon-item", "B02")] == stable_id("amazon-category", "Books > History")
 
 
+@pytest.mark.parametrize("layout", ["2018", "2018-main-cat", "2023", "2023-main-category"])
+def test_amazon_metadata_layouts_give_categories(tmp_path, layout):
+    """2018 metadata (``asin``, ``category`` path, ``main_cat``) and 2023 (``parent_asin``, ``categories`` path,
+    ``main_category``), gzipped as published: the path's top levels, else the main category."""
+    path = {"2018": lambda a, p: {"asin": a, "category": p, "main_cat": "Books"},
+            "2018-main-cat": lambda a, p: {"asin": a, "category": [], "main_cat": p[1]},
+            "2023": lambda a, p: {"parent_asin": a, "categories": p, "main_category": "Books", "title": "t"},
+            "2023-main-category": lambda a, p: {"parent_asin": a, "categories": [], "main_category": p[1]}}[layout]
+    reviews = _write(tmp_path / "reviews.jsonl", LAYOUTS["2023" if layout.startswith("2023") else "2018"]())
+    meta = _write(tmp_path / "metadata.jsonl.gz", [json.dumps(path("B01", ["Books", "Fiction", "Mystery", "Cozy"])),
+                                                   json.dumps(path("B02", ["Books", "History"]))])
+    cats = {e.item_id: e.category_id for e in read_amazon(reviews, meta=meta)}
+    want = {"B01": "Books > Fiction > Mystery", "B02": "Books > History"} if not layout.endswith(("cat", "category")) \
+        else {"B01": "Fiction", "B02": "History"}
+    assert cats == {stable_id("amazon-item", a): stable_id("amazon-category", c) for a, c in want.items()}
+
+
 def test_unknown_amazon_layout_names_the_file(tmp_path):
     bad = _write(tmp_path / "weird.json", [json.dumps({"user": "A1", "item": "B1"})])
     with pytest.raises(ValueError, match=r"weird\.json.*unknown Amazon layout.*reviewerID"):
@@ -129,9 +146,14 @@ def test_a_malformed_movielens_line_names_its_file_and_line(tmp_path):
         list(read_movielens(tmp_path))
 
 
-def test_lum_produce_amazon(kafka, tmp_path, capsys):
+def test_lum_produce_amazon(kafka, tmp_path, capsys, read_topic):
     from deploy.cli import main as lum
+    from schemas.topics import BEHAVIORS
 
     path = _write(tmp_path / "reviews.csv.gz", LAYOUTS["csv"]())
-    assert lum(["produce", "amazon", str(path)]) == 0
+    (tmp_path / "elsewhere").mkdir()  # not beside the reviews: only --meta finds it
+    meta = _write(tmp_path / "elsewhere" / "meta.json.gz", [repr(m) for m in META])
+    assert lum(["produce", "amazon", str(path), "--meta", str(meta)]) == 0
     assert "events=3" in capsys.readouterr().out
+    cats = {BEHAVIORS.decode(v).category_id for *_, v in read_topic(BEHAVIORS)}
+    assert cats == {stable_id("amazon-category", c) for c in ("Books > Fiction > Mystery", "Books > History")}

@@ -144,7 +144,8 @@ def test_cli_pretrain_on_movielens_and_resume(data_dir, tmp_path, capsys, monkey
 
 
 def test_auto_preset_is_sized_to_the_data():
-    assert [auto_preset(n, cuda=False) for n in (500, 19_999, 20_000, 5_000_000)] == ["debug", "debug", "small", "small"]
+    sizes = (500, 19_999, 20_000, 5_000_000)
+    assert [auto_preset(n, cuda=False) for n in sizes] == ["debug", "debug", "small", "small"]
     assert [auto_preset(n, cuda=True) for n in (19_999, 999_999, 1_000_000)] == ["debug", "small", "base"]
 
 
