@@ -149,3 +149,18 @@ def test_split_users_holds_out_validation_and_test():
     assert [list(x.items) for x in train] == [[1, 2], [5], [7]]
     assert [list(x.items) for x in val] == [[1, 2, 3]]
     assert [list(x.items) for x in test] == [[1, 2, 3, 4], [5, 6]]
+
+
+@pytest.mark.parametrize("use_conditions", [True, False])
+def test_conditional_retrieval_ranks_only_the_held_out_items_category(use_conditions):
+    """"Next item given its category" ranks the held-out item among the items of its category only, for the LUM
+    (told the category) and the items-only model and most-popular alike: with 10 items per category every
+    conditional HR@10 is 1, while the full ranking over 200 items is not."""
+    torch.manual_seed(0)
+    model = LumModel(CFG.model_copy(update={"use_conditions": use_conditions})).eval()
+    rng = np.random.default_rng(3)
+    users = [seq(u, items, items % 20) for u, items in enumerate(rng.integers(0, 200, (40, 12)))]  # 20 categories
+    catalog = (np.arange(200), np.arange(200) % 20)
+    m = ev.evaluate(model, users, users, k=10, catalog=catalog)
+    assert m["cond_hr@10"] == 1.0 and m["pop_cond_hr@10"] == 1.0
+    assert m["hr@10"] < 0.5 and m["pop_hr@10"] < 1.0
