@@ -17,8 +17,10 @@ The protocol is written out in benchmarks/README.md; in short, for each user, ol
 Arms on the same examples and budget (the plain DLRM's passes, chosen on validation), one paired run per seed
 (seed = transformer init and DLRM init):
 DLRM alone; DLRM + SASRec user vector (the control: "any pre-trained user vector"); DLRM + LUM (label-aligned
-conditions, e.g. behavior=liked / behavior=buy, and the candidate's own category by group query). A data
-set whose segments have no examples or a single label class is reported as skipped, with the reason.
+conditions, e.g. behavior=liked / behavior=buy, and the candidate's own category by group query); and, without
+seeds, most-popular (an item's positives in the DLRM's training segment). Paired t-tests over the seeds: AUC
+(LUM vs DLRM, vs SASRec) and HR@10 (LUM vs SASRec, unconditional and conditional). A data set whose segments
+have no examples or a single label class is reported as skipped, with the reason (same JSON keys, empty).
 Timings are wall-clock on a shared machine (other processes may use the cores).
 """
 
@@ -33,6 +35,7 @@ import os
 import platform
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -426,13 +429,22 @@ def choose(arm: str, feats: str, s: Settings, fit: list[TrainingExample], val: l
     return best[1], best[2], curves
 
 
+# Every data set's result has these keys, a skipped one too (empty lists, None): readers need no special case.
+RESULT_KEYS = {"dlrm_auc": [], "dlrm_sasrec_auc": [], "dlrm_lum_auc": [], "pop_auc": None, "lum_hr10": None,
+               "sasrec_hr10": None, "pop_hr10": None, "lum_cond_hr10": None, "sasrec_cond_hr10": None}
+
+
+def skipped(name: str, reason: str) -> dict:
+    return {"dataset": name, **{k: ([] if v == [] else None) for k, v in RESULT_KEYS.items()}, "skipped": reason}
+
+
 def run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings) -> dict:
     """The whole protocol on one data set; a data set it cannot score comes back with ``skipped`` = reason."""
     try:
         return _run_dataset(name, kind, events, s)
     except Skip as e:
         log.warning("%s: skipped: %s", name, e)
-        return {"dataset": name, "skipped": str(e)}
+        return skipped(name, str(e))
 
 
 def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings) -> dict:
@@ -517,8 +529,12 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
                 res.setdefault("sizes", {}).update(train_n=len(train), test_n=len(test),
                                                    train_pos=float(np.mean([x.label for x in train])),
                                                    test_pos=float(np.mean([x.label for x in test])))
-    test_labels = np.array([x.label for x in examples(users, kind, test_b, None)])
+    test_ex = examples(users, kind, test_b, None)
+    test_labels = np.array([x.label for x in test_ex])
     res["base_rate_logloss"] = logloss(np.full(len(test_labels), res["sizes"]["train_pos"]), test_labels)
+    # Most popular as a ranker: an item's positives in the DLRM's training segment (no seeds: deterministic).
+    positives = Counter(x.item_id for x in examples(users, kind, train_b, None) if x.label)
+    res["pop_auc"] = auc(np.array([positives[x.item_id] for x in test_ex], dtype=float), test_labels)
     res.update({f"{a}_auc": v for a, v in arms.items()} | {f"{a}_logloss": v for a, v in ll.items()})
     res["dlrm_epochs"] = epochs
     res["dlrm_lum_contrast"] = {a: c for a, c in contrast.items() if a != "dlrm"}
@@ -540,6 +556,9 @@ def _run_dataset(name: str, kind: str, events: list[BehaviorEvent], s: Settings)
                    lum_cond_hr10_seeds=[m["cond_hr@10"] for m in ret["lum"]],
                    sasrec_cond_hr10_seeds=[m["cond_hr@10"] for m in ret["sasrec"]],
                    retrieval_users=int(ret["lum"][0]["users"]), retrieval_items=int(ret["lum"][0]["items"]))
+        res["paired"] |= {"lum_vs_sasrec_hr10": paired_t(res["lum_hr10_seeds"], res["sasrec_hr10_seeds"]),
+                          "lum_vs_sasrec_cond_hr10": paired_t(res["lum_cond_hr10_seeds"],
+                                                              res["sasrec_cond_hr10_seeds"])}
     res["runs"] = runs_info
     res["seconds"] = time.perf_counter() - t0
     return res
@@ -560,31 +579,35 @@ def report(results: list[dict], s: Settings, total_s: float) -> str:
              f"{s.cuts[1] - s.cuts[0]:.0%} / {1 - s.cuts[1]:.0%} (pre-training / DLRM train / DLRM test); "
              f"{n} paired seed(s) {list(s.seeds)}.", "",
              "## Ranking: test AUC and log loss (mean ± std over seeds), paired differences", "",
-             "| dataset | train / test | pos. rate | DLRM AUC | +SASRec AUC | +LUM AUC | LUM−DLRM (p) | LUM−SASRec (p) "
-             "| DLRM logloss | +LUM logloss | base-rate logloss |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| dataset | train / test | pos. rate | most-popular AUC | DLRM AUC | +SASRec AUC | +LUM AUC "
+             "| LUM−DLRM (p) | LUM−SASRec (p) | DLRM logloss | +LUM logloss | base-rate logloss |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if r.get("skipped"):
-            lines.append(f"| {r['dataset']} | skipped: {r['skipped']} |||||||||")
+            lines.append(f"| {r['dataset']} | skipped: {r['skipped']} ||||||||||")
             continue
         z, p1, p2 = r["sizes"], r["paired"]["lum_vs_dlrm"], r["paired"]["lum_vs_sasrec"]
         lines.append(f"| {r['dataset']} | {z['train_n']:,} / {z['test_n']:,} | {z['train_pos']:.3f} / "
-                     f"{z['test_pos']:.3f} | {_ms(r['dlrm_auc'])} | {_ms(r['dlrm_sasrec_auc'])} | "
+                     f"{z['test_pos']:.3f} | {r['pop_auc']:.4f} | {_ms(r['dlrm_auc'])} | "
+                     f"{_ms(r['dlrm_sasrec_auc'])} | "
                      f"{_ms(r['dlrm_lum_auc'])} | {p1['mean']:+.4f} ({p1['p']:.3f}) | {p2['mean']:+.4f} "
                      f"({p2['p']:.3f}) | {_ms(r['dlrm_logloss'])} | {_ms(r['dlrm_lum_logloss'])} | "
                      f"{r['base_rate_logloss']:.4f} |")
     if s.retrieval:
         lines += ["", "## Retrieval (last event of each user's pre-training segment, full ranking; conditional = "
                   "candidates of the held-out item's category, LUM also told the category)", "",
-                  "| dataset | users | items | most popular | SASRec-style | LUM | cond.: most popular | "
-                  "cond.: SASRec | cond.: LUM |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| dataset | users | items | most popular | SASRec-style | LUM | LUM−SASRec (p) | "
+                  "cond.: most popular | cond.: SASRec | cond.: LUM | cond.: LUM−SASRec (p) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in results:
             if r.get("skipped"):
                 continue
+            d1, d2 = r["paired"]["lum_vs_sasrec_hr10"], r["paired"]["lum_vs_sasrec_cond_hr10"]
             lines.append(f"| {r['dataset']} | {r['retrieval_users']:,} | {r['retrieval_items']:,} | "
                          f"{r['pop_hr10']:.4f} | {_ms(r['sasrec_hr10_seeds'])} | {_ms(r['lum_hr10_seeds'])} | "
-                         f"{r['pop_cond_hr10']:.4f} | {_ms(r['sasrec_cond_hr10_seeds'])} | "
-                         f"{_ms(r['lum_cond_hr10_seeds'])} |")
+                         f"{d1['mean']:+.4f} ({d1['p']:.3f}) | {r['pop_cond_hr10']:.4f} | "
+                         f"{_ms(r['sasrec_cond_hr10_seeds'])} | {_ms(r['lum_cond_hr10_seeds'])} | "
+                         f"{d2['mean']:+.4f} ({d2['p']:.3f}) |")
     lines += ["", "## Settings", "", f"- {json.dumps(asdict(s))}",
               f"- Total run time {total_s / 60:.1f} min on {platform.machine()} CPU, torch {torch.__version__}, "
               f"{torch.get_num_threads()} intra-op thread(s), {os.cpu_count()} cores shared with other processes "
@@ -691,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             events = list(READERS[kind](path))
         except (ValueError, FileNotFoundError) as e:
-            results.append({"dataset": name, "skipped": f"cannot read {path}: {e}"})
+            results.append(skipped(name, f"cannot read {path}: {e}"))
             continue
         log.info("%s: read %d events in %.1fs", name, len(events), time.perf_counter() - t)
         results.append(run_dataset(name, kind, events, s))

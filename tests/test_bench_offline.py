@@ -168,7 +168,10 @@ def test_segment_without_positives_is_skipped_not_a_crash(bench):
     events = [e for evs in users.values() for e in evs]
     r = bench.run_dataset("tb-slice", "taobao", events, bench.Settings(lum_preset="debug", max_steps=2, seeds=(0,)))
     assert r["skipped"] and "only label 0" in r["skipped"]
-    assert bench.run_dataset("empty", "taobao", [], bench.Settings())["skipped"] == "no events"
+    empty = bench.run_dataset("empty", "taobao", [], bench.Settings())
+    assert empty["skipped"] == "no events"
+    # The same keys as a scored data set, empty: a reader of the JSON needs no special case.
+    assert empty["dlrm_auc"] == empty["dlrm_lum_auc"] == [] and empty["lum_hr10"] is None and empty["pop_auc"] is None
 
 
 def test_dataset_option_parsing(bench):
@@ -201,8 +204,12 @@ def test_tiny_end_to_end_run(bench, data_dir, tmp_path):
     assert r["skipped"] is None and r["users"] == 60
     for key in ("dlrm_auc", "dlrm_sasrec_auc", "dlrm_lum_auc"):
         assert len(r[key]) == 2 and all(0 <= a <= 1 for a in r[key])
-    for key in ("lum_hr10", "sasrec_hr10", "pop_hr10", "lum_cond_hr10", "sasrec_cond_hr10"):
+    for key in ("lum_hr10", "sasrec_hr10", "pop_hr10", "lum_cond_hr10", "sasrec_cond_hr10", "pop_auc"):
         assert 0 <= r[key] <= 1
+    for metric in ("hr10", "cond_hr10"):  # LUM vs SASRec, paired over the 2 seeds
+        d = r["paired"][f"lum_vs_sasrec_{metric}"]
+        assert d["n"] == 2
+        assert d["mean"] == pytest.approx(np.mean(r[f"lum_{metric}_seeds"]) - np.mean(r[f"sasrec_{metric}_seeds"]))
     assert r["lum_inputs"]["dlrm_lum"].get("user_absent", 0) == 0  # the LUM inputs reached the DLRM
     assert set(r["dlrm_lum_contrast"]) == {"dlrm_sasrec", "dlrm_lum"}  # chosen on the validation tail per arm
     text = (tmp_path / "r.md").read_text()
