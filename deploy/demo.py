@@ -12,7 +12,7 @@ Phases (each a real ``lum`` process, as in production):
   4. pre-train            ``lum pretrain --source kafka`` on the sequences seen so far
   5. refresh              ``lum refresh`` publishes LUM features + item embeddings (repeated during 6): the
                           label-aligned and scenario conditions and each user's top categories
-                          (``REFRESH_QUERIES``); the mean pairwise cosine of users' answers to the shared
+                          (``RefreshSettings``' defaults); the mean pairwise cosine of users' answers to the shared
                           conditions is printed: near 1, they barely change the answer
   6. live stream          more events, paced; the joiner now attaches LUM features (point in time) to the
                           examples; refreshes and incremental trainer rounds run while it streams
@@ -65,15 +65,6 @@ class DemoSettings(BaseSettings):
     out: Path = Field(Path("runs/demo"), description="run folder for logs, checkpoints, metrics and the plot "
                       "(the demo deletes it on a rerun only if it created it; a folder holding other files is refused)")
 
-
-# What the demo's refresh asks the LUM (each one a LUM_REFRESH_* setting the user's environment overrides). The
-# label-aligned behavior ("click": what the DLRM predicts) and a plain view, two scenarios, and each user's five
-# most frequent recent categories refined by "click", for the candidate's own-category interest match (paper
-# 4.3). The refresh's default, one query per scenario, gets nearly one answer on this stream (scenarios come in
-# sessions, so the last pair already says it; mean pairwise cosine 0.9998) and gave the DLRM nothing the
-# baseline lacked: AUC -0.0008 vs +0.0096 with these (seed 0, same stream).
-REFRESH_QUERIES = {"LUM_REFRESH_CONDITIONS": "behavior=click;behavior=view;scenario=home;scenario=search",
-                   "LUM_REFRESH_TOP_CATEGORIES": "5", "LUM_REFRESH_CATEGORY_BASE": "behavior=click"}
 
 MARKER = ".lum-demo-run"
 
@@ -254,8 +245,6 @@ class Demo:
             self.procs.run("pretrain", "pretrain", "--preset", cfg.lum_preset, "--source", "kafka", "--out",
                            str(self.out / "lum"), "--max-steps", str(cfg.lum_steps), timeout=self.left() * 0.4)
         with self._phase("refresh LUM features"):
-            for name, value in REFRESH_QUERIES.items():
-                os.environ.setdefault(name, value)
             self._refresh()
             # The LUM trainer sizes its inputs from the features' contract: conditions and vector size.
             samples = self._lum_features_sample(kafka)

@@ -90,7 +90,7 @@ def test_refresh_publishes_changed_users_only_and_new_versions_everyone(kafka, t
     assert names[:K] == CONDITIONS.split(";")
     newest_first = [p.category_id for p in reversed(users[f.user_id].pairs)]
     top = [c for c, _ in Counter(newest_first).most_common(5)]
-    assert names[K:] == [f"category={c}" for c in top]
+    assert names[K:] == [f"behavior=click,category={c}" for c in top]  # LUM_REFRESH_CATEGORY_BASE: the label's
     # Flagged with their category, so that consumers match each only against candidates of it; a configured
     # condition that names a category ("category=7,behavior=buy") is a shared one.
     assert [c.own_category for c in f.conditions] == [None] * K + top
