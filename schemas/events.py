@@ -148,9 +148,9 @@ class ItemVectors:
         self.by_version: dict[str, dict[int, object]] = {}
         self.by_category: dict[str, dict[int, object]] = {}  # version -> category -> its untrained items' vector
         self.newest: dict[str, int] = {}  # version -> newest computed_at_ms seen
-        self.dropped: list[str] = []  # versions dropped, oldest first (for logs)
 
-    def add(self, emb: ItemEmbedding) -> None:
+    def add(self, emb: ItemEmbedding) -> str | None:
+        """Keep ``emb``; returns the version dropped to keep ``versions`` of them, if one was."""
         v = emb.model_version
         if emb.item_id is None:  # a category's record: the vector of its items the version never trained on
             self.by_category.setdefault(v, {})[emb.category_id] = self.convert(emb.vector)
@@ -162,7 +162,8 @@ class ItemVectors:
             oldest = min(self.newest, key=self.newest.__getitem__)
             del self.by_version[oldest], self.newest[oldest]
             self.by_category.pop(oldest, None)
-            self.dropped.append(oldest)
+            return oldest
+        return None
 
     def get(self, item: int, version: str, category: int | None = None):
         """The item's vector under ``version``; for an item that version never trained on, its ``category``'s

@@ -459,13 +459,13 @@ class JoinLogic:
         if record.value is None:  # a retired version's tombstone (for compaction): kept versions are by recency
             return
         try:
-            self.items.add(ITEM_EMBEDDINGS.decode(record.value))
+            dropped = self.items.add(ITEM_EMBEDDINGS.decode(record.value))
         except DecodeError as e:
             emit.dead_letter(record, e)
             return
-        while self.items.dropped:
-            log.info("joiner: item embeddings of model version %s dropped (%d newer versions kept)",
-                     self.items.dropped.pop(0), self.items.keep)
+        if dropped is not None:
+            log.info("joiner: item embeddings of model version %s dropped (%d newer versions kept)", dropped,
+                     self.items.keep)
 
     # --- partition lifecycle ------------------------------------------------------------------------------
     def assign(self, partition: int, store: Store, committed: Mapping[str, int | None], emit: Emit,

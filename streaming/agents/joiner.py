@@ -31,9 +31,8 @@ Rules (event time; ``W`` = ``LUM_JOIN_WINDOW_MS``, ``L`` = ``LUM_AGENT_ALLOWED_L
       AND ``trained_until_ms`` < t (the model itself never saw the labelled events); the last 4 versions
       are kept per user. The item vector is the item's embedding of the SAME model version (embeddings of
       the 4 newest versions are kept, ``schemas.events.ItemVectors``); absent there, it is None rather than
-      another version's. Of the
-      user's own-category answers (``own_category`` set) an example carries only its candidate's category's,
-      named ``target_category``; the shared conditions it carries all.
+      another version's. Of the user's own-category answers (``own_category`` set) an example carries only
+      its candidate's category's, named ``target_category``; the shared conditions it carries all.
     * Closed windows' ids are remembered for ``LUM_AGENT_JOIN_RETENTION_MS`` of event time (duplicates and
       late clicks are recognised that long); a user idle for ``LUM_AGENT_JOIN_STATE_HORIZON_MS`` of event
       time loses its history and features (bounded state).

@@ -49,11 +49,10 @@ import torch
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from schemas.events import ConditionOutput, ItemEmbedding, LumFeatures
+from schemas.codec import DecodeError
+from schemas.events import ITEM_VERSIONS, ConditionOutput, ItemEmbedding, LumFeatures
 from schemas.settings import KafkaSettings
 from schemas.tokenize import parse_condition
-from schemas.codec import DecodeError
-from schemas.events import ITEM_VERSIONS
 from schemas.topics import ITEM_EMBEDDINGS, LUM_FEATURES, USER_SEQUENCES, item_key, item_key_version, key_of
 
 from .model import LumModel
@@ -314,7 +313,7 @@ def refresh_once(checkpoint: str | Path, kafka: KafkaSettings, settings: Refresh
         try:  # housekeeping: a failure costs storage, not correctness (the joiner keeps the newest versions)
             retired = retire_item_versions(kafka, publisher)
         except Exception:
-            log.exception("retiring item-embedding versions failed (retried when the next model version is published)")
+            log.exception("retiring item-embedding versions failed (retried when a new model version is published)")
     if rank == 0:
         spath.parent.mkdir(parents=True, exist_ok=True)
         tmp = spath.with_suffix(".tmp")
@@ -374,7 +373,8 @@ def retire_item_versions(kafka: KafkaSettings, publisher, keep: int = ITEM_VERSI
     for key in live:
         publisher.produce(topic, None, key)
     publisher.flush()
-    done = [v for v in order if v in set(live.values())]
+    tombstoned = set(live.values())
+    done = [v for v in order if v in tombstoned]
     if done:
         log.info("item-embeddings: %d records of %d retired model versions tombstoned (%s); %d newest kept",
                  len(live), len(done), ", ".join(done), keep)
