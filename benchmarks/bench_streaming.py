@@ -12,9 +12,10 @@ no-op Faust agent (Faust's ceiling), the sequence agent on the batch worker with
 deployed), and the joiner over a synthetic impressions + behaviors stream, on both runtimes. Worker rates count
 while all of a row's workers run. ``--json`` keys: plain_consumer, faust_noop, sequences_faust,
 sequences_worker_1, sequences_worker_2 (total, while both run), joiner_worker, joiner_faust; also
-plain_consumer_reads, sequences_worker_2_span (from the first batch of either worker to the last of both, so it
-also counts one worker's late start) and cores_2_workers (the cores the 2 workers and the broker used while both
-ran, and the machine's idle cores: on a machine with few cores, what bounds the speed-up). Then a cProfile of
+plain_consumer_reads and plain_consumer_cores (each read's rate and the cores it used), sequences_worker_2_span
+(from the first batch of either worker to the last of both, so it also counts one worker's late start) and
+cores_2_workers (the cores the 2 workers and the broker used while both ran, and the machine's idle cores: on a
+machine with few cores, what bounds the speed-up). Then a cProfile of
 the sequence agent (in this process) says what bounds it. The machine is shared (2 cores, other jobs running):
 read the figures as +-20%.
 """
@@ -147,26 +148,29 @@ def logic_rate(n: int, users: int, batch: int = 2000, partitions: int = 4) -> di
     return {"events_per_cpu_s": n / cpu, "us_per_event": 1e6 * cpu / n, "encode_us_per_event": 1e6 * spent[0] / n}
 
 
-def plain_consumer_rate(kafka: KafkaSettings, topic: str, n: int, reads: int = 3) -> tuple[float, list[float]]:
-    """The best of ``reads`` full reads (each in a fresh group), and every read's rate. One read can be 8x
-    off: a read whose first batch finds most of the topic already prefetched drains memory, not the broker,
-    and a read that meets a stalled fetch waits on its timeout (here 112k against 0.9-1.1M events/s)."""
+def plain_consumer_rate(kafka: KafkaSettings, topic: str, n: int, reads: int = 3
+                        ) -> tuple[float, list[float], list[float]]:
+    """The best of ``reads`` full reads (each in a fresh group), every read's rate and the cores this process
+    used during it. Reads are bimodal, 5-8x apart: a read using ~1 core is bound by this process (the
+    client's ceiling); one using ~0.2 waits on the broker's fetches (here 110k-160k against 0.65-1.3M events/s)."""
     from streaming.kafka import group_consumer
 
-    rates = []
+    rates, cores = [], []
     for _ in range(reads):
         # A plain consumer doing no work, on purpose: the ceiling the agents are compared with.
         c = group_consumer(kafka, f"bench-plain-{uuid.uuid4().hex[:6]}")
         c.subscribe([topic])
-        got, t0, first = 0, 0.0, 0
+        got, t0, first, cpu0 = 0, 0.0, 0, 0.0
         while got < n:
             msgs = [m for m in c.consume(10000, 0.5) if m.error() is None]
             got += len(msgs)
             if msgs and not t0:
-                t0, first = time.perf_counter(), got
-        rates.append((got - first) / (time.perf_counter() - t0))
+                t0, first, cpu0 = time.perf_counter(), got, time.process_time()
+        wall = time.perf_counter() - t0
+        rates.append((got - first) / wall)
+        cores.append((time.process_time() - cpu0) / wall)
         c.close()
-    return max(rates), rates
+    return max(rates), rates, cores
 
 
 def idle_seconds() -> float | None:
@@ -334,8 +338,10 @@ def main() -> None:
         print(f"produced {n} behaviors, {distinct} distinct users, in {time.perf_counter() - t:.1f}s", flush=True)
         topic = kafka.topic(BEHAVIORS)
 
-        best, reads = plain_consumer_rate(kafka, topic, n)
-        rows.append(("plain confluent-kafka consumer", best, "best of " + " / ".join(f"{r:,.0f}" for r in reads)))
+        best, reads, read_cores = plain_consumer_rate(kafka, topic, n)
+        rows.append(("plain confluent-kafka consumer", best, "best of " + " / ".join(
+            f"{r:,.0f} ({c:.2f} cores)" for r, c in zip(reads, read_cores)) + "; a read below ~1 core waits on the "
+            "broker"))
         print(rows[-1], flush=True)
         rows.append(("Faust no-op agent (per-event iteration)", faust_rate("--faust-child", broker.bootstrap, topic,
                                                                             str(n)), ""))
@@ -384,7 +390,9 @@ def main() -> None:
     rates = dict(zip(["plain_consumer", "faust_noop", "sequences_worker_1", "sequences_worker_2", "joiner_worker",
                       "sequences_faust", "joiner_faust"], [round(r) for _, r, _ in rows]))
     if args.json:
-        extra = {"plain_consumer_reads": [round(r) for r in reads], "sequences_worker_2_span": round(two["span_rate"]),
+        extra = {"plain_consumer_reads": [round(r) for r in reads],
+                 "plain_consumer_cores": [round(c, 2) for c in read_cores],
+                 "sequences_worker_2_span": round(two["span_rate"]),
                  "cores_2_workers": cores}
         Path(args.json).write_text(json.dumps(rates | extra | {"events": n, "users": distinct}, indent=1) + "\n")
 
