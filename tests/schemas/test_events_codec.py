@@ -83,3 +83,25 @@ def test_lum_features_v1_still_decode_and_v2_carry_own_category():
     own = f.model_copy(update={"conditions": [f.conditions[0].model_copy(update={"own_category": 4})]})
     wire = codec.encode(own)
     assert wire[:3] == b"Lj\x02" and codec.decode(LumFeatures, wire).conditions[0].own_category == 4
+
+
+def test_item_vectors_keep_the_newest_versions_and_never_mix_them():
+    """The joiner's and the scorer's rule: the ITEM_VERSIONS newest model versions (by computed_at_ms, not arrival
+    order), an item's vector of the asked version only, its category's record of that version as the fallback."""
+    from schemas.events import ITEM_VERSIONS, ItemVectors
+    from schemas.topics import item_key, item_key_version
+
+    items = ItemVectors()
+    t = 1_767_225_600_000
+    order = [3, 0, 4, 1, 2]  # versions v0..v4 arrive out of computed_at order
+    dropped = [items.add(ItemEmbedding(item_id=7, category_id=2, model_version=f"v{k}", vector=[float(k)],
+                                       computed_at_ms=t + k)) for k in order]
+    assert ITEM_VERSIONS == 4 and dropped == [None, None, None, None, "v0"]
+    assert sorted(items.by_version) == ["v1", "v2", "v3", "v4"] and items.get(7, "v0") is None
+    assert items.get(7, "v3") == [3.0]
+    items.add(ItemEmbedding(item_id=None, category_id=2, model_version="v4", vector=[9.0], computed_at_ms=t + 4))
+    assert items.get(8, "v4", category=2) == [9.0] and items.get(8, "v3", category=2) is None
+    assert items.get(7, "v4", category=2) == [4.0]  # an item's own vector wins over its category's
+    # Keys name the version, so that compaction keeps one record per item and version.
+    assert item_key("v3", 7) == b"v3/7" and item_key("v3", None, 2) == b"v3/category=2"
+    assert item_key_version(item_key("small-300-ab/x", 7)) == "small-300-ab/x" and item_key_version(b"7") is None
