@@ -164,3 +164,24 @@ def test_conditional_retrieval_ranks_only_the_held_out_items_category(use_condit
     m = ev.evaluate(model, users, users, k=10, catalog=catalog)
     assert m["cond_hr@10"] == 1.0 and m["pop_cond_hr@10"] == 1.0
     assert m["hr@10"] < 0.5 and m["pop_hr@10"] < 1.0
+
+
+def test_items_only_inference_reads_its_last_item_at_a_trained_position():
+    """Defect 1, items-only (the SASRec-style baseline): its answer is the output at the last item of the history
+    evaluation and refresh feed it (``inference_prefix``); that position must be one whose output training used."""
+    from trainers.lum.packing import inference_prefix, truncate_prefix
+
+    cfg = CFG.model_copy(update={"use_conditions": False})
+    rng = np.random.default_rng(0)
+    seqs = [seq(u, rng.integers(0, 500, 3 * cfg.max_pairs)) for u in range(8)]
+    it = train_batches(seqs, cfg, seed=0)
+    trained: set[int] = set()
+    for _ in range(10):
+        b = next(it)
+        trained |= set(b.pos[b.target].tolist())
+
+    def last(prefix: Seq) -> int:
+        return len(to_tokens(prefix, use_conditions=False)) - 1
+
+    assert {last(inference_prefix(s, cfg)) for s in seqs} <= trained
+    assert {last(truncate_prefix(s, cfg.window_pairs)) for s in seqs} - trained  # a whole window: never trained
