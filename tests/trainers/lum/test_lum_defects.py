@@ -47,15 +47,21 @@ def _capture_queries(monkeypatch, module) -> list:
     return seen
 
 
-def test_group_query_position_is_one_training_used(model, monkeypatch):
-    # Defect 1: users with long histories were queried at position 2*max_pairs, never trained.
+def _long_histories_and_trained_positions(cfg) -> tuple[list[Seq], set[int]]:
+    """Users with histories of 3 training windows, and the positions whose outputs 10 training batches used."""
     rng = np.random.default_rng(0)
-    seqs = [seq(u, rng.integers(0, 500, 3 * CFG.max_pairs)) for u in range(8)]
-    it = train_batches(seqs, CFG, seed=0)
+    seqs = [seq(u, rng.integers(0, 500, 3 * cfg.max_pairs)) for u in range(8)]
+    it = train_batches(seqs, cfg, seed=0)
     trained: set[int] = set()
     for _ in range(10):
         b = next(it)
         trained |= set(b.pos[b.target].tolist())
+    return seqs, trained
+
+
+def test_group_query_position_is_one_training_used(model, monkeypatch):
+    # Defect 1: users with long histories were queried at position 2*max_pairs, never trained.
+    seqs, trained = _long_histories_and_trained_positions(CFG)
     seen = _capture_queries(monkeypatch, rf)
     rf.condition_outputs(model, seqs, np.zeros((2, K), np.int64))
     seen_eval = _capture_queries(monkeypatch, ev)
@@ -172,13 +178,7 @@ def test_items_only_inference_reads_its_last_item_at_a_trained_position():
     from trainers.lum.packing import inference_prefix, truncate_prefix
 
     cfg = CFG.model_copy(update={"use_conditions": False})
-    rng = np.random.default_rng(0)
-    seqs = [seq(u, rng.integers(0, 500, 3 * cfg.max_pairs)) for u in range(8)]
-    it = train_batches(seqs, cfg, seed=0)
-    trained: set[int] = set()
-    for _ in range(10):
-        b = next(it)
-        trained |= set(b.pos[b.target].tolist())
+    seqs, trained = _long_histories_and_trained_positions(cfg)
 
     def last(prefix: Seq) -> int:
         return len(to_tokens(prefix, use_conditions=False)) - 1
