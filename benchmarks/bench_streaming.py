@@ -9,9 +9,11 @@ One run, one broker, the same pre-produced ``behaviors`` events for every consum
 group; the agent runs get identical copies under their own topic prefix, so that each starts with an empty
 ``sequence-deltas`` topic): a plain confluent-kafka consumer (the client's ceiling: the best of 3 reads), a
 no-op Faust agent (Faust's ceiling), the sequence agent on the batch worker with 1 and 2 worker processes (as
-deployed), and the joiner over a synthetic impressions + behaviors stream, on both runtimes. Worker rates count
+deployed), the I/O floor (``IoFloor``: the worker and the agent's decode with one state read, write and output
+per user and no logic, in this process), and the joiner over a synthetic impressions + behaviors stream, on both runtimes. Worker rates count
 while all of a row's workers run. ``--json`` keys: plain_consumer, faust_noop, sequences_faust,
-sequences_worker_1, sequences_worker_2 (total, while both run), joiner_worker, joiner_faust; also
+sequences_worker_1, sequences_worker_2 (total, while both run), joiner_worker, joiner_faust, io_floor; also
+io_floor_per_cpu_s and io_floor_cores,
 plain_consumer_reads and plain_consumer_cores (each read's rate and the cores it used), sequences_worker_2_span
 (from the first batch of either worker to the last of both, so it also counts one worker's late start) and
 cores_2_workers (the cores the 2 workers and the broker used while both ran, and the machine's idle cores: on a
@@ -171,6 +173,67 @@ def plain_consumer_rate(kafka: KafkaSettings, topic: str, n: int, reads: int = 3
         cores.append((time.process_time() - cpu0) / wall)
         c.close()
     return max(rates), rates, cores
+
+
+class IoFloor:
+    """The sequence agent's I/O with none of its logic, hosted by the same worker (``--json`` key io_floor):
+    a batch decoded as the agent decodes it (``SequenceLogic.decode``: validation, dead letters), then one
+    multi-get of a key per user, one value per user staged, and one output per user. The worker adds the
+    rest as for any agent (a Record per message, one synced RocksDB write with the positions, flush, offset
+    commit). What an agent on this stack (Python, confluent-kafka, rocksdict, pydantic) pays per event before
+    its own work, so the gap to the plain consumer splits into the stack's share and the agent logic's."""
+
+    name, inputs = "sequences", (BEHAVIORS,)
+
+    def __init__(self) -> None:
+        from streaming.agents.sequences import SequenceLogic
+
+        self.decoder = SequenceLogic()
+        self.stores: dict = {}
+
+    def assign(self, partition, store, committed, emit, read) -> dict[str, int]:
+        self.stores[partition] = store
+        return {BEHAVIORS.name: committed.get(BEHAVIORS.name) or 0}
+
+    def process(self, partition, records, emit) -> None:
+        from schemas.topics import SEQUENCE_DELTAS, key_of
+        from streaming.agents.sequences import user_key
+
+        good, offsets = self.decoder.decode(records, emit)
+        raw = {r.offset: r.value for r in records}
+        last = {f["user_id"]: raw[o] for f, o in zip(good, offsets)}  # each user's last event of the batch
+        store, keys = self.stores[partition], [user_key(u) for u in last]
+        store.get_many(keys)
+        store.update(dict(zip(keys, last.values())))
+        emit.send_many(SEQUENCE_DELTAS, list(last.values()), [key_of(u) for u in last], partition)
+
+    def revoke(self, partition) -> None:
+        self.stores.pop(partition, None)
+
+    def gauges(self) -> dict[str, float]:
+        return {}
+
+
+def io_floor_rate(kafka: KafkaSettings, n: int, data_dir: Path) -> dict[str, float]:
+    """``IoFloor`` on a worker in this process, from its first batch to ``n`` events: events/s, events per
+    CPU-second (every thread of the process) and cores used."""
+    from streaming.agents.settings import AgentSettings
+    from streaming.agents.worker import Worker
+
+    cfg = AgentSettings(data_dir=data_dir, log_interval_s=1e9, sequences_group=f"bench-floor-{uuid.uuid4().hex[:6]}")
+    w = Worker("sequences", kafka, cfg, logic=IoFloor())
+    try:
+        w.start()
+        while w.consumed == 0:
+            w.step()
+        first, t0, cpu0 = w.consumed, time.perf_counter(), time.process_time()
+        while w.consumed < n:
+            w.step()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    finally:
+        w.close()
+    events = w.consumed - first
+    return {"rate": events / wall, "events_per_cpu_s": events / cpu, "cores": cpu / wall}
 
 
 def idle_seconds() -> float | None:
@@ -353,6 +416,12 @@ def main() -> None:
                      f"{one['events_per_cpu_s'][0]:,} events per CPU-second; {one['outputs'][0]} sequences "
                      f"published; cores used: {_cores(one['cores'])}"))
         print(rows[-1], flush=True)
+        floor = io_floor_rate(kafka, n, Path(tmp) / "floor")
+        rows.append(("I/O floor: the worker, decode, no logic", floor["rate"], (
+            f"{floor['rate'] / rows[0][1]:.0%} of the plain consumer; {floor['events_per_cpu_s']:,.0f} events per "
+            f"CPU-second ({floor['cores']:.2f} cores); the agent's decode and one state read, write and output "
+            f"per user: what an agent pays on this stack before its logic")))
+        print(rows[-1], flush=True)
         two = workers_rate(fresh()[0], "sequences", n, Path(tmp) / "s2", workers=2, broker_pid=pid)
         rate2, cores = two["rate"], two["cores"]
         rows.append(("sequence agent, 2 workers (total)", rate2, f"{rate2 / 2:,.0f}/s per worker, {rate2 / rate:.2f}x "
@@ -387,11 +456,12 @@ def main() -> None:
 
         prof = profile_sequences(fresh()[0], n, Path(tmp) / "prof")
 
-    rates = dict(zip(["plain_consumer", "faust_noop", "sequences_worker_1", "sequences_worker_2", "joiner_worker",
-                      "sequences_faust", "joiner_faust"], [round(r) for _, r, _ in rows]))
+    rates = dict(zip(["plain_consumer", "faust_noop", "sequences_worker_1", "io_floor", "sequences_worker_2",
+                      "joiner_worker", "sequences_faust", "joiner_faust"], [round(r) for _, r, _ in rows]))
     if args.json:
         extra = {"plain_consumer_reads": [round(r) for r in reads],
                  "plain_consumer_cores": [round(c, 2) for c in read_cores],
+                 "io_floor_per_cpu_s": round(floor["events_per_cpu_s"]), "io_floor_cores": round(floor["cores"], 2),
                  "sequences_worker_2_span": round(two["span_rate"]),
                  "cores_2_workers": cores}
         Path(args.json).write_text(json.dumps(rates | extra | {"events": n, "users": distinct}, indent=1) + "\n")
@@ -403,6 +473,7 @@ def main() -> None:
     for name, r, note in rows:
         print(f"| {name:42s} | {r:9,.0f} | {note} |")
     print(f"\ngoals: sequence worker >= 1/3 of the plain consumer: {rates['sequences_worker_1'] / rates['plain_consumer']:.2f}"
+          f" (the I/O floor, no agent logic: {rates['io_floor'] / rates['plain_consumer']:.2f})"
           f"; 2 workers >= 1.8x one: {rates['sequences_worker_2'] / rates['sequences_worker_1']:.2f}x (cores used: "
           f"{_cores(cores)}, of {os.cpu_count()})")
     s = io.StringIO()

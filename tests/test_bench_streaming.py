@@ -39,3 +39,37 @@ def test_two_workers_rate_is_taken_while_both_run(bench):
     assert run["cores"]["idle"] == pytest.approx(0.1)
     # Too short an overlap is not measured (the benchmark then reports the span).
     assert bench.while_all_run(samples[:8], [100_000, 100_000])["rate"] is None
+
+
+def test_io_floor_does_one_state_read_write_and_output_per_user_and_dead_letters_bad_input(bench):
+    """The floor row's claim: the agent's decode (bad input dead-lettered) and, per user of a batch, one state
+    read, one state write and one output: the I/O any agent pays, with none of the sequence logic."""
+    from streaming.agents.sequences import user_key
+    from streaming.agents.store import MemoryEmit, MemoryStore, Record
+
+    class Emit(MemoryEmit):  # the worker's emit has send_many
+        def send_many(self, topic, values, keys, partition=None):
+            for value, key in zip(values, keys):
+                self.send(topic, value, key, partition)
+
+    class CountingStore(MemoryStore):
+        def __init__(self):
+            super().__init__()
+            self.reads = []
+
+        def _read_many(self, keys):
+            self.reads += keys
+            return super()._read_many(keys)
+
+    events = list(bench.behaviors(40, 7))
+    records = [Record(BEHAVIORS.name, 0, i, 0, b"k", BEHAVIORS.encode(e)) for i, e in enumerate(events)]
+    records.insert(5, Record(BEHAVIORS.name, 0, 99, 0, b"k", b"not an event"))
+    floor, store, emit = bench.IoFloor(), CountingStore(), Emit()
+    floor.assign(0, store, {}, emit, lambda topic, p: [])
+    floor.process(0, records, emit)
+    store.commit({BEHAVIORS.name: 41})
+    users = sorted({e.user_id for e in events})
+    assert sorted(store.reads) == sorted(user_key(u) for u in users)
+    assert sorted(k for k, _ in store.scan()) == sorted(user_key(u) for u in users)
+    assert len(emit.sent) == len(users) and {s[1] for s in emit.sent} == {str(u).encode() for u in users}
+    assert [(r.offset, "not an event" in r.value.decode()) for r, _ in emit.dead] == [(99, True)]

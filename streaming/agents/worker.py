@@ -111,7 +111,7 @@ class Worker:
         self.rec = self.dead.recorder = metrics.Recorder(agent_name, index)  # lum_* metrics, job=<agent>
         self.emit = KafkaEmit(self.out, kafka, self.dead, self.crash)
         if logic is None:
-            if agent_name == "joiner":  # not yet pure logic: an adapter over its own RocksDB
+            if agent_name == "joiner":  # the pure JoinLogic plus its side input read from Kafka (item embeddings)
                 from .joiner import JoinerLogic
 
                 logic = JoinerLogic(kafka, cfg, self.out, self.dead)
