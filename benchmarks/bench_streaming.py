@@ -10,11 +10,11 @@ group; the agent runs get identical copies under their own topic prefix, so that
 ``sequence-deltas`` topic): a plain confluent-kafka consumer (the client's ceiling: the best of 3 reads), a
 no-op Faust agent (Faust's ceiling), the sequence agent on the batch worker with 1 and 2 worker processes (as
 deployed), the I/O floor (``IoFloor``: the worker and the agent's decode with one state read, write and output
-per user and no logic, in this process), and the joiner over a synthetic impressions + behaviors stream, on both runtimes. Worker rates count
-while all of a row's workers run. ``--json`` keys: plain_consumer, faust_noop, sequences_faust,
-sequences_worker_1, sequences_worker_2 (total, while both run), joiner_worker, joiner_faust, io_floor; also
-io_floor_per_cpu_s and io_floor_cores,
-plain_consumer_reads and plain_consumer_cores (each read's rate and the cores it used), sequences_worker_2_span
+per user and no logic, in this process), and the joiner over a synthetic impressions + behaviors stream, on
+both runtimes. Worker rates count while all of a row's workers run. ``--json`` keys: plain_consumer,
+faust_noop, sequences_faust, sequences_worker_1, sequences_worker_2 (total, while both run), joiner_worker,
+joiner_faust, io_floor; also io_floor_per_cpu_s and io_floor_cores, plain_consumer_reads and
+plain_consumer_cores (each read's rate and the cores it used), sequences_worker_2_span
 (from the first batch of either worker to the last of both, so it also counts one worker's late start) and
 cores_2_workers (the cores the 2 workers and the broker used while both ran, and the machine's idle cores: on a
 machine with few cores, what bounds the speed-up). Then a cProfile of
