@@ -214,21 +214,27 @@ class IoFloor:
         return {}
 
 
-def io_floor_rate(kafka: KafkaSettings, n: int, data_dir: Path) -> dict[str, float]:
-    """``IoFloor`` on a worker in this process, from its first batch to ``n`` events: events/s, events per
-    CPU-second (every thread of the process) and cores used."""
+def in_process(kafka: KafkaSettings, n: int, data_dir: Path, group: str, logic=None,
+               prof: cProfile.Profile | None = None) -> dict[str, float]:
+    """The sequence worker (``logic``: another logic in its place) in this process, from its first batch to
+    ``n`` events (profiled by ``prof`` if given): events/s, events per CPU-second (every thread of the
+    process) and cores used."""
     from streaming.agents.settings import AgentSettings
     from streaming.agents.worker import Worker
 
-    cfg = AgentSettings(data_dir=data_dir, log_interval_s=1e9, sequences_group=f"bench-floor-{uuid.uuid4().hex[:6]}")
-    w = Worker("sequences", kafka, cfg, logic=IoFloor())
+    cfg = AgentSettings(data_dir=data_dir, log_interval_s=1e9, sequences_group=f"{group}-{uuid.uuid4().hex[:6]}")
+    w = Worker("sequences", kafka, cfg, logic=logic)
     try:
         w.start()
         while w.consumed == 0:
             w.step()
         first, t0, cpu0 = w.consumed, time.perf_counter(), time.process_time()
+        if prof is not None:
+            prof.enable()
         while w.consumed < n:
             w.step()
+        if prof is not None:
+            prof.disable()
         wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     finally:
         w.close()
@@ -247,20 +253,8 @@ def idle_seconds() -> float | None:
 
 def profile_sequences(kafka: KafkaSettings, n: int, data_dir: Path) -> cProfile.Profile:
     """cProfile of the sequence agent on a worker in this process, from its first batch to ``n`` events."""
-    from streaming.agents.settings import AgentSettings
-    from streaming.agents.worker import Worker
-
-    cfg = AgentSettings(data_dir=data_dir, log_interval_s=1e9, sequences_group=f"bench-seq-{uuid.uuid4().hex[:6]}")
-    w = Worker("sequences", kafka, cfg)
-    w.start()
-    while w.consumed == 0:
-        w.step()
     prof = cProfile.Profile()
-    prof.enable()
-    while w.consumed < n:
-        w.step()
-    prof.disable()
-    w.close()
+    in_process(kafka, n, data_dir, "bench-seq", prof=prof)
     return prof
 
 
@@ -416,7 +410,7 @@ def main() -> None:
                      f"{one['events_per_cpu_s'][0]:,} events per CPU-second; {one['outputs'][0]} sequences "
                      f"published; cores used: {_cores(one['cores'])}"))
         print(rows[-1], flush=True)
-        floor = io_floor_rate(kafka, n, Path(tmp) / "floor")
+        floor = in_process(kafka, n, Path(tmp) / "floor", "bench-floor", IoFloor())
         rows.append(("I/O floor: the worker, decode, no logic", floor["rate"], (
             f"{floor['rate'] / rows[0][1]:.0%} of the plain consumer; {floor['events_per_cpu_s']:,.0f} events per "
             f"CPU-second ({floor['cores']:.2f} cores); the agent's decode and one state read, write and output "
